@@ -1,0 +1,1 @@
+//! Blimp's REST API over a unix socket: server thread, request/response types, openapi.yaml.

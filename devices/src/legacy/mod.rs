@@ -1,0 +1,1 @@
+//! Legacy devices: COM1 serial, i8042 reset, debug-exit port.

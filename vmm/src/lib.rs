@@ -1,0 +1,1 @@
+//! Blimp's VM and vCPU lifecycle, guest memory, event loop, dirty tracking and migration.
