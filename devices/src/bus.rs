@@ -21,3 +21,12 @@ pub enum ExitRequest {
 pub trait ExitSignal: Send + Sync {
     fn request_exit(&self, why: ExitRequest);
 }
+
+impl BusDevice for crate::virtio::mmio::MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        crate::virtio::mmio::MmioTransport::read(self, offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        crate::virtio::mmio::MmioTransport::write(self, offset, data)
+    }
+}

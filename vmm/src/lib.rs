@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod device_manager;
 pub mod emulation;
 pub mod exit;
 pub mod memory;

@@ -17,6 +17,7 @@ use vmm_sys_util::terminal::Terminal;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pvm::KvmBackend;
@@ -39,6 +40,8 @@ pub enum Error {
     Boot(#[from] BootError),
     #[error("placing a device: {0}")]
     Bus(#[from] BusError),
+    #[error("placing a virtio device: {0}")]
+    Device(#[from] DeviceError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -103,7 +106,8 @@ impl Vmm {
 
         let exit = Arc::new(VmExit::new().map_err(io("creating the exit eventfd"))?);
         let mut pio = Bus::new("pio");
-        let mmio = Bus::new("mmio");
+        let mut mmio = Bus::new("mmio");
+        let mut virtio = DeviceManager::new();
 
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the serial irqfd"))?;
@@ -133,7 +137,8 @@ impl Vmm {
             pio.insert(u64::from(legacy::DEBUG_EXIT_PORT), 1, dbg)?;
         }
 
-        let cmdline = config.cmdline.trim().to_string();
+        let _ = (&mut virtio, &mut mmio); // virtio devices are added here
+        let cmdline = compose_cmdline(&config.cmdline, &virtio.cmdline());
         let info = boot::load(
             ram.memory(),
             &layout,
@@ -232,6 +237,11 @@ impl Vmm {
         log::info!("VM stopped after {:?}", self.started.elapsed());
         result
     }
+}
+
+/// The user's command line followed by the device entries.
+fn compose_cmdline(user: &str, devices: &str) -> String {
+    [user.trim(), devices].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ")
 }
 
 /// The exit eventfd and the termination signals.
