@@ -16,7 +16,13 @@ fn testguest() -> PathBuf {
         .output()
         .expect("resources/build.sh testguest");
     assert!(out.status.success(), "building the test guest failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("ELF path").trim())
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("ELF path")
+            .trim(),
+    )
 }
 
 fn blimp() -> PathBuf {
@@ -33,7 +39,14 @@ fn blimp() -> PathBuf {
 fn one_boot(blimp: &PathBuf, kernel: &PathBuf) -> Duration {
     let start = Instant::now();
     let mut child = Command::new(blimp)
-        .args(["run", "--memory", "512M", "--debug-exit", "--no-stdin", "--kernel"])
+        .args([
+            "run",
+            "--memory",
+            "512M",
+            "--debug-exit",
+            "--no-stdin",
+            "--kernel",
+        ])
         .arg(kernel)
         .args(["--cmdline", "testguest.run=\"exit 0\""])
         .stdout(Stdio::piped())
@@ -46,12 +59,18 @@ fn one_boot(blimp: &PathBuf, kernel: &PathBuf) -> Duration {
         .expect("first serial line");
     let t = start.elapsed();
     let status = child.wait().expect("wait");
-    assert!(status.success(), "guest did not exit 0: {status:?} (first line: {line:?})");
+    assert!(
+        status.success(),
+        "guest did not exit 0: {status:?} (first line: {line:?})"
+    );
     t
 }
 
 fn main() {
-    let runs: usize = std::env::var("BLIMP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let runs: usize = std::env::var("BLIMP_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let (blimp, kernel) = (blimp(), testguest());
     one_boot(&blimp, &kernel); // warm the page cache
     let mut t: Vec<Duration> = (0..runs).map(|_| one_boot(&blimp, &kernel)).collect();

@@ -1,5 +1,6 @@
 //! `blimp`: a small KVM hypervisor whose memory balloon is a first-class citizen.
 
+mod balloon_opts;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -71,6 +72,21 @@ struct RunArgs {
     /// Do not read stdin: the serial console is output-only.
     #[arg(long)]
     no_stdin: bool,
+    /// Add a virtio balloon. Optional comma-separated switches:
+    /// deflate_on_oom=on|off (default off), must_tell_host=on|off (on),
+    /// stats_interval=SECS (0 = off), free_page_hint=on|off (off),
+    /// free_page_reporting=on|off (off), page_poison=on|off (off),
+    /// hint_discard=on|off (off). Example: --balloon deflate_on_oom=on,stats_interval=1
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<String>,
+    /// Initial balloon size: memory taken from the guest at boot (like
+    /// Firecracker's amount_mib), e.g. 256M. Implies --balloon.
+    #[arg(long, value_name = "SIZE")]
+    balloon_target: Option<String>,
+    /// Serve the REST API (HTTP/1.1 + JSON) on this unix socket, e.g.
+    /// /tmp/blimp.sock; try `curl --unix-socket /tmp/blimp.sock http://localhost/vm`.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 fn parse_backend(s: &str) -> Result<MemoryBackend, String> {
@@ -161,6 +177,21 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     cfg.debug_exit = args.debug_exit;
     cfg.memory_backend = args.memory_backend.clone();
     cfg.serial_input = !args.no_stdin;
+    if args.balloon.is_some() || args.balloon_target.is_some() {
+        let mut b = balloon_opts::parse(args.balloon.as_deref().unwrap_or("")).map_err(Usage)?;
+        if let Some(t) = &args.balloon_target {
+            let bytes = size::parse_size(t).map_err(|e| Usage(format!("--balloon-target: {e}")))?;
+            if bytes > memory {
+                return Err(Usage(format!(
+                    "--balloon-target {t}: larger than guest memory ({} MiB)",
+                    memory >> 20
+                )));
+            }
+            b.initial_target_bytes = bytes;
+        }
+        cfg.balloon = Some(b);
+    }
+    cfg.api_socket = args.api_sock.clone();
     Ok(cfg)
 }
 

@@ -76,10 +76,17 @@ fn sigterm_shuts_down_cleanly() {
     ]);
     vm.expect_line("sleeping", BOOT);
     let threads_dir = format!("/proc/{}/task", vm.pid());
-    assert!(std::fs::read_dir(&threads_dir).unwrap().count() >= 2, "a vCPU thread runs");
+    assert!(
+        std::fs::read_dir(&threads_dir).unwrap().count() >= 2,
+        "a vCPU thread runs"
+    );
     vm.signal(libc::SIGTERM);
     let status = vm.wait(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "exit status 128+SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "exit status 128+SIGTERM"
+    );
 }
 
 #[test]

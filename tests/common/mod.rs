@@ -21,7 +21,10 @@ pub fn repo_root() -> &'static Path {
 /// Tests that boot guests need /dev/kvm: fail loudly without it, never pass silently.
 pub fn require_kvm() {
     let kvm = Path::new("/dev/kvm");
-    assert!(kvm.exists(), "this test boots a guest and needs /dev/kvm, which is missing");
+    assert!(
+        kvm.exists(),
+        "this test boots a guest and needs /dev/kvm, which is missing"
+    );
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
         panic!("this test boots a guest and needs read/write access to /dev/kvm: {e}");
     }
@@ -36,11 +39,22 @@ pub fn testguest() -> &'static Path {
             .stderr(Stdio::inherit())
             .output()
             .expect("running resources/build.sh testguest");
-        assert!(out.status.success(), "resources/build.sh testguest failed: {:?}", out.status);
+        assert!(
+            out.status.success(),
+            "resources/build.sh testguest failed: {:?}",
+            out.status
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().expect("build.sh printed nothing").trim();
+        let last = stdout
+            .lines()
+            .last()
+            .expect("build.sh printed nothing")
+            .trim();
         let p = PathBuf::from(last);
-        assert!(p.is_absolute() && p.exists(), "build.sh's last line is not the ELF: {last}");
+        assert!(
+            p.is_absolute() && p.exists(),
+            "build.sh's last line is not the ELF: {last}"
+        );
         p
     })
     .as_path()
@@ -83,7 +97,13 @@ impl Vm {
                 }
             }
         });
-        Vm { child, stdin, lines: rx, transcript: Vec::new(), started }
+        Vm {
+            child,
+            stdin,
+            lines: rx,
+            transcript: Vec::new(),
+            started,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -119,7 +139,9 @@ impl Vm {
     /// Send a line to the serial console.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is piped");
-        stdin.write_all(line.as_bytes()).expect("writing to blimp's stdin");
+        stdin
+            .write_all(line.as_bytes())
+            .expect("writing to blimp's stdin");
         stdin.write_all(b"\n").expect("writing to blimp's stdin");
         stdin.flush().expect("flushing blimp's stdin");
     }
@@ -170,7 +192,8 @@ impl Drop for Vm {
 
 /// VmRSS of a process, in bytes (from /proc/PID/status).
 pub fn rss_bytes(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    let s =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
     let kib: u64 = s
         .lines()
         .find(|l| l.starts_with("VmRSS:"))

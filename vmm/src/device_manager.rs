@@ -78,23 +78,41 @@ impl DeviceManager {
         let interrupt = Arc::new(IrqfdInterrupt::new(evt));
         vm.fd()
             .register_irqfd(interrupt.eventfd(), gsi)
-            .map_err(|source| VmError::Ioctl { what: "KVM_IRQFD (virtio)", source })?;
+            .map_err(|source| VmError::Ioctl {
+                what: "KVM_IRQFD (virtio)",
+                source,
+            })?;
         let transport =
             MmioTransport::new(device, mem.clone(), interrupt).map_err(DeviceError::Transport)?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
-                .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), queue as u32)
-                .map_err(|source| VmError::Ioctl { what: "KVM_IOEVENTFD (virtio queue)", source })?;
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| VmError::Ioctl {
+                    what: "KVM_IOEVENTFD (virtio queue)",
+                    source,
+                })?;
         }
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(base, VIRTIO_MMIO_SLOT_SIZE, transport.clone())?;
-        self.placed.push(PlacedDevice { base, gsi, transport });
+        self.placed.push(PlacedDevice {
+            base,
+            gsi,
+            transport,
+        });
         Ok(self.placed.last().expect("just pushed"))
     }
 
     /// Command-line entries for every placed device, space-separated.
     pub fn cmdline(&self) -> String {
-        self.placed.iter().map(PlacedDevice::cmdline_entry).collect::<Vec<_>>().join(" ")
+        self.placed
+            .iter()
+            .map(PlacedDevice::cmdline_entry)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     pub fn devices(&self) -> &[PlacedDevice] {

@@ -241,7 +241,12 @@ impl Vmm {
 
 /// The user's command line followed by the device entries.
 fn compose_cmdline(user: &str, devices: &str) -> String {
-    [user.trim(), devices].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ")
+    [user.trim(), devices]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The exit eventfd and the termination signals.
