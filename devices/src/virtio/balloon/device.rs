@@ -362,8 +362,10 @@ impl Balloon {
 
     // ----- queue handlers (event loop) --------------------------------------
 
-    /// Handle a notification of queue `idx`.
-    pub(crate) fn process_queue(&mut self, idx: usize) {
+    /// Serve every buffer pending on queue `idx` (what a notification of
+    /// that queue does). The event loop calls this; it is public for tests
+    /// and benchmarks.
+    pub fn process_queue(&mut self, idx: usize) {
         if self.broken {
             return;
         }
