@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::{BalloonConfig, ConfigSpace};
+use super::hinting::{HintSink, HintState};
 use super::inflate::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 use super::metrics::BalloonMetrics;
 use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
@@ -28,8 +29,9 @@ use crate::virtio::{
 };
 use crate::{GpaRange, GuestMemory, RamDiscard, error_limited, warn_limited};
 
-/// Most descriptors of one chain the device looks at (Linux uses one).
-pub const MAX_CHAIN_DESCS: usize = 16;
+/// Most descriptors of one chain the device looks at (Linux uses one for
+/// inflate/deflate/stats/hints and up to 32 for a free page report).
+pub const MAX_CHAIN_DESCS: usize = 32;
 /// Most bytes of PFNs one inflate/deflate buffer may carry (16384 PFNs;
 /// Linux sends at most 1 KiB).
 pub const MAX_PFN_BUFFER_BYTES: u64 = 64 * 1024;
@@ -52,22 +54,22 @@ pub(crate) struct Active {
 
 /// A chain's descriptors, copied out of guest memory.
 #[derive(Clone, Copy)]
-struct Descs {
-    d: [Descriptor; MAX_CHAIN_DESCS],
-    n: usize,
+pub(super) struct Descs {
+    pub(super) d: [Descriptor; MAX_CHAIN_DESCS],
+    pub(super) n: usize,
     /// The chain had more than MAX_CHAIN_DESCS descriptors.
-    too_many: bool,
+    pub(super) too_many: bool,
 }
 
 impl Descs {
-    fn iter(&self) -> impl Iterator<Item = &Descriptor> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Descriptor> {
         self.d[..self.n].iter()
     }
 }
 
 /// Why a chain cannot be walked: the queue itself is corrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Malformed {
+pub(super) enum Malformed {
     /// No descriptor could be read at all (bad head index, ...).
     Empty,
     /// The chain ended on a descriptor that still had NEXT set: a loop, a
@@ -76,7 +78,7 @@ enum Malformed {
 }
 
 /// Copy a chain's descriptors out, detecting structural corruption.
-fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
+pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
     let mut out = Descs {
         d: [Descriptor::default(); MAX_CHAIN_DESCS],
         n: 0,
@@ -103,29 +105,31 @@ fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malforme
 
 /// Outcome of draining one queue.
 #[derive(Default)]
-struct Drain {
-    used: bool,
-    broken: Option<String>,
+pub(super) struct Drain {
+    pub(super) used: bool,
+    pub(super) broken: Option<String>,
 }
 
 /// The virtio balloon.
 pub struct Balloon {
-    cfg: BalloonConfig,
-    avail_features: u64,
-    acked_features: u64,
-    layout: RamLayout,
-    bitmap: PageBitmap,
-    discard: Arc<dyn RamDiscard>,
-    config: ConfigSpace,
-    config_generation: u32,
-    stats_interval_s: u32,
-    latest_stats: Option<BalloonStats>,
+    pub(super) cfg: BalloonConfig,
+    pub(super) avail_features: u64,
+    pub(super) acked_features: u64,
+    pub(super) layout: RamLayout,
+    pub(super) bitmap: PageBitmap,
+    pub(super) discard: Arc<dyn RamDiscard>,
+    pub(super) config: ConfigSpace,
+    pub(super) config_generation: u32,
+    pub(super) stats_interval_s: u32,
+    pub(super) latest_stats: Option<BalloonStats>,
     /// Head of the stats buffer the device holds until it wants new stats.
-    held_stats: Option<u16>,
-    metrics: Arc<BalloonMetrics>,
-    observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
-    batch: PfnBatch,
-    broken: bool,
+    pub(super) held_stats: Option<u16>,
+    pub(super) metrics: Arc<BalloonMetrics>,
+    pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
+    pub(super) batch: PfnBatch,
+    pub(super) broken: bool,
+    pub(super) hint: HintState,
+    pub(super) hint_sink: Option<Arc<dyn HintSink>>,
 
     // Event-loop plumbing (see event_handler.rs).
     pub(crate) ctl_evt: EventFd,
@@ -175,6 +179,9 @@ impl Balloon {
             (cfg.must_tell_host, VIRTIO_BALLOON_F_MUST_TELL_HOST),
             (cfg.stats_polling_interval_s > 0, VIRTIO_BALLOON_F_STATS_VQ),
             (cfg.deflate_on_oom, VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+            (cfg.free_page_hint, VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            (cfg.page_poison, VIRTIO_BALLOON_F_PAGE_POISON),
+            (cfg.free_page_reporting, VIRTIO_BALLOON_F_REPORTING),
         ] {
             if on {
                 avail_features |= bit(b);
@@ -205,6 +212,8 @@ impl Balloon {
             observer: None,
             batch: PfnBatch::new(),
             broken: false,
+            hint: HintState::new(),
+            hint_sink: None,
             ctl_evt: EventFd::new(EFD_NONBLOCK).map_err(io("control eventfd"))?,
             stats_timer: TimerFd::new().map_err(errno("stats timerfd"))?,
             timer_dirty: false,
@@ -317,7 +326,7 @@ impl Balloon {
         self.acked_features & bit(b) != 0
     }
 
-    fn signal_config(&self) {
+    pub(super) fn signal_config(&self) {
         if let Some(a) = &self.active {
             BalloonMetrics::inc(&self.metrics.config_interrupts);
             if let Err(e) = a.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG) {
@@ -381,10 +390,8 @@ impl Balloon {
             QueueKind::Inflate => self.drain_pfn_queue(idx, true),
             QueueKind::Deflate => self.drain_pfn_queue(idx, false),
             QueueKind::Stats => self.drain_stats_queue(idx),
-            QueueKind::FreePage | QueueKind::Reporting => {
-                warn_limited!("balloon: {} queue not served", kind.name());
-                Drain::default()
-            }
+            QueueKind::FreePage => self.drain_free_page_queue(idx),
+            QueueKind::Reporting => self.drain_reporting_queue(idx),
         };
         self.finish_drain(idx, kind, drain);
     }
@@ -827,6 +834,8 @@ impl VirtioDevice for Balloon {
         self.bitmap.clear();
         self.config.actual = 0;
         self.config.poison_val = 0;
+        self.hint.reset();
+        self.config.free_page_hint_cmd_id = self.hint.host_cmd_id();
         self.request_timer_sync();
         info!("balloon: reset");
         true

@@ -616,7 +616,7 @@ fn avail_index_too_far_ahead_breaks_the_device() {
 fn too_many_descriptors_in_a_chain_are_rejected() {
     let mut fx = fixture();
     let len = write_pfns(&fx.mem, BUF_BASE, &[1]);
-    let bufs: Vec<(u64, u32, bool)> = (0..20).map(|_| (BUF_BASE, len, false)).collect();
+    let bufs: Vec<(u64, u32, bool)> = (0..40).map(|_| (BUF_BASE, len, false)).collect();
     fx.queues[0].add_chain(&fx.mem, &bufs);
     fx.balloon.process_queue(0);
     assert!(fx.discard.discarded().is_empty());
@@ -861,5 +861,373 @@ mod event_loop {
             .unwrap();
         w.mgr.run_with_timeout(10).unwrap();
         assert!(!w.balloon.lock().unwrap().stats_timer.is_armed().unwrap());
+    }
+}
+
+// ----- free page reporting and hinting -------------------------------------------------
+
+mod free_pages {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+
+    const MIB2: u64 = 2 * MIB;
+    const MIB4: u64 = 4 * MIB;
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<(u32, GpaRange)>>);
+    impl HintSink for Sink {
+        fn hinted(&self, cmd_id: u32, range: GpaRange) {
+            self.0.lock().unwrap().push((cmd_id, range));
+        }
+    }
+
+    fn all_cfg() -> BalloonConfig {
+        BalloonConfig {
+            stats_polling_interval_s: 1,
+            free_page_hint: true,
+            free_page_reporting: true,
+            page_poison: true,
+            ..BalloonConfig::default()
+        }
+    }
+
+    /// Stats (2), free page (3), reporting (4).
+    fn all_fixture(cfg: BalloonConfig) -> Fx {
+        fixture_with(
+            cfg,
+            features(&[
+                VIRTIO_BALLOON_F_STATS_VQ,
+                VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+                VIRTIO_BALLOON_F_PAGE_POISON,
+                VIRTIO_BALLOON_F_REPORTING,
+            ]),
+        )
+    }
+
+    const FP: usize = 3;
+    const REP: usize = 4;
+
+    #[test]
+    fn phase2_features_and_queue_sizes() {
+        let fx = all_fixture(all_cfg());
+        assert_eq!(fx.balloon.max_queues(), 5);
+        assert_eq!(fx.balloon.queue_max_sizes(), vec![256, 256, 256, 1024, 32]);
+        // Reporting alone sits right after deflate.
+        let cfg = BalloonConfig {
+            free_page_reporting: true,
+            ..BalloonConfig::default()
+        };
+        let fx = fixture_with(cfg, features(&[VIRTIO_BALLOON_F_REPORTING]));
+        assert_eq!(fx.balloon.queue_max_sizes(), vec![256, 256, 32]);
+    }
+
+    #[test]
+    fn report_is_discarded_and_returned() {
+        let mut fx = all_fixture(all_cfg());
+        let bufs = [
+            (0, MIB2 as u32, true),
+            (MIB4, MIB2 as u32, true),
+            (HIGH, MIB4 as u32, true),
+        ];
+        fx.queues[REP].add_chain(&fx.mem, &bufs);
+        fx.balloon.process_queue(REP);
+        assert_eq!(
+            fx.discard.discarded(),
+            vec![
+                GpaRange::new(0, MIB2),
+                GpaRange::new(MIB4, MIB2),
+                GpaRange::new(HIGH, MIB4)
+            ]
+        );
+        assert_eq!(fx.used(REP), 1);
+        assert_eq!(fx.irq.vring(), 1);
+        let m = fx.balloon.metrics().snapshot();
+        assert_eq!(m.reported_pages, (MIB2 * 2 + MIB4) / 4096);
+        assert_eq!(m.reported_discard_bytes, MIB2 * 2 + MIB4);
+        assert_eq!(fx.balloon.inflated_pages(), 0, "reports are not inflations");
+    }
+
+    #[test]
+    fn report_with_poison_value_keeps_content() {
+        let mut fx = all_fixture(all_cfg());
+        fx.balloon.write_config(0xc, &0xaaaa_aaaau32.to_le_bytes());
+        fx.queues[REP].add_chain(&fx.mem, &[(0, MIB2 as u32, true)]);
+        fx.balloon.process_queue(REP);
+        assert!(fx.discard.discarded().is_empty());
+        assert_eq!(fx.used(REP), 1);
+        assert_eq!(fx.balloon.metrics().snapshot().reported_pages, MIB2 / 4096);
+        // poison_val 0 (init_on_free) is fine to discard.
+        fx.balloon.write_config(0xc, &0u32.to_le_bytes());
+        fx.queues[REP].add_chain(&fx.mem, &[(0, MIB2 as u32, true)]);
+        fx.balloon.process_queue(REP);
+        assert_eq!(fx.discard.discarded().len(), 1);
+    }
+
+    #[test]
+    fn poison_value_without_the_feature_is_ignored() {
+        let cfg = BalloonConfig {
+            free_page_reporting: true,
+            ..BalloonConfig::default()
+        };
+        let mut fx = fixture_with(cfg, features(&[VIRTIO_BALLOON_F_REPORTING]));
+        fx.balloon.write_config(0xc, &0xaau32.to_le_bytes());
+        fx.queues[2].add_chain(&fx.mem, &[(0, MIB2 as u32, true)]);
+        fx.balloon.process_queue(2);
+        assert_eq!(fx.discard.discarded().len(), 1);
+    }
+
+    #[test]
+    fn report_ranges_outside_ram_are_skipped() {
+        let mut fx = all_fixture(all_cfg());
+        let bufs = [
+            (LOW_END - MIB, MIB2 as u32, true), // runs into the hole
+            (3 * GIB, MIB2 as u32, true),       // in the hole
+            (0x800, 0x1000, true),              // unaligned
+            (MIB2, MIB2 as u32, true),          // fine
+        ];
+        fx.queues[REP].add_chain(&fx.mem, &bufs);
+        fx.balloon.process_queue(REP);
+        assert_eq!(fx.discard.discarded(), vec![GpaRange::new(MIB2, MIB2)]);
+        assert_eq!(fx.used(REP), 1);
+        assert!(!fx.balloon.needs_reset());
+    }
+
+    #[test]
+    fn report_in_the_wrong_direction_is_ignored() {
+        let mut fx = all_fixture(all_cfg());
+        fx.queues[REP].add_chain(&fx.mem, &[(0, MIB2 as u32, false)]);
+        fx.balloon.process_queue(REP);
+        assert!(fx.discard.discarded().is_empty());
+        assert_eq!(fx.used(REP), 1);
+        assert_eq!(fx.balloon.metrics().snapshot().invalid_buffers, 1);
+    }
+
+    #[test]
+    fn oversize_report_is_ignored() {
+        let mut fx = all_fixture(all_cfg());
+        // 40 entries through an indirect table (the ring itself holds 32).
+        let table = BUF_BASE + 0x10000;
+        let next =
+            VRING_DESC_F_NEXT as u16 | virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        for i in 0..40u16 {
+            let a = GuestAddress(table + 16 * u64::from(i));
+            let flags = if i == 39 {
+                next & !(VRING_DESC_F_NEXT as u16)
+            } else {
+                next
+            };
+            fx.mem.write_obj(u64::from(i) * MIB2 % LOW_END, a).unwrap();
+            fx.mem
+                .write_obj(MIB2 as u32, GuestAddress(a.0 + 8))
+                .unwrap();
+            fx.mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
+            fx.mem.write_obj(i + 1, GuestAddress(a.0 + 14)).unwrap();
+        }
+        fx.queues[REP].write_desc(&fx.mem, 0, table, 40 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+        fx.queues[REP].publish(&fx.mem, 0);
+        fx.balloon.process_queue(REP);
+        assert!(fx.discard.discarded().is_empty());
+        assert_eq!(fx.used(REP), 1);
+        assert!(!fx.balloon.needs_reset());
+    }
+
+    #[test]
+    fn report_chain_longer_than_the_queue_breaks_the_device() {
+        let mut fx = all_fixture(all_cfg());
+        // All 32 descriptors chained in a ring: a report that never ends.
+        let flags = (VRING_DESC_F_NEXT | virtio_bindings::virtio_ring::VRING_DESC_F_WRITE) as u16;
+        for i in 0..32u16 {
+            fx.queues[REP].write_desc(&fx.mem, i, 0, MIB2 as u32, flags, (i + 1) % 32);
+        }
+        fx.queues[REP].publish(&fx.mem, 0);
+        fx.balloon.process_queue(REP);
+        assert!(fx.balloon.needs_reset());
+        assert!(fx.discard.discarded().is_empty());
+    }
+
+    fn send_cmd(fx: &mut Fx, id: u32, writable: bool) {
+        fx.mem
+            .write_obj(id, GuestAddress(BUF_BASE + 0x8000))
+            .unwrap();
+        fx.queues[FP].add_chain(&fx.mem, &[(BUF_BASE + 0x8000, 4, writable)]);
+        fx.balloon.process_queue(FP);
+    }
+
+    fn send_hint(fx: &mut Fx, addr: u64, len: u64) {
+        fx.queues[FP].add_chain(&fx.mem, &[(addr, len as u32, true)]);
+        fx.balloon.process_queue(FP);
+    }
+
+    fn cfg_cmd_id(fx: &Fx) -> u32 {
+        let mut b = [0u8; 4];
+        fx.balloon.read_config(8, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn hinting_round_reaches_the_sink() {
+        let mut fx = all_fixture(all_cfg());
+        let sink = Arc::new(Sink::default());
+        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let id = fx.balloon.start_hinting().unwrap();
+        assert_eq!(id, 2);
+        assert_eq!(cfg_cmd_id(&fx), 2);
+        assert_eq!(fx.irq.config(), 1);
+        assert_eq!(fx.balloon.hinting_status().state, HintingState::Requested);
+        send_cmd(&mut fx, id, false);
+        assert_eq!(fx.balloon.hinting_status().state, HintingState::Running);
+        assert_eq!(fx.balloon.hinting_status().guest_cmd_id, id);
+        send_hint(&mut fx, MIB4, MIB4);
+        send_hint(&mut fx, HIGH, MIB4);
+        send_cmd(&mut fx, FREE_PAGE_HINT_CMD_ID_STOP, false);
+        assert_eq!(
+            sink.0.lock().unwrap().as_slice(),
+            &[
+                (2, GpaRange::new(MIB4, MIB4)),
+                (2, GpaRange::new(HIGH, MIB4))
+            ]
+        );
+        let st = fx.balloon.hinting_status();
+        assert_eq!(st.state, HintingState::Stopped);
+        assert_eq!(st.hinted_pages, 2 * MIB4 / 4096);
+        assert!(fx.discard.discarded().is_empty(), "a sink means no discard");
+        assert_eq!(fx.used(FP), 4, "every buffer is returned");
+        fx.balloon.hinting_done().unwrap();
+        assert_eq!(cfg_cmd_id(&fx), FREE_PAGE_HINT_CMD_ID_DONE);
+        assert_eq!(fx.balloon.hinting_status().state, HintingState::Done);
+        let m = fx.balloon.metrics().snapshot();
+        assert_eq!(m.hint_rounds, 1);
+        assert_eq!(m.hinted_pages, 2 * MIB4 / 4096);
+    }
+
+    #[test]
+    fn hints_before_ack_or_under_a_stale_id_are_ignored() {
+        let mut fx = all_fixture(all_cfg());
+        let sink = Arc::new(Sink::default());
+        fx.balloon.set_hint_sink(Some(sink.clone()));
+        // Before any round.
+        send_hint(&mut fx, MIB4, MIB4);
+        let old = fx.balloon.start_hinting().unwrap();
+        // Before the ack.
+        send_hint(&mut fx, MIB4, MIB4);
+        send_cmd(&mut fx, old, false);
+        let new = fx.balloon.start_hinting().unwrap();
+        assert_eq!(new, old + 1);
+        // The guest is still on the old round.
+        send_hint(&mut fx, MIB4, MIB4);
+        send_cmd(&mut fx, old, false);
+        send_hint(&mut fx, MIB4, MIB4);
+        assert!(sink.0.lock().unwrap().is_empty());
+        send_cmd(&mut fx, new, false);
+        send_hint(&mut fx, 0, MIB4);
+        assert_eq!(
+            sink.0.lock().unwrap().as_slice(),
+            &[(new, GpaRange::new(0, MIB4))]
+        );
+        let m = fx.balloon.metrics().snapshot();
+        assert_eq!(m.hints_ignored, 5);
+        assert_eq!(fx.balloon.hinting_status().hinted_pages, MIB4 / 4096);
+    }
+
+    #[test]
+    fn hinting_buffers_in_the_wrong_direction() {
+        let mut fx = all_fixture(all_cfg());
+        let sink = Arc::new(Sink::default());
+        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let id = fx.balloon.start_hinting().unwrap();
+        // The ack as a writable buffer: a 4-byte "hint", not RAM-aligned.
+        send_cmd(&mut fx, id, true);
+        assert_eq!(fx.balloon.hinting_status().state, HintingState::Requested);
+        send_cmd(&mut fx, id, false);
+        // A hint as a readable buffer: not a 4-byte command.
+        fx.queues[FP].add_chain(&fx.mem, &[(MIB4, MIB4 as u32, false)]);
+        fx.balloon.process_queue(FP);
+        // Mixed directions.
+        fx.queues[FP].add_chain(&fx.mem, &[(BUF_BASE, 4, false), (MIB4, MIB4 as u32, true)]);
+        fx.balloon.process_queue(FP);
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(fx.balloon.hinting_status().state, HintingState::Running);
+        assert!(!fx.balloon.needs_reset());
+        assert_eq!(fx.used(FP), 4);
+        assert_eq!(fx.balloon.metrics().snapshot().invalid_buffers, 2);
+    }
+
+    #[test]
+    fn hint_ranges_outside_ram_are_ignored() {
+        let mut fx = all_fixture(all_cfg());
+        let sink = Arc::new(Sink::default());
+        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let id = fx.balloon.start_hinting().unwrap();
+        send_cmd(&mut fx, id, false);
+        send_hint(&mut fx, 3 * GIB, MIB4);
+        send_hint(&mut fx, LOW_END - MIB2, MIB4);
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(fx.balloon.metrics().snapshot().hints_ignored, 2);
+    }
+
+    #[test]
+    fn hints_without_a_sink_are_counted_or_discarded() {
+        // Count only.
+        let mut fx = all_fixture(all_cfg());
+        let id = fx.balloon.start_hinting().unwrap();
+        send_cmd(&mut fx, id, false);
+        send_hint(&mut fx, MIB4, MIB4);
+        assert!(fx.discard.discarded().is_empty());
+        assert_eq!(fx.balloon.hinting_status().hinted_pages, MIB4 / 4096);
+        // Discard.
+        let cfg = BalloonConfig {
+            hint_discard: true,
+            ..all_cfg()
+        };
+        let mut fx = all_fixture(cfg);
+        let id = fx.balloon.start_hinting().unwrap();
+        send_cmd(&mut fx, id, false);
+        send_hint(&mut fx, MIB4, MIB4);
+        assert_eq!(fx.discard.discarded(), vec![GpaRange::new(MIB4, MIB4)]);
+        assert_eq!(fx.balloon.metrics().snapshot().reported_discard_bytes, MIB4);
+        // Discard, but the guest poisons free pages: keep them.
+        let mut fx = all_fixture(cfg);
+        fx.balloon.write_config(0xc, &0xaau32.to_le_bytes());
+        let id = fx.balloon.start_hinting().unwrap();
+        send_cmd(&mut fx, id, false);
+        send_hint(&mut fx, MIB4, MIB4);
+        assert!(fx.discard.discarded().is_empty());
+    }
+
+    #[test]
+    fn hinting_api_errors() {
+        let mut fx = fixture();
+        assert!(matches!(
+            fx.balloon.start_hinting(),
+            Err(Error::HintingDisabled)
+        ));
+        // Offered but not negotiated.
+        let mut fx = fixture_with(all_cfg(), features(&[VIRTIO_BALLOON_F_STATS_VQ]));
+        assert!(matches!(
+            fx.balloon.start_hinting(),
+            Err(Error::HintingNotNegotiated(_))
+        ));
+        assert!(fx.balloon.stop_hinting().is_err());
+        assert!(fx.balloon.hinting_done().is_err());
+        // Not active.
+        let d = Arc::new(RecordingDiscard::default());
+        let mut b = Balloon::new(all_cfg(), ram(), d).unwrap();
+        assert!(matches!(
+            b.start_hinting(),
+            Err(Error::HintingNotNegotiated(0))
+        ));
+    }
+
+    #[test]
+    fn cmd_id_is_read_only_and_reset_clears_hinting() {
+        let mut fx = all_fixture(all_cfg());
+        let id = fx.balloon.start_hinting().unwrap();
+        fx.balloon.write_config(8, &7u32.to_le_bytes());
+        assert_eq!(cfg_cmd_id(&fx), id);
+        fx.balloon.stop_hinting().unwrap();
+        assert_eq!(cfg_cmd_id(&fx), FREE_PAGE_HINT_CMD_ID_STOP);
+        assert!(fx.balloon.reset());
+        assert_eq!(fx.balloon.hinting_status().state, HintingState::Idle);
+        assert_eq!(cfg_cmd_id(&fx), 0);
     }
 }

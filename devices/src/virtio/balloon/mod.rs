@@ -6,12 +6,16 @@
 //! * `device`: [`Balloon`], the [`VirtioDevice`](super::VirtioDevice).
 //! * `event_handler`: its `MutEventSubscriber` side.
 //! * `metrics`: [`BalloonMetrics`].
+//! * `hinting`: free page hinting ([`HintSink`], `start_hinting`, ...).
+//! * `reporting`: free page reporting.
 
 pub mod config;
 pub mod device;
 pub mod event_handler;
+pub mod hinting;
 pub mod inflate;
 pub mod metrics;
+pub mod reporting;
 pub mod stats;
 
 #[cfg(test)]
@@ -21,6 +25,7 @@ pub(crate) mod test_utils;
 
 pub use config::BalloonConfig;
 pub use device::Balloon;
+pub use hinting::{HintSink, HintingState, HintingStatus};
 pub use metrics::{BalloonMetrics, BalloonMetricsSnapshot};
 pub use stats::BalloonStats;
 
