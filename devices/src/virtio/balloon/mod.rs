@@ -1,5 +1,25 @@
 //! The virtio balloon device (virtio spec 5.5, as Linux and QEMU drive it).
 //!
+//! # Wiring (VMM side)
+//!
+//! ```ignore
+//! let balloon = Arc::new(Mutex::new(Balloon::new(cfg, ram_regions, guest_ram_discard)?));
+//! event_manager.add_subscriber(balloon.clone());          // registers ctl eventfd + stats timer
+//! let irq = Arc::new(IrqfdInterrupt::new(EventFd::new(EFD_NONBLOCK)?));
+//! vm.register_irqfd(irq.eventfd(), gsi)?;
+//! let transport = MmioTransport::new(balloon.clone(), guest_memory, irq)?;
+//! for (i, evt) in transport.queue_evts().iter().enumerate() {
+//!     vm.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)?;
+//! }
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+//! // kernel cmdline: virtio_mmio.device=4K@<base>:<gsi>
+//! ```
+//!
+//! The DRIVER_OK write (vCPU thread) activates the device; the event loop
+//! then registers the queue eventfds and arms the stats timer. Host-side
+//! calls (`set_target_pages`, `latest_stats`, `start_hinting`, ...) lock
+//! the balloon from the API thread.
+//!
 //! * `config`: [`BalloonConfig`] and the config space layout.
 //! * `inflate`: PFN validation, run merging and the inflated-page bitmap.
 //! * `stats`: the statistics parser.
