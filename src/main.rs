@@ -187,7 +187,8 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
                     memory >> 20
                 )));
             }
-            b.initial_target_bytes = bytes;
+            b.initial_target_pages = u32::try_from(bytes / 4096)
+                .map_err(|_| Usage(format!("--balloon-target {t}: too large")))?;
         }
         cfg.balloon = Some(b);
     }

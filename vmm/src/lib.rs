@@ -14,6 +14,6 @@ pub mod vcpu;
 pub mod vm;
 mod vmm;
 
-pub use config::{BalloonOptions, MemoryBackend, VmConfig};
+pub use config::{BalloonConfig, MemoryBackend, VmConfig};
 pub use exit::ExitReason;
 pub use vmm::{Error, Vmm};

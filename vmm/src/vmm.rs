@@ -9,6 +9,7 @@ use std::time::Instant;
 use arch::MemoryLayout;
 use devices::bus::BusDevice;
 use devices::legacy::{self, DebugExit, I8042, Serial};
+use devices::virtio::balloon::Balloon;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -42,6 +43,8 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error("placing a virtio device: {0}")]
     Device(#[from] DeviceError),
+    #[error("balloon: {0}")]
+    Balloon(#[from] devices::virtio::balloon::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -90,6 +93,9 @@ pub struct Vmm {
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    #[allow(dead_code)] // Holds the placed transports.
+    virtio: DeviceManager,
+    balloon: Option<Arc<Mutex<Balloon>>>,
 }
 
 impl Vmm {
@@ -137,7 +143,16 @@ impl Vmm {
             pio.insert(u64::from(legacy::DEBUG_EXIT_PORT), 1, dbg)?;
         }
 
-        let _ = (&mut virtio, &mut mmio); // virtio devices are added here
+        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+        let balloon = match &config.balloon {
+            None => None,
+            Some(cfg) => {
+                let discard: Arc<dyn devices::RamDiscard> = ram.clone();
+                let b = Arc::new(Mutex::new(Balloon::new(*cfg, ram.ranges(), discard)?));
+                virtio.add_virtio(&vm, &mut mmio, ram.memory(), b.clone())?;
+                Some(b)
+            }
+        };
         let cmdline = compose_cmdline(&config.cmdline, &virtio.cmdline());
         let info = boot::load(
             ram.memory(),
@@ -164,8 +179,7 @@ impl Vmm {
             )?);
         }
 
-        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-        Ok(Self {
+        let mut vmm = Self {
             config,
             vcpus: None,
             vm,
@@ -179,7 +193,19 @@ impl Vmm {
             vcpu_fds,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-        })
+            virtio,
+            balloon,
+        };
+        if let Some(b) = &vmm.balloon {
+            let sub: Subscriber = b.clone();
+            vmm.events.add_subscriber(sub);
+        }
+        Ok(vmm)
+    }
+
+    /// The balloon device, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.balloon.as_ref()
     }
 
     /// Time since `build` started.
