@@ -7,6 +7,7 @@
 
 pub mod balloon;
 pub mod mmio;
+pub mod ratelimit;
 
 use std::io;
 use std::sync::Arc;
@@ -110,4 +111,26 @@ pub trait VirtioDevice: Send {
     /// cannot be reset (the transport then marks it failed).
     fn reset(&mut self) -> bool;
     fn is_activated(&self) -> bool;
+
+    /// The most queues the device can ever have, whatever features get
+    /// negotiated. The transport creates one notification eventfd per
+    /// possible queue up front (before features are known), so the VMM can
+    /// register them all as ioeventfds at boot.
+    fn max_queues(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
+
+    /// True once the device met an error it cannot recover from without a
+    /// reset (a malformed queue, say); the transport then shows
+    /// DEVICE_NEEDS_RESET in Status. The device itself raises the
+    /// configuration-change interrupt when it sets this.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+
+    /// Configuration-space generation (ConfigGeneration register): devices
+    /// whose config fields can change bump it on every change.
+    fn config_generation(&self) -> u32 {
+        0
+    }
 }

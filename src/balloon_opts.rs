@@ -1,0 +1,70 @@
+//! `--balloon k=v,...`: the balloon device's switches.
+
+use vmm::BalloonOptions;
+
+pub const BALLOON_HELP: &str = "deflate_on_oom=on|off, must_tell_host=on|off, stats_interval=SECS, \
+free_page_hint=on|off, free_page_reporting=on|off, page_poison=on|off, hint_discard=on|off";
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("--balloon {key}={v}: expected on or off")),
+    }
+}
+
+/// Parse the value of `--balloon` (may be empty: all defaults).
+pub fn parse(s: &str) -> Result<BalloonOptions, String> {
+    let mut o = BalloonOptions::default();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--balloon '{item}': expected key=value ({BALLOON_HELP})"))?;
+        match k {
+            "deflate_on_oom" => o.deflate_on_oom = on_off(k, v)?,
+            "must_tell_host" => o.must_tell_host = on_off(k, v)?,
+            "free_page_hint" => o.free_page_hint = on_off(k, v)?,
+            "free_page_reporting" => o.free_page_reporting = on_off(k, v)?,
+            "page_poison" => o.page_poison = on_off(k, v)?,
+            "hint_discard" => o.hint_discard = on_off(k, v)?,
+            "stats_interval" | "stats_polling_interval_s" => {
+                o.stats_polling_interval_s = v.parse().map_err(|_| {
+                    format!("--balloon {k}={v}: expected a whole number of seconds (0 turns stats polling off)")
+                })?
+            }
+            _ => return Err(format!("--balloon: unknown option '{k}' (known: {BALLOON_HELP})")),
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_switches() {
+        let d = parse("").unwrap();
+        assert!(d.must_tell_host && !d.deflate_on_oom && d.stats_polling_interval_s == 0);
+        let o = parse("deflate_on_oom=on,stats_interval=2,must_tell_host=off,free_page_hint=on,free_page_reporting=on,page_poison=on,hint_discard=on").unwrap();
+        assert!(o.deflate_on_oom && !o.must_tell_host && o.free_page_hint && o.free_page_reporting);
+        assert!(o.page_poison && o.hint_discard);
+        assert_eq!(o.stats_polling_interval_s, 2);
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        assert!(
+            parse("deflate_on_oom=maybe")
+                .unwrap_err()
+                .contains("deflate_on_oom=maybe")
+        );
+        assert!(parse("frobnicate=on").unwrap_err().contains("'frobnicate'"));
+        assert!(
+            parse("stats_interval=-1")
+                .unwrap_err()
+                .contains("stats_interval=-1")
+        );
+        assert!(parse("deflate_on_oom").unwrap_err().contains("key=value"));
+    }
+}

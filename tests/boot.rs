@@ -1,0 +1,113 @@
+//! Boot the test guest through `blimp run` and check what it prints and how
+//! the VMM ends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Vm;
+
+const BOOT: Duration = Duration::from_secs(30);
+
+#[test]
+fn fill_verify_and_exit_status_512m() {
+    let mut vm = Vm::start(&[
+        "--memory",
+        "512M",
+        "--debug-exit",
+        "--no-stdin",
+        "--cmdline",
+        "testguest.run=\"fill 256 7;verify;exit 0\"",
+    ]);
+    vm.expect_line("fill done 256 MiB", BOOT);
+    vm.expect_line("verify ok 65536 pages", BOOT);
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+#[test]
+fn debug_exit_status_is_passed_through() {
+    let mut vm = Vm::start(&[
+        "--memory",
+        "512M",
+        "--debug-exit",
+        "--no-stdin",
+        "--cmdline",
+        "testguest.run=\"echo about to exit;exit 3\"",
+    ]);
+    vm.expect_line("about to exit", BOOT);
+    assert_eq!(vm.wait(BOOT).code(), Some(3));
+}
+
+#[test]
+fn eight_gib_guest_uses_memory_above_the_hole() {
+    let mut vm = Vm::start(&[
+        "--memory",
+        "8G",
+        "--debug-exit",
+        "--no-stdin",
+        "--cmdline",
+        "testguest.run=\"meminfo;fill 7168 1;verify;exit 0\"",
+    ]);
+    let meminfo = vm.expect_line("meminfo", BOOT);
+    assert!(meminfo.contains("regions"), "{meminfo}");
+    vm.expect_line("fill done 7168 MiB", Duration::from_secs(180));
+    vm.expect_line("verify ok 1835008 pages", Duration::from_secs(180));
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+#[test]
+fn serial_console_takes_commands_from_stdin() {
+    let mut vm = Vm::start(&["--memory", "256M", "--debug-exit"]);
+    vm.expect_line("ready", BOOT);
+    vm.send("echo hello over serial");
+    vm.expect_line("hello over serial", BOOT);
+    vm.send("exit 5");
+    assert_eq!(vm.wait(BOOT).code(), Some(5));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mut vm = Vm::start(&[
+        "--memory",
+        "256M",
+        "--no-stdin",
+        "--cmdline",
+        "testguest.run=\"echo sleeping;sleep 60\"",
+    ]);
+    vm.expect_line("sleeping", BOOT);
+    let threads_dir = format!("/proc/{}/task", vm.pid());
+    assert!(
+        std::fs::read_dir(&threads_dir).unwrap().count() >= 2,
+        "a vCPU thread runs"
+    );
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait(Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "exit status 128+SIGTERM"
+    );
+}
+
+#[test]
+fn sleeping_guest_does_not_spin_a_host_cpu() {
+    let mut vm = Vm::start(&[
+        "--memory",
+        "256M",
+        "--no-stdin",
+        "--cmdline",
+        "testguest.run=\"echo sleeping;sleep 30\"",
+    ]);
+    vm.expect_line("sleeping", BOOT);
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(vm.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu(vm.pid()) - before;
+    // clock ticks are 1/100 s: an idle guest uses well under half a CPU.
+    assert!(used < 100, "an idle (hlt) guest used {used} ticks in 2 s");
+}

@@ -1,0 +1,218 @@
+//! Shared helpers for tests that boot guests: building the test guest,
+//! running `blimp` with its serial output captured line by line.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+/// The `blimp` binary under test.
+pub fn blimp() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_blimp"))
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Tests that boot guests need /dev/kvm: fail loudly without it, never pass silently.
+pub fn require_kvm() {
+    let kvm = Path::new("/dev/kvm");
+    assert!(
+        kvm.exists(),
+        "this test boots a guest and needs /dev/kvm, which is missing"
+    );
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
+        panic!("this test boots a guest and needs read/write access to /dev/kvm: {e}");
+    }
+}
+
+/// Build (or reuse the cached) test guest and return its ELF path.
+pub fn testguest() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let out = Command::new(repo_root().join("resources/build.sh"))
+            .arg("testguest")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running resources/build.sh testguest");
+        assert!(
+            out.status.success(),
+            "resources/build.sh testguest failed: {:?}",
+            out.status
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout
+            .lines()
+            .last()
+            .expect("build.sh printed nothing")
+            .trim();
+        let p = PathBuf::from(last);
+        assert!(
+            p.is_absolute() && p.exists(),
+            "build.sh's last line is not the ELF: {last}"
+        );
+        p
+    })
+    .as_path()
+}
+
+/// A running `blimp run`, with its stdout (the serial console) read by a thread.
+pub struct Vm {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Every line seen so far, for failure messages.
+    pub transcript: Vec<String>,
+    pub started: Instant,
+}
+
+impl Vm {
+    /// Start `blimp run` with `args`; the test guest is the kernel unless
+    /// `args` names one.
+    pub fn start(args: &[&str]) -> Vm {
+        require_kvm();
+        let mut cmd = Command::new(blimp());
+        cmd.arg("run");
+        if !args.contains(&"--kernel") {
+            cmd.arg("--kernel").arg(testguest());
+        }
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawning blimp");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Vm {
+            child,
+            stdin,
+            lines: rx,
+            transcript: Vec::new(),
+            started,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for a line containing `needle`; returns it. Panics with the
+    /// transcript on timeout or if blimp's output ends first.
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    eprintln!("[guest] {line}");
+                    self.transcript.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "timed out after {timeout:?} waiting for '{needle}'; output so far:\n{}",
+                    self.transcript.join("\n")
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "blimp's output ended while waiting for '{needle}'; output:\n{}",
+                    self.transcript.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Send a line to the serial console.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is piped");
+        stdin
+            .write_all(line.as_bytes())
+            .expect("writing to blimp's stdin");
+        stdin.write_all(b"\n").expect("writing to blimp's stdin");
+        stdin.flush().expect("flushing blimp's stdin");
+    }
+
+    /// Wait for blimp to exit; drains the remaining output into the transcript.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    eprintln!("[guest] {line}");
+                    self.transcript.push(line);
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "blimp did not exit within {timeout:?}; output:\n{}",
+                    self.transcript.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal to blimp.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+    }
+
+    /// Resident set size of the blimp process, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.pid())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// VmRSS of a process, in bytes (from /proc/PID/status).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let s =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// Run `blimp` with `args` to completion (for quick error-path checks).
+pub fn run_blimp(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(blimp())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running blimp");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
