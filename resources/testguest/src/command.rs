@@ -1,0 +1,334 @@
+//! The test guest's command language: one command per line (or per `;`
+//! in `testguest.run`), a verb followed by whitespace-separated arguments.
+//! Parsing never panics; bad input becomes a [`ParseError`] that the shell
+//! prints as an `error: …` line.
+
+use crate::num::{parse_seconds_ns, parse_u64, parse_u64_dec_or_hex};
+
+/// Bad inputs the balloon driver can deliberately send (`hostile CASE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostileCase {
+    PfnOutsideRam,
+    PfnInMmioHole,
+    DescLoop,
+    ChainTooLong,
+    ZeroLen,
+    OddLen,
+    WritableInflate,
+    StatsTruncated,
+    All,
+}
+
+impl HostileCase {
+    /// Every single case, in the order `hostile all` sends them.
+    pub const EACH: [HostileCase; 8] = [
+        HostileCase::PfnOutsideRam,
+        HostileCase::PfnInMmioHole,
+        HostileCase::DescLoop,
+        HostileCase::ChainTooLong,
+        HostileCase::ZeroLen,
+        HostileCase::OddLen,
+        HostileCase::WritableInflate,
+        HostileCase::StatsTruncated,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HostileCase::PfnOutsideRam => "pfn-outside-ram",
+            HostileCase::PfnInMmioHole => "pfn-in-mmio-hole",
+            HostileCase::DescLoop => "desc-loop",
+            HostileCase::ChainTooLong => "chain-too-long",
+            HostileCase::ZeroLen => "zero-len",
+            HostileCase::OddLen => "odd-len",
+            HostileCase::WritableInflate => "writable-inflate",
+            HostileCase::StatsTruncated => "stats-truncated",
+            HostileCase::All => "all",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::EACH
+            .into_iter()
+            .chain([HostileCase::All])
+            .find(|c| c.name() == s)
+    }
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `echo TEXT` → prints TEXT.
+    Echo(&'a str),
+    /// `help` → lists the commands.
+    Help,
+    /// `meminfo`
+    Meminfo,
+    /// `fill MIB SEED`
+    Fill { mib: u64, seed: u64 },
+    /// `verify`
+    Verify,
+    /// `touch MIB`
+    Touch { mib: u64 },
+    /// `free MIB`: return filled memory to the free pool without clearing it.
+    Free { mib: u64 },
+    /// `dirty MIB RATE`: rewrite filled pages (RATE MiB/s, 0 = flat out) for MIB MiB.
+    Dirty { mib: u64, rate: u64 },
+    /// `sleep SECS`
+    Sleep { ns: u64 },
+    /// `exit CODE`
+    Exit { code: u8 },
+    /// `balloon`: start the virtio balloon driver.
+    Balloon,
+    /// `balloon-wait`: wait until actual == num_pages.
+    BalloonWait,
+    /// `stats`: print the statistics last sent to the device.
+    Stats,
+    /// `oom MIB`: deflate like Linux's OOM notifier.
+    Oom { mib: u64 },
+    /// `hostile CASE`
+    Hostile(HostileCase),
+    /// `report`: force a free page reporting round.
+    Report,
+    /// `poison BYTE`
+    Poison { byte: u8 },
+}
+
+/// Why a command line was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError<'a> {
+    Unknown(&'a str),
+    /// Wrong number of arguments; carries the usage string.
+    Usage(&'static str),
+    /// An argument did not parse; carries the argument.
+    BadArg(&'a str),
+}
+
+impl core::fmt::Display for ParseError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ParseError::Unknown(v) => write!(f, "unknown command '{v}' (try 'help')"),
+            ParseError::Usage(u) => write!(f, "usage: {u}"),
+            ParseError::BadArg(a) => write!(f, "bad argument '{a}'"),
+        }
+    }
+}
+
+/// One line per command, used by `help` and the documentation.
+pub const USAGE: &[&str] = &[
+    "echo TEXT",
+    "meminfo",
+    "fill MIB SEED",
+    "verify",
+    "touch MIB",
+    "free MIB",
+    "dirty MIB RATE",
+    "sleep SECS",
+    "exit CODE",
+    "balloon",
+    "balloon-wait",
+    "stats",
+    "oom MIB",
+    "hostile CASE",
+    "report",
+    "poison BYTE",
+    "help",
+];
+
+/// Parses one command line.
+pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
+    let line = line.trim();
+    let (verb, rest) = match line.find(|c: char| c.is_ascii_whitespace()) {
+        Some(i) => (&line[..i], line[i..].trim_start()),
+        None => (line, ""),
+    };
+    if verb == "echo" {
+        return Ok(Command::Echo(rest));
+    }
+    let mut args = rest.split_ascii_whitespace();
+    let mut argv: [&str; 3] = [""; 3];
+    let mut argc = 0;
+    for a in args.by_ref() {
+        if argc == argv.len() {
+            argc += 1;
+            break;
+        }
+        argv[argc] = a;
+        argc += 1;
+    }
+    let want = |n: usize, usage: &'static str| {
+        if argc == n {
+            Ok(())
+        } else {
+            Err(ParseError::Usage(usage))
+        }
+    };
+    let num = |s: &'a str| parse_u64(s).ok_or(ParseError::BadArg(s));
+    Ok(match verb {
+        "help" => {
+            want(0, "help")?;
+            Command::Help
+        }
+        "meminfo" => {
+            want(0, "meminfo")?;
+            Command::Meminfo
+        }
+        "fill" => {
+            want(2, "fill MIB SEED")?;
+            Command::Fill {
+                mib: num(argv[0])?,
+                seed: parse_u64_dec_or_hex(argv[1]).ok_or(ParseError::BadArg(argv[1]))?,
+            }
+        }
+        "verify" => {
+            want(0, "verify")?;
+            Command::Verify
+        }
+        "touch" => {
+            want(1, "touch MIB")?;
+            Command::Touch { mib: num(argv[0])? }
+        }
+        "free" => {
+            want(1, "free MIB")?;
+            Command::Free { mib: num(argv[0])? }
+        }
+        "dirty" => {
+            want(2, "dirty MIB RATE")?;
+            Command::Dirty {
+                mib: num(argv[0])?,
+                rate: num(argv[1])?,
+            }
+        }
+        "sleep" => {
+            want(1, "sleep SECS")?;
+            Command::Sleep {
+                ns: parse_seconds_ns(argv[0]).ok_or(ParseError::BadArg(argv[0]))?,
+            }
+        }
+        "exit" => {
+            want(1, "exit CODE")?;
+            let code = num(argv[0])?;
+            Command::Exit {
+                code: u8::try_from(code).map_err(|_| ParseError::BadArg(argv[0]))?,
+            }
+        }
+        "balloon" => {
+            want(0, "balloon")?;
+            Command::Balloon
+        }
+        "balloon-wait" => {
+            want(0, "balloon-wait")?;
+            Command::BalloonWait
+        }
+        "stats" => {
+            want(0, "stats")?;
+            Command::Stats
+        }
+        "oom" => {
+            want(1, "oom MIB")?;
+            Command::Oom { mib: num(argv[0])? }
+        }
+        "hostile" => {
+            want(1, "hostile CASE")?;
+            Command::Hostile(HostileCase::from_name(argv[0]).ok_or(ParseError::BadArg(argv[0]))?)
+        }
+        "report" => {
+            want(0, "report")?;
+            Command::Report
+        }
+        "poison" => {
+            want(1, "poison BYTE")?;
+            let b = parse_u64_dec_or_hex(argv[0]).ok_or(ParseError::BadArg(argv[0]))?;
+            Command::Poison {
+                byte: u8::try_from(b).map_err(|_| ParseError::BadArg(argv[0]))?,
+            }
+        }
+        _ => return Err(ParseError::Unknown(verb)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_command() {
+        assert_eq!(
+            parse("echo  hello  world "),
+            Ok(Command::Echo("hello  world"))
+        );
+        assert_eq!(parse("echo"), Ok(Command::Echo("")));
+        assert_eq!(parse("meminfo"), Ok(Command::Meminfo));
+        assert_eq!(
+            parse(" fill 256 7 "),
+            Ok(Command::Fill { mib: 256, seed: 7 })
+        );
+        assert_eq!(
+            parse("fill 1 0xff"),
+            Ok(Command::Fill { mib: 1, seed: 255 })
+        );
+        assert_eq!(parse("verify"), Ok(Command::Verify));
+        assert_eq!(parse("touch 3"), Ok(Command::Touch { mib: 3 }));
+        assert_eq!(parse("free 3"), Ok(Command::Free { mib: 3 }));
+        assert_eq!(
+            parse("dirty 64 10"),
+            Ok(Command::Dirty { mib: 64, rate: 10 })
+        );
+        assert_eq!(parse("sleep 0.5"), Ok(Command::Sleep { ns: 500_000_000 }));
+        assert_eq!(parse("exit 3"), Ok(Command::Exit { code: 3 }));
+        assert_eq!(parse("balloon"), Ok(Command::Balloon));
+        assert_eq!(parse("balloon-wait"), Ok(Command::BalloonWait));
+        assert_eq!(parse("stats"), Ok(Command::Stats));
+        assert_eq!(parse("oom 4"), Ok(Command::Oom { mib: 4 }));
+        assert_eq!(
+            parse("hostile desc-loop"),
+            Ok(Command::Hostile(HostileCase::DescLoop))
+        );
+        assert_eq!(parse("hostile all"), Ok(Command::Hostile(HostileCase::All)));
+        assert_eq!(parse("report"), Ok(Command::Report));
+        assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
+        assert_eq!(parse("help"), Ok(Command::Help));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(
+            parse("frobnicate 1"),
+            Err(ParseError::Unknown("frobnicate"))
+        );
+        assert_eq!(parse(""), Err(ParseError::Unknown("")));
+        assert_eq!(parse("fill 1"), Err(ParseError::Usage("fill MIB SEED")));
+        assert_eq!(parse("fill 1 2 3"), Err(ParseError::Usage("fill MIB SEED")));
+        assert_eq!(
+            parse("fill 1 2 3 4 5 6"),
+            Err(ParseError::Usage("fill MIB SEED"))
+        );
+        assert_eq!(parse("fill x 2"), Err(ParseError::BadArg("x")));
+        assert_eq!(parse("fill -1 2"), Err(ParseError::BadArg("-1")));
+        assert_eq!(parse("exit 256"), Err(ParseError::BadArg("256")));
+        assert_eq!(parse("sleep abc"), Err(ParseError::BadArg("abc")));
+        assert_eq!(parse("hostile nope"), Err(ParseError::BadArg("nope")));
+        assert_eq!(parse("verify now"), Err(ParseError::Usage("verify")));
+        assert_eq!(
+            parse("touch 99999999999999999999999"),
+            Err(ParseError::BadArg("99999999999999999999999"))
+        );
+    }
+
+    #[test]
+    fn hostile_names_round_trip() {
+        for c in HostileCase::EACH {
+            assert_eq!(HostileCase::from_name(c.name()), Some(c));
+        }
+    }
+
+    #[test]
+    fn usage_lists_every_verb() {
+        for u in USAGE {
+            let verb = u.split(' ').next().unwrap();
+            assert!(
+                !matches!(parse(verb), Err(ParseError::Unknown(_))),
+                "{verb}"
+            );
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Guest RAM: the e820 map, the frame allocator and the per-frame fill
+//! records, with their bookkeeping placed in RAM reserved at boot (right
+//! after the image when it fits there).
+
+use testguest::frames::{FRAMES_PER_MIB, FrameAllocator, PAGE_SIZE, bitmap_words};
+use testguest::pattern::{MAX_SEED_SLOTS, Record};
+
+use crate::boot::{self, E820, bp, paging};
+
+/// Memory below 1 MiB (zero page, command line, boot tables, BIOS areas)
+/// is never handed out.
+const LOW_RESERVED: u64 = 1 << 20;
+
+pub struct Memory {
+    pub frames: FrameAllocator<'static>,
+    /// One [`Record`] per frame (indexed by PFN).
+    records: &'static mut [u32],
+    /// Total e820 RAM in bytes and number of RAM regions.
+    pub ram_bytes: u64,
+    pub ram_regions: usize,
+    /// Fill seeds by slot (slot 0 = "not filled").
+    seeds: [u64; MAX_SEED_SLOTS + 1],
+    nseeds: usize,
+    /// Number of frames with a fill record.
+    pub filled: u64,
+    e820: [E820; bp::E820_MAX],
+    e820_len: usize,
+}
+
+impl Memory {
+    /// Reads e820, reserves the bookkeeping and builds the allocator.
+    pub fn init(boot_params: u64) -> Result<Memory, &'static str> {
+        let mut e820 = [E820::default(); bp::E820_MAX];
+        let n = boot::e820_count(boot_params);
+        let (mut ram_bytes, mut ram_regions, mut top) = (0u64, 0usize, 0u64);
+        for (i, slot) in e820.iter_mut().enumerate().take(n) {
+            *slot = boot::e820_entry(boot_params, i);
+            if slot.kind == bp::E820_RAM {
+                ram_bytes += slot.size;
+                ram_regions += 1;
+                top = top.max(slot.end());
+            }
+        }
+        if ram_regions == 0 {
+            return Err("no RAM in e820");
+        }
+        // Only what the page tables map can be used.
+        let limit = top.min(paging::mapped_limit(top));
+        let nframes = limit / PAGE_SIZE;
+        let words = bitmap_words(nframes);
+        let bitmap_bytes = (words as u64 * 8).next_multiple_of(PAGE_SIZE);
+        let records_bytes = (nframes * 4).next_multiple_of(PAGE_SIZE);
+        let need = bitmap_bytes + records_bytes;
+
+        let (img_start, img_end) = boot::image_range();
+        let img_end = img_end.next_multiple_of(PAGE_SIZE);
+        let mut place = None;
+        for e in e820[..n].iter().filter(|e| e.kind == bp::E820_RAM) {
+            let mut s = e.addr.max(LOW_RESERVED).next_multiple_of(PAGE_SIZE);
+            if s < img_end && s + need > img_start {
+                s = img_end;
+            }
+            if s + need <= e.end().min(limit) {
+                place = Some(s);
+                break;
+            }
+        }
+        let base = place.ok_or("no room for the frame bitmap")?;
+        // SAFETY: [base, base + need) is RAM owned by nobody else (checked
+        // against the image and the low MiB above) and identity-mapped.
+        let (bits, records) = unsafe {
+            (
+                core::slice::from_raw_parts_mut(base as *mut u64, words),
+                core::slice::from_raw_parts_mut(
+                    (base + bitmap_bytes) as *mut u32,
+                    nframes as usize,
+                ),
+            )
+        };
+        records.fill(0);
+        let mut frames = FrameAllocator::new(bits, nframes);
+        for e in e820[..n].iter().filter(|e| e.kind == bp::E820_RAM) {
+            let s = e.addr.max(LOW_RESERVED).div_ceil(PAGE_SIZE);
+            let t = e.end() / PAGE_SIZE;
+            if s < t {
+                frames.add_free(s, t);
+            }
+        }
+        frames.reserve(img_start / PAGE_SIZE, img_end / PAGE_SIZE);
+        frames.reserve(base / PAGE_SIZE, (base + need) / PAGE_SIZE);
+        Ok(Memory {
+            frames,
+            records,
+            ram_bytes,
+            ram_regions,
+            seeds: [0; MAX_SEED_SLOTS + 1],
+            nseeds: 0,
+            filled: 0,
+            e820,
+            e820_len: n,
+        })
+    }
+
+    pub fn e820(&self) -> &[E820] {
+        &self.e820[..self.e820_len]
+    }
+
+    /// Whether `[addr, addr+len)` lies inside one e820 RAM region.
+    pub fn is_ram(&self, addr: u64, len: u64) -> bool {
+        self.e820().iter().any(|e| {
+            e.kind == bp::E820_RAM && addr >= e.addr && addr.saturating_add(len) <= e.end()
+        })
+    }
+
+    pub fn free_mib(&self) -> u64 {
+        self.frames.free_frames() / FRAMES_PER_MIB
+    }
+
+    pub fn record(&self, pfn: u64) -> Record {
+        Record(self.records[pfn as usize])
+    }
+
+    pub fn set_record(&mut self, pfn: u64, r: Record) {
+        let old = core::mem::replace(&mut self.records[pfn as usize], r.0);
+        match (Record(old).is_filled(), r.is_filled()) {
+            (false, true) => self.filled += 1,
+            (true, false) => self.filled -= 1,
+            _ => {}
+        }
+    }
+
+    pub fn nframes(&self) -> u64 {
+        self.records.len() as u64
+    }
+
+    /// Slot for `seed`, allocating one if needed.
+    pub fn seed_slot(&mut self, seed: u64) -> Option<u8> {
+        if let Some(i) = self.seeds[1..=self.nseeds].iter().position(|&s| s == seed) {
+            return Some(i as u8 + 1);
+        }
+        if self.nseeds == MAX_SEED_SLOTS {
+            return None;
+        }
+        self.nseeds += 1;
+        self.seeds[self.nseeds] = seed;
+        Some(self.nseeds as u8)
+    }
+
+    pub fn seed(&self, slot: u8) -> u64 {
+        self.seeds[slot as usize]
+    }
+}
+
+/// The 4 KiB page at `pfn`, identity-mapped.
+///
+/// # Safety
+/// The caller must own the frame (allocated to it, or free and not in use).
+pub unsafe fn page_mut(pfn: u64) -> &'static mut [u64; 512] {
+    unsafe { &mut *((pfn * PAGE_SIZE) as *mut [u64; 512]) }
+}
