@@ -153,14 +153,14 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             args.memory
         )));
     }
-    if let Some(host) = host_ram_bytes() {
-        if memory > host {
-            return Err(Usage(format!(
-                "--memory {}: larger than this host's RAM ({} MiB)",
-                args.memory,
-                host >> 20
-            )));
-        }
+    if let Some(host) = host_ram_bytes()
+        && memory > host
+    {
+        return Err(Usage(format!(
+            "--memory {}: larger than this host's RAM ({} MiB)",
+            args.memory,
+            host >> 20
+        )));
     }
     if args.vcpus == 0 || args.vcpus > 254 {
         return Err(Usage(format!(

@@ -318,7 +318,8 @@ impl MutEventSubscriber for StdinInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 4096];
         let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
-        if n == 0 || events.event_set().contains(EventSet::HANG_UP) && n == 0 {
+        if n == 0 {
+            // EOF (or hang-up with nothing left): stop watching stdin.
             let _ = ops.remove(events);
             return;
         }
