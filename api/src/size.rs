@@ -89,6 +89,9 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
 
 /// `1536` → `"1.5 GiB"`, `512` → `"512 MiB"`.
 pub fn format_mib(mib: u64) -> String {
+    if mib == 0 {
+        return "0 MiB".into();
+    }
     format_bytes(mib.saturating_mul(1 << 20))
 }
 
@@ -171,7 +174,7 @@ mod tests {
         assert_eq!(format_mib(512), "512 MiB");
         assert_eq!(format_mib(1536), "1.5 GiB");
         assert_eq!(format_mib(1024), "1 GiB");
-        assert_eq!(format_mib(0), "0 B");
+        assert_eq!(format_mib(0), "0 MiB");
         assert_eq!(format_bytes(1023), "1023 B");
         assert_eq!(format_bytes(1536), "1.5 KiB");
     }
