@@ -170,6 +170,23 @@ mod tests {
     }
 
     #[test]
+    fn never_panics() {
+        let alphabet: Vec<char> = "0123456789.kKmMgGtTbBiI -+eé\u{0}∞".chars().collect();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            let mut s = String::new();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for i in 0..(x % 24) {
+                let idx = ((x >> (i % 48)) as usize + i as usize * 7) % alphabet.len();
+                s.push(alphabet[idx]);
+            }
+            let _ = parse_size(&s);
+        }
+    }
+
+    #[test]
     fn formatting() {
         assert_eq!(format_mib(512), "512 MiB");
         assert_eq!(format_mib(1536), "1.5 GiB");

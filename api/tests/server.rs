@@ -846,3 +846,81 @@ fn concurrent_clients() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn random_garbage_never_hurts_the_server() {
+    let vmm = FakeVmm::with_config(ServerConfig {
+        header_timeout: Duration::from_millis(200),
+        body_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let heads = [
+        "GET /vm HTTP/1.1\r\n",
+        "PATCH /balloon HTTP/1.1\r\nContent-Length: 20\r\n",
+        "PUT /migration HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
+        "PATCH /vm HTTP/1.1\r\nContent-Length: -5\r\n",
+        "GET /events HTTP/1.0\r\n",
+        "",
+    ];
+    for _ in 0..150 {
+        let mut msg = heads[(next() % heads.len() as u64) as usize]
+            .as_bytes()
+            .to_vec();
+        let n = next() % 300;
+        for _ in 0..n {
+            msg.push((next() % 256) as u8);
+        }
+        if next() % 2 == 0 {
+            msg.extend_from_slice(b"\r\n\r\n");
+        }
+        let _ = raw_exchange(&vmm.sock, &msg, Duration::from_millis(300));
+    }
+    let c = vmm.client();
+    assert_eq!(c.get("/vm").unwrap().0, 200);
+    assert_eq!(
+        c.patch("/balloon", &json!({"target_mib": 3})).unwrap().0,
+        204
+    );
+}
+
+#[test]
+fn shutdown_is_prompt_with_open_streams() {
+    let mut vmm = FakeVmm::start();
+    let c = vmm.client();
+    let mut events = c.events().unwrap();
+    let _idle = UnixStream::connect(&vmm.sock).unwrap();
+    let _slow = raw_exchange(
+        &vmm.sock,
+        b"GET /vm HTTP/1.1\r\nHo",
+        Duration::from_millis(10),
+    );
+    let path = vmm.sock.clone();
+    let t0 = Instant::now();
+    drop(vmm.server.take());
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(!path.exists());
+    // The event stream ends instead of hanging.
+    let mut ended = false;
+    for _ in 0..3 {
+        match events.next_event(Duration::from_secs(2)) {
+            Ok(None) | Err(ClientError::Http(_)) => {
+                ended = true;
+                break;
+            }
+            Ok(Some(_)) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(ended);
+}
