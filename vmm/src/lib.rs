@@ -12,6 +12,7 @@ pub mod pvm;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;
+pub mod api_handler;
 mod vmm;
 
 pub use config::{BalloonConfig, MemoryBackend, VmConfig};
