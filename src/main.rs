@@ -1,6 +1,7 @@
 //! `blimp`: a small KVM hypervisor whose memory balloon is a first-class citizen.
 
 mod balloon_opts;
+mod client;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ enum Command {
     /// Boot a VM and run it until the guest resets, writes to the debug-exit
     /// port, or blimp receives SIGTERM/SIGINT.
     Run(RunArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Args)]
@@ -211,6 +214,11 @@ fn report(e: &dyn std::error::Error) {
     eprintln!("blimp: error: {msg}");
 }
 
+fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String> {
+    let chan = vmm.api_channel().map_err(|e| e.to_string())?;
+    api::ApiServer::start(path, chan).map_err(|e| e.to_string())
+}
+
 fn run(args: RunArgs) -> ExitCode {
     let cfg = match vm_config(&args) {
         Ok(c) => c,
@@ -219,7 +227,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let vmm = match Vmm::build(cfg) {
+    let api_sock = cfg.api_socket.clone();
+    let mut vmm = match Vmm::build(cfg) {
         Ok(v) => v,
         Err(e) => {
             report(&e);
@@ -228,6 +237,15 @@ fn run(args: RunArgs) -> ExitCode {
             } else {
                 EXIT_RUNTIME
             });
+        }
+    };
+    // The API server runs on its own thread until `_server` is dropped, which
+    // also removes the socket.
+    let _server = match api_sock.map(|p| start_api(&mut vmm, &p)).transpose() {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("blimp: error: {msg}");
+            return ExitCode::from(EXIT_RUNTIME);
         }
     };
     match vmm.run() {
@@ -254,5 +272,12 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Client(cmd) => match client::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("blimp: error: {msg}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
     }
 }

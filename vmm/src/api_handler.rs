@@ -94,7 +94,10 @@ impl ApiHandler {
     }
 
     fn balloon(&self) -> Result<&Arc<Mutex<Balloon>>, ApiResponse> {
-        self.ctx.balloon.as_ref().ok_or_else(ApiResponse::no_balloon)
+        self.ctx
+            .balloon
+            .as_ref()
+            .ok_or_else(ApiResponse::no_balloon)
     }
 
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
@@ -159,7 +162,8 @@ impl ApiHandler {
             VmState::Paused => self.ctx.vcpus.pause(),
             VmState::Running => self.ctx.vcpus.resume(),
         }
-        self.events.publish(ApiEvent::VmStateChanged { state: want });
+        self.events
+            .publish(ApiEvent::VmStateChanged { state: want });
         ApiResponse::no_content()
     }
 
@@ -263,8 +267,10 @@ impl ApiHandler {
             "vcpu_mmio_exits".into(),
             st.mmio_exits.load(std::sync::atomic::Ordering::Relaxed),
         );
-        m.gauges
-            .insert("uptime_seconds".into(), self.ctx.started.elapsed().as_secs_f64());
+        m.gauges.insert(
+            "uptime_seconds".into(),
+            self.ctx.started.elapsed().as_secs_f64(),
+        );
         m
     }
 }

@@ -1,6 +1,7 @@
 //! Blimp's VM and vCPU lifecycle, guest memory, event loop, dirty tracking
 //! and migration.
 
+pub mod api_handler;
 pub mod boot;
 pub mod bus;
 pub mod config;
@@ -12,7 +13,6 @@ pub mod pvm;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;
-pub mod api_handler;
 mod vmm;
 
 pub use config::{BalloonConfig, MemoryBackend, VmConfig};

@@ -9,12 +9,13 @@ use std::time::Instant;
 use arch::MemoryLayout;
 use devices::bus::BusDevice;
 use devices::legacy::{self, DebugExit, I8042, Serial};
-use devices::virtio::balloon::Balloon;
+use devices::virtio::balloon::{Balloon, BalloonEvent};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
+use crate::api_handler::{ApiContext, ApiHandler, balloon_event};
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
@@ -80,7 +81,7 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct Vmm {
     config: VmConfig,
     // Field order matters for drop: vCPUs and the VM go before guest memory.
-    vcpus: Option<Vcpus>,
+    vcpus: Option<Arc<Vcpus>>,
     #[allow(dead_code)] // Held so its fds live as long as the VM runs.
     vm: Vm,
     ram: Arc<GuestRam>,
@@ -96,6 +97,7 @@ pub struct Vmm {
     #[allow(dead_code)] // Holds the placed transports.
     virtio: DeviceManager,
     balloon: Option<Arc<Mutex<Balloon>>>,
+    api: Option<(EventFd, api::ApiReceiver)>,
 }
 
 impl Vmm {
@@ -195,12 +197,27 @@ impl Vmm {
             mmio: Arc::new(mmio),
             virtio,
             balloon,
+            api: None,
         };
         if let Some(b) = &vmm.balloon {
             let sub: Subscriber = b.clone();
             vmm.events.add_subscriber(sub);
         }
         Ok(vmm)
+    }
+
+    /// Make the channel the API server sends requests through; they are
+    /// served on this VM's event loop once it runs.
+    pub fn api_channel(&mut self) -> Result<api::VmmChannel, Error> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the API eventfd"))?;
+        let theirs = wake.try_clone().map_err(io("cloning the API eventfd"))?;
+        let (chan, rx) = api::channel(move || {
+            if let Err(e) = theirs.write(1) {
+                log::error!("api: cannot wake the VMM: {e}");
+            }
+        });
+        self.api = Some((wake, rx));
+        Ok(chan)
     }
 
     /// The balloon device, if the VM has one.
@@ -240,7 +257,45 @@ impl Vmm {
             exit: self.exit.clone(),
             pvm: self.backend.is_pvm(),
         };
-        self.vcpus = Some(Vcpus::start(std::mem::take(&mut self.vcpu_fds), ctx)?);
+        let vcpus = Arc::new(Vcpus::start(std::mem::take(&mut self.vcpu_fds), ctx)?);
+        self.vcpus = Some(vcpus.clone());
+        if let Some((wake, rx)) = self.api.take() {
+            let hub = rx.event_hub();
+            if let Some(b) = &self.balloon {
+                let hub = hub.clone();
+                let mut balloon = lock_balloon(b);
+                // The observer runs with the balloon locked: it keeps its own copy of `actual`.
+                let mut actual = balloon.actual_pages();
+                balloon.set_observer(Box::new(move |e| {
+                    let target = match e {
+                        BalloonEvent::TargetChanged { target_pages } => target_pages,
+                        BalloonEvent::ActualChanged {
+                            actual_pages,
+                            target_pages,
+                        } => {
+                            actual = actual_pages;
+                            target_pages
+                        }
+                    };
+                    hub.publish(balloon_event(u64::from(target), u64::from(actual)));
+                }));
+            }
+            let handler = ApiHandler::new(
+                wake,
+                rx,
+                ApiContext {
+                    vcpus: vcpus.clone(),
+                    balloon: self.balloon.clone(),
+                    exit: self.exit.clone(),
+                    memory_bytes: self.config.memory_bytes,
+                    vcpu_count: self.config.vcpus,
+                    started: self.started,
+                    vcpu_stats: vcpus.stats.clone(),
+                },
+            );
+            let sub: Subscriber = Arc::new(Mutex::new(handler));
+            self.events.add_subscriber(sub);
+        }
         log::info!(
             "VM started: {} MiB, {} vCPU(s), KVM backend {:?}, in {:?}",
             self.config.memory_bytes >> 20,
@@ -263,6 +318,10 @@ impl Vmm {
         log::info!("VM stopped after {:?}", self.started.elapsed());
         result
     }
+}
+
+fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The user's command line followed by the device entries.
