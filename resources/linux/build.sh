@@ -76,7 +76,7 @@ bb_ver="$(pkgver busybox-static)"
 gcc_ver="$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)"
 patches=()
 for p in "$here"/patches/*.patch; do [ -e "$p" ] && patches+=("$p"); done
-agent_files=("$agent"/init "$agent"/agent.sh "$agent"/helper.c)
+agent_files=("$agent"/init "$agent"/agent.sh "$agent"/fstab "$agent"/helper.c)
 for f in "$config" "${agent_files[@]}"; do [ -f "$f" ] || die "missing input $f"; done
 
 hash_inputs() { # label=value pairs and files -> short sha256
@@ -210,13 +210,14 @@ applets=(sh mount umount mkdir stty cat ls rm sleep free sha256sum dmesg uname p
   echo "dir /dev 0755 0 0"
   echo "nod /dev/console 0600 0 0 c 5 1"
   echo "nod /dev/null 0666 0 0 c 1 3"
-  for d in /proc /sys /tmp /run /bin /sbin /usr /usr/lib /usr/lib/blimp; do
+  for d in /proc /sys /tmp /run /bin /etc /usr /usr/lib /usr/lib/blimp; do
     if [ "$d" = /tmp ]; then echo "dir $d 1777 0 0"; else echo "dir $d 0755 0 0"; fi
   done
   echo "file /bin/busybox /bin/busybox 0755 0 0"
   for a in "${applets[@]}"; do echo "slink /bin/$a busybox 0777 0 0"; done
   echo "file /bin/blimp-helper $work/blimp-helper 0755 0 0"
   echo "file /usr/lib/blimp/agent.sh $agent/agent.sh 0644 0 0"
+  echo "file /etc/fstab $agent/fstab 0644 0 0"
   echo "file /init $agent/init 0755 0 0"
 } >"$work/initramfs.list"
 # -t: fixed mtime, so the same inputs give the same bytes
