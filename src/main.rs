@@ -1,1 +1,226 @@
-fn main() {}
+//! `blimp`: a small KVM hypervisor whose memory balloon is a first-class citizen.
+
+mod size;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::{MemoryBackend, VmConfig, Vmm};
+
+/// Exit status for usage errors (bad arguments, unusable files).
+const EXIT_USAGE: u8 = 2;
+/// Exit status for runtime errors.
+const EXIT_RUNTIME: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "blimp",
+    version,
+    about = "A small KVM hypervisor whose memory balloon is a first-class citizen",
+    long_about = "Blimp boots a Linux-protocol guest (an ELF vmlinux or a bzImage) on KVM, \
+with a serial console on stdin/stdout.\n\n\
+Example: boot the test guest with 512 MiB and let it end the VM with its own exit status:\n  \
+blimp run --kernel \"$(resources/build.sh testguest | tail -1)\" --memory 512M --debug-exit \\\n    \
+--cmdline 'testguest.run=\"fill 256 7;verify;exit 0\"'"
+)]
+struct Cli {
+    /// Log level for messages on stderr: error, warn, info, debug or trace
+    /// (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until the guest resets, writes to the debug-exit
+    /// port, or blimp receives SIGTERM/SIGINT.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux (or the test guest), or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk, loaded at the top of RAM below 3 GiB.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line. Blimp appends one `virtio_mmio.device=` entry per
+    /// virtio device.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest RAM: a number with a binary unit (512M, 8G, 1024MiB); a plain
+    /// number is MiB. RAM beyond 3 GiB is placed above 4 GiB.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs (1 to 254).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Let the guest end the VM by writing a value to I/O port 0xf4: blimp
+    /// exits with that value as its status.
+    #[arg(long)]
+    debug_exit: bool,
+    /// How guest RAM is backed: anon (private anonymous memory), memfd
+    /// (shared memfd), hugetlb (memfd on 2 MiB huge pages, reserved in
+    /// /proc/sys/vm/nr_hugepages) or file=PATH (shared mapping of a file).
+    #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
+    memory_backend: MemoryBackend,
+    /// Do not read stdin: the serial console is output-only.
+    #[arg(long)]
+    no_stdin: bool,
+}
+
+fn parse_backend(s: &str) -> Result<MemoryBackend, String> {
+    match s {
+        "anon" => Ok(MemoryBackend::Anon),
+        "memfd" => Ok(MemoryBackend::Memfd),
+        "hugetlb" => Ok(MemoryBackend::Hugetlb),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(MemoryBackend::File(PathBuf::from(p))),
+            _ => Err(format!(
+                "unknown memory backend '{s}': use anon, memfd, hugetlb or file=PATH"
+            )),
+        },
+    }
+}
+
+/// A usage error: printed, exit status 2.
+struct Usage(String);
+
+fn host_ram_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+fn check_readable(what: &str, path: &Path) -> Result<(), Usage> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| Usage(format!("{what} {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(Usage(format!(
+            "{what} {}: not a regular file",
+            path.display()
+        )));
+    }
+    std::fs::File::open(path).map_err(|e| Usage(format!("{what} {}: {e}", path.display())))?;
+    Ok(())
+}
+
+fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
+    check_readable("kernel", &args.kernel)?;
+    if let Some(initrd) = &args.initrd {
+        check_readable("initrd", initrd)?;
+    }
+    let memory = size::parse_size(&args.memory).map_err(|e| Usage(format!("--memory: {e}")))?;
+    if memory == 0 {
+        return Err(Usage("--memory: guest memory cannot be 0".into()));
+    }
+    if memory < arch::layout::MIN_MEMORY {
+        return Err(Usage(format!(
+            "--memory {}: at least {} MiB is needed",
+            args.memory,
+            arch::layout::MIN_MEMORY >> 20
+        )));
+    }
+    if memory % 4096 != 0 {
+        return Err(Usage(format!(
+            "--memory {}: must be a multiple of 4 KiB",
+            args.memory
+        )));
+    }
+    if let Some(host) = host_ram_bytes() {
+        if memory > host {
+            return Err(Usage(format!(
+                "--memory {}: larger than this host's RAM ({} MiB)",
+                args.memory,
+                host >> 20
+            )));
+        }
+    }
+    if args.vcpus == 0 || args.vcpus > 254 {
+        return Err(Usage(format!(
+            "--vcpus {}: must be between 1 and 254",
+            args.vcpus
+        )));
+    }
+    vmm::boot::validate_cmdline(&args.cmdline).map_err(|e| Usage(format!("--cmdline: {e}")))?;
+    let mut cfg = VmConfig::new(args.kernel.clone());
+    cfg.initrd = args.initrd.clone();
+    cfg.cmdline = args.cmdline.clone();
+    cfg.memory_bytes = memory;
+    cfg.vcpus = args.vcpus as u8;
+    cfg.debug_exit = args.debug_exit;
+    cfg.memory_backend = args.memory_backend.clone();
+    cfg.serial_input = !args.no_stdin;
+    Ok(cfg)
+}
+
+/// Print an error with its chain of causes.
+fn report(e: &dyn std::error::Error) {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        src = s.source();
+    }
+    eprintln!("blimp: error: {msg}");
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match vm_config(&args) {
+        Ok(c) => c,
+        Err(Usage(msg)) => {
+            eprintln!("blimp: error: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let vmm = match Vmm::build(cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME
+            });
+        }
+    };
+    match vmm.run() {
+        Ok(reason) => {
+            log::info!("VM ended: {reason}");
+            if let vmm::ExitReason::Error(msg) = &reason {
+                eprintln!("blimp: error: {msg}");
+            }
+            ExitCode::from(reason.exit_code().clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}

@@ -6,6 +6,7 @@
 //! accesses, which also mark the VMM's own dirty bitmap) and release host memory
 //! only through [`RamDiscard`], which the VMM implements over its backings.
 
+pub mod bus;
 pub mod legacy;
 pub mod virtio;
 

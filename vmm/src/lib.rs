@@ -1,1 +1,18 @@
-//! Blimp's VM and vCPU lifecycle, guest memory, event loop, dirty tracking and migration.
+//! Blimp's VM and vCPU lifecycle, guest memory, event loop, dirty tracking
+//! and migration.
+
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod emulation;
+pub mod exit;
+pub mod memory;
+pub mod pvm;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;
+mod vmm;
+
+pub use config::{BalloonOptions, MemoryBackend, VmConfig};
+pub use exit::ExitReason;
+pub use vmm::{Error, Vmm};

@@ -1,0 +1,522 @@
+//! Guest RAM: one vm-memory region per RAM range of the layout, over the
+//! chosen backing, with the VMM's own dirty bitmap, and the one place in
+//! Blimp that releases guest memory to the host ([`RamDiscard`]).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use arch::MemoryLayout;
+use devices::{DirtyBitmap, DiscardError, DiscardOutcome, GpaRange, GuestMemory, RamDiscard};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+use crate::config::MemoryBackend;
+
+/// Size of a huge page for the hugetlb backing.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+const SMALL_PAGE: u64 = 4096;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create a memfd for guest memory: {0}")]
+    Memfd(#[source] std::io::Error),
+    #[error(
+        "no huge pages for a {size_mib} MiB hugetlb guest: {free} free 2 MiB pages, {needed} needed (reserve them with `echo {needed} > /proc/sys/vm/nr_hugepages`)"
+    )]
+    NoHugePages {
+        size_mib: u64,
+        free: u64,
+        needed: u64,
+    },
+    #[error("cannot open memory file {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot size guest memory backing to {size} bytes: {source}")]
+    Truncate {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {size} bytes of guest memory at {gpa:#x}: {source}")]
+    Mmap {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest memory regions are invalid: {0}")]
+    Regions(String),
+}
+
+/// How one region's host memory is released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DiscardKind {
+    /// MADV_DONTNEED on the private mapping.
+    PrivateAnon,
+    /// fallocate(PUNCH_HOLE|KEEP_SIZE) at `file_offset` in the backing file.
+    PunchHole,
+    /// Punch whole huge pages only.
+    HugePunch,
+}
+
+/// One bit per 4 KiB page of a 2 MiB huge page.
+type HugePageBits = [u64; 8];
+
+/// Mark pages `[lo, hi)` (byte offsets inside the huge page) in `bits`;
+/// returns true once every page of the huge page is marked.
+fn mark_small_pages(bits: &mut HugePageBits, lo: u64, hi: u64) -> bool {
+    for page in lo / SMALL_PAGE..hi / SMALL_PAGE {
+        bits[(page / 64) as usize] |= 1 << (page % 64);
+    }
+    bits.iter().all(|w| *w == u64::MAX)
+}
+
+/// Where a RAM region lives on the host.
+struct RegionBacking {
+    gpa: u64,
+    size: u64,
+    host: *mut u8,
+    /// Offset of this region in `GuestRam::file`, for shared backings.
+    file_offset: u64,
+}
+
+// SAFETY: `host` is the address of a mapping owned by `GuestRam::mem` for the
+// whole life of `GuestRam`; it is only used as an address for madvise.
+unsafe impl Send for RegionBacking {}
+// SAFETY: as above; no data is read or written through the pointer.
+unsafe impl Sync for RegionBacking {}
+
+/// Guest RAM.
+pub struct GuestRam {
+    mem: GuestMemory,
+    layout: MemoryLayout,
+    kind: DiscardKind,
+    backing: MemoryBackend,
+    regions: Vec<RegionBacking>,
+    /// The shared backing file (memfd or user file), if any.
+    file: Option<File>,
+    /// For hugetlb: which 4 KiB pages of each partially discarded huge page
+    /// (indexed by huge page number in the backing file) were discarded so far.
+    partial_huge: Mutex<HashMap<u64, HugePageBits>>,
+}
+
+fn memfd(name: &str, flags: libc::c_uint) -> std::io::Result<File> {
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: cname is a valid NUL-terminated string; memfd_create has no
+    // other memory-safety requirements.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl GuestRam {
+    /// Map guest RAM for `layout` over `backing`.
+    pub fn new(layout: &MemoryLayout, backing: &MemoryBackend) -> Result<Self, MemoryError> {
+        let total = layout.size();
+        let (kind, file) = match backing {
+            MemoryBackend::Anon => (DiscardKind::PrivateAnon, None),
+            MemoryBackend::Memfd => (
+                DiscardKind::PunchHole,
+                Some(memfd("blimp-guest-ram", libc::MFD_CLOEXEC).map_err(MemoryError::Memfd)?),
+            ),
+            MemoryBackend::Hugetlb => {
+                let needed = total.div_ceil(HUGE_PAGE_SIZE);
+                let free = free_huge_pages();
+                if free < needed || total % HUGE_PAGE_SIZE != 0 {
+                    return Err(MemoryError::NoHugePages {
+                        size_mib: total >> 20,
+                        free,
+                        needed,
+                    });
+                }
+                let f = memfd(
+                    "blimp-guest-ram",
+                    libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+                )
+                .map_err(MemoryError::Memfd)?;
+                (DiscardKind::HugePunch, Some(f))
+            }
+            MemoryBackend::File(path) => (DiscardKind::PunchHole, Some(open_file(path)?)),
+        };
+        if let Some(f) = &file {
+            f.set_len(total).map_err(|source| MemoryError::Truncate {
+                size: total,
+                source,
+            })?;
+        }
+
+        let mut regions = Vec::new();
+        let mut backings = Vec::new();
+        let mut offset = 0u64;
+        for r in layout.regions() {
+            let size = r.size as usize;
+            let bitmap =
+                DirtyBitmap::new(size, std::num::NonZeroUsize::new(4096).expect("4096 > 0"));
+            let mut builder = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            builder = match &file {
+                None => builder
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+                Some(f) => {
+                    let dup = f.try_clone().map_err(MemoryError::Memfd)?;
+                    builder
+                        .with_mmap_flags(libc::MAP_SHARED)
+                        .with_file_offset(FileOffset::new(dup, offset))
+                        .with_hugetlbfs(kind == DiscardKind::HugePunch)
+                }
+            };
+            let mapping = builder.build().map_err(|source| MemoryError::Mmap {
+                gpa: r.start,
+                size: r.size,
+                source,
+            })?;
+            backings.push(RegionBacking {
+                gpa: r.start,
+                size: r.size,
+                host: mapping.as_ptr(),
+                file_offset: offset,
+            });
+            let region = GuestRegionMmap::new(mapping, GuestAddress(r.start)).ok_or_else(|| {
+                MemoryError::Regions(format!("region at {:#x} overflows", r.start))
+            })?;
+            regions.push(region);
+            offset += r.size;
+        }
+        let mem =
+            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))?;
+        Ok(Self {
+            mem,
+            layout: layout.clone(),
+            kind,
+            backing: backing.clone(),
+            regions: backings,
+            file,
+            partial_huge: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The vm-memory view every device uses (cheap to clone: regions are shared).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    pub fn backing(&self) -> &MemoryBackend {
+        &self.backing
+    }
+
+    /// (guest address, size, host address) of each region, for KVM memslots.
+    pub fn slots(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.regions.iter().map(|r| (r.gpa, r.size, r.host as u64))
+    }
+
+    /// RAM ranges in guest-physical order.
+    pub fn ranges(&self) -> Vec<GpaRange> {
+        self.regions
+            .iter()
+            .map(|r| GpaRange::new(r.gpa, r.size))
+            .collect()
+    }
+
+    fn region_of(&self, range: GpaRange) -> Option<&RegionBacking> {
+        let end = range.end()?;
+        self.regions
+            .iter()
+            .find(|r| range.start >= r.gpa && end <= r.gpa + r.size)
+    }
+
+    fn punch(&self, file_offset: u64, len: u64, range: GpaRange) -> Result<(), DiscardError> {
+        let Some(f) = &self.file else {
+            return Err(DiscardError::OutOfRange(range));
+        };
+        // SAFETY: fallocate on our own backing file descriptor; it touches no
+        // memory of this process.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                file_offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(DiscardError::Syscall {
+                range,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn discard_huge(
+        &self,
+        region: &RegionBacking,
+        range: GpaRange,
+    ) -> Result<DiscardOutcome, DiscardError> {
+        let mut out = DiscardOutcome::default();
+        let start_off = region.file_offset + (range.start - region.gpa);
+        let end_off = start_off + range.len;
+        let first_huge = start_off / HUGE_PAGE_SIZE;
+        let last_huge = (end_off - 1) / HUGE_PAGE_SIZE;
+        let mut partial = self.partial_huge.lock().unwrap_or_else(|p| p.into_inner());
+        // Whole huge pages inside the range are punched together; partial ones are
+        // tracked until all their 4 KiB pages have been discarded.
+        let mut run: Option<(u64, u64)> = None; // (first, count) of complete huge pages
+        for h in first_huge..=last_huge {
+            let hs = h * HUGE_PAGE_SIZE;
+            let lo = start_off.max(hs);
+            let hi = end_off.min(hs + HUGE_PAGE_SIZE);
+            let complete = if hi - lo == HUGE_PAGE_SIZE {
+                partial.remove(&h);
+                true
+            } else {
+                let bits = partial.entry(h).or_insert([0; 8]);
+                let done = mark_small_pages(bits, lo - hs, hi - hs);
+                if done {
+                    partial.remove(&h);
+                }
+                done
+            };
+            if complete {
+                run = match run {
+                    Some((f, c)) if f + c == h => Some((f, c + 1)),
+                    Some((f, c)) => {
+                        self.punch(f * HUGE_PAGE_SIZE, c * HUGE_PAGE_SIZE, range)?;
+                        out += DiscardOutcome {
+                            bytes_released: c * HUGE_PAGE_SIZE,
+                            syscalls: 1,
+                        };
+                        Some((h, 1))
+                    }
+                    None => Some((h, 1)),
+                };
+            }
+        }
+        if let Some((f, c)) = run {
+            self.punch(f * HUGE_PAGE_SIZE, c * HUGE_PAGE_SIZE, range)?;
+            out += DiscardOutcome {
+                bytes_released: c * HUGE_PAGE_SIZE,
+                syscalls: 1,
+            };
+        }
+        Ok(out)
+    }
+
+    /// Number of huge pages partially discarded and waiting for the rest.
+    pub fn partial_huge_pages(&self) -> usize {
+        self.partial_huge.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+fn open_file(path: &Path) -> Result<File, MemoryError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| MemoryError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl RamDiscard for GuestRam {
+    fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
+        if range.len == 0 || range.start % SMALL_PAGE != 0 || range.len % SMALL_PAGE != 0 {
+            return Err(DiscardError::OutOfRange(range));
+        }
+        let region = self
+            .region_of(range)
+            .ok_or(DiscardError::OutOfRange(range))?;
+        match self.kind {
+            DiscardKind::PrivateAnon => {
+                let offset = range.start - region.gpa;
+                // SAFETY: [host + offset, +len) lies inside this region's mapping
+                // (checked by region_of); MADV_DONTNEED on private anonymous
+                // memory only replaces its pages with zero pages, which is what
+                // the guest agreed to by giving them up.
+                let rc = unsafe {
+                    libc::madvise(
+                        region.host.add(offset as usize).cast(),
+                        range.len as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    return Err(DiscardError::Syscall {
+                        range,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(DiscardOutcome {
+                    bytes_released: range.len,
+                    syscalls: 1,
+                })
+            }
+            DiscardKind::PunchHole => {
+                let off = region.file_offset + (range.start - region.gpa);
+                self.punch(off, range.len, range)?;
+                Ok(DiscardOutcome {
+                    bytes_released: range.len,
+                    syscalls: 1,
+                })
+            }
+            DiscardKind::HugePunch => self.discard_huge(region, range),
+        }
+    }
+
+    fn will_need(&self, range: GpaRange) {
+        if self.kind != DiscardKind::HugePunch || range.len == 0 {
+            return;
+        }
+        // Pages given back to the guest no longer count towards a partial huge page.
+        let Some(region) = self.region_of(range) else {
+            return;
+        };
+        let start = region.file_offset + (range.start - region.gpa);
+        let end = start + range.len;
+        let mut partial = self.partial_huge.lock().unwrap_or_else(|p| p.into_inner());
+        for h in start / HUGE_PAGE_SIZE..=(end - 1) / HUGE_PAGE_SIZE {
+            let hs = h * HUGE_PAGE_SIZE;
+            if let Some(bits) = partial.get_mut(&h) {
+                for page in (start.max(hs) - hs) / SMALL_PAGE
+                    ..(end.min(hs + HUGE_PAGE_SIZE) - hs) / SMALL_PAGE
+                {
+                    bits[(page / 64) as usize] &= !(1 << (page % 64));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    fn rss_of(ram: &GuestRam) -> u64 {
+        // Resident bytes of our mappings, from mincore.
+        let mut total = 0;
+        for r in &ram.regions {
+            let pages = (r.size / SMALL_PAGE) as usize;
+            let mut vec = vec![0u8; pages];
+            // SAFETY: host/size describe a live mapping owned by `ram`; vec has one
+            // byte per page as mincore requires.
+            let rc = unsafe { libc::mincore(r.host.cast(), r.size as usize, vec.as_mut_ptr()) };
+            assert_eq!(rc, 0);
+            total += vec.iter().filter(|b| *b & 1 != 0).count() as u64 * SMALL_PAGE;
+        }
+        total
+    }
+
+    fn touch(ram: &GuestRam, start: u64, len: u64) {
+        let mut a = start;
+        while a < start + len {
+            ram.memory().write_obj(0xabu8, GuestAddress(a)).unwrap();
+            a += SMALL_PAGE;
+        }
+    }
+
+    #[test]
+    fn anon_discard_releases_and_zeroes() {
+        let layout = MemoryLayout::new(32 << 20).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::Anon).unwrap();
+        touch(&ram, 8 << 20, 8 << 20);
+        let before = rss_of(&ram);
+        let out = ram.discard(GpaRange::new(8 << 20, 8 << 20)).unwrap();
+        assert_eq!(
+            out,
+            DiscardOutcome {
+                bytes_released: 8 << 20,
+                syscalls: 1
+            }
+        );
+        assert!(before - rss_of(&ram) >= 8 << 20);
+        let v: u8 = ram.memory().read_obj(GuestAddress(8 << 20)).unwrap();
+        assert_eq!(v, 0);
+    }
+
+    #[test]
+    fn memfd_discard_punches_holes() {
+        let layout = MemoryLayout::new(32 << 20).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::Memfd).unwrap();
+        touch(&ram, 0, 4 << 20);
+        let out = ram.discard(GpaRange::new(0, 4 << 20)).unwrap();
+        assert_eq!(out.syscalls, 1);
+        let v: u8 = ram.memory().read_obj(GuestAddress(4096)).unwrap();
+        assert_eq!(v, 0, "punched pages read back as zero");
+    }
+
+    #[test]
+    fn huge_page_bits_need_every_small_page() {
+        let mut bits = [0u64; 8];
+        assert!(!mark_small_pages(&mut bits, 0, 4096));
+        // Discarding the same page again does not complete the huge page.
+        assert!(!mark_small_pages(&mut bits, 0, 4096));
+        assert!(!mark_small_pages(&mut bits, 4096, HUGE_PAGE_SIZE - 4096));
+        assert!(mark_small_pages(
+            &mut bits,
+            HUGE_PAGE_SIZE - 4096,
+            HUGE_PAGE_SIZE
+        ));
+    }
+
+    #[test]
+    fn discard_outside_ram_is_refused() {
+        let layout = MemoryLayout::new(32 << 20).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::Anon).unwrap();
+        for r in [
+            GpaRange::new(32 << 20, 4096),
+            GpaRange::new((32 << 20) - 4096, 8192),
+            GpaRange::new(0xd000_0000, 4096),
+            GpaRange::new(u64::MAX - 4095, 4096),
+            GpaRange::new(4096, 0),
+            GpaRange::new(100, 4096),
+        ] {
+            assert!(ram.discard(r).is_err(), "{r} must be refused");
+        }
+    }
+
+    #[test]
+    fn file_backing_and_high_memory_slots() {
+        let dir = std::env::temp_dir().join(format!("blimp-mem-test-{}", std::process::id()));
+        let layout = MemoryLayout::new(32 << 20).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::File(dir.clone())).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().len(), 32 << 20);
+        touch(&ram, 0, 1 << 20);
+        ram.discard(GpaRange::new(0, 1 << 20)).unwrap();
+        drop(ram);
+        std::fs::remove_file(&dir).unwrap();
+        // An unopenable path names itself in the error.
+        let e = GuestRam::new(&layout, &MemoryBackend::File("/nonexistent/dir/x".into()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("/nonexistent/dir/x"), "{e}");
+    }
+}

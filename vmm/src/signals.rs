@@ -1,0 +1,79 @@
+//! SIGTERM/SIGINT (and SIGHUP) as events: blocked in every thread and read
+//! from a signalfd by the event loop, so the VM shuts down cleanly.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set we own; a zeroed
+    // sigset_t is a valid value to start from.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// A signalfd for the terminating signals. Create it on the main thread
+/// before any other thread is spawned, so every thread inherits the mask.
+pub struct TerminationSignals {
+    fd: OwnedFd,
+}
+
+impl TerminationSignals {
+    pub fn new() -> std::io::Result<Self> {
+        let set = sigset();
+        // SAFETY: `set` is a valid, initialised signal set; the old mask is not requested.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: `set` is valid; -1 asks for a new descriptor.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created by signalfd and is owned by nobody else.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Read one pending signal number, if any.
+    pub fn read(&self) -> Option<i32> {
+        let mut info: libc::signalfd_siginfo = unsafe_zeroed_siginfo();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: we read at most `size` bytes into `info`, which is that large.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
+
+fn unsafe_zeroed_siginfo() -> libc::signalfd_siginfo {
+    // SAFETY: signalfd_siginfo is plain integers; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+impl Drop for TerminationSignals {
+    fn drop(&mut self) {
+        let set = sigset();
+        // SAFETY: unblocking the signals we blocked; `set` is valid.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+}
+
+impl AsRawFd for TerminationSignals {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

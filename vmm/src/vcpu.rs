@@ -1,0 +1,350 @@
+//! vCPUs: register setup for the 64-bit boot protocol, and one thread per
+//! vCPU running KVM_RUN and dispatching exits to the buses.
+//!
+//! Pausing and stopping: the VMM thread sets the wanted state in
+//! [`VcpuControl`] and kicks each thread with a signal until it acknowledges
+//! (a kick that lands just before KVM_RUN is missed, hence the repetition).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, register_signal_handler};
+
+use crate::bus::Bus;
+use crate::exit::{ExitReason, VmExit};
+use crate::vm::{Vm, VmError};
+
+/// Errors setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {what} failed: {source}")]
+    Ioctl {
+        id: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM accepted only {set} of {total} boot MSRs")]
+    Msrs { id: u8, set: usize, total: usize },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot spawn vCPU thread {id}: {source}")]
+    Spawn {
+        id: u8,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Install the (empty) kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(|e| VcpuError::Signal(vmm_sys_util::errno::Error::new(e)))
+}
+
+/// Create and configure vCPU `id` of `count` for entering the kernel at `entry`.
+pub fn create_vcpu(vm: &Vm, id: u8, count: u8, entry: u64, pvm: bool) -> Result<VcpuFd, VcpuError> {
+    let e = |what| move |source| VcpuError::Ioctl { id, what, source };
+    let fd = vm
+        .fd()
+        .create_vcpu(u64::from(id))
+        .map_err(e("KVM_CREATE_VCPU"))?;
+
+    let mut cpuid: CpuId = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(e("KVM_GET_SUPPORTED_CPUID"))?;
+    arch::cpuid::sanitise(
+        cpuid.as_mut_slice(),
+        &arch::cpuid::CpuidConfig {
+            vcpu_id: id,
+            vcpu_count: count,
+            pvm,
+        },
+    );
+    fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
+
+    let entries: Vec<kvm_msr_entry> = arch::msrs::boot_msrs()
+        .into_iter()
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+        id,
+        set: 0,
+        total: entries.len(),
+    })?;
+    let set = fd.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
+    if set != entries.len() {
+        return Err(VcpuError::Msrs {
+            id,
+            set,
+            total: entries.len(),
+        });
+    }
+
+    fd.set_regs(&arch::regs::boot_regs(entry))
+        .map_err(e("KVM_SET_REGS"))?;
+    let mut sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    arch::regs::set_long_mode(&mut sregs);
+    fd.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
+    fd.set_fpu(&arch::regs::boot_fpu())
+        .map_err(e("KVM_SET_FPU"))?;
+    let mut lapic = fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+    arch::lapic::set_lint(&mut lapic);
+    fd.set_lapic(&lapic).map_err(e("KVM_SET_LAPIC"))?;
+    Ok(fd)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct CtlState {
+    want: Want,
+    paused: usize,
+}
+
+/// Shared run/pause/stop switch for all vCPU threads.
+pub struct VcpuControl {
+    state: Mutex<CtlState>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(CtlState {
+                want: Want::Run,
+                paused: 0,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CtlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a vCPU thread between runs: blocks while paused; returns
+    /// false when the thread must end.
+    fn checkpoint(&self) -> bool {
+        let mut s = self.lock();
+        loop {
+            match s.want {
+                Want::Run => return true,
+                Want::Stop => return false,
+                Want::Pause => {
+                    s.paused += 1;
+                    self.cv.notify_all();
+                    while s.want == Want::Pause {
+                        s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                    }
+                    s.paused -= 1;
+                }
+            }
+        }
+    }
+
+    fn wants(&self) -> Want {
+        self.lock().want
+    }
+}
+
+/// Counters a vCPU thread keeps (read by benchmarks and metrics).
+#[derive(Default)]
+pub struct VcpuStats {
+    pub io_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+}
+
+/// The running vCPU threads.
+pub struct Vcpus {
+    ctl: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+    pub stats: Arc<VcpuStats>,
+}
+
+/// What every vCPU thread needs.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<VmExit>,
+    pub pvm: bool,
+}
+
+impl Vcpus {
+    /// Start one thread per vCPU fd.
+    pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        install_kick_handler()?;
+        let ctl = Arc::new(VcpuControl::new());
+        let stats = Arc::new(VcpuStats::default());
+        let mut threads = Vec::new();
+        for (id, fd) in fds.into_iter().enumerate() {
+            let (ctl, ctx, stats) = (ctl.clone(), ctx.clone(), stats.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id as u8, fd, ctx, ctl, stats))
+                .map_err(|source| VcpuError::Spawn {
+                    id: id as u8,
+                    source,
+                })?;
+            threads.push(t);
+        }
+        Ok(Self {
+            ctl,
+            threads,
+            stats,
+        })
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            if !t.is_finished() {
+                // A failure means the thread is gone, which is what we want anyway.
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
+    fn set_want(&self, want: Want) {
+        self.ctl.lock().want = want;
+        self.ctl.cv.notify_all();
+    }
+
+    /// Pause every vCPU; returns once all are out of KVM_RUN and parked.
+    pub fn pause(&self) {
+        self.set_want(Want::Pause);
+        let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
+        loop {
+            self.kick_all();
+            let s = self.ctl.lock();
+            if s.paused >= live() || s.want != Want::Pause {
+                return;
+            }
+            let _ = self
+                .ctl
+                .cv
+                .wait_timeout(s, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        if self.ctl.wants() == Want::Pause {
+            self.set_want(Want::Run);
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.ctl.wants() == Want::Pause
+    }
+
+    /// Stop every vCPU thread and join it.
+    pub fn stop(mut self) {
+        self.set_want(Want::Stop);
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+fn vcpu_loop(
+    id: u8,
+    mut fd: VcpuFd,
+    ctx: VcpuContext,
+    ctl: Arc<VcpuControl>,
+    stats: Arc<VcpuStats>,
+) {
+    let fail = |msg: String| {
+        ctx.exit
+            .stop(ExitReason::Error(format!("vCPU {id}: {msg}")))
+    };
+    while ctl.checkpoint() {
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                stats.io_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.pio.read(u64::from(port), data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                stats.io_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only reached without an in-kernel irqchip: the guest stopped for good.
+                log::info!("vCPU {id} halted");
+                ctx.exit.stop(ExitReason::GuestReset);
+                break;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                log::info!("vCPU {id}: triple fault or shutdown, resetting");
+                ctx.exit.stop(ExitReason::GuestReset);
+                break;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                log::info!("vCPU {id}: system event {kind}");
+                ctx.exit.stop(ExitReason::GuestReset);
+                break;
+            }
+            Ok(VcpuExit::InternalError) => {
+                if let Err(msg) = crate::emulation::handle_internal_error(&mut fd, ctx.pvm) {
+                    fail(msg);
+                    break;
+                }
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                fail(format!(
+                    "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on CPU {cpu}"
+                ));
+                break;
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                log::debug!("vCPU {id}: ignoring exit {other:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                fail(format!("KVM_RUN failed: {e}"));
+                break;
+            }
+        }
+    }
+}
