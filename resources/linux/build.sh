@@ -204,7 +204,7 @@ gcc -static -O2 -Wall -Wextra -Werror -s -o "$work/blimp-helper" "$agent/helper.
 
 # busybox applets the agent and a person at the console use; with busybox's
 # standalone shell they run without these links too, once /proc is mounted.
-applets=(sh mount umount mkdir stty cat ls rm sleep free sha256sum dmesg uname ps
+applets=(sh mount umount mkdir stty cat ls rm sleep free grep sha256sum dmesg uname ps
          reboot poweroff halt head tail dd sync)
 {
   echo "dir /dev 0755 0 0"

@@ -50,7 +50,7 @@ echo 0000000000000000000000000000000010000000000000000000000000000000 >"$v/devic
 echo 9 >"$w/sys/module/page_reporting/parameters/page_reporting_order"
 
 # A busybox applet dir first in PATH, so free/rm/sleep are busybox's.
-for a in free rm sleep; do ln -s "$BUSYBOX" "$w/bin/$a"; done
+for a in free grep rm sleep; do ln -s "$BUSYBOX" "$w/bin/$a"; done
 
 run_agent() { # $1: kernel cmdline, stdin: console input; stdout: console output
   echo "$1" >"$w/proc/cmdline"
