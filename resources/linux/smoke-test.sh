@@ -6,7 +6,7 @@
 # Builds the guest if needed (resources/linux/build.sh, cached), boots it with
 # 256 MiB and the command line Blimp's PVM mode needs, runs agent commands
 # from blimp.run= and ends with `poweroff`, which the VMM sees as a reset.
-# Takes ~20 s on the PVM hosts (most of it emulated guest kernel), well under
+# Takes ~10 s on the PVM hosts (most of it emulated guest kernel), well under
 # a second of guest time on real KVM. Needs /dev/kvm.
 # Environment: SMOKE_TIMEOUT (s, default 300), SMOKE_MEMORY (default 256M),
 # SMOKE_CMDLINE_EXTRA (appended to the kernel command line),
@@ -25,6 +25,8 @@ vmlinux="${paths[0]}" initrd="${paths[1]}"
 # What Blimp's PVM mode adds (docs/linux-guest.md); harmless on real KVM.
 cmdline='console=ttyS0 reboot=k panic=1 noxsave clearcpuid=150,151,154,308,534,112,297,580'
 cmdline+=' nofsgsbase init_on_alloc=0 mitigations=off nokaslr rodata=off retain_initrd'
+# Kernel messages through the emulated UART cost ~10 s of a PVM boot.
+cmdline+=' quiet'
 cmdline+=' blimp.run="meminfo;features;balloon;alloc 4 100;tmpfs-write a 2 7;sha256 a;tmpfs-rm a;uptime;poweroff"'
 cmdline+="${SMOKE_CMDLINE_EXTRA:+ $SMOKE_CMDLINE_EXTRA}"
 
@@ -43,8 +45,6 @@ check() { # description, extended regex for a whole console line
   else fail=$((fail + 1)); echo "FAIL: $1: no line matching: $2" >&2; fi
 }
 [ "$rc" -eq 0 ] && pass=$((pass + 1)) || { fail=$((fail + 1)); echo "FAIL: blimp exit status $rc" >&2; }
-check "kernel" '\[ *[0-9.]+\] Linux version 6\.12\..*'
-check "init" '\[ *[0-9.]+\] Run /init as init process'
 check "agent ready" 'BLIMP-AGENT READY'
 check "meminfo" '@@ meminfo MemTotal=[0-9]+ MemFree=[0-9]+ MemAvailable=[0-9]+'
 check "features" '@@ features count=[0-9]+'
