@@ -176,5 +176,16 @@ out="$(run_agent 'console=ttyS0 blimp.runx=1 xblimp.run=meminfo' <<<'uptime' || 
 check_not "no cmdline commands" '@@ begin meminfo'
 check "console command" '@@ done uptime rc=0'
 
+# ---- 4: a helper killed by a signal (the OOM killer) --------------------------------
+printf '#!/bin/sh\necho "ok mib=$2 partial"\nkill -9 $$\n' >"$w/killed-helper"
+chmod +x "$w/killed-helper"
+echo "" >"$w/proc/cmdline"
+out="$(PATH="$w/bin:/usr/bin:/bin" BLIMP_PROC="$w/proc" BLIMP_SYS="$w/sys" BLIMP_TMP="$w/tmp" \
+  BLIMP_RUN="$w/run" BLIMP_HELPER="$w/killed-helper" \
+  "$BUSYBOX" sh -c '. "$1"; agent_run_line "alloc 64"' agent "$here/agent.sh" || true)"
+check "killed: output relayed" '@@ alloc ok mib=64 partial'
+check "killed: signal" '@@ alloc fail error=killed signal=9'
+check "killed: rc" '@@ done alloc rc=137'
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
