@@ -51,7 +51,7 @@ ret() { return "$1"; }
 # ($1). Those are its first three lines; the shell's read builtin costs a
 # syscall per byte, so stop there. (Helpers set variables: a $(...) would fork.)
 meminfo_fields() {
-  local k v u MemTotal=? MemFree=? MemAvailable=?
+  local k v u MemTotal='?' MemFree='?' MemAvailable='?'
   while read -r k v u; do
     case $k in
       MemTotal:) MemTotal=$v ;;
@@ -65,7 +65,7 @@ meminfo_fields() {
 # Sets names to the virtio-balloon feature bits set in a sysfs features
 # string ($1: one '0'/'1' char per bit, bit 0 first), comma-separated.
 balloon_feature_names() {
-  local f=$1 out= i name
+  local f=$1 out='' i name
   for i in 0 1 2 3 4 5 28 29 32 33; do
     [ "${f:$i:1}" = 1 ] || continue
     case $i in
@@ -84,7 +84,7 @@ balloon_feature_names() {
 virtio_dev() {
   local d=$1 x
   dev_name=${d##*/}
-  dev_id=? dev_vendor=? dev_status=? dev_features=? dev_driver=none
+  dev_id='?' dev_vendor='?' dev_status='?' dev_features='?' dev_driver=none
   [ -r "$d/device" ] && read -r dev_id <"$d/device"
   [ -r "$d/vendor" ] && read -r dev_vendor <"$d/vendor"
   [ -r "$d/status" ] && read -r dev_status <"$d/status"
@@ -125,7 +125,7 @@ cmd_features() {
 cmd_free() { run_relay free free -m; }
 
 cmd_balloon() {
-  local d found=0 k v acc= order=?
+  local d found=0 k v acc='' order='?'
   for d in "$S"/bus/virtio/devices/*; do
     [ -d "$d" ] || continue
     virtio_dev "$d"
@@ -297,7 +297,7 @@ agent_main() {
   local cl up idle
   cl=
   [ -r "$P/cmdline" ] && read -r cl <"$P/cmdline"
-  up=?
+  up='?'
   [ -r "$P/uptime" ] && read -r up idle <"$P/uptime"
   say "agent version=$AGENT_VERSION uptime=$up"
   echo "BLIMP-AGENT READY"
