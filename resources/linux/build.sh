@@ -28,8 +28,10 @@ config="$here/minimal-6.12.config"
 agent="$here/agent"
 # Bump when the kernel build steps below change in a way that changes vmlinux.
 KERNEL_RECIPE=1
-# How many unpacked kernel trees (about 2 GiB each once built) to keep.
+# How many unpacked kernel trees (about 1.7 GiB each once built) and output
+# directories (8 MiB each) to keep.
 KEEP_TREES=3
+KEEP_OUTPUTS=10
 
 log() { echo "linux: $*" >&2; }
 die() { echo "linux: error: $*" >&2; exit 1; }
@@ -231,6 +233,9 @@ printf 'linux-source-6.12 %s\nbusybox-static %s\ngcc %s\nkernel tree %s\n' \
   "$ksrc_ver" "$bb_ver" "$gcc_ver" "$ktree" >"$work/out/versions"
 rm -rf "$out"
 mv "$work/out" "$out"
+# Prune the least recently built outputs (linux-<16 hex digits>).
+ls -1dt "$cache"/linux-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]/ 2>/dev/null |
+  tail -n +$((KEEP_OUTPUTS + 1)) | while read -r old; do rm -rf "$old"; done
 log "done in $((SECONDS - t0)) s: vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio" | cut -f1)"
 echo "$out/vmlinux"
 echo "$out/initramfs.cpio"
