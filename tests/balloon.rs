@@ -33,7 +33,7 @@ fn inflate_returns_memory(backend: &str, rss: impl Fn(&Vm) -> u64) {
     ]);
     vm.expect_line("touched", Duration::from_secs(60));
     wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock);
+    let mut api = ApiClient::new(&sock).expect("API client");
     let before = rss(&vm);
     set_target(&mut api, 1024);
     let took = wait_balloon(&mut api, 1024, Duration::from_secs(60));
@@ -134,7 +134,7 @@ fn statistics_arrive_with_sane_values() {
     ]);
     vm.expect_line("fill done 256 MiB", BOOT);
     wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock);
+    let mut api = ApiClient::new(&sock).expect("API client");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let stats = loop {
         let (status, body) = api.get("/balloon/statistics").unwrap();
@@ -176,7 +176,7 @@ fn hostile_guest_input_is_refused_and_the_device_keeps_working() {
     ]);
     vm.expect_line("hostile finished", Duration::from_secs(60));
     wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock);
+    let mut api = ApiClient::new(&sock).expect("API client");
     // The VMM is alive and answers.
     let (status, body) = api.get("/vm").unwrap();
     assert_eq!(status, 200, "{body}");
