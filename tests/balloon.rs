@@ -90,11 +90,14 @@ fn reserve_huge_pages(pages: u64) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|e| format!("bad {path}: {e}"))?;
-    std::fs::write(path, format!("{}", old + pages)).map_err(|e| format!("cannot write {path}: {e}"))?;
+    std::fs::write(path, format!("{}", old + pages))
+        .map_err(|e| format!("cannot write {path}: {e}"))?;
     let free = meminfo("HugePages_Free:");
     if free < pages {
         let _ = std::fs::write(path, format!("{old}"));
-        return Err(format!("asked the kernel for {pages} huge pages, only {free} are free"));
+        return Err(format!(
+            "asked the kernel for {pages} huge pages, only {free} are free"
+        ));
     }
     Ok(old)
 }
@@ -142,20 +145,38 @@ fn statistics_arrive_with_sane_values() {
         if body.get("last_update").is_some() && body["free_memory"].as_u64().is_some() {
             break body;
         }
-        assert!(std::time::Instant::now() < deadline, "no statistics within 15 s: {body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no statistics within 15 s: {body}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("stats: {stats}");
     let total = stats["total_memory"].as_u64().expect("total_memory");
     let free = stats["free_memory"].as_u64().expect("free_memory");
-    assert!(total > 900 * MIB && total <= 1024 * MIB, "total_memory {total}");
-    assert!(free < total - 256 * MIB, "free_memory {free} must exclude the 256 MiB filled");
+    assert!(
+        total > 900 * MIB && total <= 1024 * MIB,
+        "total_memory {total}"
+    );
+    assert!(
+        free < total - 256 * MIB,
+        "free_memory {free} must exclude the 256 MiB filled"
+    );
     assert!(free > 500 * MIB, "free_memory {free} too small");
     // Unknown or unreported tags are absent, not zero-filled garbage.
-    assert!(stats.as_object().unwrap().keys().all(|k| !k.starts_with("tag_")));
+    assert!(
+        stats
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("tag_"))
+    );
     // The interval can be changed and turned off.
     let (s, b) = api
-        .patch("/balloon/statistics", &serde_json::json!({"stats_polling_interval_s": 0}))
+        .patch(
+            "/balloon/statistics",
+            &serde_json::json!({"stats_polling_interval_s": 0}),
+        )
         .unwrap();
     assert_eq!(s, 204, "{b}");
 }

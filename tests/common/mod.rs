@@ -226,18 +226,28 @@ pub fn sock_path(name: &str) -> PathBuf {
 pub fn wait_for_socket(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "API socket {} did not appear", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "API socket {} did not appear",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// Poll `GET /balloon` until `actual_mib` equals `target_mib`.
-pub fn wait_balloon(client: &mut api::client::ApiClient, target_mib: u64, timeout: Duration) -> Duration {
+pub fn wait_balloon(
+    client: &mut api::client::ApiClient,
+    target_mib: u64,
+    timeout: Duration,
+) -> Duration {
     let start = Instant::now();
     loop {
         let (status, body) = client.get("/balloon").expect("GET /balloon");
         assert_eq!(status, 200, "{body}");
-        if body["actual_mib"].as_u64() == Some(target_mib) && body["target_mib"].as_u64() == Some(target_mib) {
+        if body["actual_mib"].as_u64() == Some(target_mib)
+            && body["target_mib"].as_u64() == Some(target_mib)
+        {
             return start.elapsed();
         }
         assert!(

@@ -155,7 +155,13 @@ impl Vmm {
                 Some(b)
             }
         };
-        let cmdline = compose_cmdline(&config.cmdline, &virtio.cmdline());
+        let pvm_extra = if backend.is_pvm() {
+            arch::pvm::PVM_CMDLINE
+        } else {
+            ""
+        };
+        let cmdline = compose_cmdline(&[config.cmdline.as_str(), pvm_extra, &virtio.cmdline()]);
+        log::info!("kernel command line: {cmdline}");
         let info = boot::load(
             ram.memory(),
             &layout,
@@ -324,12 +330,12 @@ fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
     b.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The user's command line followed by the device entries.
-fn compose_cmdline(user: &str, devices: &str) -> String {
-    [user.trim(), devices]
+/// The user's command line, then the PVM additions, then the device entries.
+fn compose_cmdline(parts: &[&str]) -> String {
+    parts
         .iter()
+        .map(|s| s.trim())
         .filter(|s| !s.is_empty())
-        .copied()
         .collect::<Vec<_>>()
         .join(" ")
 }
