@@ -2,6 +2,8 @@
 //! running `blimp` with its serial output captured line by line.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -68,6 +70,7 @@ pub struct Vm {
     /// Every line seen so far, for failure messages.
     pub transcript: Vec<String>,
     pub started: Instant,
+    ended: bool,
 }
 
 impl Vm {
@@ -103,6 +106,7 @@ impl Vm {
             lines: rx,
             transcript: Vec::new(),
             started,
+            ended: false,
         }
     }
 
@@ -134,6 +138,27 @@ impl Vm {
                 ),
             }
         }
+    }
+
+    /// The next console line, without printing it; `None` on timeout or
+    /// when blimp's output ended (see [`Vm::output_ended`]).
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.transcript.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.ended = true;
+                None
+            }
+        }
+    }
+
+    /// blimp's stdout was closed (it exited or is exiting).
+    pub fn output_ended(&self) -> bool {
+        self.ended
     }
 
     /// Send a line to the serial console.
