@@ -202,16 +202,21 @@ impl LinuxVm {
             args.push(b);
         }
         let vm = Vm::start(&args);
-        let mut lvm = LinuxVm {
-            vm,
-            name: cfg.name.to_string(),
-            api: connect_later(&sock),
-            sock,
-            ready_after: Duration::ZERO,
-        };
+        let mut lvm = LinuxVm::attach(vm, cfg.name, sock);
         lvm.wait_for("BLIMP-AGENT READY", BOOT_TIMEOUT);
         lvm.ready_after = lvm.vm.started.elapsed();
         lvm
+    }
+
+    /// Wrap a started blimp (e.g. a restore) whose API socket is `sock`.
+    pub fn attach(vm: Vm, name: &str, sock: PathBuf) -> LinuxVm {
+        LinuxVm {
+            vm,
+            name: name.to_string(),
+            api: connect_later(&sock),
+            sock,
+            ready_after: Duration::ZERO,
+        }
     }
 
     /// Read console lines until one equals `wanted` (after stripping `\r`).

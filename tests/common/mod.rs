@@ -78,11 +78,21 @@ impl Vm {
     /// `args` names one.
     pub fn start(args: &[&str]) -> Vm {
         require_kvm();
-        let mut cmd = Command::new(blimp());
-        cmd.arg("run");
-        if !args.contains(&"--kernel") {
-            cmd.arg("--kernel").arg(testguest());
+        if args.contains(&"--kernel") {
+            Vm::spawn("run", args)
+        } else {
+            let mut all = vec!["--kernel", testguest().to_str().expect("UTF-8 path")];
+            all.extend_from_slice(args);
+            Vm::spawn("run", &all)
         }
+    }
+
+    /// Start `blimp SUBCOMMAND args...` (`run`, or a future `restore`)
+    /// with the console captured.
+    pub fn spawn(subcommand: &str, args: &[&str]) -> Vm {
+        require_kvm();
+        let mut cmd = Command::new(blimp());
+        cmd.arg(subcommand);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
