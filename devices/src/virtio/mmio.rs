@@ -259,7 +259,9 @@ impl MmioTransport {
                     q.size = 0;
                 }
             }),
-            REG_QUEUE_READY => self.write_queue_ready(v),
+            REG_QUEUE_READY => {
+                self.write_queue_ready(v);
+            }
             REG_QUEUE_DESC_LOW => self.with_queue_regs(offset, |q| set_low(&mut q.desc, v)),
             REG_QUEUE_DESC_HIGH => self.with_queue_regs(offset, |q| set_high(&mut q.desc, v)),
             REG_QUEUE_DRIVER_LOW => self.with_queue_regs(offset, |q| set_low(&mut q.driver, v)),
@@ -321,7 +323,16 @@ impl MmioTransport {
         f(&mut self.queues[q]);
     }
 
-    fn write_queue_ready(&mut self, v: u32) {
+    /// Returns false when the write was refused (and logged).
+    fn write_queue_ready(&mut self, v: u32) -> bool {
+        // Writing 0 to a queue that is not ready (or does not exist) changes
+        // nothing, in any status. Linux's virtio-mmio does exactly that for
+        // every queue whenever a driver lets go of its device (`vm_del_vq`
+        // after the reset: QueueSel, QueueReady = 0, read it back), so it
+        // must not be logged as a refused write.
+        if v == 0 && self.selected_queue().is_none_or(|q| !self.queues[q].ready) {
+            return true;
+        }
         if !self.has(VIRTIO_CONFIG_S_FEATURES_OK) || self.has(VIRTIO_CONFIG_S_DRIVER_OK) {
             warn_limited!(
                 "virtio-mmio(type {}): QueueReady={} in status {:#x}, ignored",
@@ -329,15 +340,21 @@ impl MmioTransport {
                 v,
                 self.status
             );
-            return;
+            return false;
         }
         match self.selected_queue() {
-            Some(q) => self.queues[q].ready = v == 1,
-            None => warn_limited!(
-                "virtio-mmio(type {}): QueueReady for missing queue {}",
-                self.device_type,
-                self.queue_sel
-            ),
+            Some(q) => {
+                self.queues[q].ready = v == 1;
+                true
+            }
+            None => {
+                warn_limited!(
+                    "virtio-mmio(type {}): QueueReady for missing queue {}",
+                    self.device_type,
+                    self.queue_sel
+                );
+                false
+            }
         }
     }
 
@@ -922,6 +939,40 @@ mod tests {
         w32(&mut f.t, REG_QUEUE_SEL, 2);
         w32(&mut f.t, REG_QUEUE_READY, 1);
         assert_eq!(r32(&mut f.t, REG_QUEUE_READY), 0);
+    }
+
+    /// What Linux's virtio-mmio does when a driver is unbound (or removed):
+    /// reset, then for each queue it had: QueueSel, QueueReady = 0, read
+    /// QueueReady back (it WARNs unless 0). The queues are gone after the
+    /// reset and the device has fewer of them (features are cleared), so
+    /// the writes are no-ops that must be accepted, not refused and logged.
+    #[test]
+    fn queue_ready_zero_after_reset_is_a_quiet_no_op() {
+        let mut f = fixture();
+        negotiate(&mut f.t, V1 | F_B);
+        setup_queue(&mut f.t, 0, 256, 0x1_0000);
+        setup_queue(&mut f.t, 1, 256, 0x2_0000);
+        setup_queue(&mut f.t, 2, 2, 0x3_0000);
+        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        w32(&mut f.t, REG_STATUS, 0);
+        for q in 0..3 {
+            w32(&mut f.t, REG_QUEUE_SEL, q);
+            assert!(f.t.write_queue_ready(0), "queue {q}");
+            assert_eq!(r32(&mut f.t, REG_QUEUE_READY), 0, "queue {q}");
+        }
+        // Making a queue ready is still refused outside the setup window...
+        w32(&mut f.t, REG_QUEUE_SEL, 0);
+        assert!(!f.t.write_queue_ready(1));
+        assert_eq!(r32(&mut f.t, REG_QUEUE_READY), 0);
+        // ...and so is un-readying a live queue (no VIRTIO_F_RING_RESET).
+        negotiate(&mut f.t, V1);
+        setup_queue(&mut f.t, 0, 256, 0x1_0000);
+        setup_queue(&mut f.t, 1, 256, 0x2_0000);
+        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        w32(&mut f.t, REG_QUEUE_SEL, 1);
+        assert!(!f.t.write_queue_ready(0));
+        assert_eq!(r32(&mut f.t, REG_QUEUE_READY), 1);
+        assert!(f.dev.lock().unwrap().active.is_some());
     }
 
     #[test]
