@@ -38,7 +38,8 @@ fn rel_diff(a: u64, b: u64) -> f64 {
 }
 
 /// Boot with every feature offered; Linux negotiates all of them; the stats
-/// Blimp serves agree with the guest's /proc/meminfo.
+/// Blimp serves agree with the guest's /proc/meminfo; a driver unbind/bind
+/// (device reset, new negotiation) leaves a working balloon.
 #[test]
 fn boot_negotiates_every_feature_and_statistics_match_meminfo() {
     let t = Instant::now();
@@ -108,8 +109,55 @@ fn boot_negotiates_every_feature_and_statistics_match_meminfo() {
         );
         std::thread::sleep(Duration::from_secs(2));
     }
+
+    // Driver reset and re-probe: unbinding the driver deflates the balloon
+    // and resets the device; binding it again negotiates anew, re-inflates
+    // to the target, and statistics flow again.
+    vm.set_target(16);
+    vm.wait_actual("16 MiB", 5 * MIN, |a| a == 16);
+    let r = Instant::now();
+    vm.cmd(
+        "sh echo virtio0 > /sys/bus/virtio/drivers/virtio_balloon/unbind",
+        MIN,
+    )
+    .ok();
+    let b = vm.balloon();
+    assert_eq!(b["actual_mib"].as_u64(), Some(0), "after unbind: {b}");
+    let (stats0, _) = stats_updates(&vm);
+    vm.cmd(
+        "sh echo virtio0 > /sys/bus/virtio/drivers/virtio_balloon/bind",
+        MIN,
+    )
+    .ok();
+    let (again, _, _) = negotiated_features(&mut vm);
+    assert_negotiated_all("e2e-features (rebound)", offered, again, false);
+    let took = vm.wait_actual("16 MiB again", 5 * MIN, |a| a == 16);
+    let deadline = Instant::now() + MIN;
+    while stats_updates(&vm).0 <= stats0 {
+        assert!(
+            Instant::now() < deadline,
+            "no statistics after the driver was bound again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "linux e2e: driver unbind + bind: balloon back at 16 MiB {:.1} s after the rebind ({:.1} s in all), statistics flowing again",
+        took.as_secs_f64(),
+        r.elapsed().as_secs_f64()
+    );
     vm.poweroff();
-    done("features + statistics", t);
+    done("features + statistics + driver reset", t);
+}
+
+/// `balloon_stats_updates` from `GET /metrics`, and the whole text.
+fn stats_updates(vm: &LinuxVm) -> (u64, String) {
+    let m = vm.api.metrics().expect("GET /metrics");
+    let n = m
+        .lines()
+        .find_map(|l| l.strip_prefix("balloon_stats_updates "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no balloon_stats_updates in /metrics:\n{m}"));
+    (n, m)
 }
 
 /// Inflate 32 MiB after the guest touched memory: the balloon reaches
