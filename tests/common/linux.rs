@@ -371,6 +371,26 @@ impl LinuxVm {
             self.fail(&format!("blimp exited with {status:?} after poweroff"));
         }
         let _ = std::fs::remove_file(&self.sock);
+        self.assert_quiet_log();
+    }
+
+    /// A well-behaved Linux driver must not make blimp log warnings or
+    /// errors (refused register writes, rejected buffers, ...).
+    pub fn assert_quiet_log(&self) {
+        // Give the stderr reader a moment to catch up with an exited blimp.
+        std::thread::sleep(Duration::from_millis(100));
+        let bad: Vec<String> = self
+            .vm
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "[{}] blimp logged warnings or errors while the Linux driver drove it:\n{}",
+            self.name,
+            bad.join("\n")
+        );
     }
 }
 

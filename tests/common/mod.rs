@@ -7,8 +7,8 @@ pub mod linux;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The `blimp` binary under test.
@@ -71,6 +71,7 @@ pub struct Vm {
     pub transcript: Vec<String>,
     pub started: Instant,
     ended: bool,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Vm {
@@ -96,10 +97,22 @@ impl Vm {
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().expect("spawning blimp");
         let stdout = child.stdout.take().expect("stdout");
+        // blimp's log (stderr): passed on (libtest shows it for failing
+        // tests) and kept for checks.
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                log2.lock().unwrap().push(line);
+            }
+        });
         let stdin = child.stdin.take();
         let (tx, rx) = channel();
         std::thread::spawn(move || {
@@ -117,6 +130,7 @@ impl Vm {
             transcript: Vec::new(),
             started,
             ended: false,
+            log,
         }
     }
 
@@ -164,6 +178,11 @@ impl Vm {
                 None
             }
         }
+    }
+
+    /// The lines blimp logged on stderr so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     /// blimp's stdout was closed (it exited or is exiting).
