@@ -49,6 +49,7 @@ pub struct Balloon {
     stats: Option<SplitQueue>,
     /// Queue indices as Linux numbers them (no gaps for absent features).
     stats_qidx: u16,
+    areas: Areas,
     /// Identity-mapped page for PFN arrays, the stats buffer and scratch.
     data: u64,
     /// Head descriptor of the real stats buffer while the device holds it.
@@ -65,6 +66,9 @@ pub struct Balloon {
     alloc_stalls: u64,
     /// Frames given away by hostile sends (never reused).
     hostile_frames: u64,
+    /// The device reported DEVICE_NEEDS_RESET: nothing more is sent until
+    /// `balloon` restarts it.
+    broken: bool,
 }
 
 #[derive(Debug)]
@@ -97,22 +101,88 @@ impl core::fmt::Display for StartError {
     }
 }
 
-/// Allocates and sets up one queue of at most `MAX_QUEUE_SIZE` entries.
-fn make_queue(dev: &Mmio, mem: &mut Memory, index: u16) -> Result<SplitQueue, StartError> {
+/// Sets up queue `index` (at most `MAX_QUEUE_SIZE` entries) in the two
+/// frames at `area`.
+fn setup_queue(dev: &Mmio, index: u16, area: u64) -> Result<SplitQueue, StartError> {
     let max = dev.queue_num_max(index);
     if max == 0 {
         return Err(StartError::Queue(index, "QueueNumMax is 0"));
     }
     let size = max.min(u32::from(MAX_QUEUE_SIZE)) as u16;
     let layout = Layout::new(size);
-    // Two contiguous frames hold any queue of up to 256 entries.
-    debug_assert!(layout.total <= 2 * PAGE_SIZE);
-    let pfn = mem.frames.alloc_block(1).ok_or(StartError::NoMemory)?;
-    // SAFETY: the block was just allocated to this queue, for good.
-    let q = unsafe { SplitQueue::new(pfn * PAGE_SIZE, layout) };
+    debug_assert!(layout.total <= QUEUE_AREA);
+    // SAFETY: the area was allocated to this queue for good.
+    let q = unsafe { SplitQueue::new(area, layout) };
     dev.setup_queue(index, &q)
         .map_err(|e| StartError::Queue(index, e))?;
     Ok(q)
+}
+
+/// Bytes reserved per queue: two frames hold any queue of up to 256 entries.
+const QUEUE_AREA: u64 = 2 * PAGE_SIZE;
+
+/// Guest memory the driver keeps for the device's whole life.
+#[derive(Clone, Copy)]
+struct Areas {
+    queues: [u64; 3],
+    data: u64,
+}
+
+impl Areas {
+    fn alloc(mem: &mut Memory) -> Option<Areas> {
+        let mut queues = [0; 3];
+        for q in &mut queues {
+            *q = mem.frames.alloc_block(1)? * PAGE_SIZE;
+        }
+        Some(Areas {
+            queues,
+            data: mem.frames.alloc()? * PAGE_SIZE,
+        })
+    }
+}
+
+/// A device after feature negotiation and queue setup.
+struct Live {
+    features: u64,
+    inflate: SplitQueue,
+    deflate: SplitQueue,
+    stats: Option<SplitQueue>,
+}
+
+/// Device initialisation (spec 3.1.1) up to, not including, DRIVER_OK.
+fn init_device(dev: &Mmio, areas: &Areas) -> Result<Live, StartError> {
+    let fail = |e| {
+        dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
+        e
+    };
+    dev.reset();
+    dev.add_status(mmio::VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER);
+    let offered = dev.device_features();
+    if offered & bit(VIRTIO_F_VERSION_1) == 0 {
+        return Err(fail(StartError::Legacy));
+    }
+    let features = offered & DRIVER_FEATURES;
+    dev.set_driver_features(features);
+    dev.add_status(mmio::VIRTIO_CONFIG_S_FEATURES_OK);
+    if dev.status() & mmio::VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+        return Err(fail(StartError::FeaturesRejected));
+    }
+    // Queues in Linux's order: inflate, deflate, then stats if negotiated
+    // (vm_find_vqs() skips absent queues without leaving a gap).
+    let inflate = setup_queue(dev, 0, areas.queues[0]).map_err(fail)?;
+    let deflate = setup_queue(dev, 1, areas.queues[1]).map_err(fail)?;
+    let stats = if features & bit(VIRTIO_BALLOON_F_STATS_VQ) != 0 {
+        Some(setup_queue(dev, 2, areas.queues[2]).map_err(fail)?)
+    } else {
+        None
+    };
+    Ok(Live {
+        features,
+        inflate,
+        deflate,
+        stats,
+    })
 }
 
 impl Balloon {
@@ -137,63 +207,29 @@ impl Balloon {
             }
         }
         let (dev, gsi) = found.ok_or(last_err)?;
-
-        dev.reset();
-        dev.add_status(mmio::VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER);
-        let offered = dev.device_features();
-        if offered & bit(VIRTIO_F_VERSION_1) == 0 {
-            dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
-            return Err(StartError::Legacy);
-        }
-        let features = offered & DRIVER_FEATURES;
-        dev.set_driver_features(features);
-        dev.add_status(mmio::VIRTIO_CONFIG_S_FEATURES_OK);
-        if dev.status() & mmio::VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
-            return Err(StartError::FeaturesRejected);
-        }
-
-        // Queues in Linux's order: inflate, deflate, then stats if
-        // negotiated (vm_find_vqs() skips absent queues without a gap).
-        let fail = |e| {
-            dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
-            e
-        };
-        let inflate = make_queue(&dev, mem, 0).map_err(fail)?;
-        let deflate = make_queue(&dev, mem, 1).map_err(fail)?;
-        let has_stats = features & bit(VIRTIO_BALLOON_F_STATS_VQ) != 0;
-        let stats = if has_stats {
-            Some(make_queue(&dev, mem, 2).map_err(fail)?)
-        } else {
-            None
-        };
-        let data = mem
-            .frames
-            .alloc()
-            .ok_or(StartError::NoMemory)
-            .map_err(fail)?
-            * PAGE_SIZE;
-
+        let areas = Areas::alloc(mem).ok_or(StartError::NoMemory)?;
+        let live = init_device(&dev, &areas)?;
         let irq = if idle::poll_mode() {
             None
         } else {
             events::IRQ_ACK[irq_index].store(dev.base, core::sync::atomic::Ordering::SeqCst);
-            apic::route(gsi, events::vector(irq_index), apic::Trigger::Edge)
-                .map_err(|e| fail(StartError::Irq(e)))?;
+            if let Err(e) = apic::route(gsi, events::vector(irq_index), apic::Trigger::Edge) {
+                dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
+                return Err(StartError::Irq(e));
+            }
             Some(irq_index)
         };
-
         let mut b = Balloon {
             dev,
             gsi,
             irq,
-            features,
-            inflate,
-            deflate,
-            stats,
+            areas,
+            features: live.features,
+            inflate: live.inflate,
+            deflate: live.deflate,
+            stats: live.stats,
             stats_qidx: 2,
-            data,
+            data: areas.data,
             stats_head: None,
             stats_vals: [0; NUM_STATS],
             stats_sent: 0,
@@ -203,20 +239,49 @@ impl Balloon {
             config_generation: 0,
             alloc_stalls: 0,
             hostile_frames: 0,
+            broken: false,
         };
+        b.go_live(mem);
+        Ok(b)
+    }
+
+    /// Primes the stats queue, sets DRIVER_OK and reports the current size,
+    /// like the end of Linux `virtballoon_probe()`/`virtballoon_restore()`.
+    fn go_live(&mut self, mem: &Memory) {
         // Like Linux init_vqs(): prime the stats queue with one buffer and
         // kick it before DRIVER_OK...
-        if b.stats.is_some() {
-            b.queue_stats(mem);
+        if self.stats.is_some() {
+            self.queue_stats(mem);
         }
-        b.dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER_OK);
+        self.dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER_OK);
         // ...and kick again now that the device is live, for devices that
         // ignore notifications before DRIVER_OK (harmless otherwise).
-        if b.stats.is_some() {
-            b.dev.notify(b.stats_qidx);
+        if self.stats.is_some() {
+            self.dev.notify(self.stats_qidx);
         }
-        b.config_generation = b.dev.config_generation();
-        Ok(b)
+        self.config_generation = self.dev.config_generation();
+        self.adjust = true;
+        self.retry_at_ns = 0;
+        self.update_size(mem);
+    }
+
+    /// `balloon` again: resets and re-initialises the device (e.g. after it
+    /// reported DEVICE_NEEDS_RESET). Pages already in the balloon stay
+    /// there, as across Linux's freeze/restore; `actual` is rewritten.
+    pub fn restart(&mut self, mem: &mut Memory) -> Result<(), StartError> {
+        let live = init_device(&self.dev, &self.areas)?;
+        self.features = live.features;
+        self.inflate = live.inflate;
+        self.deflate = live.deflate;
+        self.stats = live.stats;
+        self.stats_head = None;
+        self.pending_isr = 0;
+        self.broken = false;
+        if let Some(i) = self.irq {
+            events::take_isr(i);
+        }
+        self.go_live(mem);
+        Ok(())
     }
 
     pub fn queue_sizes(&self) -> (u16, u16, Option<u16>) {
@@ -251,6 +316,9 @@ impl Balloon {
     /// Background work: statistics requests and balloon size changes.
     pub fn service(&mut self, mem: &mut Memory) {
         self.collect_isr();
+        if self.broken {
+            return;
+        }
         if self.irq.is_none() {
             // Poll mode: a config change shows as a new generation.
             let g = self.dev.config_generation();
@@ -285,6 +353,9 @@ impl Balloon {
                 let want = (diff as u64).min(ARRAY_PFNS_MAX as u64);
                 let got = self.fill(mem, want);
                 self.update_size(mem);
+                if self.broken {
+                    return;
+                }
                 if got < want {
                     // "Out of puff": retry later, like Linux's msleep(200).
                     self.alloc_stalls += 1;
@@ -294,6 +365,9 @@ impl Balloon {
             } else {
                 self.leak(mem, diff.unsigned_abs());
                 self.update_size(mem);
+                if self.broken {
+                    return;
+                }
             }
             // Keep statistics flowing during long inflations.
             self.collect_isr();
@@ -357,7 +431,13 @@ impl Balloon {
             return 0;
         }
         self.write_pfns(&pfns[..n]);
-        self.tell_host(Queue::Deflate, 4 * n as u32);
+        if !self.tell_host(Queue::Deflate, 4 * n as u32) {
+            // Not acknowledged: the pages may not be reused (MUST_TELL_HOST).
+            for &p in &pfns[..n] {
+                mem.balloon_push(u64::from(p));
+            }
+            return 0;
+        }
         for &p in &pfns[..n] {
             // Ballooned frames are allocated, so this cannot fail.
             let _ = mem.frames.free(u64::from(p));
@@ -388,7 +468,7 @@ impl Balloon {
 
     /// Linux tell_host(): one out-buffer with the PFN array, kick, wait for
     /// the device to use it.
-    fn tell_host(&mut self, q: Queue, len: u32) {
+    fn tell_host(&mut self, q: Queue, len: u32) -> bool {
         let addr = self.data + PFNS_OFFSET;
         let (queue, _) = self.queue(q);
         let Some(head) = queue.add(&[Buf {
@@ -397,14 +477,14 @@ impl Balloon {
             writable: false,
         }]) else {
             // Only possible if hostile buffers were never returned.
-            return;
+            return false;
         };
         self.kick(q);
-        self.wait_used(q, head, None);
+        self.wait_used(q, head, None)
     }
 
-    /// Waits until the device returns `head` on `q` (or the deadline).
-    /// Returns whether it came back.
+    /// Waits until the device returns `head` on `q` (or the deadline, or
+    /// the device reports DEVICE_NEEDS_RESET). Returns whether it came back.
     fn wait_used(&mut self, q: Queue, head: u16, deadline_ns: Option<u64>) -> bool {
         loop {
             let seen = events::snapshot();
@@ -415,6 +495,10 @@ impl Balloon {
                 }
             }
             if deadline_ns.is_some_and(|d| clock::now_ns() >= d) {
+                return false;
+            }
+            if self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                self.broken = true;
                 return false;
             }
             // Keep the interrupt status for service() (config changes).
@@ -489,7 +573,7 @@ impl Balloon {
     }
 
     /// `balloon-wait`: moves towards the target until actual == num_pages.
-    pub fn wait_target(&mut self, mem: &mut Memory) -> u32 {
+    pub fn wait_target(&mut self, mem: &mut Memory) -> Result<u32, &'static str> {
         self.adjust = true;
         self.retry_at_ns = 0;
         loop {
@@ -497,7 +581,10 @@ impl Balloon {
             self.service(mem);
             let target = self.num_pages();
             if mem.balloon_pages() == u64::from(target) && self.actual() == target {
-                return target;
+                return Ok(target);
+            }
+            if self.broken {
+                return Err("device needs reset (run 'balloon' again)");
             }
             idle::wait(seen, self.next_wake_ns());
         }

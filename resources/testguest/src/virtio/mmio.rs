@@ -38,7 +38,6 @@ pub const VIRTIO_CONFIG_S_ACKNOWLEDGE: u32 = 1;
 pub const VIRTIO_CONFIG_S_DRIVER: u32 = 2;
 pub const VIRTIO_CONFIG_S_DRIVER_OK: u32 = 4;
 pub const VIRTIO_CONFIG_S_FEATURES_OK: u32 = 8;
-#[allow(dead_code)]
 pub const VIRTIO_CONFIG_S_NEEDS_RESET: u32 = 0x40;
 pub const VIRTIO_CONFIG_S_FAILED: u32 = 0x80;
 
