@@ -1,6 +1,6 @@
 //! `--balloon k=v,...`: the balloon device's switches.
 
-use vmm::BalloonOptions;
+use vmm::BalloonConfig;
 
 pub const BALLOON_HELP: &str = "deflate_on_oom=on|off, must_tell_host=on|off, stats_interval=SECS, \
 free_page_hint=on|off, free_page_reporting=on|off, page_poison=on|off, hint_discard=on|off";
@@ -14,8 +14,8 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
 }
 
 /// Parse the value of `--balloon` (may be empty: all defaults).
-pub fn parse(s: &str) -> Result<BalloonOptions, String> {
-    let mut o = BalloonOptions::default();
+pub fn parse(s: &str) -> Result<BalloonConfig, String> {
+    let mut o = BalloonConfig::default();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let (k, v) = item
             .split_once('=')

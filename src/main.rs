@@ -1,6 +1,7 @@
 //! `blimp`: a small KVM hypervisor whose memory balloon is a first-class citizen.
 
 mod balloon_opts;
+mod client;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ enum Command {
     /// Boot a VM and run it until the guest resets, writes to the debug-exit
     /// port, or blimp receives SIGTERM/SIGINT.
     Run(RunArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Args)]
@@ -153,14 +156,14 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             args.memory
         )));
     }
-    if let Some(host) = host_ram_bytes() {
-        if memory > host {
-            return Err(Usage(format!(
-                "--memory {}: larger than this host's RAM ({} MiB)",
-                args.memory,
-                host >> 20
-            )));
-        }
+    if let Some(host) = host_ram_bytes()
+        && memory > host
+    {
+        return Err(Usage(format!(
+            "--memory {}: larger than this host's RAM ({} MiB)",
+            args.memory,
+            host >> 20
+        )));
     }
     if args.vcpus == 0 || args.vcpus > 254 {
         return Err(Usage(format!(
@@ -187,7 +190,8 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
                     memory >> 20
                 )));
             }
-            b.initial_target_bytes = bytes;
+            b.initial_target_pages = u32::try_from(bytes / 4096)
+                .map_err(|_| Usage(format!("--balloon-target {t}: too large")))?;
         }
         cfg.balloon = Some(b);
     }
@@ -210,6 +214,11 @@ fn report(e: &dyn std::error::Error) {
     eprintln!("blimp: error: {msg}");
 }
 
+fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String> {
+    let chan = vmm.api_channel().map_err(|e| e.to_string())?;
+    api::ApiServer::start(path, chan).map_err(|e| e.to_string())
+}
+
 fn run(args: RunArgs) -> ExitCode {
     let cfg = match vm_config(&args) {
         Ok(c) => c,
@@ -218,7 +227,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let vmm = match Vmm::build(cfg) {
+    let api_sock = cfg.api_socket.clone();
+    let mut vmm = match Vmm::build(cfg) {
         Ok(v) => v,
         Err(e) => {
             report(&e);
@@ -227,6 +237,15 @@ fn run(args: RunArgs) -> ExitCode {
             } else {
                 EXIT_RUNTIME
             });
+        }
+    };
+    // The API server runs on its own thread until `_server` is dropped, which
+    // also removes the socket.
+    let _server = match api_sock.map(|p| start_api(&mut vmm, &p)).transpose() {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("blimp: error: {msg}");
+            return ExitCode::from(EXIT_RUNTIME);
         }
     };
     match vmm.run() {
@@ -253,5 +272,12 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Client(cmd) => match client::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("blimp: error: {msg}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
     }
 }

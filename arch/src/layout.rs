@@ -87,7 +87,7 @@ impl MemoryLayout {
         if size > MAX_MEMORY {
             return Err(LayoutError::TooLarge(size));
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(LayoutError::Unaligned(size));
         }
         let low = size.min(MMIO_HOLE_START);

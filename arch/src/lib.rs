@@ -13,6 +13,7 @@ pub mod layout;
 pub mod mptable;
 pub mod msrs;
 pub mod paging;
+pub mod pvm;
 pub mod regs;
 
 pub use layout::{MemoryLayout, RamRegion};

@@ -216,3 +216,52 @@ pub fn run_blimp(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A unique API socket path for a test.
+pub fn sock_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("blimp-test-{name}-{}.sock", std::process::id()))
+}
+
+/// Wait for the API socket to appear.
+pub fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "API socket {} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Poll `GET /balloon` until `actual_mib` equals `target_mib`.
+pub fn wait_balloon(
+    client: &mut api::client::ApiClient,
+    target_mib: u64,
+    timeout: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (status, body) = client.get("/balloon").expect("GET /balloon");
+        assert_eq!(status, 200, "{body}");
+        if body["actual_mib"].as_u64() == Some(target_mib)
+            && body["target_mib"].as_u64() == Some(target_mib)
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "balloon did not reach {target_mib} MiB within {timeout:?}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `PATCH /balloon {"target_mib": mib}`, expecting 204.
+pub fn set_target(client: &mut api::client::ApiClient, mib: u64) {
+    let (status, body) = client
+        .patch("/balloon", &serde_json::json!({ "target_mib": mib }))
+        .expect("PATCH /balloon");
+    assert_eq!(status, 204, "PATCH /balloon {mib}: {body}");
+}

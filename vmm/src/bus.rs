@@ -52,10 +52,10 @@ impl Bus {
         let end = base
             .checked_add(len)
             .ok_or(BusError::Overlap { base, len })?;
-        if let Some((b, e)) = self.devices.range(..end).next_back() {
-            if b + e.len > base {
-                return Err(BusError::Overlap { base, len });
-            }
+        if let Some((b, e)) = self.devices.range(..end).next_back()
+            && b + e.len > base
+        {
+            return Err(BusError::Overlap { base, len });
         }
         self.devices.insert(base, Entry { len, device });
         Ok(())
@@ -74,7 +74,7 @@ impl Bus {
     fn note_unhandled(&self, what: &str, addr: u64, len: usize) {
         let n = self.unhandled.fetch_add(1, Ordering::Relaxed);
         // Log the first few, then every 1000th, so a guest probing ports cannot flood the log.
-        if n < 16 || n % 1000 == 0 {
+        if n < 16 || n.is_multiple_of(1000) {
             log::debug!(
                 "{} bus: unhandled {what} at {addr:#x} ({len} bytes), {} so far",
                 self.name,

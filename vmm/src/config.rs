@@ -16,34 +16,7 @@ pub enum MemoryBackend {
     File(PathBuf),
 }
 
-/// Balloon options (`--balloon k=v,...` and `--balloon-target`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BalloonOptions {
-    pub must_tell_host: bool,
-    pub deflate_on_oom: bool,
-    pub stats_polling_interval_s: u32,
-    pub free_page_hint: bool,
-    pub free_page_reporting: bool,
-    pub page_poison: bool,
-    pub hint_discard: bool,
-    /// Initial balloon size (memory taken from the guest), in bytes.
-    pub initial_target_bytes: u64,
-}
-
-impl Default for BalloonOptions {
-    fn default() -> Self {
-        Self {
-            must_tell_host: true,
-            deflate_on_oom: false,
-            stats_polling_interval_s: 0,
-            free_page_hint: false,
-            free_page_reporting: false,
-            page_poison: false,
-            hint_discard: false,
-            initial_target_bytes: 0,
-        }
-    }
-}
+pub use devices::virtio::balloon::BalloonConfig;
 
 /// Everything needed to build and boot a VM.
 #[derive(Clone, Debug)]
@@ -57,7 +30,8 @@ pub struct VmConfig {
     pub memory_backend: MemoryBackend,
     /// Enable the debug-exit port 0xf4.
     pub debug_exit: bool,
-    pub balloon: Option<BalloonOptions>,
+    /// The virtio balloon, if any (its initial target is in pages).
+    pub balloon: Option<BalloonConfig>,
     /// Serve the REST API on this unix socket.
     pub api_socket: Option<PathBuf>,
     /// Forward stdin to the serial console (off in tests and daemons).

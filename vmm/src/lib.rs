@@ -1,6 +1,7 @@
 //! Blimp's VM and vCPU lifecycle, guest memory, event loop, dirty tracking
 //! and migration.
 
+pub mod api_handler;
 pub mod boot;
 pub mod bus;
 pub mod config;
@@ -14,6 +15,6 @@ pub mod vcpu;
 pub mod vm;
 mod vmm;
 
-pub use config::{BalloonOptions, MemoryBackend, VmConfig};
+pub use config::{BalloonConfig, MemoryBackend, VmConfig};
 pub use exit::ExitReason;
 pub use vmm::{Error, Vmm};

@@ -143,7 +143,7 @@ impl GuestRam {
             MemoryBackend::Hugetlb => {
                 let needed = total.div_ceil(HUGE_PAGE_SIZE);
                 let free = free_huge_pages();
-                if free < needed || total % HUGE_PAGE_SIZE != 0 {
+                if free < needed || !total.is_multiple_of(HUGE_PAGE_SIZE) {
                     return Err(MemoryError::NoHugePages {
                         size_mib: total >> 20,
                         free,
@@ -347,7 +347,10 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
 
 impl RamDiscard for GuestRam {
     fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
-        if range.len == 0 || range.start % SMALL_PAGE != 0 || range.len % SMALL_PAGE != 0 {
+        if range.len == 0
+            || !range.start.is_multiple_of(SMALL_PAGE)
+            || !range.len.is_multiple_of(SMALL_PAGE)
+        {
             return Err(DiscardError::OutOfRange(range));
         }
         let region = self

@@ -182,7 +182,7 @@ pub struct VcpuStats {
 /// The running vCPU threads.
 pub struct Vcpus {
     ctl: Arc<VcpuControl>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     pub stats: Arc<VcpuStats>,
 }
 
@@ -215,13 +215,21 @@ impl Vcpus {
         }
         Ok(Self {
             ctl,
-            threads,
+            threads: Mutex::new(threads),
             stats,
         })
     }
 
+    fn threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self) -> usize {
+        self.threads().iter().filter(|t| !t.is_finished()).count()
+    }
+
     fn kick_all(&self) {
-        for t in &self.threads {
+        for t in self.threads().iter() {
             if !t.is_finished() {
                 // A failure means the thread is gone, which is what we want anyway.
                 let _ = t.kill(kick_signal());
@@ -237,11 +245,11 @@ impl Vcpus {
     /// Pause every vCPU; returns once all are out of KVM_RUN and parked.
     pub fn pause(&self) {
         self.set_want(Want::Pause);
-        let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
         loop {
             self.kick_all();
+            let live = self.live();
             let s = self.ctl.lock();
-            if s.paused >= live() || s.want != Want::Pause {
+            if s.paused >= live || s.want != Want::Pause {
                 return;
             }
             let _ = self
@@ -263,13 +271,13 @@ impl Vcpus {
     }
 
     /// Stop every vCPU thread and join it.
-    pub fn stop(mut self) {
+    pub fn stop(&self) {
         self.set_want(Want::Stop);
-        while self.threads.iter().any(|t| !t.is_finished()) {
+        while self.live() > 0 {
             self.kick_all();
             std::thread::sleep(Duration::from_millis(1));
         }
-        for t in self.threads.drain(..) {
+        for t in self.threads().drain(..) {
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }

@@ -9,11 +9,13 @@ use std::time::Instant;
 use arch::MemoryLayout;
 use devices::bus::BusDevice;
 use devices::legacy::{self, DebugExit, I8042, Serial};
+use devices::virtio::balloon::{Balloon, BalloonEvent};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
+use crate::api_handler::{ApiContext, ApiHandler, balloon_event};
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
@@ -42,6 +44,8 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error("placing a virtio device: {0}")]
     Device(#[from] DeviceError),
+    #[error("balloon: {0}")]
+    Balloon(#[from] devices::virtio::balloon::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -77,7 +81,7 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct Vmm {
     config: VmConfig,
     // Field order matters for drop: vCPUs and the VM go before guest memory.
-    vcpus: Option<Vcpus>,
+    vcpus: Option<Arc<Vcpus>>,
     #[allow(dead_code)] // Held so its fds live as long as the VM runs.
     vm: Vm,
     ram: Arc<GuestRam>,
@@ -90,6 +94,10 @@ pub struct Vmm {
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    #[allow(dead_code)] // Holds the placed transports.
+    virtio: DeviceManager,
+    balloon: Option<Arc<Mutex<Balloon>>>,
+    api: Option<(EventFd, api::ApiReceiver)>,
 }
 
 impl Vmm {
@@ -137,8 +145,23 @@ impl Vmm {
             pio.insert(u64::from(legacy::DEBUG_EXIT_PORT), 1, dbg)?;
         }
 
-        let _ = (&mut virtio, &mut mmio); // virtio devices are added here
-        let cmdline = compose_cmdline(&config.cmdline, &virtio.cmdline());
+        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+        let balloon = match &config.balloon {
+            None => None,
+            Some(cfg) => {
+                let discard: Arc<dyn devices::RamDiscard> = ram.clone();
+                let b = Arc::new(Mutex::new(Balloon::new(*cfg, ram.ranges(), discard)?));
+                virtio.add_virtio(&vm, &mut mmio, ram.memory(), b.clone())?;
+                Some(b)
+            }
+        };
+        let pvm_extra = if backend.is_pvm() {
+            arch::pvm::PVM_CMDLINE
+        } else {
+            ""
+        };
+        let cmdline = compose_cmdline(&[config.cmdline.as_str(), pvm_extra, &virtio.cmdline()]);
+        log::info!("kernel command line: {cmdline}");
         let info = boot::load(
             ram.memory(),
             &layout,
@@ -164,8 +187,7 @@ impl Vmm {
             )?);
         }
 
-        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-        Ok(Self {
+        let mut vmm = Self {
             config,
             vcpus: None,
             vm,
@@ -179,7 +201,34 @@ impl Vmm {
             vcpu_fds,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-        })
+            virtio,
+            balloon,
+            api: None,
+        };
+        if let Some(b) = &vmm.balloon {
+            let sub: Subscriber = b.clone();
+            vmm.events.add_subscriber(sub);
+        }
+        Ok(vmm)
+    }
+
+    /// Make the channel the API server sends requests through; they are
+    /// served on this VM's event loop once it runs.
+    pub fn api_channel(&mut self) -> Result<api::VmmChannel, Error> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the API eventfd"))?;
+        let theirs = wake.try_clone().map_err(io("cloning the API eventfd"))?;
+        let (chan, rx) = api::channel(move || {
+            if let Err(e) = theirs.write(1) {
+                log::error!("api: cannot wake the VMM: {e}");
+            }
+        });
+        self.api = Some((wake, rx));
+        Ok(chan)
+    }
+
+    /// The balloon device, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.balloon.as_ref()
     }
 
     /// Time since `build` started.
@@ -214,7 +263,45 @@ impl Vmm {
             exit: self.exit.clone(),
             pvm: self.backend.is_pvm(),
         };
-        self.vcpus = Some(Vcpus::start(std::mem::take(&mut self.vcpu_fds), ctx)?);
+        let vcpus = Arc::new(Vcpus::start(std::mem::take(&mut self.vcpu_fds), ctx)?);
+        self.vcpus = Some(vcpus.clone());
+        if let Some((wake, rx)) = self.api.take() {
+            let hub = rx.event_hub();
+            if let Some(b) = &self.balloon {
+                let hub = hub.clone();
+                let mut balloon = lock_balloon(b);
+                // The observer runs with the balloon locked: it keeps its own copy of `actual`.
+                let mut actual = balloon.actual_pages();
+                balloon.set_observer(Box::new(move |e| {
+                    let target = match e {
+                        BalloonEvent::TargetChanged { target_pages } => target_pages,
+                        BalloonEvent::ActualChanged {
+                            actual_pages,
+                            target_pages,
+                        } => {
+                            actual = actual_pages;
+                            target_pages
+                        }
+                    };
+                    hub.publish(balloon_event(u64::from(target), u64::from(actual)));
+                }));
+            }
+            let handler = ApiHandler::new(
+                wake,
+                rx,
+                ApiContext {
+                    vcpus: vcpus.clone(),
+                    balloon: self.balloon.clone(),
+                    exit: self.exit.clone(),
+                    memory_bytes: self.config.memory_bytes,
+                    vcpu_count: self.config.vcpus,
+                    started: self.started,
+                    vcpu_stats: vcpus.stats.clone(),
+                },
+            );
+            let sub: Subscriber = Arc::new(Mutex::new(handler));
+            self.events.add_subscriber(sub);
+        }
         log::info!(
             "VM started: {} MiB, {} vCPU(s), KVM backend {:?}, in {:?}",
             self.config.memory_bytes >> 20,
@@ -239,12 +326,16 @@ impl Vmm {
     }
 }
 
-/// The user's command line followed by the device entries.
-fn compose_cmdline(user: &str, devices: &str) -> String {
-    [user.trim(), devices]
+fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The user's command line, then the PVM additions, then the device entries.
+fn compose_cmdline(parts: &[&str]) -> String {
+    parts
         .iter()
+        .map(|s| s.trim())
         .filter(|s| !s.is_empty())
-        .copied()
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -292,7 +383,8 @@ impl MutEventSubscriber for StdinInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 4096];
         let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
-        if n == 0 || events.event_set().contains(EventSet::HANG_UP) && n == 0 {
+        if n == 0 {
+            // EOF (or hang-up with nothing left): stop watching stdin.
             let _ = ops.remove(events);
             return;
         }

@@ -1,1 +1,232 @@
 //! The virtio balloon device (virtio spec 5.5, as Linux and QEMU drive it).
+//!
+//! # Wiring (VMM side)
+//!
+//! ```ignore
+//! let balloon = Arc::new(Mutex::new(Balloon::new(cfg, ram_regions, guest_ram_discard)?));
+//! event_manager.add_subscriber(balloon.clone());          // registers ctl eventfd + stats timer
+//! let irq = Arc::new(IrqfdInterrupt::new(EventFd::new(EFD_NONBLOCK)?));
+//! vm.register_irqfd(irq.eventfd(), gsi)?;
+//! let transport = MmioTransport::new(balloon.clone(), guest_memory, irq)?;
+//! for (i, evt) in transport.queue_evts().iter().enumerate() {
+//!     vm.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)?;
+//! }
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+//! // kernel cmdline: virtio_mmio.device=4K@<base>:<gsi>
+//! ```
+//!
+//! The DRIVER_OK write (vCPU thread) activates the device; the event loop
+//! then registers the queue eventfds and arms the stats timer. Host-side
+//! calls (`set_target_pages`, `latest_stats`, `start_hinting`, ...) lock
+//! the balloon from the API thread.
+//!
+//! * `config`: [`BalloonConfig`] and the config space layout.
+//! * `inflate`: PFN validation, run merging and the inflated-page bitmap.
+//! * `stats`: the statistics parser.
+//! * `device`: [`Balloon`], the [`VirtioDevice`](super::VirtioDevice).
+//! * `event_handler`: its `MutEventSubscriber` side.
+//! * `metrics`: [`BalloonMetrics`].
+//! * `hinting`: free page hinting ([`HintSink`], `start_hinting`, ...).
+//! * `reporting`: free page reporting.
+
+pub mod config;
+pub mod device;
+pub mod event_handler;
+pub mod hinting;
+pub mod inflate;
+pub mod metrics;
+pub mod reporting;
+pub mod stats;
+
+#[cfg(test)]
+mod device_tests;
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+pub use config::BalloonConfig;
+pub use device::Balloon;
+pub use hinting::{HintSink, HintingState, HintingStatus};
+pub use metrics::{BalloonMetrics, BalloonMetricsSnapshot};
+pub use stats::BalloonStats;
+
+use crate::GpaRange;
+
+/// Virtio device ID of the balloon.
+pub const VIRTIO_ID_BALLOON: u32 = 5;
+
+/// Host must be told before pages are used after a deflate.
+pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u32 = 0;
+/// A statistics queue is present.
+pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
+/// The guest may deflate when it runs out of memory.
+pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+/// Free page hinting queue and command id.
+pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u32 = 3;
+/// The guest tells the page poison value.
+pub const VIRTIO_BALLOON_F_PAGE_POISON: u32 = 4;
+/// Free page reporting queue.
+pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
+
+/// Free page hint command ids with a fixed meaning.
+pub const FREE_PAGE_HINT_CMD_ID_STOP: u32 = 0;
+pub const FREE_PAGE_HINT_CMD_ID_DONE: u32 = 1;
+/// The first id a hinting round may use.
+pub const FREE_PAGE_HINT_CMD_ID_MIN: u32 = 2;
+
+/// Queue sizes.
+pub const INFLATE_QUEUE_SIZE: u16 = 256;
+pub const DEFLATE_QUEUE_SIZE: u16 = 256;
+pub const STATS_QUEUE_SIZE: u16 = 256;
+pub const FREE_PAGE_QUEUE_SIZE: u16 = 1024;
+pub const REPORTING_QUEUE_SIZE: u16 = 32;
+
+/// The role of a queue; which index it has depends on the features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QueueKind {
+    Inflate,
+    Deflate,
+    Stats,
+    FreePage,
+    Reporting,
+}
+
+impl QueueKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueKind::Inflate => "inflate",
+            QueueKind::Deflate => "deflate",
+            QueueKind::Stats => "stats",
+            QueueKind::FreePage => "free_page",
+            QueueKind::Reporting => "reporting",
+        }
+    }
+
+    pub fn max_size(self) -> u16 {
+        match self {
+            QueueKind::Inflate => INFLATE_QUEUE_SIZE,
+            QueueKind::Deflate => DEFLATE_QUEUE_SIZE,
+            QueueKind::Stats => STATS_QUEUE_SIZE,
+            QueueKind::FreePage => FREE_PAGE_QUEUE_SIZE,
+            QueueKind::Reporting => REPORTING_QUEUE_SIZE,
+        }
+    }
+}
+
+/// The queues that exist under `features`, in index order. As in Linux
+/// and QEMU only negotiated queues exist and there are no gaps: inflate,
+/// deflate, [stats], [free_page], [reporting].
+pub fn queue_layout(features: u64) -> Vec<QueueKind> {
+    let has = |bit: u32| features & (1u64 << bit) != 0;
+    let mut v = vec![QueueKind::Inflate, QueueKind::Deflate];
+    if has(VIRTIO_BALLOON_F_STATS_VQ) {
+        v.push(QueueKind::Stats);
+    }
+    if has(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
+        v.push(QueueKind::FreePage);
+    }
+    if has(VIRTIO_BALLOON_F_REPORTING) {
+        v.push(QueueKind::Reporting);
+    }
+    v
+}
+
+/// Balloon errors; each carries the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no guest RAM regions given")]
+    NoRam,
+    #[error("guest RAM region {0} is empty or not 4 KiB aligned")]
+    RamUnaligned(GpaRange),
+    #[error("guest RAM region {0} overlaps or precedes the previous one")]
+    RamUnordered(GpaRange),
+    #[error("guest RAM region {0} wraps around the address space")]
+    RamOverflow(GpaRange),
+    #[error("target of {target} pages exceeds guest RAM of {ram_pages} pages")]
+    TargetTooLarge { target: u32, ram_pages: u64 },
+    #[error(
+        "statistics were disabled at boot (stats_polling_interval_s = 0), cannot set interval {0}s"
+    )]
+    StatsDisabled(u32),
+    #[error("free page hinting is not enabled (free_page_hint = false)")]
+    HintingDisabled,
+    #[error("the driver did not negotiate free page hinting (acked features {0:#x})")]
+    HintingNotNegotiated(u64),
+    #[error("creating the device's {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Something the API's `/events` stream reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum BalloonEvent {
+    /// The host changed the target (`num_pages`).
+    TargetChanged { target_pages: u32 },
+    /// The guest updated `actual`.
+    ActualChanged {
+        actual_pages: u32,
+        target_pages: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(bits: &[u32]) -> u64 {
+        bits.iter().fold(0, |a, b| a | (1u64 << b))
+    }
+
+    #[test]
+    fn queue_indexes_follow_negotiated_features() {
+        use QueueKind::*;
+        assert_eq!(queue_layout(0), vec![Inflate, Deflate]);
+        assert_eq!(
+            queue_layout(f(&[
+                VIRTIO_BALLOON_F_MUST_TELL_HOST,
+                VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+            ])),
+            vec![Inflate, Deflate]
+        );
+        assert_eq!(
+            queue_layout(f(&[VIRTIO_BALLOON_F_STATS_VQ])),
+            vec![Inflate, Deflate, Stats]
+        );
+        assert_eq!(
+            queue_layout(f(&[VIRTIO_BALLOON_F_REPORTING])),
+            vec![Inflate, Deflate, Reporting]
+        );
+        assert_eq!(
+            queue_layout(f(&[
+                VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+                VIRTIO_BALLOON_F_REPORTING
+            ])),
+            vec![Inflate, Deflate, FreePage, Reporting]
+        );
+        assert_eq!(
+            queue_layout(f(&[
+                VIRTIO_BALLOON_F_STATS_VQ,
+                VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+                VIRTIO_BALLOON_F_REPORTING
+            ])),
+            vec![Inflate, Deflate, Stats, FreePage, Reporting]
+        );
+    }
+
+    #[test]
+    fn queue_sizes_are_powers_of_two() {
+        for k in [
+            QueueKind::Inflate,
+            QueueKind::Deflate,
+            QueueKind::Stats,
+            QueueKind::FreePage,
+            QueueKind::Reporting,
+        ] {
+            assert!(k.max_size().is_power_of_two(), "{}", k.name());
+        }
+        const { assert!(REPORTING_QUEUE_SIZE >= 32) };
+    }
+}

@@ -1,0 +1,634 @@
+//! Request and response bodies of the REST API.
+//!
+//! Request types (`*Patch`, `*Request`) reject unknown fields and are range
+//! checked by [`Validate`] in the api crate before they reach the VMM, so the
+//! VMM only has to check what depends on VM state (e.g. a balloon target above
+//! guest RAM). Response types are filled in by the VMM and serialised as-is.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Guest page size the balloon counts in (virtio-balloon always uses 4 KiB pages).
+pub const PAGE_SIZE: u64 = 4096;
+/// 4 KiB pages per MiB.
+pub const PAGES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
+/// Largest balloon target accepted from a client (16 TiB), so that
+/// `target_mib * PAGES_PER_MIB` and byte counts can never overflow.
+pub const MAX_BALLOON_MIB: u64 = 16 << 20;
+/// Largest statistics polling interval accepted (one day).
+pub const MAX_STATS_INTERVAL_S: u32 = 86_400;
+/// Migration downtime bounds accepted from a client.
+pub const MIN_DOWNTIME_MS: u64 = 1;
+pub const MAX_DOWNTIME_MS: u64 = 60_000;
+/// Default allowed downtime of a live migration.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Largest `max_rounds` accepted for a migration.
+pub const MAX_MIGRATION_ROUNDS: u32 = 1_000;
+
+/// MiB → 4 KiB pages (saturating; inputs are validated to be far below overflow).
+pub fn mib_to_pages(mib: u64) -> u64 {
+    mib.saturating_mul(PAGES_PER_MIB)
+}
+
+/// 4 KiB pages → MiB, rounded down.
+pub fn pages_to_mib(pages: u64) -> u64 {
+    pages / PAGES_PER_MIB
+}
+
+/// Range checks that need no VM state; run by the server before a request
+/// is handed to the VMM. The error text becomes a 400's `error` field.
+pub trait Validate {
+    fn validate(&self) -> Result<(), String>;
+}
+
+// ---------------------------------------------------------------- VM
+
+/// Run state of the VM as seen and requested through the API.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+        })
+    }
+}
+
+/// `GET /vm`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub uptime_s: u64,
+    /// Whether the VM has a balloon device.
+    pub balloon: bool,
+}
+
+/// `PATCH /vm`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatePatch {
+    pub state: VmState,
+}
+
+impl Validate for VmStatePatch {
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- balloon
+
+/// `GET /balloon`: the device's configuration and its current size.
+///
+/// `target_*` is the balloon's requested SIZE (memory taken from the guest),
+/// `actual_*` the size the guest has acknowledged so far.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct BalloonInfo {
+    pub deflate_on_oom: bool,
+    pub must_tell_host: bool,
+    /// 0 = statistics polling off.
+    pub stats_polling_interval_s: u32,
+    pub free_page_hint: bool,
+    pub free_page_reporting: bool,
+    pub page_poison: bool,
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    pub target_pages: u64,
+    pub actual_pages: u64,
+}
+
+/// `PATCH /balloon`: resize the balloon (its size, i.e. memory taken from the
+/// guest, like Firecracker's `amount_mib`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonPatch {
+    pub target_mib: u64,
+}
+
+impl Validate for BalloonPatch {
+    fn validate(&self) -> Result<(), String> {
+        if self.target_mib > MAX_BALLOON_MIB {
+            return Err(format!(
+                "target_mib {} is out of range (at most {MAX_BALLOON_MIB})",
+                self.target_mib
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BalloonPatch {
+    pub fn target_pages(&self) -> u64 {
+        mib_to_pages(self.target_mib)
+    }
+}
+
+/// `GET /balloon/statistics`. Field names follow Firecracker; guest-reported
+/// values are omitted until the guest has reported them. Memory values are in
+/// bytes, as the virtio-balloon statistics are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct BalloonStats {
+    pub target_pages: u64,
+    pub actual_pages: u64,
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kill: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_stall: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_scan: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_scan: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_reclaim: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_reclaim: Option<u64>,
+    /// Unix time (seconds) of the guest's last statistics report; absent if
+    /// it never reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<u64>,
+    /// Free page hinting rounds started by the host.
+    #[serde(default)]
+    pub hint_rounds: u64,
+    /// Pages the guest hinted as free (all rounds).
+    #[serde(default)]
+    pub hinted_pages: u64,
+    /// Pages the guest reported through free page reporting.
+    #[serde(default)]
+    pub reported_pages: u64,
+    /// Bytes the host discarded (madvise) because of hints or reports.
+    #[serde(default)]
+    pub discarded_bytes: u64,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StatsPatch {
+    /// Seconds between statistics requests to the guest; 0 turns polling off.
+    pub stats_polling_interval_s: u32,
+}
+
+impl Validate for StatsPatch {
+    fn validate(&self) -> Result<(), String> {
+        if self.stats_polling_interval_s > MAX_STATS_INTERVAL_S {
+            return Err(format!(
+                "stats_polling_interval_s {} is out of range (0 to {MAX_STATS_INTERVAL_S})",
+                self.stats_polling_interval_s
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- free page hinting
+
+/// Where a free page hinting round stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HintingState {
+    /// No round was ever started, or the last one was finished with `done`.
+    Idle,
+    /// The host published a new command id; the guest has not answered yet.
+    Requested,
+    /// The guest is sending hints for the current command id.
+    Running,
+    /// The guest (or `PUT /balloon/hinting/stop`) stopped the round.
+    Stopped,
+    /// The host told the guest it may reuse the hinted pages.
+    Done,
+}
+
+/// `PUT /balloon/hinting/start` response.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HintingStarted {
+    pub cmd_id: u32,
+}
+
+/// `GET /balloon/hinting/status`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HintingStatus {
+    pub host_cmd_id: u32,
+    /// Last command id the guest sent back (absent before its first answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cmd_id: Option<u32>,
+    pub state: HintingState,
+    /// Pages hinted during the current (or last) round.
+    pub hinted_pages: u64,
+}
+
+/// Body of requests that take no parameters (`{}` or an empty body).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+// ---------------------------------------------------------------- migration & snapshot
+
+/// Where a migration stream goes, parsed from a URL:
+/// `file:///abs/path`, `unix:///abs/path` or `tcp://IP:PORT` (`localhost` is
+/// accepted as 127.0.0.1; bracket IPv6 literals: `tcp://[::1]:4000`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationDestination {
+    File(PathBuf),
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl MigrationDestination {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if url.contains('\0') {
+            return Err("destination contains a NUL byte".into());
+        }
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            format!("destination {url:?} is not a URL (expected file:///path, unix:///path or tcp://IP:PORT)")
+        })?;
+        match scheme {
+            "file" | "unix" => {
+                if !rest.starts_with('/') || rest.len() < 2 {
+                    return Err(format!(
+                        "destination {url:?} needs an absolute path, e.g. {scheme}:///tmp/vm.mig"
+                    ));
+                }
+                let path = PathBuf::from(rest);
+                Ok(if scheme == "file" {
+                    MigrationDestination::File(path)
+                } else {
+                    MigrationDestination::Unix(path)
+                })
+            }
+            "tcp" => {
+                let rest = rest.strip_suffix('/').unwrap_or(rest);
+                let addr = if let Some(port) = rest.strip_prefix("localhost:") {
+                    port.parse::<u16>()
+                        .ok()
+                        .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
+                } else {
+                    rest.parse::<SocketAddr>().ok()
+                };
+                match addr {
+                    Some(a) if a.port() != 0 => Ok(MigrationDestination::Tcp(a)),
+                    _ => Err(format!(
+                        "destination {url:?} needs an IP address and a port 1-65535, e.g. tcp://127.0.0.1:4000"
+                    )),
+                }
+            }
+            other => Err(format!(
+                "destination scheme {other:?} is not supported (use file, unix or tcp)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for MigrationDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrationDestination::File(p) => write!(f, "file://{}", p.display()),
+            MigrationDestination::Unix(p) => write!(f, "unix://{}", p.display()),
+            MigrationDestination::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+impl TryFrom<String> for MigrationDestination {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        MigrationDestination::parse(&s)
+    }
+}
+
+impl From<MigrationDestination> for String {
+    fn from(d: MigrationDestination) -> String {
+        d.to_string()
+    }
+}
+
+impl Serialize for MigrationDestination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationDestination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        MigrationDestination::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_downtime_ms() -> u64 {
+    DEFAULT_DOWNTIME_MS
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `PUT /migration`: start a live migration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub destination: MigrationDestination,
+    /// Allowed stop-and-copy downtime (default 300 ms).
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// Use free page hinting to skip free guest pages (default true).
+    #[serde(default = "default_true")]
+    pub free_page_hints: bool,
+    /// Most pre-copy rounds before stop-and-copy (absent: VMM default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+}
+
+impl Validate for MigrationRequest {
+    fn validate(&self) -> Result<(), String> {
+        if !(MIN_DOWNTIME_MS..=MAX_DOWNTIME_MS).contains(&self.downtime_ms) {
+            return Err(format!(
+                "downtime_ms {} is out of range ({MIN_DOWNTIME_MS} to {MAX_DOWNTIME_MS})",
+                self.downtime_ms
+            ));
+        }
+        if let Some(r) = self.max_rounds
+            && !(1..=MAX_MIGRATION_ROUNDS).contains(&r)
+        {
+            return Err(format!(
+                "max_rounds {r} is out of range (1 to {MAX_MIGRATION_ROUNDS})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Phase of the current (or last) migration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationState {
+    /// No migration was ever started.
+    Idle,
+    /// Connecting / sending the VM description.
+    Setup,
+    /// Pre-copy rounds while the guest runs.
+    Active,
+    /// Guest paused, sending the last dirty pages and device state.
+    Completing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationState {
+    /// Completed, Failed or Cancelled.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+/// `GET /migration`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MigrationStatus {
+    pub state: MigrationState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// Current pre-copy round (1-based; 0 before the first).
+    pub round: u32,
+    /// Guest pages in total.
+    pub total_pages: u64,
+    /// Pages still dirty / not yet sent in this round.
+    pub remaining_pages: u64,
+    pub pages_sent: u64,
+    pub pages_hinted: u64,
+    pub pages_zero: u64,
+    pub bytes_sent: u64,
+    pub elapsed_ms: u64,
+    /// Measured downtime, once the migration completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Why the migration failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl MigrationStatus {
+    pub fn idle() -> Self {
+        MigrationStatus {
+            state: MigrationState::Idle,
+            destination: None,
+            round: 0,
+            total_pages: 0,
+            remaining_pages: 0,
+            pages_sent: 0,
+            pages_hinted: 0,
+            pages_zero: 0,
+            bytes_sent: 0,
+            elapsed_ms: 0,
+            downtime_ms: None,
+            error: None,
+        }
+    }
+}
+
+/// `PUT /migration` response.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MigrationStarted {
+    pub destination: String,
+}
+
+/// `PUT /snapshot`: write a snapshot of the (paused or running) VM to `path`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub path: PathBuf,
+}
+
+impl Validate for SnapshotRequest {
+    fn validate(&self) -> Result<(), String> {
+        let s = self.path.as_os_str();
+        if s.is_empty() {
+            return Err("path must not be empty".into());
+        }
+        if !self.path.is_absolute() {
+            return Err(format!(
+                "path {:?} must be absolute (the VMM's working directory is not the client's)",
+                self.path
+            ));
+        }
+        if s.as_encoded_bytes().contains(&0) {
+            return Err("path contains a NUL byte".into());
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- metrics & errors
+
+/// The VMM's answer to `GetMetrics`: counters and gauges by Prometheus metric
+/// name (e.g. `blimp_balloon_inflated_pages_total`). Names with characters
+/// outside `[a-zA-Z0-9_:]` are sanitised when rendered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct VmmMetrics {
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub gauges: BTreeMap<String, f64>,
+}
+
+/// Body of every error response.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse_and_roundtrip() {
+        for (url, want) in [
+            (
+                "file:///tmp/a.mig",
+                MigrationDestination::File("/tmp/a.mig".into()),
+            ),
+            (
+                "unix:///run/m.sock",
+                MigrationDestination::Unix("/run/m.sock".into()),
+            ),
+            (
+                "tcp://127.0.0.1:4000",
+                MigrationDestination::Tcp("127.0.0.1:4000".parse().unwrap()),
+            ),
+            (
+                "tcp://localhost:4000",
+                MigrationDestination::Tcp("127.0.0.1:4000".parse().unwrap()),
+            ),
+            (
+                "tcp://[::1]:4000",
+                MigrationDestination::Tcp("[::1]:4000".parse().unwrap()),
+            ),
+        ] {
+            let d = MigrationDestination::parse(url).unwrap();
+            assert_eq!(d, want, "{url}");
+            let again = MigrationDestination::parse(&d.to_string()).unwrap();
+            assert_eq!(again, want);
+        }
+        for bad in [
+            "",
+            "/tmp/x",
+            "file://relative",
+            "file://",
+            "http://x",
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:70000",
+            "tcp://example.com:80",
+            "file:///a\0b",
+        ] {
+            assert!(MigrationDestination::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn migration_request_defaults() {
+        let r: MigrationRequest =
+            serde_json::from_str(r#"{"destination":"file:///tmp/m"}"#).unwrap();
+        assert_eq!(r.downtime_ms, 300);
+        assert!(r.free_page_hints);
+        assert_eq!(r.max_rounds, None);
+        assert!(r.validate().is_ok());
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["destination"], "file:///tmp/m");
+    }
+
+    #[test]
+    fn validation_ranges() {
+        assert!(
+            BalloonPatch {
+                target_mib: MAX_BALLOON_MIB
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            BalloonPatch {
+                target_mib: MAX_BALLOON_MIB + 1
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            StatsPatch {
+                stats_polling_interval_s: 0
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            StatsPatch {
+                stats_polling_interval_s: 86_401
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(SnapshotRequest { path: "rel".into() }.validate().is_err());
+        assert!(SnapshotRequest { path: "".into() }.validate().is_err());
+        assert!(
+            SnapshotRequest {
+                path: "/tmp/s".into()
+            }
+            .validate()
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn stats_omit_unreported_fields() {
+        let s = BalloonStats {
+            free_memory: Some(5),
+            ..Default::default()
+        };
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["free_memory"], 5);
+        assert!(j.get("swap_in").is_none());
+        assert!(j.get("last_update").is_none());
+        assert_eq!(j["hinted_pages"], 0);
+    }
+
+    #[test]
+    fn pages_mib() {
+        assert_eq!(mib_to_pages(1), 256);
+        assert_eq!(pages_to_mib(511), 1);
+        assert_eq!(mib_to_pages(MAX_BALLOON_MIB), MAX_BALLOON_MIB * 256);
+    }
+}

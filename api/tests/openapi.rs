@@ -1,0 +1,290 @@
+//! openapi.yaml describes exactly the routes the server serves, its `$ref`s
+//! resolve, and its schemas have exactly the fields of the Rust types.
+
+use std::collections::BTreeSet;
+
+use api::routes::ROUTES;
+use api::types::*;
+use serde_json::Value;
+use serde_yaml::Value as Y;
+
+fn spec() -> Y {
+    serde_yaml::from_str(api::OPENAPI_YAML).expect("openapi.yaml parses")
+}
+
+#[test]
+fn routes_match_openapi_both_ways() {
+    let spec = spec();
+    assert_eq!(
+        spec["openapi"].as_str().map(|s| s.starts_with("3.0")),
+        Some(true)
+    );
+    let mut documented = BTreeSet::new();
+    let paths = spec["paths"].as_mapping().expect("paths");
+    for (path, ops) in paths {
+        let path = path.as_str().unwrap().to_string();
+        for (method, op) in ops.as_mapping().unwrap() {
+            let method = method.as_str().unwrap().to_ascii_uppercase();
+            if ["GET", "PUT", "PATCH", "POST", "DELETE", "HEAD", "OPTIONS"]
+                .contains(&method.as_str())
+            {
+                assert!(
+                    op["responses"].is_mapping(),
+                    "{method} {path} has no responses"
+                );
+                documented.insert((method, path.clone()));
+            }
+        }
+    }
+    let served: BTreeSet<_> = ROUTES
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_string()))
+        .collect();
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let unserved: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not in openapi.yaml: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "in openapi.yaml but not served: {unserved:?}"
+    );
+}
+
+fn collect_refs(v: &Y, out: &mut Vec<String>) {
+    match v {
+        Y::Mapping(m) => {
+            for (k, v) in m {
+                if k.as_str() == Some("$ref") {
+                    out.push(v.as_str().unwrap().to_string());
+                } else {
+                    collect_refs(v, out);
+                }
+            }
+        }
+        Y::Sequence(s) => s.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn refs_resolve() {
+    let spec = spec();
+    let mut refs = Vec::new();
+    collect_refs(&spec, &mut refs);
+    assert!(refs.len() > 20);
+    for r in refs {
+        let mut node = &spec;
+        let path = r
+            .strip_prefix("#/")
+            .unwrap_or_else(|| panic!("external ref {r}"));
+        for part in path.split('/') {
+            node = &node[part];
+        }
+        assert!(node.is_mapping(), "dangling $ref {r}");
+    }
+}
+
+/// Property names of a schema, and its required list.
+fn schema_fields(spec: &Y, name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let s = &spec["components"]["schemas"][name];
+    let props = s["properties"]
+        .as_mapping()
+        .unwrap_or_else(|| panic!("schema {name} has no properties"))
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    let required = s["required"]
+        .as_sequence()
+        .map(|r| r.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    (props, required)
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+/// `full` has every optional field set, `minimal` none of them.
+fn check<T: serde::Serialize>(spec: &Y, name: &str, full: &T, minimal: &T) {
+    let (props, required) = schema_fields(spec, name);
+    let full = serde_json::to_value(full).unwrap();
+    let minimal = serde_json::to_value(minimal).unwrap();
+    assert_eq!(
+        keys(&full),
+        props,
+        "schema {name}: properties differ from the Rust type"
+    );
+    assert_eq!(
+        keys(&minimal),
+        required,
+        "schema {name}: required differs from the Rust type"
+    );
+}
+
+#[test]
+fn schemas_match_types() {
+    let spec = spec();
+    let vm = VmInfo {
+        state: VmState::Running,
+        memory_mib: 1,
+        vcpus: 1,
+        uptime_s: 1,
+        balloon: true,
+    };
+    check(&spec, "VmInfo", &vm, &vm);
+    let p = VmStatePatch {
+        state: VmState::Paused,
+    };
+    check(&spec, "VmStatePatch", &p, &p);
+    let b = BalloonInfo::default();
+    check(&spec, "BalloonInfo", &b, &b);
+    let p = BalloonPatch { target_mib: 1 };
+    check(&spec, "BalloonPatch", &p, &p);
+    let full = BalloonStats {
+        swap_in: Some(1),
+        swap_out: Some(1),
+        major_faults: Some(1),
+        minor_faults: Some(1),
+        free_memory: Some(1),
+        total_memory: Some(1),
+        available_memory: Some(1),
+        disk_caches: Some(1),
+        hugetlb_allocations: Some(1),
+        hugetlb_failures: Some(1),
+        oom_kill: Some(1),
+        alloc_stall: Some(1),
+        async_scan: Some(1),
+        direct_scan: Some(1),
+        async_reclaim: Some(1),
+        direct_reclaim: Some(1),
+        last_update: Some(1),
+        ..Default::default()
+    };
+    // Counters are always sent but may be absent (serde default) for old VMMs.
+    let (props, _) = schema_fields(&spec, "BalloonStats");
+    assert_eq!(keys(&serde_json::to_value(&full).unwrap()), props);
+    let p = StatsPatch {
+        stats_polling_interval_s: 1,
+    };
+    check(&spec, "StatsPatch", &p, &p);
+    let h = HintingStarted { cmd_id: 1 };
+    check(&spec, "HintingStarted", &h, &h);
+    let hs = HintingStatus {
+        host_cmd_id: 1,
+        guest_cmd_id: Some(1),
+        state: HintingState::Running,
+        hinted_pages: 1,
+    };
+    let hs_min = HintingStatus {
+        guest_cmd_id: None,
+        ..hs.clone()
+    };
+    check(&spec, "HintingStatus", &hs, &hs_min);
+    let m = MigrationRequest {
+        destination: MigrationDestination::parse("file:///x").unwrap(),
+        downtime_ms: 1,
+        free_page_hints: true,
+        max_rounds: Some(1),
+    };
+    let (props, required) = schema_fields(&spec, "MigrationRequest");
+    assert_eq!(keys(&serde_json::to_value(&m).unwrap()), props);
+    assert_eq!(required, BTreeSet::from(["destination".to_string()]));
+    let ms = MigrationStatus {
+        destination: Some("x".into()),
+        downtime_ms: Some(1),
+        error: Some("x".into()),
+        ..MigrationStatus::idle()
+    };
+    check(&spec, "MigrationStatus", &ms, &MigrationStatus::idle());
+    let st = MigrationStarted {
+        destination: "x".into(),
+    };
+    check(&spec, "MigrationStarted", &st, &st);
+    let sn = SnapshotRequest { path: "/x".into() };
+    check(&spec, "SnapshotRequest", &sn, &sn);
+    let e = ErrorBody { error: "x".into() };
+    let (_, required) = schema_fields(&spec, "Error");
+    assert_eq!(keys(&serde_json::to_value(&e).unwrap()), required);
+}
+
+#[test]
+fn enums_match_types() {
+    let spec = spec();
+    let values = |name: &str| -> Vec<String> {
+        spec["components"]["schemas"][name]["enum"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let ser = |v: Value| v.as_str().unwrap().to_string();
+    assert_eq!(
+        values("VmState"),
+        [VmState::Running, VmState::Paused].map(|s| ser(serde_json::to_value(s).unwrap()))
+    );
+    assert_eq!(
+        values("HintingState"),
+        [
+            HintingState::Idle,
+            HintingState::Requested,
+            HintingState::Running,
+            HintingState::Stopped,
+            HintingState::Done
+        ]
+        .map(|s| ser(serde_json::to_value(s).unwrap()))
+    );
+    assert_eq!(
+        values("MigrationState"),
+        [
+            MigrationState::Idle,
+            MigrationState::Setup,
+            MigrationState::Active,
+            MigrationState::Completing,
+            MigrationState::Completed,
+            MigrationState::Failed,
+            MigrationState::Cancelled
+        ]
+        .map(|s| ser(serde_json::to_value(s).unwrap()))
+    );
+    let event_types: Vec<String> =
+        spec["components"]["schemas"]["EventEnvelope"]["properties"]["type"]["enum"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+    use api::ApiEvent as E;
+    let all = [
+        E::VmStateChanged {
+            state: VmState::Running,
+        },
+        E::BalloonChanged {
+            target_mib: 0,
+            actual_mib: 0,
+            target_pages: 0,
+            actual_pages: 0,
+        },
+        E::BalloonStatistics(BalloonStats::default()),
+        E::HintingChanged(HintingStatus {
+            host_cmd_id: 0,
+            guest_cmd_id: None,
+            state: HintingState::Idle,
+            hinted_pages: 0,
+        }),
+        E::MigrationProgress(MigrationStatus::idle()),
+        E::ShuttingDown { reason: "x".into() },
+        E::Lagged { missed: 1 },
+    ];
+    let kinds: Vec<String> = all
+        .iter()
+        .map(|e| {
+            let v = serde_json::to_value(e).unwrap();
+            assert_eq!(v["type"], e.kind());
+            e.kind().to_string()
+        })
+        .collect();
+    assert_eq!(event_types, kinds);
+}

@@ -1,0 +1,855 @@
+//! The balloon device proper: feature negotiation, config space, and what
+//! each queue does with the buffers the guest puts on it.
+//!
+//! Threads: the transport calls the [`VirtioDevice`] methods on a vCPU
+//! thread; the event loop calls the queue handlers (see
+//! [`event_handler`](super::event_handler)); the API calls the host-side
+//! methods (`set_target_pages`, ...). All hold the device mutex, so the
+//! device itself is single-threaded.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use log::{debug, error, info};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as GuestMemoryTrait};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::config::{BalloonConfig, ConfigSpace};
+use super::hinting::{HintSink, HintState};
+use super::inflate::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
+use super::metrics::BalloonMetrics;
+use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
+use super::*;
+use crate::virtio::{
+    ActivateError, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
+    VirtioDevice,
+};
+use crate::{GpaRange, GuestMemory, RamDiscard, error_limited, warn_limited};
+
+/// Most descriptors of one chain the device looks at (Linux uses one for
+/// inflate/deflate/stats/hints and up to 32 for a free page report).
+pub const MAX_CHAIN_DESCS: usize = 32;
+/// Most bytes of PFNs one inflate/deflate buffer may carry (16384 PFNs;
+/// Linux sends at most 1 KiB).
+pub const MAX_PFN_BUFFER_BYTES: u64 = 64 * 1024;
+
+/// A queue the device is serving.
+pub(crate) struct ActiveQueue {
+    pub(crate) kind: QueueKind,
+    pub(crate) queue: Queue,
+    pub(crate) evt: EventFd,
+}
+
+/// State that exists between DRIVER_OK and reset.
+pub(crate) struct Active {
+    pub(crate) mem: GuestMemory,
+    pub(crate) interrupt: Arc<dyn Interrupt>,
+    pub(crate) queues: Vec<ActiveQueue>,
+    /// Queue eventfds are registered with the event loop.
+    pub(crate) registered: bool,
+}
+
+/// A chain's descriptors, copied out of guest memory.
+#[derive(Clone, Copy)]
+pub(super) struct Descs {
+    pub(super) d: [Descriptor; MAX_CHAIN_DESCS],
+    pub(super) n: usize,
+    /// The chain had more than MAX_CHAIN_DESCS descriptors.
+    pub(super) too_many: bool,
+}
+
+impl Descs {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Descriptor> {
+        self.d[..self.n].iter()
+    }
+}
+
+/// Why a chain cannot be walked: the queue itself is corrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Malformed {
+    /// No descriptor could be read at all (bad head index, ...).
+    Empty,
+    /// The chain ended on a descriptor that still had NEXT set: a loop, a
+    /// chain longer than the queue, or a next index out of range.
+    Truncated { descriptors: usize },
+}
+
+/// Copy a chain's descriptors out, detecting structural corruption.
+pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
+    let mut out = Descs {
+        d: [Descriptor::default(); MAX_CHAIN_DESCS],
+        n: 0,
+        too_many: false,
+    };
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    for desc in chain {
+        count += 1;
+        last_has_next = desc.has_next();
+        if out.n < MAX_CHAIN_DESCS {
+            out.d[out.n] = desc;
+            out.n += 1;
+        } else {
+            out.too_many = true;
+        }
+    }
+    match count {
+        0 => Err(Malformed::Empty),
+        _ if last_has_next => Err(Malformed::Truncated { descriptors: count }),
+        _ => Ok(out),
+    }
+}
+
+/// Outcome of draining one queue.
+#[derive(Default)]
+pub(super) struct Drain {
+    pub(super) used: bool,
+    pub(super) broken: Option<String>,
+}
+
+/// The virtio balloon.
+pub struct Balloon {
+    pub(super) cfg: BalloonConfig,
+    pub(super) avail_features: u64,
+    pub(super) acked_features: u64,
+    pub(super) layout: RamLayout,
+    pub(super) bitmap: PageBitmap,
+    pub(super) discard: Arc<dyn RamDiscard>,
+    pub(super) config: ConfigSpace,
+    pub(super) config_generation: u32,
+    pub(super) stats_interval_s: u32,
+    pub(super) latest_stats: Option<BalloonStats>,
+    /// Head of the stats buffer the device holds until it wants new stats.
+    pub(super) held_stats: Option<u16>,
+    pub(super) metrics: Arc<BalloonMetrics>,
+    pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
+    pub(super) batch: PfnBatch,
+    pub(super) broken: bool,
+    pub(super) hint: HintState,
+    pub(super) hint_sink: Option<Arc<dyn HintSink>>,
+
+    // Event-loop plumbing (see event_handler.rs).
+    pub(crate) ctl_evt: EventFd,
+    pub(crate) stats_timer: TimerFd,
+    /// The timer must be re-armed/disarmed by the event loop.
+    pub(crate) timer_dirty: bool,
+    /// The timer was just re-armed: a pending readiness may be stale.
+    pub(crate) timer_rearmed: bool,
+    pub(crate) active: Option<Active>,
+    /// Queue eventfds to unregister from the event loop (after a reset).
+    pub(crate) stale_evts: Vec<EventFd>,
+}
+
+impl std::fmt::Debug for Balloon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balloon")
+            .field("cfg", &self.cfg)
+            .field("acked_features", &self.acked_features)
+            .field("config", &self.config)
+            .field("active", &self.active.is_some())
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+impl Balloon {
+    /// A balloon over guest RAM `ram` (regions in ascending order; 4 KiB
+    /// aligned), releasing memory through `discard`.
+    pub fn new(
+        cfg: BalloonConfig,
+        ram: Vec<GpaRange>,
+        discard: Arc<dyn RamDiscard>,
+    ) -> Result<Self, Error> {
+        let layout = RamLayout::new(&ram)?;
+        if u64::from(cfg.initial_target_pages) > layout.total_pages() {
+            return Err(Error::TargetTooLarge {
+                target: cfg.initial_target_pages,
+                ram_pages: layout.total_pages(),
+            });
+        }
+        let mut avail_features = bit(VIRTIO_F_VERSION_1);
+        for (on, b) in [
+            (cfg.must_tell_host, VIRTIO_BALLOON_F_MUST_TELL_HOST),
+            (cfg.stats_polling_interval_s > 0, VIRTIO_BALLOON_F_STATS_VQ),
+            (cfg.deflate_on_oom, VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+            (cfg.free_page_hint, VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            (cfg.page_poison, VIRTIO_BALLOON_F_PAGE_POISON),
+            (cfg.free_page_reporting, VIRTIO_BALLOON_F_REPORTING),
+        ] {
+            if on {
+                avail_features |= bit(b);
+            }
+        }
+        let io = |what| move |source| Error::Io { what, source };
+        let errno = |what| {
+            move |e: vmm_sys_util::errno::Error| Error::Io {
+                what,
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            }
+        };
+        Ok(Self {
+            avail_features,
+            acked_features: 0,
+            bitmap: PageBitmap::new(layout.total_pages()),
+            layout,
+            discard,
+            config: ConfigSpace {
+                num_pages: cfg.initial_target_pages,
+                ..ConfigSpace::default()
+            },
+            config_generation: 0,
+            stats_interval_s: cfg.stats_polling_interval_s,
+            latest_stats: None,
+            held_stats: None,
+            metrics: Arc::new(BalloonMetrics::default()),
+            observer: None,
+            batch: PfnBatch::new(),
+            broken: false,
+            hint: HintState::new(),
+            hint_sink: None,
+            ctl_evt: EventFd::new(EFD_NONBLOCK).map_err(io("control eventfd"))?,
+            stats_timer: TimerFd::new().map_err(errno("stats timerfd"))?,
+            timer_dirty: false,
+            timer_rearmed: false,
+            active: None,
+            stale_evts: Vec::new(),
+            cfg,
+        })
+    }
+
+    // ----- host side (API) -------------------------------------------------
+
+    /// Ask the guest to hold `pages` 4 KiB pages in the balloon; raises a
+    /// configuration-change interrupt if the device is active.
+    pub fn set_target_pages(&mut self, pages: u32) -> Result<(), Error> {
+        if u64::from(pages) > self.layout.total_pages() {
+            return Err(Error::TargetTooLarge {
+                target: pages,
+                ram_pages: self.layout.total_pages(),
+            });
+        }
+        self.config.num_pages = pages;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        info!("balloon: target set to {pages} pages");
+        self.signal_config();
+        self.emit(BalloonEvent::TargetChanged {
+            target_pages: pages,
+        });
+        Ok(())
+    }
+
+    /// The target (`num_pages`), in 4 KiB pages.
+    pub fn target_pages(&self) -> u32 {
+        self.config.num_pages
+    }
+
+    /// What the guest last reported (`actual`), in 4 KiB pages.
+    pub fn actual_pages(&self) -> u32 {
+        self.config.actual
+    }
+
+    /// Pages the device has seen inflated and not deflated since the last
+    /// reset (its own bitmap, independent of what the guest reports).
+    pub fn inflated_pages(&self) -> u64 {
+        self.bitmap.count()
+    }
+
+    /// The last statistics the guest sent, if any.
+    pub fn latest_stats(&self) -> Option<&BalloonStats> {
+        self.latest_stats.as_ref()
+    }
+
+    /// Current statistics polling interval (0 = not polling).
+    pub fn stats_polling_interval(&self) -> u32 {
+        self.stats_interval_s
+    }
+
+    /// Change how often the device asks for statistics; 0 stops polling.
+    /// Fails if statistics were off at boot (the queue was never offered).
+    pub fn set_stats_polling_interval(&mut self, secs: u32) -> Result<(), Error> {
+        if self.avail_features & bit(VIRTIO_BALLOON_F_STATS_VQ) == 0 {
+            return Err(Error::StatsDisabled(secs));
+        }
+        self.stats_interval_s = secs;
+        self.request_timer_sync();
+        Ok(())
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> &BalloonMetrics {
+        &self.metrics
+    }
+
+    /// A shared handle on the counters (read without the device lock).
+    pub fn metrics_handle(&self) -> Arc<BalloonMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Called (under the device lock, on whichever thread caused it) for
+    /// each [`BalloonEvent`]; it must not lock the balloon, and should only
+    /// hand the event on (a channel, say).
+    pub fn set_observer(&mut self, f: Box<dyn FnMut(BalloonEvent) + Send>) {
+        self.observer = Some(f);
+    }
+
+    /// The configuration the device was built with.
+    pub fn config(&self) -> &BalloonConfig {
+        &self.cfg
+    }
+
+    /// Guest RAM as the balloon sees it.
+    pub fn ram_layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    /// Is the page at `pfn` in the balloon (per the device's bitmap)?
+    pub fn is_inflated(&self, pfn: u64) -> bool {
+        self.layout.bit_of(pfn).is_some_and(|b| self.bitmap.get(b))
+    }
+
+    // ----- helpers ---------------------------------------------------------
+
+    fn emit(&mut self, ev: BalloonEvent) {
+        if let Some(f) = self.observer.as_mut() {
+            f(ev);
+        }
+    }
+
+    pub(crate) fn has_acked(&self, b: u32) -> bool {
+        self.acked_features & bit(b) != 0
+    }
+
+    pub(super) fn signal_config(&self) {
+        if let Some(a) = &self.active {
+            BalloonMetrics::inc(&self.metrics.config_interrupts);
+            if let Err(e) = a.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG) {
+                error!("balloon: config interrupt failed: {e}");
+            }
+        }
+    }
+
+    /// Ask the event loop to re-arm or disarm the stats timer.
+    fn request_timer_sync(&mut self) {
+        self.timer_dirty = true;
+        if let Err(e) = self.ctl_evt.write(1) {
+            error!("balloon: waking the event loop failed: {e}");
+        }
+    }
+
+    /// Whether the stats timer should run now.
+    pub(crate) fn stats_timer_wanted(&self) -> bool {
+        self.active.is_some()
+            && !self.broken
+            && self.has_acked(VIRTIO_BALLOON_F_STATS_VQ)
+            && self.stats_interval_s > 0
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        error_limited!("balloon: {why}; device needs reset");
+        BalloonMetrics::inc(&self.metrics.queue_errors);
+        if !self.broken {
+            self.broken = true;
+            self.signal_config();
+        }
+    }
+
+    /// Index of the queue of `kind`, if it exists.
+    pub(crate) fn queue_index(&self, kind: QueueKind) -> Option<usize> {
+        self.active
+            .as_ref()?
+            .queues
+            .iter()
+            .position(|q| q.kind == kind)
+    }
+
+    // ----- queue handlers (event loop) --------------------------------------
+
+    /// Serve every buffer pending on queue `idx` (what a notification of
+    /// that queue does). The event loop calls this; it is public for tests
+    /// and benchmarks.
+    pub fn process_queue(&mut self, idx: usize) {
+        if self.broken {
+            return;
+        }
+        let Some(kind) = self
+            .active
+            .as_ref()
+            .and_then(|a| a.queues.get(idx))
+            .map(|q| q.kind)
+        else {
+            return;
+        };
+        let drain = match kind {
+            QueueKind::Inflate => self.drain_pfn_queue(idx, true),
+            QueueKind::Deflate => self.drain_pfn_queue(idx, false),
+            QueueKind::Stats => self.drain_stats_queue(idx),
+            QueueKind::FreePage => self.drain_free_page_queue(idx),
+            QueueKind::Reporting => self.drain_reporting_queue(idx),
+        };
+        self.finish_drain(idx, kind, drain);
+    }
+
+    fn finish_drain(&mut self, idx: usize, kind: QueueKind, drain: Drain) {
+        if drain.used {
+            self.notify_used(idx);
+        }
+        if let Some(why) = drain.broken {
+            self.mark_broken(&format!("{} queue ({idx}): {why}", kind.name()));
+        }
+        if kind == QueueKind::Deflate {
+            self.check_deflate_below_target();
+        }
+    }
+
+    /// Raise a used-buffer interrupt for queue `idx` unless the driver
+    /// suppressed it.
+    fn notify_used(&mut self, idx: usize) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some(q) = a.queues.get_mut(idx) else {
+            return;
+        };
+        let needed = q.queue.needs_notification(&a.mem).unwrap_or(true);
+        if needed {
+            BalloonMetrics::inc(&self.metrics.vring_interrupts);
+            if let Err(e) = a.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+                error!("balloon: {} queue interrupt failed: {e}", q.kind.name());
+            }
+        }
+    }
+
+    fn check_deflate_below_target(&mut self) {
+        if self.bitmap.count() < u64::from(self.config.num_pages) {
+            BalloonMetrics::inc(&self.metrics.deflate_below_target);
+            if !self.has_acked(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) {
+                warn_limited!(
+                    "balloon: guest deflated below the target ({} < {} pages) without DEFLATE_ON_OOM",
+                    self.bitmap.count(),
+                    self.config.num_pages
+                );
+            }
+        }
+    }
+
+    /// Inflate (`inflate`) or deflate queue: each buffer is an array of
+    /// le32 PFNs.
+    fn drain_pfn_queue(&mut self, idx: usize, inflate: bool) -> Drain {
+        let mut drain = Drain::default();
+        let Some(a) = self.active.as_mut() else {
+            return drain;
+        };
+        let Active { mem, queues, .. } = a;
+        let mem = &*mem;
+        let q = &mut queues[idx].queue;
+        let name = if inflate { "inflate" } else { "deflate" };
+        let metrics = &*self.metrics;
+        let mut buf = [0u8; BATCH_BYTES];
+        loop {
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    drain.broken = Some(format!("bad available ring: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let descs = match collect_chain(chain) {
+                Ok(d) => d,
+                Err(m) => {
+                    drain.broken = Some(format!("malformed chain at head {head}: {m:?}"));
+                    break;
+                }
+            };
+            BalloonMetrics::inc(if inflate {
+                &metrics.inflate_requests
+            } else {
+                &metrics.deflate_requests
+            });
+            match check_pfn_buffer(mem, &descs) {
+                Err(why) => {
+                    BalloonMetrics::inc(&metrics.invalid_buffers);
+                    warn_limited!("balloon: {name} queue ({idx}): buffer {head} rejected: {why}");
+                }
+                Ok(()) => {
+                    for d in descs.iter() {
+                        let mut off = 0u64;
+                        while off < u64::from(d.len()) {
+                            let n = (u64::from(d.len()) - off).min(BATCH_BYTES as u64) as usize;
+                            let Some(addr) = d.addr().0.checked_add(off).map(GuestAddress) else {
+                                break;
+                            };
+                            if let Err(e) = mem.read_slice(&mut buf[..n], addr) {
+                                // Checked above; only a concurrent hot-unplug could do this.
+                                warn_limited!(
+                                    "balloon: {name} queue ({idx}): reading {:#x}+{n}: {e}",
+                                    addr.0
+                                );
+                                break;
+                            }
+                            apply_pfn_batch(
+                                &buf[..n],
+                                inflate,
+                                idx,
+                                &self.layout,
+                                &mut self.batch,
+                                &mut self.bitmap,
+                                &*self.discard,
+                                metrics,
+                            );
+                            off += n as u64;
+                        }
+                    }
+                }
+            }
+            if let Err(e) = q.add_used(mem, head, 0) {
+                drain.broken = Some(format!("returning buffer {head}: {e}"));
+                break;
+            }
+            drain.used = true;
+        }
+        drain
+    }
+
+    /// Stats queue: parse the buffer, keep it until new stats are wanted.
+    fn drain_stats_queue(&mut self, idx: usize) -> Drain {
+        let mut drain = Drain::default();
+        let Some(a) = self.active.as_mut() else {
+            return drain;
+        };
+        let Active { mem, queues, .. } = a;
+        let mem = &*mem;
+        let q = &mut queues[idx].queue;
+        let metrics = &*self.metrics;
+        let mut buf = [0u8; MAX_STATS_BYTES];
+        loop {
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    drain.broken = Some(format!("bad available ring: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let descs = match collect_chain(chain) {
+                Ok(d) => d,
+                Err(m) => {
+                    drain.broken = Some(format!("malformed chain at head {head}: {m:?}"));
+                    break;
+                }
+            };
+            let mut len = 0usize;
+            let mut bad = false;
+            for d in descs.iter() {
+                if d.is_write_only() {
+                    bad = true;
+                    continue;
+                }
+                let want = (d.len() as usize).min(MAX_STATS_BYTES - len);
+                if want < d.len() as usize {
+                    bad = true;
+                }
+                if want == 0 {
+                    continue;
+                }
+                if let Err(e) = mem.read_slice(&mut buf[len..len + want], d.addr()) {
+                    warn_limited!(
+                        "balloon: stats queue ({idx}): reading {:#x}+{want}: {e}",
+                        d.addr().0
+                    );
+                    bad = true;
+                    break;
+                }
+                len += want;
+            }
+            if bad || descs.too_many {
+                BalloonMetrics::inc(&metrics.invalid_buffers);
+                warn_limited!(
+                    "balloon: stats queue ({idx}): buffer {head} has writable, oversized or unreadable parts; ignored them"
+                );
+            }
+            let mut values = [None; NUM_STAT_TAGS];
+            let out = parse_stats(&buf[..len], &mut values);
+            if out.unknown_tags > 0 || out.truncated_bytes > 0 {
+                debug!(
+                    "balloon: stats queue ({idx}): {} unknown tags, {} trailing bytes ignored",
+                    out.unknown_tags, out.truncated_bytes
+                );
+            }
+            if out.entries > 0 {
+                self.latest_stats = Some(BalloonStats {
+                    values,
+                    updated: SystemTime::now(),
+                });
+                BalloonMetrics::inc(&metrics.stats_updates);
+            }
+            // A driver that follows the spec has one buffer outstanding; if
+            // it sends another, hand the old one back.
+            if let Some(old) = self.held_stats.replace(head) {
+                if let Err(e) = q.add_used(mem, old, 0) {
+                    drain.broken = Some(format!("returning buffer {old}: {e}"));
+                    break;
+                }
+                drain.used = true;
+            }
+        }
+        drain
+    }
+
+    /// The stats timer fired: hand the held buffer back so the guest
+    /// refills it.
+    pub(crate) fn request_stats(&mut self) {
+        if self.broken {
+            return;
+        }
+        let Some(idx) = self.queue_index(QueueKind::Stats) else {
+            return;
+        };
+        let Some(head) = self.held_stats.take() else {
+            return;
+        };
+        let mut drain = Drain::default();
+        if let Some(a) = self.active.as_mut() {
+            match a.queues[idx].queue.add_used(&a.mem, head, 0) {
+                Ok(()) => drain.used = true,
+                Err(e) => drain.broken = Some(format!("returning buffer {head}: {e}")),
+            }
+        }
+        BalloonMetrics::inc(&self.metrics.stats_requests);
+        self.finish_drain(idx, QueueKind::Stats, drain);
+    }
+}
+
+/// Shape checks for an inflate/deflate buffer: device-readable, non-empty,
+/// whole PFNs, bounded, inside guest memory.
+fn check_pfn_buffer(mem: &GuestMemory, descs: &Descs) -> Result<(), String> {
+    if descs.too_many {
+        return Err(format!("more than {MAX_CHAIN_DESCS} descriptors"));
+    }
+    let mut total = 0u64;
+    for d in descs.iter() {
+        if d.is_write_only() {
+            return Err(format!(
+                "descriptor at {:#x} is device-writable",
+                d.addr().0
+            ));
+        }
+        if d.len() == 0 || d.len() % 4 != 0 {
+            return Err(format!(
+                "length {} is not a non-zero multiple of 4",
+                d.len()
+            ));
+        }
+        total += u64::from(d.len());
+        if total > MAX_PFN_BUFFER_BYTES {
+            return Err(format!(
+                "more than {MAX_PFN_BUFFER_BYTES} bytes of PFNs ({total})"
+            ));
+        }
+        if !mem.check_range(d.addr(), d.len() as usize, vm_memory::Permissions::Read) {
+            return Err(format!(
+                "{:#x}+{:#x} is not guest memory",
+                d.addr().0,
+                d.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validate, merge and act on one batch of PFNs.
+#[allow(clippy::too_many_arguments)]
+fn apply_pfn_batch(
+    raw: &[u8],
+    inflate: bool,
+    idx: usize,
+    layout: &RamLayout,
+    batch: &mut PfnBatch,
+    bitmap: &mut PageBitmap,
+    discard: &dyn RamDiscard,
+    metrics: &BalloonMetrics,
+) {
+    let name = if inflate { "inflate" } else { "deflate" };
+    let out = batch.process(raw, layout);
+    if out.invalid > 0 {
+        BalloonMetrics::add(&metrics.invalid_pfns, out.invalid);
+        warn_limited!(
+            "balloon: {name} queue ({idx}): {} PFNs outside guest RAM skipped (first {:#x})",
+            out.invalid,
+            out.first_invalid.unwrap_or(0)
+        );
+    }
+    BalloonMetrics::add(&metrics.duplicate_pfns, out.duplicates);
+    if inflate {
+        BalloonMetrics::add(&metrics.inflate_pages, out.valid);
+    } else {
+        BalloonMetrics::add(&metrics.deflate_pages, out.valid);
+    }
+    for run in batch.runs() {
+        let range = run.range();
+        if inflate {
+            bitmap.update(run.bit, run.npages, true);
+            BalloonMetrics::inc(&metrics.discard_calls);
+            BalloonMetrics::add(&metrics.discard_bytes, range.len);
+            match discard.discard(range) {
+                Ok(o) => {
+                    BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
+                    BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
+                }
+                Err(e) => {
+                    BalloonMetrics::inc(&metrics.discard_errors);
+                    error_limited!("balloon: {name} queue ({idx}): {e}");
+                }
+            }
+        } else {
+            bitmap.update(run.bit, run.npages, false);
+            discard.will_need(range);
+        }
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BALLOON
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        queue_layout(self.acked_features)
+            .into_iter()
+            .map(QueueKind::max_size)
+            .collect()
+    }
+
+    fn max_queues(&self) -> usize {
+        queue_layout(self.avail_features).len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        if !self.config.read(offset, data) {
+            warn_limited!(
+                "balloon: config read of {} bytes at {offset:#x} outside the config space",
+                data.len()
+            );
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let w = self.config.write(offset, data);
+        if w.rejected_bytes {
+            warn_limited!(
+                "balloon: config write of {} bytes at {offset:#x} touches read-only or missing fields",
+                data.len()
+            );
+        }
+        if w.poison_changed {
+            debug!(
+                "balloon: guest set poison_val {:#x}",
+                self.config.poison_val
+            );
+        }
+        if w.actual_changed {
+            let ev = BalloonEvent::ActualChanged {
+                actual_pages: self.config.actual,
+                target_pages: self.config.num_pages,
+            };
+            self.emit(ev);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::Other("balloon is already active".into()));
+        }
+        let layout = queue_layout(self.acked_features);
+        if queues.len() != layout.len() || queue_evts.len() != layout.len() {
+            return Err(ActivateError::QueueCount {
+                expected: layout.len(),
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::BadQueue {
+                index,
+                reason: format!("{} queue is not ready", layout[index].name()),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues: layout
+                .into_iter()
+                .zip(queues)
+                .zip(queue_evts)
+                .map(|((kind, queue), evt)| ActiveQueue { kind, queue, evt })
+                .collect(),
+            registered: false,
+        });
+        self.broken = false;
+        self.held_stats = None;
+        // The event loop registers the queue eventfds and arms the timer.
+        self.request_timer_sync();
+        info!(
+            "balloon: activated with features {:#x}",
+            self.acked_features
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(a) = self.active.take()
+            && a.registered
+        {
+            self.stale_evts.extend(a.queues.into_iter().map(|q| q.evt));
+        }
+        self.acked_features = 0;
+        self.broken = false;
+        self.held_stats = None;
+        self.bitmap.clear();
+        self.config.actual = 0;
+        self.config.poison_val = 0;
+        self.hint.reset();
+        self.config.free_page_hint_cmd_id = self.hint.host_cmd_id();
+        self.request_timer_sync();
+        info!("balloon: reset");
+        true
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+}

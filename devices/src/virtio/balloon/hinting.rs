@@ -1,0 +1,421 @@
+//! Free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT), device side.
+//!
+//! The host starts a round by writing a fresh command id (>= 2) into
+//! `free_page_hint_cmd_id` and raising a config interrupt. The guest acks
+//! with a 4-byte device-readable buffer holding that id on the free-page
+//! queue, then sends device-writable buffers, each one free block (4 MiB on
+//! x86), and finally a readable buffer holding STOP (0). The hinted blocks
+//! stay allocated in the guest until the host writes DONE (1). Hints sent
+//! under an id other than the current one are stale and ignored.
+//!
+//! Hinted ranges go to a [`HintSink`] (live migration skips sending them);
+//! with no sink they are only counted, or discarded if `hint_discard` is
+//! configured (and page poisoning does not forbid it).
+
+use std::sync::Arc;
+
+use log::{debug, info};
+use serde::Serialize;
+use virtio_queue::QueueOwnedT;
+use virtio_queue::QueueT;
+use vm_memory::Bytes;
+
+use super::device::{Active, Balloon, Drain, collect_chain};
+use super::metrics::BalloonMetrics;
+use super::*;
+use crate::{GpaRange, warn_limited};
+
+/// Receives hinted free ranges (e.g. migration, to skip those pages).
+pub trait HintSink: Send + Sync {
+    /// `range` (4 KiB aligned, inside guest RAM) was hinted free during
+    /// round `cmd_id`. Called under the balloon's lock on the event loop:
+    /// must be quick and must not lock the balloon.
+    fn hinted(&self, cmd_id: u32, range: GpaRange);
+}
+
+/// Where a hinting round stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HintingState {
+    /// No round started since the device was created or reset.
+    Idle,
+    /// The host wrote a new id; the guest has not acked it yet.
+    Requested,
+    /// The guest acked the current id and is sending hints.
+    Running,
+    /// The guest (or the host) stopped the round; hinted pages are still
+    /// held by the guest.
+    Stopped,
+    /// The host wrote DONE: the guest frees the hinted pages.
+    Done,
+}
+
+/// A snapshot for the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HintingStatus {
+    /// The id in the config space (0 = STOP, 1 = DONE, >= 2 a round).
+    pub host_cmd_id: u32,
+    /// The last round id the guest acked (0 if none).
+    pub guest_cmd_id: u32,
+    pub state: HintingState,
+    /// 4 KiB pages hinted in the current round.
+    pub hinted_pages: u64,
+}
+
+/// What a guest command buffer did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestCmd {
+    /// The guest acked the current round.
+    Ack(u32),
+    /// The guest ended the round.
+    Stop,
+    /// An id that is not the current one: ignored.
+    Stale(u32),
+}
+
+/// The hinting protocol state (pure; the device wires it to queues).
+#[derive(Clone, Debug)]
+pub struct HintState {
+    host_cmd_id: u32,
+    guest_cmd_id: u32,
+    state: HintingState,
+    hinted_pages: u64,
+    last_id: u32,
+}
+
+impl Default for HintState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HintState {
+    pub fn new() -> Self {
+        Self {
+            host_cmd_id: FREE_PAGE_HINT_CMD_ID_STOP,
+            guest_cmd_id: 0,
+            state: HintingState::Idle,
+            hinted_pages: 0,
+            last_id: FREE_PAGE_HINT_CMD_ID_MIN - 1,
+        }
+    }
+
+    /// Start a new round; returns its id (>= 2, never the previous one).
+    pub fn start(&mut self) -> u32 {
+        let id = match self.last_id.checked_add(1) {
+            Some(id) if id >= FREE_PAGE_HINT_CMD_ID_MIN => id,
+            _ => FREE_PAGE_HINT_CMD_ID_MIN,
+        };
+        self.last_id = id;
+        self.host_cmd_id = id;
+        self.state = HintingState::Requested;
+        self.hinted_pages = 0;
+        id
+    }
+
+    /// The host ends the round (STOP).
+    pub fn stop(&mut self) {
+        self.host_cmd_id = FREE_PAGE_HINT_CMD_ID_STOP;
+        if self.state != HintingState::Idle {
+            self.state = HintingState::Stopped;
+        }
+    }
+
+    /// The host is done with the hints (DONE): the guest may reuse them.
+    pub fn done(&mut self) {
+        self.host_cmd_id = FREE_PAGE_HINT_CMD_ID_DONE;
+        self.state = HintingState::Done;
+    }
+
+    /// A command buffer from the guest.
+    pub fn on_guest_cmd(&mut self, id: u32) -> GuestCmd {
+        if id == FREE_PAGE_HINT_CMD_ID_STOP {
+            if matches!(self.state, HintingState::Running | HintingState::Requested) {
+                self.state = HintingState::Stopped;
+            }
+            return GuestCmd::Stop;
+        }
+        if id >= FREE_PAGE_HINT_CMD_ID_MIN
+            && id == self.host_cmd_id
+            && self.state == HintingState::Requested
+        {
+            self.guest_cmd_id = id;
+            self.state = HintingState::Running;
+            return GuestCmd::Ack(id);
+        }
+        GuestCmd::Stale(id)
+    }
+
+    /// The id hints are accepted under right now, if any.
+    pub fn accepting(&self) -> Option<u32> {
+        (self.state == HintingState::Running && self.guest_cmd_id == self.host_cmd_id)
+            .then_some(self.guest_cmd_id)
+    }
+
+    pub fn add_hinted(&mut self, pages: u64) {
+        self.hinted_pages += pages;
+    }
+
+    /// The id to show in the config space.
+    pub fn host_cmd_id(&self) -> u32 {
+        self.host_cmd_id
+    }
+
+    pub fn status(&self) -> HintingStatus {
+        HintingStatus {
+            host_cmd_id: self.host_cmd_id,
+            guest_cmd_id: self.guest_cmd_id,
+            state: self.state,
+            hinted_pages: self.hinted_pages,
+        }
+    }
+
+    /// Device reset: forget the round (ids keep increasing).
+    pub fn reset(&mut self) {
+        let last = self.last_id;
+        *self = Self::new();
+        self.last_id = last;
+    }
+}
+
+impl Balloon {
+    fn hinting_usable(&self) -> Result<(), Error> {
+        if !self.cfg.free_page_hint {
+            return Err(Error::HintingDisabled);
+        }
+        if self.active.is_none() || !self.has_acked(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
+            return Err(Error::HintingNotNegotiated(self.acked_features));
+        }
+        Ok(())
+    }
+
+    fn publish_hint_cmd(&mut self) {
+        self.config.free_page_hint_cmd_id = self.hint.host_cmd_id();
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.signal_config();
+    }
+
+    /// Start a free page hinting round: writes a new command id (>= 2)
+    /// into the config space and raises a config interrupt. Returns the id.
+    pub fn start_hinting(&mut self) -> Result<u32, Error> {
+        self.hinting_usable()?;
+        let id = self.hint.start();
+        BalloonMetrics::inc(&self.metrics.hint_rounds);
+        info!("balloon: free page hinting round {id} started");
+        self.publish_hint_cmd();
+        Ok(id)
+    }
+
+    /// Ask the guest to stop hinting (STOP). Hinted pages stay with the
+    /// host's sink until [`hinting_done`](Self::hinting_done).
+    pub fn stop_hinting(&mut self) -> Result<(), Error> {
+        self.hinting_usable()?;
+        self.hint.stop();
+        info!("balloon: free page hinting stopped by the host");
+        self.publish_hint_cmd();
+        Ok(())
+    }
+
+    /// Tell the guest the host is done with the hints (DONE): it frees the
+    /// hinted pages for reuse.
+    pub fn hinting_done(&mut self) -> Result<(), Error> {
+        self.hinting_usable()?;
+        self.hint.done();
+        info!("balloon: free page hinting done");
+        self.publish_hint_cmd();
+        Ok(())
+    }
+
+    /// Host id, guest-acked id, state and pages hinted in this round.
+    pub fn hinting_status(&self) -> HintingStatus {
+        self.hint.status()
+    }
+
+    /// Register (or with `None` remove) the receiver of hinted ranges.
+    pub fn set_hint_sink(&mut self, sink: Option<Arc<dyn HintSink>>) {
+        self.hint_sink = sink;
+    }
+
+    /// Free-page queue: command buffers (readable, 4 bytes) and hint
+    /// buffers (writable, one free block each).
+    pub(super) fn drain_free_page_queue(&mut self, idx: usize) -> Drain {
+        let mut drain = Drain::default();
+        let poison = self.poison_active();
+        let Some(a) = self.active.as_mut() else {
+            return drain;
+        };
+        let Active { mem, queues, .. } = a;
+        let mem = &*mem;
+        let q = &mut queues[idx].queue;
+        let metrics = &*self.metrics;
+        loop {
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    drain.broken = Some(format!("bad available ring: {e}"));
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let descs = match collect_chain(chain) {
+                Ok(d) => d,
+                Err(m) => {
+                    drain.broken = Some(format!("malformed chain at head {head}: {m:?}"));
+                    break;
+                }
+            };
+            let readable = descs.iter().filter(|d| !d.is_write_only()).count();
+            let writable = descs.n - readable;
+            if descs.too_many || (readable > 0 && writable > 0) {
+                BalloonMetrics::inc(&metrics.invalid_buffers);
+                BalloonMetrics::inc(&metrics.hints_ignored);
+                warn_limited!(
+                    "balloon: free_page queue ({idx}): buffer {head} mixes directions or is too long"
+                );
+            } else if readable > 0 {
+                // A command: exactly one le32.
+                let d = descs.d[0];
+                let mut id = [0u8; 4];
+                if readable != 1 || d.len() != 4 || mem.read_slice(&mut id, d.addr()).is_err() {
+                    BalloonMetrics::inc(&metrics.invalid_buffers);
+                    warn_limited!(
+                        "balloon: free_page queue ({idx}): command buffer {head} of {} bytes at {:#x} is not one le32",
+                        d.len(),
+                        d.addr().0
+                    );
+                } else {
+                    match self.hint.on_guest_cmd(u32::from_le_bytes(id)) {
+                        GuestCmd::Ack(id) => info!("balloon: guest started hinting round {id}"),
+                        GuestCmd::Stop => info!(
+                            "balloon: guest stopped hinting ({} pages hinted)",
+                            self.hint.status().hinted_pages
+                        ),
+                        GuestCmd::Stale(id) => {
+                            BalloonMetrics::inc(&metrics.hints_ignored);
+                            debug!("balloon: free_page queue ({idx}): stale command id {id}");
+                        }
+                    }
+                }
+            } else if let Some(cmd_id) = self.hint.accepting() {
+                for d in descs.iter() {
+                    let range = GpaRange::new(d.addr().0, u64::from(d.len()));
+                    let Some(run) = self.layout.run_of_range(range) else {
+                        BalloonMetrics::inc(&metrics.hints_ignored);
+                        warn_limited!(
+                            "balloon: free_page queue ({idx}): hint {range} is not aligned guest RAM"
+                        );
+                        continue;
+                    };
+                    self.hint.add_hinted(run.npages);
+                    BalloonMetrics::add(&metrics.hinted_pages, run.npages);
+                    if let Some(sink) = &self.hint_sink {
+                        sink.hinted(cmd_id, range);
+                    } else if self.cfg.hint_discard && !poison {
+                        discard_free_range(&*self.discard, metrics, range, "free_page", idx);
+                    }
+                }
+            } else {
+                BalloonMetrics::inc(&metrics.hints_ignored);
+                debug!(
+                    "balloon: free_page queue ({idx}): hint buffer {head} outside a running round ignored"
+                );
+            }
+            if let Err(e) = q.add_used(mem, head, 0) {
+                drain.broken = Some(format!("returning buffer {head}: {e}"));
+                break;
+            }
+            drain.used = true;
+        }
+        drain
+    }
+}
+
+/// Discard a free range reported or hinted by the guest.
+pub(super) fn discard_free_range(
+    discard: &dyn crate::RamDiscard,
+    metrics: &BalloonMetrics,
+    range: GpaRange,
+    queue: &str,
+    idx: usize,
+) {
+    BalloonMetrics::inc(&metrics.discard_calls);
+    BalloonMetrics::add(&metrics.discard_bytes, range.len);
+    match discard.discard(range) {
+        Ok(o) => {
+            BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
+            BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
+            BalloonMetrics::add(&metrics.reported_discard_bytes, range.len);
+        }
+        Err(e) => {
+            BalloonMetrics::inc(&metrics.discard_errors);
+            crate::error_limited!("balloon: {queue} queue ({idx}): {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_start_at_two_and_increase() {
+        let mut h = HintState::new();
+        assert_eq!(h.status().state, HintingState::Idle);
+        assert_eq!(h.host_cmd_id(), 0);
+        assert_eq!(h.start(), 2);
+        assert_eq!(h.start(), 3);
+        h.last_id = u32::MAX;
+        assert_eq!(h.start(), 2, "wraps past u32::MAX to 2, never 0 or 1");
+    }
+
+    #[test]
+    fn ack_then_hints_then_stop() {
+        let mut h = HintState::new();
+        let id = h.start();
+        assert_eq!(h.accepting(), None, "no hints before the guest acks");
+        assert_eq!(h.on_guest_cmd(id), GuestCmd::Ack(id));
+        assert_eq!(h.accepting(), Some(id));
+        h.add_hinted(1024);
+        assert_eq!(h.on_guest_cmd(0), GuestCmd::Stop);
+        assert_eq!(h.accepting(), None);
+        let s = h.status();
+        assert_eq!(s.state, HintingState::Stopped);
+        assert_eq!(s.hinted_pages, 1024);
+        assert_eq!(s.guest_cmd_id, id);
+        h.done();
+        assert_eq!(h.host_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
+        assert_eq!(h.status().state, HintingState::Done);
+    }
+
+    #[test]
+    fn stale_ids_are_ignored() {
+        let mut h = HintState::new();
+        let old = h.start();
+        assert_eq!(h.on_guest_cmd(old), GuestCmd::Ack(old));
+        let new = h.start();
+        // Hints under the old id stop being accepted at once.
+        assert_eq!(h.accepting(), None);
+        assert_eq!(h.on_guest_cmd(old), GuestCmd::Stale(old));
+        assert_eq!(h.on_guest_cmd(1), GuestCmd::Stale(1));
+        assert_eq!(h.on_guest_cmd(new + 5), GuestCmd::Stale(new + 5));
+        assert_eq!(h.on_guest_cmd(new), GuestCmd::Ack(new));
+        // A second ack of the same id is stale too.
+        assert_eq!(h.on_guest_cmd(new), GuestCmd::Stale(new));
+        assert_eq!(h.status().hinted_pages, 0, "a new round restarts the count");
+    }
+
+    #[test]
+    fn host_stop_ends_acceptance() {
+        let mut h = HintState::new();
+        let id = h.start();
+        h.on_guest_cmd(id);
+        h.stop();
+        assert_eq!(h.accepting(), None);
+        assert_eq!(h.host_cmd_id(), 0);
+        assert_eq!(h.on_guest_cmd(id), GuestCmd::Stale(id));
+        h.reset();
+        assert_eq!(h.status().state, HintingState::Idle);
+        assert_eq!(h.start(), id + 1, "ids keep increasing across resets");
+    }
+}

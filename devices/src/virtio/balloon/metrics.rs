@@ -1,0 +1,104 @@
+//! Balloon counters: plain atomics, cheap to bump on the hot path and safe to
+//! read from any thread (the API's metrics endpoint takes a snapshot).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! balloon_metrics {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters of one balloon device.
+        #[derive(Debug, Default)]
+        pub struct BalloonMetrics {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of [`BalloonMetrics`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct BalloonMetricsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl BalloonMetrics {
+            pub fn snapshot(&self) -> BalloonMetricsSnapshot {
+                BalloonMetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+balloon_metrics! {
+    /// Buffers taken from the inflate queue.
+    inflate_requests,
+    /// Distinct valid PFNs inflated.
+    inflate_pages,
+    /// Buffers taken from the deflate queue.
+    deflate_requests,
+    /// Distinct valid PFNs deflated.
+    deflate_pages,
+    /// Deflates that took the balloon below the target (deflate on OOM).
+    deflate_below_target,
+    /// `RamDiscard::discard` calls (inflate, reporting, hinting).
+    discard_calls,
+    /// Bytes asked to be discarded.
+    discard_bytes,
+    /// Bytes the backing reported as released.
+    discard_released_bytes,
+    /// Syscalls the backing issued.
+    discard_syscalls,
+    /// Failed discard calls.
+    discard_errors,
+    /// Stats buffers parsed.
+    stats_updates,
+    /// Stats buffers handed back to ask for fresh values.
+    stats_requests,
+    /// PFNs outside guest RAM, skipped.
+    invalid_pfns,
+    /// PFNs repeated inside one buffer.
+    duplicate_pfns,
+    /// Buffers rejected for their shape (direction, length, size).
+    invalid_buffers,
+    /// Malformed queues (loops, bad indexes) that made the device need a reset.
+    queue_errors,
+    /// Used-buffer interrupts raised.
+    vring_interrupts,
+    /// Configuration-change interrupts raised.
+    config_interrupts,
+    /// Free page hinting rounds started by the host.
+    hint_rounds,
+    /// 4 KiB pages hinted free under the current command id.
+    hinted_pages,
+    /// Hint buffers ignored (stale id, wrong direction, outside RAM).
+    hints_ignored,
+    /// 4 KiB pages reported free by free page reporting.
+    reported_pages,
+    /// Bytes discarded because of reports or hints.
+    reported_discard_bytes,
+}
+
+impl BalloonMetrics {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_copies_counters() {
+        let m = BalloonMetrics::default();
+        BalloonMetrics::inc(&m.inflate_requests);
+        BalloonMetrics::add(&m.inflate_pages, 256);
+        let s = m.snapshot();
+        assert_eq!(s.inflate_requests, 1);
+        assert_eq!(s.inflate_pages, 256);
+        assert_eq!(s.deflate_pages, 0);
+    }
+}

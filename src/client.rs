@@ -1,0 +1,599 @@
+//! `blimp balloon|vm|migrate|snapshot|metrics|events ...`: commands that talk
+//! to a running blimp through its API socket (`--api-sock`).
+//!
+//! Needs only `api`, `clap` and `serde_json` (progress bars come from
+//! `api::indicatif`). The root binary flattens [`ClientCommand`] into its
+//! subcommands and calls [`run`].
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use api::client::{ApiClient, ClientError};
+use api::indicatif::{ProgressBar, ProgressStyle};
+use api::size::{format_bytes, format_mib, parse_size};
+use api::types::{
+    BalloonInfo, BalloonStats, MigrationDestination, MigrationRequest, MigrationState,
+    MigrationStatus, PAGE_SIZE, SnapshotRequest, VmInfo, VmState, mib_to_pages, pages_to_mib,
+};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+/// Where the API is and how to print.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// API socket of the running blimp (its --api-sock)
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Print JSON (for scripts) instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Inspect or resize the memory balloon of a running VM
+    Balloon {
+        #[command(subcommand)]
+        cmd: BalloonCommand,
+    },
+    /// Pause, resume, shut down or describe a running VM
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCommand,
+    },
+    /// Live-migrate a running VM and follow its progress
+    Migrate(MigrateArgs),
+    /// Write a snapshot of a running VM to a file
+    Snapshot(SnapshotArgs),
+    /// Print the Prometheus metrics of a running VM
+    Metrics(Conn),
+    /// Follow the events of a running VM (one per line)
+    Events(EventsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BalloonCommand {
+    /// Set the balloon size, i.e. the memory taken from the guest
+    Set(BalloonSetArgs),
+    /// Show the balloon's configuration and size
+    Get(Conn),
+    /// Show the guest memory statistics reported through the balloon
+    Stats(Conn),
+    /// Set how often the guest is asked for statistics (0 = never)
+    StatsInterval {
+        #[command(flatten)]
+        conn: Conn,
+        /// Seconds between requests; 0 turns polling off
+        seconds: u32,
+    },
+    /// Free page hinting: start a round, show it, stop it or release the pages
+    Hint {
+        #[command(subcommand)]
+        cmd: HintCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HintCommand {
+    /// Ask the guest to hint its free pages (new command id)
+    Start(Conn),
+    /// Show the state of the current round
+    Status(Conn),
+    /// Stop the current round
+    Stop(Conn),
+    /// Let the guest reuse the hinted pages
+    Done(Conn),
+}
+
+#[derive(Args, Debug)]
+pub struct BalloonSetArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Balloon size: 512M, 1G, 256MiB, 1.5G; a plain number is MiB
+    #[arg(value_name = "SIZE", value_parser = parse_size_arg)]
+    pub size_mib: u64,
+    /// Wait, with a progress bar, until the guest has reached the size
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (exit status 1)
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Pause the vCPUs
+    Pause(Conn),
+    /// Resume the vCPUs
+    Resume(Conn),
+    /// Shut the VM down and stop blimp
+    Shutdown(Conn),
+    /// Show the VM's state, memory, vCPUs and uptime
+    Info(Conn),
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Destination: file:///path, unix:///path or tcp://IP:PORT
+    #[arg(long, value_name = "URL", value_parser = parse_destination_arg)]
+    pub to: MigrationDestination,
+    /// Do not use free page hinting to skip free guest memory
+    #[arg(long)]
+    pub no_hints: bool,
+    /// Allowed downtime in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = api::types::DEFAULT_DOWNTIME_MS)]
+    pub downtime_ms: u64,
+    /// Most pre-copy rounds before the final stop-and-copy
+    #[arg(long, value_name = "N")]
+    pub max_rounds: Option<u32>,
+    /// Start the migration and return without following it
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// File to write (relative paths are made absolute here)
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Stop after this many events
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_destination_arg(s: &str) -> Result<MigrationDestination, String> {
+    MigrationDestination::parse(s)
+}
+
+/// Run a client command. `Err` carries the message to print; exit with 1.
+pub fn run(cmd: ClientCommand) -> Result<(), String> {
+    match cmd {
+        ClientCommand::Balloon { cmd } => balloon(cmd),
+        ClientCommand::Vm { cmd } => vm(cmd),
+        ClientCommand::Migrate(args) => migrate(args),
+        ClientCommand::Snapshot(args) => snapshot(args),
+        ClientCommand::Metrics(conn) => {
+            let text = client(&conn)?.metrics().map_err(err)?;
+            print!("{text}");
+            Ok(())
+        }
+        ClientCommand::Events(args) => events(args),
+    }
+}
+
+fn client(conn: &Conn) -> Result<ApiClient, String> {
+    ApiClient::new(&conn.api_sock).map_err(err)
+}
+
+fn err(e: ClientError) -> String {
+    e.to_string()
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    println!("{s}");
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn mib_pages(mib: u64, pages: u64) -> String {
+    format!("{} ({pages} pages)", format_mib(mib))
+}
+
+fn print_balloon(b: &BalloonInfo) {
+    println!(
+        "target:              {}",
+        mib_pages(b.target_mib, b.target_pages)
+    );
+    println!(
+        "actual:              {}",
+        mib_pages(b.actual_mib, b.actual_pages)
+    );
+    println!("deflate on OOM:      {}", yes_no(b.deflate_on_oom));
+    println!("must tell host:      {}", yes_no(b.must_tell_host));
+    println!("free page hinting:   {}", yes_no(b.free_page_hint));
+    println!("free page reporting: {}", yes_no(b.free_page_reporting));
+    println!("page poison:         {}", yes_no(b.page_poison));
+    if b.stats_polling_interval_s == 0 {
+        println!("statistics polling:  off");
+    } else {
+        println!(
+            "statistics polling:  every {} s",
+            b.stats_polling_interval_s
+        );
+    }
+}
+
+fn print_stats(s: &BalloonStats) {
+    println!(
+        "balloon target:      {}",
+        mib_pages(s.target_mib, s.target_pages)
+    );
+    println!(
+        "balloon actual:      {}",
+        mib_pages(s.actual_mib, s.actual_pages)
+    );
+    let bytes = [
+        ("total memory", s.total_memory),
+        ("free memory", s.free_memory),
+        ("available memory", s.available_memory),
+        ("disk caches", s.disk_caches),
+        ("swapped in", s.swap_in),
+        ("swapped out", s.swap_out),
+    ];
+    for (name, v) in bytes {
+        if let Some(v) = v {
+            println!("{:<20} {}", format!("{name}:"), format_bytes(v));
+        }
+    }
+    let counts = [
+        ("major faults", s.major_faults),
+        ("minor faults", s.minor_faults),
+        ("hugetlb allocations", s.hugetlb_allocations),
+        ("hugetlb failures", s.hugetlb_failures),
+        ("OOM kills", s.oom_kill),
+        ("alloc stalls", s.alloc_stall),
+        ("async scans", s.async_scan),
+        ("direct scans", s.direct_scan),
+        ("async reclaims", s.async_reclaim),
+        ("direct reclaims", s.direct_reclaim),
+    ];
+    for (name, v) in counts {
+        if let Some(v) = v {
+            println!("{:<20} {v}", format!("{name}:"));
+        }
+    }
+    match s.last_update {
+        Some(t) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(t);
+            println!("last update:         {} s ago", now.saturating_sub(t));
+        }
+        None => println!("last update:         never (statistics not reported yet)"),
+    }
+    println!("hinting rounds:      {}", s.hint_rounds);
+    println!(
+        "hinted:              {}",
+        format_bytes(s.hinted_pages.saturating_mul(PAGE_SIZE))
+    );
+    println!(
+        "reported:            {}",
+        format_bytes(s.reported_pages.saturating_mul(PAGE_SIZE))
+    );
+    println!("discarded:           {}", format_bytes(s.discarded_bytes));
+}
+
+fn balloon(cmd: BalloonCommand) -> Result<(), String> {
+    match cmd {
+        BalloonCommand::Set(args) => balloon_set(args),
+        BalloonCommand::Get(conn) => {
+            let b = client(&conn)?.balloon().map_err(err)?;
+            if conn.json {
+                print_json(&b)
+            } else {
+                print_balloon(&b);
+                Ok(())
+            }
+        }
+        BalloonCommand::Stats(conn) => {
+            let s = client(&conn)?.balloon_stats().map_err(err)?;
+            if conn.json {
+                print_json(&s)
+            } else {
+                print_stats(&s);
+                Ok(())
+            }
+        }
+        BalloonCommand::StatsInterval { conn, seconds } => {
+            client(&conn)?.set_stats_interval(seconds).map_err(err)?;
+            if !conn.json {
+                if seconds == 0 {
+                    println!("statistics polling turned off");
+                } else {
+                    println!("statistics polled every {seconds} s");
+                }
+            }
+            Ok(())
+        }
+        BalloonCommand::Hint { cmd } => hint(cmd),
+    }
+}
+
+fn hint(cmd: HintCommand) -> Result<(), String> {
+    match cmd {
+        HintCommand::Start(conn) => {
+            let r = client(&conn)?.hinting_start().map_err(err)?;
+            if conn.json {
+                print_json(&r)
+            } else {
+                println!("free page hinting started (command id {})", r.cmd_id);
+                Ok(())
+            }
+        }
+        HintCommand::Status(conn) => {
+            let s = client(&conn)?.hinting_status().map_err(err)?;
+            if conn.json {
+                return print_json(&s);
+            }
+            println!("state:        {:?}", s.state);
+            println!("host cmd id:  {}", s.host_cmd_id);
+            match s.guest_cmd_id {
+                Some(g) => println!("guest cmd id: {g}"),
+                None => println!("guest cmd id: (no answer yet)"),
+            }
+            println!(
+                "hinted:       {} ({} pages)",
+                format_bytes(s.hinted_pages.saturating_mul(PAGE_SIZE)),
+                s.hinted_pages
+            );
+            Ok(())
+        }
+        HintCommand::Stop(conn) => {
+            client(&conn)?.hinting_stop().map_err(err)?;
+            if !conn.json {
+                println!("free page hinting stopped");
+            }
+            Ok(())
+        }
+        HintCommand::Done(conn) => {
+            client(&conn)?.hinting_done().map_err(err)?;
+            if !conn.json {
+                println!("hinted pages released to the guest");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// How often `--wait` polls.
+const POLL: Duration = Duration::from_millis(100);
+
+fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
+    let c = client(&args.conn)?;
+    c.set_balloon(args.size_mib).map_err(err)?;
+    let target_pages = mib_to_pages(args.size_mib);
+    if !args.wait {
+        if args.conn.json {
+            return print_json(&c.balloon().map_err(err)?);
+        }
+        println!("balloon target set to {}", format_mib(args.size_mib));
+        return Ok(());
+    }
+    let first = c.balloon().map_err(err)?;
+    let start = first.actual_pages;
+    let distance = start.abs_diff(target_pages);
+    let bar = if args.conn.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(distance.max(1))
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:40}] {msg} ({elapsed})")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let mut b = first;
+    loop {
+        let moved = start.abs_diff(b.actual_pages).min(distance);
+        bar.set_position(moved);
+        bar.set_message(format!(
+            "{} of {}",
+            format_mib(pages_to_mib(b.actual_pages)),
+            format_mib(args.size_mib)
+        ));
+        if b.target_pages != target_pages {
+            bar.abandon();
+            return Err(format!(
+                "the balloon target was changed to {} by another request",
+                format_mib(b.target_mib)
+            ));
+        }
+        if b.actual_pages == target_pages {
+            bar.finish();
+            break;
+        }
+        if Instant::now() >= deadline {
+            bar.abandon();
+            return Err(format!(
+                "timed out after {} s: the balloon is at {} of its {} target",
+                args.timeout,
+                format_mib(b.actual_mib),
+                format_mib(args.size_mib)
+            ));
+        }
+        std::thread::sleep(POLL);
+        b = c.balloon().map_err(err)?;
+    }
+    if args.conn.json {
+        print_json(&b)
+    } else {
+        println!("balloon is at {}", format_mib(args.size_mib));
+        Ok(())
+    }
+}
+
+fn fmt_uptime(s: u64) -> String {
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h {m}m {s}s")
+    } else if h > 0 {
+        format!("{h}h {m}m {s}s")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn print_vm(v: &VmInfo) {
+    println!("state:   {}", v.state);
+    println!("memory:  {}", format_mib(v.memory_mib));
+    println!("vcpus:   {}", v.vcpus);
+    println!("uptime:  {}", fmt_uptime(v.uptime_s));
+    println!("balloon: {}", yes_no(v.balloon));
+}
+
+fn vm(cmd: VmCommand) -> Result<(), String> {
+    let (conn, state, done) = match cmd {
+        VmCommand::Info(conn) => {
+            let v = client(&conn)?.vm_info().map_err(err)?;
+            return if conn.json {
+                print_json(&v)
+            } else {
+                print_vm(&v);
+                Ok(())
+            };
+        }
+        VmCommand::Shutdown(conn) => {
+            client(&conn)?.shutdown_vm().map_err(err)?;
+            if !conn.json {
+                println!("VM shutting down");
+            }
+            return Ok(());
+        }
+        VmCommand::Pause(conn) => (conn, VmState::Paused, "VM paused"),
+        VmCommand::Resume(conn) => (conn, VmState::Running, "VM resumed"),
+    };
+    client(&conn)?.set_vm_state(state).map_err(err)?;
+    if !conn.json {
+        println!("{done}");
+    }
+    Ok(())
+}
+
+fn print_migration(m: &MigrationStatus) {
+    let mut line = format!(
+        "{:?} after {:.1} s, {} rounds: {} pages sent ({}), {} hinted free, {} zero",
+        m.state,
+        m.elapsed_ms as f64 / 1000.0,
+        m.round,
+        m.pages_sent,
+        format_bytes(m.bytes_sent),
+        m.pages_hinted,
+        m.pages_zero
+    );
+    if let Some(d) = m.downtime_ms {
+        line.push_str(&format!(", downtime {d} ms"));
+    }
+    println!("{line}");
+}
+
+fn migrate(args: MigrateArgs) -> Result<(), String> {
+    let c = client(&args.conn)?;
+    let req = MigrationRequest {
+        destination: args.to.clone(),
+        downtime_ms: args.downtime_ms,
+        free_page_hints: !args.no_hints,
+        max_rounds: args.max_rounds,
+    };
+    c.start_migration(&req).map_err(err)?;
+    if args.no_wait {
+        if !args.conn.json {
+            println!("migration to {} started", args.to);
+        }
+        return Ok(());
+    }
+    let bar = if args.conn.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:40}] {percent:>3}% {msg} ({elapsed})")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    let status = loop {
+        let m = c.migration().map_err(err)?;
+        bar.set_length(m.total_pages.max(1));
+        bar.set_position(m.total_pages.saturating_sub(m.remaining_pages));
+        bar.set_message(format!(
+            "{:?}, round {}, {} sent",
+            m.state,
+            m.round,
+            format_bytes(m.bytes_sent)
+        ));
+        if m.state.is_finished() || m.state == MigrationState::Idle {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if status.state == MigrationState::Completed {
+        bar.finish();
+    } else {
+        bar.abandon();
+    }
+    if args.conn.json {
+        print_json(&status)?;
+    } else {
+        print_migration(&status);
+    }
+    match status.state {
+        MigrationState::Completed => Ok(()),
+        MigrationState::Failed => Err(format!(
+            "migration failed: {}",
+            status.error.as_deref().unwrap_or("no reason given")
+        )),
+        MigrationState::Cancelled => Err("migration was cancelled".into()),
+        other => Err(format!("migration ended in state {other:?}")),
+    }
+}
+
+fn snapshot(args: SnapshotArgs) -> Result<(), String> {
+    let path = std::path::absolute(&args.path)
+        .map_err(|e| format!("cannot resolve {}: {e}", args.path.display()))?;
+    client(&args.conn)?
+        .snapshot(&SnapshotRequest { path: path.clone() })
+        .map_err(err)?;
+    if !args.conn.json {
+        println!("snapshot written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn events(args: EventsArgs) -> Result<(), String> {
+    let c = client(&args.conn)?.with_timeout(Duration::from_secs(5));
+    let mut stream = c.events().map_err(err)?;
+    let mut seen = 0u64;
+    while args.count.is_none_or(|n| seen < n) {
+        match stream.next_event(Duration::from_secs(3600)) {
+            Ok(Some(ev)) => {
+                seen += 1;
+                if args.conn.json {
+                    let line = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
+                    println!("{line}");
+                } else {
+                    let mut fields = serde_json::to_value(&ev.event).unwrap_or(Value::Null);
+                    if let Some(o) = fields.as_object_mut() {
+                        o.remove("type");
+                    }
+                    println!("{:>6} {} {}", ev.seq, ev.event.kind(), fields);
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(ClientError::Timeout { .. }) => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The VMM side of the REST API: requests arrive from the API server thread
+//! over a channel and wake the event loop through an eventfd; this handler
+//! answers each on the VMM thread, the only writer of VM state.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, UNIX_EPOCH};
+
+use api::types::{
+    self, BalloonInfo, BalloonPatch, HintingStarted, StatsPatch, VmInfo, VmState, VmmMetrics,
+};
+use api::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
+use devices::virtio::balloon::{self, Balloon};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::exit::{ExitReason, VmExit};
+use crate::vcpu::Vcpus;
+
+const PAGES_PER_MIB: u64 = 256;
+
+/// What the handler needs to see and change.
+pub struct ApiContext {
+    pub vcpus: Arc<Vcpus>,
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+    pub exit: Arc<VmExit>,
+    pub memory_bytes: u64,
+    pub vcpu_count: u8,
+    pub started: Instant,
+    pub vcpu_stats: Arc<crate::vcpu::VcpuStats>,
+}
+
+/// The event-loop subscriber that drains API requests.
+pub struct ApiHandler {
+    wake: EventFd,
+    rx: ApiReceiver,
+    events: EventHub,
+    ctx: ApiContext,
+}
+
+fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Translate a device hinting state into the API's.
+fn hinting_state(s: balloon::HintingState) -> types::HintingState {
+    match s {
+        balloon::HintingState::Idle => types::HintingState::Idle,
+        balloon::HintingState::Requested => types::HintingState::Requested,
+        balloon::HintingState::Running => types::HintingState::Running,
+        balloon::HintingState::Stopped => types::HintingState::Stopped,
+        balloon::HintingState::Done => types::HintingState::Done,
+    }
+}
+
+/// A BalloonChanged event for the given sizes in pages.
+pub fn balloon_event(target_pages: u64, actual_pages: u64) -> ApiEvent {
+    ApiEvent::BalloonChanged {
+        target_mib: target_pages / PAGES_PER_MIB,
+        actual_mib: actual_pages / PAGES_PER_MIB,
+        target_pages,
+        actual_pages,
+    }
+}
+
+fn balloon_error(e: balloon::Error) -> ApiResponse {
+    match e {
+        balloon::Error::HintingDisabled => ApiResponse::feature_not_negotiated("free_page_hint"),
+        balloon::Error::HintingNotNegotiated(_) => {
+            ApiResponse::feature_not_negotiated("free_page_hint")
+        }
+        other => ApiResponse::bad_request(other.to_string()),
+    }
+}
+
+impl ApiHandler {
+    pub fn new(wake: EventFd, rx: ApiReceiver, ctx: ApiContext) -> Self {
+        let events = rx.event_hub();
+        Self {
+            wake,
+            rx,
+            events,
+            ctx,
+        }
+    }
+
+    fn state(&self) -> VmState {
+        if self.ctx.vcpus.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    fn balloon(&self) -> Result<&Arc<Mutex<Balloon>>, ApiResponse> {
+        self.ctx
+            .balloon
+            .as_ref()
+            .ok_or_else(ApiResponse::no_balloon)
+    }
+
+    fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        let r = match req {
+            ApiRequest::GetVm => Ok(ApiResponse::ok(&VmInfo {
+                state: self.state(),
+                memory_mib: self.ctx.memory_bytes >> 20,
+                vcpus: u32::from(self.ctx.vcpu_count),
+                uptime_s: self.ctx.started.elapsed().as_secs(),
+                balloon: self.ctx.balloon.is_some(),
+            })),
+            ApiRequest::PatchVm(p) => Ok(self.set_state(p.state)),
+            ApiRequest::Shutdown => {
+                self.events.publish(ApiEvent::ShuttingDown {
+                    reason: "shutdown requested through the API".into(),
+                });
+                self.ctx.exit.stop(ExitReason::Shutdown);
+                Ok(ApiResponse::no_content())
+            }
+            ApiRequest::GetBalloon => self.get_balloon(),
+            ApiRequest::PatchBalloon(p) => self.patch_balloon(p),
+            ApiRequest::GetBalloonStats => self.balloon_stats(),
+            ApiRequest::PatchBalloonStats(p) => self.patch_stats(p),
+            ApiRequest::GetMetrics => Ok(ApiResponse::ok(&self.metrics())),
+            ApiRequest::HintingStart => self.balloon().map(|b| match lock(b).start_hinting() {
+                Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::HintingStatus => self.balloon().map(|b| {
+                let s = lock(b).hinting_status();
+                ApiResponse::ok(&types::HintingStatus {
+                    host_cmd_id: s.host_cmd_id,
+                    guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
+                    state: hinting_state(s.state),
+                    hinted_pages: s.hinted_pages,
+                })
+            }),
+            ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::HintingDone => self.balloon().map(|b| match lock(b).hinting_done() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::PutMigration(_)
+            | ApiRequest::GetMigration
+            | ApiRequest::CancelMigration
+            | ApiRequest::PutSnapshot(_) => Ok(ApiResponse::error(
+                501,
+                "migration and snapshots are not available in this build yet",
+            )),
+        };
+        r.unwrap_or_else(|e| e)
+    }
+
+    fn set_state(&mut self, want: VmState) -> ApiResponse {
+        if want == self.state() {
+            return ApiResponse::already_in_state(want);
+        }
+        match want {
+            VmState::Paused => self.ctx.vcpus.pause(),
+            VmState::Running => self.ctx.vcpus.resume(),
+        }
+        self.events
+            .publish(ApiEvent::VmStateChanged { state: want });
+        ApiResponse::no_content()
+    }
+
+    fn get_balloon(&self) -> Result<ApiResponse, ApiResponse> {
+        let b = lock(self.balloon()?);
+        let cfg = b.config();
+        let (target, actual) = (u64::from(b.target_pages()), u64::from(b.actual_pages()));
+        Ok(ApiResponse::ok(&BalloonInfo {
+            deflate_on_oom: cfg.deflate_on_oom,
+            must_tell_host: cfg.must_tell_host,
+            stats_polling_interval_s: b.stats_polling_interval(),
+            free_page_hint: cfg.free_page_hint,
+            free_page_reporting: cfg.free_page_reporting,
+            page_poison: cfg.page_poison,
+            target_mib: target / PAGES_PER_MIB,
+            actual_mib: actual / PAGES_PER_MIB,
+            target_pages: target,
+            actual_pages: actual,
+        }))
+    }
+
+    fn patch_balloon(&self, p: BalloonPatch) -> Result<ApiResponse, ApiResponse> {
+        let guest_mib = self.ctx.memory_bytes >> 20;
+        if p.target_mib > guest_mib {
+            return Err(ApiResponse::target_too_large(p.target_mib, guest_mib));
+        }
+        let pages = u32::try_from(p.target_mib * PAGES_PER_MIB)
+            .map_err(|_| ApiResponse::target_too_large(p.target_mib, guest_mib))?;
+        let mut b = lock(self.balloon()?);
+        b.set_target_pages(pages).map_err(balloon_error)?;
+        Ok(ApiResponse::no_content())
+    }
+
+    fn balloon_stats(&self) -> Result<ApiResponse, ApiResponse> {
+        let b = lock(self.balloon()?);
+        let (target, actual) = (u64::from(b.target_pages()), u64::from(b.actual_pages()));
+        let m = b.metrics().snapshot();
+        let mut s = types::BalloonStats {
+            target_pages: target,
+            actual_pages: actual,
+            target_mib: target / PAGES_PER_MIB,
+            actual_mib: actual / PAGES_PER_MIB,
+            hint_rounds: m.hint_rounds,
+            hinted_pages: m.hinted_pages,
+            reported_pages: m.reported_pages,
+            discarded_bytes: m.discard_released_bytes,
+            ..Default::default()
+        };
+        if let Some(st) = b.latest_stats() {
+            let v = |name| st.by_name(name);
+            s.swap_in = v("swap_in");
+            s.swap_out = v("swap_out");
+            s.major_faults = v("major_faults");
+            s.minor_faults = v("minor_faults");
+            s.free_memory = v("free_memory");
+            s.total_memory = v("total_memory");
+            s.available_memory = v("available_memory");
+            s.disk_caches = v("disk_caches");
+            s.hugetlb_allocations = v("hugetlb_allocations");
+            s.hugetlb_failures = v("hugetlb_failures");
+            s.oom_kill = v("oom_kill");
+            s.alloc_stall = v("alloc_stall");
+            s.async_scan = v("async_scan");
+            s.direct_scan = v("direct_scan");
+            s.async_reclaim = v("async_reclaim");
+            s.direct_reclaim = v("direct_reclaim");
+            s.last_update = st
+                .updated
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        }
+        Ok(ApiResponse::ok(&s))
+    }
+
+    fn patch_stats(&self, p: StatsPatch) -> Result<ApiResponse, ApiResponse> {
+        let mut b = lock(self.balloon()?);
+        b.set_stats_polling_interval(p.stats_polling_interval_s)
+            .map_err(balloon_error)?;
+        Ok(ApiResponse::no_content())
+    }
+
+    fn metrics(&self) -> VmmMetrics {
+        let mut m = VmmMetrics::default();
+        if let Some(b) = &self.ctx.balloon {
+            let snap = lock(b).metrics().snapshot();
+            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(snap) {
+                for (k, v) in map {
+                    if let Some(n) = v.as_u64() {
+                        m.counters.insert(format!("balloon_{k}"), n);
+                    }
+                }
+            }
+        }
+        let st = &self.ctx.vcpu_stats;
+        m.counters.insert(
+            "vcpu_io_exits".into(),
+            st.io_exits.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        m.counters.insert(
+            "vcpu_mmio_exits".into(),
+            st.mmio_exits.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        m.gauges.insert(
+            "uptime_seconds".into(),
+            self.ctx.started.elapsed().as_secs_f64(),
+        );
+        m
+    }
+}
+
+impl MutEventSubscriber for ApiHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
+            log::error!("api: cannot watch the wake eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() != self.wake.as_raw_fd() {
+            return;
+        }
+        let _ = self.wake.read();
+        while let Some((req, responder)) = self.rx.try_recv() {
+            log::debug!("api: {req:?}");
+            responder.respond(self.handle(req));
+        }
+    }
+}
