@@ -15,6 +15,10 @@ pub struct Memory {
     pub frames: FrameAllocator<'static>,
     /// One [`Record`] per frame (indexed by PFN).
     records: &'static mut [u32],
+    /// PFNs currently given to the balloon device (a stack, `balloon_len`
+    /// entries used; room for every frame).
+    balloon: &'static mut [u32],
+    balloon_len: usize,
     /// Total e820 RAM in bytes and number of RAM regions.
     pub ram_bytes: u64,
     pub ram_regions: usize,
@@ -23,8 +27,6 @@ pub struct Memory {
     nseeds: usize,
     /// Number of frames with a fill record.
     pub filled: u64,
-    e820: [E820; bp::E820_MAX],
-    e820_len: usize,
 }
 
 impl Memory {
@@ -50,7 +52,8 @@ impl Memory {
         let words = bitmap_words(nframes);
         let bitmap_bytes = (words as u64 * 8).next_multiple_of(PAGE_SIZE);
         let records_bytes = (nframes * 4).next_multiple_of(PAGE_SIZE);
-        let need = bitmap_bytes + records_bytes;
+        let balloon_bytes = records_bytes;
+        let need = bitmap_bytes + records_bytes + balloon_bytes;
 
         let (img_start, img_end) = boot::image_range();
         let img_end = img_end.next_multiple_of(PAGE_SIZE);
@@ -68,11 +71,15 @@ impl Memory {
         let base = place.ok_or("no room for the frame bitmap")?;
         // SAFETY: [base, base + need) is RAM owned by nobody else (checked
         // against the image and the low MiB above) and identity-mapped.
-        let (bits, records) = unsafe {
+        let (bits, records, balloon) = unsafe {
             (
                 core::slice::from_raw_parts_mut(base as *mut u64, words),
                 core::slice::from_raw_parts_mut(
                     (base + bitmap_bytes) as *mut u32,
+                    nframes as usize,
+                ),
+                core::slice::from_raw_parts_mut(
+                    (base + bitmap_bytes + records_bytes) as *mut u32,
                     nframes as usize,
                 ),
             )
@@ -91,24 +98,13 @@ impl Memory {
         Ok(Memory {
             frames,
             records,
+            balloon,
+            balloon_len: 0,
             ram_bytes,
             ram_regions,
             seeds: [0; MAX_SEED_SLOTS + 1],
             nseeds: 0,
             filled: 0,
-            e820,
-            e820_len: n,
-        })
-    }
-
-    pub fn e820(&self) -> &[E820] {
-        &self.e820[..self.e820_len]
-    }
-
-    /// Whether `[addr, addr+len)` lies inside one e820 RAM region.
-    pub fn is_ram(&self, addr: u64, len: u64) -> bool {
-        self.e820().iter().any(|e| {
-            e.kind == bp::E820_RAM && addr >= e.addr && addr.saturating_add(len) <= e.end()
         })
     }
 
@@ -129,6 +125,24 @@ impl Memory {
         }
     }
 
+    /// Records `pfn` as given to the balloon.
+    pub fn balloon_push(&mut self, pfn: u64) {
+        self.balloon[self.balloon_len] = pfn as u32;
+        self.balloon_len += 1;
+    }
+
+    /// Takes the most recently ballooned PFN back.
+    pub fn balloon_pop(&mut self) -> Option<u64> {
+        self.balloon_len = self.balloon_len.checked_sub(1)?;
+        Some(u64::from(self.balloon[self.balloon_len]))
+    }
+
+    /// Pages currently in the balloon.
+    pub fn balloon_pages(&self) -> u64 {
+        self.balloon_len as u64
+    }
+
+    /// Frames below the top of RAM (the PFN limit).
     pub fn nframes(&self) -> u64 {
         self.records.len() as u64
     }

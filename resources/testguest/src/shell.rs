@@ -3,22 +3,30 @@
 //! line (or an `error: …` line).
 
 use testguest::cmdline::{GuestArgs, program};
-use testguest::command::{self, Command, USAGE};
+use testguest::command::{self, Command, HostileCase, USAGE};
 use testguest::frames::FRAMES_PER_MIB;
 use testguest::lineedit::{Event, LineBuf, LineEditor};
 
+use crate::balloon::Balloon;
 use crate::memory::Memory;
-use crate::{clock, events, io, serial, workload};
+use crate::{clock, events, idle, io, serial, workload};
 
 pub const PROMPT: &str = "testguest> ";
-
-/// Poll interval when `testguest.poll=1` (devices are not interrupt-driven).
-const POLL_INTERVAL_NS: u64 = 10_000_000;
 
 pub struct Guest {
     pub mem: Memory,
     pub args: GuestArgs<'static>,
     editor: LineEditor,
+    balloon: Option<Balloon>,
+}
+
+/// Services the balloon (if started) from inside long workloads.
+fn bg(balloon: &mut Option<Balloon>) -> impl FnMut(&mut Memory) + '_ {
+    move |m: &mut Memory| {
+        if let Some(b) = balloon.as_mut() {
+            b.service(m);
+        }
+    }
 }
 
 impl Guest {
@@ -27,6 +35,7 @@ impl Guest {
             mem,
             args,
             editor: LineEditor::new(),
+            balloon: None,
         }
     }
 
@@ -35,6 +44,7 @@ impl Guest {
         if let Some(run) = self.args.run {
             for cmd in program(run) {
                 self.execute(cmd);
+                self.background();
             }
         }
         loop {
@@ -43,28 +53,26 @@ impl Guest {
             let line = line.as_str().trim();
             if !line.is_empty() {
                 self.execute(line);
+                self.background();
             }
         }
     }
 
-    /// Services background drivers; called between chunks of long commands
-    /// and whenever the guest waits.
-    pub fn background(&mut self) {}
+    /// Services background drivers; called between commands, between
+    /// chunks of long commands and whenever the guest waits.
+    pub fn background(&mut self) {
+        bg(&mut self.balloon)(&mut self.mem);
+    }
 
-    /// Sleeps until an interrupt (or `deadline_ns`, or the poll interval)
-    /// unless an event arrived after `seen` was read.
+    /// Halts until an interrupt, `deadline_ns` or a background driver's
+    /// own deadline, unless an event arrived after `seen` was read.
     fn idle(&mut self, seen: u64, deadline_ns: Option<u64>) {
-        let mut wake = deadline_ns;
-        if self.args.poll {
-            let p = clock::now_ns() + POLL_INTERVAL_NS;
-            wake = Some(wake.map_or(p, |d| d.min(p)));
-        }
-        if let Some(w) = wake
-            && !clock::arm(w)
-        {
-            return;
-        }
-        events::wait(seen);
+        let driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
+        let wake = match (deadline_ns, driver) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        idle::wait(seen, wake);
     }
 
     fn read_line(&mut self) -> LineBuf {
@@ -115,7 +123,7 @@ impl Guest {
                 );
             }
             Command::Fill { mib, seed } => {
-                let r = workload::fill(&mut self.mem, mib, seed, &mut |_| {});
+                let r = workload::fill(&mut self.mem, mib, seed, &mut bg(&mut self.balloon));
                 match r {
                     Ok(()) => crate::println!("fill done {mib} MiB"),
                     Err(workload::FillError::TooManySeeds) => {
@@ -128,7 +136,7 @@ impl Guest {
                 }
             }
             Command::Verify => {
-                let r = workload::verify(&mut self.mem, &mut |_| {});
+                let r = workload::verify(&mut self.mem, &mut bg(&mut self.balloon));
                 match r.first_bad {
                     None => crate::println!("verify ok {} pages", r.pages),
                     Some((pfn, m)) => crate::println!(
@@ -143,12 +151,9 @@ impl Guest {
                 }
             }
             Command::Touch { mib } => {
+                // Asking for more than is free touches all free memory.
                 let n = workload::touch(&mut self.mem, mib);
-                if n == mib {
-                    crate::println!("touch done {mib} MiB");
-                } else {
-                    crate::println!("error: touch: only {n} MiB free");
-                }
+                crate::println!("touch done {n} MiB");
             }
             Command::Free { mib } => {
                 let pages = workload::free(&mut self.mem, mib);
@@ -171,16 +176,81 @@ impl Guest {
                 crate::println!("exit {code}");
                 exit(code)
             }
-            Command::Dirty { .. }
-            | Command::Balloon
-            | Command::BalloonWait
-            | Command::Stats
-            | Command::Oom { .. }
-            | Command::Hostile(_)
-            | Command::Report
-            | Command::Poison { .. } => {
+            Command::Balloon => self.balloon_start(),
+            Command::BalloonWait => match self.balloon.as_mut() {
+                Some(b) => match b.wait_target(&mut self.mem) {
+                    Ok(n) => crate::println!("balloon actual {n} pages"),
+                    Err(e) => crate::println!("error: balloon-wait: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Stats => match self.balloon.as_ref() {
+                Some(b) if b.queue_sizes().2.is_some() => {
+                    let _ = b.stats_line(&mut serial::Console);
+                    crate::println!();
+                }
+                Some(_) => {
+                    crate::println!("error: stats: VIRTIO_BALLOON_F_STATS_VQ not negotiated")
+                }
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Oom { mib } => match self.balloon.as_mut() {
+                Some(b) => match b.oom(&mut self.mem, mib) {
+                    Ok(n) => crate::println!("oom deflated {n} pages actual {}", b.actual()),
+                    Err(e) => crate::println!("error: oom: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Hostile(case) => self.hostile(case),
+            Command::Dirty { .. } | Command::Report | Command::Poison { .. } => {
                 crate::println!("error: not implemented yet");
             }
+        }
+    }
+}
+
+impl Guest {
+    fn balloon_start(&mut self) {
+        if let Some(b) = self.balloon.as_mut() {
+            match b.restart(&mut self.mem) {
+                Ok(()) => {
+                    let _ = b.describe(&mut serial::Console);
+                    crate::println!(" (restarted)");
+                }
+                Err(e) => crate::println!("error: balloon: {e}"),
+            }
+            return;
+        }
+        match Balloon::start(self.args.devices(), &mut self.mem, events::IRQ_VIRTIO_BASE) {
+            Ok(b) => {
+                let _ = b.describe(&mut serial::Console);
+                crate::println!();
+                self.balloon = Some(b);
+            }
+            Err(e) => crate::println!("error: balloon: {e}"),
+        }
+    }
+
+    fn hostile(&mut self, case: HostileCase) {
+        let Some(b) = self.balloon.as_mut() else {
+            crate::println!("error: balloon not started");
+            return;
+        };
+        let cases: &[HostileCase] = if case == HostileCase::All {
+            &HostileCase::EACH
+        } else {
+            core::slice::from_ref(&case)
+        };
+        for &c in cases {
+            match b.hostile(&mut self.mem, c) {
+                Ok(_returned) => crate::println!("hostile {} sent", c.name()),
+                Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
+            }
+            // Let the driver pick up whatever the device did meanwhile.
+            b.service(&mut self.mem);
+        }
+        if case == HostileCase::All {
+            crate::println!("hostile all sent");
         }
     }
 }
