@@ -177,9 +177,10 @@ impl PageBitmap {
         })
     }
 
-    /// Apply `op(word, mask)` (returning how many bits it changed) to every
-    /// page wholly inside `range` and inside RAM; returns the total changed.
-    fn apply(&self, range: GpaRange, op: impl Fn(&AtomicU64, u64) -> u64) -> u64 {
+    /// Apply `op(word, mask, gpa of the word's bit 0)` (returning how many
+    /// bits it changed) to every page wholly inside `range` and inside RAM;
+    /// returns the total changed.
+    fn apply(&self, range: GpaRange, mut op: impl FnMut(&AtomicU64, u64, u64) -> u64) -> u64 {
         let start = range.start;
         let end = range.end().unwrap_or(u64::MAX);
         let mut changed = 0;
@@ -199,7 +200,8 @@ impl PageBitmap {
                 let w = r.first_word + (page / 64) as usize;
                 let bit = page % 64;
                 let upto = (hi - page + bit).min(64);
-                changed += op(&self.words[w], bit_mask(bit, upto));
+                let base = r.gpa + ((page - bit) << PAGE_SHIFT);
+                changed += op(&self.words[w], bit_mask(bit, upto), base);
                 page += upto - bit;
             }
         }
@@ -209,7 +211,7 @@ impl PageBitmap {
     /// Set every page wholly inside `range` (parts outside RAM are ignored);
     /// returns how many were newly set.
     pub fn set_range(&self, range: GpaRange) -> u64 {
-        self.apply(range, |w, m| {
+        self.apply(range, |w, m, _| {
             u64::from((!w.fetch_or(m, Ordering::AcqRel) & m).count_ones())
         })
     }
@@ -218,9 +220,34 @@ impl PageBitmap {
     /// ignored); returns how many were set before. Safe to call while
     /// another thread walks the bitmap.
     pub fn clear_range(&self, range: GpaRange) -> u64 {
-        self.apply(range, |w, m| {
+        self.apply(range, |w, m, _| {
             u64::from((w.fetch_and(!m, Ordering::AcqRel) & m).count_ones())
         })
+    }
+
+    /// Clear every page wholly inside `range` and return the runs of those
+    /// that were set, in ascending order.
+    pub fn take_range(&self, range: GpaRange) -> Vec<PageRun> {
+        let mut runs: Vec<PageRun> = Vec::new();
+        self.apply(range, |w, m, base| {
+            let mut bits = w.fetch_and(!m, Ordering::AcqRel) & m;
+            let taken = bits.count_ones();
+            while bits != 0 {
+                let tz = bits.trailing_zeros();
+                let n = (bits >> tz).trailing_ones();
+                bits &= !bit_mask(u64::from(tz), u64::from(tz + n));
+                let gpa = base + (u64::from(tz) << PAGE_SHIFT);
+                match runs.last_mut() {
+                    Some(last) if last.gpa + last.len_bytes() == gpa => last.pages += u64::from(n),
+                    _ => runs.push(PageRun {
+                        gpa,
+                        pages: u64::from(n),
+                    }),
+                }
+            }
+            u64::from(taken)
+        });
+        runs
     }
 
     /// Set every page of RAM (the first round sends everything).
@@ -649,6 +676,46 @@ mod tests {
             "every page sent or hinted, exactly once"
         );
         assert!(bm.is_empty());
+    }
+
+    #[test]
+    fn take_range_returns_the_set_runs_and_clears_them() {
+        let bm = gib8();
+        bm.set_range(GpaRange::new(0x3000, 0x2000));
+        bm.set_range(GpaRange::new(0x40000, 0x41000)); // 65 pages across a word boundary
+        bm.set_range(GpaRange::new((3 << 30) - 0x1000, 0x1000));
+        bm.set_range(GpaRange::new(1 << 32, 0x1000));
+        let runs = bm.take_range(GpaRange::new(0x4000, 0x7fff_f000));
+        assert_eq!(
+            runs,
+            vec![
+                PageRun {
+                    gpa: 0x4000,
+                    pages: 1
+                },
+                PageRun {
+                    gpa: 0x40000,
+                    pages: 65
+                }
+            ]
+        );
+        assert!(bm.is_set(0x3000) && !bm.is_set(0x4000));
+        // Adjacent in the bitmap is not adjacent in memory: the hole splits runs.
+        let runs = bm.take_range(GpaRange::new(2 << 30, 4 << 30));
+        assert_eq!(
+            runs,
+            vec![
+                PageRun {
+                    gpa: (3 << 30) - 0x1000,
+                    pages: 1
+                },
+                PageRun {
+                    gpa: 1 << 32,
+                    pages: 1
+                }
+            ]
+        );
+        assert_eq!(bm.count(), 1);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!    [`state::restore_vcpu`].
 
 pub mod dirty;
+pub mod stream;
 pub mod zero;
 
 pub use dirty::{PAGE_SIZE, PageBitmap, PageRun, SyncStats};
