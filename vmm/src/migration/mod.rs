@@ -20,6 +20,9 @@
 
 pub mod convergence;
 pub mod dirty;
+#[cfg(test)]
+mod kvm_tests;
+pub mod state;
 pub mod stream;
 pub mod zero;
 
