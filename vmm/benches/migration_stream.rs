@@ -39,9 +39,7 @@ fn write_stream<W: std::io::Write>(
     bm.set_all();
     let mut w = StreamWriter::new(out);
     w.header(&layout_ranges(layout), 0).expect("header");
-    for run in bm.take_runs(256) {
-        w.send_ram(mem, 1, run).expect("send");
-    }
+    w.send_bitmap(mem, 1, &bm).expect("send");
     w.state(b"{}").expect("state");
     let (out, stats) = w.finish().expect("finish");
     (out, stats.stream_bytes, start.elapsed())

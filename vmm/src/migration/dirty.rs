@@ -185,14 +185,14 @@ impl PageBitmap {
         let end = range.end().unwrap_or(u64::MAX);
         let mut changed = 0;
         for r in &self.regions {
-            // Whole pages of the range inside this region.
-            let lo = start
-                .max(r.gpa)
-                .next_multiple_of(PAGE_SIZE)
-                .saturating_sub(r.gpa)
-                >> PAGE_SHIFT;
-            let hi = (end.min(r.end_gpa()).saturating_sub(r.gpa)) >> PAGE_SHIFT;
-            if start >= r.end_gpa() || end <= r.gpa || lo >= hi {
+            if start >= r.end_gpa() || end <= r.gpa {
+                continue;
+            }
+            // Whole pages of the range inside this region (both ends are
+            // inside the region now, so nothing overflows).
+            let lo = (start.max(r.gpa) - r.gpa).next_multiple_of(PAGE_SIZE) >> PAGE_SHIFT;
+            let hi = (end.min(r.end_gpa()) - r.gpa) >> PAGE_SHIFT;
+            if lo >= hi {
                 continue;
             }
             let mut page = lo;
@@ -574,6 +574,9 @@ mod tests {
         assert_eq!(n, 4);
         assert!(bm.is_set((3 << 30) - 0x1000) && bm.is_set(0x1_0000_1000));
         assert_eq!(bm.set_range(GpaRange::new(u64::MAX - 0xfff, 0x1000)), 0);
+        assert_eq!(bm.set_range(GpaRange::new(u64::MAX - 5, 3)), 0);
+        assert_eq!(bm.clear_range(GpaRange::new(u64::MAX - 5, 10)), 0);
+        assert!(bm.take_range(GpaRange::new(u64::MAX - 5, 10)).is_empty());
         assert_eq!(
             bm.set_range(GpaRange::new(u64::MAX - 0xfff, u64::MAX)),
             0,

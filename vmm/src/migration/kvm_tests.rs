@@ -196,7 +196,11 @@ fn vcpu_and_vm_state_round_trip_into_a_fresh_vm() {
     )
     .unwrap();
     assert_eq!(reports.len(), 1);
-    eprintln!("restore report: {:x?}, {} MSRs saved", reports[0], back.vcpus[0].msrs.len());
+    eprintln!(
+        "restore report: {:x?}, {} MSRs saved",
+        reports[0],
+        back.vcpus[0].msrs.len()
+    );
 
     let again = state::capture_vcpu(&support, 0, &dst.vcpu).unwrap();
     let saved = &back.vcpus[0];

@@ -5,10 +5,10 @@
 //! The integrator drives them:
 //! 1. [`dirty::start_dirty_logging`], then round 1 sends every page
 //!    ([`dirty::PageBitmap::set_all`]), zero pages as markers only
-//!    ([`stream::StreamWriter::send_ram`]).
+//!    ([`stream::StreamWriter::send_bitmap`]).
 //! 2. Each further round: [`dirty::sync`] into a fresh to-send bitmap (hints
-//!    clear ranges in it while the sender walks it with
-//!    [`dirty::PageBitmap::take_runs`]); [`convergence::Convergence::decide`]
+//!    clear ranges in it with [`dirty::PageBitmap::clear_range`] while
+//!    the sender walks it with [`stream::StreamWriter::send_bitmap`]); [`convergence::Convergence::decide`]
 //!    says whether to go on or stop and copy.
 //! 3. Stop and copy: pause the vCPUs, last sync and send, capture
 //!    [`state::VmState`] and write it with [`stream::StreamWriter::state`],

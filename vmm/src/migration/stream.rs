@@ -382,6 +382,9 @@ impl<W: Write> StreamWriter<W> {
     /// Record that `count` pages from `gpa` are all zero in `round`.
     /// Contiguous zero runs of one round are merged into one record.
     pub fn zero_pages(&mut self, round: u32, gpa: u64, count: u64) -> Result<(), WriteError> {
+        if count == 0 && self.phase == Phase::Pages {
+            return Ok(());
+        }
         self.check_pages("zero_pages", round, gpa, count)?;
         if let Some((r, g, n)) = self.pending_zero {
             let merged = n + count;
@@ -413,6 +416,9 @@ impl<W: Write> StreamWriter<W> {
     /// Record the bytes of the pages starting at `gpa` in `round` (`data`
     /// is a whole number of pages; it is cut into records of at most 1 MiB).
     pub fn data_pages(&mut self, round: u32, gpa: u64, data: &[u8]) -> Result<(), WriteError> {
+        if data.is_empty() && self.phase == Phase::Pages {
+            return Ok(());
+        }
         if data.len() as u64 % PAGE_SIZE != 0 {
             return Err(WriteError::PartialPage {
                 gpa,
@@ -449,6 +455,9 @@ impl<W: Write> StreamWriter<W> {
         round: u32,
         run: PageRun,
     ) -> Result<(), WriteError> {
+        if run.pages == 0 && self.phase == Phase::Pages {
+            return Ok(());
+        }
         self.check_pages("send_ram", round, run.gpa, run.pages)?;
         let mut scratch = std::mem::take(&mut self.scratch);
         if scratch.len() < MAX_RECORD_BYTES {
@@ -498,6 +507,33 @@ impl<W: Write> StreamWriter<W> {
             done += n;
         }
         Ok(())
+    }
+
+    /// Send every page set in `pages` (claiming them: the bitmap is empty
+    /// afterwards, except for pages set again meanwhile) in `round`; hints
+    /// may clear pages in it concurrently. Returns the number of pages sent.
+    pub fn send_bitmap(
+        &mut self,
+        mem: &GuestMemory,
+        round: u32,
+        pages: &PageBitmap,
+    ) -> Result<u64, WriteError> {
+        let mut sent = 0;
+        for run in pages.take_runs(MAX_RECORD_PAGES) {
+            self.send_ram(mem, round, run)?;
+            sent += run.pages;
+        }
+        Ok(sent)
+    }
+
+    /// Push out everything written so far (end of a live round, so the
+    /// destination is not left waiting on a buffer).
+    pub fn flush(&mut self) -> Result<(), WriteError> {
+        self.flush_zero()?;
+        self.out.flush().map_err(|source| WriteError::Io {
+            offset: self.stats.stream_bytes,
+            source,
+        })
     }
 
     /// Write the state section (once, after all pages).
@@ -741,6 +777,13 @@ impl<R: Read> StreamReader<R> {
         self.offset
     }
 
+    /// The input back, with the bytes read ahead past the stream's end
+    /// (a socket may carry more after the trailer).
+    pub fn into_inner(self) -> (R, Vec<u8>) {
+        let rest = self.input.buffer().to_vec();
+        (self.input.into_inner(), rest)
+    }
+
     /// Fill `buf` completely; on a short stream, say how much came.
     fn read_full(
         input: &mut BufReader<R>,
@@ -853,7 +896,7 @@ impl<R: Read> StreamReader<R> {
     /// blob only once the trailer verified. On error the destination memory
     /// may hold part of the stream and must not be run.
     pub fn restore(
-        mut self,
+        &mut self,
         mem: &GuestMemory,
         layout: &MemoryLayout,
         dest: Destination,
@@ -1633,6 +1676,41 @@ mod tests {
             w.finish()
         };
         assert!(matches!(no_state, Err(WriteError::Order { .. })));
+    }
+
+    #[test]
+    fn bytes_after_the_trailer_are_handed_back() {
+        let (mut stream, _, l) = sample();
+        stream.extend_from_slice(b"NEXT");
+        let mem = guest(&l);
+        let mut r = StreamReader::new(&stream[..]);
+        r.restore(&mem, &l, Destination::Fresh).unwrap();
+        assert_eq!(r.offset(), stream.len() as u64 - 4);
+        let (inner, mut rest) = r.into_inner();
+        rest.extend_from_slice(inner);
+        assert_eq!(rest, b"NEXT");
+    }
+
+    #[test]
+    fn send_bitmap_claims_and_sends_the_set_pages() {
+        let l = layout(16 * MIB);
+        let src = guest(&l);
+        fill(&src, 0x2000, 3, 9);
+        let bm = PageBitmap::new(&l);
+        bm.set_range(devices::GpaRange::new(0x1000, 0x5000));
+        let mut w = StreamWriter::new(Vec::new());
+        w.header(&layout_ranges(&l), 0).unwrap();
+        assert_eq!(w.send_bitmap(&src, 1, &bm).unwrap(), 5);
+        assert!(bm.is_empty());
+        w.flush().unwrap();
+        assert_eq!(w.stats().data_pages, 3);
+        assert_eq!(w.stats().zero_pages, 2);
+        w.zero_pages(1, 0, 0).unwrap();
+        w.data_pages(1, 0, &[]).unwrap();
+        w.state(b"").unwrap();
+        let (out, _) = w.finish().unwrap();
+        let (mem, _) = restore(&out, &l, Destination::Fresh).unwrap();
+        assert_eq!(read(&mem, 0, 0x8000), read(&src, 0, 0x8000));
     }
 
     #[test]
