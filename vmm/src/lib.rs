@@ -9,6 +9,7 @@ pub mod device_manager;
 pub mod emulation;
 pub mod exit;
 pub mod memory;
+pub mod migration;
 pub mod pvm;
 pub mod signals;
 pub mod vcpu;
