@@ -22,6 +22,7 @@ pub mod convergence;
 pub mod dirty;
 #[cfg(test)]
 mod kvm_tests;
+pub mod source;
 pub mod state;
 pub mod stream;
 pub mod zero;
