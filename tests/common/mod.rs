@@ -74,10 +74,16 @@ impl Vm {
     /// Start `blimp run` with `args`; the test guest is the kernel unless
     /// `args` names one.
     pub fn start(args: &[&str]) -> Vm {
+        Vm::start_cmd("run", args)
+    }
+
+    /// Start `blimp SUBCOMMAND args`; `run` gets the test guest as kernel
+    /// unless `args` names one or waits for an incoming migration.
+    pub fn start_cmd(sub: &str, args: &[&str]) -> Vm {
         require_kvm();
         let mut cmd = Command::new(blimp());
-        cmd.arg("run");
-        if !args.contains(&"--kernel") {
+        cmd.arg(sub);
+        if sub == "run" && !args.contains(&"--kernel") && !args.contains(&"--incoming") {
             cmd.arg("--kernel").arg(testguest());
         }
         cmd.args(args)

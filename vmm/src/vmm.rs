@@ -48,6 +48,8 @@ pub enum Error {
     Device(#[from] DeviceError),
     #[error("balloon: {0}")]
     Balloon(#[from] devices::virtio::balloon::Error),
+    #[error("restoring: {0}")]
+    Restore(#[from] crate::restore::RestoreError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -172,7 +174,30 @@ impl Vmm {
 
     /// How migration captures device state (serial, virtio transports, balloon).
     fn device_capture(&self) -> DeviceCapture {
-        Arc::new(|_balloon| Ok(serde_json::json!({})))
+        let debug_exit = self.debug_exit;
+        Arc::new(move |_balloon| {
+            serde_json::to_value(crate::device_state::DevicesState {
+                version: crate::device_state::DEVICES_STATE_VERSION,
+                debug_exit,
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())
+        })
+    }
+
+    /// A restored guest may still hold blocks it hinted free at the source:
+    /// tell its balloon DONE once it runs, so it frees them.
+    pub(crate) fn tell_balloon_done_on_start(&mut self) {
+        self.on_start.push(Box::new(|vmm: &Vmm| {
+            if let Some(b) = &vmm.balloon {
+                let mut b = lock_balloon(b);
+                if b.hinting_status().state != devices::virtio::balloon::HintingState::Idle
+                    && let Err(e) = b.hinting_done()
+                {
+                    log::warn!("restored balloon: cannot tell the guest DONE: {e}");
+                }
+            }
+        }));
     }
 
     /// The balloon device, if the VM has one.
@@ -288,7 +313,7 @@ impl Vmm {
     }
 }
 
-fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
+pub(crate) fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
     b.lock().unwrap_or_else(|p| p.into_inner())
 }
 
