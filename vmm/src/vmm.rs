@@ -104,8 +104,11 @@ pub struct Vmm {
     api: Option<(EventFd, api::ApiReceiver)>,
     debug_exit: bool,
     /// Run once the vCPUs run (a restored VM tells its balloon DONE).
-    on_start: Vec<Box<dyn FnOnce(&Vmm) + Send>>,
+    on_start: Vec<OnStart>,
 }
+
+/// Work to do once the vCPUs run.
+type OnStart = Box<dyn FnOnce(&Vmm) + Send>;
 
 impl Vmm {
     /// Create the VM, its memory and devices, and load the guest.

@@ -407,7 +407,7 @@ impl Sender<'_> {
                 dirty_pages as f64 / secs,
                 self.hints.hinted_pages.load(Ordering::Relaxed)
             );
-            let stats = w.stats().clone();
+            let stats = *w.stats();
             self.update(|s| {
                 s.round = round;
                 s.pages_sent = stats.data_pages + stats.zero_pages;

@@ -100,7 +100,7 @@ fn range_in(layout: &[RamRange], gpa: u64, pages: u64) -> bool {
     else {
         return false;
     };
-    gpa % PAGE_SIZE == 0
+    gpa.is_multiple_of(PAGE_SIZE)
         && pages > 0
         && layout
             .iter()
@@ -419,7 +419,7 @@ impl<W: Write> StreamWriter<W> {
         if data.is_empty() && self.phase == Phase::Pages {
             return Ok(());
         }
-        if data.len() as u64 % PAGE_SIZE != 0 {
+        if !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
             return Err(WriteError::PartialPage {
                 gpa,
                 len: data.len(),
