@@ -265,6 +265,14 @@ impl Balloon {
         self.update_size(mem);
     }
 
+    /// Whether the device asked to be reset, or buffers from earlier
+    /// (hostile) requests are still outstanding on the inflate queue.
+    pub fn needs_restart(&self) -> bool {
+        self.broken
+            || self.inflate.in_flight() > 0
+            || self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0
+    }
+
     /// `balloon` again: resets and re-initialises the device (e.g. after it
     /// reported DEVICE_NEEDS_RESET). Pages already in the balloon stay
     /// there, as across Linux's freeze/restore; `actual` is rewritten.

@@ -242,6 +242,15 @@ impl Guest {
             core::slice::from_ref(&case)
         };
         for &c in cases {
+            // Each case should meet a working device: if an earlier one
+            // made it give up (NEEDS_RESET) or kept its buffer, start over.
+            if cases.len() > 1
+                && b.needs_restart()
+                && let Err(e) = b.restart(&mut self.mem)
+            {
+                crate::println!("error: hostile {}: restart: {e}", c.name());
+                continue;
+            }
             match b.hostile(&mut self.mem, c) {
                 Ok(_returned) => crate::println!("hostile {} sent", c.name()),
                 Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
