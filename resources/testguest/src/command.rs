@@ -89,6 +89,8 @@ pub enum Command<'a> {
     Hostile(HostileCase),
     /// `report`: force a free page reporting round.
     Report,
+    /// `hints`: free page hinting counters.
+    Hints,
     /// `poison BYTE`
     Poison { byte: u8 },
 }
@@ -130,6 +132,7 @@ pub const USAGE: &[&str] = &[
     "oom MIB",
     "hostile CASE",
     "report",
+    "hints",
     "poison BYTE",
     "help",
 ];
@@ -235,6 +238,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
             want(0, "report")?;
             Command::Report
         }
+        "hints" => {
+            want(0, "hints")?;
+            Command::Hints
+        }
         "poison" => {
             want(1, "poison BYTE")?;
             let b = parse_u64_dec_or_hex(argv[0]).ok_or(ParseError::BadArg(argv[0]))?;
@@ -285,6 +292,7 @@ mod tests {
         );
         assert_eq!(parse("hostile all"), Ok(Command::Hostile(HostileCase::All)));
         assert_eq!(parse("report"), Ok(Command::Report));
+        assert_eq!(parse("hints"), Ok(Command::Hints));
         assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
         assert_eq!(parse("help"), Ok(Command::Help));
     }

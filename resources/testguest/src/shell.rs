@@ -94,8 +94,24 @@ impl Guest {
         }
     }
 
-    /// Parses and runs one command, printing its result line.
+    /// Parses and runs one command, printing its result line (and, if
+    /// the command found poisoned pages changed, an `error: poison` line).
     pub fn execute(&mut self, line: &str) {
+        let poison_errors = self.mem.poison_errors;
+        self.mem.poison_first = None;
+        self.run_command(line);
+        if self.mem.poison_errors > poison_errors {
+            let (pfn, off, got) = self.mem.poison_first.unwrap_or_default();
+            crate::println!(
+                "error: poison: {} pages changed while free (first page {:#x} offset {off} holds {got:#04x}, expected {:#04x})",
+                self.mem.poison_errors - poison_errors,
+                pfn << 12,
+                self.mem.poison.unwrap_or(0)
+            );
+        }
+    }
+
+    fn run_command(&mut self, line: &str) {
         let cmd = match command::parse(line) {
             Ok(c) => c,
             Err(e) => {
@@ -202,7 +218,38 @@ impl Guest {
                 None => crate::println!("error: balloon not started"),
             },
             Command::Hostile(case) => self.hostile(case),
-            Command::Dirty { .. } | Command::Report | Command::Poison { .. } => {
+            Command::Report => match self.balloon.as_mut() {
+                Some(b) => match b.report(&mut self.mem) {
+                    Ok(n) => crate::println!("report done {n} ranges ({} MiB)", n * 2),
+                    Err(e) => crate::println!("error: report: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Hints => match self.balloon.as_ref().and_then(Balloon::hint_status) {
+                Some((rounds, total, held, id)) => {
+                    crate::println!("hints rounds {rounds} blocks {total} held {held} id {id}")
+                }
+                None if self.balloon.is_some() => {
+                    crate::println!("error: hints: VIRTIO_BALLOON_F_FREE_PAGE_HINT not negotiated")
+                }
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Poison { byte } => {
+                let pages = self.mem.enable_poison(byte);
+                crate::print!(
+                    "poison {byte:#04x} on, {} MiB free memory poisoned",
+                    pages / FRAMES_PER_MIB
+                );
+                // PAGE_POISON and poison_val are negotiated before DRIVER_OK.
+                if let Some(b) = self.balloon.as_mut() {
+                    match b.restart(&mut self.mem) {
+                        Ok(()) => crate::print!(", balloon restarted"),
+                        Err(e) => crate::print!(", balloon restart failed: {e}"),
+                    }
+                }
+                crate::println!();
+            }
+            Command::Dirty { .. } => {
                 crate::println!("error: not implemented yet");
             }
         }

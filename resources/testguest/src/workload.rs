@@ -31,6 +31,7 @@ pub fn fill(mem: &mut Memory, mib: u64, seed: u64, bg: Background) -> Result<(),
         let Some(pfn) = mem.frames.alloc() else {
             return Err(FillError::OutOfMemory(i));
         };
+        mem.check_poison(pfn);
         let rec = Record::new(slot, 1);
         // SAFETY: the frame was just allocated to us.
         fill_page(
@@ -81,16 +82,19 @@ pub fn verify(mem: &mut Memory, bg: Background) -> VerifyReport {
 pub fn touch(mem: &mut Memory, mib: u64) -> u64 {
     let want = mib.saturating_mul(FRAMES_PER_MIB);
     let mut n = 0;
+    // With poisoning on, the byte written is the poison, which keeps free
+    // frames poisoned.
+    let byte = mem.poison.unwrap_or(0x5a);
     for pfn in mem.frames.iter_free().take(want as usize) {
         // SAFETY: free frames are not in use by anybody; byte 0 is scribbled.
-        unsafe { core::ptr::write_volatile((pfn << 12) as *mut u8, 0x5a) };
+        unsafe { core::ptr::write_volatile((pfn << 12) as *mut u8, byte) };
         n += 1;
     }
     n / FRAMES_PER_MIB
 }
 
 /// Returns up to `mib` MiB of filled frames (highest first) to the free
-/// pool without clearing them. Returns the number of pages freed.
+/// pool without clearing them (but poisoned, with poisoning on). Returns the number of pages freed.
 pub fn free(mem: &mut Memory, mib: u64) -> u64 {
     let want = mib.saturating_mul(FRAMES_PER_MIB);
     let mut n = 0;
@@ -99,6 +103,7 @@ pub fn free(mem: &mut Memory, mib: u64) -> u64 {
         pfn -= 1;
         if mem.record(pfn).is_filled() {
             mem.set_record(pfn, Record::EMPTY);
+            mem.poison_page(pfn);
             // A filled frame is allocated, so this cannot fail.
             let _ = mem.frames.free(pfn);
             n += 1;
