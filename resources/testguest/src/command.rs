@@ -71,7 +71,8 @@ pub enum Command<'a> {
     Touch { mib: u64 },
     /// `free MIB`: return filled memory to the free pool without clearing it.
     Free { mib: u64 },
-    /// `dirty MIB RATE`: rewrite filled pages (RATE MiB/s, 0 = flat out) for MIB MiB.
+    /// `dirty MIB RATE`: keep rewriting the first MIB MiB of filled pages at
+    /// RATE MiB/s in the background (`dirty 0 0` stops).
     Dirty { mib: u64, rate: u64 },
     /// `sleep SECS`
     Sleep { ns: u64 },

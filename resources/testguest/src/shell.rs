@@ -18,6 +18,7 @@ pub struct Guest {
     pub args: GuestArgs<'static>,
     editor: LineEditor,
     balloon: Option<Balloon>,
+    dirtier: Option<workload::Dirtier>,
 }
 
 /// Services the balloon (if started) from inside long workloads.
@@ -36,6 +37,7 @@ impl Guest {
             args,
             editor: LineEditor::new(),
             balloon: None,
+            dirtier: None,
         }
     }
 
@@ -62,12 +64,19 @@ impl Guest {
     /// chunks of long commands and whenever the guest waits.
     pub fn background(&mut self) {
         bg(&mut self.balloon)(&mut self.mem);
+        if let Some(d) = self.dirtier.as_mut() {
+            d.tick(&mut self.mem, clock::now_ns());
+        }
     }
 
     /// Halts until an interrupt, `deadline_ns` or a background driver's
     /// own deadline, unless an event arrived after `seen` was read.
     fn idle(&mut self, seen: u64, deadline_ns: Option<u64>) {
-        let driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
+        let mut driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
+        if self.dirtier.is_some() {
+            let t = clock::now_ns() + workload::DIRTY_TICK_NS;
+            driver = Some(driver.map_or(t, |d| d.min(t)));
+        }
         let wake = match (deadline_ns, driver) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -249,8 +258,16 @@ impl Guest {
                 }
                 crate::println!();
             }
-            Command::Dirty { .. } => {
-                crate::println!("error: not implemented yet");
+            Command::Dirty { mib, rate } => {
+                if mib == 0 || rate == 0 {
+                    match self.dirtier.take() {
+                        Some(d) => crate::println!("dirty off ({} pages rewritten)", d.rewritten),
+                        None => crate::println!("dirty off (0 pages rewritten)"),
+                    }
+                } else {
+                    self.dirtier = Some(workload::Dirtier::new(mib, rate, clock::now_ns()));
+                    crate::println!("dirty on {mib} MiB at {rate} MiB/s");
+                }
             }
         }
     }

@@ -111,3 +111,85 @@ pub fn free(mem: &mut Memory, mib: u64) -> u64 {
     }
     n
 }
+
+/// Background page dirtier (`dirty MIB RATE`): keeps rewriting the first
+/// MIB MiB of filled pages, cyclically, at RATE MiB/s. Each rewrite bumps
+/// the page's version in its fill record (kept in guest memory), so
+/// `verify` checks the latest contents, e.g. after a live migration.
+pub struct Dirtier {
+    /// Working set size in pages.
+    pages: u64,
+    rate_pages_per_s: u64,
+    /// Next frame to look at and its index in the working set.
+    cursor: u64,
+    index: u64,
+    last_ns: u64,
+    /// Pages owed from rounding.
+    carry_ns: u64,
+    pub rewritten: u64,
+}
+
+/// How often the dirtier wants to run while the guest idles.
+pub const DIRTY_TICK_NS: u64 = 10_000_000;
+
+impl Dirtier {
+    pub fn new(mib: u64, rate_mib_s: u64, now_ns: u64) -> Dirtier {
+        Dirtier {
+            pages: mib.saturating_mul(FRAMES_PER_MIB),
+            rate_pages_per_s: rate_mib_s.saturating_mul(FRAMES_PER_MIB),
+            cursor: 0,
+            index: 0,
+            last_ns: now_ns,
+            carry_ns: 0,
+            rewritten: 0,
+        }
+    }
+
+    /// Rewrites the pages due since the last call.
+    pub fn tick(&mut self, mem: &mut Memory, now_ns: u64) {
+        let elapsed = now_ns.saturating_sub(self.last_ns) + self.carry_ns;
+        self.last_ns = now_ns;
+        // Never more than one second's worth at once.
+        let elapsed = elapsed.min(1_000_000_000);
+        let due = (u128::from(elapsed) * u128::from(self.rate_pages_per_s) / 1_000_000_000) as u64;
+        let used_ns = if self.rate_pages_per_s == 0 {
+            elapsed
+        } else {
+            due * 1_000_000_000 / self.rate_pages_per_s
+        };
+        self.carry_ns = elapsed - used_ns;
+        for _ in 0..due {
+            let Some(pfn) = self.next_page(mem) else {
+                return;
+            };
+            let rec = mem.record(pfn).bumped();
+            // SAFETY: filled frames belong to the fill workload.
+            fill_page(
+                unsafe { page_mut(pfn) },
+                page_base(mem.seed(rec.slot()), pfn, rec.version()),
+            );
+            mem.set_record(pfn, rec);
+            self.rewritten += 1;
+        }
+    }
+
+    /// The next filled page of the working set, wrapping around.
+    fn next_page(&mut self, mem: &Memory) -> Option<u64> {
+        let n = mem.nframes();
+        // At most two passes: to the end of the working set, then again
+        // from the start.
+        for _ in 0..2 {
+            while self.cursor < n && self.index < self.pages {
+                let pfn = self.cursor;
+                self.cursor += 1;
+                if mem.record(pfn).is_filled() {
+                    self.index += 1;
+                    return Some(pfn);
+                }
+            }
+            self.cursor = 0;
+            self.index = 0;
+        }
+        None
+    }
+}
