@@ -152,11 +152,9 @@ impl Dirtier {
         // Never more than one second's worth at once.
         let elapsed = elapsed.min(1_000_000_000);
         let due = (u128::from(elapsed) * u128::from(self.rate_pages_per_s) / 1_000_000_000) as u64;
-        let used_ns = if self.rate_pages_per_s == 0 {
-            elapsed
-        } else {
-            due * 1_000_000_000 / self.rate_pages_per_s
-        };
+        let used_ns = (due * 1_000_000_000)
+            .checked_div(self.rate_pages_per_s)
+            .unwrap_or(elapsed);
         self.carry_ns = elapsed - used_ns;
         for _ in 0..due {
             let Some(pfn) = self.next_page(mem) else {
