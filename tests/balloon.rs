@@ -137,7 +137,7 @@ fn statistics_arrive_with_sane_values() {
     ]);
     vm.expect_line("fill done 256 MiB", BOOT);
     wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).expect("API client");
+    let api = ApiClient::new(&sock).expect("API client");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let stats = loop {
         let (status, body) = api.get("/balloon/statistics").unwrap();
