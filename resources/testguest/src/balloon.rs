@@ -21,12 +21,22 @@ use crate::virtio::mmio::{self, Mmio};
 use testguest::cmdline::MmioDevice;
 use testguest::command::HostileCase;
 
-/// Features this driver accepts when offered. PAGE_POISON, FREE_PAGE_HINT
-/// and REPORTING are not negotiated (not implemented).
+/// Features this driver accepts when offered. PAGE_POISON is only taken
+/// while the guest poisons free pages (`poison BYTE`), as Linux does.
 const DRIVER_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)
     | bit(VIRTIO_BALLOON_F_STATS_VQ)
-    | bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
+    | bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+    | bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT)
+    | bit(VIRTIO_BALLOON_F_PAGE_POISON)
+    | bit(VIRTIO_BALLOON_F_REPORTING);
+
+/// Linux VIRTIO_BALLOON_HINT_BLOCK_ORDER: hinted blocks are 4 MiB.
+const HINT_BLOCK_ORDER: u32 = 10;
+/// Linux PAGE_REPORTING_MIN_ORDER on x86 (pageblock order): 2 MiB ranges.
+const REPORT_ORDER: u32 = 9;
+/// Linux PAGE_REPORTING_CAPACITY: ranges per report.
+const REPORT_CAPACITY: usize = 32;
 
 /// Linux retries a failed inflate allocation after 200 ms ("Out of puff!").
 const OUT_OF_PUFF_RETRY_NS: u64 = 200_000_000;
@@ -36,6 +46,8 @@ const HOSTILE_WAIT_NS: u64 = 1_000_000_000;
 // Layout of the driver's data page.
 const PFNS_OFFSET: u64 = 0;
 const STATS_OFFSET: u64 = 0x400;
+const CMD_ID_ACTIVE_OFFSET: u64 = 0x600;
+const CMD_ID_STOP_OFFSET: u64 = 0x604;
 const HOSTILE_OFFSET: u64 = 0x800;
 
 pub struct Balloon {
@@ -47,8 +59,18 @@ pub struct Balloon {
     inflate: SplitQueue,
     deflate: SplitQueue,
     stats: Option<SplitQueue>,
+    free_page: Option<SplitQueue>,
+    reporting: Option<SplitQueue>,
     /// Queue indices as Linux numbers them (no gaps for absent features).
     stats_qidx: u16,
+    free_page_qidx: u16,
+    reporting_qidx: u16,
+    /// Free page hinting: the command id being served (Linux
+    /// cmd_id_active), hinted blocks held (in `areas.hints`), counters.
+    hint_active: u32,
+    hinted: usize,
+    hint_rounds: u64,
+    hinted_total: u64,
     areas: Areas,
     /// Identity-mapped page for PFN arrays, the stats buffer and scratch.
     data: u64,
@@ -124,19 +146,31 @@ const QUEUE_AREA: u64 = 2 * PAGE_SIZE;
 /// Guest memory the driver keeps for the device's whole life.
 #[derive(Clone, Copy)]
 struct Areas {
-    queues: [u64; 3],
+    /// inflate, deflate, stats, free page, reporting.
+    queues: [u64; 5],
     data: u64,
+    /// PFNs of hinted 4 MiB blocks held until the host says DONE.
+    hints: u64,
+    hints_cap: usize,
 }
 
 impl Areas {
     fn alloc(mem: &mut Memory) -> Option<Areas> {
-        let mut queues = [0; 3];
+        let mut queues = [0; 5];
         for q in &mut queues {
             *q = mem.frames.alloc_block(1)? * PAGE_SIZE;
         }
+        let hints_cap = (mem.nframes() >> HINT_BLOCK_ORDER) as usize + 1;
+        let order = (hints_cap as u64 * 4)
+            .div_ceil(PAGE_SIZE)
+            .next_power_of_two()
+            .trailing_zeros();
+        let hints = mem.frames.alloc_block(order)? * PAGE_SIZE;
         Some(Areas {
             queues,
             data: mem.frames.alloc()? * PAGE_SIZE,
+            hints,
+            hints_cap,
         })
     }
 }
@@ -147,10 +181,15 @@ struct Live {
     inflate: SplitQueue,
     deflate: SplitQueue,
     stats: Option<SplitQueue>,
+    free_page: Option<SplitQueue>,
+    reporting: Option<SplitQueue>,
+    stats_qidx: u16,
+    free_page_qidx: u16,
+    reporting_qidx: u16,
 }
 
 /// Device initialisation (spec 3.1.1) up to, not including, DRIVER_OK.
-fn init_device(dev: &Mmio, areas: &Areas) -> Result<Live, StartError> {
+fn init_device(dev: &Mmio, areas: &Areas, poison: Option<u8>) -> Result<Live, StartError> {
     let fail = |e| {
         dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
         e
@@ -162,26 +201,53 @@ fn init_device(dev: &Mmio, areas: &Areas) -> Result<Live, StartError> {
     if offered & bit(VIRTIO_F_VERSION_1) == 0 {
         return Err(fail(StartError::Legacy));
     }
-    let features = offered & DRIVER_FEATURES;
+    let mut features = offered & DRIVER_FEATURES;
+    // Linux virtballoon_validate(): PAGE_POISON only when the guest
+    // poisons; a poisoning guest whose device cannot keep poison must not
+    // report free pages (they might come back zeroed).
+    if poison.is_none() {
+        features &= !bit(VIRTIO_BALLOON_F_PAGE_POISON);
+    } else if features & bit(VIRTIO_BALLOON_F_PAGE_POISON) == 0 {
+        features &= !bit(VIRTIO_BALLOON_F_REPORTING);
+    }
     dev.set_driver_features(features);
     dev.add_status(mmio::VIRTIO_CONFIG_S_FEATURES_OK);
     if dev.status() & mmio::VIRTIO_CONFIG_S_FEATURES_OK == 0 {
         return Err(fail(StartError::FeaturesRejected));
     }
-    // Queues in Linux's order: inflate, deflate, then stats if negotiated
-    // (vm_find_vqs() skips absent queues without leaving a gap).
+    // Queues in Linux's order: inflate, deflate, then stats, free page and
+    // reporting for the negotiated features only (vm_find_vqs() numbers
+    // the queues that exist, without gaps).
     let inflate = setup_queue(dev, 0, areas.queues[0]).map_err(fail)?;
     let deflate = setup_queue(dev, 1, areas.queues[1]).map_err(fail)?;
-    let stats = if features & bit(VIRTIO_BALLOON_F_STATS_VQ) != 0 {
-        Some(setup_queue(dev, 2, areas.queues[2]).map_err(fail)?)
-    } else {
-        None
+    let mut next = 2u16;
+    let mut optional = |feature: u32, area: u64| -> Result<(Option<SplitQueue>, u16), StartError> {
+        if features & bit(feature) == 0 {
+            return Ok((None, u16::MAX));
+        }
+        let idx = next;
+        next += 1;
+        Ok((Some(setup_queue(dev, idx, area).map_err(fail)?), idx))
     };
+    let (stats, stats_qidx) = optional(VIRTIO_BALLOON_F_STATS_VQ, areas.queues[2])?;
+    let (free_page, free_page_qidx) = optional(VIRTIO_BALLOON_F_FREE_PAGE_HINT, areas.queues[3])?;
+    let (reporting, reporting_qidx) = optional(VIRTIO_BALLOON_F_REPORTING, areas.queues[4])?;
+    if let Some(b) = poison
+        && features & bit(VIRTIO_BALLOON_F_PAGE_POISON) != 0
+    {
+        // Linux: memset(&poison_val, PAGE_POISON, sizeof(poison_val)).
+        dev.config_write32(CONFIG_POISON_VAL, u32::from(b) * 0x0101_0101);
+    }
     Ok(Live {
         features,
         inflate,
         deflate,
         stats,
+        free_page,
+        reporting,
+        stats_qidx,
+        free_page_qidx,
+        reporting_qidx,
     })
 }
 
@@ -208,7 +274,7 @@ impl Balloon {
         }
         let (dev, gsi) = found.ok_or(last_err)?;
         let areas = Areas::alloc(mem).ok_or(StartError::NoMemory)?;
-        let live = init_device(&dev, &areas)?;
+        let live = init_device(&dev, &areas, mem.poison)?;
         let irq = if idle::poll_mode() {
             None
         } else {
@@ -228,7 +294,15 @@ impl Balloon {
             inflate: live.inflate,
             deflate: live.deflate,
             stats: live.stats,
-            stats_qidx: 2,
+            free_page: live.free_page,
+            reporting: live.reporting,
+            stats_qidx: live.stats_qidx,
+            free_page_qidx: live.free_page_qidx,
+            reporting_qidx: live.reporting_qidx,
+            hint_active: 0,
+            hinted: 0,
+            hint_rounds: 0,
+            hinted_total: 0,
             data: areas.data,
             stats_head: None,
             stats_vals: [0; NUM_STATS],
@@ -265,15 +339,29 @@ impl Balloon {
         self.update_size(mem);
     }
 
+    /// Whether the device asked to be reset, or buffers from earlier
+    /// (hostile) requests are still outstanding on the inflate queue.
+    pub fn needs_restart(&self) -> bool {
+        self.broken
+            || self.inflate.in_flight() > 0
+            || self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0
+    }
+
     /// `balloon` again: resets and re-initialises the device (e.g. after it
     /// reported DEVICE_NEEDS_RESET). Pages already in the balloon stay
     /// there, as across Linux's freeze/restore; `actual` is rewritten.
     pub fn restart(&mut self, mem: &mut Memory) -> Result<(), StartError> {
-        let live = init_device(&self.dev, &self.areas)?;
+        let live = init_device(&self.dev, &self.areas, mem.poison)?;
         self.features = live.features;
         self.inflate = live.inflate;
         self.deflate = live.deflate;
         self.stats = live.stats;
+        self.free_page = live.free_page;
+        self.reporting = live.reporting;
+        self.stats_qidx = live.stats_qidx;
+        self.free_page_qidx = live.free_page_qidx;
+        self.reporting_qidx = live.reporting_qidx;
+        self.hint_active = 0;
         self.stats_head = None;
         self.pending_isr = 0;
         self.broken = false;
@@ -328,12 +416,21 @@ impl Balloon {
             }
         }
         self.service_stats(mem);
-        if self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0 {
-            // Linux virtballoon_changed(): queue the size update.
+        let config_changed = self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0;
+        self.pending_isr = 0;
+        if config_changed {
+            // Linux virtballoon_changed(): queue the size update, and the
+            // free page hinting work if a new command id arrived.
             self.adjust = true;
             self.retry_at_ns = 0;
+            if self.free_page.is_some() {
+                self.free_page_hint_changed(mem);
+            }
         }
-        self.pending_isr = 0;
+        if let Some(q) = self.free_page.as_mut() {
+            // Hinted buffers the device has finished with need no action.
+            while q.pop_used().is_some() {}
+        }
         if self.adjust && clock::now_ns() >= self.retry_at_ns {
             self.move_towards_target(mem);
         }
@@ -393,13 +490,20 @@ impl Balloon {
         let mut pfns = [0u32; ARRAY_PFNS_MAX];
         let mut n = 0;
         while (n as u64) < want.min(ARRAY_PFNS_MAX as u64) {
-            match mem.frames.alloc() {
-                Some(pfn) => {
-                    pfns[n] = pfn as u32;
-                    n += 1;
+            let pfn = match mem.frames.alloc() {
+                Some(p) => p,
+                // Like Linux's free page shrinker: hinted blocks held for
+                // the host go back first when memory runs out.
+                None if self.hinted > 0 => {
+                    self.return_free_pages(mem);
+                    continue;
                 }
                 None => break,
-            }
+            };
+            // The allocator checks poison on allocation, as Linux does.
+            mem.check_poison(pfn);
+            pfns[n] = pfn as u32;
+            n += 1;
         }
         if n == 0 {
             return 0;
@@ -439,6 +543,8 @@ impl Balloon {
             return 0;
         }
         for &p in &pfns[..n] {
+            // The host may have discarded the page: poison it again.
+            mem.poison_page(u64::from(p));
             // Ballooned frames are allocated, so this cannot fail.
             let _ = mem.frames.free(u64::from(p));
         }
@@ -456,6 +562,14 @@ impl Balloon {
             Queue::Inflate => (&mut self.inflate, 0),
             Queue::Deflate => (&mut self.deflate, 1),
             Queue::Stats => (self.stats.as_mut().expect("stats queue"), self.stats_qidx),
+            Queue::FreePage => (
+                self.free_page.as_mut().expect("free page queue"),
+                self.free_page_qidx,
+            ),
+            Queue::Reporting => (
+                self.reporting.as_mut().expect("reporting queue"),
+                self.reporting_qidx,
+            ),
         }
     }
 
@@ -612,6 +726,198 @@ impl Balloon {
         // configuration change.
         self.adjust = false;
         Ok(freed)
+    }
+
+    fn write_data_u32(&self, off: u64, v: u32) {
+        // SAFETY: inside the driver's data page.
+        unsafe { core::ptr::write_volatile((self.data + off) as *mut u32, v.to_le()) };
+    }
+
+    fn push_hint(&mut self, pfn: u64) {
+        if self.hinted < self.areas.hints_cap {
+            // SAFETY: inside the hint list area (hints_cap entries).
+            unsafe {
+                core::ptr::write_volatile(
+                    (self.areas.hints + 4 * self.hinted as u64) as *mut u32,
+                    pfn as u32,
+                )
+            };
+            self.hinted += 1;
+        }
+    }
+
+    /// Linux virtballoon_changed() for FREE_PAGE_HINT: DONE gives the
+    /// hinted pages back; a new id (not STOP, not the active one) starts a
+    /// round.
+    fn free_page_hint_changed(&mut self, mem: &mut Memory) {
+        let id = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
+        if id == FREE_PAGE_HINT_CMD_ID_DONE {
+            self.return_free_pages(mem);
+        } else if id != FREE_PAGE_HINT_CMD_ID_STOP && id != self.hint_active {
+            self.report_free_pages(mem, id);
+        }
+    }
+
+    /// Linux return_free_pages_to_mm(): the hinted blocks become free
+    /// again (their contents were left alone, so no re-poisoning).
+    fn return_free_pages(&mut self, mem: &mut Memory) {
+        for i in 0..self.hinted {
+            // SAFETY: inside the hint list area.
+            let pfn = unsafe {
+                core::ptr::read_volatile((self.areas.hints + 4 * i as u64) as *const u32)
+            };
+            let _ = mem.frames.free_block(u64::from(pfn), HINT_BLOCK_ORDER);
+        }
+        self.hinted = 0;
+    }
+
+    /// Linux virtio_balloon_report_free_page(): ack the command id with an
+    /// out-buffer, hint free 4 MiB blocks one in-buffer per kick (always
+    /// leaving a ring slot for the stop id) until none is left or the host
+    /// changes the id, then send STOP. Hinted blocks stay allocated until
+    /// the host writes DONE.
+    fn report_free_pages(&mut self, mem: &mut Memory, id: u32) {
+        self.hint_active = id;
+        self.hint_rounds += 1;
+        self.write_data_u32(CMD_ID_ACTIVE_OFFSET, id);
+        self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
+        let active = self.data + CMD_ID_ACTIVE_OFFSET;
+        let stop = self.data + CMD_ID_STOP_OFFSET;
+        let Some(q) = self.free_page.as_mut() else {
+            return;
+        };
+        while q.pop_used().is_some() {}
+        if q.add(&[Buf {
+            addr: active,
+            len: 4,
+            writable: false,
+        }])
+        .is_none()
+        {
+            return;
+        }
+        self.kick(Queue::FreePage);
+        loop {
+            if self.broken || self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID) != id {
+                break;
+            }
+            let seen = events::snapshot();
+            let Some(q) = self.free_page.as_mut() else {
+                return;
+            };
+            while q.pop_used().is_some() {}
+            if q.num_free() <= 1 {
+                // Full: wait for the device to use some (Linux would free
+                // the block and retry at once).
+                self.collect_isr();
+                if self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                    self.broken = true;
+                    break;
+                }
+                idle::wait(seen, Some(clock::now_ns() + 10_000_000));
+                continue;
+            }
+            let Some(pfn) = mem.frames.alloc_block(HINT_BLOCK_ORDER) else {
+                break;
+            };
+            let len = (PAGE_SIZE << HINT_BLOCK_ORDER) as u32;
+            if q.add(&[Buf {
+                addr: pfn * PAGE_SIZE,
+                len,
+                writable: true,
+            }])
+            .is_none()
+            {
+                let _ = mem.frames.free_block(pfn, HINT_BLOCK_ORDER);
+                break;
+            }
+            self.push_hint(pfn);
+            self.hinted_total += 1;
+            self.kick(Queue::FreePage);
+        }
+        let Some(q) = self.free_page.as_mut() else {
+            return;
+        };
+        while q.pop_used().is_some() {}
+        if q.add(&[Buf {
+            addr: stop,
+            len: 4,
+            writable: false,
+        }])
+        .is_some()
+        {
+            self.kick(Queue::FreePage);
+        }
+    }
+
+    /// Free page hinting counters: (rounds, blocks hinted in all, blocks
+    /// held now, active id).
+    pub fn hint_status(&self) -> Option<(u64, u64, usize, u32)> {
+        self.free_page.as_ref()?;
+        Some((
+            self.hint_rounds,
+            self.hinted_total,
+            self.hinted,
+            self.hint_active,
+        ))
+    }
+
+    /// `report`: one free page reporting pass over all free memory, like
+    /// Linux page_reporting_process_zone() + virtballoon_free_page_report():
+    /// up to 32 free 2 MiB ranges per report, as device-writable buffers
+    /// of one chain; kick; wait; the ranges are the guest's again after the
+    /// device returns the buffer. Returns the number of ranges reported.
+    pub fn report(&mut self, mem: &mut Memory) -> Result<u64, &'static str> {
+        if self.reporting.is_none() {
+            return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
+        }
+        let mut total = 0;
+        let mut from = 0;
+        loop {
+            let mut blocks = [0u64; REPORT_CAPACITY];
+            let mut n = 0;
+            while n < REPORT_CAPACITY {
+                let Some(pfn) = mem.frames.find_free_block(REPORT_ORDER, from) else {
+                    break;
+                };
+                from = pfn + (1 << REPORT_ORDER);
+                if mem.frames.claim_block(pfn, REPORT_ORDER) {
+                    blocks[n] = pfn;
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                return Ok(total);
+            }
+            let len = (PAGE_SIZE << REPORT_ORDER) as u32;
+            let mut bufs = [Buf {
+                addr: 0,
+                len,
+                writable: true,
+            }; REPORT_CAPACITY];
+            for (b, &pfn) in bufs.iter_mut().zip(blocks.iter()).take(n) {
+                b.addr = pfn * PAGE_SIZE;
+            }
+            let Some(q) = self.reporting.as_mut() else {
+                return Ok(total);
+            };
+            let head = q.add(&bufs[..n]);
+            let ok = match head {
+                Some(h) => {
+                    self.kick(Queue::Reporting);
+                    self.wait_used(Queue::Reporting, h, None)
+                }
+                None => false,
+            };
+            // Reported ranges are free memory again (contents left alone).
+            for &pfn in &blocks[..n] {
+                let _ = mem.frames.free_block(pfn, REPORT_ORDER);
+            }
+            if !ok {
+                return Err("the device did not return the report");
+            }
+            total += n as u64;
+        }
     }
 
     /// A frame nobody will use again, for PFNs in hostile buffers (a
@@ -796,6 +1102,12 @@ impl Balloon {
         if let Some(s) = s {
             write!(out, " stats {s}")?;
         }
+        if let Some(q) = &self.free_page {
+            write!(out, " free-page {}", q.size())?;
+        }
+        if let Some(q) = &self.reporting {
+            write!(out, " reporting {}", q.size())?;
+        }
         write!(
             out,
             " {}",
@@ -813,4 +1125,6 @@ enum Queue {
     Inflate,
     Deflate,
     Stats,
+    FreePage,
+    Reporting,
 }

@@ -71,7 +71,8 @@ pub enum Command<'a> {
     Touch { mib: u64 },
     /// `free MIB`: return filled memory to the free pool without clearing it.
     Free { mib: u64 },
-    /// `dirty MIB RATE`: rewrite filled pages (RATE MiB/s, 0 = flat out) for MIB MiB.
+    /// `dirty MIB RATE`: keep rewriting the first MIB MiB of filled pages at
+    /// RATE MiB/s in the background (`dirty 0 0` stops).
     Dirty { mib: u64, rate: u64 },
     /// `sleep SECS`
     Sleep { ns: u64 },
@@ -89,6 +90,8 @@ pub enum Command<'a> {
     Hostile(HostileCase),
     /// `report`: force a free page reporting round.
     Report,
+    /// `hints`: free page hinting counters.
+    Hints,
     /// `poison BYTE`
     Poison { byte: u8 },
 }
@@ -130,6 +133,7 @@ pub const USAGE: &[&str] = &[
     "oom MIB",
     "hostile CASE",
     "report",
+    "hints",
     "poison BYTE",
     "help",
 ];
@@ -235,6 +239,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
             want(0, "report")?;
             Command::Report
         }
+        "hints" => {
+            want(0, "hints")?;
+            Command::Hints
+        }
         "poison" => {
             want(1, "poison BYTE")?;
             let b = parse_u64_dec_or_hex(argv[0]).ok_or(ParseError::BadArg(argv[0]))?;
@@ -285,6 +293,7 @@ mod tests {
         );
         assert_eq!(parse("hostile all"), Ok(Command::Hostile(HostileCase::All)));
         assert_eq!(parse("report"), Ok(Command::Report));
+        assert_eq!(parse("hints"), Ok(Command::Hints));
         assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
         assert_eq!(parse("help"), Ok(Command::Help));
     }

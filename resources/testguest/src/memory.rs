@@ -27,6 +27,14 @@ pub struct Memory {
     nseeds: usize,
     /// Number of frames with a fill record.
     pub filled: u64,
+    /// Page poisoning (`poison BYTE`): free frames hold this byte
+    /// everywhere; it is written when frames are freed and checked when
+    /// they are allocated again.
+    pub poison: Option<u8>,
+    /// Allocated frames whose poison had changed while they were free, and
+    /// the first one seen: (pfn, byte offset, byte found).
+    pub poison_errors: u64,
+    pub poison_first: Option<(u64, usize, u8)>,
 }
 
 impl Memory {
@@ -105,6 +113,9 @@ impl Memory {
             seeds: [0; MAX_SEED_SLOTS + 1],
             nseeds: 0,
             filled: 0,
+            poison: None,
+            poison_errors: 0,
+            poison_first: None,
         })
     }
 
@@ -123,6 +134,49 @@ impl Memory {
             (true, false) => self.filled -= 1,
             _ => {}
         }
+    }
+
+    /// Writes the poison byte over a frame that is being freed (no-op
+    /// without poisoning).
+    pub fn poison_page(&self, pfn: u64) {
+        if let Some(b) = self.poison {
+            let v = u64::from(b) * 0x0101_0101_0101_0101;
+            // SAFETY: the caller is freeing this frame, nobody else uses it.
+            unsafe { page_mut(pfn) }.fill(v);
+        }
+    }
+
+    /// Checks a freshly allocated frame still holds the poison everywhere;
+    /// counts it in `poison_errors` if not. True if the frame is fine.
+    pub fn check_poison(&mut self, pfn: u64) -> bool {
+        let Some(b) = self.poison else { return true };
+        let v = u64::from(b) * 0x0101_0101_0101_0101;
+        // SAFETY: the frame was just allocated to the caller.
+        let page = unsafe { page_mut(pfn) };
+        let Some(w) = page.iter().position(|&x| x != v) else {
+            return true;
+        };
+        let bytes = page[w].to_le_bytes();
+        let k = bytes.iter().position(|&x| x != b).unwrap_or(0);
+        self.poison_errors += 1;
+        if self.poison_first.is_none() {
+            self.poison_first = Some((pfn, w * 8 + k, bytes[k]));
+        }
+        false
+    }
+
+    /// Turns poisoning on and poisons every free frame now. Returns the
+    /// number of frames poisoned.
+    pub fn enable_poison(&mut self, byte: u8) -> u64 {
+        self.poison = Some(byte);
+        let v = u64::from(byte) * 0x0101_0101_0101_0101;
+        let mut n = 0;
+        for pfn in self.frames.iter_free() {
+            // SAFETY: free frames are not in use.
+            unsafe { page_mut(pfn) }.fill(v);
+            n += 1;
+        }
+        n
     }
 
     /// Records `pfn` as given to the balloon.

@@ -18,6 +18,7 @@ pub struct Guest {
     pub args: GuestArgs<'static>,
     editor: LineEditor,
     balloon: Option<Balloon>,
+    dirtier: Option<workload::Dirtier>,
 }
 
 /// Services the balloon (if started) from inside long workloads.
@@ -36,6 +37,7 @@ impl Guest {
             args,
             editor: LineEditor::new(),
             balloon: None,
+            dirtier: None,
         }
     }
 
@@ -62,12 +64,19 @@ impl Guest {
     /// chunks of long commands and whenever the guest waits.
     pub fn background(&mut self) {
         bg(&mut self.balloon)(&mut self.mem);
+        if let Some(d) = self.dirtier.as_mut() {
+            d.tick(&mut self.mem, clock::now_ns());
+        }
     }
 
     /// Halts until an interrupt, `deadline_ns` or a background driver's
     /// own deadline, unless an event arrived after `seen` was read.
     fn idle(&mut self, seen: u64, deadline_ns: Option<u64>) {
-        let driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
+        let mut driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
+        if self.dirtier.is_some() {
+            let t = clock::now_ns() + workload::DIRTY_TICK_NS;
+            driver = Some(driver.map_or(t, |d| d.min(t)));
+        }
         let wake = match (deadline_ns, driver) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -94,8 +103,24 @@ impl Guest {
         }
     }
 
-    /// Parses and runs one command, printing its result line.
+    /// Parses and runs one command, printing its result line (and, if
+    /// the command found poisoned pages changed, an `error: poison` line).
     pub fn execute(&mut self, line: &str) {
+        let poison_errors = self.mem.poison_errors;
+        self.mem.poison_first = None;
+        self.run_command(line);
+        if self.mem.poison_errors > poison_errors {
+            let (pfn, off, got) = self.mem.poison_first.unwrap_or_default();
+            crate::println!(
+                "error: poison: {} pages changed while free (first page {:#x} offset {off} holds {got:#04x}, expected {:#04x})",
+                self.mem.poison_errors - poison_errors,
+                pfn << 12,
+                self.mem.poison.unwrap_or(0)
+            );
+        }
+    }
+
+    fn run_command(&mut self, line: &str) {
         let cmd = match command::parse(line) {
             Ok(c) => c,
             Err(e) => {
@@ -202,8 +227,47 @@ impl Guest {
                 None => crate::println!("error: balloon not started"),
             },
             Command::Hostile(case) => self.hostile(case),
-            Command::Dirty { .. } | Command::Report | Command::Poison { .. } => {
-                crate::println!("error: not implemented yet");
+            Command::Report => match self.balloon.as_mut() {
+                Some(b) => match b.report(&mut self.mem) {
+                    Ok(n) => crate::println!("report done {n} ranges ({} MiB)", n * 2),
+                    Err(e) => crate::println!("error: report: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Hints => match self.balloon.as_ref().and_then(Balloon::hint_status) {
+                Some((rounds, total, held, id)) => {
+                    crate::println!("hints rounds {rounds} blocks {total} held {held} id {id}")
+                }
+                None if self.balloon.is_some() => {
+                    crate::println!("error: hints: VIRTIO_BALLOON_F_FREE_PAGE_HINT not negotiated")
+                }
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Poison { byte } => {
+                let pages = self.mem.enable_poison(byte);
+                crate::print!(
+                    "poison {byte:#04x} on, {} MiB free memory poisoned",
+                    pages / FRAMES_PER_MIB
+                );
+                // PAGE_POISON and poison_val are negotiated before DRIVER_OK.
+                if let Some(b) = self.balloon.as_mut() {
+                    match b.restart(&mut self.mem) {
+                        Ok(()) => crate::print!(", balloon restarted"),
+                        Err(e) => crate::print!(", balloon restart failed: {e}"),
+                    }
+                }
+                crate::println!();
+            }
+            Command::Dirty { mib, rate } => {
+                if mib == 0 || rate == 0 {
+                    match self.dirtier.take() {
+                        Some(d) => crate::println!("dirty off ({} pages rewritten)", d.rewritten),
+                        None => crate::println!("dirty off (0 pages rewritten)"),
+                    }
+                } else {
+                    self.dirtier = Some(workload::Dirtier::new(mib, rate, clock::now_ns()));
+                    crate::println!("dirty on {mib} MiB at {rate} MiB/s");
+                }
             }
         }
     }
@@ -242,6 +306,15 @@ impl Guest {
             core::slice::from_ref(&case)
         };
         for &c in cases {
+            // Each case should meet a working device: if an earlier one
+            // made it give up (NEEDS_RESET) or kept its buffer, start over.
+            if cases.len() > 1
+                && b.needs_restart()
+                && let Err(e) = b.restart(&mut self.mem)
+            {
+                crate::println!("error: hostile {}: restart: {e}", c.name());
+                continue;
+            }
             match b.hostile(&mut self.mem, c) {
                 Ok(_returned) => crate::println!("hostile {} sent", c.name()),
                 Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
