@@ -178,13 +178,15 @@ impl Vmm {
     /// How migration captures device state (serial, virtio transports, balloon).
     fn device_capture(&self) -> DeviceCapture {
         let debug_exit = self.debug_exit;
-        Arc::new(move |_balloon| {
-            serde_json::to_value(crate::device_state::DevicesState {
-                version: crate::device_state::DEVICES_STATE_VERSION,
-                debug_exit,
-                ..Default::default()
-            })
-            .map_err(|e| e.to_string())
+        let serial = self.serial.clone();
+        // The balloon is the only virtio device, in the first slot.
+        let transport = self.balloon.as_ref().and_then(|_| self.virtio.devices().first().map(|d| d.transport.clone()));
+        Arc::new(move |balloon: Option<&Balloon>| {
+            let b = match (balloon, &transport) {
+                (Some(dev), Some(t)) => Some((dev, &**t)),
+                _ => None,
+            };
+            crate::device_state::capture(debug_exit, &serial, b)
         })
     }
 

@@ -639,7 +639,14 @@ impl Persist for MmioTransport {
     /// queue's ring indices (asked of the device through
     /// [`VirtioDevice::queue_states`]).
     fn save(&self) -> Result<MmioTransportState, PersistError> {
-        let dev = lock(&self.device);
+        self.save_with(&*lock(&self.device))
+    }
+}
+
+impl MmioTransport {
+    /// [`Persist::save`] with the device already locked by the caller (a VMM
+    /// that holds the device lock to keep it quiescent while it saves).
+    pub fn save_with(&self, dev: &dyn VirtioDevice) -> Result<MmioTransportState, PersistError> {
         let device_activated = dev.is_activated();
         let mut queues: Vec<QueueRegsState> = self
             .queues
