@@ -8,12 +8,18 @@
 //! | device | save | restore |
 //! |---|---|---|
 //! | [`Serial`](crate::legacy::Serial) | `Persist::save` → [`SerialState`](crate::legacy::serial::SerialState) | `Serial::restore(irq, out, &state)` |
-//! | [`Balloon`](crate::virtio::balloon::Balloon) | `Persist::save` → `BalloonState` | `Balloon::restore(&state, ram, discard)` |
-//! | [`MmioTransport`](crate::virtio::mmio::MmioTransport) | `Persist::save` → `MmioTransportState` | `MmioTransport::restore(device, mem, interrupt, &state)` |
+//! | [`Balloon`](crate::virtio::balloon::Balloon) | `Persist::save` → [`BalloonState`](crate::virtio::balloon::BalloonState) | `Balloon::restore(&state, ram, discard)` |
+//! | [`MmioTransport`](crate::virtio::mmio::MmioTransport) | `Persist::save` → [`MmioTransportState`](crate::virtio::mmio::MmioTransportState) | `MmioTransport::restore(device, mem, interrupt, &state)` |
 //!
-//! A virtio device is restored first (inactive), then its transport around
-//! it; the transport re-activates the device with the saved queues when the
-//! driver had set DRIVER_OK.
+//! Save with the VM paused and the device event loop idle (the VMM holds
+//! each device's lock). A virtio device is restored first (inactive), then
+//! its transport around it; the transport re-activates the device with the
+//! saved queues when it was active. Guest memory should be restored before
+//! the transport (re-activation only checks ring addresses, but the kicks it
+//! sends make the device read the rings as soon as its event loop runs).
+//! The VMM then wires the restored devices as new ones: irqfds, the
+//! transport's queue eventfds as ioeventfds, the balloon into the event
+//! loop, its observer and hint sink.
 //!
 //! State structs carry a `version`; a restore refuses any version it does
 //! not know. [`to_json`] and [`from_json`] move states in and out of the

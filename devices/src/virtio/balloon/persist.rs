@@ -943,4 +943,35 @@ mod tests {
             b.inflated_pages()
         );
     }
+
+    #[test]
+    fn buffer_published_before_the_save_is_served_by_the_restored_event_loop() {
+        use event_manager::{EventManager, SubscriberOps};
+
+        let (src, mut q, _) = busy_source();
+        // The guest publishes an inflate buffer and kicks, but the source's
+        // event loop never gets to it before the VM is paused.
+        let len = write_pfns(&src.mem, BUF_BASE, &[300, 301]);
+        q[0].add_chain(&src.mem, &[(BUF_BASE, len, false)]);
+        let bs = through_json(&src.balloon.lock().unwrap().save().unwrap());
+        let ts = through_json(&src.transport.save().unwrap());
+        let dst = restore_side(copy_of(&src.mem), &bs, &ts).unwrap();
+        // The VMM adds the restored balloon to its event loop as usual.
+        let mut mgr = EventManager::<Arc<Mutex<Balloon>>>::new().unwrap();
+        mgr.add_subscriber(dst.balloon.clone());
+        for _ in 0..20 {
+            mgr.run_with_timeout(20).unwrap();
+            if q[0].used_idx(&dst.mem) == 4 {
+                break;
+            }
+        }
+        assert_eq!(q[0].used_idx(&dst.mem), 4);
+        assert!(dst.balloon.lock().unwrap().is_inflated(301));
+        assert_eq!(
+            dst.discard.discarded(),
+            vec![GpaRange::new(300 << 12, 2 << 12)]
+        );
+        // The stats timer runs again on the restored device.
+        assert!(dst.balloon.lock().unwrap().stats_timer_wanted());
+    }
 }
