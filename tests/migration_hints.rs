@@ -39,7 +39,7 @@ fn migrate(api: &mut ApiClient, body: Value) -> Value {
 fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     let name = format!("int{run}");
     let sock = sock_path(&name);
-    let program = "balloon;fill 384 7;free 128;dirty 192 400;echo MIGRATE NOW;sleep 3;dirty 0 0;verify;hints;exit 0";
+    let program = "balloon;fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 8;dirty 0 0;verify;hints;exit 0";
     let cmdline = format!("testguest.run=\"{program}\"");
     let mut src = Vm::start(&[
         "--memory",
@@ -71,7 +71,7 @@ fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     };
     let st = migrate(
         &mut api,
-        json!({"destination": dest, "free_page_hints": hints, "downtime_ms": 50}),
+        json!({"destination": dest, "free_page_hints": hints}),
     );
     assert_eq!(st["state"], "Completed", "run {run}: {st}");
     eprintln!(
@@ -83,7 +83,10 @@ fn integrity_run(run: usize, via_socket: bool, hints: bool) {
         st["downtime_ms"]
     );
     if hints {
-        assert!(st["pages_hinted"].as_u64().unwrap() > 100_000, "run {run}: hints were used: {st}");
+        assert!(
+            st["pages_hinted"].as_u64().unwrap() > 100_000,
+            "run {run}: hints were used: {st}"
+        );
     }
     assert_eq!(src.wait(BOOT).code(), Some(0));
     let mut dst = match dst.take() {
@@ -96,9 +99,16 @@ fn integrity_run(run: usize, via_socket: bool, hints: bool) {
         }
     };
     let verify = dst.expect_line("verify", BOOT);
-    assert!(verify.contains("verify ok 65536 pages"), "run {run}: {verify}\n{}", dst.transcript.join("\n"));
+    assert!(
+        verify.contains("verify ok 65536 pages"),
+        "run {run}: {verify}\n{}",
+        dst.transcript.join("\n")
+    );
     let held = dst.expect_line("hints rounds", BOOT);
-    assert!(held.contains("held 0 "), "run {run}: hinted blocks freed after DONE: {held}");
+    assert!(
+        held.contains("held 0 "),
+        "run {run}: hinted blocks freed after DONE: {held}"
+    );
     assert_eq!(dst.wait(BOOT).code(), Some(0), "run {run}");
     let _ = std::fs::remove_file(tmp(&name));
 }
@@ -153,9 +163,15 @@ fn eight_gib_migration(hints: bool) -> (Value, PathBuf) {
 fn hints_skip_free_memory_of_an_eight_gib_guest() {
     let (with, file) = eight_gib_migration(true);
     let data = with["bytes_sent"].as_u64().unwrap();
-    assert!(data <= GIB + GIB / 10, "with hints {data} bytes of page data (at most 1.1 GiB)");
+    assert!(
+        data <= GIB + GIB / 10,
+        "with hints {data} bytes of page data (at most 1.1 GiB)"
+    );
     // The hinted file restores, and the guest frees its hinted blocks after DONE.
-    let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap(), "--debug-exit"]);
+    let mut dst = Vm::start_cmd(
+        "restore",
+        &["--from", file.to_str().unwrap(), "--debug-exit"],
+    );
     dst.send("verify");
     dst.expect_line("verify ok 262144 pages", Duration::from_secs(120));
     dst.send("hints");
@@ -170,7 +186,10 @@ fn hints_skip_free_memory_of_an_eight_gib_guest() {
 
     let (without, file) = eight_gib_migration(false);
     let data = without["bytes_sent"].as_u64().unwrap();
-    assert!(data >= 7 * GIB, "without hints {data} bytes of page data (at least 7 GiB)");
+    assert!(
+        data >= 7 * GIB,
+        "without hints {data} bytes of page data (at least 7 GiB)"
+    );
     let _ = std::fs::remove_file(&file);
 }
 
@@ -195,8 +214,15 @@ fn zero_pages_of_a_fresh_guest_are_never_data() {
         json!({"destination": format!("file://{}", file.display()), "free_page_hints": false}),
     );
     let data = st["bytes_sent"].as_u64().unwrap();
-    eprintln!("fresh 2 GiB guest: {} KiB of page data, {} zero pages", data >> 10, st["pages_zero"]);
-    assert!(data < 64 << 20, "a fresh guest sent {data} bytes of page data");
+    eprintln!(
+        "fresh 2 GiB guest: {} KiB of page data, {} zero pages",
+        data >> 10,
+        st["pages_zero"]
+    );
+    assert!(
+        data < 64 << 20,
+        "a fresh guest sent {data} bytes of page data"
+    );
     assert!(st["pages_zero"].as_u64().unwrap() > 500_000);
     let _ = std::fs::remove_file(&file);
 }

@@ -46,7 +46,11 @@ pub fn capture(
     serial: &Mutex<Serial>,
     balloon: Option<(&Balloon, &Mutex<MmioTransport>)>,
 ) -> Result<serde_json::Value, String> {
-    let serial_state = serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(persist_err)?;
+    let serial_state = serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .save()
+        .map_err(persist_err)?;
     let balloon = match balloon {
         None => None,
         Some((dev, transport)) => {
@@ -91,7 +95,8 @@ pub(crate) fn restore(
             .irq_evt()
             .try_clone()
             .map_err(|e| RestoreError::Devices(format!("serial irqfd: {e}")))?;
-        *serial = Serial::restore(irq, Box::new(StdoutWriter), &state).map_err(|e| bad("serial", e))?;
+        *serial =
+            Serial::restore(irq, Box::new(StdoutWriter), &state).map_err(|e| bad("serial", e))?;
     }
     let Some(slot) = &st.balloon else {
         return Ok(None);
@@ -103,7 +108,12 @@ pub(crate) fn restore(
     let balloon = Arc::new(Mutex::new(
         Balloon::restore(&dev_state, m.ram.ranges(), discard).map_err(|e| bad("balloon", e))?,
     ));
-    m.virtio
-        .add_restored_virtio(&m.vm, &mut m.mmio, m.ram.memory(), balloon.clone(), &tr_state)?;
+    m.virtio.add_restored_virtio(
+        &m.vm,
+        &mut m.mmio,
+        m.ram.memory(),
+        balloon.clone(),
+        &tr_state,
+    )?;
     Ok(Some(balloon))
 }

@@ -180,7 +180,10 @@ impl Vmm {
         let debug_exit = self.debug_exit;
         let serial = self.serial.clone();
         // The balloon is the only virtio device, in the first slot.
-        let transport = self.balloon.as_ref().and_then(|_| self.virtio.devices().first().map(|d| d.transport.clone()));
+        let transport = self
+            .balloon
+            .as_ref()
+            .and_then(|_| self.virtio.devices().first().map(|d| d.transport.clone()));
         Arc::new(move |balloon: Option<&Balloon>| {
             let b = match (balloon, &transport) {
                 (Some(dev), Some(t)) => Some((dev, &**t)),

@@ -34,8 +34,12 @@ use crate::memory::GuestRam;
 use crate::vcpu::Vcpus;
 use crate::vm::Vm;
 
-/// How long a hinting round may take before we send without waiting for it.
-const HINT_ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the first hinting round may take before we send without waiting
+/// for it: most free memory is skipped thanks to this round.
+const FIRST_HINT_ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Later rounds find little new free memory (hinted blocks stay held until
+/// DONE) and must not hold back a converging migration.
+const LATER_HINT_ROUND_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Captures device state (serial, transports, balloon) as JSON; called with
 /// the VM paused and the balloon locked (its guard is passed in).
@@ -315,8 +319,9 @@ impl Sender<'_> {
         negotiated && self.opts.free_page_hints
     }
 
-    /// Start a hint round for `bitmap` and wait until the guest finished it.
-    fn hint_round(&self, bitmap: &Arc<PageBitmap>) -> Option<u32> {
+    /// Start a hint round for `bitmap` and wait (at most `timeout`) until the
+    /// guest finished it; hints arriving later still clear unsent pages.
+    fn hint_round(&self, bitmap: &Arc<PageBitmap>, timeout: Duration) -> Option<u32> {
         let b = self.ctx.balloon.as_ref()?;
         let id = {
             let mut b = lock(b);
@@ -324,14 +329,14 @@ impl Sender<'_> {
             *lock(&self.hints.current) = Some((id, bitmap.clone()));
             id
         };
-        let deadline = Instant::now() + HINT_ROUND_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             let s = lock(b).hinting_status();
             if s.guest_cmd_id == id && s.state == HintingState::Stopped {
                 break;
             }
             if Instant::now() > deadline || self.cancel.load(Ordering::SeqCst) {
-                log::warn!("migration: hint round {id} did not finish in {HINT_ROUND_TIMEOUT:?}");
+                log::debug!("migration: hint round {id} still running after {timeout:?}; sending");
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -380,7 +385,12 @@ impl Sender<'_> {
         loop {
             self.check_cancel()?;
             if hints {
-                self.hint_round(&bitmap);
+                let timeout = if round == 1 {
+                    FIRST_HINT_ROUND_TIMEOUT
+                } else {
+                    LATER_HINT_ROUND_TIMEOUT
+                };
+                self.hint_round(&bitmap, timeout);
             }
             if self.opts.mode == Mode::Snapshot {
                 // A snapshot only collects hints while running; it copies paused.
