@@ -135,7 +135,7 @@ fn eight_gib_migration(hints: bool) -> (Value, PathBuf) {
         "--api-sock",
         sock.to_str().unwrap(),
         "--cmdline",
-        "testguest.run=\"balloon;fill 7168 1;free 6144;echo MIGRATE NOW;sleep 600\"",
+        "testguest.run=\"balloon;fill 7168 1;free 6144;echo MIGRATE NOW\"",
     ]);
     wait_for_socket(&sock);
     let mut api = ApiClient::new(&sock).unwrap();
@@ -170,7 +170,7 @@ fn hints_skip_free_memory_of_an_eight_gib_guest() {
     // The hinted file restores, and the guest frees its hinted blocks after DONE.
     let mut dst = Vm::start_cmd(
         "restore",
-        &["--from", file.to_str().unwrap(), "--debug-exit"],
+        &["--from", file.to_str().unwrap()],
     );
     dst.send("verify");
     dst.expect_line("verify ok 262144 pages", Duration::from_secs(120));

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Builds the Blimp test guest (a freestanding x86_64 ELF) in release mode.
-# Build output goes to ${BLIMP_CACHE:-~/.cache/blimp}/testguest-target, never
-# into the repository. The last line printed is the ELF's absolute path.
+# Build output goes to ${BLIMP_CACHE:-~/.cache/blimp}/testguest-target/<key>,
+# never into the repository; the key is a hash of this source tree's path, so
+# two checkouts never overwrite each other's guest (cargo only rebuilds what
+# changed inside one). The last line printed is the ELF's absolute path.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${BLIMP_CACHE:-$HOME/.cache/blimp}"
-target_dir="$cache/testguest-target"
+key="$(printf '%s' "$here" | sha256sum | cut -c1-16)"
+target_dir="$cache/testguest-target/$key"
 mkdir -p "$target_dir"
 target_dir="$(cd "$target_dir" && pwd)"
 # Cargo finds .cargo/config.toml (rustflags) from the working directory.
