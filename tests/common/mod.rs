@@ -2,6 +2,8 @@
 //! running `blimp` with its serial output captured line by line.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -68,6 +70,7 @@ pub struct Vm {
     /// Every line seen so far, for failure messages.
     pub transcript: Vec<String>,
     pub started: Instant,
+    ended: bool,
 }
 
 impl Vm {
@@ -81,11 +84,21 @@ impl Vm {
     /// unless `args` names one or waits for an incoming migration.
     pub fn start_cmd(sub: &str, args: &[&str]) -> Vm {
         require_kvm();
-        let mut cmd = Command::new(blimp());
-        cmd.arg(sub);
-        if sub == "run" && !args.contains(&"--kernel") && !args.contains(&"--incoming") {
-            cmd.arg("--kernel").arg(testguest());
+        if sub != "run" || args.contains(&"--kernel") || args.contains(&"--incoming") {
+            Vm::spawn(sub, args)
+        } else {
+            let mut all = vec!["--kernel", testguest().to_str().expect("UTF-8 path")];
+            all.extend_from_slice(args);
+            Vm::spawn("run", &all)
         }
+    }
+
+    /// Start `blimp SUBCOMMAND args...` (`run`, or a future `restore`)
+    /// with the console captured.
+    pub fn spawn(subcommand: &str, args: &[&str]) -> Vm {
+        require_kvm();
+        let mut cmd = Command::new(blimp());
+        cmd.arg(subcommand);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -109,6 +122,7 @@ impl Vm {
             lines: rx,
             transcript: Vec::new(),
             started,
+            ended: false,
         }
     }
 
@@ -140,6 +154,27 @@ impl Vm {
                 ),
             }
         }
+    }
+
+    /// The next console line, without printing it; `None` on timeout or
+    /// when blimp's output ended (see [`Vm::output_ended`]).
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.transcript.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.ended = true;
+                None
+            }
+        }
+    }
+
+    /// blimp's stdout was closed (it exited or is exiting).
+    pub fn output_ended(&self) -> bool {
+        self.ended
     }
 
     /// Send a line to the serial console.
