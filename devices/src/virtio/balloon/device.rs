@@ -465,6 +465,7 @@ impl Balloon {
                 }
             };
             let Some(chain) = chain else { break };
+            let started = std::time::Instant::now();
             let head = chain.head_index();
             let descs = match collect_chain(chain) {
                 Ok(d) => d,
@@ -518,6 +519,7 @@ impl Balloon {
                 drain.broken = Some(format!("returning buffer {head}: {e}"));
                 break;
             }
+            BalloonMetrics::add(&metrics.pfn_buffer_ns, started.elapsed().as_nanos() as u64);
             drain.used = true;
         }
         drain
@@ -704,7 +706,10 @@ fn apply_pfn_batch(
             bitmap.update(run.bit, run.npages, true);
             BalloonMetrics::inc(&metrics.discard_calls);
             BalloonMetrics::add(&metrics.discard_bytes, range.len);
-            match discard.discard(range) {
+            let t = std::time::Instant::now();
+            let result = discard.discard(range);
+            BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
+            match result {
                 Ok(o) => {
                     BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
                     BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);

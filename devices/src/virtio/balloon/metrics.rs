@@ -57,6 +57,11 @@ balloon_metrics! {
     discard_released_bytes,
     /// Syscalls the backing issued.
     discard_syscalls,
+    /// Nanoseconds spent inside discard calls.
+    discard_ns,
+    /// Nanoseconds spent on inflate/deflate buffers, from taking one off
+    /// the ring to returning it (parse, validate, merge, bitmap, discard).
+    pfn_buffer_ns,
     /// Failed discard calls.
     discard_errors,
     /// Stats buffers parsed.
