@@ -43,7 +43,10 @@ fn wait_state(api: &mut ApiClient, state: &str) -> (Value, Duration) {
         if st["state"] == state {
             return (st, t.elapsed());
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "hinting never reached {state}: {st}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "hinting never reached {state}: {st}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -66,14 +69,25 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
     // The guest acks the id, sends its free 4 MiB blocks, then STOP.
     let (st, took) = wait_state(&mut api, "Stopped");
     eprintln!("hinting round {id}: {st} in {took:?}");
-    assert_eq!(st["guest_cmd_id"].as_u64(), Some(id), "the guest acked our id");
+    assert_eq!(
+        st["guest_cmd_id"].as_u64(),
+        Some(id),
+        "the guest acked our id"
+    );
     assert_eq!(st["host_cmd_id"].as_u64(), Some(id));
     let hinted = st["hinted_pages"].as_u64().unwrap();
-    assert!(hinted * 4096 >= 1536 * MIB, "only {} MiB hinted", hinted * 4096 / MIB);
+    assert!(
+        hinted * 4096 >= 1536 * MIB,
+        "only {} MiB hinted",
+        hinted * 4096 / MIB
+    );
     // The guest holds the hinted blocks until DONE.
     vm.send("hints");
     let h = vm.expect_line("hints rounds", BOOT);
-    assert!(!h.contains("held 0 "), "hinted blocks are held until DONE: {h}");
+    assert!(
+        !h.contains("held 0 "),
+        "hinted blocks are held until DONE: {h}"
+    );
     // None of the filled 300 MiB was hinted (they would have been discarded).
     vm.send("verify");
     vm.expect_line("verify ok 76800 pages", BOOT);
@@ -89,7 +103,10 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
     std::thread::sleep(Duration::from_millis(200));
     vm.send("hints");
     let h = vm.expect_line("hints rounds", BOOT);
-    assert!(h.contains("held 0 "), "after DONE the guest freed its hinted blocks: {h}");
+    assert!(
+        h.contains("held 0 "),
+        "after DONE the guest freed its hinted blocks: {h}"
+    );
     // The freed memory is usable again.
     vm.send("fill 1024 6");
     vm.expect_line("fill done 1024 MiB", BOOT);
@@ -104,11 +121,14 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
 
 #[test]
 fn hinting_is_refused_when_not_negotiated() {
-    let (mut vm, mut api) = start("nohint", "", "balloon;echo READY", "512M");
+    let (mut vm, api) = start("nohint", "", "balloon;echo READY", "512M");
     vm.expect_line("READY", BOOT);
     let (s, b) = api.put("/balloon/hinting/start", &json!({})).unwrap();
     assert_eq!(s, 400, "{b}");
-    assert!(b["error"].as_str().unwrap().contains("free_page_hint"), "{b}");
+    assert!(
+        b["error"].as_str().unwrap().contains("free_page_hint"),
+        "{b}"
+    );
     vm.send("exit 0");
     vm.wait(BOOT);
 }
@@ -120,9 +140,11 @@ fn report_round(poison: Option<u8>) -> (u64, u64, Vec<String>) {
     } else {
         "free_page_reporting=on"
     };
-    let poison_cmd = poison.map(|p| format!("poison {p:#x};")).unwrap_or_default();
+    let poison_cmd = poison
+        .map(|p| format!("poison {p:#x};"))
+        .unwrap_or_default();
     let program = format!("balloon;{poison_cmd}fill 1024 3;free 1024;echo READY");
-    let (mut vm, mut api) = start(&format!("report{poison:?}"), balloon, &program, "2G");
+    let (mut vm, api) = start(&format!("report{poison:?}"), balloon, &program, "2G");
     vm.expect_line("READY", BOOT);
     let before = vm.rss_bytes();
     let t = Instant::now();
@@ -157,8 +179,15 @@ fn report_round(poison: Option<u8>) -> (u64, u64, Vec<String>) {
 #[test]
 fn free_page_reporting_returns_freed_memory_to_the_host() {
     let (_, dropped, transcript) = report_round(None);
-    assert!(dropped >= 900 * MIB, "host RSS fell by only {} MiB", dropped / MIB);
-    assert!(!transcript.iter().any(|l| l.starts_with("error")), "{transcript:?}");
+    assert!(
+        dropped >= 900 * MIB,
+        "host RSS fell by only {} MiB",
+        dropped / MIB
+    );
+    assert!(
+        !transcript.iter().any(|l| l.starts_with("error")),
+        "{transcript:?}"
+    );
 }
 
 #[test]
@@ -175,6 +204,13 @@ fn poisoned_reported_pages_keep_their_content() {
     );
     // With poison value 0 the device may discard (a zero page reads as 0).
     let (_, dropped, transcript) = report_round(Some(0));
-    assert!(dropped >= 900 * MIB, "poison 0: RSS fell only {} MiB", dropped / MIB);
-    assert!(!transcript.iter().any(|l| l.contains("error: poison")), "{transcript:?}");
+    assert!(
+        dropped >= 900 * MIB,
+        "poison 0: RSS fell only {} MiB",
+        dropped / MIB
+    );
+    assert!(
+        !transcript.iter().any(|l| l.contains("error: poison")),
+        "{transcript:?}"
+    );
 }

@@ -168,10 +168,7 @@ fn hints_skip_free_memory_of_an_eight_gib_guest() {
         "with hints {data} bytes of page data (at most 1.1 GiB)"
     );
     // The hinted file restores, and the guest frees its hinted blocks after DONE.
-    let mut dst = Vm::start_cmd(
-        "restore",
-        &["--from", file.to_str().unwrap()],
-    );
+    let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap()]);
     dst.send("verify");
     dst.expect_line("verify ok 262144 pages", Duration::from_secs(120));
     dst.send("hints");
