@@ -509,12 +509,7 @@ fn reported_pages(vm: &LinuxVm) -> u64 {
 /// a migration with hints writes at least 64 MiB less page data than one
 /// without; the hinted stream restores into a new blimp whose guest still
 /// has a 16 MiB file with the same SHA-256 and still runs commands.
-///
-/// Written against the API as specified (`PUT /migration` with a
-/// `file:///` destination and `free_page_hints`, `GET /migration`) and an
-/// assumed `blimp restore --from PATH --api-sock SOCK` command.
 #[test]
-#[ignore = "needs blimp migration (issue 6), not landed yet"]
 fn hint_aware_migration_skips_freed_memory_and_restores() {
     let t = Instant::now();
     let dir = std::env::temp_dir().join(format!("blimp-linux-mig-{}", std::process::id()));
