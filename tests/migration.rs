@@ -225,3 +225,61 @@ fn cancel_leaves_the_source_running() {
     vm.send("exit 0");
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 }
+
+#[test]
+fn restore_resumes_the_balloon_where_it_was() {
+    let file = tmp("balloon");
+    let sock = sock_path("mig-balloon-src");
+    let mut vm = Vm::start(&[
+        "--memory",
+        "1G",
+        "--debug-exit",
+        "--balloon",
+        "stats_interval=1,free_page_hint=on",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "testguest.run=\"balloon;fill 128 3;echo MIGRATE NOW\"",
+    ]);
+    wait_for_socket(&sock);
+    let mut api = ApiClient::new(&sock).unwrap();
+    vm.expect_line("MIGRATE NOW", BOOT);
+    common::set_target(&mut api, 200);
+    common::wait_balloon(&mut api, 200, Duration::from_secs(30));
+    // Wait for a statistics report.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/balloon/statistics").unwrap().1["free_memory"].is_null() {
+        assert!(Instant::now() < deadline, "no statistics");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = migrate(
+        &mut api,
+        json!({"destination": format!("file://{}", file.display())}),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+
+    let dsock = sock_path("mig-balloon-dst");
+    let mut dst = restore(&file, &["--api-sock", dsock.to_str().unwrap()]);
+    wait_for_socket(&dsock);
+    let mut dapi = ApiClient::new(&dsock).unwrap();
+    let (_, b) = dapi.get("/balloon").unwrap();
+    assert_eq!(b["target_mib"], 200, "{b}");
+    assert_eq!(b["actual_mib"], 200, "{b}");
+    assert_eq!(b["free_page_hint"], true, "{b}");
+    let (_, s) = dapi.get("/balloon/statistics").unwrap();
+    assert!(
+        s["free_memory"].as_u64().is_some(),
+        "statistics carried over: {s}"
+    );
+    // The restored balloon keeps working: deflate, then the guest reuses the memory.
+    common::set_target(&mut dapi, 0);
+    common::wait_balloon(&mut dapi, 0, Duration::from_secs(30));
+    dst.send("fill 512 4");
+    dst.expect_line("fill done 512 MiB", BOOT);
+    dst.send("verify");
+    dst.expect_line("verify ok 163840 pages", BOOT);
+    dst.send("exit 0");
+    assert_eq!(dst.wait(BOOT).code(), Some(0));
+    let _ = std::fs::remove_file(&file);
+}
