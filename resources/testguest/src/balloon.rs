@@ -91,6 +91,8 @@ pub struct Balloon {
     /// The device reported DEVICE_NEEDS_RESET: nothing more is sent until
     /// `balloon` restarts it.
     broken: bool,
+    /// Whether the current service() call may answer stats requests.
+    answer_stats: bool,
 }
 
 #[derive(Debug)]
@@ -314,6 +316,7 @@ impl Balloon {
             alloc_stalls: 0,
             hostile_frames: 0,
             broken: false,
+            answer_stats: true,
         };
         b.go_live(mem);
         Ok(b)
@@ -402,7 +405,13 @@ impl Balloon {
     }
 
     /// Background work: statistics requests and balloon size changes.
-    pub fn service(&mut self, mem: &mut Memory) {
+    ///
+    /// `answer_stats` is false between chunks of a long command: a stats
+    /// request is then answered when the command has finished, so the host
+    /// gets values that include its effect rather than a snapshot from its
+    /// middle (the device keeps the last values until it asks again).
+    pub fn service(&mut self, mem: &mut Memory, answer_stats: bool) {
+        self.answer_stats = answer_stats;
         self.collect_isr();
         if self.broken {
             return;
@@ -664,6 +673,9 @@ impl Balloon {
     /// Linux stats_handle_request(): when the device returns the stats
     /// buffer, refill it and give it back.
     fn service_stats(&mut self, mem: &Memory) {
+        if !self.answer_stats {
+            return;
+        }
         let Some(q) = self.stats.as_mut() else { return };
         let mut refill = false;
         while let Some(u) = q.pop_used() {
@@ -692,7 +704,7 @@ impl Balloon {
         self.retry_at_ns = 0;
         loop {
             let seen = events::snapshot();
-            self.service(mem);
+            self.service(mem, true);
             let target = self.num_pages();
             if mem.balloon_pages() == u64::from(target) && self.actual() == target {
                 return Ok(target);

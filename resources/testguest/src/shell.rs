@@ -21,11 +21,12 @@ pub struct Guest {
     dirtier: Option<workload::Dirtier>,
 }
 
-/// Services the balloon (if started) from inside long workloads.
+/// Services the balloon (if started) from inside long workloads (stats
+/// requests wait until the command is done).
 fn bg(balloon: &mut Option<Balloon>) -> impl FnMut(&mut Memory) + '_ {
     move |m: &mut Memory| {
         if let Some(b) = balloon.as_mut() {
-            b.service(m);
+            b.service(m, false);
         }
     }
 }
@@ -63,7 +64,9 @@ impl Guest {
     /// Services background drivers; called between commands, between
     /// chunks of long commands and whenever the guest waits.
     pub fn background(&mut self) {
-        bg(&mut self.balloon)(&mut self.mem);
+        if let Some(b) = self.balloon.as_mut() {
+            b.service(&mut self.mem, true);
+        }
         if let Some(d) = self.dirtier.as_mut() {
             d.tick(&mut self.mem, clock::now_ns());
         }
@@ -320,7 +323,7 @@ impl Guest {
                 Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
             }
             // Let the driver pick up whatever the device did meanwhile.
-            b.service(&mut self.mem);
+            b.service(&mut self.mem, true);
         }
         if case == HostileCase::All {
             crate::println!("hostile all sent");
