@@ -86,8 +86,6 @@ pub struct Balloon {
     retry_at_ns: u64,
     config_generation: u32,
     alloc_stalls: u64,
-    /// Frames given away by hostile sends (never reused).
-    hostile_frames: u64,
     /// The device reported DEVICE_NEEDS_RESET: nothing more is sent until
     /// `balloon` restarts it.
     broken: bool,
@@ -314,7 +312,6 @@ impl Balloon {
             retry_at_ns: 0,
             config_generation: 0,
             alloc_stalls: 0,
-            hostile_frames: 0,
             broken: false,
             answer_stats: true,
         };
@@ -933,14 +930,12 @@ impl Balloon {
     }
 
     /// A frame nobody will use again, for PFNs in hostile buffers (a
-    /// misbehaving VMM might still discard it).
+    /// misbehaving VMM might still discard it). Without free memory it is
+    /// a PFN far outside RAM instead.
     fn sacrificial_pfn(&mut self, mem: &mut Memory) -> u32 {
         match mem.frames.alloc() {
-            Some(p) => {
-                self.hostile_frames += 1;
-                p as u32
-            }
-            None => 0,
+            Some(p) => p as u32,
+            None => u32::MAX,
         }
     }
 
