@@ -2,6 +2,8 @@
 //! running `blimp` with its serial output captured line by line.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -68,18 +70,35 @@ pub struct Vm {
     /// Every line seen so far, for failure messages.
     pub transcript: Vec<String>,
     pub started: Instant,
+    ended: bool,
 }
 
 impl Vm {
     /// Start `blimp run` with `args`; the test guest is the kernel unless
     /// `args` names one.
     pub fn start(args: &[&str]) -> Vm {
+        Vm::start_cmd("run", args)
+    }
+
+    /// Start `blimp SUBCOMMAND args`; `run` gets the test guest as kernel
+    /// unless `args` names one or waits for an incoming migration.
+    pub fn start_cmd(sub: &str, args: &[&str]) -> Vm {
+        require_kvm();
+        if sub != "run" || args.contains(&"--kernel") || args.contains(&"--incoming") {
+            Vm::spawn(sub, args)
+        } else {
+            let mut all = vec!["--kernel", testguest().to_str().expect("UTF-8 path")];
+            all.extend_from_slice(args);
+            Vm::spawn("run", &all)
+        }
+    }
+
+    /// Start `blimp SUBCOMMAND args...` (`run`, or a future `restore`)
+    /// with the console captured.
+    pub fn spawn(subcommand: &str, args: &[&str]) -> Vm {
         require_kvm();
         let mut cmd = Command::new(blimp());
-        cmd.arg("run");
-        if !args.contains(&"--kernel") {
-            cmd.arg("--kernel").arg(testguest());
-        }
+        cmd.arg(subcommand);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -103,6 +122,7 @@ impl Vm {
             lines: rx,
             transcript: Vec::new(),
             started,
+            ended: false,
         }
     }
 
@@ -134,6 +154,27 @@ impl Vm {
                 ),
             }
         }
+    }
+
+    /// The next console line, without printing it; `None` on timeout or
+    /// when blimp's output ended (see [`Vm::output_ended`]).
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.transcript.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.ended = true;
+                None
+            }
+        }
+    }
+
+    /// blimp's stdout was closed (it exited or is exiting).
+    pub fn output_ended(&self) -> bool {
+        self.ended
     }
 
     /// Send a line to the serial console.

@@ -94,6 +94,9 @@ pub enum Command<'a> {
     Hints,
     /// `poison BYTE`
     Poison { byte: u8 },
+    /// `mmio-rtt N`: time N reads of the first virtio-mmio slot's MagicValue
+    /// (each a full exit to the VMM and back).
+    MmioRtt { n: u64 },
 }
 
 /// Why a command line was rejected.
@@ -135,6 +138,7 @@ pub const USAGE: &[&str] = &[
     "report",
     "hints",
     "poison BYTE",
+    "mmio-rtt N",
     "help",
 ];
 
@@ -190,6 +194,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
         "touch" => {
             want(1, "touch MIB")?;
             Command::Touch { mib: num(argv[0])? }
+        }
+        "mmio-rtt" => {
+            want(1, "mmio-rtt N")?;
+            Command::MmioRtt { n: num(argv[0])? }
         }
         "free" => {
             want(1, "free MIB")?;
