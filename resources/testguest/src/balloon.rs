@@ -86,11 +86,11 @@ pub struct Balloon {
     retry_at_ns: u64,
     config_generation: u32,
     alloc_stalls: u64,
-    /// Frames given away by hostile sends (never reused).
-    hostile_frames: u64,
     /// The device reported DEVICE_NEEDS_RESET: nothing more is sent until
     /// `balloon` restarts it.
     broken: bool,
+    /// Whether the current service() call may answer stats requests.
+    answer_stats: bool,
 }
 
 #[derive(Debug)]
@@ -312,8 +312,8 @@ impl Balloon {
             retry_at_ns: 0,
             config_generation: 0,
             alloc_stalls: 0,
-            hostile_frames: 0,
             broken: false,
+            answer_stats: true,
         };
         b.go_live(mem);
         Ok(b)
@@ -402,7 +402,13 @@ impl Balloon {
     }
 
     /// Background work: statistics requests and balloon size changes.
-    pub fn service(&mut self, mem: &mut Memory) {
+    ///
+    /// `answer_stats` is false between chunks of a long command: a stats
+    /// request is then answered when the command has finished, so the host
+    /// gets values that include its effect rather than a snapshot from its
+    /// middle (the device keeps the last values until it asks again).
+    pub fn service(&mut self, mem: &mut Memory, answer_stats: bool) {
+        self.answer_stats = answer_stats;
         self.collect_isr();
         if self.broken {
             return;
@@ -664,6 +670,9 @@ impl Balloon {
     /// Linux stats_handle_request(): when the device returns the stats
     /// buffer, refill it and give it back.
     fn service_stats(&mut self, mem: &Memory) {
+        if !self.answer_stats {
+            return;
+        }
         let Some(q) = self.stats.as_mut() else { return };
         let mut refill = false;
         while let Some(u) = q.pop_used() {
@@ -692,7 +701,7 @@ impl Balloon {
         self.retry_at_ns = 0;
         loop {
             let seen = events::snapshot();
-            self.service(mem);
+            self.service(mem, true);
             let target = self.num_pages();
             if mem.balloon_pages() == u64::from(target) && self.actual() == target {
                 return Ok(target);
@@ -921,14 +930,12 @@ impl Balloon {
     }
 
     /// A frame nobody will use again, for PFNs in hostile buffers (a
-    /// misbehaving VMM might still discard it).
+    /// misbehaving VMM might still discard it). Without free memory it is
+    /// a PFN far outside RAM instead.
     fn sacrificial_pfn(&mut self, mem: &mut Memory) -> u32 {
         match mem.frames.alloc() {
-            Some(p) => {
-                self.hostile_frames += 1;
-                p as u32
-            }
-            None => 0,
+            Some(p) => p as u32,
+            None => u32::MAX,
         }
     }
 

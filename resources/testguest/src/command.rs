@@ -302,6 +302,7 @@ mod tests {
         assert_eq!(parse("hostile all"), Ok(Command::Hostile(HostileCase::All)));
         assert_eq!(parse("report"), Ok(Command::Report));
         assert_eq!(parse("hints"), Ok(Command::Hints));
+        assert_eq!(parse("mmio-rtt 100"), Ok(Command::MmioRtt { n: 100 }));
         assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
         assert_eq!(parse("help"), Ok(Command::Help));
     }

@@ -21,11 +21,12 @@ pub struct Guest {
     dirtier: Option<workload::Dirtier>,
 }
 
-/// Services the balloon (if started) from inside long workloads.
+/// Services the balloon (if started) from inside long workloads (stats
+/// requests wait until the command is done).
 fn bg(balloon: &mut Option<Balloon>) -> impl FnMut(&mut Memory) + '_ {
     move |m: &mut Memory| {
         if let Some(b) = balloon.as_mut() {
-            b.service(m);
+            b.service(m, false);
         }
     }
 }
@@ -63,7 +64,9 @@ impl Guest {
     /// Services background drivers; called between commands, between
     /// chunks of long commands and whenever the guest waits.
     pub fn background(&mut self) {
-        bg(&mut self.balloon)(&mut self.mem);
+        if let Some(b) = self.balloon.as_mut() {
+            b.service(&mut self.mem, true);
+        }
         if let Some(d) = self.dirtier.as_mut() {
             d.tick(&mut self.mem, clock::now_ns());
         }
@@ -176,26 +179,8 @@ impl Guest {
                 }
             }
             Command::MmioRtt { n } => {
-                // The first virtio-mmio slot (0xd000_0000): a register read
-                // there always exits to the VMM, device or not.
-                let reg = 0xd000_0000usize as *const u32;
                 let n = n.max(1);
-                let t0 = clock::now_ns();
-                for _ in 0..n {
-                    // SAFETY: the MMIO hole is mapped (uncached) for the guest;
-                    // a read of MagicValue has no side effect.
-                    let _ = unsafe { core::ptr::read_volatile(reg) };
-                }
-                let read_ns = (clock::now_ns() - t0) / n;
-                // An empty slot (0xd000_f000): the write goes to the VMM, which
-                // finds no device there and ignores it.
-                let empty = 0xd000_f000usize as *mut u32;
-                let t0 = clock::now_ns();
-                for _ in 0..n {
-                    // SAFETY: mapped MMIO with no device behind it.
-                    unsafe { core::ptr::write_volatile(empty, 0) };
-                }
-                let write_ns = (clock::now_ns() - t0) / n;
+                let (read_ns, write_ns) = crate::virtio::mmio::round_trip_ns(n);
                 crate::println!("mmio-rtt {n} read {read_ns} ns write {write_ns} ns");
             }
             Command::Touch { mib } => {
@@ -343,7 +328,7 @@ impl Guest {
                 Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
             }
             // Let the driver pick up whatever the device did meanwhile.
-            b.service(&mut self.mem);
+            b.service(&mut self.mem, true);
         }
         if case == HostileCase::All {
             crate::println!("hostile all sent");

@@ -195,3 +195,27 @@ impl Mmio {
         self.write(VIRTIO_MMIO_CONFIG + off, v)
     }
 }
+
+/// First virtio-mmio slot (where Blimp places its first device).
+const FIRST_SLOT: u64 = 0xd000_0000;
+/// A slot with no device behind it: writes exit to the VMM and are ignored.
+const EMPTY_SLOT: u64 = 0xd000_f000;
+
+/// `mmio-rtt N`: mean cost in ns of N reads of the first slot's MagicValue
+/// and of N writes to an empty slot, each a full exit to the VMM and back.
+pub fn round_trip_ns(n: u64) -> (u64, u64) {
+    let n = n.max(1);
+    let t0 = crate::clock::now_ns();
+    for _ in 0..n {
+        // SAFETY: the MMIO hole is mapped uncached; reading MagicValue has
+        // no side effect.
+        let _ = unsafe { mmio_read32(FIRST_SLOT + VIRTIO_MMIO_MAGIC_VALUE) };
+    }
+    let read_ns = (crate::clock::now_ns() - t0) / n;
+    let t0 = crate::clock::now_ns();
+    for _ in 0..n {
+        // SAFETY: mapped MMIO with no device behind it.
+        unsafe { mmio_write32(EMPTY_SLOT, 0) };
+    }
+    (read_ns, (crate::clock::now_ns() - t0) / n)
+}
