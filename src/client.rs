@@ -562,11 +562,34 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
 fn snapshot(args: SnapshotArgs) -> Result<(), String> {
     let path = std::path::absolute(&args.path)
         .map_err(|e| format!("cannot resolve {}: {e}", args.path.display()))?;
-    client(&args.conn)?
-        .snapshot(&SnapshotRequest { path: path.clone() })
+    let c = client(&args.conn)?;
+    c.snapshot(&SnapshotRequest { path: path.clone() })
         .map_err(err)?;
-    if !args.conn.json {
-        println!("snapshot written to {}", path.display());
+    // The snapshot runs in the background (the guest keeps answering hint
+    // requests until it is paused): wait for it.
+    let status = loop {
+        let m = c.migration().map_err(err)?;
+        if m.state.is_finished() || m.state == MigrationState::Idle {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if status.state != MigrationState::Completed {
+        return Err(format!(
+            "snapshot failed: {}",
+            status.error.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    if args.conn.json {
+        print_json(&status)?;
+    } else {
+        println!(
+            "snapshot written to {} ({} of page data, {} pages hinted free, {} zero)",
+            path.display(),
+            format_bytes(status.bytes_sent),
+            status.pages_hinted,
+            status.pages_zero
+        );
     }
     Ok(())
 }

@@ -40,15 +40,46 @@ enum Command {
     /// Boot a VM and run it until the guest resets, writes to the debug-exit
     /// port, or blimp receives SIGTERM/SIGINT.
     Run(RunArgs),
+    /// Restore a VM from a migration file (written by `PUT /migration` with a
+    /// file:// destination, `blimp migrate --to file://...` or `PUT /snapshot`)
+    /// and run it. A damaged or truncated file is refused before anything runs.
+    Restore(RestoreArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
 
 #[derive(Args)]
+struct RestoreArgs {
+    /// The migration file.
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// How a restored or incoming VM is hosted here.
+#[derive(Args)]
+struct HostArgs {
+    /// How guest RAM is backed here (anon, memfd, hugetlb, file=PATH).
+    #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
+    memory_backend: MemoryBackend,
+    /// Serve the REST API on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Do not read stdin: the serial console is output-only.
+    #[arg(long)]
+    no_stdin: bool,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// Guest kernel: an uncompressed ELF vmlinux (or the test guest), or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+    /// Instead of booting a kernel, wait for a live migration from another
+    /// blimp on unix:///PATH or tcp://IP:PORT, then run the received VM.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initrd", "balloon", "balloon_target"])]
+    incoming: Option<String>,
     /// Initial ramdisk, loaded at the top of RAM below 3 GiB.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -135,7 +166,10 @@ fn check_readable(what: &str, path: &Path) -> Result<(), Usage> {
 }
 
 fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
-    check_readable("kernel", &args.kernel)?;
+    let Some(kernel) = &args.kernel else {
+        return Err(Usage("--kernel is required".into()));
+    };
+    check_readable("kernel", kernel)?;
     if let Some(initrd) = &args.initrd {
         check_readable("initrd", initrd)?;
     }
@@ -172,7 +206,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
         )));
     }
     vmm::boot::validate_cmdline(&args.cmdline).map_err(|e| Usage(format!("--cmdline: {e}")))?;
-    let mut cfg = VmConfig::new(args.kernel.clone());
+    let mut cfg = VmConfig::new(kernel.clone());
     cfg.initrd = args.initrd.clone();
     cfg.cmdline = args.cmdline.clone();
     cfg.memory_bytes = memory;
@@ -219,26 +253,8 @@ fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String>
     api::ApiServer::start(path, chan).map_err(|e| e.to_string())
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let cfg = match vm_config(&args) {
-        Ok(c) => c,
-        Err(Usage(msg)) => {
-            eprintln!("blimp: error: {msg}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let api_sock = cfg.api_socket.clone();
-    let mut vmm = match Vmm::build(cfg) {
-        Ok(v) => v,
-        Err(e) => {
-            report(&e);
-            return ExitCode::from(if e.is_usage() {
-                EXIT_USAGE
-            } else {
-                EXIT_RUNTIME
-            });
-        }
-    };
+/// Run a built VM with its API server until it ends.
+fn run_vmm(mut vmm: Vmm, api_sock: Option<PathBuf>) -> ExitCode {
     // The API server runs on its own thread until `_server` is dropped, which
     // also removes the socket.
     let _server = match api_sock.map(|p| start_api(&mut vmm, &p)).transpose() {
@@ -263,6 +279,62 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// Restore from a stream (a file or an incoming migration) and run.
+fn restore_and_run(
+    input: Result<Box<dyn std::io::Read + Send>, vmm::restore::RestoreError>,
+    host: &HostArgs,
+) -> ExitCode {
+    let input = match input {
+        Ok(i) => i,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cfg = vmm::restore::RestoreConfig {
+        memory_backend: host.memory_backend.clone(),
+        serial_input: !host.no_stdin,
+    };
+    match Vmm::restore(cfg, input) {
+        Ok(vmm) => run_vmm(vmm, host.api_sock.clone()),
+        Err(e) => {
+            report(&e);
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    if let Some(url) = &args.incoming {
+        let host = HostArgs {
+            memory_backend: args.memory_backend.clone(),
+            api_sock: args.api_sock.clone(),
+            no_stdin: args.no_stdin,
+        };
+        return restore_and_run(vmm::restore::accept_incoming(url), &host);
+    }
+    let cfg = match vm_config(&args) {
+        Ok(c) => c,
+        Err(Usage(msg)) => {
+            eprintln!("blimp: error: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let api_sock = cfg.api_socket.clone();
+    let vmm = match Vmm::build(cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME
+            });
+        }
+    };
+    run_vmm(vmm, api_sock)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
@@ -272,6 +344,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore_and_run(vmm::restore::open_file(&args.from), &args.host),
         Command::Client(cmd) => match client::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {

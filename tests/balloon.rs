@@ -136,13 +136,20 @@ fn statistics_arrive_with_sane_values() {
         "testguest.run=\"balloon;fill 256 3;sleep 60\"",
     ]);
     vm.expect_line("fill done 256 MiB", BOOT);
+    let filled_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     wait_for_socket(&sock);
     let api = ApiClient::new(&sock).expect("API client");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    // The buffer queued when the driver started holds pre-fill values; wait
+    // for one the guest refilled after the fill (stats come every second).
     let stats = loop {
         let (status, body) = api.get("/balloon/statistics").unwrap();
         assert_eq!(status, 200, "{body}");
-        if body.get("last_update").is_some() && body["free_memory"].as_u64().is_some() {
+        let fresh = body["last_update"].as_u64().is_some_and(|t| t > filled_at);
+        if fresh && body["free_memory"].as_u64().is_some() {
             break body;
         }
         assert!(

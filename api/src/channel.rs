@@ -55,7 +55,8 @@ pub enum ApiRequest {
     GetMigration,
     /// `DELETE /migration` → 204; none running → 409.
     CancelMigration,
-    /// `PUT /snapshot` → 204.
+    /// `PUT /snapshot` → 200 with [`crate::types::MigrationStarted`]: a job
+    /// followed through `GET /migration`; one already running → 409.
     PutSnapshot(SnapshotRequest),
 }
 

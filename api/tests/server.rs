@@ -124,7 +124,7 @@ fn every_endpoint_success_path() {
         c.put("/snapshot", &json!({"path": "/tmp/snap.bin"}))
             .unwrap()
             .0,
-        204
+        200
     );
     assert_eq!(
         vmm.state.lock().unwrap().snapshots,

@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod virtio;
 
 use std::fmt;

@@ -78,9 +78,15 @@ impl Vm {
     /// Start `blimp run` with `args`; the test guest is the kernel unless
     /// `args` names one.
     pub fn start(args: &[&str]) -> Vm {
+        Vm::start_cmd("run", args)
+    }
+
+    /// Start `blimp SUBCOMMAND args`; `run` gets the test guest as kernel
+    /// unless `args` names one or waits for an incoming migration.
+    pub fn start_cmd(sub: &str, args: &[&str]) -> Vm {
         require_kvm();
-        if args.contains(&"--kernel") {
-            Vm::spawn("run", args)
+        if sub != "run" || args.contains(&"--kernel") || args.contains(&"--incoming") {
+            Vm::spawn(sub, args)
         } else {
             let mut all = vec!["--kernel", testguest().to_str().expect("UTF-8 path")];
             all.extend_from_slice(args);

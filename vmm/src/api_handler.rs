@@ -4,10 +4,11 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use api::types::{
-    self, BalloonInfo, BalloonPatch, HintingStarted, StatsPatch, VmInfo, VmState, VmmMetrics,
+    self, BalloonInfo, BalloonPatch, HintingStarted, MigrationDestination, MigrationStarted,
+    MigrationStatus, StatsPatch, VmInfo, VmState, VmmMetrics,
 };
 use api::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
 use devices::virtio::balloon::{self, Balloon};
@@ -16,12 +17,16 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitReason, VmExit};
+use crate::migration::convergence::DEFAULT_MAX_ROUNDS;
+use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext, describe};
 use crate::vcpu::Vcpus;
 
 const PAGES_PER_MIB: u64 = 256;
 
 /// What the handler needs to see and change.
 pub struct ApiContext {
+    /// For migrations and snapshots (None when the VM cannot be migrated).
+    pub migration: Option<SourceContext>,
     pub vcpus: Arc<Vcpus>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub exit: Arc<VmExit>,
@@ -37,6 +42,8 @@ pub struct ApiHandler {
     rx: ApiReceiver,
     events: EventHub,
     ctx: ApiContext,
+    /// The current or last migration/snapshot.
+    job: Option<Migration>,
 }
 
 fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
@@ -82,6 +89,7 @@ impl ApiHandler {
             rx,
             events,
             ctx,
+            job: None,
         }
     }
 
@@ -143,15 +151,63 @@ impl ApiHandler {
                 Ok(()) => ApiResponse::no_content(),
                 Err(e) => balloon_error(e),
             }),
-            ApiRequest::PutMigration(_)
-            | ApiRequest::GetMigration
-            | ApiRequest::CancelMigration
-            | ApiRequest::PutSnapshot(_) => Ok(ApiResponse::error(
-                501,
-                "migration and snapshots are not available in this build yet",
+            ApiRequest::PutMigration(m) => self.start_job(MigrationOptions {
+                destination: m.destination,
+                downtime: Duration::from_millis(m.downtime_ms),
+                free_page_hints: m.free_page_hints,
+                max_rounds: m.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+                mode: Mode::Live,
+            }),
+            ApiRequest::PutSnapshot(s) => self.start_job(MigrationOptions {
+                destination: MigrationDestination::File(s.path),
+                downtime: Duration::from_secs(3600),
+                free_page_hints: true,
+                max_rounds: 1,
+                mode: Mode::Snapshot,
+            }),
+            ApiRequest::GetMigration => Ok(ApiResponse::ok(
+                &self
+                    .job
+                    .as_ref()
+                    .map(Migration::status)
+                    .unwrap_or_else(MigrationStatus::idle),
             )),
+            ApiRequest::CancelMigration => match &self.job {
+                Some(j) if j.is_running() => {
+                    j.cancel();
+                    Ok(ApiResponse::no_content())
+                }
+                _ => Err(ApiResponse::no_migration()),
+            },
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    fn start_job(&mut self, opts: MigrationOptions) -> Result<ApiResponse, ApiResponse> {
+        if self.job.as_ref().is_some_and(Migration::is_running) {
+            return Err(ApiResponse::migration_in_progress());
+        }
+        let Some(ctx) = self.ctx.migration.clone() else {
+            return Err(ApiResponse::internal("this VM cannot be migrated"));
+        };
+        if let MigrationDestination::File(p) = &opts.destination
+            && let Some(dir) = p.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return Err(ApiResponse::bad_request(format!(
+                "cannot write {}: directory {} does not exist",
+                p.display(),
+                dir.display()
+            )));
+        }
+        let destination = describe(&opts.destination);
+        // Reap the previous job's thread before starting a new one.
+        if let Some(old) = self.job.take() {
+            old.join();
+        }
+        self.job = Some(Migration::start(ctx, opts));
+        Ok(ApiResponse::ok(&MigrationStarted { destination }))
     }
 
     fn set_state(&mut self, want: VmState) -> ApiResponse {

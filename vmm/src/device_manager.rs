@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout::{IOAPIC_PINS, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE, virtio_mmio_slot};
 use devices::GuestMemory;
-use devices::virtio::mmio::MmioTransport;
+use devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use devices::virtio::{IrqfdInterrupt, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +26,8 @@ pub enum DeviceError {
     NoSlot(u32),
     #[error("creating the virtio-mmio transport: {0}")]
     Transport(#[source] std::io::Error),
+    #[error("restoring the virtio-mmio transport: {0}")]
+    Restore(String),
     #[error("creating an interrupt eventfd: {0}")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
@@ -67,6 +69,30 @@ impl DeviceManager {
         mem: &GuestMemory,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<&PlacedDevice, DeviceError> {
+        self.place(vm, mmio, mem, device, None)
+    }
+
+    /// Place a restored `device` in the next slot, with its transport
+    /// restored from `state` (re-activating it if the guest had).
+    pub fn add_restored_virtio(
+        &mut self,
+        vm: &Vm,
+        mmio: &mut Bus,
+        mem: &GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &MmioTransportState,
+    ) -> Result<&PlacedDevice, DeviceError> {
+        self.place(vm, mmio, mem, device, Some(state))
+    }
+
+    fn place(
+        &mut self,
+        vm: &Vm,
+        mmio: &mut Bus,
+        mem: &GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: Option<&MmioTransportState>,
+    ) -> Result<&PlacedDevice, DeviceError> {
         let index = self.placed.len() as u32;
         let max = IOAPIC_PINS - VIRTIO_MMIO_FIRST_GSI;
         if index >= max {
@@ -82,8 +108,12 @@ impl DeviceManager {
                 what: "KVM_IRQFD (virtio)",
                 source,
             })?;
-        let transport =
-            MmioTransport::new(device, mem.clone(), interrupt).map_err(DeviceError::Transport)?;
+        let transport = match state {
+            None => MmioTransport::new(device, mem.clone(), interrupt)
+                .map_err(DeviceError::Transport)?,
+            Some(st) => MmioTransport::restore(device, mem.clone(), interrupt, st)
+                .map_err(|e| DeviceError::Restore(e.to_string()))?,
+        };
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
                 .register_ioevent(

@@ -121,9 +121,14 @@ enum Want {
     Stop,
 }
 
+/// Work for a paused vCPU thread, which owns its `VcpuFd` (state capture).
+type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct CtlState {
     want: Want,
     paused: usize,
+    /// One slot per vCPU for a task to run while paused.
+    tasks: Vec<Option<VcpuTask>>,
 }
 
 /// Shared run/pause/stop switch for all vCPU threads.
@@ -133,11 +138,12 @@ pub struct VcpuControl {
 }
 
 impl VcpuControl {
-    fn new() -> Self {
+    fn new(vcpus: usize) -> Self {
         Self {
             state: Mutex::new(CtlState {
                 want: Want::Run,
                 paused: 0,
+                tasks: (0..vcpus).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
         }
@@ -149,7 +155,7 @@ impl VcpuControl {
 
     /// Called by a vCPU thread between runs: blocks while paused; returns
     /// false when the thread must end.
-    fn checkpoint(&self) -> bool {
+    fn checkpoint(&self, id: usize, fd: &mut VcpuFd) -> bool {
         let mut s = self.lock();
         loop {
             match s.want {
@@ -159,6 +165,13 @@ impl VcpuControl {
                     s.paused += 1;
                     self.cv.notify_all();
                     while s.want == Want::Pause {
+                        if let Some(task) = s.tasks.get_mut(id).and_then(Option::take) {
+                            drop(s);
+                            task(fd);
+                            s = self.lock();
+                            self.cv.notify_all();
+                            continue;
+                        }
                         s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
                     }
                     s.paused -= 1;
@@ -199,7 +212,7 @@ impl Vcpus {
     /// Start one thread per vCPU fd.
     pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext) -> Result<Self, VcpuError> {
         install_kick_handler()?;
-        let ctl = Arc::new(VcpuControl::new());
+        let ctl = Arc::new(VcpuControl::new(fds.len()));
         let stats = Arc::new(VcpuStats::default());
         let mut threads = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
@@ -270,6 +283,33 @@ impl Vcpus {
         self.ctl.wants() == Want::Pause
     }
 
+    /// Number of vCPUs.
+    pub fn count(&self) -> usize {
+        self.ctl.lock().tasks.len()
+    }
+
+    /// Run `f` on vCPU `id`'s own thread while the VM is paused (the thread
+    /// owns the vCPU fd). Returns None if the VM is not paused or the vCPU
+    /// did not answer within 10 s.
+    pub fn run_paused<R: Send + 'static>(
+        &self,
+        id: usize,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut s = self.ctl.lock();
+            if s.want != Want::Pause || id >= s.tasks.len() {
+                return None;
+            }
+            s.tasks[id] = Some(Box::new(move |fd: &mut VcpuFd| {
+                let _ = tx.send(f(fd));
+            }));
+        }
+        self.ctl.cv.notify_all();
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
     /// Stop every vCPU thread and join it.
     pub fn stop(&self) {
         self.set_want(Want::Stop);
@@ -296,7 +336,7 @@ fn vcpu_loop(
         ctx.exit
             .stop(ExitReason::Error(format!("vCPU {id}: {msg}")))
     };
-    while ctl.checkpoint() {
+    while ctl.checkpoint(usize::from(id), &mut fd) {
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 stats.io_exits.fetch_add(1, Ordering::Relaxed);

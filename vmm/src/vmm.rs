@@ -22,6 +22,8 @@ use crate::config::VmConfig;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::{GuestRam, MemoryError};
+use crate::migration::source::{DeviceCapture, SourceContext};
+use crate::migration::state::StateSupport;
 use crate::pvm::KvmBackend;
 use crate::signals::TerminationSignals;
 use crate::vcpu::{self, VcpuContext, VcpuError, Vcpus};
@@ -46,6 +48,8 @@ pub enum Error {
     Device(#[from] DeviceError),
     #[error("balloon: {0}")]
     Balloon(#[from] devices::virtio::balloon::Error),
+    #[error("restoring: {0}")]
+    Restore(#[from] crate::restore::RestoreError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -82,8 +86,8 @@ pub struct Vmm {
     config: VmConfig,
     // Field order matters for drop: vCPUs and the VM go before guest memory.
     vcpus: Option<Arc<Vcpus>>,
-    #[allow(dead_code)] // Held so its fds live as long as the VM runs.
-    vm: Vm,
+    vm: Arc<Mutex<Vm>>,
+    state_support: Arc<StateSupport>,
     ram: Arc<GuestRam>,
     exit: Arc<VmExit>,
     serial: Arc<Mutex<Serial>>,
@@ -98,72 +102,41 @@ pub struct Vmm {
     virtio: DeviceManager,
     balloon: Option<Arc<Mutex<Balloon>>>,
     api: Option<(EventFd, api::ApiReceiver)>,
+    debug_exit: bool,
+    /// Run once the vCPUs run (a restored VM tells its balloon DONE).
+    on_start: Vec<OnStart>,
 }
+
+/// Work to do once the vCPUs run.
+type OnStart = Box<dyn FnOnce(&Vmm) + Send>;
 
 impl Vmm {
     /// Create the VM, its memory and devices, and load the guest.
     pub fn build(config: VmConfig) -> Result<Self, Error> {
-        let started = Instant::now();
-        // Block terminating signals before any thread exists, so all inherit the mask.
-        let signals = Arc::new(TerminationSignals::new().map_err(io("creating the signalfd"))?);
-        let backend = KvmBackend::detect();
         let layout = MemoryLayout::new(config.memory_bytes)?;
-        let mut vm = Vm::new(usize::from(config.vcpus))?;
-        let ram = Arc::new(GuestRam::new(&layout, &config.memory_backend)?);
-        vm.register_memory(&ram, false)?;
-
-        let exit = Arc::new(VmExit::new().map_err(io("creating the exit eventfd"))?);
-        let mut pio = Bus::new("pio");
-        let mut mmio = Bus::new("mmio");
-        let mut virtio = DeviceManager::new();
-
-        let serial_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the serial irqfd"))?;
-        vm.fd()
-            .register_irqfd(&serial_irq, legacy::COM1_IRQ)
-            .map_err(|source| VmError::Ioctl {
-                what: "KVM_IRQFD (serial)",
-                source,
-            })?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            Box::new(legacy::serial::StdoutWriter),
-        )));
-        pio.insert(
-            u64::from(legacy::COM1_PORT_BASE),
-            u64::from(legacy::serial::COM1_PORT_COUNT),
-            serial.clone(),
-        )?;
-        let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(exit.clone())));
-        pio.insert(
-            u64::from(legacy::I8042_PORT_BASE),
-            u64::from(legacy::i8042::I8042_PORT_COUNT),
-            i8042,
-        )?;
+        let mut m = Machine::new(&layout, config.vcpus, &config.memory_backend)?;
         if config.debug_exit {
-            let dbg: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(DebugExit::new(exit.clone())));
-            pio.insert(u64::from(legacy::DEBUG_EXIT_PORT), 1, dbg)?;
+            m.add_debug_exit()?;
         }
-
-        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
         let balloon = match &config.balloon {
             None => None,
             Some(cfg) => {
-                let discard: Arc<dyn devices::RamDiscard> = ram.clone();
-                let b = Arc::new(Mutex::new(Balloon::new(*cfg, ram.ranges(), discard)?));
-                virtio.add_virtio(&vm, &mut mmio, ram.memory(), b.clone())?;
+                let discard: Arc<dyn devices::RamDiscard> = m.ram.clone();
+                let b = Arc::new(Mutex::new(Balloon::new(*cfg, m.ram.ranges(), discard)?));
+                m.virtio
+                    .add_virtio(&m.vm, &mut m.mmio, m.ram.memory(), b.clone())?;
                 Some(b)
             }
         };
-        let pvm_extra = if backend.is_pvm() {
+        let pvm_extra = if m.backend.is_pvm() {
             arch::pvm::PVM_CMDLINE
         } else {
             ""
         };
-        let cmdline = compose_cmdline(&[config.cmdline.as_str(), pvm_extra, &virtio.cmdline()]);
+        let cmdline = compose_cmdline(&[config.cmdline.as_str(), pvm_extra, &m.virtio.cmdline()]);
         log::info!("kernel command line: {cmdline}");
         let info = boot::load(
-            ram.memory(),
+            m.ram.memory(),
             &layout,
             &config.kernel,
             config.initrd.as_deref(),
@@ -175,41 +148,17 @@ impl Vmm {
             info.entry,
             info.kernel_end
         );
-
         let mut vcpu_fds = Vec::new();
         for id in 0..config.vcpus {
             vcpu_fds.push(vcpu::create_vcpu(
-                &vm,
+                &m.vm,
                 id,
                 config.vcpus,
                 info.entry,
-                backend.is_pvm(),
+                m.backend.is_pvm(),
             )?);
         }
-
-        let mut vmm = Self {
-            config,
-            vcpus: None,
-            vm,
-            ram,
-            exit,
-            serial,
-            events,
-            signals,
-            backend,
-            started,
-            vcpu_fds,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            virtio,
-            balloon,
-            api: None,
-        };
-        if let Some(b) = &vmm.balloon {
-            let sub: Subscriber = b.clone();
-            vmm.events.add_subscriber(sub);
-        }
-        Ok(vmm)
+        m.into_vmm(config, vcpu_fds, balloon)
     }
 
     /// Make the channel the API server sends requests through; they are
@@ -224,6 +173,39 @@ impl Vmm {
         });
         self.api = Some((wake, rx));
         Ok(chan)
+    }
+
+    /// How migration captures device state (serial, virtio transports, balloon).
+    fn device_capture(&self) -> DeviceCapture {
+        let debug_exit = self.debug_exit;
+        let serial = self.serial.clone();
+        // The balloon is the only virtio device, in the first slot.
+        let transport = self
+            .balloon
+            .as_ref()
+            .and_then(|_| self.virtio.devices().first().map(|d| d.transport.clone()));
+        Arc::new(move |balloon: Option<&Balloon>| {
+            let b = match (balloon, &transport) {
+                (Some(dev), Some(t)) => Some((dev, &**t)),
+                _ => None,
+            };
+            crate::device_state::capture(debug_exit, &serial, b)
+        })
+    }
+
+    /// A restored guest may still hold blocks it hinted free at the source:
+    /// tell its balloon DONE once it runs, so it frees them.
+    pub(crate) fn tell_balloon_done_on_start(&mut self) {
+        self.on_start.push(Box::new(|vmm: &Vmm| {
+            if let Some(b) = &vmm.balloon {
+                let mut b = lock_balloon(b);
+                if b.hinting_status().state != devices::virtio::balloon::HintingState::Idle
+                    && let Err(e) = b.hinting_done()
+                {
+                    log::warn!("restored balloon: cannot tell the guest DONE: {e}");
+                }
+            }
+        }));
     }
 
     /// The balloon device, if the VM has one.
@@ -290,6 +272,16 @@ impl Vmm {
                 wake,
                 rx,
                 ApiContext {
+                    migration: Some(SourceContext {
+                        vm: self.vm.clone(),
+                        ram: self.ram.clone(),
+                        vcpus: vcpus.clone(),
+                        balloon: self.balloon.clone(),
+                        exit: self.exit.clone(),
+                        events: Some(hub.clone()),
+                        capture_devices: self.device_capture(),
+                        support: self.state_support.clone(),
+                    }),
                     vcpus: vcpus.clone(),
                     balloon: self.balloon.clone(),
                     exit: self.exit.clone(),
@@ -301,6 +293,9 @@ impl Vmm {
             );
             let sub: Subscriber = Arc::new(Mutex::new(handler));
             self.events.add_subscriber(sub);
+        }
+        for f in std::mem::take(&mut self.on_start) {
+            f(&self);
         }
         log::info!(
             "VM started: {} MiB, {} vCPU(s), KVM backend {:?}, in {:?}",
@@ -326,7 +321,7 @@ impl Vmm {
     }
 }
 
-fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
+pub(crate) fn lock_balloon(b: &Mutex<Balloon>) -> std::sync::MutexGuard<'_, Balloon> {
     b.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -338,6 +333,126 @@ fn compose_cmdline(parts: &[&str]) -> String {
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The parts every VM has, built the same way whether it boots a kernel or
+/// is restored from a migration stream.
+pub(crate) struct Machine {
+    pub(crate) started: Instant,
+    pub(crate) signals: Arc<TerminationSignals>,
+    pub(crate) backend: KvmBackend,
+    pub(crate) vm: Vm,
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) exit: Arc<VmExit>,
+    pub(crate) pio: Bus,
+    pub(crate) mmio: Bus,
+    pub(crate) virtio: DeviceManager,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) events: EventManager<Subscriber>,
+    pub(crate) debug_exit: bool,
+}
+
+impl Machine {
+    /// KVM VM, guest RAM, serial console and i8042.
+    pub(crate) fn new(
+        layout: &MemoryLayout,
+        vcpus: u8,
+        backing: &crate::config::MemoryBackend,
+    ) -> Result<Self, Error> {
+        let started = Instant::now();
+        // Block terminating signals before any thread exists, so all inherit the mask.
+        let signals = Arc::new(TerminationSignals::new().map_err(io("creating the signalfd"))?);
+        let backend = KvmBackend::detect();
+        let mut vm = Vm::new(usize::from(vcpus))?;
+        let ram = Arc::new(GuestRam::new(layout, backing)?);
+        vm.register_memory(&ram, false)?;
+        let exit = Arc::new(VmExit::new().map_err(io("creating the exit eventfd"))?);
+        let mut pio = Bus::new("pio");
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the serial irqfd"))?;
+        vm.fd()
+            .register_irqfd(&serial_irq, legacy::COM1_IRQ)
+            .map_err(|source| VmError::Ioctl {
+                what: "KVM_IRQFD (serial)",
+                source,
+            })?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            serial_irq,
+            Box::new(legacy::serial::StdoutWriter),
+        )));
+        pio.insert(
+            u64::from(legacy::COM1_PORT_BASE),
+            u64::from(legacy::serial::COM1_PORT_COUNT),
+            serial.clone(),
+        )?;
+        let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(exit.clone())));
+        pio.insert(
+            u64::from(legacy::I8042_PORT_BASE),
+            u64::from(legacy::i8042::I8042_PORT_COUNT),
+            i8042,
+        )?;
+        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+        Ok(Self {
+            started,
+            signals,
+            backend,
+            vm,
+            ram,
+            exit,
+            pio,
+            mmio: Bus::new("mmio"),
+            virtio: DeviceManager::new(),
+            serial,
+            events,
+            debug_exit: false,
+        })
+    }
+
+    /// The debug-exit port 0xf4.
+    pub(crate) fn add_debug_exit(&mut self) -> Result<(), Error> {
+        let dbg: Arc<Mutex<dyn BusDevice>> =
+            Arc::new(Mutex::new(DebugExit::new(self.exit.clone())));
+        self.pio
+            .insert(u64::from(legacy::DEBUG_EXIT_PORT), 1, dbg)?;
+        self.debug_exit = true;
+        Ok(())
+    }
+
+    pub(crate) fn into_vmm(
+        self,
+        config: VmConfig,
+        vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+        balloon: Option<Arc<Mutex<Balloon>>>,
+    ) -> Result<Vmm, Error> {
+        let state_support = StateSupport::probe(self.vm.kvm())
+            .map_err(|e| Error::EventLoop(format!("probing KVM state support: {e}")))?;
+        let mut vmm = Vmm {
+            config,
+            vcpus: None,
+            state_support: Arc::new(state_support),
+            vm: Arc::new(Mutex::new(self.vm)),
+            ram: self.ram,
+            exit: self.exit,
+            serial: self.serial,
+            events: self.events,
+            signals: self.signals,
+            backend: self.backend,
+            started: self.started,
+            vcpu_fds,
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            virtio: self.virtio,
+            balloon,
+            api: None,
+            debug_exit: self.debug_exit,
+            on_start: Vec::new(),
+        };
+        if let Some(b) = &vmm.balloon {
+            let sub: Subscriber = b.clone();
+            vmm.events.add_subscriber(sub);
+        }
+        Ok(vmm)
+    }
 }
 
 /// The exit eventfd and the termination signals.

@@ -213,8 +213,16 @@ pub fn answer(st: &mut FakeState, hub: &EventHub, req: ApiRequest) -> ApiRespons
             ApiResponse::no_content()
         }
         ApiRequest::PutSnapshot(s) => {
+            // Like the VMM: a snapshot is a migration job to a file, polled
+            // through GET /migration (this fake one finishes at once).
+            st.migration = MigrationStatus {
+                state: MigrationState::Completed,
+                destination: Some(format!("file://{}", s.path.display())),
+                ..MigrationStatus::idle()
+            };
+            let destination = format!("file://{}", s.path.display());
             st.snapshots.push(s.path);
-            ApiResponse::no_content()
+            ApiResponse::ok(&MigrationStarted { destination })
         }
     }
 }

@@ -14,6 +14,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -26,6 +27,7 @@ use super::{
     ActivateError, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
     VirtioDevice,
 };
+use crate::persist::{Persist, PersistError, QueueRingState, Versioned};
 use crate::{GuestMemory, warn_limited};
 
 /// "virt" in little endian.
@@ -592,6 +594,327 @@ impl MmioTransport {
     }
 }
 
+/// Saved registers of one queue, and where the device stood in its rings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegsState {
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc (descriptor table).
+    pub desc: u64,
+    /// QueueDriver (available ring).
+    pub driver: u64,
+    /// QueueDevice (used ring).
+    pub device: u64,
+    /// Ring indices; present exactly for the queues an activated device
+    /// was serving.
+    pub ring: Option<QueueRingState>,
+}
+
+/// Saved state of a virtio-mmio transport (the device's own state is
+/// saved separately, by the device).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    pub version: u32,
+    /// DeviceID of the wrapped device; a restore refuses another type.
+    pub device_type: u32,
+    /// Status as the transport holds it (may include NEEDS_RESET from a
+    /// failed activation; the device's own NEEDS_RESET is the device's).
+    pub status: u32,
+    /// The device refused a reset and will not be driven again.
+    pub failed: bool,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    /// DriverFeatures as the driver wrote it (both banks).
+    pub driver_features: u64,
+    /// Features the device acked (a cross-check against the restored device).
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    /// InterruptStatus bits not yet acknowledged by the driver.
+    pub interrupt_status: u32,
+    /// The device was activated (serving queues) when saved.
+    pub device_activated: bool,
+    /// Every possible queue (`max_queues` entries).
+    pub queues: Vec<QueueRegsState>,
+}
+
+impl Versioned for MmioTransportState {
+    const NAME: &'static str = "virtio-mmio transport";
+    const VERSION: u32 = 1;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+const TRANSPORT: &str = MmioTransportState::NAME;
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+
+    /// Registers, interrupt status and, for an activated device, each
+    /// queue's ring indices (asked of the device through
+    /// [`VirtioDevice::queue_states`]).
+    fn save(&self) -> Result<MmioTransportState, PersistError> {
+        self.save_with(&*lock(&self.device))
+    }
+}
+
+impl MmioTransport {
+    /// [`Persist::save`] with the device already locked by the caller (a VMM
+    /// that holds the device lock to keep it quiescent while it saves).
+    pub fn save_with(&self, dev: &dyn VirtioDevice) -> Result<MmioTransportState, PersistError> {
+        let device_activated = dev.is_activated();
+        let mut queues: Vec<QueueRegsState> = self
+            .queues
+            .iter()
+            .map(|r| QueueRegsState {
+                size: r.size,
+                ready: r.ready,
+                desc: r.desc,
+                driver: r.driver,
+                device: r.device,
+                ring: None,
+            })
+            .collect();
+        if device_activated {
+            let states = dev
+                .queue_states()
+                .ok_or(PersistError::QueueStateUnavailable)?;
+            if states.len() != self.queue_max.len() || states.len() > queues.len() {
+                return Err(PersistError::invalid(
+                    TRANSPORT,
+                    format!(
+                        "the device serves {} queues, the transport set up {}",
+                        states.len(),
+                        self.queue_max.len()
+                    ),
+                ));
+            }
+            for (index, (st, regs)) in states.iter().zip(queues.iter_mut()).enumerate() {
+                let same = st.ready == regs.ready
+                    && (!st.ready
+                        || (st.size == regs.size
+                            && st.desc_table == regs.desc
+                            && st.avail_ring == regs.driver
+                            && st.used_ring == regs.device));
+                if !same {
+                    return Err(PersistError::BadQueue {
+                        index,
+                        reason: format!(
+                            "the device's queue ({st:?}) differs from the transport's registers"
+                        ),
+                    });
+                }
+                regs.ring = Some(QueueRingState {
+                    next_avail: st.next_avail,
+                    next_used: st.next_used,
+                    event_idx_enabled: st.event_idx_enabled,
+                });
+            }
+        }
+        Ok(MmioTransportState {
+            version: MmioTransportState::VERSION,
+            device_type: self.device_type,
+            status: self.status,
+            failed: self.failed,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            acked_features: dev.acked_features(),
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            device_activated,
+            queues,
+        })
+    }
+}
+
+impl MmioTransport {
+    /// Rebuild a transport from `state` around `device`, which must already
+    /// be restored (same type, same acked features) and not activated.
+    ///
+    /// Like [`new`](Self::new) this creates fresh queue eventfds; the VMM
+    /// registers them (and the interrupt's irqfd) exactly as for a new
+    /// transport. If the device was activated when saved, the queues are
+    /// rebuilt from the saved registers, validated against `mem` as a
+    /// DRIVER_OK write validates them, given the saved ring indices and
+    /// handed to [`VirtioDevice::activate`], with no guest register writes
+    /// involved; each of those queues' eventfds is then signalled once so
+    /// the device looks at buffers whose notification was in flight during
+    /// the migration. Unacknowledged interrupt bits are raised again through
+    /// `interrupt` (the guest may take one spurious interrupt).
+    ///
+    /// Invalid state (unknown version, another device type, a queue
+    /// outside guest memory, ...) is refused with an error, never a panic;
+    /// the device is left unactivated then.
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        interrupt: Arc<dyn Interrupt>,
+        state: &MmioTransportState,
+    ) -> Result<Self, PersistError> {
+        state.check_version()?;
+        let mut t = Self::new(device, mem, interrupt).map_err(|source| PersistError::Io {
+            what: "queue eventfds",
+            source,
+        })?;
+        if state.device_type != t.device_type {
+            return Err(PersistError::DeviceTypeMismatch {
+                saved: state.device_type,
+                given: t.device_type,
+            });
+        }
+        if state.queues.len() != t.queues.len() {
+            return Err(PersistError::invalid(
+                TRANSPORT,
+                format!(
+                    "{} queues saved, the device can have {}",
+                    state.queues.len(),
+                    t.queues.len()
+                ),
+            ));
+        }
+        {
+            let dev = lock(&t.device);
+            if dev.is_activated() {
+                return Err(PersistError::invalid(
+                    TRANSPORT,
+                    "the device to restore around is already activated",
+                ));
+            }
+            if dev.acked_features() != state.acked_features {
+                return Err(PersistError::invalid(
+                    TRANSPORT,
+                    format!(
+                        "the restored device acked features {:#x}, the transport was saved with {:#x}",
+                        dev.acked_features(),
+                        state.acked_features
+                    ),
+                ));
+            }
+        }
+        let known = STATUS_SEQUENCE.iter().fold(
+            VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET,
+            |a, b| a | b,
+        );
+        if state.status & !known != 0 {
+            return Err(PersistError::invalid(
+                TRANSPORT,
+                format!("unknown status bits {:#x}", state.status & !known),
+            ));
+        }
+        for (i, &bit) in STATUS_SEQUENCE.iter().enumerate() {
+            let prereq = STATUS_SEQUENCE[..i].iter().fold(0, |a, b| a | b);
+            if state.status & bit != 0 && state.status & prereq != prereq {
+                return Err(PersistError::invalid(
+                    TRANSPORT,
+                    format!("status {:#x} has bit {bit:#x} out of order", state.status),
+                ));
+            }
+        }
+        if state.device_activated && state.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+            return Err(PersistError::invalid(
+                TRANSPORT,
+                format!(
+                    "device activated but status {:#x} lacks DRIVER_OK",
+                    state.status
+                ),
+            ));
+        }
+        let irq_bits = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        if state.interrupt_status & !irq_bits != 0 {
+            return Err(PersistError::invalid(
+                TRANSPORT,
+                format!(
+                    "unknown interrupt status bits {:#x}",
+                    state.interrupt_status
+                ),
+            ));
+        }
+        let serving = if state.device_activated {
+            t.queue_max.len()
+        } else {
+            0
+        };
+        for (index, q) in state.queues.iter().enumerate() {
+            if q.ring.is_some() != (index < serving) {
+                return Err(PersistError::BadQueue {
+                    index,
+                    reason: if q.ring.is_some() {
+                        "ring indices saved for a queue the device was not serving".into()
+                    } else {
+                        "no ring indices saved for a queue the device was serving".into()
+                    },
+                });
+            }
+        }
+
+        t.status = state.status;
+        t.failed = state.failed;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.queue_sel = state.queue_sel;
+        for (regs, q) in t.queues.iter_mut().zip(&state.queues) {
+            *regs = QueueRegs {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+            };
+        }
+
+        if state.device_activated {
+            let mut queues = t.build_queues().map_err(|e| match e {
+                ActivateError::BadQueue { index, reason } => {
+                    PersistError::BadQueue { index, reason }
+                }
+                other => PersistError::Activate(other),
+            })?;
+            for (q, saved) in queues.iter_mut().zip(&state.queues) {
+                if let Some(r) = saved.ring {
+                    q.set_next_avail(r.next_avail);
+                    q.set_next_used(r.next_used);
+                    q.set_event_idx(r.event_idx_enabled);
+                }
+            }
+            let n = queues.len();
+            let evts = t.queue_evts[..n]
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|source| PersistError::Io {
+                    what: "queue eventfds",
+                    source,
+                })?;
+            lock(&t.device)
+                .activate(t.mem.clone(), t.interrupt.clone(), queues, evts)
+                .map_err(PersistError::Activate)?;
+            for evt in &t.queue_evts[..n] {
+                evt.write(1).map_err(|source| PersistError::Io {
+                    what: "queue eventfds",
+                    source,
+                })?;
+            }
+            info!(
+                "virtio-mmio(type {}): device re-activated from saved state",
+                t.device_type
+            );
+        }
+        if state.interrupt_status != 0 {
+            t.interrupt
+                .trigger(state.interrupt_status)
+                .map_err(|source| PersistError::Io {
+                    what: "interrupt",
+                    source,
+                })?;
+        }
+        Ok(t)
+    }
+}
+
 /// Lock the device, surviving a poisoned mutex (a panic elsewhere must not
 /// take the vCPU thread down with it).
 fn lock(device: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -615,6 +938,7 @@ mod tests {
         sizes: Vec<u16>,
         ready: Vec<bool>,
         evts: usize,
+        states: Vec<virtio_queue::QueueState>,
     }
 
     struct Dummy {
@@ -624,6 +948,7 @@ mod tests {
         refuse_reset: bool,
         config: [u8; 8],
         broken: bool,
+        no_queue_states: bool,
     }
 
     impl Dummy {
@@ -635,6 +960,7 @@ mod tests {
                 refuse_reset: false,
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
                 broken: false,
+                no_queue_states: false,
             }
         }
     }
@@ -688,6 +1014,7 @@ mod tests {
                 sizes: queues.iter().map(|q| q.size()).collect(),
                 ready: queues.iter().map(|q| q.ready()).collect(),
                 evts: queue_evts.len(),
+                states: queues.iter().map(Queue::state).collect(),
             });
             Ok(())
         }
@@ -702,6 +1029,16 @@ mod tests {
         }
         fn needs_reset(&self) -> bool {
             self.broken
+        }
+        fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+            if self.no_queue_states {
+                return None;
+            }
+            Some(
+                self.active
+                    .as_ref()
+                    .map_or(Vec::new(), |a| a.states.clone()),
+            )
         }
     }
 
@@ -1072,5 +1409,235 @@ mod tests {
     fn queue_notify_offset_is_spec_value() {
         assert_eq!(MMIO_QUEUE_NOTIFY_OFFSET, 0x50);
         assert_eq!(REG_CONFIG, 0x100);
+    }
+
+    // ----- save / restore ---------------------------------------------------
+
+    fn json_round_trip(s: &MmioTransportState) -> MmioTransportState {
+        let v = crate::persist::to_json(s).unwrap();
+        let text = serde_json::to_string(&v).unwrap();
+        crate::persist::from_json(&serde_json::from_str(&text).unwrap()).unwrap()
+    }
+
+    /// A fresh Dummy "restored" with the acked features of `s`, and a
+    /// transport restored around it.
+    fn restore_fixture(s: &MmioTransportState) -> Result<Fixture, PersistError> {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        dev.lock().unwrap().acked = s.acked_features;
+        let irq = Arc::new(TestIrq::default());
+        let t = MmioTransport::restore(dev.clone(), mem, irq.clone(), s)?;
+        Ok(Fixture { t, dev, irq })
+    }
+
+    fn activated() -> Fixture {
+        let mut f = fixture();
+        negotiate(&mut f.t, V1 | F_B);
+        setup_queue(&mut f.t, 0, 128, 0x1_0000);
+        setup_queue(&mut f.t, 1, 256, 0x2_0000);
+        setup_queue(&mut f.t, 2, 2, 0x3_0000);
+        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        // The device made progress on its rings.
+        {
+            let mut d = f.dev.lock().unwrap();
+            let st = &mut d.active.as_mut().unwrap().states;
+            st[0].next_avail = 7;
+            st[0].next_used = 5;
+            st[1].next_avail = 0xffff;
+            st[1].next_used = 0xffff;
+            st[2].event_idx_enabled = true;
+        }
+        f.irq.trigger(VIRTIO_MMIO_INT_VRING).unwrap();
+        w32(&mut f.t, REG_QUEUE_SEL, 1);
+        f
+    }
+
+    #[test]
+    fn save_restore_before_activation() {
+        let mut f = fixture();
+        negotiate(&mut f.t, V1 | F_A);
+        setup_queue(&mut f.t, 0, 64, 0x1_0000);
+        w32(&mut f.t, REG_QUEUE_SEL, 1);
+        w32(&mut f.t, REG_QUEUE_NUM, 32);
+        w32(&mut f.t, REG_DEVICE_FEATURES_SEL, 1);
+        let saved = f.t.save().unwrap();
+        assert!(!saved.device_activated);
+        assert_eq!(saved.acked_features, V1 | F_A);
+        assert!(saved.queues.iter().all(|q| q.ring.is_none()));
+        let back = json_round_trip(&saved);
+        assert_eq!(back, saved);
+        let mut r = restore_fixture(&back).unwrap();
+        assert_eq!(r.t.save().unwrap(), saved);
+        assert!(r.dev.lock().unwrap().active.is_none());
+        // The driver carries on where it was: queue 1 half set up.
+        assert_eq!(r32(&mut r.t, REG_DEVICE_FEATURES), 1);
+        assert_eq!(r32(&mut r.t, REG_QUEUE_READY), 0);
+        w32(&mut r.t, REG_QUEUE_DESC_LOW, 0x2_0000);
+        w32(&mut r.t, REG_QUEUE_DRIVER_LOW, 0x2_1000);
+        w32(&mut r.t, REG_QUEUE_DEVICE_LOW, 0x2_2000);
+        w32(&mut r.t, REG_QUEUE_READY, 1);
+        w32(&mut r.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        let d = r.dev.lock().unwrap();
+        assert_eq!(d.active.as_ref().unwrap().sizes, vec![64, 32]);
+    }
+
+    #[test]
+    fn save_restore_activated_reactivates_with_ring_indices() {
+        let f = activated();
+        let saved = f.t.save().unwrap();
+        assert!(saved.device_activated);
+        assert_eq!(saved.interrupt_status, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(
+            saved.queues[0].ring,
+            Some(QueueRingState {
+                next_avail: 7,
+                next_used: 5,
+                event_idx_enabled: false
+            })
+        );
+        let back = json_round_trip(&saved);
+        let mut r = restore_fixture(&back).unwrap();
+        {
+            let d = r.dev.lock().unwrap();
+            let a = d
+                .active
+                .as_ref()
+                .expect("re-activated without guest writes");
+            assert_eq!(a.sizes, vec![128, 256, 2]);
+            assert_eq!(a.evts, 3);
+            assert_eq!((a.states[0].next_avail, a.states[0].next_used), (7, 5));
+            assert_eq!(a.states[1].next_used, 0xffff);
+            assert!(a.states[2].event_idx_enabled);
+            assert_eq!(a.states[2].desc_table, 0x3_0000);
+        }
+        assert_eq!(r.t.save().unwrap(), saved);
+        assert_eq!(r32(&mut r.t, REG_STATUS), ACK | DRV | FOK | DOK);
+        assert_eq!(r32(&mut r.t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(r.irq.triggers.load(Ordering::SeqCst), 1);
+        assert_eq!(r32(&mut r.t, REG_QUEUE_READY), 1, "queue_sel kept");
+        // Every served queue was kicked once.
+        for evt in r.t.queue_evts() {
+            assert_eq!(evt.read().unwrap(), 1);
+        }
+        // Queue registers stay frozen after DRIVER_OK, as before.
+        w32(&mut r.t, REG_QUEUE_NUM, 4);
+        assert_eq!(r.t.save().unwrap(), saved);
+        // And a reset works as on the source.
+        w32(&mut r.t, REG_STATUS, 0);
+        assert!(r.dev.lock().unwrap().active.is_none());
+    }
+
+    #[test]
+    fn restore_refuses_unknown_version_and_other_device() {
+        let saved = activated().t.save().unwrap();
+        let bad = MmioTransportState {
+            version: 99,
+            ..saved.clone()
+        };
+        assert!(matches!(
+            restore_fixture(&bad),
+            Err(PersistError::UnsupportedVersion { found: 99, .. })
+        ));
+        let bad = MmioTransportState {
+            device_type: 2,
+            ..saved.clone()
+        };
+        assert!(matches!(
+            restore_fixture(&bad),
+            Err(PersistError::DeviceTypeMismatch { saved: 2, given: 5 })
+        ));
+        // The device was restored with other features than the transport.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let e = MmioTransport::restore(dev.clone(), mem, Arc::new(TestIrq::default()), &saved)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("acked features"), "{e}");
+        assert!(dev.lock().unwrap().active.is_none());
+    }
+
+    #[test]
+    fn restore_refuses_invalid_queue_without_panicking() {
+        let saved = activated().t.save().unwrap();
+        for (field, value) in [
+            ("desc", 0xffff_0000u64),     // outside guest memory
+            ("desc", 0x1_0001),           // misaligned
+            ("driver", u64::MAX - 1),     // wraps
+            ("device", 0x10_0000 - 0x10), // runs off the end of memory
+            ("size", 100),                // not a power of two
+            ("size", 512),                // above the maximum
+        ] {
+            let mut bad = saved.clone();
+            let q = &mut bad.queues[1];
+            match field {
+                "desc" => q.desc = value,
+                "driver" => q.driver = value,
+                "device" => q.device = value,
+                _ => q.size = value as u16,
+            }
+            let bad = json_round_trip(&bad);
+            match restore_fixture(&bad) {
+                Err(PersistError::BadQueue { index: 1, .. }) => {}
+                Err(e) => panic!("{field}={value:#x}: unexpected error {e}"),
+                Ok(_) => panic!("{field}={value:#x} was accepted"),
+            }
+        }
+        // Ring indices missing for a served queue, or present for another.
+        let mut bad = saved.clone();
+        bad.queues[0].ring = None;
+        assert!(matches!(
+            restore_fixture(&bad),
+            Err(PersistError::BadQueue { index: 0, .. })
+        ));
+        let mut bad = saved.clone();
+        bad.device_activated = false;
+        assert!(matches!(
+            restore_fixture(&bad),
+            Err(PersistError::BadQueue { index: 0, .. })
+        ));
+        let mut bad = saved.clone();
+        bad.queues.pop();
+        assert!(matches!(
+            restore_fixture(&bad),
+            Err(PersistError::Invalid { .. })
+        ));
+        // Impossible status or interrupt bits.
+        for (status, irq) in [
+            (DOK, 0),
+            (ACK | DRV | FOK | DOK | 0x100, 0),
+            (saved.status, 4),
+        ] {
+            let bad = MmioTransportState {
+                status,
+                interrupt_status: irq,
+                ..saved.clone()
+            };
+            assert!(
+                matches!(restore_fixture(&bad), Err(PersistError::Invalid { .. })),
+                "status {status:#x} irq {irq:#x}"
+            );
+        }
+        let bad = MmioTransportState {
+            status: ACK | DRV | FOK,
+            ..saved
+        };
+        assert!(matches!(
+            restore_fixture(&bad),
+            Err(PersistError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn activated_device_without_queue_state_cannot_be_saved() {
+        let f = activated();
+        f.dev.lock().unwrap().no_queue_states = true;
+        assert!(matches!(
+            f.t.save(),
+            Err(PersistError::QueueStateUnavailable)
+        ));
+        // Before activation nothing needs to be asked of the device.
+        let f = fixture();
+        f.dev.lock().unwrap().no_queue_states = true;
+        assert!(f.t.save().is_ok());
     }
 }

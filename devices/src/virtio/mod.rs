@@ -133,4 +133,13 @@ pub trait VirtioDevice: Send {
     fn config_generation(&self) -> u32 {
         0
     }
+
+    /// For saving an activated device (see [`crate::persist`]): the state
+    /// of every queue it is serving, in queue-index order, as
+    /// `Queue::state()` reports it (`Some(vec![])` when not activated).
+    /// `None`, the default, means the device cannot report it, and an
+    /// activated transport around it cannot be saved.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        None
+    }
 }

@@ -71,7 +71,8 @@ pub enum Command<'a> {
     Touch { mib: u64 },
     /// `free MIB`: return filled memory to the free pool without clearing it.
     Free { mib: u64 },
-    /// `dirty MIB RATE`: rewrite filled pages (RATE MiB/s, 0 = flat out) for MIB MiB.
+    /// `dirty MIB RATE`: keep rewriting the first MIB MiB of filled pages at
+    /// RATE MiB/s in the background (`dirty 0 0` stops).
     Dirty { mib: u64, rate: u64 },
     /// `sleep SECS`
     Sleep { ns: u64 },
@@ -89,8 +90,13 @@ pub enum Command<'a> {
     Hostile(HostileCase),
     /// `report`: force a free page reporting round.
     Report,
+    /// `hints`: free page hinting counters.
+    Hints,
     /// `poison BYTE`
     Poison { byte: u8 },
+    /// `mmio-rtt N`: time N reads of the first virtio-mmio slot's MagicValue
+    /// (each a full exit to the VMM and back).
+    MmioRtt { n: u64 },
 }
 
 /// Why a command line was rejected.
@@ -130,7 +136,9 @@ pub const USAGE: &[&str] = &[
     "oom MIB",
     "hostile CASE",
     "report",
+    "hints",
     "poison BYTE",
+    "mmio-rtt N",
     "help",
 ];
 
@@ -187,6 +195,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
             want(1, "touch MIB")?;
             Command::Touch { mib: num(argv[0])? }
         }
+        "mmio-rtt" => {
+            want(1, "mmio-rtt N")?;
+            Command::MmioRtt { n: num(argv[0])? }
+        }
         "free" => {
             want(1, "free MIB")?;
             Command::Free { mib: num(argv[0])? }
@@ -234,6 +246,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
         "report" => {
             want(0, "report")?;
             Command::Report
+        }
+        "hints" => {
+            want(0, "hints")?;
+            Command::Hints
         }
         "poison" => {
             want(1, "poison BYTE")?;
@@ -285,6 +301,8 @@ mod tests {
         );
         assert_eq!(parse("hostile all"), Ok(Command::Hostile(HostileCase::All)));
         assert_eq!(parse("report"), Ok(Command::Report));
+        assert_eq!(parse("hints"), Ok(Command::Hints));
+        assert_eq!(parse("mmio-rtt 100"), Ok(Command::MmioRtt { n: 100 }));
         assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
         assert_eq!(parse("help"), Ok(Command::Help));
     }

@@ -186,6 +186,21 @@ impl<'a> FrameAllocator<'a> {
         None
     }
 
+    /// Allocates the block of `1 << order` frames at `pfn` if it is
+    /// aligned and entirely free.
+    pub fn claim_block(&mut self, pfn: u64, order: u32) -> bool {
+        let frames = 1u64 << order;
+        if !pfn.is_multiple_of(frames)
+            || pfn + frames > self.nframes
+            || !self.block_is_free(pfn, order)
+        {
+            return false;
+        }
+        self.set_block(pfn, order, false);
+        self.free -= frames;
+        true
+    }
+
     /// Frees a block from [`alloc_block`](Self::alloc_block) (or any block
     /// whose frames are all allocated).
     pub fn free_block(&mut self, pfn: u64, order: u32) -> Result<(), FreeError> {
@@ -318,5 +333,11 @@ mod tests {
         assert_eq!(a.find_free_block(9, 1), Some(1024));
         assert_eq!(a.find_free_block(9, 1025), Some(1536));
         assert_eq!(a.free_frames(), 2047);
+        assert!(!a.claim_block(512, 9), "frame 600 is taken");
+        assert!(!a.claim_block(1, 9), "misaligned");
+        assert!(a.claim_block(1536, 9));
+        assert!(!a.claim_block(1536, 9), "already claimed");
+        assert_eq!(a.free_frames(), 2047 - 512);
+        assert_eq!(a.find_free_block(9, 1025), None);
     }
 }

@@ -3,9 +3,11 @@
 //! (`main.rs`) links this library and adds the ring-0/ring-3 machinery.
 #![cfg_attr(not(test), no_std)]
 
+pub mod balloon_proto;
 pub mod cmdline;
 pub mod command;
 pub mod frames;
 pub mod lineedit;
 pub mod num;
 pub mod pattern;
+pub mod virtq;

@@ -5,13 +5,16 @@
 #![no_main]
 
 mod apic;
+mod balloon;
 mod boot;
 mod clock;
 mod events;
+mod idle;
 mod io;
 mod memory;
 mod serial;
 mod shell;
+mod virtio;
 mod workload;
 
 use testguest::cmdline::GuestArgs;
@@ -58,6 +61,7 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
     apic::init_lapic();
     clock::calibrate();
     let args = GuestArgs::parse(cmdline(boot_params));
+    idle::set_poll(args.poll);
     let mem = match memory::Memory::init(boot_params) {
         Ok(m) => m,
         Err(e) => {

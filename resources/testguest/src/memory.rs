@@ -15,6 +15,10 @@ pub struct Memory {
     pub frames: FrameAllocator<'static>,
     /// One [`Record`] per frame (indexed by PFN).
     records: &'static mut [u32],
+    /// PFNs currently given to the balloon device (a stack, `balloon_len`
+    /// entries used; room for every frame).
+    balloon: &'static mut [u32],
+    balloon_len: usize,
     /// Total e820 RAM in bytes and number of RAM regions.
     pub ram_bytes: u64,
     pub ram_regions: usize,
@@ -23,8 +27,14 @@ pub struct Memory {
     nseeds: usize,
     /// Number of frames with a fill record.
     pub filled: u64,
-    e820: [E820; bp::E820_MAX],
-    e820_len: usize,
+    /// Page poisoning (`poison BYTE`): free frames hold this byte
+    /// everywhere; it is written when frames are freed and checked when
+    /// they are allocated again.
+    pub poison: Option<u8>,
+    /// Allocated frames whose poison had changed while they were free, and
+    /// the first one seen: (pfn, byte offset, byte found).
+    pub poison_errors: u64,
+    pub poison_first: Option<(u64, usize, u8)>,
 }
 
 impl Memory {
@@ -50,7 +60,8 @@ impl Memory {
         let words = bitmap_words(nframes);
         let bitmap_bytes = (words as u64 * 8).next_multiple_of(PAGE_SIZE);
         let records_bytes = (nframes * 4).next_multiple_of(PAGE_SIZE);
-        let need = bitmap_bytes + records_bytes;
+        let balloon_bytes = records_bytes;
+        let need = bitmap_bytes + records_bytes + balloon_bytes;
 
         let (img_start, img_end) = boot::image_range();
         let img_end = img_end.next_multiple_of(PAGE_SIZE);
@@ -68,11 +79,15 @@ impl Memory {
         let base = place.ok_or("no room for the frame bitmap")?;
         // SAFETY: [base, base + need) is RAM owned by nobody else (checked
         // against the image and the low MiB above) and identity-mapped.
-        let (bits, records) = unsafe {
+        let (bits, records, balloon) = unsafe {
             (
                 core::slice::from_raw_parts_mut(base as *mut u64, words),
                 core::slice::from_raw_parts_mut(
                     (base + bitmap_bytes) as *mut u32,
+                    nframes as usize,
+                ),
+                core::slice::from_raw_parts_mut(
+                    (base + bitmap_bytes + records_bytes) as *mut u32,
                     nframes as usize,
                 ),
             )
@@ -91,24 +106,16 @@ impl Memory {
         Ok(Memory {
             frames,
             records,
+            balloon,
+            balloon_len: 0,
             ram_bytes,
             ram_regions,
             seeds: [0; MAX_SEED_SLOTS + 1],
             nseeds: 0,
             filled: 0,
-            e820,
-            e820_len: n,
-        })
-    }
-
-    pub fn e820(&self) -> &[E820] {
-        &self.e820[..self.e820_len]
-    }
-
-    /// Whether `[addr, addr+len)` lies inside one e820 RAM region.
-    pub fn is_ram(&self, addr: u64, len: u64) -> bool {
-        self.e820().iter().any(|e| {
-            e.kind == bp::E820_RAM && addr >= e.addr && addr.saturating_add(len) <= e.end()
+            poison: None,
+            poison_errors: 0,
+            poison_first: None,
         })
     }
 
@@ -129,6 +136,67 @@ impl Memory {
         }
     }
 
+    /// Writes the poison byte over a frame that is being freed (no-op
+    /// without poisoning).
+    pub fn poison_page(&self, pfn: u64) {
+        if let Some(b) = self.poison {
+            let v = u64::from(b) * 0x0101_0101_0101_0101;
+            // SAFETY: the caller is freeing this frame, nobody else uses it.
+            unsafe { page_mut(pfn) }.fill(v);
+        }
+    }
+
+    /// Checks a freshly allocated frame still holds the poison everywhere;
+    /// counts it in `poison_errors` if not. True if the frame is fine.
+    pub fn check_poison(&mut self, pfn: u64) -> bool {
+        let Some(b) = self.poison else { return true };
+        let v = u64::from(b) * 0x0101_0101_0101_0101;
+        // SAFETY: the frame was just allocated to the caller.
+        let page = unsafe { page_mut(pfn) };
+        let Some(w) = page.iter().position(|&x| x != v) else {
+            return true;
+        };
+        let bytes = page[w].to_le_bytes();
+        let k = bytes.iter().position(|&x| x != b).unwrap_or(0);
+        self.poison_errors += 1;
+        if self.poison_first.is_none() {
+            self.poison_first = Some((pfn, w * 8 + k, bytes[k]));
+        }
+        false
+    }
+
+    /// Turns poisoning on and poisons every free frame now. Returns the
+    /// number of frames poisoned.
+    pub fn enable_poison(&mut self, byte: u8) -> u64 {
+        self.poison = Some(byte);
+        let v = u64::from(byte) * 0x0101_0101_0101_0101;
+        let mut n = 0;
+        for pfn in self.frames.iter_free() {
+            // SAFETY: free frames are not in use.
+            unsafe { page_mut(pfn) }.fill(v);
+            n += 1;
+        }
+        n
+    }
+
+    /// Records `pfn` as given to the balloon.
+    pub fn balloon_push(&mut self, pfn: u64) {
+        self.balloon[self.balloon_len] = pfn as u32;
+        self.balloon_len += 1;
+    }
+
+    /// Takes the most recently ballooned PFN back.
+    pub fn balloon_pop(&mut self) -> Option<u64> {
+        self.balloon_len = self.balloon_len.checked_sub(1)?;
+        Some(u64::from(self.balloon[self.balloon_len]))
+    }
+
+    /// Pages currently in the balloon.
+    pub fn balloon_pages(&self) -> u64 {
+        self.balloon_len as u64
+    }
+
+    /// Frames below the top of RAM (the PFN limit).
     pub fn nframes(&self) -> u64 {
         self.records.len() as u64
     }

@@ -3,22 +3,32 @@
 //! line (or an `error: …` line).
 
 use testguest::cmdline::{GuestArgs, program};
-use testguest::command::{self, Command, USAGE};
+use testguest::command::{self, Command, HostileCase, USAGE};
 use testguest::frames::FRAMES_PER_MIB;
 use testguest::lineedit::{Event, LineBuf, LineEditor};
 
+use crate::balloon::Balloon;
 use crate::memory::Memory;
-use crate::{clock, events, io, serial, workload};
+use crate::{clock, events, idle, io, serial, workload};
 
 pub const PROMPT: &str = "testguest> ";
-
-/// Poll interval when `testguest.poll=1` (devices are not interrupt-driven).
-const POLL_INTERVAL_NS: u64 = 10_000_000;
 
 pub struct Guest {
     pub mem: Memory,
     pub args: GuestArgs<'static>,
     editor: LineEditor,
+    balloon: Option<Balloon>,
+    dirtier: Option<workload::Dirtier>,
+}
+
+/// Services the balloon (if started) from inside long workloads (stats
+/// requests wait until the command is done).
+fn bg(balloon: &mut Option<Balloon>) -> impl FnMut(&mut Memory) + '_ {
+    move |m: &mut Memory| {
+        if let Some(b) = balloon.as_mut() {
+            b.service(m, false);
+        }
+    }
 }
 
 impl Guest {
@@ -27,6 +37,8 @@ impl Guest {
             mem,
             args,
             editor: LineEditor::new(),
+            balloon: None,
+            dirtier: None,
         }
     }
 
@@ -35,6 +47,7 @@ impl Guest {
         if let Some(run) = self.args.run {
             for cmd in program(run) {
                 self.execute(cmd);
+                self.background();
             }
         }
         loop {
@@ -43,28 +56,35 @@ impl Guest {
             let line = line.as_str().trim();
             if !line.is_empty() {
                 self.execute(line);
+                self.background();
             }
         }
     }
 
-    /// Services background drivers; called between chunks of long commands
-    /// and whenever the guest waits.
-    pub fn background(&mut self) {}
+    /// Services background drivers; called between commands, between
+    /// chunks of long commands and whenever the guest waits.
+    pub fn background(&mut self) {
+        if let Some(b) = self.balloon.as_mut() {
+            b.service(&mut self.mem, true);
+        }
+        if let Some(d) = self.dirtier.as_mut() {
+            d.tick(&mut self.mem, clock::now_ns());
+        }
+    }
 
-    /// Sleeps until an interrupt (or `deadline_ns`, or the poll interval)
-    /// unless an event arrived after `seen` was read.
+    /// Halts until an interrupt, `deadline_ns` or a background driver's
+    /// own deadline, unless an event arrived after `seen` was read.
     fn idle(&mut self, seen: u64, deadline_ns: Option<u64>) {
-        let mut wake = deadline_ns;
-        if self.args.poll {
-            let p = clock::now_ns() + POLL_INTERVAL_NS;
-            wake = Some(wake.map_or(p, |d| d.min(p)));
+        let mut driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
+        if self.dirtier.is_some() {
+            let t = clock::now_ns() + workload::DIRTY_TICK_NS;
+            driver = Some(driver.map_or(t, |d| d.min(t)));
         }
-        if let Some(w) = wake
-            && !clock::arm(w)
-        {
-            return;
-        }
-        events::wait(seen);
+        let wake = match (deadline_ns, driver) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        idle::wait(seen, wake);
     }
 
     fn read_line(&mut self) -> LineBuf {
@@ -86,8 +106,24 @@ impl Guest {
         }
     }
 
-    /// Parses and runs one command, printing its result line.
+    /// Parses and runs one command, printing its result line (and, if
+    /// the command found poisoned pages changed, an `error: poison` line).
     pub fn execute(&mut self, line: &str) {
+        let poison_errors = self.mem.poison_errors;
+        self.mem.poison_first = None;
+        self.run_command(line);
+        if self.mem.poison_errors > poison_errors {
+            let (pfn, off, got) = self.mem.poison_first.unwrap_or_default();
+            crate::println!(
+                "error: poison: {} pages changed while free (first page {:#x} offset {off} holds {got:#04x}, expected {:#04x})",
+                self.mem.poison_errors - poison_errors,
+                pfn << 12,
+                self.mem.poison.unwrap_or(0)
+            );
+        }
+    }
+
+    fn run_command(&mut self, line: &str) {
         let cmd = match command::parse(line) {
             Ok(c) => c,
             Err(e) => {
@@ -115,7 +151,7 @@ impl Guest {
                 );
             }
             Command::Fill { mib, seed } => {
-                let r = workload::fill(&mut self.mem, mib, seed, &mut |_| {});
+                let r = workload::fill(&mut self.mem, mib, seed, &mut bg(&mut self.balloon));
                 match r {
                     Ok(()) => crate::println!("fill done {mib} MiB"),
                     Err(workload::FillError::TooManySeeds) => {
@@ -128,7 +164,7 @@ impl Guest {
                 }
             }
             Command::Verify => {
-                let r = workload::verify(&mut self.mem, &mut |_| {});
+                let r = workload::verify(&mut self.mem, &mut bg(&mut self.balloon));
                 match r.first_bad {
                     None => crate::println!("verify ok {} pages", r.pages),
                     Some((pfn, m)) => crate::println!(
@@ -142,13 +178,15 @@ impl Guest {
                     ),
                 }
             }
+            Command::MmioRtt { n } => {
+                let n = n.max(1);
+                let (read_ns, write_ns) = crate::virtio::mmio::round_trip_ns(n);
+                crate::println!("mmio-rtt {n} read {read_ns} ns write {write_ns} ns");
+            }
             Command::Touch { mib } => {
+                // Asking for more than is free touches all free memory.
                 let n = workload::touch(&mut self.mem, mib);
-                if n == mib {
-                    crate::println!("touch done {mib} MiB");
-                } else {
-                    crate::println!("error: touch: only {n} MiB free");
-                }
+                crate::println!("touch done {n} MiB");
             }
             Command::Free { mib } => {
                 let pages = workload::free(&mut self.mem, mib);
@@ -171,16 +209,129 @@ impl Guest {
                 crate::println!("exit {code}");
                 exit(code)
             }
-            Command::Dirty { .. }
-            | Command::Balloon
-            | Command::BalloonWait
-            | Command::Stats
-            | Command::Oom { .. }
-            | Command::Hostile(_)
-            | Command::Report
-            | Command::Poison { .. } => {
-                crate::println!("error: not implemented yet");
+            Command::Balloon => self.balloon_start(),
+            Command::BalloonWait => match self.balloon.as_mut() {
+                Some(b) => match b.wait_target(&mut self.mem) {
+                    Ok(n) => crate::println!("balloon actual {n} pages"),
+                    Err(e) => crate::println!("error: balloon-wait: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Stats => match self.balloon.as_ref() {
+                Some(b) if b.queue_sizes().2.is_some() => {
+                    let _ = b.stats_line(&mut serial::Console);
+                    crate::println!();
+                }
+                Some(_) => {
+                    crate::println!("error: stats: VIRTIO_BALLOON_F_STATS_VQ not negotiated")
+                }
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Oom { mib } => match self.balloon.as_mut() {
+                Some(b) => match b.oom(&mut self.mem, mib) {
+                    Ok(n) => crate::println!("oom deflated {n} pages actual {}", b.actual()),
+                    Err(e) => crate::println!("error: oom: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Hostile(case) => self.hostile(case),
+            Command::Report => match self.balloon.as_mut() {
+                Some(b) => match b.report(&mut self.mem) {
+                    Ok(n) => crate::println!("report done {n} ranges ({} MiB)", n * 2),
+                    Err(e) => crate::println!("error: report: {e}"),
+                },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Hints => match self.balloon.as_ref().and_then(Balloon::hint_status) {
+                Some((rounds, total, held, id)) => {
+                    crate::println!("hints rounds {rounds} blocks {total} held {held} id {id}")
+                }
+                None if self.balloon.is_some() => {
+                    crate::println!("error: hints: VIRTIO_BALLOON_F_FREE_PAGE_HINT not negotiated")
+                }
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::Poison { byte } => {
+                let pages = self.mem.enable_poison(byte);
+                crate::print!(
+                    "poison {byte:#04x} on, {} MiB free memory poisoned",
+                    pages / FRAMES_PER_MIB
+                );
+                // PAGE_POISON and poison_val are negotiated before DRIVER_OK.
+                if let Some(b) = self.balloon.as_mut() {
+                    match b.restart(&mut self.mem) {
+                        Ok(()) => crate::print!(", balloon restarted"),
+                        Err(e) => crate::print!(", balloon restart failed: {e}"),
+                    }
+                }
+                crate::println!();
             }
+            Command::Dirty { mib, rate } => {
+                if mib == 0 || rate == 0 {
+                    match self.dirtier.take() {
+                        Some(d) => crate::println!("dirty off ({} pages rewritten)", d.rewritten),
+                        None => crate::println!("dirty off (0 pages rewritten)"),
+                    }
+                } else {
+                    self.dirtier = Some(workload::Dirtier::new(mib, rate, clock::now_ns()));
+                    crate::println!("dirty on {mib} MiB at {rate} MiB/s");
+                }
+            }
+        }
+    }
+}
+
+impl Guest {
+    fn balloon_start(&mut self) {
+        if let Some(b) = self.balloon.as_mut() {
+            match b.restart(&mut self.mem) {
+                Ok(()) => {
+                    let _ = b.describe(&mut serial::Console);
+                    crate::println!(" (restarted)");
+                }
+                Err(e) => crate::println!("error: balloon: {e}"),
+            }
+            return;
+        }
+        match Balloon::start(self.args.devices(), &mut self.mem, events::IRQ_VIRTIO_BASE) {
+            Ok(b) => {
+                let _ = b.describe(&mut serial::Console);
+                crate::println!();
+                self.balloon = Some(b);
+            }
+            Err(e) => crate::println!("error: balloon: {e}"),
+        }
+    }
+
+    fn hostile(&mut self, case: HostileCase) {
+        let Some(b) = self.balloon.as_mut() else {
+            crate::println!("error: balloon not started");
+            return;
+        };
+        let cases: &[HostileCase] = if case == HostileCase::All {
+            &HostileCase::EACH
+        } else {
+            core::slice::from_ref(&case)
+        };
+        for &c in cases {
+            // Each case should meet a working device: if an earlier one
+            // made it give up (NEEDS_RESET) or kept its buffer, start over.
+            if cases.len() > 1
+                && b.needs_restart()
+                && let Err(e) = b.restart(&mut self.mem)
+            {
+                crate::println!("error: hostile {}: restart: {e}", c.name());
+                continue;
+            }
+            match b.hostile(&mut self.mem, c) {
+                Ok(_returned) => crate::println!("hostile {} sent", c.name()),
+                Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
+            }
+            // Let the driver pick up whatever the device did meanwhile.
+            b.service(&mut self.mem, true);
+        }
+        if case == HostileCase::All {
+            crate::println!("hostile all sent");
         }
     }
 }

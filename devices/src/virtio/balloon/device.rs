@@ -141,6 +141,9 @@ pub struct Balloon {
     pub(crate) active: Option<Active>,
     /// Queue eventfds to unregister from the event loop (after a reset).
     pub(crate) stale_evts: Vec<EventFd>,
+    /// Set by `Balloon::restore` for a device saved while active: what the
+    /// re-activation by the restored transport must carry over.
+    pub(super) pending_restore: Option<super::persist::RestoredActive>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -220,6 +223,7 @@ impl Balloon {
             timer_rearmed: false,
             active: None,
             stale_evts: Vec::new(),
+            pending_restore: None,
             cfg,
         })
     }
@@ -461,6 +465,7 @@ impl Balloon {
                 }
             };
             let Some(chain) = chain else { break };
+            let started = std::time::Instant::now();
             let head = chain.head_index();
             let descs = match collect_chain(chain) {
                 Ok(d) => d,
@@ -514,6 +519,7 @@ impl Balloon {
                 drain.broken = Some(format!("returning buffer {head}: {e}"));
                 break;
             }
+            BalloonMetrics::add(&metrics.pfn_buffer_ns, started.elapsed().as_nanos() as u64);
             drain.used = true;
         }
         drain
@@ -700,7 +706,10 @@ fn apply_pfn_batch(
             bitmap.update(run.bit, run.npages, true);
             BalloonMetrics::inc(&metrics.discard_calls);
             BalloonMetrics::add(&metrics.discard_bytes, range.len);
-            match discard.discard(range) {
+            let t = std::time::Instant::now();
+            let result = discard.discard(range);
+            BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
+            match result {
                 Ok(o) => {
                     BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
                     BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
@@ -813,6 +822,12 @@ impl VirtioDevice for Balloon {
         });
         self.broken = false;
         self.held_stats = None;
+        if let Some(r) = self.pending_restore.take() {
+            // Re-activation of a restored device: it still holds the stats
+            // buffer it held on the source, and stays broken if it was.
+            self.held_stats = r.held_stats;
+            self.broken = r.broken;
+        }
         // The event loop registers the queue eventfds and arms the timer.
         self.request_timer_sync();
         info!(
@@ -831,6 +846,7 @@ impl VirtioDevice for Balloon {
         self.acked_features = 0;
         self.broken = false;
         self.held_stats = None;
+        self.pending_restore = None;
         self.bitmap.clear();
         self.config.actual = 0;
         self.config.poison_val = 0;
@@ -851,5 +867,11 @@ impl VirtioDevice for Balloon {
 
     fn config_generation(&self) -> u32 {
         self.config_generation
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        Some(self.active.as_ref().map_or(Vec::new(), |a| {
+            a.queues.iter().map(|q| q.queue.state()).collect()
+        }))
     }
 }

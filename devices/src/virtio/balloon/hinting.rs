@@ -170,6 +170,22 @@ impl HintState {
         }
     }
 
+    /// The last round id handed out (the next round uses the one after).
+    pub(crate) fn last_id(&self) -> u32 {
+        self.last_id
+    }
+
+    /// Rebuild from saved values (see `balloon::persist`).
+    pub(crate) fn from_parts(status: HintingStatus, last_id: u32) -> Self {
+        Self {
+            host_cmd_id: status.host_cmd_id,
+            guest_cmd_id: status.guest_cmd_id,
+            state: status.state,
+            hinted_pages: status.hinted_pages,
+            last_id,
+        }
+    }
+
     /// Device reset: forget the round (ids keep increasing).
     pub fn reset(&mut self) {
         let last = self.last_id;

@@ -74,6 +74,37 @@ impl RamLayout {
         self.total_pages
     }
 
+    /// Guest RAM as the balloon sees it: the given regions with contiguous
+    /// ones coalesced, in ascending order.
+    pub fn ranges(&self) -> Vec<GpaRange> {
+        self.spans
+            .iter()
+            .map(|s| {
+                GpaRange::new(
+                    s.start_pfn << PAGE_SHIFT,
+                    (s.end_pfn - s.start_pfn) << PAGE_SHIFT,
+                )
+            })
+            .collect()
+    }
+
+    /// The pages set in `bitmap`, as runs of contiguous guest page frames
+    /// (ascending; a run never crosses a hole).
+    pub fn set_runs(&self, bitmap: &PageBitmap) -> Vec<PageRun> {
+        let mut out = Vec::new();
+        for s in &self.spans {
+            let end = s.bit_base + (s.end_pfn - s.start_pfn);
+            bitmap.for_each_set_run(s.bit_base, end, |bit, npages| {
+                out.push(PageRun {
+                    start_pfn: s.start_pfn + (bit - s.bit_base),
+                    npages,
+                    bit,
+                })
+            });
+        }
+        out
+    }
+
     /// Is the whole range inside guest RAM (one span)?
     pub fn contains(&self, range: GpaRange) -> bool {
         let Some(end) = range.end() else {
@@ -275,6 +306,35 @@ impl PageBitmap {
         self.words.fill(0);
         self.set = 0;
     }
+
+    /// Call `f(first_bit, len)` for each maximal run of set bits inside
+    /// `[start, end)` (clipped to the bitmap), in ascending order.
+    pub fn for_each_set_run(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64)) {
+        let end = end.min(self.bits);
+        let mut bit = start;
+        while let Some(first) = self.next_with(bit, end, true) {
+            let last = self.next_with(first, end, false).unwrap_or(end);
+            f(first, last - first);
+            bit = last;
+        }
+    }
+
+    /// The first bit in `[from, end)` whose value is `value`.
+    fn next_with(&self, from: u64, end: u64, value: bool) -> Option<u64> {
+        let mut bit = from;
+        while bit < end {
+            let lo = bit % 64;
+            let word = self.words[(bit / 64) as usize];
+            let word = if value { word } else { !word };
+            let masked = word & (u64::MAX << lo);
+            if masked != 0 {
+                let found = bit - lo + u64::from(masked.trailing_zeros());
+                return (found < end).then_some(found);
+            }
+            bit = bit - lo + 64;
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -471,5 +531,77 @@ mod tests {
         assert!(!bm.get(1000));
         bm.clear();
         assert_eq!(bm.count(), 0);
+    }
+
+    fn set_runs(bm: &PageBitmap, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        bm.for_each_set_run(start, end, |b, n| v.push((b, n)));
+        v
+    }
+
+    #[test]
+    fn bitmap_set_runs() {
+        let mut bm = PageBitmap::new(300);
+        assert!(set_runs(&bm, 0, 300).is_empty());
+        bm.update(0, 1, true);
+        bm.update(63, 2, true); // across a word boundary
+        bm.update(100, 156, true); // ends on a word boundary (256)
+        bm.update(299, 1, true); // the very last bit
+        assert_eq!(
+            set_runs(&bm, 0, 300),
+            vec![(0, 1), (63, 2), (100, 156), (299, 1)]
+        );
+        // Clipped to the window and to the bitmap.
+        assert_eq!(set_runs(&bm, 64, 120), vec![(64, 1), (100, 20)]);
+        assert_eq!(set_runs(&bm, 299, u64::MAX), vec![(299, 1)]);
+        assert!(set_runs(&bm, 1000, 2000).is_empty());
+        bm.update(0, 300, true);
+        assert_eq!(set_runs(&bm, 0, 300), vec![(0, 300)]);
+        // Random pattern against a bit-by-bit reference.
+        let mut bm = PageBitmap::new(1000);
+        let mut x = 12345u64;
+        for _ in 0..200 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let start = (x >> 33) % 1000;
+            let n = (x >> 20) % 40;
+            bm.update(start, n, (x >> 7) & 1 == 1);
+        }
+        let mut reference = Vec::new();
+        let mut b = 0;
+        while b < 1000 {
+            if bm.get(b) {
+                let s = b;
+                while b < 1000 && bm.get(b) {
+                    b += 1;
+                }
+                reference.push((s, b - s));
+            } else {
+                b += 1;
+            }
+        }
+        assert_eq!(set_runs(&bm, 0, 1000), reference);
+    }
+
+    #[test]
+    fn layout_ranges_and_pfn_runs() {
+        let l = holey();
+        assert_eq!(
+            l.ranges(),
+            vec![GpaRange::new(0, 3 * GIB), GpaRange::new(4 * GIB, 2 * GIB)]
+        );
+        let mut bm = PageBitmap::new(l.total_pages());
+        // A bit run that crosses from the first span into the second
+        // splits into two PFN runs on either side of the hole.
+        bm.update(3 * PAGES_PER_GIB - 2, 4, true);
+        bm.update(5, 1, true);
+        let runs: Vec<(u64, u64)> = l
+            .set_runs(&bm)
+            .iter()
+            .map(|r| (r.start_pfn, r.npages))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![(5, 1), (3 * PAGES_PER_GIB - 2, 2), (4 * PAGES_PER_GIB, 2)]
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 macro_rules! balloon_metrics {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -13,8 +13,10 @@ macro_rules! balloon_metrics {
             $($(#[$doc])* pub $name: AtomicU64,)*
         }
 
-        /// A point-in-time copy of [`BalloonMetrics`].
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        /// A point-in-time copy of [`BalloonMetrics`]. Deserializable
+        /// (missing counters read as 0) so saved device state can carry it.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
         pub struct BalloonMetricsSnapshot {
             $($(#[$doc])* pub $name: u64,)*
         }
@@ -23,6 +25,13 @@ macro_rules! balloon_metrics {
             pub fn snapshot(&self) -> BalloonMetricsSnapshot {
                 BalloonMetricsSnapshot {
                     $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+
+            /// Counters starting from `s` (a restored device's).
+            pub fn from_snapshot(s: &BalloonMetricsSnapshot) -> Self {
+                Self {
+                    $($name: AtomicU64::new(s.$name),)*
                 }
             }
         }
@@ -48,6 +57,11 @@ balloon_metrics! {
     discard_released_bytes,
     /// Syscalls the backing issued.
     discard_syscalls,
+    /// Nanoseconds spent inside discard calls.
+    discard_ns,
+    /// Nanoseconds spent on inflate/deflate buffers, from taking one off
+    /// the ring to returning it (parse, validate, merge, bitmap, discard).
+    pfn_buffer_ns,
     /// Failed discard calls.
     discard_errors,
     /// Stats buffers parsed.
@@ -100,5 +114,6 @@ mod tests {
         assert_eq!(s.inflate_requests, 1);
         assert_eq!(s.inflate_pages, 256);
         assert_eq!(s.deflate_pages, 0);
+        assert_eq!(BalloonMetrics::from_snapshot(&s).snapshot(), s);
     }
 }

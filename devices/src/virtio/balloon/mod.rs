@@ -28,6 +28,7 @@
 //! * `metrics`: [`BalloonMetrics`].
 //! * `hinting`: free page hinting ([`HintSink`], `start_hinting`, ...).
 //! * `reporting`: free page reporting.
+//! * `persist`: save/restore ([`BalloonState`]).
 
 pub mod config;
 pub mod device;
@@ -35,6 +36,7 @@ pub mod event_handler;
 pub mod hinting;
 pub mod inflate;
 pub mod metrics;
+pub mod persist;
 pub mod reporting;
 pub mod stats;
 
@@ -47,6 +49,7 @@ pub use config::BalloonConfig;
 pub use device::Balloon;
 pub use hinting::{HintSink, HintingState, HintingStatus};
 pub use metrics::{BalloonMetrics, BalloonMetricsSnapshot};
+pub use persist::BalloonState;
 pub use stats::BalloonStats;
 
 use crate::GpaRange;

@@ -1,0 +1,292 @@
+//! End-to-end figures against real VMs (test guest, this machine's KVM):
+//! balloon inflate speed and its breakdown, API latency, a free page hinting
+//! round, free page reporting's time to RSS drop, and migration with and
+//! without hints.
+//!
+//! `cargo bench --bench vm` runs all; `cargo bench --bench vm -- inflate api
+//! hinting reporting migration` picks sections.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use api::client::ApiClient;
+use common::{Vm, sock_path, wait_for_socket};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(600);
+
+fn start(name: &str, memory: &str, balloon: &str, program: &str) -> (Vm, ApiClient) {
+    let sock = sock_path(&format!("bench-{name}"));
+    let cmdline = format!("testguest.run=\"{program}\"");
+    let vm = Vm::start(&[
+        "--memory",
+        memory,
+        "--debug-exit",
+        "--balloon",
+        balloon,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ]);
+    wait_for_socket(&sock);
+    (vm, ApiClient::new(&sock).unwrap())
+}
+
+fn metrics(api: &mut ApiClient) -> std::collections::HashMap<String, f64> {
+    let r = api.metrics().expect("GET /metrics");
+    r.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.trim_start_matches("blimp_").to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn m(ms: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
+    ms.iter()
+        .find(|(k, _)| k.ends_with(key))
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
+fn inflate() {
+    let (mut vm, mut api) = start(
+        "inflate",
+        "8G",
+        "",
+        "balloon;touch 7680;mmio-rtt 2000;echo READY",
+    );
+    let rtt = vm.expect_line("mmio-rtt", T);
+    vm.expect_line("READY", T);
+    let rss0 = vm.rss_bytes();
+    let m0 = metrics(&mut api);
+    let t = Instant::now();
+    common::set_target(&mut api, 7168);
+    let took = common::wait_balloon(&mut api, 7168, T);
+    let _ = t;
+    std::thread::sleep(Duration::from_millis(100));
+    let rss1 = vm.rss_bytes();
+    let m1 = metrics(&mut api);
+    let d = |k: &str| m(&m1, k) - m(&m0, k);
+    let kicks = d("inflate_requests");
+    let pages = d("inflate_pages");
+    let discard_ms = d("discard_ns") / 1e6;
+    let vmm_us_per_batch = (d("pfn_buffer_ns") - d("discard_ns")) / kicks.max(1.0) / 1e3;
+    // mmio-rtt N read R ns write W ns
+    let words: Vec<&str> = rtt.split_whitespace().collect();
+    let read_ns: f64 = words.get(3).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let write_ns: f64 = words.get(6).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    println!("inflate: 8 GiB test guest, 7.5 GiB touched, target 0 -> 7168 MiB");
+    println!(
+        "  time to actual = target: {:.0} ms ({:.0} pages/s, {pages:.0} pages)",
+        took.as_secs_f64() * 1e3,
+        pages / took.as_secs_f64()
+    );
+    println!(
+        "  host RSS {} MiB -> {} MiB: {:.1}% of 7 GiB returned",
+        rss0 / MIB,
+        rss1 / MIB,
+        (rss0.saturating_sub(rss1)) as f64 / (7168.0 * MIB as f64) * 100.0
+    );
+    println!(
+        "  inflate buffers (kicks) {kicks:.0}, discard calls {:.0}, discard syscalls {:.0}",
+        d("discard_calls"),
+        d("discard_syscalls")
+    );
+    println!(
+        "  VMM processing per 256-PFN batch (parse, validate, merge, bitmap, used ring; no discard): {vmm_us_per_batch:.2} µs"
+    );
+    println!(
+        "  time in discard calls: {discard_ms:.0} ms total, {:.1} µs per call",
+        discard_ms * 1e3 / d("discard_calls").max(1.0)
+    );
+    println!(
+        "  MMIO exit round trip from guest ring 3 (this host): read {:.1} µs, write {:.1} µs",
+        read_ns / 1e3,
+        write_ns / 1e3
+    );
+    let floor_ms = kicks * write_ns / 1e6 + discard_ms;
+    println!(
+        "  floor = kicks x exit round trip + discard time = {floor_ms:.0} ms; measured / floor = {:.2}",
+        took.as_secs_f64() * 1e3 / floor_ms.max(1e-9)
+    );
+    vm.send("exit 0");
+    vm.wait(T);
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn api_latency() {
+    let (mut vm, api) = start("api", "1G", "", "balloon;echo READY");
+    vm.expect_line("READY", T);
+    for (what, patch) in [("GET /balloon", false), ("PATCH /balloon", true)] {
+        let mut lat = Vec::with_capacity(10_000);
+        for i in 0..10_000u64 {
+            let t = Instant::now();
+            let (s, _) = if patch {
+                api.patch("/balloon", &json!({"target_mib": i % 2}))
+                    .unwrap()
+            } else {
+                api.get("/balloon").unwrap()
+            };
+            lat.push(t.elapsed());
+            assert!(s == 200 || s == 204);
+        }
+        println!(
+            "api: {what} against a running VM, 10,000 requests: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+            percentile(&mut lat, 0.5).as_secs_f64() * 1e6,
+            percentile(&mut lat, 0.99).as_secs_f64() * 1e6,
+            percentile(&mut lat, 1.0).as_secs_f64() * 1e6
+        );
+    }
+    vm.send("exit 0");
+    vm.wait(T);
+}
+
+fn hinting() {
+    let (mut vm, api) = start(
+        "hint",
+        "8G",
+        "free_page_hint=on",
+        "balloon;fill 1024 1;echo READY",
+    );
+    vm.expect_line("READY", T);
+    let t = Instant::now();
+    let (s, _) = api.put("/balloon/hinting/start", &json!({})).unwrap();
+    assert_eq!(s, 200);
+    let st = loop {
+        let (_, st) = api.get("/balloon/hinting/status").unwrap();
+        if st["state"] == "Stopped" {
+            break st;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let took = t.elapsed();
+    println!(
+        "hinting: one full round on an 8 GiB guest with 1 GiB used: {:.0} ms, {} MiB hinted",
+        took.as_secs_f64() * 1e3,
+        st["hinted_pages"].as_u64().unwrap_or(0) * 4096 / MIB
+    );
+    vm.send("exit 0");
+    vm.wait(T);
+}
+
+fn reporting() {
+    let (mut vm, _api) = start(
+        "report",
+        "2G",
+        "free_page_reporting=on",
+        "balloon;fill 1024 3;free 1024;echo READY",
+    );
+    vm.expect_line("READY", T);
+    let before = vm.rss_bytes();
+    let t = Instant::now();
+    vm.send("report");
+    let mut after = before;
+    while before.saturating_sub(after) < 900 * MIB && t.elapsed() < Duration::from_secs(30) {
+        after = vm.rss_bytes();
+    }
+    println!(
+        "reporting: 1 GiB freed in a 2 GiB guest, `report`: host RSS {} -> {} MiB, dropped >= 900 MiB after {:.0} ms",
+        before / MIB,
+        after / MIB,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    vm.send("exit 0");
+    vm.wait(T);
+}
+
+fn migrate(api: &mut ApiClient, dest: &str, hints: bool) -> (Value, Duration) {
+    let t = Instant::now();
+    let (s, b) = api
+        .put(
+            "/migration",
+            &json!({"destination": dest, "free_page_hints": hints}),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    loop {
+        let (_, st) = api.get("/migration").unwrap();
+        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
+            assert_eq!(st["state"], "Completed", "{st}");
+            return (st, t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn migration() {
+    for hints in [true, false] {
+        let (mut vm, mut api) = start(
+            &format!("mig{hints}"),
+            "8G",
+            "free_page_hint=on",
+            "balloon;fill 7168 1;free 6144;echo READY",
+        );
+        vm.expect_line("READY", T);
+        let file = std::env::temp_dir().join(format!("blimp-bench-{hints}.mig"));
+        let (st, took) = migrate(&mut api, &format!("file://{}", file.display()), hints);
+        println!(
+            "migration: 8 GiB guest, 1 GiB live, to a file, hints {hints}: {} MiB of page data, {} MiB file, {} pages hinted, {:.0} ms, downtime {} ms",
+            st["bytes_sent"].as_u64().unwrap() / MIB,
+            std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) / MIB,
+            st["pages_hinted"],
+            took.as_secs_f64() * 1e3,
+            st["downtime_ms"]
+        );
+        let _ = std::fs::remove_file(&file);
+        vm.wait(T);
+    }
+    for hints in [true, false] {
+        let (mut vm, mut api) = start(
+            &format!("dirty{hints}"),
+            "2G",
+            "free_page_hint=on",
+            "balloon;fill 1024 2;free 512;dirty 256 200;echo READY;sleep 600",
+        );
+        vm.expect_line("READY", T);
+        let file = std::env::temp_dir().join(format!("blimp-bench-dirty-{hints}.mig"));
+        let (st, took) = migrate(&mut api, &format!("file://{}", file.display()), hints);
+        println!(
+            "migration: 2 GiB guest, 512 MiB live, `dirty 256 200` running, hints {hints}: {} rounds, {} MiB of page data, {} pages hinted, {:.0} ms, downtime {} ms",
+            st["round"],
+            st["bytes_sent"].as_u64().unwrap() / MIB,
+            st["pages_hinted"],
+            took.as_secs_f64() * 1e3,
+            st["downtime_ms"]
+        );
+        let _ = std::fs::remove_file(&file);
+        vm.wait(T);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    if want("inflate") {
+        inflate();
+    }
+    if want("api") {
+        api_latency();
+    }
+    if want("hinting") {
+        hinting();
+    }
+    if want("reporting") {
+        reporting();
+    }
+    if want("migration") {
+        migration();
+    }
+}

@@ -1,0 +1,1137 @@
+//! virtio balloon driver, behaving like Linux drivers/virtio/virtio_balloon.c
+//! (6.12): same queue numbering, same batch size, same order of operations
+//! (tell the host before reusing deflated pages, write `actual` after each
+//! batch), same statistics protocol.
+//!
+//! It is cooperative: [`Balloon::service`] runs whenever the guest waits and
+//! between chunks of long commands; it picks up configuration changes
+//! (reported by the interrupt stub, or polled with `testguest.poll=1`),
+//! moves the balloon towards `num_pages` and refills the statistics buffer.
+
+use testguest::balloon_proto::*;
+use testguest::frames::PAGE_SIZE;
+use testguest::virtq::{Buf, Layout, MAX_QUEUE_SIZE, RawDesc, SplitQueue, VIRTQ_DESC_F_NEXT};
+
+use crate::apic;
+use crate::clock;
+use crate::events;
+use crate::idle;
+use crate::memory::Memory;
+use crate::virtio::mmio::{self, Mmio};
+use testguest::cmdline::MmioDevice;
+use testguest::command::HostileCase;
+
+/// Features this driver accepts when offered. PAGE_POISON is only taken
+/// while the guest poisons free pages (`poison BYTE`), as Linux does.
+const DRIVER_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)
+    | bit(VIRTIO_BALLOON_F_STATS_VQ)
+    | bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+    | bit(VIRTIO_BALLOON_F_FREE_PAGE_HINT)
+    | bit(VIRTIO_BALLOON_F_PAGE_POISON)
+    | bit(VIRTIO_BALLOON_F_REPORTING);
+
+/// Linux VIRTIO_BALLOON_HINT_BLOCK_ORDER: hinted blocks are 4 MiB.
+const HINT_BLOCK_ORDER: u32 = 10;
+/// Linux PAGE_REPORTING_MIN_ORDER on x86 (pageblock order): 2 MiB ranges.
+const REPORT_ORDER: u32 = 9;
+/// Linux PAGE_REPORTING_CAPACITY: ranges per report.
+const REPORT_CAPACITY: usize = 32;
+
+/// Linux retries a failed inflate allocation after 200 ms ("Out of puff!").
+const OUT_OF_PUFF_RETRY_NS: u64 = 200_000_000;
+/// How long hostile sends wait for the device to return their buffer.
+const HOSTILE_WAIT_NS: u64 = 1_000_000_000;
+
+// Layout of the driver's data page.
+const PFNS_OFFSET: u64 = 0;
+const STATS_OFFSET: u64 = 0x400;
+const CMD_ID_ACTIVE_OFFSET: u64 = 0x600;
+const CMD_ID_STOP_OFFSET: u64 = 0x604;
+const HOSTILE_OFFSET: u64 = 0x800;
+
+pub struct Balloon {
+    dev: Mmio,
+    gsi: u32,
+    /// Index in the interrupt tables (None in poll mode).
+    irq: Option<usize>,
+    features: u64,
+    inflate: SplitQueue,
+    deflate: SplitQueue,
+    stats: Option<SplitQueue>,
+    free_page: Option<SplitQueue>,
+    reporting: Option<SplitQueue>,
+    /// Queue indices as Linux numbers them (no gaps for absent features).
+    stats_qidx: u16,
+    free_page_qidx: u16,
+    reporting_qidx: u16,
+    /// Free page hinting: the command id being served (Linux
+    /// cmd_id_active), hinted blocks held (in `areas.hints`), counters.
+    hint_active: u32,
+    hinted: usize,
+    hint_rounds: u64,
+    hinted_total: u64,
+    areas: Areas,
+    /// Identity-mapped page for PFN arrays, the stats buffer and scratch.
+    data: u64,
+    /// Head descriptor of the real stats buffer while the device holds it.
+    stats_head: Option<u16>,
+    stats_vals: [u64; NUM_STATS],
+    stats_sent: u64,
+    /// InterruptStatus bits not yet handled.
+    pending_isr: u32,
+    /// Move towards num_pages on the next service (config changed).
+    adjust: bool,
+    /// Don't retry inflating before this time (out of memory).
+    retry_at_ns: u64,
+    config_generation: u32,
+    alloc_stalls: u64,
+    /// The device reported DEVICE_NEEDS_RESET: nothing more is sent until
+    /// `balloon` restarts it.
+    broken: bool,
+    /// Whether the current service() call may answer stats requests.
+    answer_stats: bool,
+}
+
+#[derive(Debug)]
+pub enum StartError {
+    NoDevice,
+    Probe(mmio::ProbeError),
+    Legacy,
+    FeaturesRejected,
+    Queue(u16, &'static str),
+    NoMemory,
+    Irq(&'static str),
+}
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartError::NoDevice => write!(
+                f,
+                "no virtio balloon on the command line (virtio_mmio.device=)"
+            ),
+            StartError::Probe(e) => write!(f, "{e}"),
+            StartError::Legacy => write!(f, "device does not offer VIRTIO_F_VERSION_1"),
+            StartError::FeaturesRejected => {
+                write!(f, "device rejected the features (FEATURES_OK not kept)")
+            }
+            StartError::Queue(i, e) => write!(f, "queue {i}: {e}"),
+            StartError::NoMemory => write!(f, "out of memory for the virtqueues"),
+            StartError::Irq(e) => write!(f, "interrupt routing: {e}"),
+        }
+    }
+}
+
+/// Sets up queue `index` (at most `MAX_QUEUE_SIZE` entries) in the two
+/// frames at `area`.
+fn setup_queue(dev: &Mmio, index: u16, area: u64) -> Result<SplitQueue, StartError> {
+    let max = dev.queue_num_max(index);
+    if max == 0 {
+        return Err(StartError::Queue(index, "QueueNumMax is 0"));
+    }
+    let size = max.min(u32::from(MAX_QUEUE_SIZE)) as u16;
+    let layout = Layout::new(size);
+    debug_assert!(layout.total <= QUEUE_AREA);
+    // SAFETY: the area was allocated to this queue for good.
+    let q = unsafe { SplitQueue::new(area, layout) };
+    dev.setup_queue(index, &q)
+        .map_err(|e| StartError::Queue(index, e))?;
+    Ok(q)
+}
+
+/// Bytes reserved per queue: two frames hold any queue of up to 256 entries.
+const QUEUE_AREA: u64 = 2 * PAGE_SIZE;
+
+/// Guest memory the driver keeps for the device's whole life.
+#[derive(Clone, Copy)]
+struct Areas {
+    /// inflate, deflate, stats, free page, reporting.
+    queues: [u64; 5],
+    data: u64,
+    /// PFNs of hinted 4 MiB blocks held until the host says DONE.
+    hints: u64,
+    hints_cap: usize,
+}
+
+impl Areas {
+    fn alloc(mem: &mut Memory) -> Option<Areas> {
+        let mut queues = [0; 5];
+        for q in &mut queues {
+            *q = mem.frames.alloc_block(1)? * PAGE_SIZE;
+        }
+        let hints_cap = (mem.nframes() >> HINT_BLOCK_ORDER) as usize + 1;
+        let order = (hints_cap as u64 * 4)
+            .div_ceil(PAGE_SIZE)
+            .next_power_of_two()
+            .trailing_zeros();
+        let hints = mem.frames.alloc_block(order)? * PAGE_SIZE;
+        Some(Areas {
+            queues,
+            data: mem.frames.alloc()? * PAGE_SIZE,
+            hints,
+            hints_cap,
+        })
+    }
+}
+
+/// A device after feature negotiation and queue setup.
+struct Live {
+    features: u64,
+    inflate: SplitQueue,
+    deflate: SplitQueue,
+    stats: Option<SplitQueue>,
+    free_page: Option<SplitQueue>,
+    reporting: Option<SplitQueue>,
+    stats_qidx: u16,
+    free_page_qidx: u16,
+    reporting_qidx: u16,
+}
+
+/// Device initialisation (spec 3.1.1) up to, not including, DRIVER_OK.
+fn init_device(dev: &Mmio, areas: &Areas, poison: Option<u8>) -> Result<Live, StartError> {
+    let fail = |e| {
+        dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
+        e
+    };
+    dev.reset();
+    dev.add_status(mmio::VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER);
+    let offered = dev.device_features();
+    if offered & bit(VIRTIO_F_VERSION_1) == 0 {
+        return Err(fail(StartError::Legacy));
+    }
+    let mut features = offered & DRIVER_FEATURES;
+    // Linux virtballoon_validate(): PAGE_POISON only when the guest
+    // poisons; a poisoning guest whose device cannot keep poison must not
+    // report free pages (they might come back zeroed).
+    if poison.is_none() {
+        features &= !bit(VIRTIO_BALLOON_F_PAGE_POISON);
+    } else if features & bit(VIRTIO_BALLOON_F_PAGE_POISON) == 0 {
+        features &= !bit(VIRTIO_BALLOON_F_REPORTING);
+    }
+    dev.set_driver_features(features);
+    dev.add_status(mmio::VIRTIO_CONFIG_S_FEATURES_OK);
+    if dev.status() & mmio::VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+        return Err(fail(StartError::FeaturesRejected));
+    }
+    // Queues in Linux's order: inflate, deflate, then stats, free page and
+    // reporting for the negotiated features only (vm_find_vqs() numbers
+    // the queues that exist, without gaps).
+    let inflate = setup_queue(dev, 0, areas.queues[0]).map_err(fail)?;
+    let deflate = setup_queue(dev, 1, areas.queues[1]).map_err(fail)?;
+    let mut next = 2u16;
+    let mut optional = |feature: u32, area: u64| -> Result<(Option<SplitQueue>, u16), StartError> {
+        if features & bit(feature) == 0 {
+            return Ok((None, u16::MAX));
+        }
+        let idx = next;
+        next += 1;
+        Ok((Some(setup_queue(dev, idx, area).map_err(fail)?), idx))
+    };
+    let (stats, stats_qidx) = optional(VIRTIO_BALLOON_F_STATS_VQ, areas.queues[2])?;
+    let (free_page, free_page_qidx) = optional(VIRTIO_BALLOON_F_FREE_PAGE_HINT, areas.queues[3])?;
+    let (reporting, reporting_qidx) = optional(VIRTIO_BALLOON_F_REPORTING, areas.queues[4])?;
+    if let Some(b) = poison
+        && features & bit(VIRTIO_BALLOON_F_PAGE_POISON) != 0
+    {
+        // Linux: memset(&poison_val, PAGE_POISON, sizeof(poison_val)).
+        dev.config_write32(CONFIG_POISON_VAL, u32::from(b) * 0x0101_0101);
+    }
+    Ok(Live {
+        features,
+        inflate,
+        deflate,
+        stats,
+        free_page,
+        reporting,
+        stats_qidx,
+        free_page_qidx,
+        reporting_qidx,
+    })
+}
+
+impl Balloon {
+    /// Finds the first balloon among `devices`, initialises it (spec 3.1.1)
+    /// and starts it like Linux `virtballoon_probe()`.
+    pub fn start(
+        devices: impl Iterator<Item = MmioDevice>,
+        mem: &mut Memory,
+        irq_index: usize,
+    ) -> Result<Balloon, StartError> {
+        let mut found = None;
+        let mut last_err = StartError::NoDevice;
+        for d in devices {
+            let dev = Mmio { base: d.base };
+            match dev.probe() {
+                Ok(VIRTIO_ID_BALLOON) => {
+                    found = Some((dev, d.irq));
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => last_err = StartError::Probe(e),
+            }
+        }
+        let (dev, gsi) = found.ok_or(last_err)?;
+        let areas = Areas::alloc(mem).ok_or(StartError::NoMemory)?;
+        let live = init_device(&dev, &areas, mem.poison)?;
+        let irq = if idle::poll_mode() {
+            None
+        } else {
+            events::IRQ_ACK[irq_index].store(dev.base, core::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = apic::route(gsi, events::vector(irq_index), apic::Trigger::Edge) {
+                dev.add_status(mmio::VIRTIO_CONFIG_S_FAILED);
+                return Err(StartError::Irq(e));
+            }
+            Some(irq_index)
+        };
+        let mut b = Balloon {
+            dev,
+            gsi,
+            irq,
+            areas,
+            features: live.features,
+            inflate: live.inflate,
+            deflate: live.deflate,
+            stats: live.stats,
+            free_page: live.free_page,
+            reporting: live.reporting,
+            stats_qidx: live.stats_qidx,
+            free_page_qidx: live.free_page_qidx,
+            reporting_qidx: live.reporting_qidx,
+            hint_active: 0,
+            hinted: 0,
+            hint_rounds: 0,
+            hinted_total: 0,
+            data: areas.data,
+            stats_head: None,
+            stats_vals: [0; NUM_STATS],
+            stats_sent: 0,
+            pending_isr: 0,
+            adjust: true,
+            retry_at_ns: 0,
+            config_generation: 0,
+            alloc_stalls: 0,
+            broken: false,
+            answer_stats: true,
+        };
+        b.go_live(mem);
+        Ok(b)
+    }
+
+    /// Primes the stats queue, sets DRIVER_OK and reports the current size,
+    /// like the end of Linux `virtballoon_probe()`/`virtballoon_restore()`.
+    fn go_live(&mut self, mem: &Memory) {
+        // Like Linux init_vqs(): prime the stats queue with one buffer and
+        // kick it before DRIVER_OK...
+        if self.stats.is_some() {
+            self.queue_stats(mem);
+        }
+        self.dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER_OK);
+        // ...and kick again now that the device is live, for devices that
+        // ignore notifications before DRIVER_OK (harmless otherwise).
+        if self.stats.is_some() {
+            self.dev.notify(self.stats_qidx);
+        }
+        self.config_generation = self.dev.config_generation();
+        self.adjust = true;
+        self.retry_at_ns = 0;
+        self.update_size(mem);
+    }
+
+    /// Whether the device asked to be reset, or buffers from earlier
+    /// (hostile) requests are still outstanding on the inflate queue.
+    pub fn needs_restart(&self) -> bool {
+        self.broken
+            || self.inflate.in_flight() > 0
+            || self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0
+    }
+
+    /// `balloon` again: resets and re-initialises the device (e.g. after it
+    /// reported DEVICE_NEEDS_RESET). Pages already in the balloon stay
+    /// there, as across Linux's freeze/restore; `actual` is rewritten.
+    pub fn restart(&mut self, mem: &mut Memory) -> Result<(), StartError> {
+        let live = init_device(&self.dev, &self.areas, mem.poison)?;
+        self.features = live.features;
+        self.inflate = live.inflate;
+        self.deflate = live.deflate;
+        self.stats = live.stats;
+        self.free_page = live.free_page;
+        self.reporting = live.reporting;
+        self.stats_qidx = live.stats_qidx;
+        self.free_page_qidx = live.free_page_qidx;
+        self.reporting_qidx = live.reporting_qidx;
+        self.hint_active = 0;
+        self.stats_head = None;
+        self.pending_isr = 0;
+        self.broken = false;
+        if let Some(i) = self.irq {
+            events::take_isr(i);
+        }
+        self.go_live(mem);
+        Ok(())
+    }
+
+    pub fn queue_sizes(&self) -> (u16, u16, Option<u16>) {
+        (
+            self.inflate.size(),
+            self.deflate.size(),
+            self.stats.as_ref().map(SplitQueue::size),
+        )
+    }
+    pub fn has(&self, feature: u32) -> bool {
+        self.features & bit(feature) != 0
+    }
+    pub fn num_pages(&self) -> u32 {
+        self.dev.config_read32(CONFIG_NUM_PAGES)
+    }
+    pub fn actual(&self) -> u32 {
+        self.dev.config_read32(CONFIG_ACTUAL)
+    }
+
+    fn collect_isr(&mut self) {
+        self.pending_isr |= match self.irq {
+            Some(i) => events::take_isr(i),
+            None => self.dev.take_interrupt_status(),
+        };
+    }
+
+    /// Earliest time the driver wants to run again without an interrupt.
+    pub fn next_wake_ns(&self) -> Option<u64> {
+        (self.adjust && self.retry_at_ns != 0).then_some(self.retry_at_ns)
+    }
+
+    /// Background work: statistics requests and balloon size changes.
+    ///
+    /// `answer_stats` is false between chunks of a long command: a stats
+    /// request is then answered when the command has finished, so the host
+    /// gets values that include its effect rather than a snapshot from its
+    /// middle (the device keeps the last values until it asks again).
+    pub fn service(&mut self, mem: &mut Memory, answer_stats: bool) {
+        self.answer_stats = answer_stats;
+        self.collect_isr();
+        if self.broken {
+            return;
+        }
+        if self.irq.is_none() {
+            // Poll mode: a config change shows as a new generation.
+            let g = self.dev.config_generation();
+            if g != self.config_generation {
+                self.config_generation = g;
+                self.pending_isr |= mmio::VIRTIO_MMIO_INT_CONFIG;
+            }
+        }
+        self.service_stats(mem);
+        let config_changed = self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0;
+        self.pending_isr = 0;
+        if config_changed {
+            // Linux virtballoon_changed(): queue the size update, and the
+            // free page hinting work if a new command id arrived.
+            self.adjust = true;
+            self.retry_at_ns = 0;
+            if self.free_page.is_some() {
+                self.free_page_hint_changed(mem);
+            }
+        }
+        if let Some(q) = self.free_page.as_mut() {
+            // Hinted buffers the device has finished with need no action.
+            while q.pop_used().is_some() {}
+        }
+        if self.adjust && clock::now_ns() >= self.retry_at_ns {
+            self.move_towards_target(mem);
+        }
+    }
+
+    /// Linux update_balloon_size_func(): one batch at a time, `actual`
+    /// written after each, until the target is reached.
+    fn move_towards_target(&mut self, mem: &mut Memory) {
+        loop {
+            let diff = towards_target(self.num_pages(), mem.balloon_pages());
+            if diff == 0 {
+                self.adjust = false;
+                self.retry_at_ns = 0;
+                return;
+            }
+            if diff > 0 {
+                let want = (diff as u64).min(ARRAY_PFNS_MAX as u64);
+                let got = self.fill(mem, want);
+                self.update_size(mem);
+                if self.broken {
+                    return;
+                }
+                if got < want {
+                    // "Out of puff": retry later, like Linux's msleep(200).
+                    self.alloc_stalls += 1;
+                    self.retry_at_ns = clock::now_ns() + OUT_OF_PUFF_RETRY_NS;
+                    return;
+                }
+            } else {
+                self.leak(mem, diff.unsigned_abs());
+                self.update_size(mem);
+                if self.broken {
+                    return;
+                }
+            }
+            // Keep statistics flowing during long inflations.
+            self.collect_isr();
+            self.service_stats(mem);
+        }
+    }
+
+    /// Writes the PFN array into the data page.
+    fn write_pfns(&self, pfns: &[u32]) {
+        for (i, p) in pfns.iter().enumerate() {
+            // SAFETY: the data page is ours; at most 256 entries (1 KiB).
+            unsafe {
+                core::ptr::write_volatile(
+                    (self.data + PFNS_OFFSET + 4 * i as u64) as *mut u32,
+                    p.to_le(),
+                )
+            };
+        }
+    }
+
+    /// Linux fill_balloon(): up to 256 fresh frames, then tell_host(inflate).
+    fn fill(&mut self, mem: &mut Memory, want: u64) -> u64 {
+        let mut pfns = [0u32; ARRAY_PFNS_MAX];
+        let mut n = 0;
+        while (n as u64) < want.min(ARRAY_PFNS_MAX as u64) {
+            let pfn = match mem.frames.alloc() {
+                Some(p) => p,
+                // Like Linux's free page shrinker: hinted blocks held for
+                // the host go back first when memory runs out.
+                None if self.hinted > 0 => {
+                    self.return_free_pages(mem);
+                    continue;
+                }
+                None => break,
+            };
+            // The allocator checks poison on allocation, as Linux does.
+            mem.check_poison(pfn);
+            pfns[n] = pfn as u32;
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        for &p in &pfns[..n] {
+            mem.balloon_push(u64::from(p));
+        }
+        self.write_pfns(&pfns[..n]);
+        self.tell_host(Queue::Inflate, 4 * n as u32);
+        n as u64
+    }
+
+    /// Linux leak_balloon(): up to 256 pages out of the balloon; the host
+    /// is told (and acknowledges) before the frames go back to the
+    /// allocator, as VIRTIO_BALLOON_F_MUST_TELL_HOST requires.
+    fn leak(&mut self, mem: &mut Memory, want: u64) -> u64 {
+        let mut pfns = [0u32; ARRAY_PFNS_MAX];
+        let mut n = 0;
+        while (n as u64) < want.min(ARRAY_PFNS_MAX as u64) {
+            match mem.balloon_pop() {
+                Some(pfn) => {
+                    pfns[n] = pfn as u32;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if n == 0 {
+            return 0;
+        }
+        self.write_pfns(&pfns[..n]);
+        if !self.tell_host(Queue::Deflate, 4 * n as u32) {
+            // Not acknowledged: the pages may not be reused (MUST_TELL_HOST).
+            for &p in &pfns[..n] {
+                mem.balloon_push(u64::from(p));
+            }
+            return 0;
+        }
+        for &p in &pfns[..n] {
+            // The host may have discarded the page: poison it again.
+            mem.poison_page(u64::from(p));
+            // Ballooned frames are allocated, so this cannot fail.
+            let _ = mem.frames.free(u64::from(p));
+        }
+        n as u64
+    }
+
+    /// Linux update_balloon_size(): `actual` = pages in the balloon.
+    fn update_size(&self, mem: &Memory) {
+        self.dev
+            .config_write32(CONFIG_ACTUAL, mem.balloon_pages() as u32);
+    }
+
+    fn queue(&mut self, q: Queue) -> (&mut SplitQueue, u16) {
+        match q {
+            Queue::Inflate => (&mut self.inflate, 0),
+            Queue::Deflate => (&mut self.deflate, 1),
+            Queue::Stats => (self.stats.as_mut().expect("stats queue"), self.stats_qidx),
+            Queue::FreePage => (
+                self.free_page.as_mut().expect("free page queue"),
+                self.free_page_qidx,
+            ),
+            Queue::Reporting => (
+                self.reporting.as_mut().expect("reporting queue"),
+                self.reporting_qidx,
+            ),
+        }
+    }
+
+    fn kick(&mut self, q: Queue) {
+        let (queue, idx) = self.queue(q);
+        if !queue.notify_suppressed() {
+            self.dev.notify(idx);
+        }
+    }
+
+    /// Linux tell_host(): one out-buffer with the PFN array, kick, wait for
+    /// the device to use it.
+    fn tell_host(&mut self, q: Queue, len: u32) -> bool {
+        let addr = self.data + PFNS_OFFSET;
+        let (queue, _) = self.queue(q);
+        let Some(head) = queue.add(&[Buf {
+            addr,
+            len,
+            writable: false,
+        }]) else {
+            // Only possible if hostile buffers were never returned.
+            return false;
+        };
+        self.kick(q);
+        self.wait_used(q, head, None)
+    }
+
+    /// Waits until the device returns `head` on `q` (or the deadline, or
+    /// the device reports DEVICE_NEEDS_RESET). Returns whether it came back.
+    fn wait_used(&mut self, q: Queue, head: u16, deadline_ns: Option<u64>) -> bool {
+        loop {
+            let seen = events::snapshot();
+            let (queue, _) = self.queue(q);
+            while let Some(u) = queue.pop_used() {
+                if u.known && u.id == u32::from(head) {
+                    return true;
+                }
+            }
+            if deadline_ns.is_some_and(|d| clock::now_ns() >= d) {
+                return false;
+            }
+            if self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                self.broken = true;
+                return false;
+            }
+            // Keep the interrupt status for service() (config changes).
+            self.collect_isr();
+            idle::wait(seen, deadline_ns);
+        }
+    }
+
+    fn refresh_stats(&mut self, mem: &Memory) {
+        let free = mem.frames.free_frames() * PAGE_SIZE;
+        let mut total = mem.ram_bytes;
+        if !self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) {
+            // Linux takes inflated pages out of totalram in this case.
+            total = total.saturating_sub(mem.balloon_pages() * PAGE_SIZE);
+        }
+        let v = &mut self.stats_vals;
+        *v = [0; NUM_STATS];
+        v[S_MEMFREE as usize] = free;
+        v[S_MEMTOT as usize] = total;
+        v[S_AVAIL as usize] = free;
+        v[S_ALLOC_STALL as usize] = self.alloc_stalls;
+    }
+
+    /// Fills the stats buffer with fresh values and hands it to the device
+    /// (Linux update_balloon_stats() + virtqueue_add_outbuf() + kick).
+    fn queue_stats(&mut self, mem: &Memory) {
+        self.refresh_stats(mem);
+        let mut bytes = [0u8; STATS_BYTES];
+        encode_stats(&self.stats_vals, &mut bytes);
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: the data page is ours.
+            unsafe {
+                core::ptr::write_volatile((self.data + STATS_OFFSET + i as u64) as *mut u8, *b)
+            };
+        }
+        let addr = self.data + STATS_OFFSET;
+        let Some(q) = self.stats.as_mut() else { return };
+        self.stats_head = q.add(&[Buf {
+            addr,
+            len: STATS_BYTES as u32,
+            writable: false,
+        }]);
+        if self.stats_head.is_some() {
+            self.stats_sent += 1;
+            self.kick(Queue::Stats);
+        }
+    }
+
+    /// Linux stats_handle_request(): when the device returns the stats
+    /// buffer, refill it and give it back.
+    fn service_stats(&mut self, mem: &Memory) {
+        if !self.answer_stats {
+            return;
+        }
+        let Some(q) = self.stats.as_mut() else { return };
+        let mut refill = false;
+        while let Some(u) = q.pop_used() {
+            if u.known && Some(u.id) == self.stats_head.map(u32::from) {
+                self.stats_head = None;
+                refill = true;
+            }
+        }
+        if refill {
+            self.queue_stats(mem);
+        }
+    }
+
+    /// `stats`: the values last sent.
+    pub fn stats_line(&self, out: &mut impl core::fmt::Write) -> core::fmt::Result {
+        write!(out, "stats sent {}", self.stats_sent)?;
+        for (name, v) in STAT_NAMES.iter().zip(self.stats_vals.iter()) {
+            write!(out, " {name} {v}")?;
+        }
+        Ok(())
+    }
+
+    /// `balloon-wait`: moves towards the target until actual == num_pages.
+    pub fn wait_target(&mut self, mem: &mut Memory) -> Result<u32, &'static str> {
+        self.adjust = true;
+        self.retry_at_ns = 0;
+        loop {
+            let seen = events::snapshot();
+            self.service(mem, true);
+            let target = self.num_pages();
+            if mem.balloon_pages() == u64::from(target) && self.actual() == target {
+                return Ok(target);
+            }
+            if self.broken {
+                return Err("device needs reset (run 'balloon' again)");
+            }
+            idle::wait(seen, self.next_wake_ns());
+        }
+    }
+
+    /// `oom MIB`: deflate like Linux's OOM notifier
+    /// (virtio_balloon_oom_notify: leak_balloon(oom_pages) and
+    /// update_balloon_size), once per 256 pages.
+    pub fn oom(&mut self, mem: &mut Memory, mib: u64) -> Result<u64, &'static str> {
+        if !self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) {
+            return Err("VIRTIO_BALLOON_F_DEFLATE_ON_OOM not negotiated");
+        }
+        let mut want = mib.saturating_mul(1 << 20) / PAGE_SIZE;
+        let mut freed = 0;
+        while want > 0 {
+            let n = self.leak(mem, want.min(OOM_NR_PAGES));
+            self.update_size(mem);
+            if n == 0 {
+                break;
+            }
+            freed += n;
+            want -= n;
+        }
+        // Like Linux, the balloon is not re-inflated until the next
+        // configuration change.
+        self.adjust = false;
+        Ok(freed)
+    }
+
+    fn write_data_u32(&self, off: u64, v: u32) {
+        // SAFETY: inside the driver's data page.
+        unsafe { core::ptr::write_volatile((self.data + off) as *mut u32, v.to_le()) };
+    }
+
+    fn push_hint(&mut self, pfn: u64) {
+        if self.hinted < self.areas.hints_cap {
+            // SAFETY: inside the hint list area (hints_cap entries).
+            unsafe {
+                core::ptr::write_volatile(
+                    (self.areas.hints + 4 * self.hinted as u64) as *mut u32,
+                    pfn as u32,
+                )
+            };
+            self.hinted += 1;
+        }
+    }
+
+    /// Linux virtballoon_changed() for FREE_PAGE_HINT: DONE gives the
+    /// hinted pages back; a new id (not STOP, not the active one) starts a
+    /// round.
+    fn free_page_hint_changed(&mut self, mem: &mut Memory) {
+        let id = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
+        if id == FREE_PAGE_HINT_CMD_ID_DONE {
+            self.return_free_pages(mem);
+        } else if id != FREE_PAGE_HINT_CMD_ID_STOP && id != self.hint_active {
+            self.report_free_pages(mem, id);
+        }
+    }
+
+    /// Linux return_free_pages_to_mm(): the hinted blocks become free
+    /// again (their contents were left alone, so no re-poisoning).
+    fn return_free_pages(&mut self, mem: &mut Memory) {
+        for i in 0..self.hinted {
+            // SAFETY: inside the hint list area.
+            let pfn = unsafe {
+                core::ptr::read_volatile((self.areas.hints + 4 * i as u64) as *const u32)
+            };
+            let _ = mem.frames.free_block(u64::from(pfn), HINT_BLOCK_ORDER);
+        }
+        self.hinted = 0;
+    }
+
+    /// Linux virtio_balloon_report_free_page(): ack the command id with an
+    /// out-buffer, hint free 4 MiB blocks one in-buffer per kick (always
+    /// leaving a ring slot for the stop id) until none is left or the host
+    /// changes the id, then send STOP. Hinted blocks stay allocated until
+    /// the host writes DONE.
+    fn report_free_pages(&mut self, mem: &mut Memory, id: u32) {
+        self.hint_active = id;
+        self.hint_rounds += 1;
+        self.write_data_u32(CMD_ID_ACTIVE_OFFSET, id);
+        self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
+        let active = self.data + CMD_ID_ACTIVE_OFFSET;
+        let stop = self.data + CMD_ID_STOP_OFFSET;
+        let Some(q) = self.free_page.as_mut() else {
+            return;
+        };
+        while q.pop_used().is_some() {}
+        if q.add(&[Buf {
+            addr: active,
+            len: 4,
+            writable: false,
+        }])
+        .is_none()
+        {
+            return;
+        }
+        self.kick(Queue::FreePage);
+        loop {
+            if self.broken || self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID) != id {
+                break;
+            }
+            let seen = events::snapshot();
+            let Some(q) = self.free_page.as_mut() else {
+                return;
+            };
+            while q.pop_used().is_some() {}
+            if q.num_free() <= 1 {
+                // Full: wait for the device to use some (Linux would free
+                // the block and retry at once).
+                self.collect_isr();
+                if self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                    self.broken = true;
+                    break;
+                }
+                idle::wait(seen, Some(clock::now_ns() + 10_000_000));
+                continue;
+            }
+            let Some(pfn) = mem.frames.alloc_block(HINT_BLOCK_ORDER) else {
+                break;
+            };
+            let len = (PAGE_SIZE << HINT_BLOCK_ORDER) as u32;
+            if q.add(&[Buf {
+                addr: pfn * PAGE_SIZE,
+                len,
+                writable: true,
+            }])
+            .is_none()
+            {
+                let _ = mem.frames.free_block(pfn, HINT_BLOCK_ORDER);
+                break;
+            }
+            self.push_hint(pfn);
+            self.hinted_total += 1;
+            self.kick(Queue::FreePage);
+        }
+        let Some(q) = self.free_page.as_mut() else {
+            return;
+        };
+        while q.pop_used().is_some() {}
+        if q.add(&[Buf {
+            addr: stop,
+            len: 4,
+            writable: false,
+        }])
+        .is_some()
+        {
+            self.kick(Queue::FreePage);
+        }
+    }
+
+    /// Free page hinting counters: (rounds, blocks hinted in all, blocks
+    /// held now, active id).
+    pub fn hint_status(&self) -> Option<(u64, u64, usize, u32)> {
+        self.free_page.as_ref()?;
+        Some((
+            self.hint_rounds,
+            self.hinted_total,
+            self.hinted,
+            self.hint_active,
+        ))
+    }
+
+    /// `report`: one free page reporting pass over all free memory, like
+    /// Linux page_reporting_process_zone() + virtballoon_free_page_report():
+    /// up to 32 free 2 MiB ranges per report, as device-writable buffers
+    /// of one chain; kick; wait; the ranges are the guest's again after the
+    /// device returns the buffer. Returns the number of ranges reported.
+    pub fn report(&mut self, mem: &mut Memory) -> Result<u64, &'static str> {
+        if self.reporting.is_none() {
+            return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
+        }
+        let mut total = 0;
+        let mut from = 0;
+        loop {
+            let mut blocks = [0u64; REPORT_CAPACITY];
+            let mut n = 0;
+            while n < REPORT_CAPACITY {
+                let Some(pfn) = mem.frames.find_free_block(REPORT_ORDER, from) else {
+                    break;
+                };
+                from = pfn + (1 << REPORT_ORDER);
+                if mem.frames.claim_block(pfn, REPORT_ORDER) {
+                    blocks[n] = pfn;
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                return Ok(total);
+            }
+            let len = (PAGE_SIZE << REPORT_ORDER) as u32;
+            let mut bufs = [Buf {
+                addr: 0,
+                len,
+                writable: true,
+            }; REPORT_CAPACITY];
+            for (b, &pfn) in bufs.iter_mut().zip(blocks.iter()).take(n) {
+                b.addr = pfn * PAGE_SIZE;
+            }
+            let Some(q) = self.reporting.as_mut() else {
+                return Ok(total);
+            };
+            let head = q.add(&bufs[..n]);
+            let ok = match head {
+                Some(h) => {
+                    self.kick(Queue::Reporting);
+                    self.wait_used(Queue::Reporting, h, None)
+                }
+                None => false,
+            };
+            // Reported ranges are free memory again (contents left alone).
+            for &pfn in &blocks[..n] {
+                let _ = mem.frames.free_block(pfn, REPORT_ORDER);
+            }
+            if !ok {
+                return Err("the device did not return the report");
+            }
+            total += n as u64;
+        }
+    }
+
+    /// A frame nobody will use again, for PFNs in hostile buffers (a
+    /// misbehaving VMM might still discard it). Without free memory it is
+    /// a PFN far outside RAM instead.
+    fn sacrificial_pfn(&mut self, mem: &mut Memory) -> u32 {
+        match mem.frames.alloc() {
+            Some(p) => p as u32,
+            None => u32::MAX,
+        }
+    }
+
+    fn write_scratch_u32(&self, i: u64, v: u32) {
+        // SAFETY: scratch area of the data page (0x800..0x1000).
+        unsafe {
+            core::ptr::write_volatile((self.data + HOSTILE_OFFSET + 4 * i) as *mut u32, v.to_le())
+        };
+    }
+
+    /// Sends one kind of malformed input, waits up to 1 s for the device
+    /// to return it, and reports whether it did.
+    pub fn hostile(&mut self, mem: &mut Memory, case: HostileCase) -> Result<bool, &'static str> {
+        let scratch = self.data + HOSTILE_OFFSET;
+        let q = if case == HostileCase::StatsTruncated {
+            Queue::Stats
+        } else {
+            Queue::Inflate
+        };
+        let head = match case {
+            HostileCase::All => return Err("'all' is a list"),
+            HostileCase::PfnOutsideRam => {
+                // Just past the end of RAM, and far beyond anything.
+                self.write_scratch_u32(0, mem.nframes() as u32);
+                self.write_scratch_u32(1, u32::MAX);
+                self.inflate.add(&[Buf {
+                    addr: scratch,
+                    len: 8,
+                    writable: false,
+                }])
+            }
+            HostileCase::PfnInMmioHole => {
+                // Start of the hole, this device's own registers, the LAPIC.
+                self.write_scratch_u32(0, 0xc0000);
+                self.write_scratch_u32(1, (self.dev.base >> 12) as u32);
+                self.write_scratch_u32(2, (apic::LAPIC_BASE >> 12) as u32);
+                self.inflate.add(&[Buf {
+                    addr: scratch,
+                    len: 12,
+                    writable: false,
+                }])
+            }
+            HostileCase::DescLoop => {
+                let p = self.sacrificial_pfn(mem);
+                self.write_scratch_u32(0, p);
+                // Two descriptors pointing at each other.
+                let d = |next| RawDesc {
+                    addr: scratch,
+                    len: 4,
+                    flags: VIRTQ_DESC_F_NEXT,
+                    next,
+                };
+                self.inflate.add_raw(&[d(1), d(0)])
+            }
+            HostileCase::ChainTooLong => {
+                // Every descriptor of the queue chained, the last one still
+                // flagged NEXT and pointing past the table: longer than the
+                // queue can hold.
+                let p = self.sacrificial_pfn(mem);
+                self.write_scratch_u32(0, p);
+                let n = self.inflate.num_free();
+                let mut descs = [RawDesc {
+                    addr: scratch,
+                    len: 4,
+                    flags: VIRTQ_DESC_F_NEXT,
+                    next: 0,
+                }; MAX_QUEUE_SIZE as usize];
+                for (i, d) in descs.iter_mut().enumerate().take(n as usize) {
+                    d.next = i as u16 + 1;
+                }
+                self.inflate.add_raw(&descs[..n as usize])
+            }
+            HostileCase::ZeroLen => {
+                let p = self.sacrificial_pfn(mem);
+                self.write_scratch_u32(0, p);
+                self.inflate.add(&[Buf {
+                    addr: scratch,
+                    len: 0,
+                    writable: false,
+                }])
+            }
+            HostileCase::OddLen => {
+                let p = self.sacrificial_pfn(mem);
+                self.write_scratch_u32(0, p);
+                self.write_scratch_u32(1, 0);
+                self.inflate.add(&[Buf {
+                    addr: scratch,
+                    len: 6,
+                    writable: false,
+                }])
+            }
+            HostileCase::WritableInflate => {
+                let p = self.sacrificial_pfn(mem);
+                self.write_scratch_u32(0, p);
+                self.inflate.add(&[Buf {
+                    addr: scratch,
+                    len: 4,
+                    writable: true,
+                }])
+            }
+            HostileCase::StatsTruncated => {
+                if self.stats.is_none() {
+                    return Err("VIRTIO_BALLOON_F_STATS_VQ not negotiated");
+                }
+                // One and a half stat entries: 15 bytes.
+                let mut bytes = [0u8; STATS_BYTES];
+                encode_stats(&self.stats_vals, &mut bytes);
+                for (i, b) in bytes.iter().take(15).enumerate() {
+                    // SAFETY: scratch area of the data page.
+                    unsafe { core::ptr::write_volatile((scratch + i as u64) as *mut u8, *b) };
+                }
+                self.stats.as_mut().and_then(|s| {
+                    s.add(&[Buf {
+                        addr: scratch,
+                        len: 15,
+                        writable: false,
+                    }])
+                })
+            }
+        };
+        let Some(head) = head else {
+            return Err("no free descriptors (earlier hostile buffers not returned)");
+        };
+        self.kick(q);
+        let deadline = clock::now_ns() + HOSTILE_WAIT_NS;
+        if q == Queue::Stats {
+            // The device may keep the buffer until its next stats request.
+            let back = self.wait_stats_buffer(mem, head, deadline);
+            return Ok(back);
+        }
+        Ok(self.wait_used(q, head, Some(deadline)))
+    }
+
+    fn wait_stats_buffer(&mut self, mem: &Memory, head: u16, deadline_ns: u64) -> bool {
+        loop {
+            let seen = events::snapshot();
+            let Some(q) = self.stats.as_mut() else {
+                return false;
+            };
+            let mut back = false;
+            let mut refill = false;
+            while let Some(u) = q.pop_used() {
+                if u.known && u.id == u32::from(head) {
+                    back = true;
+                }
+                if u.known && Some(u.id) == self.stats_head.map(u32::from) {
+                    self.stats_head = None;
+                    refill = true;
+                }
+            }
+            if refill {
+                // Never leave the device without the real stats buffer.
+                self.queue_stats(mem);
+            }
+            if back || clock::now_ns() >= deadline_ns {
+                return back;
+            }
+            self.collect_isr();
+            idle::wait(seen, Some(deadline_ns));
+        }
+    }
+
+    /// One-line description for the `balloon` command.
+    pub fn describe(&self, out: &mut impl core::fmt::Write) -> core::fmt::Result {
+        let (i, d, s) = self.queue_sizes();
+        write!(
+            out,
+            "balloon started base {:#x} irq {} features {:#x} inflate {} deflate {}",
+            self.dev.base, self.gsi, self.features, i, d
+        )?;
+        if let Some(s) = s {
+            write!(out, " stats {s}")?;
+        }
+        if let Some(q) = &self.free_page {
+            write!(out, " free-page {}", q.size())?;
+        }
+        if let Some(q) = &self.reporting {
+            write!(out, " reporting {}", q.size())?;
+        }
+        write!(
+            out,
+            " {}",
+            if self.irq.is_some() {
+                "interrupts"
+            } else {
+                "polling"
+            }
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    Inflate,
+    Deflate,
+    Stats,
+    FreePage,
+    Reporting,
+}

@@ -1,0 +1,285 @@
+//! Migration to a file and to another blimp, restore, and refusal of
+//! damaged streams.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use api::client::ApiClient;
+use common::{Vm, sock_path, wait_for_socket};
+use serde_json::{Value, json};
+
+const BOOT: Duration = Duration::from_secs(30);
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("blimp-mig-{name}-{}", std::process::id()))
+}
+
+/// Start a migration and wait until it finishes; returns the final status.
+fn migrate(api: &mut ApiClient, body: Value) -> Value {
+    let (s, b) = api.put("/migration", &body).expect("PUT /migration");
+    assert_eq!(s, 200, "{b}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match api.get("/migration") {
+            Ok((200, st)) => {
+                let state = st["state"].as_str().unwrap_or("").to_string();
+                if ["Completed", "Failed", "Cancelled"].contains(&state.as_str()) {
+                    return st;
+                }
+            }
+            // The source ends a while after a completed live migration.
+            other => panic!("GET /migration: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "migration did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_source(
+    name: &str,
+    program: &str,
+    memory: &str,
+    extra: &[&str],
+) -> (Vm, ApiClient, PathBuf) {
+    let sock = sock_path(name);
+    let cmdline = format!("testguest.run=\"{program}\"");
+    let mut args = vec![
+        "--memory",
+        memory,
+        "--debug-exit",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    let vm = Vm::start(&args);
+    wait_for_socket(&sock);
+    let api = ApiClient::new(&sock).expect("API client");
+    (vm, api, sock)
+}
+
+fn restore(file: &Path, extra: &[&str]) -> Vm {
+    let mut args = vec!["--from", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Vm::start_cmd("restore", &args)
+}
+
+#[test]
+fn migrate_to_file_and_restore_continues_the_guest() {
+    let file = tmp("basic");
+    let (mut vm, mut api, _) = start_source(
+        "basic",
+        "fill 256 1;echo MIGRATE NOW;sleep 3;verify;exit 7",
+        "1G",
+        &[],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(
+        &mut api,
+        json!({"destination": format!("file://{}", file.display())}),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    eprintln!("migration status: {st}");
+    let data = st["bytes_sent"].as_u64().unwrap();
+    assert!(
+        data >= 256 << 20,
+        "the 256 MiB filled were sent: {data} bytes"
+    );
+    assert!(
+        data < 300 << 20,
+        "zero pages are not sent as data: {data} bytes"
+    );
+    assert_eq!(
+        vm.wait(BOOT).code(),
+        Some(0),
+        "the source ends after migrating"
+    );
+
+    let mut dst = restore(&file, &["--no-stdin"]);
+    dst.expect_line("sleep done", BOOT);
+    dst.expect_line("verify ok 65536 pages", BOOT);
+    assert_eq!(dst.wait(BOOT).code(), Some(7));
+    assert!(
+        !dst.transcript.iter().any(|l| l.contains("blimp-testguest")),
+        "restored, not rebooted"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn live_migration_over_a_unix_socket() {
+    let url_path = tmp("live.sock");
+    let url = format!("unix://{}", url_path.display());
+    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !url_path.exists() {
+        assert!(Instant::now() < deadline, "destination did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut vm, mut api, _) = start_source(
+        "live",
+        "fill 128 5;echo MIGRATE NOW;sleep 2;verify;exit 9",
+        "512M",
+        &[],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, json!({"destination": url}));
+    assert_eq!(st["state"], "Completed", "{st}");
+    dst.expect_line("verify ok 32768 pages", BOOT);
+    assert_eq!(dst.wait(BOOT).code(), Some(9));
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+#[test]
+fn damaged_streams_are_refused_with_a_clear_error() {
+    let file = tmp("damage");
+    let (mut vm, mut api, _) = start_source(
+        "damage",
+        "fill 32 2;echo MIGRATE NOW;sleep 30",
+        "256M",
+        &["--no-stdin"],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(
+        &mut api,
+        json!({"destination": format!("file://{}", file.display())}),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    vm.wait(BOOT);
+    let good = std::fs::read(&file).unwrap();
+    let len = good.len();
+    let damaged = tmp("damaged");
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    // A flipped byte in the header, early records, the middle (page data) and near the end (state, trailer).
+    for at in [10, 100, 5000, len / 2, len - 2000, len - 100, len - 5] {
+        let mut b = good.clone();
+        b[at] ^= 0x40;
+        cases.push((format!("byte {at} flipped"), b));
+    }
+    for cut in [0, 7, 64, 4096, len / 3, len - 1000, len - 1] {
+        cases.push((format!("cut at {cut}"), good[..cut].to_vec()));
+    }
+    for (what, bytes) in cases {
+        std::fs::write(&damaged, &bytes).unwrap();
+        let out = std::process::Command::new(common::blimp())
+            .args(["restore", "--no-stdin", "--from", damaged.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "{what}: a damaged stream was accepted"
+        );
+        assert!(
+            err.contains("refused at byte") || err.contains("migration stream"),
+            "{what}: unclear error: {err}"
+        );
+        assert!(stdout.is_empty(), "{what}: the guest ran: {stdout}");
+        eprintln!("{what}: {}", err.trim());
+    }
+    let _ = std::fs::remove_file(&damaged);
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn cancel_leaves_the_source_running() {
+    // A large guest whose pages are all non-zero takes a while to write.
+    let file = tmp("cancel");
+    let (mut vm, api, _) = start_source("cancel", "fill 3000 4;echo MIGRATE NOW", "4G", &[]);
+    vm.expect_line("MIGRATE NOW", Duration::from_secs(120));
+    let (s, b) = api
+        .put(
+            "/migration",
+            &json!({"destination": format!("file://{}", file.display())}),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    std::thread::sleep(Duration::from_millis(100));
+    let (s, b) = api.delete("/migration").unwrap();
+    assert_eq!(s, 204, "{b}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let (_, st) = api.get("/migration").unwrap();
+        if st["state"] == "Cancelled" || st["state"] == "Completed" {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(st["state"], "Cancelled", "{st}");
+    assert!(
+        !file.exists(),
+        "a cancelled migration leaves no file behind"
+    );
+    let (_, info) = api.get("/vm").unwrap();
+    assert_eq!(info["state"], "Running");
+    // The guest still runs correctly.
+    vm.send("verify");
+    vm.expect_line("verify ok", Duration::from_secs(120));
+    vm.send("exit 0");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+#[test]
+fn restore_resumes_the_balloon_where_it_was() {
+    let file = tmp("balloon");
+    let sock = sock_path("mig-balloon-src");
+    let mut vm = Vm::start(&[
+        "--memory",
+        "1G",
+        "--debug-exit",
+        "--balloon",
+        "stats_interval=1,free_page_hint=on",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "testguest.run=\"balloon;fill 128 3;echo MIGRATE NOW\"",
+    ]);
+    wait_for_socket(&sock);
+    let mut api = ApiClient::new(&sock).unwrap();
+    vm.expect_line("MIGRATE NOW", BOOT);
+    common::set_target(&mut api, 200);
+    common::wait_balloon(&mut api, 200, Duration::from_secs(30));
+    // Wait for a statistics report.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/balloon/statistics").unwrap().1["free_memory"].is_null() {
+        assert!(Instant::now() < deadline, "no statistics");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = migrate(
+        &mut api,
+        json!({"destination": format!("file://{}", file.display())}),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+
+    let dsock = sock_path("mig-balloon-dst");
+    let mut dst = restore(&file, &["--api-sock", dsock.to_str().unwrap()]);
+    wait_for_socket(&dsock);
+    let mut dapi = ApiClient::new(&dsock).unwrap();
+    let (_, b) = dapi.get("/balloon").unwrap();
+    assert_eq!(b["target_mib"], 200, "{b}");
+    assert_eq!(b["actual_mib"], 200, "{b}");
+    assert_eq!(b["free_page_hint"], true, "{b}");
+    let (_, s) = dapi.get("/balloon/statistics").unwrap();
+    assert!(
+        s["free_memory"].as_u64().is_some(),
+        "statistics carried over: {s}"
+    );
+    // The restored balloon keeps working: deflate, then the guest reuses the memory.
+    common::set_target(&mut dapi, 0);
+    common::wait_balloon(&mut dapi, 0, Duration::from_secs(30));
+    dst.send("fill 512 4");
+    dst.expect_line("fill done 512 MiB", BOOT);
+    dst.send("verify");
+    dst.expect_line("verify ok 163840 pages", BOOT);
+    dst.send("exit 0");
+    assert_eq!(dst.wait(BOOT).code(), Some(0));
+    let _ = std::fs::remove_file(&file);
+}

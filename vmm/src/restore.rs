@@ -1,0 +1,134 @@
+//! Building a VM from a migration stream (a file, or a connection from
+//! another Blimp): guest memory, KVM vCPU/VM state and device state. The VM
+//! only runs once every part was read, verified and applied; a damaged
+//! stream is refused with the place and reason, and nothing resumes.
+
+use std::io::{BufReader, Read};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use api::types::MigrationDestination;
+use arch::MemoryLayout;
+
+use crate::config::{MemoryBackend, VmConfig};
+use crate::migration::state::{self, StateSupport, VmState};
+use crate::migration::stream::{Destination, StreamReader};
+use crate::vcpu;
+use crate::vmm::{Error, Machine, Vmm};
+
+/// How to build the restored VM on this host.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreConfig {
+    pub memory_backend: MemoryBackend,
+    pub serial_input: bool,
+}
+
+/// Errors specific to restoring.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Stream(#[from] crate::migration::stream::StreamError),
+    #[error("the migration stream's state section: {0}")]
+    State(#[from] crate::migration::state::StateError),
+    #[error("the migration stream's device state: {0}")]
+    Devices(String),
+    #[error("cannot open {what}: {source}")]
+    Open {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Wait for one incoming migration on `url` (unix:///path or tcp://IP:PORT)
+/// and return the connection.
+pub fn accept_incoming(url: &str) -> Result<Box<dyn Read + Send>, RestoreError> {
+    let dest = MigrationDestination::parse(url).map_err(|e| RestoreError::Open {
+        what: url.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    let open = |what: &str| {
+        let what = what.to_string();
+        move |source| RestoreError::Open { what, source }
+    };
+    match dest {
+        MigrationDestination::Unix(path) => {
+            let _ = std::fs::remove_file(&path);
+            let l = UnixListener::bind(&path).map_err(open(url))?;
+            log::info!("waiting for an incoming migration on {url}");
+            let (s, _) = l.accept().map_err(open(url))?;
+            let _ = std::fs::remove_file(&path);
+            Ok(Box::new(s))
+        }
+        MigrationDestination::Tcp(addr) => {
+            let l = TcpListener::bind(addr).map_err(open(url))?;
+            log::info!("waiting for an incoming migration on {url}");
+            let (s, _) = l.accept().map_err(open(url))?;
+            Ok(Box::new(s))
+        }
+        MigrationDestination::File(path) => Ok(Box::new(
+            std::fs::File::open(&path).map_err(open(&path.display().to_string()))?,
+        )),
+    }
+}
+
+/// Open a migration file.
+pub fn open_file(path: &std::path::Path) -> Result<Box<dyn Read + Send>, RestoreError> {
+    Ok(Box::new(std::fs::File::open(path).map_err(|source| {
+        RestoreError::Open {
+            what: path.display().to_string(),
+            source,
+        }
+    })?))
+}
+
+impl Vmm {
+    /// Build a VM from a migration stream. Nothing runs until [`Vmm::run`].
+    pub fn restore(cfg: RestoreConfig, input: Box<dyn Read + Send>) -> Result<Vmm, Error> {
+        let mut reader = StreamReader::new(BufReader::with_capacity(4 << 20, input));
+        let header = reader.read_header().map_err(RestoreError::from)?;
+        let size: u64 = header.layout.iter().map(|r| r.size).sum();
+        let layout = MemoryLayout::new(size)?;
+        let mut m = Machine::new(&layout, 1, &cfg.memory_backend)?;
+        let restored = reader
+            .restore(m.ram.memory(), &layout, Destination::Fresh)
+            .map_err(RestoreError::from)?;
+        let state = VmState::from_bytes(&restored.state).map_err(RestoreError::from)?;
+        let count = u8::try_from(state.vcpus.len())
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                RestoreError::Devices(format!("{} vCPUs in the stream", state.vcpus.len()))
+            })?;
+        let balloon = crate::device_state::restore(&mut m, &state.devices)?;
+        let mut fds = Vec::new();
+        for id in 0..count {
+            fds.push(vcpu::create_vcpu(&m.vm, id, count, 0, m.backend.is_pvm())?);
+        }
+        let support = StateSupport::probe(m.vm.kvm()).map_err(RestoreError::from)?;
+        let reports = state::restore(m.vm.fd(), &support, &fds, &layout, &state)
+            .map_err(RestoreError::from)?;
+        for (id, r) in reports.iter().enumerate() {
+            log::debug!("vCPU {id} restored: {r:?}");
+        }
+        log::info!(
+            "restored {} MiB of guest memory, {} vCPU(s) from the stream (last round {})",
+            size >> 20,
+            count,
+            restored.last_round
+        );
+        let mut config = VmConfig::new(PathBuf::new());
+        config.memory_bytes = size;
+        config.vcpus = count;
+        config.memory_backend = cfg.memory_backend;
+        config.serial_input = cfg.serial_input;
+        config.debug_exit = m.debug_exit;
+        config.balloon = balloon
+            .as_ref()
+            .map(|b| *crate::vmm::lock_balloon(b).config());
+        let mut vmm = m.into_vmm(config, fds, balloon)?;
+        vmm.tell_balloon_done_on_start();
+        Ok(vmm)
+    }
+}
