@@ -10,7 +10,9 @@
 
 use testguest::balloon_proto::*;
 use testguest::frames::PAGE_SIZE;
-use testguest::virtq::{Buf, Layout, MAX_QUEUE_SIZE, RawDesc, SplitQueue, VIRTQ_DESC_F_NEXT};
+use testguest::virtq::{
+    Buf, Layout, MAX_QUEUE_SIZE, RawDesc, SplitQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
 
 use crate::apic;
 use crate::clock;
@@ -42,6 +44,13 @@ const REPORT_CAPACITY: usize = 32;
 const OUT_OF_PUFF_RETRY_NS: u64 = 200_000_000;
 /// How long hostile sends wait for the device to return their buffer.
 const HOSTILE_WAIT_NS: u64 = 1_000_000_000;
+/// How long `hostile hint-outside-ram` waits for the host to start a
+/// hinting round (`hostile all` waits HOSTILE_WAIT_NS only).
+const HOSTILE_ROUND_WAIT_NS: u64 = 10_000_000_000;
+/// A guest-physical address in the MMIO hole (below the LAPIC/IOAPIC).
+const MMIO_HOLE_ADDR: u64 = 0xd000_0000;
+/// Descriptors in `hostile report-too-long`'s report (the spec allows 32).
+const HOSTILE_REPORT_LEN: usize = 40;
 
 // Layout of the driver's data page.
 const PFNS_OFFSET: u64 = 0;
@@ -948,7 +957,21 @@ impl Balloon {
 
     /// Sends one kind of malformed input, waits up to 1 s for the device
     /// to return it, and reports whether it did.
-    pub fn hostile(&mut self, mem: &mut Memory, case: HostileCase) -> Result<bool, &'static str> {
+    pub fn hostile(
+        &mut self,
+        mem: &mut Memory,
+        case: HostileCase,
+        in_all: bool,
+    ) -> Result<bool, &'static str> {
+        match case {
+            HostileCase::HintStaleId
+            | HostileCase::HintOutsideRam
+            | HostileCase::HintWrongDirection => return self.hostile_hint(mem, case, in_all),
+            HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => {
+                return self.hostile_report(mem, case);
+            }
+            _ => {}
+        }
         let scratch = self.data + HOSTILE_OFFSET;
         let q = if case == HostileCase::StatsTruncated {
             Queue::Stats
@@ -957,6 +980,11 @@ impl Balloon {
         };
         let head = match case {
             HostileCase::All => return Err("'all' is a list"),
+            HostileCase::HintStaleId
+            | HostileCase::HintOutsideRam
+            | HostileCase::HintWrongDirection
+            | HostileCase::ReportOutsideRam
+            | HostileCase::ReportTooLong => return Err("handled above"),
             HostileCase::PfnOutsideRam => {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
@@ -1067,6 +1095,228 @@ impl Balloon {
             return Ok(back);
         }
         Ok(self.wait_used(q, head, Some(deadline)))
+    }
+
+    /// Whether `case` can be sent with the negotiated features (`hostile
+    /// all` skips the others).
+    pub fn hostile_supported(&self, case: HostileCase) -> bool {
+        match case {
+            HostileCase::StatsTruncated => self.stats.is_some(),
+            HostileCase::HintStaleId
+            | HostileCase::HintOutsideRam
+            | HostileCase::HintWrongDirection => self.free_page.is_some(),
+            HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => self.reporting.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Adds each chain to `q`, kicks once, and waits up to HOSTILE_WAIT_NS
+    /// for the device to return the last one.
+    fn send_chains(&mut self, q: Queue, chains: &[&[Buf]]) -> Result<bool, &'static str> {
+        let mut last = None;
+        for c in chains {
+            let (queue, _) = self.queue(q);
+            while queue.pop_used().is_some() {}
+            last = Some(
+                queue
+                    .add(c)
+                    .ok_or("no free descriptors (earlier hostile buffers not returned)")?,
+            );
+        }
+        let Some(head) = last else {
+            return Ok(true);
+        };
+        self.kick(q);
+        Ok(self.wait_used(q, head, Some(clock::now_ns() + HOSTILE_WAIT_NS)))
+    }
+
+    /// First guest-physical address past RAM, rounded up to `align`.
+    fn past_ram(mem: &Memory, align: u64) -> u64 {
+        (mem.nframes() * PAGE_SIZE).next_multiple_of(align)
+    }
+
+    /// A 4 MiB hint block the guest still uses: the one holding the first
+    /// filled page, else the one holding the driver's data page.
+    fn in_use_hint_block(&self, mem: &Memory) -> u64 {
+        let mask = !((1u64 << HINT_BLOCK_ORDER) - 1);
+        let pfn = (0..mem.nframes())
+            .find(|&p| mem.record(p).is_filled())
+            .unwrap_or(self.data / PAGE_SIZE);
+        (pfn & mask) * PAGE_SIZE
+    }
+
+    /// Free page hinting hostile cases (see docs/testguest.md).
+    fn hostile_hint(
+        &mut self,
+        mem: &mut Memory,
+        case: HostileCase,
+        in_all: bool,
+    ) -> Result<bool, &'static str> {
+        if self.free_page.is_none() {
+            return Err("VIRTIO_BALLOON_F_FREE_PAGE_HINT not negotiated");
+        }
+        let scratch = self.data + HOSTILE_OFFSET;
+        let block = PAGE_SIZE << HINT_BLOCK_ORDER;
+        let out = |addr, len| Buf {
+            addr,
+            len,
+            writable: false,
+        };
+        let hint = |addr| Buf {
+            addr,
+            len: block as u32,
+            writable: true,
+        };
+        match case {
+            HostileCase::HintStaleId => {
+                // A command id that is not the host's, then a hint of a block
+                // in use: the device must not take it (no round accepts it).
+                let id = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
+                self.write_scratch_u32(0, id.wrapping_add(7));
+                let live = self.in_use_hint_block(mem);
+                self.send_chains(Queue::FreePage, &[&[out(scratch, 4)], &[hint(live)]])
+            }
+            HostileCase::HintWrongDirection => {
+                // A hint range (le64 address, le32 length) in a 12-byte
+                // device-readable buffer: neither a command nor a hint.
+                let addr = Self::past_ram(mem, block);
+                self.write_scratch_u32(0, addr as u32);
+                self.write_scratch_u32(1, (addr >> 32) as u32);
+                self.write_scratch_u32(2, block as u32);
+                self.send_chains(Queue::FreePage, &[&[out(scratch, 12)]])
+            }
+            _ => {
+                // hint-outside-ram: serve the next round the host requests
+                // with hints outside RAM only.
+                let id = self.wait_hint_round(in_all)?;
+                self.hint_active = id;
+                self.hint_rounds += 1;
+                self.write_data_u32(CMD_ID_ACTIVE_OFFSET, id);
+                self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
+                let active = self.data + CMD_ID_ACTIVE_OFFSET;
+                let stop = self.data + CMD_ID_STOP_OFFSET;
+                if !self.send_chains(Queue::FreePage, &[&[out(active, 4)]])? {
+                    return Ok(false);
+                }
+                let past = Self::past_ram(mem, block);
+                let back =
+                    self.send_chains(Queue::FreePage, &[&[hint(past)], &[hint(MMIO_HOLE_ADDR)]])?;
+                let stopped = self.send_chains(Queue::FreePage, &[&[out(stop, 4)]])?;
+                Ok(back && stopped)
+            }
+        }
+    }
+
+    /// Waits for a hinting round id the driver has not served yet.
+    fn wait_hint_round(&mut self, in_all: bool) -> Result<u32, &'static str> {
+        let deadline = clock::now_ns()
+            + if in_all {
+                HOSTILE_WAIT_NS
+            } else {
+                HOSTILE_ROUND_WAIT_NS
+            };
+        let mut said = false;
+        loop {
+            let seen = events::snapshot();
+            let id = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
+            if id != FREE_PAGE_HINT_CMD_ID_STOP
+                && id != FREE_PAGE_HINT_CMD_ID_DONE
+                && id != self.hint_active
+            {
+                return Ok(id);
+            }
+            if !said {
+                crate::println!("hostile hint-outside-ram waiting for a hinting round");
+                said = true;
+            }
+            let now = clock::now_ns();
+            if now >= deadline {
+                return Err("the host started no hinting round");
+            }
+            self.collect_isr();
+            idle::wait(seen, Some(deadline.min(now + 10_000_000)));
+        }
+    }
+
+    /// Free page reporting hostile cases (see docs/testguest.md).
+    fn hostile_report(
+        &mut self,
+        mem: &mut Memory,
+        case: HostileCase,
+    ) -> Result<bool, &'static str> {
+        if self.reporting.is_none() {
+            return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
+        }
+        let range = PAGE_SIZE << REPORT_ORDER;
+        let past = Self::past_ram(mem, range);
+        let report = |addr| Buf {
+            addr,
+            len: range as u32,
+            writable: true,
+        };
+        if case == HostileCase::ReportOutsideRam {
+            let bufs = [report(past), report(MMIO_HOLE_ADDR), report(1 << 40)];
+            return self.send_chains(Queue::Reporting, &[&bufs]);
+        }
+        // report-too-long: a device-readable report (wrong direction), then
+        // a chain of more than 32 ranges. The RAM range is a block the
+        // guest gives up for good; the others lie past the end of RAM.
+        let given_up = mem
+            .frames
+            .alloc_block(REPORT_ORDER)
+            .map_or(past, |pfn| pfn * PAGE_SIZE);
+        let readable = Buf {
+            addr: given_up,
+            len: range as u32,
+            writable: false,
+        };
+        let wrong = self.send_chains(Queue::Reporting, &[&[readable]])?;
+        let addr = |i: usize| {
+            if i == 0 {
+                given_up
+            } else {
+                past + i as u64 * range
+            }
+        };
+        let free = self
+            .reporting
+            .as_ref()
+            .map_or(0, |q| usize::from(q.num_free()));
+        let long = if free > REPORT_CAPACITY {
+            let n = HOSTILE_REPORT_LEN.min(free);
+            let mut bufs = [report(0); HOSTILE_REPORT_LEN];
+            for (i, b) in bufs.iter_mut().enumerate() {
+                b.addr = addr(i);
+            }
+            self.send_chains(Queue::Reporting, &[&bufs[..n]])?
+        } else {
+            // The ring holds no more than 32: chain every free descriptor,
+            // the last still flagged NEXT with `next` past the table (a
+            // 33rd descriptor the device cannot have).
+            let mut descs = [RawDesc {
+                addr: 0,
+                len: range as u32,
+                flags: VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                next: 0,
+            }; MAX_QUEUE_SIZE as usize];
+            for (i, d) in descs.iter_mut().enumerate().take(free) {
+                d.addr = addr(i);
+                d.next = i as u16 + 1;
+            }
+            let Some(q) = self.reporting.as_mut() else {
+                return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
+            };
+            let head = q
+                .add_raw(&descs[..free])
+                .ok_or("no free descriptors (earlier hostile buffers not returned)")?;
+            self.kick(Queue::Reporting);
+            self.wait_used(
+                Queue::Reporting,
+                head,
+                Some(clock::now_ns() + HOSTILE_WAIT_NS),
+            )
+        };
+        Ok(wrong && long)
     }
 
     fn wait_stats_buffer(&mut self, mem: &Memory, head: u16, deadline_ns: u64) -> bool {

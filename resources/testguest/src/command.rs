@@ -16,12 +16,17 @@ pub enum HostileCase {
     OddLen,
     WritableInflate,
     StatsTruncated,
+    HintStaleId,
+    HintOutsideRam,
+    HintWrongDirection,
+    ReportOutsideRam,
+    ReportTooLong,
     All,
 }
 
 impl HostileCase {
     /// Every single case, in the order `hostile all` sends them.
-    pub const EACH: [HostileCase; 8] = [
+    pub const EACH: [HostileCase; 13] = [
         HostileCase::PfnOutsideRam,
         HostileCase::PfnInMmioHole,
         HostileCase::DescLoop,
@@ -30,6 +35,11 @@ impl HostileCase {
         HostileCase::OddLen,
         HostileCase::WritableInflate,
         HostileCase::StatsTruncated,
+        HostileCase::HintStaleId,
+        HostileCase::HintOutsideRam,
+        HostileCase::HintWrongDirection,
+        HostileCase::ReportOutsideRam,
+        HostileCase::ReportTooLong,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +52,11 @@ impl HostileCase {
             HostileCase::OddLen => "odd-len",
             HostileCase::WritableInflate => "writable-inflate",
             HostileCase::StatsTruncated => "stats-truncated",
+            HostileCase::HintStaleId => "hint-stale-id",
+            HostileCase::HintOutsideRam => "hint-outside-ram",
+            HostileCase::HintWrongDirection => "hint-wrong-direction",
+            HostileCase::ReportOutsideRam => "report-outside-ram",
+            HostileCase::ReportTooLong => "report-too-long",
             HostileCase::All => "all",
         }
     }

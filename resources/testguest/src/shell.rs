@@ -314,6 +314,9 @@ impl Guest {
             core::slice::from_ref(&case)
         };
         for &c in cases {
+            if cases.len() > 1 && !b.hostile_supported(c) {
+                continue;
+            }
             // Each case should meet a working device: if an earlier one
             // made it give up (NEEDS_RESET) or kept its buffer, start over.
             if cases.len() > 1
@@ -323,7 +326,7 @@ impl Guest {
                 crate::println!("error: hostile {}: restart: {e}", c.name());
                 continue;
             }
-            match b.hostile(&mut self.mem, c) {
+            match b.hostile(&mut self.mem, c, cases.len() > 1) {
                 Ok(_returned) => crate::println!("hostile {} sent", c.name()),
                 Err(e) => crate::println!("error: hostile {}: {e}", c.name()),
             }
