@@ -282,13 +282,14 @@ pub fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("blimp-test-{name}-{}.sock", std::process::id()))
 }
 
-/// Wait for the API socket to appear.
+/// Wait until the API socket accepts connections (the file can exist a
+/// moment before the server listens).
 pub fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(
             Instant::now() < deadline,
-            "API socket {} did not appear",
+            "API socket {} is not accepting connections",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(10));
