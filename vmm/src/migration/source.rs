@@ -105,6 +105,39 @@ impl HintSink for RoundHints {
 }
 
 /// Why a migration failed.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_that_starts_listening_late_is_reached() {
+        let path = std::env::temp_dir().join(format!("blimp-late-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let p2 = path.clone();
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let l = std::os::unix::net::UnixListener::bind(&p2).unwrap();
+            l.accept().map(|_| ()).unwrap();
+        });
+        let dest = MigrationDestination::Unix(path.clone());
+        assert!(
+            open(&dest).is_ok(),
+            "connect retried until the listener was up"
+        );
+        server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        // Nobody ever listens: a clear error after the retry window.
+        let t = Instant::now();
+        let e = open(&MigrationDestination::Unix(
+            "/nonexistent/blimp.sock".into(),
+        ))
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("/nonexistent/blimp.sock"), "{e}");
+        assert!(t.elapsed() >= CONNECT_RETRY);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("cannot open destination {dest}: {source}")]
@@ -135,6 +168,29 @@ pub fn describe(dest: &MigrationDestination) -> String {
     }
 }
 
+/// How long to keep retrying a destination that refuses the connection (a
+/// destination blimp that is still starting up, between bind and listen).
+const CONNECT_RETRY: Duration = Duration::from_secs(3);
+
+/// Connect with `connect`, retrying refused or not-yet-existing endpoints
+/// for [`CONNECT_RETRY`].
+fn connect_retrying<T>(mut connect: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let deadline = Instant::now() + CONNECT_RETRY;
+    loop {
+        match connect() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open(dest: &MigrationDestination) -> Result<Box<dyn Write + Send>, MigrationError> {
     let err = |source| MigrationError::Destination {
         dest: describe(dest),
@@ -142,8 +198,12 @@ fn open(dest: &MigrationDestination) -> Result<Box<dyn Write + Send>, MigrationE
     };
     Ok(match dest {
         MigrationDestination::File(p) => Box::new(File::create(p).map_err(err)?),
-        MigrationDestination::Unix(p) => Box::new(UnixStream::connect(p).map_err(err)?),
-        MigrationDestination::Tcp(a) => Box::new(std::net::TcpStream::connect(a).map_err(err)?),
+        MigrationDestination::Unix(p) => {
+            Box::new(connect_retrying(|| UnixStream::connect(p)).map_err(err)?)
+        }
+        MigrationDestination::Tcp(a) => {
+            Box::new(connect_retrying(|| std::net::TcpStream::connect(a)).map_err(err)?)
+        }
     })
 }
 
