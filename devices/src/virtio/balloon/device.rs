@@ -78,6 +78,23 @@ pub(super) enum Malformed {
 }
 
 /// Copy a chain's descriptors out, detecting structural corruption.
+/// Take the next available chain off `q` and collect its descriptors:
+/// `Ok(None)` when the ring is empty, `Err(reason)` when the ring or the
+/// chain is malformed (the caller marks the device as needing a reset).
+pub(super) fn next_chain(q: &mut Queue, mem: &GuestMemory) -> Result<Option<(u16, Descs)>, String> {
+    let chain = match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(e) => return Err(format!("bad available ring: {e}")),
+    };
+    let Some(chain) = chain else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    collect_chain(chain)
+        .map(|d| Some((head, d)))
+        .map_err(|m| format!("malformed chain at head {head}: {m:?}"))
+}
+
 pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
     let mut out = Descs {
         d: [Descriptor::default(); MAX_CHAIN_DESCS],
@@ -457,20 +474,12 @@ impl Balloon {
         let metrics = &*self.metrics;
         let mut buf = [0u8; BATCH_BYTES];
         loop {
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    drain.broken = Some(format!("bad available ring: {e}"));
-                    break;
-                }
-            };
-            let Some(chain) = chain else { break };
             let started = std::time::Instant::now();
-            let head = chain.head_index();
-            let descs = match collect_chain(chain) {
-                Ok(d) => d,
-                Err(m) => {
-                    drain.broken = Some(format!("malformed chain at head {head}: {m:?}"));
+            let (head, descs) = match next_chain(q, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(why) => {
+                    drain.broken = Some(why);
                     break;
                 }
             };
@@ -537,19 +546,11 @@ impl Balloon {
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
         loop {
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    drain.broken = Some(format!("bad available ring: {e}"));
-                    break;
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let descs = match collect_chain(chain) {
-                Ok(d) => d,
-                Err(m) => {
-                    drain.broken = Some(format!("malformed chain at head {head}: {m:?}"));
+            let (head, descs) = match next_chain(q, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(why) => {
+                    drain.broken = Some(why);
                     break;
                 }
             };

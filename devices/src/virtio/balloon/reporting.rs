@@ -7,9 +7,9 @@
 //! would read back as zeros, not the poison pattern).
 
 use log::debug;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 
-use super::device::{Active, Balloon, Drain, collect_chain};
+use super::device::{Active, Balloon, Drain, next_chain};
 use super::hinting::discard_free_range;
 use super::metrics::BalloonMetrics;
 use super::*;
@@ -35,19 +35,11 @@ impl Balloon {
         let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
         loop {
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    drain.broken = Some(format!("bad available ring: {e}"));
-                    break;
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let descs = match collect_chain(chain) {
-                Ok(d) => d,
-                Err(m) => {
-                    drain.broken = Some(format!("malformed chain at head {head}: {m:?}"));
+            let (head, descs) = match next_chain(q, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(why) => {
+                    drain.broken = Some(why);
                     break;
                 }
             };
