@@ -16,7 +16,7 @@ use testguest::virtq::{
 
 use crate::apic;
 use crate::clock;
-use crate::events;
+use crate::events::{self, DevCall};
 use crate::idle;
 use crate::memory::Memory;
 use crate::virtio::mmio::{self, Mmio};
@@ -51,6 +51,25 @@ const HOSTILE_ROUND_WAIT_NS: u64 = 10_000_000_000;
 const MMIO_HOLE_ADDR: u64 = 0xd000_0000;
 /// Descriptors in `hostile report-too-long`'s report (the spec allows 32).
 const HOSTILE_REPORT_LEN: usize = 40;
+
+/// The register accesses Linux makes right after the device acknowledges
+/// an inflate or deflate request: update_balloon_size() writes `actual`,
+/// and while the target is not reached the next towards_target() reads
+/// `num_pages`.
+#[derive(Clone, Copy)]
+struct AfterAck {
+    actual: u32,
+    read_target: bool,
+}
+
+/// What tell_host() learnt.
+#[derive(Default)]
+struct Told {
+    /// The device returned the buffer.
+    acked: bool,
+    /// `num_pages`, if [`AfterAck::read_target`] asked for it.
+    target: Option<u32>,
+}
 
 // Layout of the driver's data page.
 const PFNS_OFFSET: u64 = 0;
@@ -239,7 +258,13 @@ fn init_device(dev: &Mmio, areas: &Areas, poison: Option<u8>) -> Result<Live, St
         Ok((Some(setup_queue(dev, idx, area).map_err(fail)?), idx))
     };
     let (stats, stats_qidx) = optional(VIRTIO_BALLOON_F_STATS_VQ, areas.queues[2])?;
-    let (free_page, free_page_qidx) = optional(VIRTIO_BALLOON_F_FREE_PAGE_HINT, areas.queues[3])?;
+    let (mut free_page, free_page_qidx) =
+        optional(VIRTIO_BALLOON_F_FREE_PAGE_HINT, areas.queues[3])?;
+    // Linux gives the free page queue no callback, which sets
+    // VRING_AVAIL_F_NO_INTERRUPT: used hints are reclaimed by polling.
+    if let Some(q) = free_page.as_mut() {
+        q.suppress_interrupts();
+    }
     let (reporting, reporting_qidx) = optional(VIRTIO_BALLOON_F_REPORTING, areas.queues[4])?;
     if let Some(b) = poison
         && features & bit(VIRTIO_BALLOON_F_PAGE_POISON) != 0
@@ -452,35 +477,43 @@ impl Balloon {
     }
 
     /// Linux update_balloon_size_func(): one batch at a time, `actual`
-    /// written after each, until the target is reached.
+    /// written after each, `num_pages` read again while the target is not
+    /// reached.
     fn move_towards_target(&mut self, mem: &mut Memory) {
+        let mut target = self.num_pages();
         loop {
-            let diff = towards_target(self.num_pages(), mem.balloon_pages());
+            let diff = towards_target(target, mem.balloon_pages());
             if diff == 0 {
                 self.adjust = false;
                 self.retry_at_ns = 0;
                 return;
             }
-            if diff > 0 {
-                let want = (diff as u64).min(ARRAY_PFNS_MAX as u64);
-                let got = self.fill(mem, want);
-                self.update_size(mem);
-                if self.broken {
-                    return;
-                }
-                if got < want {
-                    // "Out of puff": retry later, like Linux's msleep(200).
-                    self.alloc_stalls += 1;
-                    self.retry_at_ns = clock::now_ns() + OUT_OF_PUFF_RETRY_NS;
-                    return;
-                }
+            let want = diff.unsigned_abs().min(ARRAY_PFNS_MAX as u64);
+            let (got, next) = if diff > 0 {
+                self.fill(mem, want, diff.unsigned_abs())
             } else {
-                self.leak(mem, diff.unsigned_abs());
-                self.update_size(mem);
-                if self.broken {
+                self.leak(mem, want, diff.unsigned_abs())
+            };
+            if self.broken {
+                return;
+            }
+            if diff > 0 && got < want {
+                // "Out of puff": retry later, like Linux's msleep(200).
+                self.alloc_stalls += 1;
+                self.retry_at_ns = clock::now_ns() + OUT_OF_PUFF_RETRY_NS;
+                return;
+            }
+            target = match next {
+                Some(t) => t,
+                // Linux queues the work again only while a difference
+                // remains; a later config change brings it back.
+                None if got >= diff.unsigned_abs() => {
+                    self.adjust = false;
+                    self.retry_at_ns = 0;
                     return;
                 }
-            }
+                None => self.num_pages(),
+            };
             // Keep statistics flowing during long inflations.
             self.collect_isr();
             self.service_stats(mem);
@@ -500,8 +533,11 @@ impl Balloon {
         }
     }
 
-    /// Linux fill_balloon(): up to 256 fresh frames, then tell_host(inflate).
-    fn fill(&mut self, mem: &mut Memory, want: u64) -> u64 {
+    /// Linux fill_balloon(): up to `want` (≤ 256) fresh frames, then
+    /// tell_host(inflate), then update_balloon_size(); `diff` is what the
+    /// work function still has to inflate. Returns the pages inflated and,
+    /// if a difference remains, `num_pages` read again.
+    fn fill(&mut self, mem: &mut Memory, want: u64, diff: u64) -> (u64, Option<u32>) {
         let mut pfns = [0u32; ARRAY_PFNS_MAX];
         let mut n = 0;
         while (n as u64) < want.min(ARRAY_PFNS_MAX as u64) {
@@ -521,20 +557,27 @@ impl Balloon {
             n += 1;
         }
         if n == 0 {
-            return 0;
+            return (0, None);
         }
         for &p in &pfns[..n] {
             mem.balloon_push(u64::from(p));
         }
         self.write_pfns(&pfns[..n]);
-        self.tell_host(Queue::Inflate, 4 * n as u32);
-        n as u64
+        let after = AfterAck {
+            actual: mem.balloon_pages() as u32,
+            // Out of puff: Linux sleeps before it looks at the target again.
+            read_target: n as u64 == want && diff > n as u64,
+        };
+        let told = self.tell_host(Queue::Inflate, 4 * n as u32, Some(after));
+        (n as u64, told.target)
     }
 
-    /// Linux leak_balloon(): up to 256 pages out of the balloon; the host
-    /// is told (and acknowledges) before the frames go back to the
-    /// allocator, as VIRTIO_BALLOON_F_MUST_TELL_HOST requires.
-    fn leak(&mut self, mem: &mut Memory, want: u64) -> u64 {
+    /// Linux leak_balloon(): up to `want` (≤ 256) pages out of the
+    /// balloon; the host is told (and acknowledges) before the frames go
+    /// back to the allocator, as VIRTIO_BALLOON_F_MUST_TELL_HOST requires.
+    /// Then update_balloon_size(), and `num_pages` again if `diff` is not
+    /// done.
+    fn leak(&mut self, mem: &mut Memory, want: u64, diff: u64) -> (u64, Option<u32>) {
         let mut pfns = [0u32; ARRAY_PFNS_MAX];
         let mut n = 0;
         while (n as u64) < want.min(ARRAY_PFNS_MAX as u64) {
@@ -547,15 +590,20 @@ impl Balloon {
             }
         }
         if n == 0 {
-            return 0;
+            return (0, None);
         }
         self.write_pfns(&pfns[..n]);
-        if !self.tell_host(Queue::Deflate, 4 * n as u32) {
+        let after = AfterAck {
+            actual: mem.balloon_pages() as u32,
+            read_target: diff > n as u64,
+        };
+        let told = self.tell_host(Queue::Deflate, 4 * n as u32, Some(after));
+        if !told.acked {
             // Not acknowledged: the pages may not be reused (MUST_TELL_HOST).
             for &p in &pfns[..n] {
                 mem.balloon_push(u64::from(p));
             }
-            return 0;
+            return (0, None);
         }
         for &p in &pfns[..n] {
             // The host may have discarded the page: poison it again.
@@ -563,7 +611,7 @@ impl Balloon {
             // Ballooned frames are allocated, so this cannot fail.
             let _ = mem.frames.free(u64::from(p));
         }
-        n as u64
+        (n as u64, told.target)
     }
 
     /// Linux update_balloon_size(): `actual` = pages in the balloon.
@@ -596,20 +644,64 @@ impl Balloon {
     }
 
     /// Linux tell_host(): one out-buffer with the PFN array, kick, wait for
-    /// the device to use it.
-    fn tell_host(&mut self, q: Queue, len: u32) -> bool {
+    /// the device to use it; then, if `after` says so, the register
+    /// accesses Linux makes next (update_balloon_size() and the next
+    /// towards_target()).
+    ///
+    /// With interrupts, the kick, the wait and those accesses are one trip
+    /// to ring 0 (see [`events::DevCall`]); if the wait ends for another
+    /// reason (a timer or serial interrupt), the rest is done from here.
+    fn tell_host(&mut self, q: Queue, len: u32, after: Option<AfterAck>) -> Told {
+        let seen = events::snapshot();
         let addr = self.data + PFNS_OFFSET;
-        let (queue, _) = self.queue(q);
+        let irq_driven = self.irq.is_some() && !idle::poll_mode();
+        let dev = self.dev;
+        let (queue, idx) = self.queue(q);
+        let before = queue.used_idx();
         let Some(head) = queue.add(&[Buf {
             addr,
             len,
             writable: false,
         }]) else {
             // Only possible if hostile buffers were never returned.
-            return false;
+            return Told::default();
         };
-        self.kick(q);
-        self.wait_used(q, head, None)
+        let mut call = DevCall::new();
+        if !queue.notify_suppressed() {
+            call = call.write(dev.reg(mmio::VIRTIO_MMIO_QUEUE_NOTIFY), u32::from(idx));
+        }
+        // Only our buffer is in flight, so a moved used.idx means it is back.
+        let whole = irq_driven && queue.in_flight() == 1;
+        if whole {
+            call = call.wait(seen).if_changed(queue.used_idx_addr(), before);
+            if let Some(a) = after {
+                call = call.then_write(dev.reg(mmio::VIRTIO_MMIO_CONFIG + CONFIG_ACTUAL), a.actual);
+                if a.read_target {
+                    call = call.then_read(dev.reg(mmio::VIRTIO_MMIO_CONFIG + CONFIG_NUM_PAGES));
+                }
+            }
+        }
+        let r = call.call();
+        if !self.wait_used(q, head, None) {
+            return Told::default();
+        }
+        let Some(a) = after else {
+            return Told {
+                acked: true,
+                target: None,
+            };
+        };
+        if whole && r.ran {
+            return Told {
+                acked: true,
+                target: a.read_target.then_some(r.read),
+            };
+        }
+        self.dev.config_write32(CONFIG_ACTUAL, a.actual);
+        Told {
+            acked: true,
+            target: a.read_target.then(|| self.num_pages()),
+        }
     }
 
     /// Waits until the device returns `head` on `q` (or the deadline, or
@@ -626,12 +718,17 @@ impl Balloon {
             if deadline_ns.is_some_and(|d| clock::now_ns() >= d) {
                 return false;
             }
-            if self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            // Keep the interrupt status for service() (config changes).
+            self.collect_isr();
+            // A device that sets DEVICE_NEEDS_RESET raises a configuration
+            // change; Status is read only then (Linux reads no register
+            // while it waits, and each read is an exit).
+            if self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0
+                && self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0
+            {
                 self.broken = true;
                 return false;
             }
-            // Keep the interrupt status for service() (config changes).
-            self.collect_isr();
             idle::wait(seen, deadline_ns);
         }
     }
@@ -732,9 +829,10 @@ impl Balloon {
         let mut want = mib.saturating_mul(1 << 20) / PAGE_SIZE;
         let mut freed = 0;
         while want > 0 {
-            let n = self.leak(mem, want.min(OOM_NR_PAGES));
-            self.update_size(mem);
+            // leak_balloon(OOM_NR_PAGES) + update_balloon_size().
+            let (n, _) = self.leak(mem, want.min(OOM_NR_PAGES), 0);
             if n == 0 {
+                self.update_size(mem);
                 break;
             }
             freed += n;
@@ -815,8 +913,26 @@ impl Balloon {
             return;
         }
         self.kick(Queue::FreePage);
+        // Linux's cmd_id_received_cache: the id is read again only when a
+        // configuration change arrives (virtballoon_changed()), not per
+        // block.
+        let mut received = id;
         loop {
-            if self.broken || self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID) != id {
+            if self.broken {
+                break;
+            }
+            let before = self.pending_isr;
+            self.collect_isr();
+            let config_changed = (self.pending_isr & !before) & mmio::VIRTIO_MMIO_INT_CONFIG != 0;
+            if config_changed || self.irq.is_none() {
+                // (Polling: there is no interrupt to say it changed.)
+                received = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
+                if config_changed && self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                    self.broken = true;
+                    break;
+                }
+            }
+            if received != id {
                 break;
             }
             let seen = events::snapshot();
@@ -825,14 +941,15 @@ impl Balloon {
             };
             while q.pop_used().is_some() {}
             if q.num_free() <= 1 {
-                // Full: wait for the device to use some (Linux would free
-                // the block and retry at once).
-                self.collect_isr();
-                if self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
-                    self.broken = true;
-                    break;
+                // Full: like Linux (which frees the block it just took and
+                // tries again), poll until the device has used some. The
+                // queue raises no used interrupts; a configuration change
+                // (a new id, STOP) still interrupts.
+                if idle::poll_mode() {
+                    idle::wait(seen, Some(clock::now_ns() + 1_000_000));
+                } else {
+                    core::hint::spin_loop();
                 }
-                idle::wait(seen, Some(clock::now_ns() + 10_000_000));
                 continue;
             }
             let Some(pfn) = mem.frames.alloc_block(HINT_BLOCK_ORDER) else {

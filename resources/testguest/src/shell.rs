@@ -180,8 +180,15 @@ impl Guest {
             }
             Command::MmioRtt { n } => {
                 let n = n.max(1);
-                let (read_ns, write_ns) = crate::virtio::mmio::round_trip_ns(n);
-                crate::println!("mmio-rtt {n} read {read_ns} ns write {write_ns} ns");
+                let r = crate::virtio::mmio::round_trip_ns(n);
+                crate::println!(
+                    "mmio-rtt {n} read {} ns write {} ns ring0-read {} ns ring0-write {} ns trap {} ns",
+                    r.read,
+                    r.write,
+                    r.call_read,
+                    r.call_write,
+                    r.trap
+                );
             }
             Command::Touch { mib } => {
                 // Asking for more than is free touches all free memory.

@@ -17,6 +17,8 @@ pub const MAX_QUEUE_SIZE: u16 = 256;
 /// `struct virtq_desc` flags.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// `struct virtq_avail` flags: the driver does not want interrupts.
+pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// `struct virtq_used` flags: the device does not want notifications.
 pub const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
@@ -241,9 +243,24 @@ impl SplitQueue {
         self.used_idx() != self.last_used
     }
 
-    fn used_idx(&self) -> u16 {
+    /// The device's used.idx.
+    pub fn used_idx(&self) -> u16 {
         // SAFETY: used.idx.
-        unsafe { read_volatile((self.used_addr() + 2) as *const u16) }
+        unsafe { read_volatile(self.used_idx_addr() as *const u16) }
+    }
+
+    /// Guest-physical address of used.idx.
+    pub fn used_idx_addr(&self) -> u64 {
+        self.used_addr() + 2
+    }
+
+    /// Asks the device for no used-buffer interrupts
+    /// (VIRTQ_AVAIL_F_NO_INTERRUPT), as Linux does for a queue without a
+    /// callback.
+    pub fn suppress_interrupts(&mut self) {
+        // SAFETY: avail.flags.
+        unsafe { write_volatile(self.avail_addr() as *mut u16, VIRTQ_AVAIL_F_NO_INTERRUPT) };
+        fence(Ordering::SeqCst);
     }
 
     /// Whether the device asked not to be notified (VIRTQ_USED_F_NO_NOTIFY).

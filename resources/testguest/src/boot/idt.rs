@@ -10,6 +10,9 @@
 //!   stub recognises a user-mode `hlt` (opcode 0xf4 at the faulting RIP),
 //!   halts with interrupts enabled unless an event arrived since the caller
 //!   looked (rdi = the event count it saw), skips the `hlt` and returns.
+//!   With rsi pointing at an [`events::DevCall`] the same trap is a device
+//!   call: the stub makes the call's register accesses from ring 0, as
+//!   Linux's driver makes them in kernel mode (see `DevCall` for the order).
 //!   `int n` cannot serve: under PVM, `int n` from ring 3 raises #UD.
 
 use core::arch::{asm, global_asm};
@@ -140,6 +143,53 @@ gp_entry:
     cmp byte ptr [rax], 0xf4
     jne 5f
     inc qword ptr [rsp + 16]
+    /* rsi != 0: a device call, rsi -> events::DevCall (offsets below). */
+    test rsi, rsi
+    jz 6f
+    push rdx
+    /* write (+0 address, +8 value) */
+    mov rax, qword ptr [rsi]
+    test rax, rax
+    jz 11f
+    mov edx, dword ptr [rsi + 8]
+    mov dword ptr [rax], edx
+11:
+    /* wait (+12 bit 0) unless the event count moved from +56 */
+    test byte ptr [rsi + 12], 1
+    jz 12f
+    mov rax, qword ptr [rsi + 56]
+    cmp qword ptr [{events}], rax
+    jne 12f
+    sti
+    hlt
+    cli
+12:
+    /* condition: the u16 at +16 must differ from +24, else stop here */
+    mov rax, qword ptr [rsi + 16]
+    test rax, rax
+    jz 13f
+    movzx edx, word ptr [rax]
+    cmp edx, dword ptr [rsi + 24]
+    je 15f
+13:
+    mov dword ptr [rsi + 28], 1
+    /* second write (+32 address, +40 value) */
+    mov rax, qword ptr [rsi + 32]
+    test rax, rax
+    jz 14f
+    mov edx, dword ptr [rsi + 40]
+    mov dword ptr [rax], edx
+14:
+    /* read (+48 address) into +44 */
+    mov rax, qword ptr [rsi + 48]
+    test rax, rax
+    jz 15f
+    mov eax, dword ptr [rax]
+    mov dword ptr [rsi + 44], eax
+15:
+    pop rdx
+    jmp 3f
+6:
     cmp qword ptr [{events}], rdi
     jne 3f
     sti
