@@ -144,6 +144,10 @@ pub struct Balloon {
     pub(super) metrics: Arc<BalloonMetrics>,
     pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
     pub(super) batch: PfnBatch,
+    /// Inflated ranges not yet discarded: the inflate queue returns its
+    /// buffers and raises the interrupt first, then discards these, still
+    /// inside the same `process_queue` call (see there).
+    pub(super) pending_discard: Vec<GpaRange>,
     pub(super) broken: bool,
     pub(super) hint: HintState,
     pub(super) hint_sink: Option<Arc<dyn HintSink>>,
@@ -231,6 +235,7 @@ impl Balloon {
             metrics: Arc::new(BalloonMetrics::default()),
             observer: None,
             batch: PfnBatch::new(),
+            pending_discard: Vec::new(),
             broken: false,
             hint: HintState::new(),
             hint_sink: None,
@@ -415,6 +420,35 @@ impl Balloon {
             QueueKind::Reporting => self.drain_reporting_queue(idx),
         };
         self.finish_drain(idx, kind, drain);
+        // Inflated pages are discarded after the guest has been told its
+        // buffers are used: the guest never touches pages it gave away, so
+        // this is safe, and its interrupt, InterruptStatus read and ACK
+        // (which do not take the device lock) overlap the discard. The
+        // device lock is held until the discard is done, so nothing that
+        // hands pages back (a deflate, a reset, a snapshot) runs before.
+        self.discard_pending();
+    }
+
+    /// Discards the ranges inflate left in `pending_discard`.
+    fn discard_pending(&mut self) {
+        let metrics = &*self.metrics;
+        for range in self.pending_discard.drain(..) {
+            BalloonMetrics::inc(&metrics.discard_calls);
+            BalloonMetrics::add(&metrics.discard_bytes, range.len);
+            let t = std::time::Instant::now();
+            let result = self.discard.discard(range);
+            BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
+            match result {
+                Ok(o) => {
+                    BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
+                    BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
+                }
+                Err(e) => {
+                    BalloonMetrics::inc(&metrics.discard_errors);
+                    error_limited!("balloon: inflate queue: {e}");
+                }
+            }
+        }
     }
 
     fn finish_drain(&mut self, idx: usize, kind: QueueKind, drain: Drain) {
@@ -517,6 +551,7 @@ impl Balloon {
                                 &mut self.batch,
                                 &mut self.bitmap,
                                 &*self.discard,
+                                &mut self.pending_discard,
                                 metrics,
                             );
                             off += n as u64;
@@ -683,6 +718,7 @@ fn apply_pfn_batch(
     batch: &mut PfnBatch,
     bitmap: &mut PageBitmap,
     discard: &dyn RamDiscard,
+    pending_discard: &mut Vec<GpaRange>,
     metrics: &BalloonMetrics,
 ) {
     let name = if inflate { "inflate" } else { "deflate" };
@@ -705,21 +741,7 @@ fn apply_pfn_batch(
         let range = run.range();
         if inflate {
             bitmap.update(run.bit, run.npages, true);
-            BalloonMetrics::inc(&metrics.discard_calls);
-            BalloonMetrics::add(&metrics.discard_bytes, range.len);
-            let t = std::time::Instant::now();
-            let result = discard.discard(range);
-            BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
-            match result {
-                Ok(o) => {
-                    BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
-                    BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
-                }
-                Err(e) => {
-                    BalloonMetrics::inc(&metrics.discard_errors);
-                    error_limited!("balloon: {name} queue ({idx}): {e}");
-                }
-            }
+            pending_discard.push(range);
         } else {
             bitmap.update(run.bit, run.npages, false);
             discard.will_need(range);

@@ -60,7 +60,8 @@ balloon_metrics! {
     /// Nanoseconds spent inside discard calls.
     discard_ns,
     /// Nanoseconds spent on inflate/deflate buffers, from taking one off
-    /// the ring to returning it (parse, validate, merge, bitmap, discard).
+    /// the ring to returning it (parse, validate, merge, bitmap; inflate's
+    /// discard comes after the buffers are returned, in `discard_ns`).
     pfn_buffer_ns,
     /// Failed discard calls.
     discard_errors,
