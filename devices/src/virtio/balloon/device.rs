@@ -426,28 +426,8 @@ impl Balloon {
         // (which do not take the device lock) overlap the discard. The
         // device lock is held until the discard is done, so nothing that
         // hands pages back (a deflate, a reset, a snapshot) runs before.
-        self.discard_pending();
-    }
-
-    /// Discards the ranges inflate left in `pending_discard`.
-    fn discard_pending(&mut self) {
-        let metrics = &*self.metrics;
         for range in self.pending_discard.drain(..) {
-            BalloonMetrics::inc(&metrics.discard_calls);
-            BalloonMetrics::add(&metrics.discard_bytes, range.len);
-            let t = std::time::Instant::now();
-            let result = self.discard.discard(range);
-            BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
-            match result {
-                Ok(o) => {
-                    BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
-                    BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
-                }
-                Err(e) => {
-                    BalloonMetrics::inc(&metrics.discard_errors);
-                    error_limited!("balloon: inflate queue: {e}");
-                }
-            }
+            discard_counted(&*self.discard, &self.metrics, range, "inflate", idx);
         }
     }
 
@@ -709,6 +689,35 @@ fn check_pfn_buffer(mem: &GuestMemory, descs: &Descs) -> Result<(), String> {
 }
 
 /// Validate, merge and act on one batch of PFNs.
+/// One discard call, counted in the metrics (calls, bytes, time, released
+/// bytes, syscalls, errors); a failure is logged under `queue` (`idx`).
+/// Returns whether it succeeded.
+pub(super) fn discard_counted(
+    discard: &dyn RamDiscard,
+    metrics: &BalloonMetrics,
+    range: GpaRange,
+    queue: &str,
+    idx: usize,
+) -> bool {
+    BalloonMetrics::inc(&metrics.discard_calls);
+    BalloonMetrics::add(&metrics.discard_bytes, range.len);
+    let t = std::time::Instant::now();
+    let result = discard.discard(range);
+    BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
+    match result {
+        Ok(o) => {
+            BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
+            BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
+            true
+        }
+        Err(e) => {
+            BalloonMetrics::inc(&metrics.discard_errors);
+            error_limited!("balloon: {queue} queue ({idx}): {e}");
+            false
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_pfn_batch(
     raw: &[u8],

@@ -346,18 +346,8 @@ pub(super) fn discard_free_range(
     queue: &str,
     idx: usize,
 ) {
-    BalloonMetrics::inc(&metrics.discard_calls);
-    BalloonMetrics::add(&metrics.discard_bytes, range.len);
-    match discard.discard(range) {
-        Ok(o) => {
-            BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
-            BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
-            BalloonMetrics::add(&metrics.reported_discard_bytes, range.len);
-        }
-        Err(e) => {
-            BalloonMetrics::inc(&metrics.discard_errors);
-            crate::error_limited!("balloon: {queue} queue ({idx}): {e}");
-        }
+    if super::device::discard_counted(discard, metrics, range, queue, idx) {
+        BalloonMetrics::add(&metrics.reported_discard_bytes, range.len);
     }
 }
 
