@@ -376,9 +376,7 @@ impl Balloon {
     /// Whether the device asked to be reset, or buffers from earlier
     /// (hostile) requests are still outstanding on the inflate queue.
     pub fn needs_restart(&self) -> bool {
-        self.broken
-            || self.inflate.in_flight() > 0
-            || self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0
+        self.broken || self.inflate.in_flight() > 0 || self.dev.needs_reset()
     }
 
     /// `balloon` again: resets and re-initialises the device (e.g. after it
@@ -723,9 +721,7 @@ impl Balloon {
             // A device that sets DEVICE_NEEDS_RESET raises a configuration
             // change; Status is read only then (Linux reads no register
             // while it waits, and each read is an exit).
-            if self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0
-                && self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0
-            {
+            if self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0 && self.dev.needs_reset() {
                 self.broken = true;
                 return false;
             }
@@ -927,7 +923,7 @@ impl Balloon {
             if config_changed || self.irq.is_none() {
                 // (Polling: there is no interrupt to say it changed.)
                 received = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
-                if config_changed && self.dev.status() & mmio::VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                if config_changed && self.dev.needs_reset() {
                     self.broken = true;
                     break;
                 }

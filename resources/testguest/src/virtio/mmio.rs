@@ -113,6 +113,11 @@ impl Mmio {
         self.read(VIRTIO_MMIO_STATUS)
     }
 
+    /// The device set DEVICE_NEEDS_RESET (one Status read).
+    pub fn needs_reset(&self) -> bool {
+        self.status() & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+    }
+
     pub fn reset(&self) {
         self.write(VIRTIO_MMIO_STATUS, 0);
     }
