@@ -12,28 +12,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::{Vm, sock_path, wait_for_socket};
+use common::Vm;
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(600);
 
 fn start(name: &str, memory: &str, balloon: &str, program: &str) -> (Vm, ApiClient) {
-    let sock = sock_path(&format!("bench-{name}"));
-    let cmdline = format!("testguest.run=\"{program}\"");
-    let vm = Vm::start(&[
-        "--memory",
-        memory,
-        "--debug-exit",
-        "--balloon",
-        balloon,
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ]);
-    wait_for_socket(&sock);
-    (vm, ApiClient::new(&sock).unwrap())
+    common::start_with_api(&format!("bench-{name}"), memory, balloon, program)
 }
 
 fn metrics(api: &mut ApiClient) -> std::collections::HashMap<String, f64> {

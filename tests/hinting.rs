@@ -6,28 +6,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::{Vm, sock_path, wait_for_socket};
+use common::Vm;
 use serde_json::{Value, json};
 
 const BOOT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 
 fn start(name: &str, balloon: &str, program: &str, memory: &str) -> (Vm, ApiClient) {
-    let sock = sock_path(name);
-    let cmdline = format!("testguest.run=\"{program}\"");
-    let vm = Vm::start(&[
-        "--memory",
-        memory,
-        "--debug-exit",
-        "--balloon",
-        balloon,
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ]);
-    wait_for_socket(&sock);
-    (vm, ApiClient::new(&sock).unwrap())
+    common::start_with_api(name, memory, balloon, program)
 }
 
 fn hint_status(api: &mut ApiClient) -> Value {

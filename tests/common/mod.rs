@@ -326,3 +326,29 @@ pub fn set_target(client: &mut api::client::ApiClient, mib: u64) {
         .expect("PATCH /balloon");
     assert_eq!(status, 204, "PATCH /balloon {mib}: {body}");
 }
+
+/// Boots the test guest with `--memory memory --debug-exit --balloon
+/// balloon`, an API socket named after `name` and `program` as its
+/// `testguest.run`; returns once the API socket accepts connections.
+pub fn start_with_api(
+    name: &str,
+    memory: &str,
+    balloon: &str,
+    program: &str,
+) -> (Vm, api::client::ApiClient) {
+    let sock = sock_path(name);
+    let cmdline = format!("testguest.run=\"{program}\"");
+    let vm = Vm::start(&[
+        "--memory",
+        memory,
+        "--debug-exit",
+        "--balloon",
+        balloon,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ]);
+    wait_for_socket(&sock);
+    (vm, api::client::ApiClient::new(&sock).unwrap())
+}
