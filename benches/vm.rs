@@ -22,24 +22,6 @@ fn start(name: &str, memory: &str, balloon: &str, program: &str) -> (Vm, ApiClie
     common::start_with_api(&format!("bench-{name}"), memory, balloon, program)
 }
 
-fn metrics(api: &mut ApiClient) -> std::collections::HashMap<String, f64> {
-    let r = api.metrics().expect("GET /metrics");
-    r.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.trim_start_matches("blimp_").to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-fn m(ms: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
-    ms.iter()
-        .find(|(k, _)| k.ends_with(key))
-        .map(|(_, v)| *v)
-        .unwrap_or(0.0)
-}
-
 fn inflate() {
     let (mut vm, mut api) = start(
         "inflate",
@@ -50,15 +32,15 @@ fn inflate() {
     let rtt = vm.expect_line("mmio-rtt", T);
     vm.expect_line("READY", T);
     let rss0 = vm.rss_bytes();
-    let m0 = metrics(&mut api);
+    let m0 = common::metrics(&mut api);
     let t = Instant::now();
     common::set_target(&mut api, 7168);
     let took = common::wait_balloon(&mut api, 7168, T);
     let _ = t;
     std::thread::sleep(Duration::from_millis(100));
     let rss1 = vm.rss_bytes();
-    let m1 = metrics(&mut api);
-    let d = |k: &str| m(&m1, k) - m(&m0, k);
+    let m1 = common::metrics(&mut api);
+    let d = |k: &str| common::metric(&m1, k) - common::metric(&m0, k);
     let kicks = d("inflate_requests");
     let pages = d("inflate_pages");
     let discard_ms = d("discard_ns") / 1e6;

@@ -121,6 +121,78 @@ fn inflate_releases_hugetlb_memory() {
     }
 }
 
+/// The guest inflates and deflates in bursts (several batches per trip to
+/// ring 0, each acknowledged before the next, `actual` written and
+/// `num_pages` read in between). Targets changed in the middle of them are
+/// followed exactly: the device's count of pages in the balloon equals
+/// `actual` afterwards, and all memory is usable again at the end. A burst
+/// that leaves a request in flight (as a configuration change arriving
+/// while it waits does; `balloon-handoff` makes that happen on demand) has
+/// it finished by ring 3, correctly accounted.
+#[test]
+fn target_changes_in_the_middle_of_bursts_are_followed() {
+    let (mut vm, mut api) = common::start_with_api(
+        "burst-flips",
+        "1G",
+        "",
+        "balloon;fill 900 7;free 900;echo ready",
+    );
+    vm.expect_line("ready", Duration::from_secs(60));
+    let in_balloon = |api: &mut ApiClient| {
+        let ms = common::metrics(api);
+        (common::metric(&ms, "inflate_pages") - common::metric(&ms, "deflate_pages")) as u64
+    };
+    // "balloon actual N pages (R requests in B bursts, H finished in ring 3)"
+    let check = |vm: &mut Vm, api: &mut ApiClient, mib: u64| {
+        wait_balloon(api, mib, Duration::from_secs(60));
+        assert_eq!(
+            in_balloon(api),
+            mib * MIB / 4096,
+            "device count at {mib} MiB"
+        );
+        vm.send("balloon-wait");
+        let line = vm.expect_line("balloon actual", Duration::from_secs(30));
+        assert!(
+            line.contains(&format!("balloon actual {} pages", mib * MIB / 4096)),
+            "{line}"
+        );
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let before = |w: &str| -> u64 {
+            let i = words.iter().position(|x| *x == w).expect(w);
+            words[i - 1].trim_start_matches('(').parse().unwrap()
+        };
+        (before("requests"), before("bursts,"), before("finished"))
+    };
+    vm.send("balloon-handoff");
+    vm.expect_line("balloon-handoff armed", Duration::from_secs(10));
+    set_target(&mut api, 768);
+    let (requests, bursts, handoffs) = check(&mut vm, &mut api, 768);
+    assert_eq!(requests, 768, "768 MiB is 768 requests of 256 pages");
+    assert!(bursts >= 768 / 32, "{bursts} bursts of at most 32 requests");
+    assert_eq!(
+        handoffs, 1,
+        "the first burst left its first request to ring 3"
+    );
+    set_target(&mut api, 0);
+    check(&mut vm, &mut api, 0);
+    for round in 0..4u64 {
+        // Up by 768 MiB and, while that runs, down again: the burst stops
+        // where num_pages no longer asks for its next request.
+        set_target(&mut api, 768);
+        std::thread::sleep(Duration::from_millis(10 + round * 25));
+        set_target(&mut api, 64);
+        check(&mut vm, &mut api, 64);
+        set_target(&mut api, 0);
+        check(&mut vm, &mut api, 0);
+    }
+    vm.send("fill 900 8");
+    vm.expect_line("fill done 900 MiB", Duration::from_secs(60));
+    vm.send("verify");
+    vm.expect_line("verify ok", Duration::from_secs(60));
+    vm.send("exit 0");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
 #[test]
 fn statistics_arrive_with_sane_values() {
     let sock = sock_path("stats");

@@ -352,3 +352,25 @@ pub fn start_with_api(
     wait_for_socket(&sock);
     (vm, api::client::ApiClient::new(&sock).unwrap())
 }
+
+/// `GET /metrics` as a map from metric name (without the `blimp_` prefix,
+/// labels kept) to value.
+pub fn metrics(client: &mut api::client::ApiClient) -> std::collections::HashMap<String, f64> {
+    let r = client.metrics().expect("GET /metrics");
+    r.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.trim_start_matches("blimp_").to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of the first metric in `ms` whose name ends with `suffix`
+/// (0 if there is none).
+pub fn metric(ms: &std::collections::HashMap<String, f64>, suffix: &str) -> f64 {
+    ms.iter()
+        .find(|(k, _)| k.ends_with(suffix))
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}

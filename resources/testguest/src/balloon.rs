@@ -16,7 +16,7 @@ use testguest::virtq::{
 
 use crate::apic;
 use crate::clock;
-use crate::events::{self, DevCall};
+use crate::events::{self, BURST_MAX, Burst, BurstQueue, DevCall};
 use crate::idle;
 use crate::memory::Memory;
 use crate::virtio::mmio::{self, Mmio};
@@ -114,6 +114,13 @@ pub struct Balloon {
     retry_at_ns: u64,
     config_generation: u32,
     alloc_stalls: u64,
+    /// Bursts made, requests they made, and requests a burst left
+    /// in flight (stopped by a configuration change) for ring 3 to finish.
+    bursts: u64,
+    burst_requests: u64,
+    burst_handoffs: u64,
+    /// `balloon-handoff`: the next burst leaves its first request in flight.
+    handoff_next: bool,
     /// The device reported DEVICE_NEEDS_RESET: nothing more is sent until
     /// `balloon` restarts it.
     broken: bool,
@@ -168,6 +175,9 @@ fn setup_queue(dev: &Mmio, index: u16, area: u64) -> Result<SplitQueue, StartErr
     Ok(q)
 }
 
+/// Bytes of one PFN array (ARRAY_PFNS_MAX le32 entries).
+const BURST_ARRAY_BYTES: u64 = 4 * ARRAY_PFNS_MAX as u64;
+
 /// Bytes reserved per queue: two frames hold any queue of up to 256 entries.
 const QUEUE_AREA: u64 = 2 * PAGE_SIZE;
 
@@ -180,6 +190,8 @@ struct Areas {
     /// PFNs of hinted 4 MiB blocks held until the host says DONE.
     hints: u64,
     hints_cap: usize,
+    /// BURST_MAX PFN arrays of ARRAY_PFNS_MAX entries for bursts.
+    burst: u64,
 }
 
 impl Areas {
@@ -194,11 +206,16 @@ impl Areas {
             .next_power_of_two()
             .trailing_zeros();
         let hints = mem.frames.alloc_block(order)? * PAGE_SIZE;
+        let burst_order = (BURST_ARRAY_BYTES * BURST_MAX as u64)
+            .div_ceil(PAGE_SIZE)
+            .next_power_of_two()
+            .trailing_zeros();
         Some(Areas {
             queues,
             data: mem.frames.alloc()? * PAGE_SIZE,
             hints,
             hints_cap,
+            burst: mem.frames.alloc_block(burst_order)? * PAGE_SIZE,
         })
     }
 }
@@ -346,6 +363,10 @@ impl Balloon {
             retry_at_ns: 0,
             config_generation: 0,
             alloc_stalls: 0,
+            bursts: 0,
+            burst_requests: 0,
+            burst_handoffs: 0,
+            handoff_next: false,
             broken: false,
             answer_stats: true,
         };
@@ -486,6 +507,22 @@ impl Balloon {
                 self.retry_at_ns = 0;
                 return;
             }
+            if let Some(next) = self.burst(mem, target) {
+                if self.broken {
+                    return;
+                }
+                match next {
+                    Some(t) => target = t,
+                    None => {
+                        self.adjust = false;
+                        self.retry_at_ns = 0;
+                        return;
+                    }
+                }
+                self.collect_isr();
+                self.service_stats(mem);
+                continue;
+            }
             let want = diff.unsigned_abs().min(ARRAY_PFNS_MAX as u64);
             let (got, next) = if diff > 0 {
                 self.fill(mem, want, diff.unsigned_abs())
@@ -516,6 +553,169 @@ impl Balloon {
             self.collect_isr();
             self.service_stats(mem);
         }
+    }
+
+    /// Several batches in one trip to ring 0, as Linux's work function
+    /// makes its batches one after another in kernel mode: for a difference
+    /// of more than one batch, takes the frames (inflate) or balloon pages
+    /// (deflate) of up to BURST_MAX batches as fill_balloon() and
+    /// leak_balloon() would, writes their PFN arrays and descriptors, and
+    /// lets an [`events::Burst`] make the requests, each acknowledged before
+    /// the next, with `actual` written and `num_pages` read in between as
+    /// Linux does. Afterwards takes back what was not sent and finishes a
+    /// request left in flight.
+    ///
+    /// Returns None if it does not apply (poll mode, a difference of one
+    /// batch, the queue busy, not even one full batch of frames), else what
+    /// move_towards_target() goes on with: `num_pages` read after the last
+    /// batch, or None if no difference is left.
+    fn burst(&mut self, mem: &mut Memory, target: u32) -> Option<Option<u32>> {
+        let irq = self.irq?;
+        let start = mem.balloon_pages();
+        let diff = towards_target(target, start);
+        let total = diff.unsigned_abs();
+        if idle::poll_mode() || total <= ARRAY_PFNS_MAX as u64 {
+            return None;
+        }
+        let inflate = diff > 0;
+        let q = if inflate {
+            Queue::Inflate
+        } else {
+            Queue::Deflate
+        };
+        let area = self.areas.burst;
+        let dev = self.dev;
+        let (queue, qidx) = self.queue(q);
+        if queue.in_flight() != 0 || !queue.size().is_power_of_two() {
+            return None;
+        }
+        let batches = total
+            .div_ceil(ARRAY_PFNS_MAX as u64)
+            .min(BURST_MAX as u64)
+            .min(u64::from(queue.num_free())) as usize;
+        let mut burst = Burst::new(
+            BurstQueue {
+                avail_ring: queue.avail_ring_addr(),
+                avail_idx_addr: queue.avail_idx_addr(),
+                used_idx_addr: queue.used_idx_addr(),
+                avail_idx: queue.avail_idx(),
+                size: queue.size(),
+                notify_addr: dev.reg(mmio::VIRTIO_MMIO_QUEUE_NOTIFY),
+                notify_val: u32::from(qidx),
+                actual_addr: dev.reg(mmio::VIRTIO_MMIO_CONFIG + CONFIG_ACTUAL),
+                num_pages_addr: dev.reg(mmio::VIRTIO_MMIO_CONFIG + CONFIG_NUM_PAGES),
+                irq,
+            },
+            target,
+        );
+        let array = |j: usize| area + j as u64 * BURST_ARRAY_BYTES;
+        let size_of =
+            |j: usize| (total - j as u64 * ARRAY_PFNS_MAX as u64).min(ARRAY_PFNS_MAX as u64);
+        let mut heads = [0u16; BURST_MAX];
+        let mut actuals = [0u32; BURST_MAX];
+        let mut actual = start;
+        for j in 0..batches {
+            let n = size_of(j);
+            let mut got = 0;
+            while got < n {
+                let pfn = if inflate {
+                    mem.frames.alloc().inspect(|&p| {
+                        // The allocator checks poison, as Linux does.
+                        mem.check_poison(p);
+                    })
+                } else {
+                    mem.balloon_pop()
+                };
+                let Some(pfn) = pfn else { break };
+                write_pfn(array(j), got, pfn as u32);
+                got += 1;
+            }
+            let head = (got == n).then(|| {
+                queue.prepare(&[Buf {
+                    addr: array(j),
+                    len: 4 * n as u32,
+                    writable: false,
+                }])
+            });
+            let Some(Some(head)) = head else {
+                // Short of frames: fill() and its "out of puff" take over.
+                give_back(mem, inflate, array(j), got);
+                break;
+            };
+            actual = if inflate { actual + n } else { actual - n };
+            // Linux's next request is min(|num_pages - actual|, 256) pages
+            // the same way: the burst goes on only if that is batch j + 1.
+            let next = if j + 1 < batches { size_of(j + 1) } else { 0 } as u32;
+            let a = actual as u32;
+            let next_if = match (inflate, next == ARRAY_PFNS_MAX as u32) {
+                (true, true) => (a.saturating_add(next), u32::MAX),
+                (false, true) => (0, a.saturating_sub(next)),
+                (true, false) => (a.saturating_add(next), a.saturating_add(next)),
+                (false, false) => (a.saturating_sub(next), a.saturating_sub(next)),
+            };
+            heads[j] = head;
+            actuals[j] = a;
+            burst.push(head, a, next_if);
+        }
+        let planned = burst.len();
+        if planned == 0 {
+            return None;
+        }
+        if core::mem::take(&mut self.handoff_next) {
+            burst.leave_first_in_flight();
+        }
+        let r = burst.call();
+        self.bursts += 1;
+        self.burst_requests += r.published as u64;
+        let (queue, _) = self.queue(q);
+        let added = usize::from(queue.resync_avail());
+        debug_assert_eq!(added, r.published);
+        // Requests never made: descriptors and pages go back.
+        for j in (r.published..planned).rev() {
+            queue.cancel(heads[j]);
+            give_back(mem, inflate, array(j), size_of(j));
+        }
+        if inflate {
+            // Like fill(): in the balloon once handed to the device.
+            for j in 0..r.published {
+                for i in 0..size_of(j) {
+                    mem.balloon_push(u64::from(read_pfn(array(j), i)));
+                }
+            }
+        }
+        let mut acked = r.acked;
+        let mut target = r.target;
+        if r.published > acked {
+            // Stopped by a configuration change with a request out: finish
+            // it as tell_host() does.
+            self.burst_handoffs += 1;
+            if !self.wait_used(q, heads[acked], None) {
+                if !inflate {
+                    // Not acknowledged: not reusable (MUST_TELL_HOST).
+                    give_back(mem, inflate, array(acked), size_of(acked));
+                }
+                return Some(None);
+            }
+            self.dev.config_write32(CONFIG_ACTUAL, actuals[acked]);
+            acked += 1;
+            if target != actuals[acked - 1] {
+                target = self.num_pages();
+            }
+        }
+        let (queue, _) = self.queue(q);
+        while queue.pop_used().is_some() {}
+        if !inflate {
+            for j in 0..acked {
+                for i in 0..size_of(j) {
+                    let p = u64::from(read_pfn(array(j), i));
+                    // The host may have discarded the page: poison it again.
+                    mem.poison_page(p);
+                    // Ballooned frames are allocated, so this cannot fail.
+                    let _ = mem.frames.free(p);
+                }
+            }
+        }
+        Some((target != actuals[acked - 1]).then_some(target))
     }
 
     /// Writes the PFN array into the data page.
@@ -795,6 +995,24 @@ impl Balloon {
             write!(out, " {name} {v}")?;
         }
         Ok(())
+    }
+
+    /// `balloon-handoff`: the next burst returns to ring 3 right after its
+    /// first kick, and ring 3 finishes that request, as when a
+    /// configuration change arrives while a burst waits (which is rare and
+    /// cannot be timed from outside).
+    pub fn handoff_next_burst(&mut self) {
+        self.handoff_next = true;
+    }
+
+    /// How the inflate and deflate requests were made so far, for
+    /// `balloon-wait`: "R requests in B bursts, H finished in ring 3".
+    pub fn burst_line(&self, out: &mut impl core::fmt::Write) -> core::fmt::Result {
+        write!(
+            out,
+            "{} requests in {} bursts, {} finished in ring 3",
+            self.burst_requests, self.bursts, self.burst_handoffs
+        )
     }
 
     /// `balloon-wait`: moves towards the target until actual == num_pages.
@@ -1487,6 +1705,32 @@ impl Balloon {
                 "polling"
             }
         )
+    }
+}
+
+/// Entry `i` of the PFN array at `array`.
+fn write_pfn(array: u64, i: u64, pfn: u32) {
+    // SAFETY: `array` is one of the driver's burst arrays, i < 256.
+    unsafe { core::ptr::write_volatile((array + 4 * i) as *mut u32, pfn.to_le()) }
+}
+
+fn read_pfn(array: u64, i: u64) -> u32 {
+    // SAFETY: as write_pfn().
+    u32::from_le(unsafe { core::ptr::read_volatile((array + 4 * i) as *const u32) })
+}
+
+/// Returns the first `n` pages of a burst array that was not sent: frames
+/// to the allocator (inflate), pages to the balloon in the order they left
+/// it (deflate).
+fn give_back(mem: &mut Memory, inflate: bool, array: u64, n: u64) {
+    for i in (0..n).rev() {
+        let p = u64::from(read_pfn(array, i));
+        if inflate {
+            // Allocated above, so this cannot fail.
+            let _ = mem.frames.free(p);
+        } else {
+            mem.balloon_push(p);
+        }
     }
 }
 

@@ -97,6 +97,8 @@ pub enum Command<'a> {
     Balloon,
     /// `balloon-wait`: wait until actual == num_pages.
     BalloonWait,
+    /// `balloon-handoff`: the next burst leaves its first request to ring 3.
+    BalloonHandoff,
     /// `stats`: print the statistics last sent to the device.
     Stats,
     /// `oom MIB`: deflate like Linux's OOM notifier.
@@ -147,6 +149,7 @@ pub const USAGE: &[&str] = &[
     "exit CODE",
     "balloon",
     "balloon-wait",
+    "balloon-handoff",
     "stats",
     "oom MIB",
     "hostile CASE",
@@ -246,6 +249,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
             want(0, "balloon-wait")?;
             Command::BalloonWait
         }
+        "balloon-handoff" => {
+            want(0, "balloon-handoff")?;
+            Command::BalloonHandoff
+        }
         "stats" => {
             want(0, "stats")?;
             Command::Stats
@@ -308,6 +315,7 @@ mod tests {
         assert_eq!(parse("exit 3"), Ok(Command::Exit { code: 3 }));
         assert_eq!(parse("balloon"), Ok(Command::Balloon));
         assert_eq!(parse("balloon-wait"), Ok(Command::BalloonWait));
+        assert_eq!(parse("balloon-handoff"), Ok(Command::BalloonHandoff));
         assert_eq!(parse("stats"), Ok(Command::Stats));
         assert_eq!(parse("oom 4"), Ok(Command::Oom { mib: 4 }));
         assert_eq!(

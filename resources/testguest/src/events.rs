@@ -169,3 +169,192 @@ const _: () = {
     assert!(offset_of!(DevCall, read_addr) == 48);
     assert!(offset_of!(DevCall, seen) == 56);
 };
+
+const BURST_LEAVE_IN_FLIGHT: u32 = 1;
+
+/// Requests one [`Burst`] carries at most.
+pub const BURST_MAX: usize = 32;
+
+/// A burst: a run of requests on one virtqueue, each acknowledged before
+/// the next is made, driven from ring 0 by the #GP stub (boot/idt.rs) the
+/// way Linux's balloon work function runs from one batch to the next in
+/// kernel mode. The caller writes each request's descriptors ahead
+/// ([`SplitQueue::prepare`](testguest::virtq::SplitQueue::prepare)); for
+/// request `i` the stub then
+/// 1. puts `heads[i]` in the avail ring and bumps avail.idx;
+/// 2. kicks (QueueNotify) unless the device set VIRTQ_USED_F_NO_NOTIFY;
+/// 3. waits until used.idx reaches avail.idx (only the burst's requests
+///    may be in flight), halting between looks; if the device raised a
+///    configuration change meanwhile (a new target, or DEVICE_NEEDS_RESET),
+///    it stops and leaves the request in flight to the caller;
+/// 4. writes `actuals[i]` to the `actual` register;
+/// 5. stops if the `num_pages` value read last equals `actuals[i]` (no
+///    difference left: Linux does not look again), else reads `num_pages`;
+/// 6. goes on with request `i + 1` only if there is one and the value just
+///    read lies in `bounds[i]`, i.e. Linux would make exactly that request
+///    next.
+///
+/// So the device sees Linux's sequence of accesses, and the expensive part
+/// of a trip to ring 0 under PVM (the return to ring 3, about 40 µs after
+/// an exit to the VMM, and the trap itself) is paid once per burst instead
+/// of once per request.
+#[repr(C)]
+pub struct Burst {
+    avail_ring: u64,
+    avail_idx_addr: u64,
+    used_idx_addr: u64,
+    notify_addr: u64,
+    notify_val: u32,
+    mask: u32,
+    actual_addr: u64,
+    num_pages_addr: u64,
+    isr_addr: u64,
+    count: u32,
+    avail_idx: u32,
+    published: u32,
+    acked: u32,
+    target: u32,
+    flags: u32,
+    heads: [u16; BURST_MAX],
+    actuals: [u32; BURST_MAX],
+    bounds: [[u32; 2]; BURST_MAX],
+}
+
+/// What a burst did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BurstResult {
+    /// Requests made available to the device.
+    pub published: usize,
+    /// Requests acknowledged, with `actual` written after each.
+    pub acked: usize,
+    /// `num_pages` as read last (the caller's value if the stub read none).
+    /// If it differs from the last `actual` written, it was read after that
+    /// write: Linux's next towards_target().
+    pub target: u32,
+}
+
+/// The virtqueue and registers a burst works on.
+#[derive(Debug, Clone, Copy)]
+pub struct BurstQueue {
+    /// avail.ring[0], avail.idx and used.idx.
+    pub avail_ring: u64,
+    pub avail_idx_addr: u64,
+    pub used_idx_addr: u64,
+    /// The driver's avail.idx before the burst.
+    pub avail_idx: u16,
+    /// Queue size (a power of two, as split queues are).
+    pub size: u16,
+    /// QueueNotify and the queue's index.
+    pub notify_addr: u64,
+    pub notify_val: u32,
+    /// The `actual` and `num_pages` registers.
+    pub actual_addr: u64,
+    pub num_pages_addr: u64,
+    /// The device's index in the interrupt tables.
+    pub irq: usize,
+}
+
+impl Burst {
+    /// An empty burst on `q`; `target` is the `num_pages` value the caller
+    /// read last (it planned the requests from it).
+    pub fn new(q: BurstQueue, target: u32) -> Burst {
+        debug_assert!(q.size.is_power_of_two());
+        Burst {
+            avail_ring: q.avail_ring,
+            avail_idx_addr: q.avail_idx_addr,
+            used_idx_addr: q.used_idx_addr,
+            notify_addr: q.notify_addr,
+            notify_val: q.notify_val,
+            mask: u32::from(q.size) - 1,
+            actual_addr: q.actual_addr,
+            num_pages_addr: q.num_pages_addr,
+            isr_addr: (&raw const IRQ_ISR[q.irq]) as u64,
+            count: 0,
+            avail_idx: u32::from(q.avail_idx),
+            published: 0,
+            acked: 0,
+            target,
+            flags: 0,
+            heads: [0; BURST_MAX],
+            actuals: [0; BURST_MAX],
+            bounds: [[0; 2]; BURST_MAX],
+        }
+    }
+
+    /// Requests added so far.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Adds a request: the chain at `head`, after whose acknowledgement
+    /// `actual` is written; the next request is made only if `num_pages`
+    /// then reads within `next_if` (inclusive). False if the burst is full.
+    pub fn push(&mut self, head: u16, actual: u32, next_if: (u32, u32)) -> bool {
+        let i = self.count as usize;
+        if i == BURST_MAX {
+            return false;
+        }
+        self.heads[i] = head;
+        self.actuals[i] = actual;
+        self.bounds[i] = [next_if.0, next_if.1];
+        self.count += 1;
+        true
+    }
+
+    /// Makes the stub return right after the first request's kick,
+    /// leaving it in flight to the caller as a configuration change during
+    /// the wait does (`balloon-handoff`: exercises that path on demand).
+    pub fn leave_first_in_flight(&mut self) {
+        self.flags |= BURST_LEAVE_IN_FLIGHT;
+    }
+
+    /// Runs the burst.
+    pub fn call(mut self) -> BurstResult {
+        if self.count == 0 {
+            return BurstResult {
+                published: 0,
+                acked: 0,
+                target: self.target,
+            };
+        }
+        let p = &raw mut self;
+        // SAFETY: the #GP stub reads `*p`, writes its result fields, writes
+        // the avail ring entries and avail.idx named in it (the caller's
+        // queue, whose descriptors it prepared), reads used.idx/flags and
+        // accesses the registers named in it (device windows the caller
+        // owns). It saves every register it uses, and resumes after the
+        // `hlt`.
+        unsafe {
+            core::arch::asm!("hlt", in("rdi") 1u64, in("rsi") p);
+            let r = |f: *const u32| core::ptr::read_volatile(f);
+            BurstResult {
+                published: r(&raw const (*p).published) as usize,
+                acked: r(&raw const (*p).acked) as usize,
+                target: r(&raw const (*p).target),
+            }
+        }
+    }
+}
+
+// The #GP stub (boot/idt.rs) hard-codes these offsets.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Burst, avail_ring) == 0);
+    assert!(offset_of!(Burst, avail_idx_addr) == 8);
+    assert!(offset_of!(Burst, used_idx_addr) == 16);
+    assert!(offset_of!(Burst, notify_addr) == 24);
+    assert!(offset_of!(Burst, notify_val) == 32);
+    assert!(offset_of!(Burst, mask) == 36);
+    assert!(offset_of!(Burst, actual_addr) == 40);
+    assert!(offset_of!(Burst, num_pages_addr) == 48);
+    assert!(offset_of!(Burst, isr_addr) == 56);
+    assert!(offset_of!(Burst, count) == 64);
+    assert!(offset_of!(Burst, avail_idx) == 68);
+    assert!(offset_of!(Burst, published) == 72);
+    assert!(offset_of!(Burst, acked) == 76);
+    assert!(offset_of!(Burst, target) == 80);
+    assert!(offset_of!(Burst, flags) == 84);
+    assert!(offset_of!(Burst, heads) == 88);
+    assert!(offset_of!(Burst, actuals) == 152);
+    assert!(offset_of!(Burst, bounds) == 280);
+};

@@ -219,9 +219,20 @@ impl Guest {
             Command::Balloon => self.balloon_start(),
             Command::BalloonWait => match self.balloon.as_mut() {
                 Some(b) => match b.wait_target(&mut self.mem) {
-                    Ok(n) => crate::println!("balloon actual {n} pages"),
+                    Ok(n) => {
+                        crate::print!("balloon actual {n} pages (");
+                        let _ = b.burst_line(&mut serial::Console);
+                        crate::println!(")");
+                    }
                     Err(e) => crate::println!("error: balloon-wait: {e}"),
                 },
+                None => crate::println!("error: balloon not started"),
+            },
+            Command::BalloonHandoff => match self.balloon.as_mut() {
+                Some(b) => {
+                    b.handoff_next_burst();
+                    crate::println!("balloon-handoff armed");
+                }
                 None => crate::println!("error: balloon not started"),
             },
             Command::Stats => match self.balloon.as_ref() {

@@ -190,6 +190,17 @@ impl SplitQueue {
 
     /// Adds a chain of well-formed buffers; returns its head descriptor.
     pub fn add(&mut self, bufs: &[Buf]) -> Option<u16> {
+        let head = self.prepare(bufs)?;
+        self.publish(head, bufs.len());
+        Some(head)
+    }
+
+    /// Writes a chain of well-formed buffers into free descriptors without
+    /// making it available: someone else publishes the head later (a
+    /// ring-0 device call, see the balloon's bursts), after which
+    /// [`resync_avail`](Self::resync_avail) catches up; or
+    /// [`cancel`](Self::cancel) takes it back. Returns the head descriptor.
+    pub fn prepare(&mut self, bufs: &[Buf]) -> Option<u16> {
         let mut ids = [0u16; MAX_QUEUE_SIZE as usize];
         if bufs.len() > ids.len() || !self.take_descs(bufs.len(), &mut ids) {
             return None;
@@ -211,8 +222,42 @@ impl SplitQueue {
                 },
             );
         }
-        self.publish(ids[0], bufs.len());
+        self.chain_len[ids[0] as usize] = bufs.len() as u16;
         Some(ids[0])
+    }
+
+    /// Returns a chain from [`prepare`](Self::prepare) that was never made
+    /// available to the free list. Returns false (and does nothing) if
+    /// `head` heads no such chain.
+    pub fn cancel(&mut self, head: u16) -> bool {
+        self.free_chain(head)
+    }
+
+    /// The driver's avail.idx (entries made available so far, mod 2^16).
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Guest-physical address of avail.idx.
+    pub fn avail_idx_addr(&self) -> u64 {
+        self.avail_addr() + 2
+    }
+
+    /// Guest-physical address of avail.ring[0].
+    pub fn avail_ring_addr(&self) -> u64 {
+        self.avail_addr() + 4
+    }
+
+    /// Takes over the avail.idx that someone else wrote after publishing
+    /// prepared chains (ring entries `avail_idx() % size` onwards); returns
+    /// how many entries they added.
+    pub fn resync_avail(&mut self) -> u16 {
+        fence(Ordering::SeqCst);
+        // SAFETY: avail.idx.
+        let now = unsafe { read_volatile(self.avail_idx_addr() as *const u16) };
+        let added = now.wrapping_sub(self.avail_idx);
+        self.avail_idx = now;
+        added
     }
 
     /// Adds `descs.len()` descriptors exactly as given, except that each
@@ -286,21 +331,27 @@ impl SplitQueue {
             )
         };
         self.last_used = self.last_used.wrapping_add(1);
-        let known = id < u32::from(self.layout.size) && self.chain_len[id as usize] != 0;
-        if known {
-            let head = id as u16;
-            let n = core::mem::replace(&mut self.chain_len[head as usize], 0);
-            // Walk the driver-side links to the chain's tail, then splice
-            // the chain onto the free list.
-            let mut tail = head;
-            for _ in 1..n {
-                tail = self.link[tail as usize];
-            }
-            self.link[tail as usize] = self.free_head;
-            self.free_head = head;
-            self.num_free += n;
-        }
+        let known = id < u32::from(self.layout.size) && self.free_chain(id as u16);
         Some(Used { id, len, known })
+    }
+
+    /// Puts the chain headed by `head` back on the free list; false if no
+    /// chain is headed there.
+    fn free_chain(&mut self, head: u16) -> bool {
+        if head >= self.layout.size || self.chain_len[head as usize] == 0 {
+            return false;
+        }
+        let n = core::mem::replace(&mut self.chain_len[head as usize], 0);
+        // Walk the driver-side links to the chain's tail, then splice the
+        // chain onto the free list.
+        let mut tail = head;
+        for _ in 1..n {
+            tail = self.link[tail as usize];
+        }
+        self.link[tail as usize] = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+        true
     }
 }
 
@@ -438,6 +489,48 @@ mod tests {
             assert!(q.pop_used().unwrap().known);
         }
         assert_eq!(q.num_free(), 4);
+    }
+
+    /// Chains prepared ahead and published by someone else (the balloon's
+    /// ring-0 bursts): descriptors are written but not made available, the
+    /// driver catches up with avail.idx, and unpublished ones are cancelled.
+    #[test]
+    fn prepared_chains_published_elsewhere() {
+        let (_m, mut q) = setup(4);
+        let buf = |addr| {
+            [Buf {
+                addr,
+                len: 1024,
+                writable: false,
+            }]
+        };
+        let a = q.prepare(&buf(0x1000)).unwrap();
+        let b = q.prepare(&buf(0x2000)).unwrap();
+        let c = q.prepare(&buf(0x3000)).unwrap();
+        assert_eq!(q.num_free(), 1);
+        assert_eq!(avail_idx(&q), 0, "nothing made available yet");
+        assert_eq!(desc(&q, b).addr, 0x2000);
+        // Someone publishes a and b, as the ring-0 burst does.
+        for (i, h) in [a, b].into_iter().enumerate() {
+            let slot = q.avail_ring_addr() + 2 * ((u64::from(q.avail_idx()) + i as u64) % 4);
+            unsafe { write_volatile(slot as *mut u16, h) };
+        }
+        unsafe { write_volatile(q.avail_idx_addr() as *mut u16, 2) };
+        assert_eq!(q.resync_avail(), 2);
+        assert_eq!(q.avail_idx(), 2);
+        assert_eq!((avail_ring(&q, 0), avail_ring(&q, 1)), (a, b));
+        // c was never published.
+        assert!(q.cancel(c));
+        assert!(!q.cancel(c), "twice");
+        assert_eq!(q.num_free(), 2);
+        device_use(&q, 0, u32::from(a), 0);
+        device_use(&q, 1, u32::from(b), 0);
+        assert!(q.pop_used().unwrap().known);
+        assert!(q.pop_used().unwrap().known);
+        assert_eq!(q.num_free(), 4);
+        // A normal add goes on from the synced index.
+        let d = q.add(&buf(0x4000)).unwrap();
+        assert_eq!((avail_idx(&q), avail_ring(&q, 2)), (3, d));
     }
 
     #[test]

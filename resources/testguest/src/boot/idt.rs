@@ -12,7 +12,10 @@
 //!   looked (rdi = the event count it saw), skips the `hlt` and returns.
 //!   With rsi pointing at an [`events::DevCall`] the same trap is a device
 //!   call: the stub makes the call's register accesses from ring 0, as
-//!   Linux's driver makes them in kernel mode (see `DevCall` for the order).
+//!   Linux's driver makes them in kernel mode (see `DevCall` for the order);
+//!   with rdi != 0 as well it is a burst of virtqueue requests (see
+//!   `events::Burst`), made from ring 0 as Linux's balloon work function
+//!   makes its batches.
 //!   `int n` cannot serve: under PVM, `int n` from ring 3 raises #UD.
 
 use core::arch::{asm, global_asm};
@@ -143,10 +146,13 @@ gp_entry:
     cmp byte ptr [rax], 0xf4
     jne 5f
     inc qword ptr [rsp + 16]
-    /* rsi != 0: a device call, rsi -> events::DevCall (offsets below). */
+    /* rsi != 0: a device call, rsi -> events::DevCall (offsets below),
+       or with rdi != 0 a burst, rsi -> events::Burst. */
     test rsi, rsi
     jz 6f
     push rdx
+    test rdi, rdi
+    jnz 20f
     /* write (+0 address, +8 value) */
     mov rax, qword ptr [rsi]
     test rax, rax
@@ -189,6 +195,75 @@ gp_entry:
 15:
     pop rdx
     jmp 3f
+20:
+    /* Burst: rsi -> events::Burst. r8d = avail idx, r9d = request i,
+       r10 = &used.idx. */
+    push rcx
+    push r8
+    push r9
+    push r10
+    xor r9d, r9d
+    mov r8d, dword ptr [rsi + 68]
+    mov r10, qword ptr [rsi + 16]
+21:
+    /* 1. avail.ring[idx & mask] = heads[i]; avail.idx = ++idx */
+    movzx ecx, word ptr [rsi + r9*2 + 88]
+    mov edx, r8d
+    and edx, dword ptr [rsi + 36]
+    mov rax, qword ptr [rsi]
+    mov word ptr [rax + rdx*2], cx
+    inc r8d
+    mov rax, qword ptr [rsi + 8]
+    mov word ptr [rax], r8w
+    mov dword ptr [rsi + 68], r8d
+    inc dword ptr [rsi + 72]
+    /* 2. kick unless used.flags has VIRTQ_USED_F_NO_NOTIFY */
+    test byte ptr [r10 - 2], 1
+    jnz 22f
+    mov rax, qword ptr [rsi + 24]
+    mov edx, dword ptr [rsi + 32]
+    mov dword ptr [rax], edx
+22:
+    /* (flags bit 0: leave this request in flight to the caller) */
+    test byte ptr [rsi + 84], 1
+    jnz 29f
+23:
+    /* 3. until used.idx == avail idx: halt; stop on a config change */
+    cmp word ptr [r10], r8w
+    je 24f
+    mov rax, qword ptr [rsi + 56]
+    test byte ptr [rax], 2
+    jnz 29f
+    sti
+    hlt
+    cli
+    jmp 23b
+24:
+    /* 4. actual = actuals[i] */
+    mov edx, dword ptr [rsi + r9*4 + 152]
+    mov rax, qword ptr [rsi + 40]
+    mov dword ptr [rax], edx
+    inc r9d
+    mov dword ptr [rsi + 76], r9d
+    /* 5. no difference left (num_pages as read last == actual): done */
+    cmp edx, dword ptr [rsi + 80]
+    je 29f
+    mov rax, qword ptr [rsi + 48]
+    mov edx, dword ptr [rax]
+    mov dword ptr [rsi + 80], edx
+    /* 6. request i + 1 iff there is one and bounds[i] holds num_pages */
+    cmp r9d, dword ptr [rsi + 64]
+    jae 29f
+    cmp edx, dword ptr [rsi + r9*8 + 272]
+    jb 29f
+    cmp edx, dword ptr [rsi + r9*8 + 276]
+    jbe 21b
+29:
+    pop r10
+    pop r9
+    pop r8
+    pop rcx
+    jmp 15b
 6:
     cmp qword ptr [{events}], rdi
     jne 3f
