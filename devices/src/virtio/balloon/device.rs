@@ -144,9 +144,10 @@ pub struct Balloon {
     pub(super) metrics: Arc<BalloonMetrics>,
     pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
     pub(super) batch: PfnBatch,
-    /// Inflated ranges not yet discarded: the inflate queue returns its
-    /// buffers and raises the interrupt first, then discards these, still
-    /// inside the same `process_queue` call (see there).
+    /// Inflated ranges not yet discarded: with MUST_TELL_HOST the inflate
+    /// queue returns its buffers and raises the interrupt first, then
+    /// discards these, still inside the same `process_queue` call (see
+    /// there).
     pub(super) pending_discard: Vec<GpaRange>,
     pub(super) broken: bool,
     pub(super) hint: HintState,
@@ -419,13 +420,24 @@ impl Balloon {
             QueueKind::FreePage => self.drain_free_page_queue(idx),
             QueueKind::Reporting => self.drain_reporting_queue(idx),
         };
+        // With MUST_TELL_HOST, inflated pages are discarded after the guest
+        // has been told its buffers are used: the guest may not reuse them
+        // before the device acknowledges their deflate, which needs the
+        // device lock, held until the discard is done (so nothing that
+        // hands pages back, a deflate, a reset or a snapshot, runs before);
+        // meanwhile its interrupt, InterruptStatus read and ACK (which do
+        // not take the lock) overlap the discard. Without it the guest may
+        // reuse pages as soon as it has asked for their deflate, without
+        // waiting: they are discarded first, as QEMU does.
+        if !self.has_acked(VIRTIO_BALLOON_F_MUST_TELL_HOST) {
+            self.discard_pending(idx);
+        }
         self.finish_drain(idx, kind, drain);
-        // Inflated pages are discarded after the guest has been told its
-        // buffers are used: the guest never touches pages it gave away, so
-        // this is safe, and its interrupt, InterruptStatus read and ACK
-        // (which do not take the device lock) overlap the discard. The
-        // device lock is held until the discard is done, so nothing that
-        // hands pages back (a deflate, a reset, a snapshot) runs before.
+        self.discard_pending(idx);
+    }
+
+    /// Discards the inflated ranges queued by the inflate queue `idx`.
+    fn discard_pending(&mut self, idx: usize) {
         for range in self.pending_discard.drain(..) {
             discard_counted(&*self.discard, &self.metrics, range, "inflate", idx);
         }

@@ -312,6 +312,28 @@ fn inflate_256_contiguous_pfns_is_one_discard() {
     assert_eq!(m.discard_released_bytes, 256 * 4096);
 }
 
+/// With MUST_TELL_HOST the guest is told first and the discard overlaps
+/// its interrupt handling; without it the guest may reuse pages as soon as
+/// it has asked for their deflate, so the discard comes first.
+#[test]
+fn inflate_discards_after_the_interrupt_only_with_must_tell_host() {
+    for (acked, vring_at_discard) in [
+        (features(&[VIRTIO_BALLOON_F_MUST_TELL_HOST]), 1),
+        (features(&[]), 0),
+    ] {
+        let mut fx = fixture_with(BalloonConfig::default(), acked);
+        *fx.discard.watch.lock().unwrap() = Some(fx.irq.clone());
+        fx.send_pfns(0, &(0x800..0x900).collect::<Vec<u32>>());
+        assert_eq!(pages(&fx.discard.discarded()), vec![(0x800, 256)]);
+        assert_eq!(
+            *fx.discard.vring_at_discard.lock().unwrap(),
+            vec![vring_at_discard],
+            "features {acked:#x}"
+        );
+        assert_eq!(fx.irq.vring(), 1);
+    }
+}
+
 #[test]
 fn inflate_scattered_pfns_merge_into_runs() {
     let mut fx = fixture();

@@ -122,6 +122,10 @@ pub struct RecordingDiscard {
     pub discards: Mutex<Vec<GpaRange>>,
     pub will_need: Mutex<Vec<GpaRange>>,
     pub fail: std::sync::atomic::AtomicBool,
+    /// If set, the used-buffer interrupts raised so far are recorded at
+    /// each discard (in `vring_at_discard`): what the guest knew by then.
+    pub watch: Mutex<Option<std::sync::Arc<CountingIrq>>>,
+    pub vring_at_discard: Mutex<Vec<u32>>,
 }
 
 impl RecordingDiscard {
@@ -136,6 +140,9 @@ impl RecordingDiscard {
 impl RamDiscard for RecordingDiscard {
     fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
         self.discards.lock().unwrap().push(range);
+        if let Some(irq) = self.watch.lock().unwrap().as_ref() {
+            self.vring_at_discard.lock().unwrap().push(irq.vring());
+        }
         if self.fail.load(Ordering::Relaxed) {
             return Err(DiscardError::OutOfRange(range));
         }
