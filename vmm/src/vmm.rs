@@ -448,7 +448,9 @@ impl Machine {
             on_start: Vec::new(),
         };
         if let Some(b) = &vmm.balloon {
-            let sub: Subscriber = b.clone();
+            let sub: Subscriber = Arc::new(Mutex::new(
+                devices::virtio::balloon::BalloonEvents::new(b.clone()),
+            ));
             vmm.events.add_subscriber(sub);
         }
         Ok(vmm)

@@ -7,7 +7,7 @@
 //! methods (`set_target_pages`, ...). All hold the device mutex, so the
 //! device itself is single-threaded.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use log::{debug, error, info};
@@ -149,6 +149,7 @@ pub struct Balloon {
     /// discards these, still inside the same `process_queue` call (see
     /// there).
     pub(super) pending_discard: Vec<GpaRange>,
+    pub(super) discard_gate: Arc<Mutex<()>>,
     pub(super) broken: bool,
     pub(super) hint: HintState,
     pub(super) hint_sink: Option<Arc<dyn HintSink>>,
@@ -237,6 +238,7 @@ impl Balloon {
             observer: None,
             batch: PfnBatch::new(),
             pending_discard: Vec::new(),
+            discard_gate: Arc::new(Mutex::new(())),
             broken: false,
             hint: HintState::new(),
             hint_sink: None,
@@ -399,9 +401,23 @@ impl Balloon {
     // ----- queue handlers (event loop) --------------------------------------
 
     /// Serve every buffer pending on queue `idx` (what a notification of
-    /// that queue does). The event loop calls this; it is public for tests
-    /// and benchmarks.
+    /// that queue does), discards included. Public for tests and
+    /// benchmarks; the event loop uses [`serve_queue`](Self::serve_queue)
+    /// and discards after releasing the device lock (see
+    /// [`BalloonEvents`](super::event_handler::BalloonEvents)).
     pub fn process_queue(&mut self, idx: usize) {
+        self.serve_queue(idx);
+        let later = self.take_deferred_discard();
+        discard_all(&*self.discard, &self.metrics, later);
+    }
+
+    /// [`process_queue`](Self::process_queue) except for the discards that
+    /// may come after the guest was told its buffers are used (inflate with
+    /// MUST_TELL_HOST), which are left for
+    /// [`take_deferred_discard`](Self::take_deferred_discard). The caller
+    /// must do them before anything can hand those pages back: a deflate,
+    /// a reset, a snapshot (see [`discard_gate`](Self::discard_gate)).
+    pub(crate) fn serve_queue(&mut self, idx: usize) {
         if self.broken {
             return;
         }
@@ -422,25 +438,39 @@ impl Balloon {
         };
         // With MUST_TELL_HOST, inflated pages are discarded after the guest
         // has been told its buffers are used: the guest may not reuse them
-        // before the device acknowledges their deflate, which needs the
-        // device lock, held until the discard is done (so nothing that
-        // hands pages back, a deflate, a reset or a snapshot, runs before);
-        // meanwhile its interrupt, InterruptStatus read and ACK (which do
-        // not take the lock) overlap the discard. Without it the guest may
-        // reuse pages as soon as it has asked for their deflate, without
-        // waiting: they are discarded first, as QEMU does.
+        // before the device acknowledges their deflate, which the event
+        // loop serves only after the discard (and a reset or a snapshot
+        // waits for it at the discard gate). Meanwhile the guest handles
+        // its interrupt, writes `actual` and makes its next request.
+        // Without it the guest may reuse pages as soon as it has asked for
+        // their deflate, without waiting: they are discarded first, as
+        // QEMU does.
         if !self.has_acked(VIRTIO_BALLOON_F_MUST_TELL_HOST) {
-            self.discard_pending(idx);
+            let now = std::mem::take(&mut self.pending_discard);
+            discard_all(&*self.discard, &self.metrics, now);
         }
         self.finish_drain(idx, kind, drain);
-        self.discard_pending(idx);
     }
 
-    /// Discards the inflated ranges queued by the inflate queue `idx`.
-    fn discard_pending(&mut self, idx: usize) {
-        for range in self.pending_discard.drain(..) {
-            discard_counted(&*self.discard, &self.metrics, range, "inflate", idx);
-        }
+    /// Inflated ranges [`serve_queue`](Self::serve_queue) left to discard.
+    pub(crate) fn take_deferred_discard(&mut self) -> Vec<GpaRange> {
+        std::mem::take(&mut self.pending_discard)
+    }
+
+    /// Held while deferred discards run outside the device lock: taken
+    /// under the device lock before it is released, so whoever holds the
+    /// device lock and then takes this one waits until they are done.
+    pub(crate) fn discard_gate(&self) -> &Arc<Mutex<()>> {
+        &self.discard_gate
+    }
+
+    /// Waits until deferred discards are done (see `discard_gate`).
+    pub(super) fn wait_for_discards(&self) {
+        drop(
+            self.discard_gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
     }
 
     fn finish_drain(&mut self, idx: usize, kind: QueueKind, drain: Drain) {
@@ -730,6 +760,17 @@ pub(super) fn discard_counted(
     }
 }
 
+/// Discards inflated `ranges` (inflate queue 0) with their metrics.
+pub(crate) fn discard_all(
+    discard: &dyn RamDiscard,
+    metrics: &BalloonMetrics,
+    ranges: Vec<GpaRange>,
+) {
+    for range in ranges {
+        discard_counted(discard, metrics, range, "inflate", 0);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_pfn_batch(
     raw: &[u8],
@@ -882,6 +923,8 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) -> bool {
+        // The guest may reuse every page after a reset.
+        self.wait_for_discards();
         if let Some(a) = self.active.take()
             && a.registered
         {

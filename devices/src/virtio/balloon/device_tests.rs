@@ -668,7 +668,7 @@ mod event_loop {
     use event_manager::{EventManager, SubscriberOps};
     use std::time::{Duration, Instant};
 
-    type Mgr = EventManager<Arc<Mutex<Balloon>>>;
+    type Mgr = EventManager<Arc<Mutex<BalloonEvents>>>;
 
     fn w32(t: &mut MmioTransport, off: u64, v: u32) {
         t.write(off, &v.to_le_bytes());
@@ -738,7 +738,7 @@ mod event_loop {
             Balloon::new(cfg, ram(), discard.clone()).unwrap(),
         ));
         let mut mgr = Mgr::new().unwrap();
-        mgr.add_subscriber(balloon.clone());
+        mgr.add_subscriber(Arc::new(Mutex::new(BalloonEvents::new(balloon.clone()))));
         let irq = Arc::new(CountingIrq::default());
         let transport = MmioTransport::new(balloon.clone(), mem.clone(), irq.clone()).unwrap();
         World {
@@ -815,6 +815,63 @@ mod event_loop {
             || d.discarded().len() == 2,
             Duration::from_secs(2)
         ));
+    }
+
+    /// The event loop returns the inflate buffer and raises the interrupt,
+    /// then discards with the device lock released: the guest's `actual`
+    /// write (and the API) are not held up by the discard. A reset, after
+    /// which the guest may reuse the pages, waits until it is done.
+    #[test]
+    fn inflate_discard_runs_outside_the_device_lock_and_a_reset_waits_for_it() {
+        let mut w = world(BalloonConfig::default());
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        *w.discard.hold.lock().unwrap() = Some(hold);
+        let mut qs = linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        w.mgr.run_with_timeout(10).unwrap();
+        let len = write_pfns(&w.mem, BUF_BASE, &(0x800..0x900).collect::<Vec<_>>());
+        qs[0].add_chain(&w.mem, &[(BUF_BASE, len, false)]);
+        w.transport.queue_evts()[0].write(1).unwrap();
+        let mut mgr = w.mgr;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let event_loop = std::thread::spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                mgr.run_with_timeout(10).unwrap();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while w.discard.discarded().is_empty() {
+            assert!(Instant::now() < deadline, "no discard started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The discard is in progress (held): the buffer is back, the
+        // interrupt raised, and the guest's register accesses go through.
+        assert!(
+            w.balloon.try_lock().is_ok(),
+            "the device lock is held during the discard"
+        );
+        assert_eq!(qs[0].used_idx(&w.mem), 1);
+        assert_eq!(r32(&mut w.transport, 0x60) & 1, 1);
+        w32(&mut w.transport, 0x104, 256);
+        assert_eq!(r32(&mut w.transport, 0x104), 256);
+        // A reset (the vCPU writing Status 0) waits for the discard.
+        let reset_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut t, done) = (w.transport, reset_done.clone());
+        let resetter = std::thread::spawn(move || {
+            w32(&mut t, 0x70, 0);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !reset_done.load(std::sync::atomic::Ordering::SeqCst),
+            "the reset went ahead of the discard"
+        );
+        release.send(()).unwrap();
+        resetter.join().unwrap();
+        assert!(reset_done.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(pages(&w.discard.discarded()), vec![(0x800, 256)]);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        event_loop.join().unwrap();
     }
 
     #[test]

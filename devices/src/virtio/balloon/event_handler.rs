@@ -1,7 +1,8 @@
 //! The balloon's event-loop side (`event_manager::MutEventSubscriber`).
 //!
-//! The VMM adds the device once, `event_manager.add_subscriber(balloon)`
-//! with `balloon: Arc<Mutex<Balloon>>`. [`init`](MutEventSubscriber::init)
+//! The VMM adds the device once, `event_manager.add_subscriber(events)`
+//! with `events: Arc<Mutex<BalloonEvents>>` over the shared
+//! `Arc<Mutex<Balloon>>` (see [`BalloonEvents`]). [`init`](MutEventSubscriber::init)
 //! registers two descriptors that live as long as the device: the control
 //! eventfd and the stats timerfd. Activation runs on a vCPU thread (inside
 //! the DRIVER_OK write), which has no access to the event loop, so
@@ -11,12 +12,13 @@
 //! ever armed or disarmed on the event loop, so a timer readiness can never
 //! be made stale behind its back (see `timer_rearmed`).
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
 
-use super::device::Balloon;
+use super::device::{Balloon, discard_all};
 
 /// Event data of the control eventfd.
 pub const DATA_CTL: u32 = 0;
@@ -64,8 +66,8 @@ impl Balloon {
     }
 }
 
-impl MutEventSubscriber for Balloon {
-    fn init(&mut self, ops: &mut EventOps) {
+impl Balloon {
+    fn init_events(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, DATA_CTL, EventSet::IN)) {
             error!("balloon: registering the control eventfd failed: {e}");
         }
@@ -80,7 +82,9 @@ impl MutEventSubscriber for Balloon {
         self.sync_events(ops);
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    /// Handles one event; `defer`: leave the discards that may follow the
+    /// guest's notification to the caller (see `serve_queue`).
+    fn handle_event(&mut self, events: Events, ops: &mut EventOps, defer: bool) {
         match events.data() {
             DATA_CTL => {
                 // Non-blocking; a spurious wake-up reads EAGAIN, harmless.
@@ -112,9 +116,69 @@ impl MutEventSubscriber for Balloon {
                     // event unregisters it.
                     return;
                 }
-                self.process_queue(idx);
+                if defer {
+                    self.serve_queue(idx);
+                } else {
+                    self.process_queue(idx);
+                }
             }
             data => error!("balloon: unexpected event data {data}"),
         }
+    }
+}
+
+/// The device on its own, every discard done under its lock.
+impl MutEventSubscriber for Balloon {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.init_events(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.handle_event(events, ops, false);
+    }
+}
+
+/// What the VMM registers with the event loop: the shared device, whose
+/// inflate discards (with MUST_TELL_HOST, after the guest was told its
+/// buffers are used) run after the device lock is released. The guest's
+/// `actual` write and next `num_pages` read, which take the device lock,
+/// then do not wait for the discard, nor does the API. The event loop
+/// serves nothing else (no deflate) until the discard is done, and a reset
+/// or a snapshot, which may hand the pages back, waits for it at the
+/// device's discard gate, taken before the device lock is released.
+pub struct BalloonEvents {
+    dev: Arc<Mutex<Balloon>>,
+}
+
+impl BalloonEvents {
+    pub fn new(dev: Arc<Mutex<Balloon>>) -> Self {
+        Self { dev }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Balloon> {
+        self.dev.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl MutEventSubscriber for BalloonEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.lock().init_events(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut dev = self.lock();
+        dev.handle_event(events, ops, true);
+        let later = dev.take_deferred_discard();
+        if later.is_empty() {
+            return;
+        }
+        let (discard, metrics, gate) = (
+            dev.discard.clone(),
+            dev.metrics.clone(),
+            dev.discard_gate().clone(),
+        );
+        let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(dev);
+        discard_all(&*discard, &metrics, later);
     }
 }

@@ -47,6 +47,7 @@ pub(crate) mod test_utils;
 
 pub use config::BalloonConfig;
 pub use device::Balloon;
+pub use event_handler::BalloonEvents;
 pub use hinting::{HintSink, HintingState, HintingStatus};
 pub use metrics::{BalloonMetrics, BalloonMetricsSnapshot};
 pub use persist::BalloonState;

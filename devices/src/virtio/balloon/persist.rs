@@ -164,6 +164,7 @@ impl Persist for Balloon {
     type State = BalloonState;
 
     fn save(&self) -> Result<BalloonState, PersistError> {
+        self.wait_for_discards();
         let inflated: Vec<PfnRunState> = self
             .layout
             .set_runs(&self.bitmap)

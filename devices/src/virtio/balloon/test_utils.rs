@@ -126,6 +126,8 @@ pub struct RecordingDiscard {
     /// each discard (in `vring_at_discard`): what the guest knew by then.
     pub watch: Mutex<Option<std::sync::Arc<CountingIrq>>>,
     pub vring_at_discard: Mutex<Vec<u32>>,
+    /// If set, each discard (once recorded) waits for a message on it.
+    pub hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl RecordingDiscard {
@@ -142,6 +144,9 @@ impl RamDiscard for RecordingDiscard {
         self.discards.lock().unwrap().push(range);
         if let Some(irq) = self.watch.lock().unwrap().as_ref() {
             self.vring_at_discard.lock().unwrap().push(irq.vring());
+        }
+        if let Some(hold) = self.hold.lock().unwrap().as_ref() {
+            let _ = hold.recv();
         }
         if self.fail.load(Ordering::Relaxed) {
             return Err(DiscardError::OutOfRange(range));
