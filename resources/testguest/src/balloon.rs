@@ -83,16 +83,8 @@ pub struct Balloon {
     gsi: u32,
     /// Index in the interrupt tables (None in poll mode).
     irq: Option<usize>,
-    features: u64,
-    inflate: SplitQueue,
-    deflate: SplitQueue,
-    stats: Option<SplitQueue>,
-    free_page: Option<SplitQueue>,
-    reporting: Option<SplitQueue>,
-    /// Queue indices as Linux numbers them (no gaps for absent features).
-    stats_qidx: u16,
-    free_page_qidx: u16,
-    reporting_qidx: u16,
+    /// Negotiated features and the queues (replaced by a restart).
+    live: Live,
     /// Free page hinting: the command id being served (Linux
     /// cmd_id_active), hinted blocks held (in `areas.hints`), counters.
     hint_active: u32,
@@ -220,14 +212,17 @@ impl Areas {
     }
 }
 
-/// A device after feature negotiation and queue setup.
+/// A device after feature negotiation and queue setup: what `balloon`
+/// (and a restart) sets up anew.
 struct Live {
+    /// Negotiated features.
     features: u64,
     inflate: SplitQueue,
     deflate: SplitQueue,
     stats: Option<SplitQueue>,
     free_page: Option<SplitQueue>,
     reporting: Option<SplitQueue>,
+    /// Queue indices as Linux numbers them (no gaps for absent features).
     stats_qidx: u16,
     free_page_qidx: u16,
     reporting_qidx: u16,
@@ -341,15 +336,7 @@ impl Balloon {
             gsi,
             irq,
             areas,
-            features: live.features,
-            inflate: live.inflate,
-            deflate: live.deflate,
-            stats: live.stats,
-            free_page: live.free_page,
-            reporting: live.reporting,
-            stats_qidx: live.stats_qidx,
-            free_page_qidx: live.free_page_qidx,
-            reporting_qidx: live.reporting_qidx,
+            live,
             hint_active: 0,
             hinted: 0,
             hint_rounds: 0,
@@ -379,14 +366,14 @@ impl Balloon {
     fn go_live(&mut self, mem: &Memory) {
         // Like Linux init_vqs(): prime the stats queue with one buffer and
         // kick it before DRIVER_OK...
-        if self.stats.is_some() {
+        if self.live.stats.is_some() {
             self.queue_stats(mem);
         }
         self.dev.add_status(mmio::VIRTIO_CONFIG_S_DRIVER_OK);
         // ...and kick again now that the device is live, for devices that
         // ignore notifications before DRIVER_OK (harmless otherwise).
-        if self.stats.is_some() {
-            self.dev.notify(self.stats_qidx);
+        if self.live.stats.is_some() {
+            self.dev.notify(self.live.stats_qidx);
         }
         self.config_generation = self.dev.config_generation();
         self.adjust = true;
@@ -397,23 +384,14 @@ impl Balloon {
     /// Whether the device asked to be reset, or buffers from earlier
     /// (hostile) requests are still outstanding on the inflate queue.
     pub fn needs_restart(&self) -> bool {
-        self.broken || self.inflate.in_flight() > 0 || self.dev.needs_reset()
+        self.broken || self.live.inflate.in_flight() > 0 || self.dev.needs_reset()
     }
 
     /// `balloon` again: resets and re-initialises the device (e.g. after it
     /// reported DEVICE_NEEDS_RESET). Pages already in the balloon stay
     /// there, as across Linux's freeze/restore; `actual` is rewritten.
     pub fn restart(&mut self, mem: &mut Memory) -> Result<(), StartError> {
-        let live = init_device(&self.dev, &self.areas, mem.poison)?;
-        self.features = live.features;
-        self.inflate = live.inflate;
-        self.deflate = live.deflate;
-        self.stats = live.stats;
-        self.free_page = live.free_page;
-        self.reporting = live.reporting;
-        self.stats_qidx = live.stats_qidx;
-        self.free_page_qidx = live.free_page_qidx;
-        self.reporting_qidx = live.reporting_qidx;
+        self.live = init_device(&self.dev, &self.areas, mem.poison)?;
         self.hint_active = 0;
         self.stats_head = None;
         self.pending_isr = 0;
@@ -427,13 +405,13 @@ impl Balloon {
 
     pub fn queue_sizes(&self) -> (u16, u16, Option<u16>) {
         (
-            self.inflate.size(),
-            self.deflate.size(),
-            self.stats.as_ref().map(SplitQueue::size),
+            self.live.inflate.size(),
+            self.live.deflate.size(),
+            self.live.stats.as_ref().map(SplitQueue::size),
         )
     }
     pub fn has(&self, feature: u32) -> bool {
-        self.features & bit(feature) != 0
+        self.live.features & bit(feature) != 0
     }
     pub fn num_pages(&self) -> u32 {
         self.dev.config_read32(CONFIG_NUM_PAGES)
@@ -482,11 +460,11 @@ impl Balloon {
             // free page hinting work if a new command id arrived.
             self.adjust = true;
             self.retry_at_ns = 0;
-            if self.free_page.is_some() {
+            if self.live.free_page.is_some() {
                 self.free_page_hint_changed(mem);
             }
         }
-        if let Some(q) = self.free_page.as_mut() {
+        if let Some(q) = self.live.free_page.as_mut() {
             // Hinted buffers the device has finished with need no action.
             while q.pop_used().is_some() {}
         }
@@ -820,16 +798,19 @@ impl Balloon {
 
     fn queue(&mut self, q: Queue) -> (&mut SplitQueue, u16) {
         match q {
-            Queue::Inflate => (&mut self.inflate, 0),
-            Queue::Deflate => (&mut self.deflate, 1),
-            Queue::Stats => (self.stats.as_mut().expect("stats queue"), self.stats_qidx),
+            Queue::Inflate => (&mut self.live.inflate, 0),
+            Queue::Deflate => (&mut self.live.deflate, 1),
+            Queue::Stats => (
+                self.live.stats.as_mut().expect("stats queue"),
+                self.live.stats_qidx,
+            ),
             Queue::FreePage => (
-                self.free_page.as_mut().expect("free page queue"),
-                self.free_page_qidx,
+                self.live.free_page.as_mut().expect("free page queue"),
+                self.live.free_page_qidx,
             ),
             Queue::Reporting => (
-                self.reporting.as_mut().expect("reporting queue"),
-                self.reporting_qidx,
+                self.live.reporting.as_mut().expect("reporting queue"),
+                self.live.reporting_qidx,
             ),
         }
     }
@@ -957,7 +938,9 @@ impl Balloon {
             };
         }
         let addr = self.data + STATS_OFFSET;
-        let Some(q) = self.stats.as_mut() else { return };
+        let Some(q) = self.live.stats.as_mut() else {
+            return;
+        };
         self.stats_head = q.add(&[Buf {
             addr,
             len: STATS_BYTES as u32,
@@ -975,7 +958,9 @@ impl Balloon {
         if !self.answer_stats {
             return;
         }
-        let Some(q) = self.stats.as_mut() else { return };
+        let Some(q) = self.live.stats.as_mut() else {
+            return;
+        };
         let mut refill = false;
         while let Some(u) = q.pop_used() {
             if u.known && Some(u.id) == self.stats_head.map(u32::from) {
@@ -1113,7 +1098,7 @@ impl Balloon {
         self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
         let active = self.data + CMD_ID_ACTIVE_OFFSET;
         let stop = self.data + CMD_ID_STOP_OFFSET;
-        let Some(q) = self.free_page.as_mut() else {
+        let Some(q) = self.live.free_page.as_mut() else {
             return;
         };
         while q.pop_used().is_some() {}
@@ -1150,7 +1135,7 @@ impl Balloon {
                 break;
             }
             let seen = events::snapshot();
-            let Some(q) = self.free_page.as_mut() else {
+            let Some(q) = self.live.free_page.as_mut() else {
                 return;
             };
             while q.pop_used().is_some() {}
@@ -1184,7 +1169,7 @@ impl Balloon {
             self.hinted_total += 1;
             self.kick(Queue::FreePage);
         }
-        let Some(q) = self.free_page.as_mut() else {
+        let Some(q) = self.live.free_page.as_mut() else {
             return;
         };
         while q.pop_used().is_some() {}
@@ -1202,7 +1187,7 @@ impl Balloon {
     /// Free page hinting counters: (rounds, blocks hinted in all, blocks
     /// held now, active id).
     pub fn hint_status(&self) -> Option<(u64, u64, usize, u32)> {
-        self.free_page.as_ref()?;
+        self.live.free_page.as_ref()?;
         Some((
             self.hint_rounds,
             self.hinted_total,
@@ -1217,7 +1202,7 @@ impl Balloon {
     /// of one chain; kick; wait; the ranges are the guest's again after the
     /// device returns the buffer. Returns the number of ranges reported.
     pub fn report(&mut self, mem: &mut Memory) -> Result<u64, &'static str> {
-        if self.reporting.is_none() {
+        if self.live.reporting.is_none() {
             return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
         }
         let mut total = 0;
@@ -1247,7 +1232,7 @@ impl Balloon {
             for (b, &pfn) in bufs.iter_mut().zip(blocks.iter()).take(n) {
                 b.addr = pfn * PAGE_SIZE;
             }
-            let Some(q) = self.reporting.as_mut() else {
+            let Some(q) = self.live.reporting.as_mut() else {
                 return Ok(total);
             };
             let head = q.add(&bufs[..n]);
@@ -1320,7 +1305,7 @@ impl Balloon {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
                 self.write_scratch_u32(1, u32::MAX);
-                self.inflate.add(&[Buf {
+                self.live.inflate.add(&[Buf {
                     addr: scratch,
                     len: 8,
                     writable: false,
@@ -1331,7 +1316,7 @@ impl Balloon {
                 self.write_scratch_u32(0, 0xc0000);
                 self.write_scratch_u32(1, (self.dev.base >> 12) as u32);
                 self.write_scratch_u32(2, (apic::LAPIC_BASE >> 12) as u32);
-                self.inflate.add(&[Buf {
+                self.live.inflate.add(&[Buf {
                     addr: scratch,
                     len: 12,
                     writable: false,
@@ -1347,7 +1332,7 @@ impl Balloon {
                     flags: VIRTQ_DESC_F_NEXT,
                     next,
                 };
-                self.inflate.add_raw(&[d(1), d(0)])
+                self.live.inflate.add_raw(&[d(1), d(0)])
             }
             HostileCase::ChainTooLong => {
                 // Every descriptor of the queue chained, the last one still
@@ -1355,7 +1340,7 @@ impl Balloon {
                 // queue can hold.
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
-                let n = self.inflate.num_free();
+                let n = self.live.inflate.num_free();
                 let mut descs = [RawDesc {
                     addr: scratch,
                     len: 4,
@@ -1365,12 +1350,12 @@ impl Balloon {
                 for (i, d) in descs.iter_mut().enumerate().take(n as usize) {
                     d.next = i as u16 + 1;
                 }
-                self.inflate.add_raw(&descs[..n as usize])
+                self.live.inflate.add_raw(&descs[..n as usize])
             }
             HostileCase::ZeroLen => {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
-                self.inflate.add(&[Buf {
+                self.live.inflate.add(&[Buf {
                     addr: scratch,
                     len: 0,
                     writable: false,
@@ -1380,7 +1365,7 @@ impl Balloon {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
                 self.write_scratch_u32(1, 0);
-                self.inflate.add(&[Buf {
+                self.live.inflate.add(&[Buf {
                     addr: scratch,
                     len: 6,
                     writable: false,
@@ -1389,14 +1374,14 @@ impl Balloon {
             HostileCase::WritableInflate => {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
-                self.inflate.add(&[Buf {
+                self.live.inflate.add(&[Buf {
                     addr: scratch,
                     len: 4,
                     writable: true,
                 }])
             }
             HostileCase::StatsTruncated => {
-                if self.stats.is_none() {
+                if self.live.stats.is_none() {
                     return Err("VIRTIO_BALLOON_F_STATS_VQ not negotiated");
                 }
                 // One and a half stat entries: 15 bytes.
@@ -1406,7 +1391,7 @@ impl Balloon {
                     // SAFETY: scratch area of the data page.
                     unsafe { core::ptr::write_volatile((scratch + i as u64) as *mut u8, *b) };
                 }
-                self.stats.as_mut().and_then(|s| {
+                self.live.stats.as_mut().and_then(|s| {
                     s.add(&[Buf {
                         addr: scratch,
                         len: 15,
@@ -1432,11 +1417,13 @@ impl Balloon {
     /// all` skips the others).
     pub fn hostile_supported(&self, case: HostileCase) -> bool {
         match case {
-            HostileCase::StatsTruncated => self.stats.is_some(),
+            HostileCase::StatsTruncated => self.live.stats.is_some(),
             HostileCase::HintStaleId
             | HostileCase::HintOutsideRam
-            | HostileCase::HintWrongDirection => self.free_page.is_some(),
-            HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => self.reporting.is_some(),
+            | HostileCase::HintWrongDirection => self.live.free_page.is_some(),
+            HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => {
+                self.live.reporting.is_some()
+            }
             _ => true,
         }
     }
@@ -1483,7 +1470,7 @@ impl Balloon {
         case: HostileCase,
         in_all: bool,
     ) -> Result<bool, &'static str> {
-        if self.free_page.is_none() {
+        if self.live.free_page.is_none() {
             return Err("VIRTIO_BALLOON_F_FREE_PAGE_HINT not negotiated");
         }
         let scratch = self.data + HOSTILE_OFFSET;
@@ -1575,7 +1562,7 @@ impl Balloon {
         mem: &mut Memory,
         case: HostileCase,
     ) -> Result<bool, &'static str> {
-        if self.reporting.is_none() {
+        if self.live.reporting.is_none() {
             return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
         }
         let range = PAGE_SIZE << REPORT_ORDER;
@@ -1610,6 +1597,7 @@ impl Balloon {
             }
         };
         let free = self
+            .live
             .reporting
             .as_ref()
             .map_or(0, |q| usize::from(q.num_free()));
@@ -1634,7 +1622,7 @@ impl Balloon {
                 d.addr = addr(i);
                 d.next = i as u16 + 1;
             }
-            let Some(q) = self.reporting.as_mut() else {
+            let Some(q) = self.live.reporting.as_mut() else {
                 return Err("VIRTIO_BALLOON_F_REPORTING not negotiated");
             };
             let head = q
@@ -1653,7 +1641,7 @@ impl Balloon {
     fn wait_stats_buffer(&mut self, mem: &Memory, head: u16, deadline_ns: u64) -> bool {
         loop {
             let seen = events::snapshot();
-            let Some(q) = self.stats.as_mut() else {
+            let Some(q) = self.live.stats.as_mut() else {
                 return false;
             };
             let mut back = false;
@@ -1685,15 +1673,15 @@ impl Balloon {
         write!(
             out,
             "balloon started base {:#x} irq {} features {:#x} inflate {} deflate {}",
-            self.dev.base, self.gsi, self.features, i, d
+            self.dev.base, self.gsi, self.live.features, i, d
         )?;
         if let Some(s) = s {
             write!(out, " stats {s}")?;
         }
-        if let Some(q) = &self.free_page {
+        if let Some(q) = &self.live.free_page {
             write!(out, " free-page {}", q.size())?;
         }
-        if let Some(q) = &self.reporting {
+        if let Some(q) = &self.live.reporting {
             write!(out, " reporting {}", q.size())?;
         }
         write!(
