@@ -15,24 +15,9 @@ use serde_json::json;
 const BOOT: Duration = Duration::from_secs(30);
 
 fn start(name: &str, program: &str, extra: &[&str]) -> (Vm, ApiClient, std::path::PathBuf) {
-    let sock = sock_path(name);
-    let cmdline = format!("testguest.run=\"{program}\"");
-    let mut args = vec![
-        "--memory",
-        "1G",
-        "--debug-exit",
-        "--balloon",
-        "stats_interval=1",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ];
+    let mut args = vec!["--memory", "1G", "--balloon", "stats_interval=1"];
     args.extend_from_slice(extra);
-    let vm = Vm::start(&args);
-    wait_for_socket(&sock);
-    let client = ApiClient::new(&sock).expect("API client");
-    (vm, client, sock)
+    common::boot_with_api(name, program, &args)
 }
 
 /// Send raw bytes and read the answer (one response, or until the server

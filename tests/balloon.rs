@@ -262,21 +262,13 @@ fn statistics_arrive_with_sane_values() {
 
 #[test]
 fn hostile_guest_input_is_refused_and_the_device_keeps_working() {
-    let sock = sock_path("hostile");
-    let mut vm = Vm::start(&[
-        "--memory",
+    let (mut vm, mut api) = common::start_with_api(
+        "hostile",
         "1G",
-        "--debug-exit",
-        "--balloon",
         "stats_interval=1",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"balloon;hostile all;echo hostile finished\"",
-    ]);
+        "balloon;hostile all;echo hostile finished",
+    );
     vm.expect_line("hostile finished", Duration::from_secs(60));
-    wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).expect("API client");
     // The VMM is alive and answers.
     let (status, body) = api.get("/vm").unwrap();
     assert_eq!(status, 200, "{body}");

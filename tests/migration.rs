@@ -43,22 +43,9 @@ fn start_source(
     memory: &str,
     extra: &[&str],
 ) -> (Vm, ApiClient, PathBuf) {
-    let sock = sock_path(name);
-    let cmdline = format!("testguest.run=\"{program}\"");
-    let mut args = vec![
-        "--memory",
-        memory,
-        "--debug-exit",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ];
+    let mut args = vec!["--memory", memory];
     args.extend_from_slice(extra);
-    let vm = Vm::start(&args);
-    wait_for_socket(&sock);
-    let api = ApiClient::new(&sock).expect("API client");
-    (vm, api, sock)
+    common::boot_with_api(name, program, &args)
 }
 
 fn restore(file: &Path, extra: &[&str]) -> Vm {

@@ -327,30 +327,39 @@ pub fn set_target(client: &mut api::client::ApiClient, mib: u64) {
     assert_eq!(status, 204, "PATCH /balloon {mib}: {body}");
 }
 
-/// Boots the test guest with `--memory memory --debug-exit --balloon
-/// balloon`, an API socket named after `name` and `program` as its
-/// `testguest.run`; returns once the API socket accepts connections.
+/// Boots the test guest with `--debug-exit`, an API socket named after
+/// `name`, `program` as its `testguest.run` and `args` (memory, balloon,
+/// ...); returns once the API socket accepts connections, with its path.
+pub fn boot_with_api(
+    name: &str,
+    program: &str,
+    args: &[&str],
+) -> (Vm, api::client::ApiClient, PathBuf) {
+    let sock = sock_path(name);
+    let cmdline = format!("testguest.run=\"{program}\"");
+    let mut all = vec![
+        "--debug-exit",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ];
+    all.extend_from_slice(args);
+    let vm = Vm::start(&all);
+    wait_for_socket(&sock);
+    let api = api::client::ApiClient::new(&sock).expect("API client");
+    (vm, api, sock)
+}
+
+/// [`boot_with_api`] with `--memory memory --balloon balloon`.
 pub fn start_with_api(
     name: &str,
     memory: &str,
     balloon: &str,
     program: &str,
 ) -> (Vm, api::client::ApiClient) {
-    let sock = sock_path(name);
-    let cmdline = format!("testguest.run=\"{program}\"");
-    let vm = Vm::start(&[
-        "--memory",
-        memory,
-        "--debug-exit",
-        "--balloon",
-        balloon,
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ]);
-    wait_for_socket(&sock);
-    (vm, api::client::ApiClient::new(&sock).unwrap())
+    let (vm, api, _) = boot_with_api(name, program, &["--memory", memory, "--balloon", balloon]);
+    (vm, api)
 }
 
 /// `GET /metrics` as a map from metric name (without the `blimp_` prefix,
