@@ -42,6 +42,19 @@ pub enum ClientCommand {
         cmd: VmCommand,
     },
     /// Live-migrate a running VM and follow its progress
+    ///
+    /// Destinations: another blimp (`blimp run --incoming URL` there) at
+    /// unix:///path or tcp://IP:PORT, or a file (file:///path).
+    ///
+    /// Over a socket the source keeps the guest paused after the last byte
+    /// until the destination has verified the stream, built the VM and
+    /// acknowledged; if it does not (refusal, crash, timeout), the guest runs
+    /// here again and the migration is Failed with the reason. Once
+    /// Completed, this VM is Migrated: it answers only GET requests and
+    /// exits after --source-exit-delay-ms (or stays with --source-stays).
+    ///
+    /// Ctrl-C (or SIGTERM) cancels the migration: the guest runs here again.
+    /// `blimp migrate --cancel` cancels one started elsewhere.
     Migrate(MigrateArgs),
     /// Write a snapshot of a running VM to a file
     Snapshot(SnapshotArgs),
@@ -117,8 +130,26 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub conn: Conn,
     /// Destination: file:///path, unix:///path or tcp://IP:PORT
-    #[arg(long, value_name = "URL", value_parser = parse_destination_arg)]
-    pub to: MigrationDestination,
+    #[arg(long, value_name = "URL", value_parser = parse_destination_arg, required_unless_present = "cancel")]
+    pub to: Option<MigrationDestination>,
+    /// Cancel the running migration (DELETE /migration) and wait until the
+    /// guest runs here again
+    #[arg(long, conflicts_with = "to")]
+    pub cancel: bool,
+    /// How long the paused source waits for the destination's
+    /// acknowledgement before it resumes the guest
+    #[arg(long, value_name = "MS", default_value_t = api::types::DEFAULT_ACK_TIMEOUT_MS)]
+    pub ack_timeout_ms: u64,
+    /// How long the destination may accept no data before the migration fails
+    #[arg(long, value_name = "MS", default_value_t = api::types::DEFAULT_WRITE_TIMEOUT_MS)]
+    pub write_timeout_ms: u64,
+    /// Keep the source blimp (Migrated, GET only) after the migration
+    /// instead of ending it
+    #[arg(long)]
+    pub source_stays: bool,
+    /// Time between completion and the source's exit
+    #[arg(long, value_name = "MS", default_value_t = api::types::DEFAULT_SOURCE_EXIT_DELAY_MS)]
+    pub source_exit_delay_ms: u64,
     /// Do not use free page hinting to skip free guest memory
     #[arg(long)]
     pub no_hints: bool,
@@ -498,18 +529,70 @@ fn print_migration(m: &MigrationStatus) {
     println!("{line}");
 }
 
+/// Set once by the binary: says whether the user interrupted (Ctrl-C).
+static INTERRUPTED: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// How `blimp migrate` learns of Ctrl-C/SIGTERM (the binary blocks them and
+/// reads a signalfd); without it, Ctrl-C ends the client as usual.
+pub fn set_interrupt_check(check: Box<dyn Fn() -> bool + Send + Sync>) {
+    let _ = INTERRUPTED.set(check);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.get().is_some_and(|f| f())
+}
+
+/// Wait until the running job ends (or none runs).
+fn wait_job_end(c: &ApiClient) -> Result<MigrationStatus, String> {
+    loop {
+        let m = c.migration().map_err(err)?;
+        if m.state.is_finished() || m.state == MigrationState::Idle {
+            return Ok(m);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cancel_migration(args: &MigrateArgs) -> Result<(), String> {
+    let c = client(&args.conn)?;
+    c.cancel_migration().map_err(err)?;
+    let status = wait_job_end(&c)?;
+    if args.conn.json {
+        print_json(&status)?;
+    } else {
+        print_migration(&status);
+    }
+    match status.state {
+        MigrationState::Cancelled => Ok(()),
+        other => Err(format!(
+            "the migration ended {other:?} before the cancel took effect"
+        )),
+    }
+}
+
 fn migrate(args: MigrateArgs) -> Result<(), String> {
+    if args.cancel {
+        return cancel_migration(&args);
+    }
+    let Some(to) = args.to.clone() else {
+        return Err("--to URL is required".into());
+    };
     let c = client(&args.conn)?;
     let req = MigrationRequest {
-        destination: args.to.clone(),
         downtime_ms: args.downtime_ms,
         free_page_hints: !args.no_hints,
         max_rounds: args.max_rounds,
+        ack_timeout_ms: args.ack_timeout_ms,
+        write_timeout_ms: args.write_timeout_ms,
+        source_exits: !args.source_stays,
+        source_exit_delay_ms: args.source_exit_delay_ms,
+        ..MigrationRequest::new(to.clone())
     };
     c.start_migration(&req).map_err(err)?;
     if args.no_wait {
         if !args.conn.json {
-            println!("migration to {} started", args.to);
+            println!("migration to {to} started");
         }
         return Ok(());
     }
@@ -523,6 +606,7 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .progress_chars("=> "),
     );
+    let mut cancel_sent = false;
     let status = loop {
         let m = c.migration().map_err(err)?;
         bar.set_length(m.total_pages.max(1));
@@ -531,10 +615,24 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
             "{:?}, round {}, {} sent",
             m.state,
             m.round,
-            format_bytes(m.bytes_sent)
+            format_bytes(m.stream_bytes.max(m.bytes_sent))
         ));
         if m.state.is_finished() || m.state == MigrationState::Idle {
             break m;
+        }
+        if !cancel_sent && interrupted() {
+            bar.suspend(|| {
+                eprintln!(
+                    "blimp: interrupted: cancelling the migration (the guest keeps running here)"
+                )
+            });
+            match c.cancel_migration() {
+                Ok(()) => {}
+                // It ended meanwhile: the next poll shows how.
+                Err(e) if e.status() == Some(409) => {}
+                Err(e) => return Err(err(e)),
+            }
+            cancel_sent = true;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -554,6 +652,9 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
             "migration failed: {}",
             status.error.as_deref().unwrap_or("no reason given")
         )),
+        MigrationState::Cancelled if cancel_sent => {
+            Err("migration cancelled (Ctrl-C); the guest runs here again".into())
+        }
         MigrationState::Cancelled => Err("migration was cancelled".into()),
         other => Err(format!("migration ended in state {other:?}")),
     }
@@ -567,13 +668,7 @@ fn snapshot(args: SnapshotArgs) -> Result<(), String> {
         .map_err(err)?;
     // The snapshot runs in the background (the guest keeps answering hint
     // requests until it is paused): wait for it.
-    let status = loop {
-        let m = c.migration().map_err(err)?;
-        if m.state.is_finished() || m.state == MigrationState::Idle {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_job_end(&c)?;
     if status.state != MigrationState::Completed {
         return Err(format!(
             "snapshot failed: {}",

@@ -279,23 +279,27 @@ fn run_vmm(mut vmm: Vmm, api_sock: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// Where a restored VM comes from.
+enum Source {
+    File(Result<Box<dyn std::io::Read + Send>, vmm::restore::RestoreError>),
+    Incoming(Result<vmm::restore::Incoming, vmm::restore::RestoreError>),
+}
+
 /// Restore from a stream (a file or an incoming migration) and run.
-fn restore_and_run(
-    input: Result<Box<dyn std::io::Read + Send>, vmm::restore::RestoreError>,
-    host: &HostArgs,
-) -> ExitCode {
-    let input = match input {
-        Ok(i) => i,
-        Err(e) => {
-            report(&e);
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
     let cfg = vmm::restore::RestoreConfig {
         memory_backend: host.memory_backend.clone(),
         serial_input: !host.no_stdin,
     };
-    match Vmm::restore(cfg, input) {
+    let built = match source {
+        Source::File(Ok(input)) => Vmm::restore(cfg, input),
+        Source::Incoming(Ok(incoming)) => Vmm::restore_incoming(cfg, incoming),
+        Source::File(Err(e)) | Source::Incoming(Err(e)) => {
+            report(&e);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match built {
         Ok(vmm) => run_vmm(vmm, host.api_sock.clone()),
         Err(e) => {
             report(&e);
@@ -311,7 +315,7 @@ fn run(args: RunArgs) -> ExitCode {
             api_sock: args.api_sock.clone(),
             no_stdin: args.no_stdin,
         };
-        return restore_and_run(vmm::restore::accept_incoming(url), &host);
+        return restore_and_run(Source::Incoming(vmm::restore::accept_incoming(url)), &host);
     }
     let cfg = match vm_config(&args) {
         Ok(c) => c,
@@ -338,19 +342,39 @@ fn run(args: RunArgs) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
+        // What the VMM tells its user (a migration completed, a VM handed
+        // over) shows at any --log-level (RUST_LOG=console=off hides it).
+        .filter_module("console", log::LevelFilter::Info)
         .parse_filters(&cli.log_level)
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Restore(args) => restore_and_run(vmm::restore::open_file(&args.from), &args.host),
-        Command::Client(cmd) => match client::run(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("blimp: error: {msg}");
-                ExitCode::from(EXIT_RUNTIME)
+        Command::Restore(args) => restore_and_run(
+            Source::File(vmm::restore::open_file(&args.from)),
+            &args.host,
+        ),
+        Command::Client(cmd) => {
+            if matches!(cmd, client::ClientCommand::Migrate(_)) {
+                watch_interrupts();
             }
-        },
+            match client::run(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("blimp: error: {msg}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+    }
+}
+
+/// `blimp migrate` turns Ctrl-C/SIGTERM/SIGHUP into a cancel of the
+/// migration instead of dying with it running.
+fn watch_interrupts() {
+    match vmm::signals::TerminationSignals::new() {
+        Ok(signals) => client::set_interrupt_check(Box::new(move || signals.read().is_some())),
+        Err(e) => log::warn!("Ctrl-C will not cancel the migration: {e}"),
     }
 }

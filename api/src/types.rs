@@ -28,6 +28,16 @@ pub const MAX_DOWNTIME_MS: u64 = 60_000;
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Largest `max_rounds` accepted for a migration.
 pub const MAX_MIGRATION_ROUNDS: u32 = 1_000;
+/// Default time the source waits for the destination's acknowledgement
+/// (the destination verifies the whole stream and builds the VM first).
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 30_000;
+/// Default time a destination may stop reading before the migration fails.
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Default delay before a migrated source exits.
+pub const DEFAULT_SOURCE_EXIT_DELAY_MS: u64 = 2_000;
+/// Bounds of the migration timeouts accepted from a client.
+pub const MIN_MIGRATION_TIMEOUT_MS: u64 = 100;
+pub const MAX_MIGRATION_TIMEOUT_MS: u64 = 3_600_000;
 
 /// MiB → 4 KiB pages (saturating; inputs are validated to be far below overflow).
 pub fn mib_to_pages(mib: u64) -> u64 {
@@ -52,6 +62,10 @@ pub trait Validate {
 pub enum VmState {
     Running,
     Paused,
+    /// A migration completed: the VM runs at its destination now. Terminal:
+    /// this blimp serves only GET requests (and `PUT /vm/shutdown`) until it
+    /// exits. Reported by `GET /vm`, never accepted by `PATCH /vm`.
+    Migrated,
 }
 
 impl fmt::Display for VmState {
@@ -59,6 +73,7 @@ impl fmt::Display for VmState {
         f.write_str(match self {
             VmState::Running => "Running",
             VmState::Paused => "Paused",
+            VmState::Migrated => "Migrated",
         })
     }
 }
@@ -83,7 +98,13 @@ pub struct VmStatePatch {
 
 impl Validate for VmStatePatch {
     fn validate(&self) -> Result<(), String> {
-        Ok(())
+        match self.state {
+            VmState::Running | VmState::Paused => Ok(()),
+            VmState::Migrated => Err(
+                "state Migrated cannot be requested (a completed migration sets it): use Running or Paused"
+                    .into(),
+            ),
+        }
     }
 }
 
@@ -354,6 +375,18 @@ fn default_true() -> bool {
     true
 }
 
+fn default_ack_timeout_ms() -> u64 {
+    DEFAULT_ACK_TIMEOUT_MS
+}
+
+fn default_write_timeout_ms() -> u64 {
+    DEFAULT_WRITE_TIMEOUT_MS
+}
+
+fn default_source_exit_delay_ms() -> u64 {
+    DEFAULT_SOURCE_EXIT_DELAY_MS
+}
+
 /// `PUT /migration`: start a live migration.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -368,6 +401,40 @@ pub struct MigrationRequest {
     /// Most pre-copy rounds before stop-and-copy (absent: VMM default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rounds: Option<u32>,
+    /// How long the paused source waits for the destination's
+    /// acknowledgement after the last byte (unix/tcp); without it in time
+    /// the guest resumes here (default 30 000 ms).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// How long the destination may stop reading before the migration
+    /// fails and the guest resumes here (default 10 000 ms).
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Whether this blimp exits once the migration completed (default true);
+    /// false keeps it, in the terminal Migrated state, until
+    /// `PUT /vm/shutdown` or a signal.
+    #[serde(default = "default_true")]
+    pub source_exits: bool,
+    /// Delay between completion and exit, so pollers see `Completed`
+    /// (default 2000 ms).
+    #[serde(default = "default_source_exit_delay_ms")]
+    pub source_exit_delay_ms: u64,
+}
+
+impl MigrationRequest {
+    /// A request with every option at its default.
+    pub fn new(destination: MigrationDestination) -> Self {
+        Self {
+            destination,
+            downtime_ms: DEFAULT_DOWNTIME_MS,
+            free_page_hints: true,
+            max_rounds: None,
+            ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
+            source_exits: true,
+            source_exit_delay_ms: DEFAULT_SOURCE_EXIT_DELAY_MS,
+        }
+    }
 }
 
 impl Validate for MigrationRequest {
@@ -385,6 +452,22 @@ impl Validate for MigrationRequest {
                 "max_rounds {r} is out of range (1 to {MAX_MIGRATION_ROUNDS})"
             ));
         }
+        for (name, v) in [
+            ("ack_timeout_ms", self.ack_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if !(MIN_MIGRATION_TIMEOUT_MS..=MAX_MIGRATION_TIMEOUT_MS).contains(&v) {
+                return Err(format!(
+                    "{name} {v} is out of range ({MIN_MIGRATION_TIMEOUT_MS} to {MAX_MIGRATION_TIMEOUT_MS})"
+                ));
+            }
+        }
+        if self.source_exit_delay_ms > MAX_MIGRATION_TIMEOUT_MS {
+            return Err(format!(
+                "source_exit_delay_ms {} is out of range (0 to {MAX_MIGRATION_TIMEOUT_MS})",
+                self.source_exit_delay_ms
+            ));
+        }
         Ok(())
     }
 }
@@ -400,6 +483,9 @@ pub enum MigrationState {
     Active,
     /// Guest paused, sending the last dirty pages and device state.
     Completing,
+    /// Guest paused, everything sent: waiting for the destination to verify
+    /// the stream, build the VM and acknowledge (unix/tcp only).
+    Switchover,
     Completed,
     Failed,
     Cancelled,
@@ -431,6 +517,10 @@ pub struct MigrationStatus {
     pub pages_hinted: u64,
     pub pages_zero: u64,
     pub bytes_sent: u64,
+    /// Bytes written to the destination so far (records, page data, state),
+    /// updated as they are written, also in the middle of a round.
+    #[serde(default)]
+    pub stream_bytes: u64,
     pub elapsed_ms: u64,
     /// Measured downtime, once the migration completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -452,6 +542,7 @@ impl MigrationStatus {
             pages_hinted: 0,
             pages_zero: 0,
             bytes_sent: 0,
+            stream_bytes: 0,
             elapsed_ms: 0,
             downtime_ms: None,
             error: None,

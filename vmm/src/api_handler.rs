@@ -94,7 +94,9 @@ impl ApiHandler {
     }
 
     fn state(&self) -> VmState {
-        if self.ctx.vcpus.is_paused() {
+        if self.migrated() {
+            VmState::Migrated
+        } else if self.ctx.vcpus.is_paused() {
             VmState::Paused
         } else {
             VmState::Running
@@ -108,7 +110,59 @@ impl ApiHandler {
             .ok_or_else(ApiResponse::no_balloon)
     }
 
+    /// The VM was migrated away: it must never run here again.
+    fn migrated(&self) -> bool {
+        self.job.as_ref().is_some_and(Migration::migrated)
+    }
+
+    fn job_running(&self) -> bool {
+        self.job.as_ref().is_some_and(Migration::is_running)
+    }
+
+    /// 409 for a request that would change a VM that now runs elsewhere, or
+    /// race a running migration (pause/resume, hinting, another job).
+    fn refuse(&self, req: &ApiRequest) -> Option<ApiResponse> {
+        let changes_state = !matches!(
+            req,
+            ApiRequest::GetVm
+                | ApiRequest::GetBalloon
+                | ApiRequest::GetBalloonStats
+                | ApiRequest::GetMetrics
+                | ApiRequest::HintingStatus
+                | ApiRequest::GetMigration
+                | ApiRequest::Shutdown
+        );
+        if changes_state && self.migrated() {
+            let dest = self
+                .job
+                .as_ref()
+                .and_then(|j| j.status().destination)
+                .unwrap_or_default();
+            return Some(ApiResponse::conflict(format!(
+                "the VM was migrated to {dest} and runs there now: this blimp answers only GET requests (and PUT /vm/shutdown) until it exits"
+            )));
+        }
+        let races_migration = matches!(
+            req,
+            ApiRequest::PatchVm(_)
+                | ApiRequest::HintingStart
+                | ApiRequest::HintingStop
+                | ApiRequest::HintingDone
+        );
+        if races_migration && self.job_running() {
+            let state = self.job.as_ref().map(|j| j.status().state);
+            return Some(ApiResponse::conflict(format!(
+                "a migration is in progress ({state:?}): it pauses and resumes the VM and drives free page hinting itself; cancel it first (DELETE /migration)",
+                state = state.unwrap_or(types::MigrationState::Idle)
+            )));
+        }
+        None
+    }
+
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        if let Some(refused) = self.refuse(&req) {
+            return refused;
+        }
         let r = match req {
             ApiRequest::GetVm => Ok(ApiResponse::ok(&VmInfo {
                 state: self.state(),
@@ -157,13 +211,16 @@ impl ApiHandler {
                 free_page_hints: m.free_page_hints,
                 max_rounds: m.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
                 mode: Mode::Live,
+                ack_timeout: Duration::from_millis(m.ack_timeout_ms),
+                write_timeout: Duration::from_millis(m.write_timeout_ms),
+                source_exit: m
+                    .source_exits
+                    .then(|| Duration::from_millis(m.source_exit_delay_ms)),
             }),
             ApiRequest::PutSnapshot(s) => self.start_job(MigrationOptions {
-                destination: MigrationDestination::File(s.path),
                 downtime: Duration::from_secs(3600),
-                free_page_hints: true,
                 max_rounds: 1,
-                mode: Mode::Snapshot,
+                ..MigrationOptions::new(MigrationDestination::File(s.path), Mode::Snapshot)
             }),
             ApiRequest::GetMigration => Ok(ApiResponse::ok(
                 &self
@@ -217,6 +274,9 @@ impl ApiHandler {
         match want {
             VmState::Paused => self.ctx.vcpus.pause(),
             VmState::Running => self.ctx.vcpus.resume(),
+            VmState::Migrated => {
+                return ApiResponse::bad_request("state Migrated cannot be requested");
+            }
         }
         self.events
             .publish(ApiEvent::VmStateChanged { state: want });

@@ -6,12 +6,15 @@
 use std::io::{BufReader, Read};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use api::types::MigrationDestination;
 use arch::MemoryLayout;
 
 use crate::config::{MemoryBackend, VmConfig};
+use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
+use crate::migration::link::{self, Peer};
 use crate::migration::state::{self, StateSupport, VmState};
 use crate::migration::stream::{Destination, StreamReader};
 use crate::vcpu;
@@ -33,6 +36,10 @@ pub enum RestoreError {
     State(#[from] crate::migration::state::StateError),
     #[error("the migration stream's device state: {0}")]
     Devices(String),
+    #[error("{len} bytes follow the trailer: the stream must end there")]
+    TrailingBytes { len: usize },
+    #[error("the source did not hand the VM over: {0}; not running it")]
+    NoHandover(#[source] HandshakeError),
     #[error("cannot open {what}: {source}")]
     Open {
         what: String,
@@ -41,9 +48,43 @@ pub enum RestoreError {
     },
 }
 
-/// Wait for one incoming migration on `url` (unix:///path or tcp://IP:PORT)
-/// and return the connection.
-pub fn accept_incoming(url: &str) -> Result<Box<dyn Read + Send>, RestoreError> {
+/// How long an incoming migration may go without a byte from the source
+/// (or wait for its GO after the ACK) before it is refused.
+pub const INCOMING_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An accepted incoming migration: the stream comes in over `peer`, and the
+/// switchover handshake ([`crate::migration::handshake`]) goes both ways on it.
+pub struct Incoming {
+    url: String,
+    peer: Option<Peer>,
+    input: Box<dyn Read + Send>,
+}
+
+impl Incoming {
+    /// Where it came in, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Remove a socket left by an earlier listener at `path`; anything else
+/// there is refused, never removed.
+fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "something other than a socket is there; not removing it",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Wait for one incoming migration on `url` (unix:///path or tcp://IP:PORT;
+/// file:///path reads a file) and return the connection.
+pub fn accept_incoming(url: &str) -> Result<Incoming, RestoreError> {
     let dest = MigrationDestination::parse(url).map_err(|e| RestoreError::Open {
         what: url.to_string(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
@@ -52,24 +93,72 @@ pub fn accept_incoming(url: &str) -> Result<Box<dyn Read + Send>, RestoreError> 
         let what = what.to_string();
         move |source| RestoreError::Open { what, source }
     };
-    match dest {
+    let peer = match dest {
         MigrationDestination::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
+            clear_stale_socket(&path).map_err(open(url))?;
             let l = UnixListener::bind(&path).map_err(open(url))?;
             log::info!("waiting for an incoming migration on {url}");
-            let (s, _) = l.accept().map_err(open(url))?;
+            let accepted = l.accept();
             let _ = std::fs::remove_file(&path);
-            Ok(Box::new(s))
+            Peer::Unix(accepted.map_err(open(url))?.0)
         }
         MigrationDestination::Tcp(addr) => {
             let l = TcpListener::bind(addr).map_err(open(url))?;
             log::info!("waiting for an incoming migration on {url}");
-            let (s, _) = l.accept().map_err(open(url))?;
-            Ok(Box::new(s))
+            let (s, from) = l.accept().map_err(open(url))?;
+            log::info!("incoming migration from {from}");
+            Peer::Tcp(s)
         }
-        MigrationDestination::File(path) => Ok(Box::new(
-            std::fs::File::open(&path).map_err(open(&path.display().to_string()))?,
-        )),
+        MigrationDestination::File(path) => {
+            return Ok(Incoming {
+                url: url.to_string(),
+                peer: None,
+                input: open_file(&path)?,
+            });
+        }
+    };
+    peer.set_timeouts(link::POLL).map_err(open(url))?;
+    let reader = peer.try_clone().map_err(open(url))?;
+    Ok(Incoming {
+        url: url.to_string(),
+        peer: Some(peer),
+        input: Box::new(IdleLimit {
+            inner: reader,
+            limit: INCOMING_IDLE_TIMEOUT,
+        }),
+    })
+}
+
+/// Reads from a socket whose reads time out every [`link::POLL`]; fails
+/// with a clear error once nothing came for `limit`.
+struct IdleLimit<R> {
+    inner: R,
+    limit: Duration,
+}
+
+impl<R: Read> Read for IdleLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = Instant::now();
+        loop {
+            match self.inner.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if start.elapsed() >= self.limit {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the source sent nothing for {} s", self.limit.as_secs()),
+                        ));
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -83,9 +172,71 @@ pub fn open_file(path: &std::path::Path) -> Result<Box<dyn Read + Send>, Restore
     })?))
 }
 
+/// What must follow the stream's trailer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// Nothing: the end of the file.
+    Eof,
+    /// The source's handshake messages, which it sends only after our ACK:
+    /// nothing may have arrived yet.
+    Handshake,
+}
+
 impl Vmm {
-    /// Build a VM from a migration stream. Nothing runs until [`Vmm::run`].
+    /// Build a VM from a migration file. Nothing runs until [`Vmm::run`].
     pub fn restore(cfg: RestoreConfig, input: Box<dyn Read + Send>) -> Result<Vmm, Error> {
+        Self::restore_stream(cfg, input, End::Eof)
+    }
+
+    /// Build a VM from an incoming migration and take it over: verify the
+    /// whole stream and build the VM, acknowledge (or refuse, with the reason),
+    /// and return the VM once the source handed it over (GO) and was told it
+    /// runs here (RUN). The caller runs it at once. A refused stream, or a
+    /// source that never hands over, returns an error: the VM must not run.
+    pub fn restore_incoming(cfg: RestoreConfig, incoming: Incoming) -> Result<Vmm, Error> {
+        let Incoming { url, peer, input } = incoming;
+        let Some(mut peer) = peer else {
+            return Self::restore_stream(cfg, input, End::Eof);
+        };
+        let vmm = match Self::restore_stream(cfg, input, End::Handshake) {
+            Ok(v) => v,
+            Err(e) => {
+                // Best effort: the source resumes its guest either way.
+                if let Err(send) = handshake::send(&mut peer, &Message::Nak(e.to_string())) {
+                    log::warn!("{url}: cannot tell the source why: {send}");
+                }
+                return Err(e);
+            }
+        };
+        let no_handover = |e| Error::from(RestoreError::NoHandover(e));
+        handshake::send(&mut peer, &Message::Ack).map_err(no_handover)?;
+        log::info!("{url}: stream verified and VM built; waiting for the source to hand it over");
+        let never = || false;
+        let go = Waiter {
+            cancelled: &never,
+            timeout: INCOMING_IDLE_TIMEOUT,
+        };
+        match go.recv(&mut peer, "GO").map_err(no_handover)? {
+            Message::Go => {}
+            other => {
+                return Err(no_handover(HandshakeError::Unexpected {
+                    expected: "GO",
+                    got: other.name(),
+                }));
+            }
+        }
+        // RUN goes out before any vCPU starts: if it cannot be sent, the
+        // source may resume its guest, so this one must not run.
+        handshake::send(&mut peer, &Message::Run).map_err(no_handover)?;
+        log::info!(target: "console", "{url}: the source handed the VM over; it runs here now");
+        Ok(vmm)
+    }
+
+    fn restore_stream(
+        cfg: RestoreConfig,
+        input: Box<dyn Read + Send>,
+        end: End,
+    ) -> Result<Vmm, Error> {
         let mut reader = StreamReader::new(BufReader::with_capacity(4 << 20, input));
         let header = reader.read_header().map_err(RestoreError::from)?;
         let size: u64 = header.layout.iter().map(|r| r.size).sum();
@@ -94,6 +245,13 @@ impl Vmm {
         let restored = reader
             .restore(m.ram.memory(), &layout, Destination::Fresh)
             .map_err(RestoreError::from)?;
+        if end == End::Handshake {
+            let (input, rest) = reader.into_inner();
+            let len = rest.len() + input.buffer().len();
+            if len != 0 {
+                return Err(RestoreError::TrailingBytes { len }.into());
+            }
+        }
         let state = VmState::from_bytes(&restored.state).map_err(RestoreError::from)?;
         let count = u8::try_from(state.vcpus.len())
             .ok()

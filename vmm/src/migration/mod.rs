@@ -20,8 +20,10 @@
 
 pub mod convergence;
 pub mod dirty;
+pub mod handshake;
 #[cfg(test)]
 mod kvm_tests;
+pub mod link;
 pub mod source;
 pub mod state;
 pub mod stream;

@@ -10,10 +10,16 @@
 //!    later is sent again;
 //! 3. the final round runs paused with hinting stopped; the destination's
 //!    balloon is told DONE on resume so the guest frees its hinted blocks.
+//!
+//! Ownership (see [`super::handshake`] and `docs/migration.md`): over a
+//! socket the source keeps the guest paused after the last byte until the
+//! destination acknowledges; any failure before the destination confirms it
+//! runs resumes the guest here. A completed live migration leaves this VM in
+//! the terminal Migrated state. Cancel and a stalled destination are noticed
+//! within [`super::link::POLL`] in every phase.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::os::unix::net::UnixStream;
+use std::io::BufWriter;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -27,6 +33,8 @@ use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F
 
 use super::convergence::{Convergence, ConvergenceConfig, Decision};
 use super::dirty::{self, PageBitmap};
+use super::handshake::{self, HandshakeError, Message, Waiter};
+use super::link::{self, Guarded, Peer, Sink};
 use super::state::{self, StateSupport, VmState};
 use super::stream::{FLAG_LIVE, StreamWriter, layout_ranges};
 use crate::exit::{ExitReason, VmExit};
@@ -74,12 +82,41 @@ pub struct MigrationOptions {
     pub free_page_hints: bool,
     pub max_rounds: u32,
     pub mode: Mode,
+    /// How long the paused source waits for the destination's ACK, and then
+    /// for its RUN (sockets only).
+    pub ack_timeout: Duration,
+    /// How long the destination may accept no data before the migration fails.
+    pub write_timeout: Duration,
+    /// After a completed live migration: exit after this delay (`None`:
+    /// stay, serving GET requests, until shut down).
+    pub source_exit: Option<Duration>,
+}
+
+impl MigrationOptions {
+    /// Options with the API's defaults.
+    pub fn new(destination: MigrationDestination, mode: Mode) -> Self {
+        Self {
+            destination,
+            downtime: Duration::from_millis(api::types::DEFAULT_DOWNTIME_MS),
+            free_page_hints: true,
+            max_rounds: super::convergence::DEFAULT_MAX_ROUNDS,
+            mode,
+            ack_timeout: Duration::from_millis(api::types::DEFAULT_ACK_TIMEOUT_MS),
+            write_timeout: Duration::from_millis(api::types::DEFAULT_WRITE_TIMEOUT_MS),
+            source_exit: Some(Duration::from_millis(
+                api::types::DEFAULT_SOURCE_EXIT_DELAY_MS,
+            )),
+        }
+    }
 }
 
 /// A migration running on its own thread.
 pub struct Migration {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
+    /// Bytes written to the destination so far (live progress).
+    written: Arc<AtomicU64>,
+    mode: Mode,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -105,39 +142,6 @@ impl HintSink for RoundHints {
 }
 
 /// Why a migration failed.
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_destination_that_starts_listening_late_is_reached() {
-        let path = std::env::temp_dir().join(format!("blimp-late-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let p2 = path.clone();
-        let server = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            let l = std::os::unix::net::UnixListener::bind(&p2).unwrap();
-            l.accept().map(|_| ()).unwrap();
-        });
-        let dest = MigrationDestination::Unix(path.clone());
-        assert!(
-            open(&dest).is_ok(),
-            "connect retried until the listener was up"
-        );
-        server.join().unwrap();
-        let _ = std::fs::remove_file(&path);
-        // Nobody ever listens: a clear error after the retry window.
-        let t = Instant::now();
-        let e = open(&MigrationDestination::Unix(
-            "/nonexistent/blimp.sock".into(),
-        ))
-        .err()
-        .unwrap();
-        assert!(e.to_string().contains("/nonexistent/blimp.sock"), "{e}");
-        assert!(t.elapsed() >= CONNECT_RETRY);
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("cannot open destination {dest}: {source}")]
@@ -158,53 +162,36 @@ pub enum MigrationError {
     Devices(String),
     #[error("cancelled")]
     Cancelled,
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("switchover: {0}; the guest runs here again")]
+    Switchover(#[source] HandshakeError),
+    #[error(
+        "switchover: {0}, after this source gave the VM up: the destination may or may not run it, so the guest stays paused here; resume it (PATCH /vm Running) only if the destination does not run it"
+    )]
+    Unconfirmed(#[source] HandshakeError),
 }
 
-pub fn describe(dest: &MigrationDestination) -> String {
-    match dest {
-        MigrationDestination::File(p) => format!("file://{}", p.display()),
-        MigrationDestination::Unix(p) => format!("unix://{}", p.display()),
-        MigrationDestination::Tcp(a) => format!("tcp://{a}"),
-    }
-}
-
-/// How long to keep retrying a destination that refuses the connection (a
-/// destination blimp that is still starting up, between bind and listen).
-const CONNECT_RETRY: Duration = Duration::from_secs(3);
-
-/// Connect with `connect`, retrying refused or not-yet-existing endpoints
-/// for [`CONNECT_RETRY`].
-fn connect_retrying<T>(mut connect: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
-    let deadline = Instant::now() + CONNECT_RETRY;
-    loop {
-        match connect() {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                ) && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
+impl MigrationError {
+    /// A write that failed because the migration was cancelled is a cancel.
+    fn from_write(e: super::stream::WriteError) -> Self {
+        match &e {
+            super::stream::WriteError::Io { source, .. } if link::is_cancelled(source) => {
+                MigrationError::Cancelled
             }
-            other => return other,
+            _ => MigrationError::Write(e),
         }
+    }
+
+    /// Whether the guest must stay paused here (ownership is unknown).
+    fn keeps_paused(&self) -> bool {
+        matches!(self, MigrationError::Unconfirmed(_))
     }
 }
 
-fn open(dest: &MigrationDestination) -> Result<Box<dyn Write + Send>, MigrationError> {
-    let err = |source| MigrationError::Destination {
-        dest: describe(dest),
-        source,
-    };
-    Ok(match dest {
-        MigrationDestination::File(p) => Box::new(File::create(p).map_err(err)?),
-        MigrationDestination::Unix(p) => {
-            Box::new(connect_retrying(|| UnixStream::connect(p)).map_err(err)?)
-        }
-        MigrationDestination::Tcp(a) => {
-            Box::new(connect_retrying(|| std::net::TcpStream::connect(a)).map_err(err)?)
-        }
-    })
+/// `file:///p`, `unix:///p` or `tcp://a:p`, for status and messages.
+pub fn describe(dest: &MigrationDestination) -> String {
+    dest.to_string()
 }
 
 impl Migration {
@@ -214,12 +201,19 @@ impl Migration {
         st.state = MigrationState::Setup;
         st.destination = Some(describe(&opts.destination));
         st.total_pages = ctx.ram.layout().size() / 4096;
+        st.remaining_pages = st.total_pages;
         let status = Arc::new(Mutex::new(st));
         let cancel = Arc::new(AtomicBool::new(false));
-        let (s, c) = (status.clone(), cancel.clone());
+        let written = Arc::new(AtomicU64::new(0));
+        let mode = opts.mode;
+        let job = Job {
+            status: status.clone(),
+            cancel: cancel.clone(),
+            written: written.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("migration".into())
-            .spawn(move || run(ctx, opts, s, c))
+            .spawn(move || run(ctx, opts, job))
             .ok();
         if thread.is_none() {
             let mut s = lock(&status);
@@ -229,19 +223,31 @@ impl Migration {
         Migration {
             status,
             cancel,
+            written,
+            mode,
             thread,
         }
     }
 
     pub fn status(&self) -> MigrationStatus {
-        lock(&self.status).clone()
+        let mut s = lock(&self.status).clone();
+        s.stream_bytes = s.stream_bytes.max(self.written.load(Ordering::Relaxed));
+        s
     }
 
     pub fn is_running(&self) -> bool {
         !lock(&self.status).state.is_finished()
     }
 
-    /// Ask the migration to stop; the source keeps running.
+    /// A live migration (or migrate-to-file) completed: the VM is the
+    /// destination's now, and this one must never run again.
+    pub fn migrated(&self) -> bool {
+        self.mode == Mode::Live && lock(&self.status).state == MigrationState::Completed
+    }
+
+    /// Ask the migration to stop; the guest runs here again. Noticed within
+    /// [`link::POLL`]; too late once the source gave the VM up (after the
+    /// destination's ACK).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
     }
@@ -264,27 +270,37 @@ impl Drop for Migration {
     }
 }
 
-fn run(
-    ctx: SourceContext,
-    opts: MigrationOptions,
+/// What the migration thread shares with its [`Migration`] handle.
+struct Job {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
-) {
+    written: Arc<AtomicU64>,
+}
+
+fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
     let started = Instant::now();
     let was_paused = ctx.vcpus.is_paused();
     let hints = Arc::new(RoundHints {
         current: Mutex::new(None),
         hinted_pages: AtomicU64::new(0),
     });
-    let result = Sender {
+    let mut sender = Sender {
         ctx: &ctx,
         opts: &opts,
-        status: &status,
-        cancel: &cancel,
+        status: &job.status,
+        cancel: &job.cancel,
+        written: &job.written,
         hints: hints.clone(),
         started,
+        peer: None,
+    };
+    let result = sender.run();
+    // A destination still waiting for GO learns the migration is over.
+    if result.is_err()
+        && let Some(p) = &sender.peer
+    {
+        p.shutdown();
     }
-    .run();
     // Whatever happened: no more dirty logging, hinting handed back to the guest.
     {
         let mut vm = lock(&ctx.vm);
@@ -300,14 +316,15 @@ fn run(
             let _ = b.hinting_done();
         }
     }
-    let mut s = lock(&status);
+    let mut s = lock(&job.status);
     s.elapsed_ms = started.elapsed().as_millis() as u64;
+    s.stream_bytes = job.written.load(Ordering::Relaxed);
+    let dest = s.destination.clone().unwrap_or_default();
     match result {
         Ok(()) => {
             s.state = MigrationState::Completed;
             log::info!(
-                "migration to {} completed: {} pages sent ({} zero, {} hinted), {} bytes of page data, {} ms",
-                s.destination.as_deref().unwrap_or("?"),
+                "migration to {dest} completed: {} pages sent ({} zero, {} hinted), {} bytes of page data, {} ms",
                 s.pages_sent,
                 s.pages_zero,
                 s.pages_hinted,
@@ -315,15 +332,7 @@ fn run(
                 s.elapsed_ms
             );
             match opts.mode {
-                // The VM lives on at the destination: the source stays paused,
-                // and ends shortly after, once pollers have seen "Completed".
-                Mode::Live => {
-                    let exit = ctx.exit.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_secs(2));
-                        exit.stop(ExitReason::Migrated);
-                    });
-                }
+                Mode::Live => hand_over(&ctx, &dest, opts.source_exit),
                 Mode::Snapshot if !was_paused => ctx.vcpus.resume(),
                 Mode::Snapshot => {}
             }
@@ -334,14 +343,15 @@ fn run(
             } else {
                 MigrationState::Failed
             };
-            log::warn!(
-                "migration to {}: {e}",
-                s.destination.as_deref().unwrap_or("?")
-            );
-            s.error = Some(e.to_string());
-            if !was_paused {
-                ctx.vcpus.resume();
+            if e.keeps_paused() {
+                log::error!("migration to {dest}: {e}");
+            } else {
+                log::warn!("migration to {dest}: {e}");
+                if !was_paused {
+                    ctx.vcpus.resume();
+                }
             }
+            s.error = Some(e.to_string());
             if let MigrationDestination::File(p) = &opts.destination {
                 // Nothing half-done is left behind.
                 let _ = std::fs::remove_file(p);
@@ -353,14 +363,47 @@ fn run(
     }
 }
 
+/// The VM lives on at `dest`: say so, and end this blimp after `exit_after`
+/// (or keep it, in the terminal Migrated state, until it is shut down).
+fn hand_over(ctx: &SourceContext, dest: &str, exit_after: Option<Duration>) {
+    if let Some(h) = &ctx.events {
+        h.publish(ApiEvent::VmStateChanged {
+            state: api::types::VmState::Migrated,
+        });
+    }
+    match exit_after {
+        Some(delay) => {
+            log::info!(
+                target: "console",
+                "the VM was migrated to {dest} and runs there now; this blimp only answers GET requests and exits in {} ms",
+                delay.as_millis()
+            );
+            let exit = ctx.exit.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                exit.stop(ExitReason::Migrated);
+            });
+        }
+        None => log::info!(
+            target: "console",
+            "the VM was migrated to {dest} and runs there now; this blimp only answers GET requests and stays until PUT /vm/shutdown or a signal"
+        ),
+    }
+}
+
 struct Sender<'a> {
     ctx: &'a SourceContext,
     opts: &'a MigrationOptions,
     status: &'a Mutex<MigrationStatus>,
-    cancel: &'a AtomicBool,
+    cancel: &'a Arc<AtomicBool>,
+    written: &'a Arc<AtomicU64>,
     hints: Arc<RoundHints>,
     started: Instant,
+    /// The destination blimp (socket destinations), for the handshake.
+    peer: Option<Peer>,
 }
+
+type Writer = StreamWriter<BufWriter<Guarded<Sink>>>;
 
 impl Sender<'_> {
     fn check_cancel(&self) -> Result<(), MigrationError> {
@@ -416,55 +459,118 @@ impl Sender<'_> {
         f(&mut s);
         s.elapsed_ms = self.started.elapsed().as_millis() as u64;
         s.pages_hinted = self.hints.hinted_pages.load(Ordering::Relaxed);
+        s.stream_bytes = self.written.load(Ordering::Relaxed);
         if let Some(h) = &self.ctx.events {
             h.publish(ApiEvent::MigrationProgress(s.clone()));
         }
     }
 
-    fn run(&self) -> Result<(), MigrationError> {
-        let ram = &self.ctx.ram;
-        let mem = ram.memory();
-        let layout = ram.layout();
-        let out = open(&self.opts.destination)?;
-        let mut w = StreamWriter::new(BufWriter::with_capacity(4 << 20, out));
-        w.header(&layout_ranges(layout), FLAG_LIVE)?;
+    /// Connect (or create the file) and wrap it so every write can be
+    /// cancelled and a stalled destination is noticed.
+    fn open(&mut self) -> Result<Writer, MigrationError> {
+        let dest = &self.opts.destination;
+        let err = |source| MigrationError::Destination {
+            dest: describe(dest),
+            source,
+        };
+        let sink = match link::connect(dest, self.cancel).map_err(|e| {
+            if link::is_cancelled(&e) {
+                MigrationError::Cancelled
+            } else {
+                err(e)
+            }
+        })? {
+            Some(peer) => {
+                let sink = Sink::Peer(peer.try_clone().map_err(err)?);
+                self.peer = Some(peer);
+                sink
+            }
+            None => match dest {
+                MigrationDestination::File(p) => Sink::File(File::create(p).map_err(err)?),
+                _ => unreachable!("connect returns a peer for socket destinations"),
+            },
+        };
+        let guarded = Guarded::new(
+            sink,
+            self.cancel.clone(),
+            self.opts.write_timeout,
+            self.written.clone(),
+        );
+        Ok(StreamWriter::new(BufWriter::with_capacity(
+            4 << 20,
+            guarded,
+        )))
+    }
+
+    fn run(&mut self) -> Result<(), MigrationError> {
+        let mut w = self.open()?;
+        let layout = self.ctx.ram.layout();
+        w.header(&layout_ranges(layout), FLAG_LIVE)
+            .map_err(MigrationError::from_write)?;
         let bitmap = Arc::new(PageBitmap::new(layout));
-        dirty::start_dirty_logging(&mut lock(&self.ctx.vm), ram)?;
+        dirty::start_dirty_logging(&mut lock(&self.ctx.vm), &self.ctx.ram)?;
         let hints = self.hints_available();
         if hints && let Some(b) = &self.ctx.balloon {
             lock(b).set_hint_sink(Some(self.hints.clone()));
         }
         bitmap.set_all();
+        self.update(|s| s.state = MigrationState::Active);
+        let round = self.precopy(&mut w, &bitmap, hints)?;
+        self.check_cancel()?;
+        self.update(|s| s.state = MigrationState::Completing);
+        let sink = self.final_round(w, &bitmap, round + 1)?;
+        match sink {
+            Sink::File(f) => f.sync_all().map_err(|source| MigrationError::Destination {
+                dest: describe(&self.opts.destination),
+                source,
+            }),
+            Sink::Peer(_) => self.switchover(),
+        }
+    }
+
+    /// Pre-copy rounds with the guest running; returns the last round's number.
+    fn precopy(
+        &self,
+        w: &mut Writer,
+        bitmap: &Arc<PageBitmap>,
+        hints: bool,
+    ) -> Result<u32, MigrationError> {
+        let ram = &self.ctx.ram;
         let mut conv = Convergence::new(ConvergenceConfig {
             downtime: self.opts.downtime,
             max_rounds: self.opts.max_rounds,
             ..Default::default()
         });
-        self.update(|s| s.state = MigrationState::Active);
         let mut round = 1u32;
         loop {
             self.check_cancel()?;
+            self.update(|s| {
+                s.round = round;
+                s.remaining_pages = bitmap.count();
+            });
             if hints {
                 let timeout = if round == 1 {
                     FIRST_HINT_ROUND_TIMEOUT
                 } else {
                     LATER_HINT_ROUND_TIMEOUT
                 };
-                self.hint_round(&bitmap, timeout);
+                self.hint_round(bitmap, timeout);
             }
             if self.opts.mode == Mode::Snapshot {
                 // A snapshot only collects hints while running; it copies paused.
                 self.end_hint_round();
-                break;
+                return Ok(round - 1);
             }
             let t = Instant::now();
             let bytes_before = w.stats().page_bytes;
-            let sent = w.send_bitmap(mem, round, &bitmap)?;
-            w.flush()?;
+            let sent = w
+                .send_bitmap(ram.memory(), round, bitmap)
+                .map_err(MigrationError::from_write)?;
+            w.flush().map_err(MigrationError::from_write)?;
             self.end_hint_round();
             let bytes = w.stats().page_bytes - bytes_before;
             conv.round_done(bytes, t.elapsed());
-            let sync = dirty::sync(&lock(&self.ctx.vm), ram, &bitmap)?;
+            let sync = dirty::sync(&lock(&self.ctx.vm), ram, bitmap)?;
             let dirty_pages = bitmap.count();
             let secs = t.elapsed().as_secs_f64().max(1e-6);
             log::info!(
@@ -479,7 +585,6 @@ impl Sender<'_> {
             );
             let stats = *w.stats();
             self.update(|s| {
-                s.round = round;
                 s.pages_sent = stats.data_pages + stats.zero_pages;
                 s.pages_zero = stats.zero_pages;
                 s.bytes_sent = stats.page_bytes;
@@ -494,23 +599,31 @@ impl Sender<'_> {
                     log::info!(
                         "migration: stop-and-copy ({why:?}, expected downtime {expected_downtime:?})"
                     );
-                    break;
+                    return Ok(round);
                 }
             }
         }
-        self.check_cancel()?;
-        self.update(|s| s.state = MigrationState::Completing);
+    }
 
-        // Final round: paused, hinting stopped, devices locked so nothing
-        // writes guest memory after the last sync.
+    /// The final round: paused, hinting stopped, devices locked so nothing
+    /// writes guest memory after the last sync; then the state and the
+    /// trailer. Returns the output, everything flushed.
+    fn final_round(
+        &self,
+        mut w: Writer,
+        bitmap: &PageBitmap,
+        round: u32,
+    ) -> Result<Sink, MigrationError> {
+        let ram = &self.ctx.ram;
         let pause_start = Instant::now();
         self.ctx.vcpus.pause();
         let balloon_guard = self.ctx.balloon.as_ref().map(|b| lock(b));
-        dirty::sync(&lock(&self.ctx.vm), ram, &bitmap)?;
-        round += 1;
-        w.send_bitmap(mem, round, &bitmap)?;
+        dirty::sync(&lock(&self.ctx.vm), ram, bitmap)?;
+        w.send_bitmap(ram.memory(), round, bitmap)
+            .map_err(MigrationError::from_write)?;
         let mut vcpus = Vec::new();
         for id in 0..self.ctx.vcpus.count() {
+            self.check_cancel()?;
             let support = self.ctx.support.clone();
             let st = self
                 .ctx
@@ -526,18 +639,21 @@ impl Sender<'_> {
         let devices = (self.ctx.capture_devices)(balloon_guard.as_deref())
             .map_err(MigrationError::Devices)?;
         drop(balloon_guard);
-        let blob = VmState::new(layout, vcpus, vm_state, devices).to_bytes()?;
-        w.state(&blob)?;
-        let (mut out, stats) = w.finish()?;
-        out.flush().map_err(|e| {
-            MigrationError::Write(super::stream::WriteError::Io {
-                offset: stats.stream_bytes,
-                source: e,
-            })
-        })?;
+        let blob = VmState::new(ram.layout(), vcpus, vm_state, devices).to_bytes()?;
+        w.state(&blob).map_err(MigrationError::from_write)?;
+        let (out, stats) = w.finish().map_err(MigrationError::from_write)?;
+        let sink = out
+            .into_inner()
+            .map_err(|e| {
+                MigrationError::from_write(super::stream::WriteError::Io {
+                    offset: stats.stream_bytes,
+                    source: e.into_error(),
+                })
+            })?
+            .into_inner();
         let downtime = pause_start.elapsed();
         log::info!(
-            "migration: final round {round} done, downtime {} ms, stream {} bytes",
+            "migration: final round {round} sent, {} ms paused so far, stream {} bytes",
             downtime.as_millis(),
             stats.stream_bytes
         );
@@ -549,6 +665,58 @@ impl Sender<'_> {
             s.remaining_pages = 0;
             s.downtime_ms = Some(downtime.as_millis() as u64);
         });
-        Ok(())
+        Ok(sink)
+    }
+
+    /// Wait for the destination's ACK, give the VM up (GO), and wait for its
+    /// RUN. See [`super::handshake`] for what each failure means.
+    fn switchover(&mut self) -> Result<(), MigrationError> {
+        self.update(|s| s.state = MigrationState::Switchover);
+        let pause_start = Instant::now();
+        let Some(peer) = &mut self.peer else {
+            return Ok(());
+        };
+        let cancel = self.cancel.clone();
+        let cancelled = move || cancel.load(Ordering::SeqCst);
+        let ack = Waiter {
+            cancelled: &cancelled,
+            timeout: self.opts.ack_timeout,
+        };
+        match ack.recv(peer, "ACK") {
+            Ok(Message::Ack) => {}
+            Ok(Message::Nak(reason)) => return Err(MigrationError::Refused(reason)),
+            Ok(other) => {
+                return Err(MigrationError::Switchover(HandshakeError::Unexpected {
+                    expected: "ACK",
+                    got: other.name(),
+                }));
+            }
+            Err(HandshakeError::Cancelled { .. }) => return Err(MigrationError::Cancelled),
+            Err(e) => return Err(MigrationError::Switchover(e)),
+        }
+        // From here on the VM is the destination's unless it says it did
+        // not start: a cancel is too late.
+        log::info!("migration: the destination acknowledged; handing the VM over");
+        handshake::send(peer, &Message::Go).map_err(MigrationError::Switchover)?;
+        let never = || false;
+        let run = Waiter {
+            cancelled: &never,
+            timeout: self.opts.ack_timeout,
+        };
+        let result = match run.recv(peer, "RUN") {
+            Ok(Message::Run) => Ok(()),
+            Ok(Message::Nak(reason)) => Err(MigrationError::Refused(reason)),
+            // It closed without RUN: it starts only after writing RUN, so it
+            // does not run the VM.
+            Err(e @ HandshakeError::Closed { .. }) => Err(MigrationError::Switchover(e)),
+            Ok(other) => Err(MigrationError::Unconfirmed(HandshakeError::Unexpected {
+                expected: "RUN",
+                got: other.name(),
+            })),
+            Err(e) => Err(MigrationError::Unconfirmed(e)),
+        };
+        let paused = pause_start.elapsed().as_millis() as u64;
+        self.update(|s| s.downtime_ms = Some(s.downtime_ms.unwrap_or(0) + paused));
+        result
     }
 }
