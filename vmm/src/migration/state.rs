@@ -26,11 +26,15 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeSeed;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 use arch::MemoryLayout;
 
-use super::stream::{RamRange, describe_layout, layout_ranges};
+use super::PAGE_SIZE;
+use super::checked::{Exact, List, Opt};
+use super::stream::{MAX_REGIONS, MAX_STATE_BYTES, RamRange, describe_layout, layout_ranges};
 
 /// Version of [`VmState`] this build writes and reads.
 pub const VM_STATE_VERSION: u32 = 1;
@@ -39,6 +43,33 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 /// MSRs read or written per KVM_GET_MSRS / KVM_SET_MSRS call.
 const MSR_CHUNK: usize = 64;
 const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+/// Most MSRs saved per vCPU: KVM_GET_MSR_INDEX_LIST returns at most this many.
+pub const MAX_MSRS: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
+/// Most vCPUs a VM has (as `blimp run --vcpus`).
+pub const MAX_VCPUS: usize = 254;
+/// 32-bit words of the legacy XSAVE area (4 KiB).
+pub const XSAVE_WORDS: usize = 1024;
+/// State section allowance for everything but the vCPUs and the balloon's
+/// inflated runs (VM devices, serial, balloon and transport fixed parts).
+pub const STATE_FIXED_BYTES: u64 = 256 << 10;
+/// State section allowance per vCPU: the JSON of a vCPU with the most
+/// CPUID entries and MSRs and the widest values fits (a unit test checks).
+pub const STATE_PER_VCPU_BYTES: u64 = 96 << 10;
+/// State section allowance per guest page: one balloon inflated run (the
+/// runs are at most one per page) in JSON.
+pub const STATE_PER_PAGE_BYTES: u64 = 48;
+
+/// The largest state section a guest with RAM `layout` can have: the fixed
+/// part, [`MAX_VCPUS`] vCPUs, and one balloon run per page, at most
+/// [`MAX_STATE_BYTES`]. Checked at the state record's header, before its
+/// payload is read.
+pub fn max_state_bytes(layout: &MemoryLayout) -> u32 {
+    let pages = layout.size() / PAGE_SIZE;
+    let limit = STATE_FIXED_BYTES
+        .saturating_add(STATE_PER_VCPU_BYTES * MAX_VCPUS as u64)
+        .saturating_add(pages.saturating_mul(STATE_PER_PAGE_BYTES));
+    u32::try_from(limit.min(u64::from(MAX_STATE_BYTES))).unwrap_or(MAX_STATE_BYTES)
+}
 
 /// Errors capturing or restoring state.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +99,8 @@ pub enum StateError {
     LayoutMismatch { saved: String, destination: String },
     #[error("the saved VM has {saved} vCPUs, the destination has {destination}")]
     VcpuCountMismatch { saved: usize, destination: usize },
+    #[error("vcpus: entry {index} has id {id}, the ids must be 0 to {last} in order")]
+    VcpuIds { index: usize, id: u8, last: usize },
 }
 
 fn vcpu_prefix(vcpu: Option<u8>) -> String {
@@ -174,22 +207,89 @@ pub struct MsrValue {
     pub data: u64,
 }
 
-/// State of one paused vCPU.
+/// `deserialize_with` functions that read a field with a checking seed
+/// (see [`super::checked`]); the seed names the field in its errors.
+macro_rules! checked_field {
+    ($name:ident, $ty:ty, $seed:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            $seed.deserialize(d)
+        }
+    };
+}
+
+checked_field!(
+    de_cpuid,
+    Vec<kvm_cpuid_entry2>,
+    List::new(
+        "cpuid",
+        1,
+        MAX_CPUID_ENTRIES,
+        Exact::<kvm_cpuid_entry2>::new("cpuid entry")
+    )
+);
+checked_field!(de_mp_state, kvm_mp_state, Exact::new("mp_state"));
+checked_field!(de_regs, kvm_regs, Exact::new("regs"));
+checked_field!(de_sregs, kvm_sregs, Exact::new("sregs"));
+checked_field!(
+    de_xsave,
+    Option<Vec<u32>>,
+    Opt(List::of("xsave", XSAVE_WORDS, XSAVE_WORDS))
+);
+checked_field!(de_xcrs, Option<kvm_xcrs>, Opt(Exact::new("xcrs")));
+checked_field!(de_lapic, kvm_lapic_state, Exact::new("lapic"));
+checked_field!(de_msrs, Vec<MsrValue>, List::of("msrs", 0, MAX_MSRS));
+checked_field!(
+    de_debug_regs,
+    Option<kvm_debugregs>,
+    Opt(Exact::new("debug_regs"))
+);
+checked_field!(
+    de_vcpu_events,
+    Option<kvm_vcpu_events>,
+    Opt(Exact::new("vcpu_events"))
+);
+checked_field!(de_pic_master, kvm_irqchip, Exact::new("pic_master"));
+checked_field!(de_pic_slave, kvm_irqchip, Exact::new("pic_slave"));
+checked_field!(de_ioapic, kvm_irqchip, Exact::new("ioapic"));
+checked_field!(de_pit, kvm_pit_state2, Exact::new("pit"));
+checked_field!(de_clock, kvm_clock_data, Exact::new("clock"));
+checked_field!(de_vcpus, Vec<VcpuState>, List::of("vcpus", 1, MAX_VCPUS));
+checked_field!(
+    de_memory_layout,
+    Vec<RamRange>,
+    List::of("memory_layout", 1, MAX_REGIONS as usize)
+);
+
+/// State of one paused vCPU. Reading it checks every KVM structure's exact
+/// size and every list's bounds, naming the field that is wrong.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VcpuState {
     pub id: u8,
+    /// 1 to KVM_MAX_CPUID_ENTRIES entries.
+    #[serde(deserialize_with = "de_cpuid")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    #[serde(deserialize_with = "de_mp_state")]
     pub mp_state: kvm_mp_state,
+    #[serde(deserialize_with = "de_regs")]
     pub regs: kvm_regs,
+    #[serde(deserialize_with = "de_sregs")]
     pub sregs: kvm_sregs,
     pub fpu: FpuState,
     /// The 4 KiB legacy XSAVE area (KVM_GET_XSAVE), if KVM has XSAVE.
+    #[serde(deserialize_with = "de_xsave")]
     pub xsave: Option<Vec<u32>>,
+    #[serde(deserialize_with = "de_xcrs")]
     pub xcrs: Option<kvm_xcrs>,
+    #[serde(deserialize_with = "de_lapic")]
     pub lapic: kvm_lapic_state,
-    /// Every MSR of KVM's index list that this vCPU let us read.
+    /// Every MSR of KVM's index list that this vCPU let us read (at most
+    /// [`MAX_MSRS`]).
+    #[serde(deserialize_with = "de_msrs")]
     pub msrs: Vec<MsrValue>,
+    #[serde(deserialize_with = "de_debug_regs")]
     pub debug_regs: Option<kvm_debugregs>,
+    #[serde(deserialize_with = "de_vcpu_events")]
     pub vcpu_events: Option<kvm_vcpu_events>,
     pub tsc_khz: Option<u32>,
 }
@@ -446,13 +546,19 @@ pub fn restore_vcpu(
     Ok(report)
 }
 
-/// State of the VM-wide in-kernel devices.
+/// State of the VM-wide in-kernel devices (each of exactly its KVM size).
 #[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KvmVmState {
+    #[serde(deserialize_with = "de_pic_master")]
     pub pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "de_pic_slave")]
     pub pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "de_ioapic")]
     pub ioapic: kvm_irqchip,
+    #[serde(deserialize_with = "de_pit")]
     pub pit: kvm_pit_state2,
+    #[serde(deserialize_with = "de_clock")]
     pub clock: kvm_clock_data,
 }
 
@@ -521,15 +627,21 @@ pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Everything but guest RAM: what the stream's state section holds.
+/// Everything but guest RAM: what the stream's state section holds. Read
+/// straight into these types (no intermediate JSON tree); the device
+/// document stays raw JSON text until the integrator types it.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmState {
     pub version: u32,
+    #[serde(deserialize_with = "de_memory_layout")]
     pub memory_layout: Vec<RamRange>,
+    /// 1 to [`MAX_VCPUS`] vCPUs, ids 0 to n-1 in order.
+    #[serde(deserialize_with = "de_vcpus")]
     pub vcpus: Vec<VcpuState>,
     pub vm: KvmVmState,
     /// Device state, filled by the integrator (serial, balloon, transport).
-    pub devices: serde_json::Value,
+    pub devices: Box<RawValue>,
 }
 
 impl std::fmt::Debug for VmState {
@@ -560,7 +672,8 @@ impl VmState {
             memory_layout: layout_ranges(layout),
             vcpus,
             vm,
-            devices,
+            devices: serde_json::value::to_raw_value(&devices)
+                .expect("a serde_json::Value always serializes"),
         }
     }
 
@@ -569,7 +682,9 @@ impl VmState {
         serde_json::to_vec(self).map_err(StateError::Serialize)
     }
 
-    /// Parse a state blob; refuses other versions with a clear error.
+    /// Parse a state blob; refuses other versions with a clear error, and
+    /// any KVM structure of the wrong size, list out of bounds or vCPU ids
+    /// other than 0 to n-1, naming the field.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
         let v: VersionOnly = serde_json::from_slice(bytes).map_err(StateError::Deserialize)?;
         if v.version != VM_STATE_VERSION {
@@ -578,7 +693,24 @@ impl VmState {
                 supported: VM_STATE_VERSION,
             });
         }
-        serde_json::from_slice(bytes).map_err(StateError::Deserialize)
+        let state: Self = serde_json::from_slice(bytes).map_err(StateError::Deserialize)?;
+        state.check_vcpu_ids()?;
+        Ok(state)
+    }
+
+    /// vCPU ids are exactly 0 to n-1, in order (so unique).
+    fn check_vcpu_ids(&self) -> Result<(), StateError> {
+        let last = self.vcpus.len().saturating_sub(1);
+        for (index, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.id) != index {
+                return Err(StateError::VcpuIds {
+                    index,
+                    id: v.id,
+                    last,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Refuse a destination whose RAM layout or vCPU count differs.

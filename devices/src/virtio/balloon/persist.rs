@@ -319,7 +319,21 @@ impl Balloon {
                 h.phase, h.host_cmd_id
             )));
         }
+        if state.inflated.len() as u64 > total {
+            return Err(invalid(format!(
+                "inflated: {} runs for {total} pages of guest RAM",
+                state.inflated.len()
+            )));
+        }
+        let mut prev_end = 0u64;
         for r in &state.inflated {
+            if r.start_pfn < prev_end {
+                return Err(invalid(format!(
+                    "inflated: the run at PFN {:#x} starts before the previous one ends at {prev_end:#x} (runs must be sorted and disjoint)",
+                    r.start_pfn
+                )));
+            }
+            prev_end = r.start_pfn.saturating_add(r.npages);
             let run = r
                 .start_pfn
                 .checked_mul(PAGE_SIZE)
