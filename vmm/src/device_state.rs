@@ -164,3 +164,74 @@ pub(crate) fn restore(
     )?;
     Ok(Some(balloon))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn serial_state() -> Value {
+        to_json(&sample_serial()).unwrap()
+    }
+
+    fn sample_serial() -> SerialState {
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Serial::new(irq, Box::new(StdoutWriter)).save().unwrap()
+    }
+
+    fn doc(mutate: impl FnOnce(&mut Value)) -> Result<SavedDevices, RestoreError> {
+        let mut v = json!({
+            "version": DEVICES_STATE_VERSION,
+            "debug_exit": true,
+            "serial": serial_state(),
+            "balloon": null,
+        });
+        mutate(&mut v);
+        let raw = serde_json::value::to_raw_value(&v).unwrap();
+        parse(&raw)
+    }
+
+    #[test]
+    fn a_document_without_balloon_parses() {
+        let d = doc(|_| {}).unwrap();
+        assert!(d.debug_exit);
+        assert!(d.balloon.is_none());
+    }
+
+    #[test]
+    fn missing_or_malformed_devices_are_refused_by_name() {
+        let table: &[(&str, &str, fn(&mut Value))] = &[
+            ("missing balloon", "balloon", |v| {
+                v.as_object_mut().unwrap().remove("balloon");
+            }),
+            ("missing serial", "serial", |v| {
+                v.as_object_mut().unwrap().remove("serial");
+            }),
+            ("null serial", "serial", |v| v["serial"] = Value::Null),
+            ("serial of another shape", "serial", |v| {
+                v["serial"]["line_control"] = json!("x")
+            }),
+            ("serial version", "serial", |v| {
+                v["serial"]["version"] = json!(9)
+            }),
+            ("balloon without transport", "transport", |v| {
+                v["balloon"] = json!({"device": {"version": 1}})
+            }),
+            (
+                "balloon of another shape",
+                "balloon",
+                |v| v["balloon"] = json!({"device": {"version": 1}, "transport": {"version": 1}}),
+            ),
+            ("unknown device", "gpu", |v| v["gpu"] = json!({})),
+            ("other version", "version 2", |v| v["version"] = json!(2)),
+        ];
+        for (what, field, mutate) in table {
+            let e = doc(mutate)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"))
+                .to_string();
+            assert!(e.contains(field), "{what}: {e}");
+        }
+    }
+}

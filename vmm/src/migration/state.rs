@@ -751,3 +751,239 @@ pub fn restore(
         .map(|(fd, s)| restore_vcpu(support, fd, s))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn vcpu(id: u8) -> VcpuState {
+        VcpuState {
+            id,
+            cpuid: vec![kvm_cpuid_entry2::default()],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            fpu: FpuState::default(),
+            xsave: Some(vec![0; XSAVE_WORDS]),
+            xcrs: Some(kvm_xcrs::default()),
+            lapic: kvm_lapic_state::default(),
+            msrs: vec![MsrValue {
+                index: MSR_IA32_TSC,
+                data: 1,
+            }],
+            debug_regs: Some(kvm_debugregs::default()),
+            vcpu_events: Some(kvm_vcpu_events::default()),
+            tsc_khz: Some(1_000_000),
+        }
+    }
+
+    fn vm() -> KvmVmState {
+        KvmVmState {
+            pic_master: kvm_irqchip::default(),
+            pic_slave: kvm_irqchip::default(),
+            ioapic: kvm_irqchip::default(),
+            pit: kvm_pit_state2::default(),
+            clock: kvm_clock_data::default(),
+        }
+    }
+
+    /// A valid state section of a 2-vCPU, 64 MiB guest, as a JSON tree to mutate.
+    fn valid() -> Value {
+        let layout = MemoryLayout::new(64 << 20).unwrap();
+        let s = VmState::new(
+            &layout,
+            vec![vcpu(0), vcpu(1)],
+            vm(),
+            json!({"version": 1, "debug_exit": false, "serial": {}, "balloon": null}),
+        );
+        serde_json::from_slice(&s.to_bytes().unwrap()).unwrap()
+    }
+
+    fn bytes(n: usize, v: u8) -> Value {
+        Value::Array(vec![json!(v); n])
+    }
+
+    fn len_of(v: &Value) -> usize {
+        v.as_array().unwrap().len()
+    }
+
+    #[test]
+    fn a_valid_state_section_parses() {
+        let s = VmState::from_bytes(&serde_json::to_vec(&valid()).unwrap()).unwrap();
+        assert_eq!(s.vcpus.len(), 2);
+        assert_eq!(s.vcpus[1].id, 1);
+        assert_eq!(s.vcpus[0].xsave.as_ref().map(Vec::len), Some(XSAVE_WORDS));
+    }
+
+    type Mutation = (&'static str, &'static str, fn(&mut Value));
+
+    /// Each mutation of a valid state section is refused, and the error
+    /// names the field (the second column).
+    #[test]
+    fn every_bad_field_is_refused_by_name() {
+        let table: &[Mutation] = &[
+            ("short regs", "regs", |s| {
+                let n = len_of(&s["vcpus"][0]["regs"]);
+                s["vcpus"][0]["regs"] = bytes(n - 1, 0);
+            }),
+            ("long regs", "regs", |s| {
+                let n = len_of(&s["vcpus"][0]["regs"]);
+                s["vcpus"][0]["regs"] = bytes(n + 1, 0);
+            }),
+            ("short sregs", "sregs", |s| {
+                s["vcpus"][1]["sregs"] = bytes(8, 0)
+            }),
+            ("long sregs", "sregs", |s| {
+                let n = len_of(&s["vcpus"][1]["sregs"]);
+                s["vcpus"][1]["sregs"] = bytes(n * 2, 0);
+            }),
+            ("short lapic", "lapic", |s| {
+                s["vcpus"][0]["lapic"] = bytes(1023, 0)
+            }),
+            ("long lapic", "lapic", |s| {
+                s["vcpus"][0]["lapic"] = bytes(4096, 0)
+            }),
+            ("short xsave", "xsave", |s| {
+                s["vcpus"][0]["xsave"] = bytes(1023, 0)
+            }),
+            ("long xsave", "xsave", |s| {
+                s["vcpus"][0]["xsave"] = bytes(1025, 0)
+            }),
+            ("short xcrs", "xcrs", |s| {
+                s["vcpus"][0]["xcrs"] = bytes(3, 0)
+            }),
+            ("long debug_regs", "debug_regs", |s| {
+                let n = len_of(&s["vcpus"][0]["debug_regs"]);
+                s["vcpus"][0]["debug_regs"] = bytes(n + 8, 0);
+            }),
+            ("short vcpu_events", "vcpu_events", |s| {
+                s["vcpus"][0]["vcpu_events"] = bytes(1, 0)
+            }),
+            ("long mp_state", "mp_state", |s| {
+                s["vcpus"][0]["mp_state"] = bytes(5, 0)
+            }),
+            ("short cpuid entry", "cpuid entry", |s| {
+                s["vcpus"][0]["cpuid"][0] = bytes(39, 0)
+            }),
+            ("empty cpuid", "cpuid", |s| {
+                s["vcpus"][0]["cpuid"] = json!([])
+            }),
+            ("too many cpuid entries", "cpuid", |s| {
+                let e = s["vcpus"][0]["cpuid"][0].clone();
+                s["vcpus"][0]["cpuid"] = Value::Array(vec![e; MAX_CPUID_ENTRIES + 1]);
+            }),
+            ("too many msrs", "msrs", |s| {
+                let m = json!({"index": 16, "data": 0});
+                s["vcpus"][0]["msrs"] = Value::Array(vec![m; MAX_MSRS + 1]);
+            }),
+            ("short pic_master", "pic_master", |s| {
+                s["vm"]["pic_master"] = bytes(100, 0)
+            }),
+            ("long pic_slave", "pic_slave", |s| {
+                let n = len_of(&s["vm"]["pic_slave"]);
+                s["vm"]["pic_slave"] = bytes(n + 1, 0);
+            }),
+            ("short ioapic", "ioapic", |s| {
+                s["vm"]["ioapic"] = bytes(0, 0)
+            }),
+            ("short pit", "pit", |s| s["vm"]["pit"] = bytes(7, 0)),
+            ("long clock", "clock", |s| {
+                let n = len_of(&s["vm"]["clock"]);
+                s["vm"]["clock"] = bytes(n + 1, 0);
+            }),
+            ("duplicate vCPU ids", "vcpus", |s| {
+                s["vcpus"][1]["id"] = json!(0)
+            }),
+            ("vCPU ids out of order", "vcpus", |s| {
+                s["vcpus"][0]["id"] = json!(1);
+                s["vcpus"][1]["id"] = json!(0);
+            }),
+            ("vCPU id gap", "vcpus", |s| s["vcpus"][1]["id"] = json!(7)),
+            ("no vCPUs", "vcpus", |s| s["vcpus"] = json!([])),
+            ("255 vCPUs", "vcpus", |s| {
+                let v = s["vcpus"][0].clone();
+                s["vcpus"] = Value::Array(vec![v; MAX_VCPUS + 1]);
+            }),
+            ("missing vm", "vm", |s| {
+                s.as_object_mut().unwrap().remove("vm");
+            }),
+            ("missing devices", "devices", |s| {
+                s.as_object_mut().unwrap().remove("devices");
+            }),
+            ("unknown field", "surprise", |s| s["surprise"] = json!(1)),
+            ("missing regs", "regs", |s| {
+                s["vcpus"][0].as_object_mut().unwrap().remove("regs");
+            }),
+            ("no memory layout", "memory_layout", |s| {
+                s["memory_layout"] = json!([])
+            }),
+        ];
+        for (what, field, mutate) in table {
+            let mut s = valid();
+            mutate(&mut s);
+            let e = VmState::from_bytes(&serde_json::to_vec(&s).unwrap())
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"))
+                .to_string();
+            assert!(e.contains(field), "{what}: {e}");
+        }
+    }
+
+    /// The per-vCPU allowance of [`max_state_bytes`] holds the largest vCPU
+    /// state: the most CPUID entries and MSRs, every byte and number at its
+    /// widest. And the VM-wide KVM state fits well inside the fixed part.
+    #[test]
+    fn the_state_limit_fits_the_largest_vcpu() {
+        let mut s = valid();
+        let v = &mut s["vcpus"][0];
+        for f in [
+            "mp_state",
+            "regs",
+            "sregs",
+            "lapic",
+            "xcrs",
+            "debug_regs",
+            "vcpu_events",
+        ] {
+            let n = len_of(&v[f]);
+            v[f] = bytes(n, 255);
+        }
+        let entry = bytes(std::mem::size_of::<kvm_cpuid_entry2>(), 255);
+        v["cpuid"] = Value::Array(vec![entry; MAX_CPUID_ENTRIES]);
+        let msr = json!({"index": u32::MAX, "data": u64::MAX});
+        v["msrs"] = Value::Array(vec![msr; MAX_MSRS]);
+        v["xsave"] = Value::Array(vec![json!(u32::MAX); XSAVE_WORDS]);
+        v["id"] = json!(0);
+        v["tsc_khz"] = json!(u32::MAX);
+        v["fpu"] = json!({
+            "fpr": vec![vec![255u8; 16]; 8], "fcw": u16::MAX, "fsw": u16::MAX,
+            "ftwx": u8::MAX, "last_opcode": u16::MAX, "last_ip": u64::MAX,
+            "last_dp": u64::MAX, "xmm": vec![vec![255u8; 16]; 16], "mxcsr": u32::MAX,
+        });
+        for f in ["pic_master", "pic_slave", "ioapic", "pit", "clock"] {
+            let n = len_of(&s["vm"][f]);
+            s["vm"][f] = bytes(n, 255);
+        }
+        let one = serde_json::to_vec(&s["vcpus"][0]).unwrap().len() as u64;
+        assert!(one <= STATE_PER_VCPU_BYTES, "{one} bytes per vCPU");
+        let vm_part = serde_json::to_vec(&s["vm"]).unwrap().len() as u64;
+        assert!(
+            vm_part <= STATE_FIXED_BYTES / 4,
+            "{vm_part} bytes of VM state"
+        );
+        // And the widest vCPU is a valid one.
+        VmState::from_bytes(&serde_json::to_vec(&s).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_state_limit_grows_with_the_guest_up_to_the_format_maximum() {
+        let small = max_state_bytes(&MemoryLayout::new(256 << 20).unwrap());
+        let big = max_state_bytes(&MemoryLayout::new(8 << 30).unwrap());
+        assert!(small < 32 << 20, "{small}");
+        assert!(big > small);
+        let huge = max_state_bytes(&MemoryLayout::new(1 << 40).unwrap());
+        assert_eq!(huge, MAX_STATE_BYTES);
+    }
+}

@@ -1774,6 +1774,100 @@ mod tests {
     }
 
     #[test]
+    fn expect_end_refuses_bytes_after_the_trailer() {
+        let (stream, _, l) = sample();
+        let mem = guest(&l);
+        let mut r = StreamReader::new(&stream[..]);
+        r.restore(&mem, &l, Destination::Fresh).unwrap();
+        r.expect_end().unwrap();
+        for extra in [&b"x"[..], &stream[..]] {
+            let mut twice = stream.clone();
+            twice.extend_from_slice(extra);
+            let mut r = StreamReader::new(&twice[..]);
+            r.restore(&mem, &l, Destination::Fresh).unwrap();
+            let e = r.expect_end().unwrap_err();
+            assert!(matches!(e.kind, StreamErrorKind::TrailingBytes), "{e}");
+            assert_eq!(e.offset, stream.len() as u64);
+            assert!(e.to_string().contains("follows the trailer"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_header_layout_must_be_one_this_host_builds() {
+        let header = |layout: Vec<RamRange>| StreamHeader {
+            version: FORMAT_VERSION,
+            flags: 0,
+            layout,
+        };
+        let ok = header(layout_ranges(&layout(256 * MIB)));
+        assert_eq!(ok.memory_layout(None).unwrap(), layout(256 * MIB));
+        assert_eq!(
+            ok.memory_layout(Some(256 * MIB)).unwrap(),
+            layout(256 * MIB)
+        );
+        let e = ok.memory_layout(Some(128 * MIB)).unwrap_err();
+        assert!(
+            matches!(e.kind, StreamErrorKind::LargerThanHost { .. }),
+            "{e}"
+        );
+        let bad = [
+            vec![],
+            vec![RamRange { gpa: 0, size: 4096 }],
+            vec![RamRange {
+                gpa: 0x1000,
+                size: 256 * MIB,
+            }],
+            vec![
+                RamRange {
+                    gpa: 0,
+                    size: u64::MAX,
+                },
+                RamRange { gpa: 0, size: 2 },
+            ],
+            vec![RamRange {
+                gpa: 0,
+                size: 2 << 40,
+            }],
+            vec![RamRange {
+                gpa: 0,
+                size: 16 * MIB + 1,
+            }],
+            vec![
+                RamRange {
+                    gpa: 0,
+                    size: 16 * MIB
+                };
+                2
+            ],
+        ];
+        for l in bad {
+            let e = header(l.clone()).memory_layout(None).unwrap_err();
+            assert!(
+                matches!(e.kind, StreamErrorKind::BadLayout { .. }),
+                "{l:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_section_beyond_the_guest_limit_is_refused_at_its_header() {
+        let l = layout(16 * MIB);
+        let max = super::super::state::max_state_bytes(&l);
+        let raw = Raw::new(&l).rec(TAG_STATE, 0, 0, 0, &vec![b' '; max as usize + 1]);
+        let e = refused(raw, &l);
+        match e.kind {
+            StreamErrorKind::StateTooLarge {
+                len,
+                max: m,
+                memory_mib,
+            } => {
+                assert_eq!((len, m, memory_mib), (max + 1, max, 16));
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
     fn send_bitmap_claims_and_sends_the_set_pages() {
         let l = layout(16 * MIB);
         let src = guest(&l);

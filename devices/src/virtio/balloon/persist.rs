@@ -825,6 +825,7 @@ mod tests {
         let (src, _, _) = busy_source();
         let bs = src.balloon.lock().unwrap().save().unwrap();
         let d: Arc<dyn RamDiscard> = Arc::new(RecordingDiscard::default());
+        assert!(bs.inflated.len() >= 2, "{:?}", bs.inflated);
         let cases: Vec<(&str, BalloonState)> = vec![
             ("run in the hole", {
                 let mut s = bs.clone();
@@ -847,6 +848,30 @@ mod tests {
             ("count", {
                 let mut s = bs.clone();
                 s.inflated_pages += 1;
+                s
+            }),
+            ("overlapping runs", {
+                let mut s = bs.clone();
+                let r = s.inflated[0];
+                s.inflated.insert(1, r);
+                s.inflated_pages += r.npages;
+                s
+            }),
+            ("unsorted runs", {
+                let mut s = bs.clone();
+                s.inflated.reverse();
+                s
+            }),
+            ("more runs than pages", {
+                let mut s = bs.clone();
+                let total = (LOW_END + 16 * MIB) >> 12;
+                s.inflated = (0..=total)
+                    .map(|p| PfnRunState {
+                        start_pfn: p,
+                        npages: 1,
+                    })
+                    .collect();
+                s.inflated_pages = total + 1;
                 s
             }),
             ("stats head", {
