@@ -117,6 +117,10 @@ fn craft(path: &Path, prefix: &str, item: &str, count: u64, suffix: &str) {
 /// into the child's ru_maxrss (the pre-exec address space counts), so the
 /// tests of this file keep the test process itself small: files are
 /// written and read in 1 MiB pieces, never held whole.
+#[allow(
+    clippy::zombie_processes,
+    reason = "reaped by wait4 below, for its rusage"
+)]
 fn run_measured(args: &[&str], timeout: Duration) -> (i32, String, u64) {
     let mut child = Command::new(common::blimp())
         .args(args)
@@ -145,6 +149,7 @@ fn run_measured(args: &[&str], timeout: Duration) -> (i32, String, u64) {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("blimp {args:?} did not exit within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
