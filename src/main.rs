@@ -78,7 +78,16 @@ struct RunArgs {
     kernel: Option<PathBuf>,
     /// Instead of booting a kernel, wait for a live migration from another
     /// blimp on unix:///PATH or tcp://IP:PORT, then run the received VM.
-    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initrd", "balloon", "balloon_target"])]
+    /// The stream sets the guest (kernel, memory, vCPUs, devices), so the
+    /// options that describe one are refused with it.
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with_all = [
+            "kernel", "initrd", "cmdline", "memory", "vcpus", "debug_exit",
+            "balloon", "balloon_target",
+        ]
+    )]
     incoming: Option<String>,
     /// Initial ramdisk, loaded at the top of RAM below 3 GiB.
     #[arg(long, value_name = "PATH")]

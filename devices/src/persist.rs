@@ -174,6 +174,36 @@ pub fn from_json<S: DeserializeOwned + Versioned>(
     })
 }
 
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+/// Deserialize a state from JSON text (a sub-document of the VMM's state
+/// section, kept raw until now), checking its `version` before its shape.
+/// The text is typed directly: no intermediate JSON tree.
+pub fn from_json_str<S: DeserializeOwned + Versioned>(text: &str) -> Result<S, PersistError> {
+    let probe: VersionProbe =
+        serde_json::from_str(text).map_err(|source| PersistError::Deserialize {
+            what: S::NAME,
+            source,
+        })?;
+    let found = probe
+        .version
+        .ok_or(PersistError::MissingVersion { what: S::NAME })?;
+    let found = u32::try_from(found).map_err(|_| PersistError::UnsupportedVersion {
+        what: S::NAME,
+        found: u32::MAX,
+        supported: S::VERSION,
+    })?;
+    check_version(S::NAME, found, S::VERSION)?;
+    serde_json::from_str(text).map_err(|source| PersistError::Deserialize {
+        what: S::NAME,
+        source,
+    })
+}
+
 /// The ring state of one virtio queue (mirrors `virtio_queue::QueueState`,
 /// which is not serde): where the device stands in the available and used
 /// rings. The queue's addresses and size are the transport's registers.

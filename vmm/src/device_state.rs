@@ -5,36 +5,47 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::Serial;
 use devices::legacy::serial::{SerialState, StdoutWriter};
-use devices::persist::{Persist, PersistError, from_json, to_json};
+use devices::persist::{Persist, PersistError, from_json_str, to_json};
 use devices::virtio::balloon::Balloon;
 use devices::virtio::balloon::persist::BalloonState;
 use devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
+use crate::migration::checked::required;
 use crate::restore::RestoreError;
 use crate::vmm::{Error, Machine};
 
 /// Version of [`DevicesState`].
 pub const DEVICES_STATE_VERSION: u32 = 1;
 
-/// The devices of a VM.
-#[derive(Serialize, Deserialize, Debug, Default)]
+/// The devices of a VM. Every field must be present; `balloon` is `null`
+/// for a VM without one. Each device's own state stays raw JSON text here
+/// and is typed by the device's state struct.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
 pub struct DevicesState {
     pub version: u32,
     pub debug_exit: bool,
-    pub serial: Option<serde_json::Value>,
+    pub serial: Box<RawValue>,
+    #[serde(deserialize_with = "required")]
     pub balloon: Option<BalloonSlot>,
 }
 
 /// The balloon and its virtio-mmio transport.
 #[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
 pub struct BalloonSlot {
-    pub device: serde_json::Value,
-    pub transport: serde_json::Value,
+    pub device: Box<RawValue>,
+    pub transport: Box<RawValue>,
 }
 
 fn persist_err(e: PersistError) -> String {
     e.to_string()
+}
+
+fn raw(v: serde_json::Value) -> Result<Box<RawValue>, String> {
+    serde_json::value::to_raw_value(&v).map_err(|e| e.to_string())
 }
 
 /// Capture the state of every device. Called with the vCPUs paused and the
@@ -56,64 +67,171 @@ pub fn capture(
         Some((dev, transport)) => {
             let t = transport.lock().unwrap_or_else(|p| p.into_inner());
             Some(BalloonSlot {
-                device: to_json(&dev.save().map_err(persist_err)?).map_err(persist_err)?,
-                transport: to_json(&t.save_with(dev).map_err(persist_err)?).map_err(persist_err)?,
+                device: raw(to_json(&dev.save().map_err(persist_err)?).map_err(persist_err)?)?,
+                transport: raw(
+                    to_json(&t.save_with(dev).map_err(persist_err)?).map_err(persist_err)?
+                )?,
             })
         }
     };
     serde_json::to_value(DevicesState {
         version: DEVICES_STATE_VERSION,
         debug_exit,
-        serial: Some(to_json(&serial_state).map_err(persist_err)?),
+        serial: raw(to_json(&serial_state).map_err(persist_err)?)?,
         balloon,
     })
     .map_err(|e| e.to_string())
 }
 
-/// Rebuild the devices of `m` from `value`; returns the balloon if any.
-pub(crate) fn restore(
-    m: &mut Machine,
-    value: &serde_json::Value,
-) -> Result<Option<Arc<Mutex<Balloon>>>, Error> {
-    let bad = |what: &str, e: PersistError| RestoreError::Devices(format!("{what}: {e}"));
-    let st: DevicesState = serde_json::from_value(value.clone())
+/// Device state read from a stream and typed, not applied yet.
+#[derive(Debug)]
+pub(crate) struct SavedDevices {
+    debug_exit: bool,
+    serial: SerialState,
+    balloon: Option<(BalloonState, MmioTransportState)>,
+}
+
+fn bad(what: &str, e: PersistError) -> RestoreError {
+    RestoreError::Devices(format!("{what}: {e}"))
+}
+
+/// Type the device document `raw` (refusing unknown versions, missing or
+/// malformed devices, naming them). Nothing is applied.
+pub(crate) fn parse(raw: &RawValue) -> Result<SavedDevices, RestoreError> {
+    let st: DevicesState = serde_json::from_str(raw.get())
         .map_err(|e| RestoreError::Devices(format!("not a device state document: {e}")))?;
     if st.version != DEVICES_STATE_VERSION {
         return Err(RestoreError::Devices(format!(
             "device state version {} (this Blimp reads version {DEVICES_STATE_VERSION})",
             st.version
-        ))
-        .into());
+        )));
     }
-    if st.debug_exit {
+    let serial: SerialState = from_json_str(st.serial.get()).map_err(|e| bad("serial", e))?;
+    let balloon = match &st.balloon {
+        None => None,
+        Some(slot) => Some((
+            from_json_str(slot.device.get()).map_err(|e| bad("balloon", e))?,
+            from_json_str(slot.transport.get()).map_err(|e| bad("balloon transport", e))?,
+        )),
+    };
+    Ok(SavedDevices {
+        debug_exit: st.debug_exit,
+        serial,
+        balloon,
+    })
+}
+
+/// Rebuild the devices of `m` from `saved`; returns the balloon if any.
+/// The devices are built (and their state checked) before any is wired
+/// into the machine.
+pub(crate) fn restore(
+    m: &mut Machine,
+    saved: &SavedDevices,
+) -> Result<Option<Arc<Mutex<Balloon>>>, Error> {
+    let irq = m
+        .serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .irq_evt()
+        .try_clone()
+        .map_err(|e| RestoreError::Devices(format!("serial irqfd: {e}")))?;
+    let serial = Serial::restore(irq, Box::new(StdoutWriter), &saved.serial)
+        .map_err(|e| bad("serial", e))?;
+    let balloon = match &saved.balloon {
+        None => None,
+        Some((dev_state, tr_state)) => {
+            let discard: Arc<dyn devices::RamDiscard> = m.ram.clone();
+            let b = Balloon::restore(dev_state, m.ram.ranges(), discard)
+                .map_err(|e| bad("balloon", e))?;
+            Some((Arc::new(Mutex::new(b)), tr_state))
+        }
+    };
+
+    // Apply.
+    if saved.debug_exit {
         m.add_debug_exit()?;
     }
-    if let Some(v) = &st.serial {
-        let state: SerialState = from_json(v).map_err(|e| bad("serial", e))?;
-        let mut serial = m.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let irq = serial
-            .irq_evt()
-            .try_clone()
-            .map_err(|e| RestoreError::Devices(format!("serial irqfd: {e}")))?;
-        *serial =
-            Serial::restore(irq, Box::new(StdoutWriter), &state).map_err(|e| bad("serial", e))?;
-    }
-    let Some(slot) = &st.balloon else {
+    *m.serial.lock().unwrap_or_else(|p| p.into_inner()) = serial;
+    let Some((balloon, tr_state)) = balloon else {
         return Ok(None);
     };
-    let dev_state: BalloonState = from_json(&slot.device).map_err(|e| bad("balloon", e))?;
-    let tr_state: MmioTransportState =
-        from_json(&slot.transport).map_err(|e| bad("balloon transport", e))?;
-    let discard: Arc<dyn devices::RamDiscard> = m.ram.clone();
-    let balloon = Arc::new(Mutex::new(
-        Balloon::restore(&dev_state, m.ram.ranges(), discard).map_err(|e| bad("balloon", e))?,
-    ));
     m.virtio.add_restored_virtio(
         &m.vm,
         &mut m.mmio,
         m.ram.memory(),
         balloon.clone(),
-        &tr_state,
+        tr_state,
     )?;
     Ok(Some(balloon))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn serial_state() -> Value {
+        to_json(&sample_serial()).unwrap()
+    }
+
+    fn sample_serial() -> SerialState {
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Serial::new(irq, Box::new(StdoutWriter)).save().unwrap()
+    }
+
+    fn doc(mutate: impl FnOnce(&mut Value)) -> Result<SavedDevices, RestoreError> {
+        let mut v = json!({
+            "version": DEVICES_STATE_VERSION,
+            "debug_exit": true,
+            "serial": serial_state(),
+            "balloon": null,
+        });
+        mutate(&mut v);
+        let raw = serde_json::value::to_raw_value(&v).unwrap();
+        parse(&raw)
+    }
+
+    #[test]
+    fn a_document_without_balloon_parses() {
+        let d = doc(|_| {}).unwrap();
+        assert!(d.debug_exit);
+        assert!(d.balloon.is_none());
+    }
+
+    #[test]
+    fn missing_or_malformed_devices_are_refused_by_name() {
+        let table: &[(&str, &str, fn(&mut Value))] = &[
+            ("missing balloon", "balloon", |v| {
+                v.as_object_mut().unwrap().remove("balloon");
+            }),
+            ("missing serial", "serial", |v| {
+                v.as_object_mut().unwrap().remove("serial");
+            }),
+            ("null serial", "serial", |v| v["serial"] = Value::Null),
+            ("serial of another shape", "serial", |v| {
+                v["serial"]["line_control"] = json!("x")
+            }),
+            ("serial version", "serial", |v| {
+                v["serial"]["version"] = json!(9)
+            }),
+            ("balloon without transport", "transport", |v| {
+                v["balloon"] = json!({"device": {"version": 1}})
+            }),
+            (
+                "balloon of another shape",
+                "balloon",
+                |v| v["balloon"] = json!({"device": {"version": 1}, "transport": {"version": 1}}),
+            ),
+            ("unknown device", "gpu", |v| v["gpu"] = json!({})),
+            ("other version", "version 2", |v| v["version"] = json!(2)),
+        ];
+        for (what, field, mutate) in table {
+            let e = doc(mutate)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"))
+                .to_string();
+            assert!(e.contains(field), "{what}: {e}");
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arch::MemoryLayout;
 use devices::{DirtyBitmap, DiscardError, DiscardOutcome, GpaRange, GuestMemory, RamDiscard};
@@ -102,6 +103,8 @@ pub struct GuestRam {
     regions: Vec<RegionBacking>,
     /// The shared backing file (memfd or user file), if any.
     file: Option<File>,
+    /// The backing was an existing file with data in it: RAM may not read zero.
+    opened_with_data: AtomicBool,
     /// For hugetlb: which 4 KiB pages of each partially discarded huge page
     /// (indexed by huge page number in the backing file) were discarded so far.
     partial_huge: Mutex<HashMap<u64, HugePageBits>>,
@@ -117,6 +120,19 @@ fn memfd(name: &str, flags: libc::c_uint) -> std::io::Result<File> {
     }
     // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// This host's RAM in bytes (MemTotal), if /proc/meminfo says.
+pub fn host_ram_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 fn free_huge_pages() -> u64 {
@@ -158,6 +174,18 @@ impl GuestRam {
                 (DiscardKind::HugePunch, Some(f))
             }
             MemoryBackend::File(path) => (DiscardKind::PunchHole, Some(open_file(path)?)),
+        };
+        let opened_with_data = match (&file, backing) {
+            (Some(f), MemoryBackend::File(path)) => {
+                f.metadata()
+                    .map_err(|source| MemoryError::File {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len()
+                    > 0
+            }
+            _ => false,
         };
         if let Some(f) = &file {
             f.set_len(total).map_err(|source| MemoryError::Truncate {
@@ -212,8 +240,41 @@ impl GuestRam {
             backing: backing.clone(),
             regions: backings,
             file,
+            opened_with_data: AtomicBool::new(opened_with_data),
             partial_huge: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Does all of guest RAM read zero, as far as this process knows?
+    /// False for a `file=PATH` backing that held data when opened, until
+    /// [`GuestRam::ensure_zeroed`].
+    pub fn is_zeroed(&self) -> bool {
+        !self.opened_with_data.load(Ordering::Acquire)
+    }
+
+    /// Make all of guest RAM read zero if it may not (see
+    /// [`GuestRam::is_zeroed`]): the backing file is cut to nothing and
+    /// extended again, which drops its old pages from the mappings too.
+    /// For a restore, which writes only the pages its stream carries. Call
+    /// before any vCPU runs and while nothing else touches guest memory.
+    pub fn ensure_zeroed(&self) -> Result<(), MemoryError> {
+        if self.is_zeroed() {
+            return Ok(());
+        }
+        let Some(f) = &self.file else {
+            return Ok(());
+        };
+        let total = self.layout.size();
+        for size in [0, total] {
+            f.set_len(size)
+                .map_err(|source| MemoryError::Truncate { size, source })?;
+        }
+        self.partial_huge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.opened_with_data.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// The vm-memory view every device uses (cheap to clone: regions are shared).
@@ -442,6 +503,44 @@ mod tests {
         while a < start + len {
             ram.memory().write_obj(0xabu8, GuestAddress(a)).unwrap();
             a += SMALL_PAGE;
+        }
+    }
+
+    #[test]
+    fn an_existing_file_backing_is_zeroed_on_request() {
+        let path = std::env::temp_dir().join(format!("blimp-ram-zero-{}", std::process::id()));
+        let size = 16u64 << 20;
+        std::fs::write(&path, vec![0xaau8; size as usize]).unwrap();
+        let layout = MemoryLayout::new(size).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::File(path.clone())).unwrap();
+        assert!(!ram.is_zeroed());
+        assert_eq!(
+            ram.memory().read_obj::<u8>(GuestAddress(0x5000)).unwrap(),
+            0xaa
+        );
+        ram.ensure_zeroed().unwrap();
+        assert!(ram.is_zeroed());
+        let mut buf = vec![1u8; size as usize];
+        ram.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "RAM reads zero after ensure_zeroed"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        // Still a working shared mapping of the file.
+        ram.memory()
+            .write_obj(0x5au8, GuestAddress(0x3000))
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[0x3000], 0x5a);
+        drop(ram);
+        // A new (empty) file and the anonymous backings are zero from the start.
+        std::fs::remove_file(&path).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::File(path.clone())).unwrap();
+        assert!(ram.is_zeroed());
+        drop(ram);
+        std::fs::remove_file(&path).unwrap();
+        for b in [MemoryBackend::Anon, MemoryBackend::Memfd] {
+            assert!(GuestRam::new(&layout, &b).unwrap().is_zeroed());
         }
     }
 

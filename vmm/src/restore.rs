@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api::types::MigrationDestination;
-use arch::MemoryLayout;
 
 use crate::config::{MemoryBackend, VmConfig};
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
@@ -46,6 +45,27 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: not a regular file ({kind}); a migration file is needed")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("cannot prepare guest memory for the restore: {0}")]
+    Memory(#[from] crate::memory::MemoryError),
+}
+
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a plain file"
+    }
 }
 
 /// How long an incoming migration may go without a byte from the source
@@ -162,14 +182,36 @@ impl<R: Read> Read for IdleLimit<R> {
     }
 }
 
-/// Open a migration file.
+/// Open a migration file. Anything but a regular file (a FIFO, a device,
+/// a directory, a socket) is refused without blocking: it is opened
+/// non-blocking, checked, and only then switched to blocking reads.
 pub fn open_file(path: &std::path::Path) -> Result<Box<dyn Read + Send>, RestoreError> {
-    Ok(Box::new(std::fs::File::open(path).map_err(|source| {
-        RestoreError::Open {
-            what: path.display().to_string(),
-            source,
-        }
-    })?))
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let open_err = |source| RestoreError::Open {
+        what: path.display().to_string(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
+    let t = f.metadata().map_err(open_err)?.file_type();
+    if !t.is_file() {
+        return Err(RestoreError::NotAFile {
+            path: path.to_path_buf(),
+            kind: file_kind(t),
+        });
+    }
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL touch no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(open_err(std::io::Error::last_os_error()));
+    }
+    Ok(Box::new(f))
 }
 
 /// What must follow the stream's trailer.
@@ -239,27 +281,46 @@ impl Vmm {
     ) -> Result<Vmm, Error> {
         let mut reader = StreamReader::new(BufReader::with_capacity(4 << 20, input));
         let header = reader.read_header().map_err(RestoreError::from)?;
-        let size: u64 = header.layout.iter().map(|r| r.size).sum();
-        let layout = MemoryLayout::new(size)?;
+        // Nothing is allocated for the guest before its layout is known to
+        // be one this host could build.
+        let layout = header
+            .memory_layout(crate::memory::host_ram_bytes())
+            .map_err(RestoreError::from)?;
+        let size = layout.size();
         let mut m = Machine::new(&layout, 1, &cfg.memory_backend)?;
+        // The stream writes only the pages it carries: the rest must read
+        // zero, also over an existing backing file.
+        m.ram.ensure_zeroed().map_err(RestoreError::from)?;
         let restored = reader
             .restore(m.ram.memory(), &layout, Destination::Fresh)
             .map_err(RestoreError::from)?;
-        if end == End::Handshake {
-            let (input, rest) = reader.into_inner();
-            let len = rest.len() + input.buffer().len();
-            if len != 0 {
-                return Err(RestoreError::TrailingBytes { len }.into());
+        match end {
+            End::Eof => reader.expect_end().map_err(RestoreError::from)?,
+            End::Handshake => {
+                // The source sends nothing more before our ACK.
+                let (input, rest) = reader.into_inner();
+                let len = rest.len() + input.buffer().len();
+                if len != 0 {
+                    return Err(RestoreError::TrailingBytes { len }.into());
+                }
             }
         }
+        // Check everything, then apply: the whole state is typed and
+        // checked (sizes, ids, counts, devices) before the machine changes.
         let state = VmState::from_bytes(&restored.state).map_err(RestoreError::from)?;
+        let last_round = restored.last_round;
+        drop(restored);
         let count = u8::try_from(state.vcpus.len())
             .ok()
             .filter(|n| *n >= 1)
             .ok_or_else(|| {
                 RestoreError::Devices(format!("{} vCPUs in the stream", state.vcpus.len()))
             })?;
-        let balloon = crate::device_state::restore(&mut m, &state.devices)?;
+        state
+            .check_destination(&layout, usize::from(count))
+            .map_err(RestoreError::from)?;
+        let devices = crate::device_state::parse(&state.devices)?;
+        let balloon = crate::device_state::restore(&mut m, &devices)?;
         let mut fds = Vec::new();
         for id in 0..count {
             fds.push(vcpu::create_vcpu(&m.vm, id, count, 0, m.backend.is_pvm())?);
@@ -271,10 +332,9 @@ impl Vmm {
             log::debug!("vCPU {id} restored: {r:?}");
         }
         log::info!(
-            "restored {} MiB of guest memory, {} vCPU(s) from the stream (last round {})",
+            "restored {} MiB of guest memory, {} vCPU(s) from the stream (last round {last_round})",
             size >> 20,
             count,
-            restored.last_round
         );
         let mut config = VmConfig::new(PathBuf::new());
         config.memory_bytes = size;

@@ -18,6 +18,7 @@
 //!    [`state::VmState::from_bytes`] then [`state::restore_vm`] /
 //!    [`state::restore_vcpu`].
 
+pub mod checked;
 pub mod convergence;
 pub mod dirty;
 pub mod handshake;

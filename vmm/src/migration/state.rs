@@ -26,11 +26,15 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeSeed;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 use arch::MemoryLayout;
 
-use super::stream::{RamRange, describe_layout, layout_ranges};
+use super::PAGE_SIZE;
+use super::checked::{Exact, List, Opt};
+use super::stream::{MAX_REGIONS, MAX_STATE_BYTES, RamRange, describe_layout, layout_ranges};
 
 /// Version of [`VmState`] this build writes and reads.
 pub const VM_STATE_VERSION: u32 = 1;
@@ -39,6 +43,33 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 /// MSRs read or written per KVM_GET_MSRS / KVM_SET_MSRS call.
 const MSR_CHUNK: usize = 64;
 const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+/// Most MSRs saved per vCPU: KVM_GET_MSR_INDEX_LIST returns at most this many.
+pub const MAX_MSRS: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
+/// Most vCPUs a VM has (as `blimp run --vcpus`).
+pub const MAX_VCPUS: usize = 254;
+/// 32-bit words of the legacy XSAVE area (4 KiB).
+pub const XSAVE_WORDS: usize = 1024;
+/// State section allowance for everything but the vCPUs and the balloon's
+/// inflated runs (VM devices, serial, balloon and transport fixed parts).
+pub const STATE_FIXED_BYTES: u64 = 256 << 10;
+/// State section allowance per vCPU: the JSON of a vCPU with the most
+/// CPUID entries and MSRs and the widest values fits (a unit test checks).
+pub const STATE_PER_VCPU_BYTES: u64 = 96 << 10;
+/// State section allowance per guest page: one balloon inflated run (the
+/// runs are at most one per page) in JSON.
+pub const STATE_PER_PAGE_BYTES: u64 = 48;
+
+/// The largest state section a guest with RAM `layout` can have: the fixed
+/// part, [`MAX_VCPUS`] vCPUs, and one balloon run per page, at most
+/// [`MAX_STATE_BYTES`]. Checked at the state record's header, before its
+/// payload is read.
+pub fn max_state_bytes(layout: &MemoryLayout) -> u32 {
+    let pages = layout.size() / PAGE_SIZE;
+    let limit = STATE_FIXED_BYTES
+        .saturating_add(STATE_PER_VCPU_BYTES * MAX_VCPUS as u64)
+        .saturating_add(pages.saturating_mul(STATE_PER_PAGE_BYTES));
+    u32::try_from(limit.min(u64::from(MAX_STATE_BYTES))).unwrap_or(MAX_STATE_BYTES)
+}
 
 /// Errors capturing or restoring state.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +99,8 @@ pub enum StateError {
     LayoutMismatch { saved: String, destination: String },
     #[error("the saved VM has {saved} vCPUs, the destination has {destination}")]
     VcpuCountMismatch { saved: usize, destination: usize },
+    #[error("vcpus: entry {index} has id {id}, the ids must be 0 to {last} in order")]
+    VcpuIds { index: usize, id: u8, last: usize },
 }
 
 fn vcpu_prefix(vcpu: Option<u8>) -> String {
@@ -174,22 +207,89 @@ pub struct MsrValue {
     pub data: u64,
 }
 
-/// State of one paused vCPU.
+/// `deserialize_with` functions that read a field with a checking seed
+/// (see [`super::checked`]); the seed names the field in its errors.
+macro_rules! checked_field {
+    ($name:ident, $ty:ty, $seed:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            $seed.deserialize(d)
+        }
+    };
+}
+
+checked_field!(
+    de_cpuid,
+    Vec<kvm_cpuid_entry2>,
+    List::new(
+        "cpuid",
+        1,
+        MAX_CPUID_ENTRIES,
+        Exact::<kvm_cpuid_entry2>::new("cpuid entry")
+    )
+);
+checked_field!(de_mp_state, kvm_mp_state, Exact::new("mp_state"));
+checked_field!(de_regs, kvm_regs, Exact::new("regs"));
+checked_field!(de_sregs, kvm_sregs, Exact::new("sregs"));
+checked_field!(
+    de_xsave,
+    Option<Vec<u32>>,
+    Opt(List::of("xsave", XSAVE_WORDS, XSAVE_WORDS))
+);
+checked_field!(de_xcrs, Option<kvm_xcrs>, Opt(Exact::new("xcrs")));
+checked_field!(de_lapic, kvm_lapic_state, Exact::new("lapic"));
+checked_field!(de_msrs, Vec<MsrValue>, List::of("msrs", 0, MAX_MSRS));
+checked_field!(
+    de_debug_regs,
+    Option<kvm_debugregs>,
+    Opt(Exact::new("debug_regs"))
+);
+checked_field!(
+    de_vcpu_events,
+    Option<kvm_vcpu_events>,
+    Opt(Exact::new("vcpu_events"))
+);
+checked_field!(de_pic_master, kvm_irqchip, Exact::new("pic_master"));
+checked_field!(de_pic_slave, kvm_irqchip, Exact::new("pic_slave"));
+checked_field!(de_ioapic, kvm_irqchip, Exact::new("ioapic"));
+checked_field!(de_pit, kvm_pit_state2, Exact::new("pit"));
+checked_field!(de_clock, kvm_clock_data, Exact::new("clock"));
+checked_field!(de_vcpus, Vec<VcpuState>, List::of("vcpus", 1, MAX_VCPUS));
+checked_field!(
+    de_memory_layout,
+    Vec<RamRange>,
+    List::of("memory_layout", 1, MAX_REGIONS as usize)
+);
+
+/// State of one paused vCPU. Reading it checks every KVM structure's exact
+/// size and every list's bounds, naming the field that is wrong.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VcpuState {
     pub id: u8,
+    /// 1 to KVM_MAX_CPUID_ENTRIES entries.
+    #[serde(deserialize_with = "de_cpuid")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    #[serde(deserialize_with = "de_mp_state")]
     pub mp_state: kvm_mp_state,
+    #[serde(deserialize_with = "de_regs")]
     pub regs: kvm_regs,
+    #[serde(deserialize_with = "de_sregs")]
     pub sregs: kvm_sregs,
     pub fpu: FpuState,
     /// The 4 KiB legacy XSAVE area (KVM_GET_XSAVE), if KVM has XSAVE.
+    #[serde(deserialize_with = "de_xsave")]
     pub xsave: Option<Vec<u32>>,
+    #[serde(deserialize_with = "de_xcrs")]
     pub xcrs: Option<kvm_xcrs>,
+    #[serde(deserialize_with = "de_lapic")]
     pub lapic: kvm_lapic_state,
-    /// Every MSR of KVM's index list that this vCPU let us read.
+    /// Every MSR of KVM's index list that this vCPU let us read (at most
+    /// [`MAX_MSRS`]).
+    #[serde(deserialize_with = "de_msrs")]
     pub msrs: Vec<MsrValue>,
+    #[serde(deserialize_with = "de_debug_regs")]
     pub debug_regs: Option<kvm_debugregs>,
+    #[serde(deserialize_with = "de_vcpu_events")]
     pub vcpu_events: Option<kvm_vcpu_events>,
     pub tsc_khz: Option<u32>,
 }
@@ -446,13 +546,19 @@ pub fn restore_vcpu(
     Ok(report)
 }
 
-/// State of the VM-wide in-kernel devices.
+/// State of the VM-wide in-kernel devices (each of exactly its KVM size).
 #[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KvmVmState {
+    #[serde(deserialize_with = "de_pic_master")]
     pub pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "de_pic_slave")]
     pub pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "de_ioapic")]
     pub ioapic: kvm_irqchip,
+    #[serde(deserialize_with = "de_pit")]
     pub pit: kvm_pit_state2,
+    #[serde(deserialize_with = "de_clock")]
     pub clock: kvm_clock_data,
 }
 
@@ -521,15 +627,21 @@ pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Everything but guest RAM: what the stream's state section holds.
+/// Everything but guest RAM: what the stream's state section holds. Read
+/// straight into these types (no intermediate JSON tree); the device
+/// document stays raw JSON text until the integrator types it.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmState {
     pub version: u32,
+    #[serde(deserialize_with = "de_memory_layout")]
     pub memory_layout: Vec<RamRange>,
+    /// 1 to [`MAX_VCPUS`] vCPUs, ids 0 to n-1 in order.
+    #[serde(deserialize_with = "de_vcpus")]
     pub vcpus: Vec<VcpuState>,
     pub vm: KvmVmState,
     /// Device state, filled by the integrator (serial, balloon, transport).
-    pub devices: serde_json::Value,
+    pub devices: Box<RawValue>,
 }
 
 impl std::fmt::Debug for VmState {
@@ -560,7 +672,8 @@ impl VmState {
             memory_layout: layout_ranges(layout),
             vcpus,
             vm,
-            devices,
+            devices: serde_json::value::to_raw_value(&devices)
+                .expect("a serde_json::Value always serializes"),
         }
     }
 
@@ -569,7 +682,9 @@ impl VmState {
         serde_json::to_vec(self).map_err(StateError::Serialize)
     }
 
-    /// Parse a state blob; refuses other versions with a clear error.
+    /// Parse a state blob; refuses other versions with a clear error, and
+    /// any KVM structure of the wrong size, list out of bounds or vCPU ids
+    /// other than 0 to n-1, naming the field.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
         let v: VersionOnly = serde_json::from_slice(bytes).map_err(StateError::Deserialize)?;
         if v.version != VM_STATE_VERSION {
@@ -578,7 +693,24 @@ impl VmState {
                 supported: VM_STATE_VERSION,
             });
         }
-        serde_json::from_slice(bytes).map_err(StateError::Deserialize)
+        let state: Self = serde_json::from_slice(bytes).map_err(StateError::Deserialize)?;
+        state.check_vcpu_ids()?;
+        Ok(state)
+    }
+
+    /// vCPU ids are exactly 0 to n-1, in order (so unique).
+    fn check_vcpu_ids(&self) -> Result<(), StateError> {
+        let last = self.vcpus.len().saturating_sub(1);
+        for (index, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.id) != index {
+                return Err(StateError::VcpuIds {
+                    index,
+                    id: v.id,
+                    last,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Refuse a destination whose RAM layout or vCPU count differs.
@@ -618,4 +750,240 @@ pub fn restore(
         .zip(&state.vcpus)
         .map(|(fd, s)| restore_vcpu(support, fd, s))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn vcpu(id: u8) -> VcpuState {
+        VcpuState {
+            id,
+            cpuid: vec![kvm_cpuid_entry2::default()],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            fpu: FpuState::default(),
+            xsave: Some(vec![0; XSAVE_WORDS]),
+            xcrs: Some(kvm_xcrs::default()),
+            lapic: kvm_lapic_state::default(),
+            msrs: vec![MsrValue {
+                index: MSR_IA32_TSC,
+                data: 1,
+            }],
+            debug_regs: Some(kvm_debugregs::default()),
+            vcpu_events: Some(kvm_vcpu_events::default()),
+            tsc_khz: Some(1_000_000),
+        }
+    }
+
+    fn vm() -> KvmVmState {
+        KvmVmState {
+            pic_master: kvm_irqchip::default(),
+            pic_slave: kvm_irqchip::default(),
+            ioapic: kvm_irqchip::default(),
+            pit: kvm_pit_state2::default(),
+            clock: kvm_clock_data::default(),
+        }
+    }
+
+    /// A valid state section of a 2-vCPU, 64 MiB guest, as a JSON tree to mutate.
+    fn valid() -> Value {
+        let layout = MemoryLayout::new(64 << 20).unwrap();
+        let s = VmState::new(
+            &layout,
+            vec![vcpu(0), vcpu(1)],
+            vm(),
+            json!({"version": 1, "debug_exit": false, "serial": {}, "balloon": null}),
+        );
+        serde_json::from_slice(&s.to_bytes().unwrap()).unwrap()
+    }
+
+    fn bytes(n: usize, v: u8) -> Value {
+        Value::Array(vec![json!(v); n])
+    }
+
+    fn len_of(v: &Value) -> usize {
+        v.as_array().unwrap().len()
+    }
+
+    #[test]
+    fn a_valid_state_section_parses() {
+        let s = VmState::from_bytes(&serde_json::to_vec(&valid()).unwrap()).unwrap();
+        assert_eq!(s.vcpus.len(), 2);
+        assert_eq!(s.vcpus[1].id, 1);
+        assert_eq!(s.vcpus[0].xsave.as_ref().map(Vec::len), Some(XSAVE_WORDS));
+    }
+
+    type Mutation = (&'static str, &'static str, fn(&mut Value));
+
+    /// Each mutation of a valid state section is refused, and the error
+    /// names the field (the second column).
+    #[test]
+    fn every_bad_field_is_refused_by_name() {
+        let table: &[Mutation] = &[
+            ("short regs", "regs", |s| {
+                let n = len_of(&s["vcpus"][0]["regs"]);
+                s["vcpus"][0]["regs"] = bytes(n - 1, 0);
+            }),
+            ("long regs", "regs", |s| {
+                let n = len_of(&s["vcpus"][0]["regs"]);
+                s["vcpus"][0]["regs"] = bytes(n + 1, 0);
+            }),
+            ("short sregs", "sregs", |s| {
+                s["vcpus"][1]["sregs"] = bytes(8, 0)
+            }),
+            ("long sregs", "sregs", |s| {
+                let n = len_of(&s["vcpus"][1]["sregs"]);
+                s["vcpus"][1]["sregs"] = bytes(n * 2, 0);
+            }),
+            ("short lapic", "lapic", |s| {
+                s["vcpus"][0]["lapic"] = bytes(1023, 0)
+            }),
+            ("long lapic", "lapic", |s| {
+                s["vcpus"][0]["lapic"] = bytes(4096, 0)
+            }),
+            ("short xsave", "xsave", |s| {
+                s["vcpus"][0]["xsave"] = bytes(1023, 0)
+            }),
+            ("long xsave", "xsave", |s| {
+                s["vcpus"][0]["xsave"] = bytes(1025, 0)
+            }),
+            ("short xcrs", "xcrs", |s| {
+                s["vcpus"][0]["xcrs"] = bytes(3, 0)
+            }),
+            ("long debug_regs", "debug_regs", |s| {
+                let n = len_of(&s["vcpus"][0]["debug_regs"]);
+                s["vcpus"][0]["debug_regs"] = bytes(n + 8, 0);
+            }),
+            ("short vcpu_events", "vcpu_events", |s| {
+                s["vcpus"][0]["vcpu_events"] = bytes(1, 0)
+            }),
+            ("long mp_state", "mp_state", |s| {
+                s["vcpus"][0]["mp_state"] = bytes(5, 0)
+            }),
+            ("short cpuid entry", "cpuid entry", |s| {
+                s["vcpus"][0]["cpuid"][0] = bytes(39, 0)
+            }),
+            ("empty cpuid", "cpuid", |s| {
+                s["vcpus"][0]["cpuid"] = json!([])
+            }),
+            ("too many cpuid entries", "cpuid", |s| {
+                let e = s["vcpus"][0]["cpuid"][0].clone();
+                s["vcpus"][0]["cpuid"] = Value::Array(vec![e; MAX_CPUID_ENTRIES + 1]);
+            }),
+            ("too many msrs", "msrs", |s| {
+                let m = json!({"index": 16, "data": 0});
+                s["vcpus"][0]["msrs"] = Value::Array(vec![m; MAX_MSRS + 1]);
+            }),
+            ("short pic_master", "pic_master", |s| {
+                s["vm"]["pic_master"] = bytes(100, 0)
+            }),
+            ("long pic_slave", "pic_slave", |s| {
+                let n = len_of(&s["vm"]["pic_slave"]);
+                s["vm"]["pic_slave"] = bytes(n + 1, 0);
+            }),
+            ("short ioapic", "ioapic", |s| {
+                s["vm"]["ioapic"] = bytes(0, 0)
+            }),
+            ("short pit", "pit", |s| s["vm"]["pit"] = bytes(7, 0)),
+            ("long clock", "clock", |s| {
+                let n = len_of(&s["vm"]["clock"]);
+                s["vm"]["clock"] = bytes(n + 1, 0);
+            }),
+            ("duplicate vCPU ids", "vcpus", |s| {
+                s["vcpus"][1]["id"] = json!(0)
+            }),
+            ("vCPU ids out of order", "vcpus", |s| {
+                s["vcpus"][0]["id"] = json!(1);
+                s["vcpus"][1]["id"] = json!(0);
+            }),
+            ("vCPU id gap", "vcpus", |s| s["vcpus"][1]["id"] = json!(7)),
+            ("no vCPUs", "vcpus", |s| s["vcpus"] = json!([])),
+            ("255 vCPUs", "vcpus", |s| {
+                let v = s["vcpus"][0].clone();
+                s["vcpus"] = Value::Array(vec![v; MAX_VCPUS + 1]);
+            }),
+            ("missing vm", "vm", |s| {
+                s.as_object_mut().unwrap().remove("vm");
+            }),
+            ("missing devices", "devices", |s| {
+                s.as_object_mut().unwrap().remove("devices");
+            }),
+            ("unknown field", "surprise", |s| s["surprise"] = json!(1)),
+            ("missing regs", "regs", |s| {
+                s["vcpus"][0].as_object_mut().unwrap().remove("regs");
+            }),
+            ("no memory layout", "memory_layout", |s| {
+                s["memory_layout"] = json!([])
+            }),
+        ];
+        for (what, field, mutate) in table {
+            let mut s = valid();
+            mutate(&mut s);
+            let e = VmState::from_bytes(&serde_json::to_vec(&s).unwrap())
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"))
+                .to_string();
+            assert!(e.contains(field), "{what}: {e}");
+        }
+    }
+
+    /// The per-vCPU allowance of [`max_state_bytes`] holds the largest vCPU
+    /// state: the most CPUID entries and MSRs, every byte and number at its
+    /// widest. And the VM-wide KVM state fits well inside the fixed part.
+    #[test]
+    fn the_state_limit_fits_the_largest_vcpu() {
+        let mut s = valid();
+        let v = &mut s["vcpus"][0];
+        for f in [
+            "mp_state",
+            "regs",
+            "sregs",
+            "lapic",
+            "xcrs",
+            "debug_regs",
+            "vcpu_events",
+        ] {
+            let n = len_of(&v[f]);
+            v[f] = bytes(n, 255);
+        }
+        let entry = bytes(std::mem::size_of::<kvm_cpuid_entry2>(), 255);
+        v["cpuid"] = Value::Array(vec![entry; MAX_CPUID_ENTRIES]);
+        let msr = json!({"index": u32::MAX, "data": u64::MAX});
+        v["msrs"] = Value::Array(vec![msr; MAX_MSRS]);
+        v["xsave"] = Value::Array(vec![json!(u32::MAX); XSAVE_WORDS]);
+        v["id"] = json!(0);
+        v["tsc_khz"] = json!(u32::MAX);
+        v["fpu"] = json!({
+            "fpr": vec![vec![255u8; 16]; 8], "fcw": u16::MAX, "fsw": u16::MAX,
+            "ftwx": u8::MAX, "last_opcode": u16::MAX, "last_ip": u64::MAX,
+            "last_dp": u64::MAX, "xmm": vec![vec![255u8; 16]; 16], "mxcsr": u32::MAX,
+        });
+        for f in ["pic_master", "pic_slave", "ioapic", "pit", "clock"] {
+            let n = len_of(&s["vm"][f]);
+            s["vm"][f] = bytes(n, 255);
+        }
+        let one = serde_json::to_vec(&s["vcpus"][0]).unwrap().len() as u64;
+        assert!(one <= STATE_PER_VCPU_BYTES, "{one} bytes per vCPU");
+        let vm_part = serde_json::to_vec(&s["vm"]).unwrap().len() as u64;
+        assert!(
+            vm_part <= STATE_FIXED_BYTES / 4,
+            "{vm_part} bytes of VM state"
+        );
+        // And the widest vCPU is a valid one.
+        VmState::from_bytes(&serde_json::to_vec(&s).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_state_limit_grows_with_the_guest_up_to_the_format_maximum() {
+        let small = max_state_bytes(&MemoryLayout::new(256 << 20).unwrap());
+        let big = max_state_bytes(&MemoryLayout::new(8 << 30).unwrap());
+        assert!(small < 32 << 20, "{small}");
+        assert!(big > small);
+        let huge = max_state_bytes(&MemoryLayout::new(1 << 40).unwrap());
+        assert_eq!(huge, MAX_STATE_BYTES);
+    }
 }

@@ -42,9 +42,11 @@ const KNOWN_FLAGS: u32 = FLAG_LIVE;
 /// Largest DATA record payload: contiguous runs are batched up to this.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_RECORD_PAGES: u64 = MAX_RECORD_BYTES as u64 / PAGE_SIZE;
-/// Largest state section accepted.
+/// Largest state section written or accepted; the reader accepts at most
+/// what the stream's guest can have ([`super::state::max_state_bytes`]).
 pub const MAX_STATE_BYTES: u32 = 256 << 20;
-const MAX_REGIONS: u32 = 64;
+/// Most RAM regions a stream header may list.
+pub const MAX_REGIONS: u32 = 64;
 const RECORD_HEADER_LEN: usize = 36;
 const TRAILER_LEN: u32 = 24;
 const IO_BUFFER: usize = 1 << 20;
@@ -683,8 +685,16 @@ pub enum StreamErrorKind {
     AfterState { tag: String },
     #[error("trailer without a state section")]
     MissingState,
-    #[error("state section of {len} bytes exceeds the {max}-byte limit")]
-    StateTooLarge { len: u32, max: u32 },
+    #[error(
+        "state section of {len} bytes exceeds the {max}-byte limit for a guest of {memory_mib} MiB (fixed part + 254 vCPUs + one balloon run per page)"
+    )]
+    StateTooLarge { len: u32, max: u32, memory_mib: u64 },
+    #[error("header's memory layout {layout}: {reason}")]
+    BadLayout { layout: String, reason: String },
+    #[error("header's guest has {memory_mib} MiB of RAM, more than this host's {host_mib} MiB")]
+    LargerThanHost { memory_mib: u64, host_mib: u64 },
+    #[error("data follows the trailer: the stream must end there")]
+    TrailingBytes,
     #[error("trailer {what} mismatch: the trailer says {stored}, the stream held {counted}")]
     TrailerMismatch {
         what: &'static str,
@@ -734,6 +744,49 @@ pub struct StreamHeader {
     pub layout: Vec<RamRange>,
 }
 
+impl StreamHeader {
+    /// The memory layout the header describes, if this host could build
+    /// it: the regions are exactly [`MemoryLayout::new`]'s for their total
+    /// size, and the total is at most `host_ram` bytes (when known). Check
+    /// this before allocating anything for the guest.
+    pub fn memory_layout(&self, host_ram: Option<u64>) -> Result<MemoryLayout, StreamError> {
+        let bad = |reason: String| StreamError {
+            offset: 20,
+            record: None,
+            kind: StreamErrorKind::BadLayout {
+                layout: describe_layout(&self.layout),
+                reason,
+            },
+        };
+        let size = self
+            .layout
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.size))
+            .ok_or_else(|| bad("the sizes overflow".into()))?;
+        let layout = MemoryLayout::new(size).map_err(|e| bad(e.to_string()))?;
+        if layout_ranges(&layout) != self.layout {
+            return Err(bad(format!(
+                "a {} MiB guest is laid out as {}",
+                size >> 20,
+                describe_layout(&layout_ranges(&layout))
+            )));
+        }
+        if let Some(host) = host_ram
+            && size > host
+        {
+            return Err(StreamError {
+                offset: 20,
+                record: None,
+                kind: StreamErrorKind::LargerThanHost {
+                    memory_mib: size >> 20,
+                    host_mib: host >> 20,
+                },
+            });
+        }
+        Ok(layout)
+    }
+}
+
 /// What the destination's RAM holds before the restore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -760,6 +813,8 @@ pub struct StreamReader<R: Read> {
     offset: u64,
     header: Option<StreamHeader>,
     buf: Vec<u8>,
+    /// Records read, the trailer included, once it verified.
+    records: u64,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -769,6 +824,30 @@ impl<R: Read> StreamReader<R> {
             offset: 0,
             header: None,
             buf: Vec::new(),
+            records: 0,
+        }
+    }
+
+    /// After [`StreamReader::restore`]: refuse anything after the trailer
+    /// (a file must end there). Not for a connection that carries more
+    /// after the stream; use [`StreamReader::into_inner`] there.
+    pub fn expect_end(&mut self) -> Result<(), StreamError> {
+        let mut byte = [0u8; 1];
+        loop {
+            let kind = match self.input.read(&mut byte) {
+                Ok(0) => return Ok(()),
+                Ok(_) => StreamErrorKind::TrailingBytes,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => StreamErrorKind::Io {
+                    what: "end of the stream",
+                    source,
+                },
+            };
+            return Err(StreamError {
+                offset: self.offset,
+                record: Some(self.records),
+                kind,
+            });
         }
     }
 
@@ -913,6 +992,7 @@ impl<R: Read> StreamReader<R> {
                 },
             });
         }
+        let max_state = super::state::max_state_bytes(layout);
         let written = (dest == Destination::Fresh).then(|| PageBitmap::new(layout));
         let mut stats = StreamStats::default();
         let mut last_round = 0u32;
@@ -970,10 +1050,11 @@ impl<R: Read> StreamReader<R> {
                     expected: expected_len,
                 }));
             }
-            if h.tag == TAG_STATE && h.payload_len > MAX_STATE_BYTES {
+            if h.tag == TAG_STATE && h.payload_len > max_state {
                 return Err(fail(StreamErrorKind::StateTooLarge {
                     len: h.payload_len,
-                    max: MAX_STATE_BYTES,
+                    max: max_state,
+                    memory_mib: layout.size() >> 20,
                 }));
             }
             if (h.tag == TAG_ZERO || h.tag == TAG_DATA)
@@ -1080,6 +1161,7 @@ impl<R: Read> StreamReader<R> {
                         }
                     }
                     stats.stream_bytes = self.offset;
+                    self.records = stats.records + 1;
                     return Ok(Restored {
                         header,
                         stats,
@@ -1689,6 +1771,100 @@ mod tests {
         let (inner, mut rest) = r.into_inner();
         rest.extend_from_slice(inner);
         assert_eq!(rest, b"NEXT");
+    }
+
+    #[test]
+    fn expect_end_refuses_bytes_after_the_trailer() {
+        let (stream, _, l) = sample();
+        let mem = guest(&l);
+        let mut r = StreamReader::new(&stream[..]);
+        r.restore(&mem, &l, Destination::Fresh).unwrap();
+        r.expect_end().unwrap();
+        for extra in [&b"x"[..], &stream[..]] {
+            let mut twice = stream.clone();
+            twice.extend_from_slice(extra);
+            let mut r = StreamReader::new(&twice[..]);
+            r.restore(&mem, &l, Destination::Fresh).unwrap();
+            let e = r.expect_end().unwrap_err();
+            assert!(matches!(e.kind, StreamErrorKind::TrailingBytes), "{e}");
+            assert_eq!(e.offset, stream.len() as u64);
+            assert!(e.to_string().contains("follows the trailer"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_header_layout_must_be_one_this_host_builds() {
+        let header = |layout: Vec<RamRange>| StreamHeader {
+            version: FORMAT_VERSION,
+            flags: 0,
+            layout,
+        };
+        let ok = header(layout_ranges(&layout(256 * MIB)));
+        assert_eq!(ok.memory_layout(None).unwrap(), layout(256 * MIB));
+        assert_eq!(
+            ok.memory_layout(Some(256 * MIB)).unwrap(),
+            layout(256 * MIB)
+        );
+        let e = ok.memory_layout(Some(128 * MIB)).unwrap_err();
+        assert!(
+            matches!(e.kind, StreamErrorKind::LargerThanHost { .. }),
+            "{e}"
+        );
+        let bad = [
+            vec![],
+            vec![RamRange { gpa: 0, size: 4096 }],
+            vec![RamRange {
+                gpa: 0x1000,
+                size: 256 * MIB,
+            }],
+            vec![
+                RamRange {
+                    gpa: 0,
+                    size: u64::MAX,
+                },
+                RamRange { gpa: 0, size: 2 },
+            ],
+            vec![RamRange {
+                gpa: 0,
+                size: 2 << 40,
+            }],
+            vec![RamRange {
+                gpa: 0,
+                size: 16 * MIB + 1,
+            }],
+            vec![
+                RamRange {
+                    gpa: 0,
+                    size: 16 * MIB
+                };
+                2
+            ],
+        ];
+        for l in bad {
+            let e = header(l.clone()).memory_layout(None).unwrap_err();
+            assert!(
+                matches!(e.kind, StreamErrorKind::BadLayout { .. }),
+                "{l:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_section_beyond_the_guest_limit_is_refused_at_its_header() {
+        let l = layout(16 * MIB);
+        let max = super::super::state::max_state_bytes(&l);
+        let raw = Raw::new(&l).rec(TAG_STATE, 0, 0, 0, &vec![b' '; max as usize + 1]);
+        let e = refused(raw, &l);
+        match e.kind {
+            StreamErrorKind::StateTooLarge {
+                len,
+                max: m,
+                memory_mib,
+            } => {
+                assert_eq!((len, m, memory_mib), (max + 1, max, 16));
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[test]

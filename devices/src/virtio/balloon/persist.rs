@@ -319,7 +319,21 @@ impl Balloon {
                 h.phase, h.host_cmd_id
             )));
         }
+        if state.inflated.len() as u64 > total {
+            return Err(invalid(format!(
+                "inflated: {} runs for {total} pages of guest RAM",
+                state.inflated.len()
+            )));
+        }
+        let mut prev_end = 0u64;
         for r in &state.inflated {
+            if r.start_pfn < prev_end {
+                return Err(invalid(format!(
+                    "inflated: the run at PFN {:#x} starts before the previous one ends at {prev_end:#x} (runs must be sorted and disjoint)",
+                    r.start_pfn
+                )));
+            }
+            prev_end = r.start_pfn.saturating_add(r.npages);
             let run = r
                 .start_pfn
                 .checked_mul(PAGE_SIZE)
@@ -811,6 +825,7 @@ mod tests {
         let (src, _, _) = busy_source();
         let bs = src.balloon.lock().unwrap().save().unwrap();
         let d: Arc<dyn RamDiscard> = Arc::new(RecordingDiscard::default());
+        assert!(bs.inflated.len() >= 2, "{:?}", bs.inflated);
         let cases: Vec<(&str, BalloonState)> = vec![
             ("run in the hole", {
                 let mut s = bs.clone();
@@ -833,6 +848,30 @@ mod tests {
             ("count", {
                 let mut s = bs.clone();
                 s.inflated_pages += 1;
+                s
+            }),
+            ("overlapping runs", {
+                let mut s = bs.clone();
+                let r = s.inflated[0];
+                s.inflated.insert(1, r);
+                s.inflated_pages += r.npages;
+                s
+            }),
+            ("unsorted runs", {
+                let mut s = bs.clone();
+                s.inflated.reverse();
+                s
+            }),
+            ("more runs than pages", {
+                let mut s = bs.clone();
+                let total = (LOW_END + 16 * MIB) >> 12;
+                s.inflated = (0..=total)
+                    .map(|p| PfnRunState {
+                        start_pfn: p,
+                        npages: 1,
+                    })
+                    .collect();
+                s.inflated_pages = total + 1;
                 s
             }),
             ("stats head", {

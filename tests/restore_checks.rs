@@ -1,0 +1,431 @@
+//! What `blimp restore` and `blimp run --incoming` refuse, and at what
+//! cost: crafted streams (valid checksums, a correct 256 MiB layout) whose
+//! state section lists millions of entries are refused with the child's
+//! peak RSS measured; non-regular files; options the stream overrides; and
+//! restoring over a backing file full of old bytes.
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Vm, require_kvm};
+use serde_json::{Value, json};
+use vmm::migration::stream::{StreamWriter, layout_ranges};
+
+const MIB: u64 = 1 << 20;
+const GUEST: u64 = 256 * MIB;
+const BOOT: Duration = Duration::from_secs(60);
+/// The bound the brief sets on a refused restore's peak RSS.
+const MAX_RSS: u64 = 300 * MIB;
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("blimp-rc-{name}-{}", std::process::id()))
+}
+
+/// Removes a file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn record_header(tag: &[u8; 4], seq: u32, payload_len: u32, payload_crc: u32) -> [u8; 36] {
+    let mut b = [0u8; 36];
+    b[0..4].copy_from_slice(tag);
+    b[4..8].copy_from_slice(&seq.to_le_bytes());
+    // round 1, pages 0, gpa 0
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[24..28].copy_from_slice(&payload_len.to_le_bytes());
+    b[28..32].copy_from_slice(&payload_crc.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..32]);
+    b[32..36].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Write a stream for a 256 MiB guest to `path`: the header (the layout
+/// `MemoryLayout::new` gives), every page as zero, then a state section of
+/// `prefix`, `count` copies of `item` separated by commas, `suffix`
+/// (streamed, never held whole), then a valid trailer.
+fn craft(path: &Path, prefix: &str, item: &str, count: u64, suffix: &str) {
+    let layout = arch::MemoryLayout::new(GUEST).unwrap();
+    let mut head = Vec::new();
+    {
+        let mut w = StreamWriter::new(&mut head);
+        w.header(&layout_ranges(&layout), 0).unwrap();
+        w.zero_pages(1, 0, GUEST / 4096).unwrap();
+        w.flush().unwrap();
+    }
+    let len = prefix.len() as u64
+        + count * item.len() as u64
+        + count.saturating_sub(1)
+        + suffix.len() as u64;
+    let len = u32::try_from(len).expect("state section fits the u32 length field");
+    // The payload's checksum, computed piecewise.
+    let chunk: String = {
+        let n = (1 << 20) / (item.len() + 1);
+        let mut c = String::new();
+        for _ in 0..n {
+            c.push(',');
+            c.push_str(item);
+        }
+        c
+    };
+    let per_chunk = (chunk.len() / (item.len() + 1)) as u64;
+    let body = |out: &mut dyn FnMut(&[u8])| {
+        out(prefix.as_bytes());
+        if count > 0 {
+            out(item.as_bytes());
+            let mut left = count - 1;
+            while left >= per_chunk {
+                out(chunk.as_bytes());
+                left -= per_chunk;
+            }
+            out(&chunk.as_bytes()[..left as usize * (item.len() + 1)]);
+        }
+        out(suffix.as_bytes());
+    };
+    let mut crc = 0u32;
+    let mut n = 0u64;
+    body(&mut |b| {
+        crc = crc32c::crc32c_append(crc, b);
+        n += b.len() as u64;
+    });
+    assert_eq!(n, u64::from(len));
+    let mut f = BufWriter::new(File::create(path).unwrap());
+    f.write_all(&head).unwrap();
+    // One ZERO record so far: the state is record 1, the trailer record 2.
+    f.write_all(&record_header(b"STAT", 1, len, crc)).unwrap();
+    body(&mut |b| f.write_all(b).unwrap());
+    let mut t = 2u64.to_le_bytes().to_vec();
+    t.extend_from_slice(&0u64.to_le_bytes());
+    t.extend_from_slice(&(GUEST / 4096).to_le_bytes());
+    f.write_all(&record_header(b"TEND", 2, 24, crc32c::crc32c(&t)))
+        .unwrap();
+    f.write_all(&t).unwrap();
+    f.flush().unwrap();
+}
+
+/// Run `blimp args` to completion (at most `timeout`); returns its exit
+/// code, stderr and peak RSS in bytes (wait4's ru_maxrss of that child).
+/// Linux carries the spawning process's RSS at the moment of the spawn
+/// into the child's ru_maxrss (the pre-exec address space counts), so the
+/// tests of this file keep the test process itself small: files are
+/// written and read in 1 MiB pieces, never held whole.
+#[allow(
+    clippy::zombie_processes,
+    reason = "reaped by wait4 below, for its rusage"
+)]
+fn run_measured(args: &[&str], timeout: Duration) -> (i32, String, u64) {
+    let mut child = Command::new(common::blimp())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning blimp");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let pid = child.id() as libc::pid_t;
+    let deadline = Instant::now() + timeout;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 on our own child, with valid pointers to locals.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(rc >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if rc == pid {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("blimp {args:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    // ru_maxrss is in KiB on Linux.
+    (code, reader.join().unwrap(), usage.ru_maxrss as u64 * 1024)
+}
+
+/// Each crafted stream is refused by `blimp restore`, with `expect` in the
+/// error and a peak RSS under [`MAX_RSS`].
+fn refused_cheaply(name: &str, prefix: &str, item: &str, count: u64, suffix: &str, expect: &str) {
+    let file = TempFile(tmp(name));
+    craft(&file.0, prefix, item, count, suffix);
+    let size = std::fs::metadata(&file.0).unwrap().len();
+    let (code, err, rss) = run_measured(
+        &["restore", "--from", file.0.to_str().unwrap(), "--no-stdin"],
+        Duration::from_secs(120),
+    );
+    eprintln!(
+        "{name}: {count} entries, {} MiB stream: exit {code}, peak RSS {} MiB: {}",
+        size >> 20,
+        rss >> 20,
+        err.trim()
+    );
+    assert_eq!(code, 1, "{name}: refused as a runtime error: {err}");
+    assert!(
+        err.contains(expect),
+        "{name}: expected '{expect}' in: {err}"
+    );
+    assert!(rss > 0, "{name}: wait4 reported no RSS");
+    assert!(
+        rss < MAX_RSS,
+        "{name}: peak RSS {} MiB, the bound is {} MiB",
+        rss >> 20,
+        MAX_RSS >> 20
+    );
+}
+
+const STATE_HEAD: &str = r#"{"version":1,"memory_layout":[{"gpa":0,"size":268435456}],"#;
+
+/// 10 million runs (270 MB), and 9 million (243 MB, under the format's
+/// 256 MiB maximum, so the guest-derived limit is what refuses it).
+#[test]
+fn ten_million_balloon_runs_are_refused_at_the_state_header() {
+    require_kvm();
+    for count in [10_000_000, 9_000_000] {
+        refused_cheaply(
+            &format!("balloon-runs-{count}"),
+            &format!(
+                r#"{STATE_HEAD}"vcpus":[],"vm":{{}},"devices":{{"version":1,"debug_exit":false,"serial":{{}},"balloon":{{"device":{{"version":1,"inflated":["#
+            ),
+            r#"{"start_pfn":1,"npages":1}"#,
+            count,
+            r#"]},"transport":{}}}}"#,
+            "exceeds the 28377088-byte limit for a guest of 256 MiB",
+        );
+    }
+}
+
+#[test]
+fn millions_of_vcpus_cpuid_entries_msrs_and_stats_values_are_refused_cheaply() {
+    require_kvm();
+    let cpuid_entry = format!("[{}]", vec!["0"; 40].join(","));
+    let over_limit: &[(&str, String, &str, u64, &str)] = &[
+        (
+            "vcpus",
+            format!(r#"{STATE_HEAD}"vcpus":["#),
+            r#"{"id":0}"#,
+            4_000_000,
+            "]}",
+        ),
+        (
+            "cpuid",
+            format!(r#"{STATE_HEAD}"vcpus":[{{"id":0,"cpuid":["#),
+            &cpuid_entry,
+            1_000_000,
+            "]}]}",
+        ),
+        (
+            "msrs",
+            format!(r#"{STATE_HEAD}"vcpus":[{{"id":0,"msrs":["#),
+            r#"{"index":16,"data":0}"#,
+            2_000_000,
+            "]}]}",
+        ),
+        (
+            "stats",
+            format!(
+                r#"{STATE_HEAD}"vcpus":[],"vm":{{}},"devices":{{"version":1,"debug_exit":false,"serial":{{}},"balloon":{{"device":{{"version":1,"latest_stats":{{"updated_unix_ms":0,"values":["#
+            ),
+            "null",
+            10_000_000,
+            r#"]}},"transport":{}}}}"#,
+        ),
+    ];
+    for (name, prefix, item, count, suffix) in over_limit {
+        refused_cheaply(name, prefix, item, *count, suffix, "exceeds the");
+    }
+    // Within the length limit, the lists are refused at their bound while
+    // being read.
+    let within: &[(&str, String, &str, u64, &str, &str)] = &[
+        (
+            "cpuid-within",
+            format!(r#"{STATE_HEAD}"vcpus":[{{"cpuid":["#),
+            &cpuid_entry,
+            200_000,
+            "]}]}",
+            "cpuid: more than 256 entries",
+        ),
+        (
+            "msrs-within",
+            format!(r#"{STATE_HEAD}"vcpus":[{{"msrs":["#),
+            r#"{"index":16,"data":0}"#,
+            500_000,
+            "]}]}",
+            "msrs: more than 256 entries",
+        ),
+    ];
+    for (name, prefix, item, count, suffix, expect) in within {
+        refused_cheaply(name, prefix, item, *count, suffix, expect);
+    }
+}
+
+#[test]
+fn a_fifo_is_refused_without_blocking() {
+    let fifo = TempFile(tmp("fifo"));
+    let c = std::ffi::CString::new(fifo.0.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let started = Instant::now();
+    let (code, err, _) = run_measured(
+        &["restore", "--from", fifo.0.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(fifo.0.to_str().unwrap()), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    let (code, err, _) = run_measured(&["restore", "--from", "/tmp"], Duration::from_secs(10));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("/tmp: not a regular file (a directory)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_incoming_refuses_the_options_the_stream_sets() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--memory", "1G"], "--memory"),
+        (&["--vcpus", "2"], "--vcpus"),
+        (&["--cmdline", "console=ttyS0"], "--cmdline"),
+        (&["--initrd", "/bin/true"], "--initrd"),
+        (&["--kernel", "/bin/true"], "--kernel"),
+        (&["--balloon"], "--balloon"),
+        (&["--balloon-target", "64M"], "--balloon-target"),
+        (&["--debug-exit"], "--debug-exit"),
+    ];
+    let url = format!("unix://{}", tmp("never.sock").display());
+    for (flags, name) in cases {
+        let mut args = vec!["run", "--incoming", &url];
+        args.extend_from_slice(flags);
+        let (code, _, err) = common::run_blimp(&args);
+        assert_eq!(code, 2, "{flags:?}: {err}");
+        assert!(
+            err.contains("cannot be used with") && err.contains(name),
+            "{flags:?}: {err}"
+        );
+    }
+}
+
+/// A backing file of the guest's size filled with 0xAA (written in
+/// pieces: this process stays small, see [`run_measured`]).
+fn dirty_backing(name: &str) -> TempFile {
+    let f = TempFile(tmp(name));
+    let mut w = BufWriter::new(File::create(&f.0).unwrap());
+    let piece = vec![0xaau8; MIB as usize];
+    for _ in 0..GUEST / MIB {
+        w.write_all(&piece).unwrap();
+    }
+    w.flush().unwrap();
+    f
+}
+
+/// After the restored guest ended, its RAM (the backing file) holds no
+/// page of the old 0xAA bytes: every page is the guest's or zero.
+fn assert_no_old_pages(backing: &Path) {
+    assert_eq!(std::fs::metadata(backing).unwrap().len(), GUEST);
+    let mut f = File::open(backing).unwrap();
+    let mut piece = vec![0u8; MIB as usize];
+    let mut old = 0;
+    for _ in 0..GUEST / MIB {
+        std::io::Read::read_exact(&mut f, &mut piece).unwrap();
+        old += piece
+            .chunks_exact(4096)
+            .filter(|p| p.iter().all(|b| *b == 0xaa))
+            .count();
+    }
+    assert_eq!(old, 0, "{old} pages still hold the file's old bytes");
+}
+
+fn migrate(api: &mut api::client::ApiClient, destination: String) -> Value {
+    let (s, b) = api
+        .put("/migration", &json!({ "destination": destination }))
+        .expect("PUT /migration");
+    assert_eq!(s, 200, "{b}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, st) = api.get("/migration").expect("GET /migration");
+        assert_eq!(s, 200, "{st}");
+        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "migration did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const PROGRAM: &str = "fill 64 1;echo MIGRATE NOW;sleep 5;verify;exit 7";
+
+#[test]
+fn restore_onto_an_existing_backing_file_does_not_keep_its_bytes() {
+    require_kvm();
+    let file = TempFile(tmp("zero-src"));
+    let (mut vm, mut api, _) =
+        common::boot_with_api("rc-zero", PROGRAM, &["--memory", "256M", "--no-stdin"]);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, format!("file://{}", file.0.display()));
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+
+    let backing = dirty_backing("zero-ram");
+    let arg = format!("file={}", backing.0.display());
+    let mut dst = Vm::start_cmd(
+        "restore",
+        &[
+            "--from",
+            file.0.to_str().unwrap(),
+            "--no-stdin",
+            "--memory-backend",
+            &arg,
+        ],
+    );
+    dst.expect_line("verify ok 16384 pages", BOOT);
+    assert_eq!(dst.wait(BOOT).code(), Some(7));
+    assert_no_old_pages(&backing.0);
+}
+
+#[test]
+fn run_incoming_onto_an_existing_backing_file_does_not_keep_its_bytes() {
+    require_kvm();
+    let sock = tmp("zero-live.sock");
+    let url = format!("unix://{}", sock.display());
+    let backing = dirty_backing("zero-live-ram");
+    let arg = format!("file={}", backing.0.display());
+    let mut dst = Vm::start_cmd(
+        "run",
+        &["--incoming", &url, "--no-stdin", "--memory-backend", &arg],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "destination did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut vm, mut api, _) =
+        common::boot_with_api("rc-zero-live", PROGRAM, &["--memory", "256M", "--no-stdin"]);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, url);
+    assert_eq!(st["state"], "Completed", "{st}");
+    dst.expect_line("verify ok 16384 pages", BOOT);
+    assert_eq!(dst.wait(BOOT).code(), Some(7));
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    assert_no_old_pages(&backing.0);
+}
