@@ -20,6 +20,7 @@
 
 pub mod convergence;
 pub mod dirty;
+pub mod file_dest;
 #[cfg(test)]
 mod kvm_tests;
 pub mod source;
