@@ -11,7 +11,6 @@
 //! 3. the final round runs paused with hinting stopped; the destination's
 //!    balloon is told DONE on resume so the guest frees its hinted blocks.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +26,7 @@ use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F
 
 use super::convergence::{Convergence, ConvergenceConfig, Decision};
 use super::dirty::{self, PageBitmap};
+use super::file_dest::{self, AtomicFile};
 use super::state::{self, StateSupport, VmState};
 use super::stream::{FLAG_LIVE, StreamWriter, layout_ranges};
 use crate::exit::{ExitReason, VmExit};
@@ -146,6 +146,8 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    #[error("file destination: {0}")]
+    File(#[from] file_dest::Error),
     #[error("writing the migration stream: {0}")]
     Write(#[from] super::stream::WriteError),
     #[error("dirty tracking: {0}")]
@@ -191,19 +193,53 @@ fn connect_retrying<T>(mut connect: impl FnMut() -> std::io::Result<T>) -> std::
     }
 }
 
-fn open(dest: &MigrationDestination) -> Result<Box<dyn Write + Send>, MigrationError> {
+/// Where the stream goes. A file is written to a temporary file next to it
+/// and replaces it only on [`Output::commit`]; dropped uncommitted (a failure
+/// or a cancel), only that temporary file is removed.
+enum Output {
+    File(AtomicFile),
+    Stream(Box<dyn Write + Send>),
+}
+
+impl Output {
+    /// The whole stream, trailer included, was written and flushed.
+    fn commit(self) -> Result<(), MigrationError> {
+        match self {
+            Output::File(f) => Ok(f.commit()?),
+            Output::Stream(_) => Ok(()),
+        }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Output::File(f) => f.write(buf),
+            Output::Stream(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Output::File(f) => f.flush(),
+            Output::Stream(s) => s.flush(),
+        }
+    }
+}
+
+fn open(dest: &MigrationDestination) -> Result<Output, MigrationError> {
     let err = |source| MigrationError::Destination {
         dest: describe(dest),
         source,
     };
     Ok(match dest {
-        MigrationDestination::File(p) => Box::new(File::create(p).map_err(err)?),
-        MigrationDestination::Unix(p) => {
-            Box::new(connect_retrying(|| UnixStream::connect(p)).map_err(err)?)
-        }
-        MigrationDestination::Tcp(a) => {
-            Box::new(connect_retrying(|| std::net::TcpStream::connect(a)).map_err(err)?)
-        }
+        MigrationDestination::File(p) => Output::File(AtomicFile::create(p)?),
+        MigrationDestination::Unix(p) => Output::Stream(Box::new(
+            connect_retrying(|| UnixStream::connect(p)).map_err(err)?,
+        )),
+        MigrationDestination::Tcp(a) => Output::Stream(Box::new(
+            connect_retrying(|| std::net::TcpStream::connect(a)).map_err(err)?,
+        )),
     })
 }
 
@@ -339,12 +375,10 @@ fn run(
                 s.destination.as_deref().unwrap_or("?")
             );
             s.error = Some(e.to_string());
+            // A file destination was dropped uncommitted: its temporary
+            // file is gone and the target is as it was.
             if !was_paused {
                 ctx.vcpus.resume();
-            }
-            if let MigrationDestination::File(p) = &opts.destination {
-                // Nothing half-done is left behind.
-                let _ = std::fs::remove_file(p);
             }
         }
     }
@@ -535,6 +569,14 @@ impl Sender<'_> {
                 source: e,
             })
         })?;
+        // Flushed above: nothing is left in the buffer.
+        let out = out.into_inner().map_err(|e| {
+            MigrationError::Write(super::stream::WriteError::Io {
+                offset: stats.stream_bytes,
+                source: e.into_error(),
+            })
+        })?;
+        out.commit()?;
         let downtime = pause_start.elapsed();
         log::info!(
             "migration: final round {round} done, downtime {} ms, stream {} bytes",
