@@ -93,7 +93,7 @@ impl std::fmt::Display for FileKind {
 pub enum Error {
     #[error("{path} does not name a file (it ends with '/', '.' or '..')")]
     NoFileName { path: PathBuf },
-    #[error("{path} is {kind}; only a regular file (or a new one) is written")]
+    #[error("refusing to write {path}: it is {kind}, not a regular file")]
     NotRegular { path: PathBuf, kind: FileKind },
     #[error("cannot inspect {path}: {source}")]
     Stat {
