@@ -19,7 +19,10 @@
 //! someone who can write the directory could still swap in a device node or
 //! FIFO between that check and the rename; the rename would then replace
 //! that directory entry (it never writes into the node, and a symlink put
-//! there is replaced, not followed).
+//! there is replaced, not followed). Likewise the temporary file is checked
+//! to still be ours (device and inode) before the rename and before its
+//! removal, which narrows, but cannot close, the window for someone who
+//! swaps it.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata, OpenOptions};
