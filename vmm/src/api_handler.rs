@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitReason, VmExit};
 use crate::migration::convergence::DEFAULT_MAX_ROUNDS;
+use crate::migration::file_dest;
 use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext, describe};
 use crate::vcpu::Vcpus;
 
@@ -247,16 +248,13 @@ impl ApiHandler {
         let Some(ctx) = self.ctx.migration.clone() else {
             return Err(ApiResponse::internal("this VM cannot be migrated"));
         };
+        // Refuse a destination that cannot be written right away (missing
+        // directory; a symlink, directory, device, FIFO or socket in the
+        // way); the job checks again, and writes through a temporary file.
         if let MigrationDestination::File(p) = &opts.destination
-            && let Some(dir) = p.parent()
-            && !dir.as_os_str().is_empty()
-            && !dir.is_dir()
+            && let Err(e) = file_dest::check(p)
         {
-            return Err(ApiResponse::bad_request(format!(
-                "cannot write {}: directory {} does not exist",
-                p.display(),
-                dir.display()
-            )));
+            return Err(ApiResponse::bad_request(e.to_string()));
         }
         let destination = describe(&opts.destination);
         // Reap the previous job's thread before starting a new one.

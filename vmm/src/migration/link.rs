@@ -2,7 +2,6 @@
 //! TCP socket to another blimp. Every write can be cancelled and gives up on
 //! a destination that stopped reading, so a migration never blocks forever.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -11,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use api::types::MigrationDestination;
+
+use super::file_dest::AtomicFile;
 
 /// How long one blocking socket call may wait before the cancel flag and
 /// the stall deadline are looked at again.
@@ -139,9 +140,11 @@ pub fn connect(dest: &MigrationDestination, cancel: &AtomicBool) -> io::Result<O
     Ok(Some(peer))
 }
 
-/// What a [`Guarded`] writer writes to.
+/// What a [`Guarded`] writer writes to. A file goes to a temporary file
+/// next to the target and replaces it only on [`AtomicFile::commit`];
+/// dropped uncommitted (a failure, a cancel), only the temporary file goes.
 pub enum Sink {
-    File(File),
+    File(AtomicFile),
     Peer(Peer),
 }
 

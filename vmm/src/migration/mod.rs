@@ -1,6 +1,7 @@
 //! Building blocks of Blimp's live migration and migrate-to-file: dirty-page
 //! tracking, the stream format, zero-page detection, KVM state capture and
-//! restore, and the pre-copy convergence decision.
+//! restore, the pre-copy convergence decision, and replacing a destination
+//! file atomically ([`file_dest`]).
 //!
 //! The integrator drives them:
 //! 1. [`dirty::start_dirty_logging`], then round 1 sends every page
@@ -21,6 +22,7 @@
 pub mod checked;
 pub mod convergence;
 pub mod dirty;
+pub mod file_dest;
 pub mod handshake;
 #[cfg(test)]
 mod kvm_tests;

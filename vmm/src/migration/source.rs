@@ -18,7 +18,6 @@
 //! the terminal Migrated state. Cancel and a stalled destination are noticed
 //! within [`super::link::POLL`] in every phase.
 
-use std::fs::File;
 use std::io::BufWriter;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +32,7 @@ use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F
 
 use super::convergence::{Convergence, ConvergenceConfig, Decision};
 use super::dirty::{self, PageBitmap};
+use super::file_dest::{self, AtomicFile};
 use super::handshake::{self, HandshakeError, Message, Waiter};
 use super::link::{self, Guarded, Peer, Sink};
 use super::state::{self, StateSupport, VmState};
@@ -150,6 +150,8 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    #[error("file destination: {0}")]
+    File(#[from] file_dest::Error),
     #[error("writing the migration stream: {0}")]
     Write(#[from] super::stream::WriteError),
     #[error("dirty tracking: {0}")]
@@ -292,6 +294,7 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
         written: &job.written,
         hints: hints.clone(),
         started,
+        was_paused,
         peer: None,
     };
     let result = sender.run();
@@ -351,11 +354,9 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
                     ctx.vcpus.resume();
                 }
             }
+            // A file destination was dropped uncommitted: its temporary
+            // file is gone and the target is as it was.
             s.error = Some(e.to_string());
-            if let MigrationDestination::File(p) = &opts.destination {
-                // Nothing half-done is left behind.
-                let _ = std::fs::remove_file(p);
-            }
         }
     }
     if let Some(h) = &ctx.events {
@@ -399,6 +400,8 @@ struct Sender<'a> {
     written: &'a Arc<AtomicU64>,
     hints: Arc<RoundHints>,
     started: Instant,
+    /// Whether the user had paused the VM before the job started.
+    was_paused: bool,
     /// The destination blimp (socket destinations), for the handshake.
     peer: Option<Peer>,
 }
@@ -486,7 +489,7 @@ impl Sender<'_> {
                 sink
             }
             None => match dest {
-                MigrationDestination::File(p) => Sink::File(File::create(p).map_err(err)?),
+                MigrationDestination::File(p) => Sink::File(AtomicFile::create(p)?),
                 _ => unreachable!("connect returns a peer for socket destinations"),
             },
         };
@@ -520,10 +523,14 @@ impl Sender<'_> {
         self.update(|s| s.state = MigrationState::Completing);
         let sink = self.final_round(w, &bitmap, round + 1)?;
         match sink {
-            Sink::File(f) => f.sync_all().map_err(|source| MigrationError::Destination {
-                dest: describe(&self.opts.destination),
-                source,
-            }),
+            Sink::File(f) => {
+                // A snapshot's guest need not wait for the fsync; a
+                // migrated one stays paused until the file is in place.
+                if self.opts.mode == Mode::Snapshot && !self.was_paused {
+                    self.ctx.vcpus.resume();
+                }
+                Ok(f.commit()?)
+            }
             Sink::Peer(_) => self.switchover(),
         }
     }

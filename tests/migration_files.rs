@@ -1,0 +1,374 @@
+//! Files written by migrate-to-file (`PUT /migration` with `file://`) and
+//! `PUT /snapshot`: an existing file is replaced only by a complete stream;
+//! a failed or cancelled job leaves it byte-identical and no temporary file
+//! behind; a symlink, device node, FIFO, socket or directory is refused and
+//! left as it was.
+
+mod common;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use api::client::ApiClient;
+use common::Vm;
+use serde_json::{Value, json};
+
+const BOOT: Duration = Duration::from_secs(30);
+/// 32 MiB filled: a stream of a bit more than 32 MiB.
+const PROGRAM: &str = "fill 32 2;echo MIGRATE NOW";
+const MAGIC: &[u8] = b"BLIMPMIG";
+
+/// A fresh directory for one test, removed on drop.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> TestDir {
+        let p = std::env::temp_dir().join(format!("blimp-files-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).unwrap();
+        TestDir(p)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A 2 MiB tmpfs mounted for one test (tests run as root), unmounted on drop.
+struct SmallTmpfs(TestDir);
+
+impl SmallTmpfs {
+    fn mount(name: &str) -> SmallTmpfs {
+        let dir = TestDir::new(name);
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(&dir.0)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill it and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallTmpfs(dir)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0.0).status();
+    }
+}
+
+/// Recognisable contents for the file a job must not damage.
+fn old_contents() -> Vec<u8> {
+    let mut v = b"AN OLDER, VALID SNAPSHOT\n".to_vec();
+    v.extend((0..64 * 1024u32).map(|i| (i.wrapping_mul(7) >> 3) as u8));
+    v
+}
+
+/// Names in `dir` that look like a Blimp temporary file.
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".blimp-tmp."))
+        .collect()
+}
+
+fn file_url(p: &Path) -> String {
+    format!("file://{}", p.display())
+}
+
+/// The two ways to write a file: a live migration to `file://`, a snapshot.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    Migration,
+    Snapshot,
+}
+
+impl Job {
+    fn start(self, api: &ApiClient, path: &Path) -> (u16, Value) {
+        match self {
+            Job::Migration => api.put("/migration", &json!({"destination": file_url(path)})),
+            Job::Snapshot => api.put("/snapshot", &json!({"path": path})),
+        }
+        .expect("PUT")
+    }
+
+    fn start_ok(self, api: &ApiClient, path: &Path) {
+        let (s, b) = self.start(api, path);
+        assert_eq!(s, 200, "{self:?} to {}: {b}", path.display());
+    }
+}
+
+/// Poll `GET /migration` until the job finished; returns its status.
+fn wait_job(api: &ApiClient) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, st) = api.get("/migration").expect("GET /migration");
+        assert_eq!(s, 200, "{st}");
+        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the job did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_running(api: &ApiClient) {
+    let (s, info) = api.get("/vm").expect("GET /vm");
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["state"], "Running", "{info}");
+}
+
+fn set_state(api: &ApiClient, state: &str) {
+    let (s, b) = api
+        .patch("/vm", &json!({ "state": state }))
+        .expect("PATCH /vm");
+    assert_eq!(s, 204, "PATCH /vm {state}: {b}");
+}
+
+fn boot(name: &str, extra: &[&str]) -> (Vm, ApiClient) {
+    let mut args = vec!["--memory", "256M"];
+    args.extend_from_slice(extra);
+    let (mut vm, api, _) = common::boot_with_api(name, PROGRAM, &args);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    (vm, api)
+}
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+#[test]
+fn a_snapshot_replaces_an_existing_file_with_one_that_restores() {
+    let dir = TestDir::new("snap-ok");
+    let file = dir.join("vm.snap");
+    std::fs::write(&file, old_contents()).unwrap();
+    let old_ino = std::fs::metadata(&file).unwrap().ino();
+    let (mut vm, api) = boot("files-snap-ok", &[]);
+    Job::Snapshot.start_ok(&api, &file);
+    let st = wait_job(&api);
+    assert_eq!(st["state"], "Completed", "{st}");
+    let new = std::fs::read(&file).unwrap();
+    assert!(
+        new.starts_with(MAGIC),
+        "a migration stream replaced the old file"
+    );
+    assert!(new.len() > 32 << 20, "{} bytes", new.len());
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_ne!(
+        meta.ino(),
+        old_ino,
+        "replaced by rename, not rewritten in place"
+    );
+    assert_eq!(meta.mode() & 0o077, 0, "mode {:o}", meta.mode());
+    assert!(temp_files(&dir.0).is_empty(), "{:?}", temp_files(&dir.0));
+    // A snapshot leaves the source running.
+    assert_running(&api);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+
+    let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap()]);
+    dst.send("verify");
+    dst.expect_line("verify ok 8192 pages", BOOT);
+    dst.send("exit 3");
+    assert_eq!(dst.wait(BOOT).code(), Some(3));
+}
+
+#[test]
+fn a_migration_to_file_replaces_an_existing_file() {
+    let dir = TestDir::new("mig-ok");
+    let file = dir.join("vm.mig");
+    std::fs::write(&file, old_contents()).unwrap();
+    let (mut vm, api) = boot("files-mig-ok", &[]);
+    Job::Migration.start_ok(&api, &file);
+    let st = wait_job(&api);
+    assert_eq!(st["state"], "Completed", "{st}");
+    let new = std::fs::read(&file).unwrap();
+    assert!(
+        new.starts_with(MAGIC),
+        "a migration stream replaced the old file"
+    );
+    assert!(new.len() > 32 << 20, "{} bytes", new.len());
+    assert!(temp_files(&dir.0).is_empty(), "{:?}", temp_files(&dir.0));
+    // A completed live migration ends the source.
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+#[test]
+fn a_failed_job_leaves_the_old_file_untouched() {
+    let fs = SmallTmpfs::mount("enospc");
+    let dir = &fs.0.0;
+    let file = dir.join("vm.snap");
+    let old = old_contents();
+    std::fs::write(&file, &old).unwrap();
+    let (mut vm, api) = boot("files-enospc", &[]);
+    for job in [Job::Migration, Job::Snapshot] {
+        job.start_ok(&api, &file);
+        let st = wait_job(&api);
+        assert_eq!(st["state"], "Failed", "{job:?}: {st}");
+        let err = st["error"].as_str().unwrap_or("");
+        assert!(err.contains("No space left"), "{job:?}: {err}");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            old,
+            "{job:?}: the old file is byte-identical"
+        );
+        assert!(temp_files(dir).is_empty(), "{job:?}: {:?}", temp_files(dir));
+        assert_running(&api);
+    }
+    vm.send("verify");
+    vm.expect_line("verify ok 8192 pages", BOOT);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+/// Cancelling deterministically: with the VM paused, the job's first free
+/// page hint round cannot finish (the guest cannot answer) and waits up to
+/// 10 s, or until cancelled; only then is anything but the stream header
+/// written.
+#[test]
+fn a_cancelled_job_leaves_the_old_file_untouched() {
+    let dir = TestDir::new("cancel");
+    let file = dir.join("vm.snap");
+    let old = old_contents();
+    std::fs::write(&file, &old).unwrap();
+    let (mut vm, api, _) = common::boot_with_api(
+        "files-cancel",
+        &format!("balloon;{PROGRAM}"),
+        &["--memory", "256M", "--balloon", "free_page_hint=on"],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    for job in [Job::Migration, Job::Snapshot] {
+        set_state(&api, "Paused");
+        job.start_ok(&api, &file);
+        std::thread::sleep(Duration::from_millis(300));
+        let (s, st) = api.get("/migration").unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(st["state"], "Active", "{job:?}: still running: {st}");
+        let temps = temp_files(&dir.0);
+        assert_eq!(
+            temps.len(),
+            1,
+            "{job:?}: written to a temporary file: {temps:?}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), old, "{job:?}");
+        let (s, b) = api.delete("/migration").unwrap();
+        assert_eq!(s, 204, "{job:?}: {b}");
+        let st = wait_job(&api);
+        assert_eq!(st["state"], "Cancelled", "{job:?}: {st}");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            old,
+            "{job:?}: the old file is byte-identical"
+        );
+        assert!(
+            temp_files(&dir.0).is_empty(),
+            "{job:?}: {:?}",
+            temp_files(&dir.0)
+        );
+        set_state(&api, "Running");
+        assert_running(&api);
+    }
+    vm.send("verify");
+    vm.expect_line("verify ok 8192 pages", BOOT);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
+#[test]
+fn non_regular_destinations_are_refused_and_left_unchanged() {
+    let dir = TestDir::new("refuse");
+    let real = dir.join("real");
+    std::fs::write(&real, b"the symlink's target").unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let null = dir.join("null");
+    // SAFETY: mknod(2) with a valid NUL-terminated path.
+    let rc = unsafe {
+        libc::mknod(
+            cstr(&null).as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 3),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mknod (this test runs as root): {}",
+        std::io::Error::last_os_error()
+    );
+    let fifo = dir.join("fifo");
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(cstr(&fifo).as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+    let sub = dir.join("dir");
+    std::fs::create_dir(&sub).unwrap();
+    let sock = dir.join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let cases = [
+        (&link, "a symbolic link"),
+        (&null, "a character device"),
+        (&fifo, "a FIFO"),
+        (&sub, "a directory"),
+        (&sock, "a socket"),
+    ];
+    let before: Vec<_> = cases
+        .iter()
+        .map(|(p, _)| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.ino(), m.mode(), m.rdev())
+        })
+        .collect();
+
+    let (mut vm, api) = boot("files-refuse", &[]);
+    for job in [Job::Migration, Job::Snapshot] {
+        for (p, kind) in &cases {
+            let (s, b) = job.start(&api, p);
+            assert_eq!(s, 400, "{job:?} to {}: {b}", p.display());
+            let err = b["error"].as_str().unwrap_or("");
+            assert!(
+                err.contains(&p.display().to_string()) && err.contains(kind),
+                "{job:?}: unclear error for {kind}: {err}"
+            );
+            eprintln!("{job:?}: {err}");
+        }
+        let missing = dir.join("no/such/dir/vm.snap");
+        let (s, b) = job.start(&api, &missing);
+        assert_eq!(s, 400, "{b}");
+        assert!(
+            b["error"].as_str().unwrap_or("").contains("does not exist"),
+            "{b}"
+        );
+    }
+    let (_, st) = api.get("/migration").unwrap();
+    assert_eq!(st["state"], "Idle", "no job started: {st}");
+    assert_running(&api);
+    for ((p, kind), was) in cases.iter().zip(&before) {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert_eq!((m.ino(), m.mode(), m.rdev()), *was, "{kind} unchanged");
+    }
+    assert!(
+        std::fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert_eq!(std::fs::read(&real).unwrap(), b"the symlink's target");
+    assert!(std::fs::read_dir(&sub).unwrap().next().is_none());
+    assert!(temp_files(&dir.0).is_empty());
+    vm.send("exit 0");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
