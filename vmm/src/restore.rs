@@ -214,6 +214,21 @@ pub fn open_file(path: &std::path::Path) -> Result<Box<dyn Read + Send>, Restore
     Ok(Box::new(f))
 }
 
+/// `e` and its causes, each once, for the source's user.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 /// What must follow the stream's trailer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
@@ -244,7 +259,7 @@ impl Vmm {
             Ok(v) => v,
             Err(e) => {
                 // Best effort: the source resumes its guest either way.
-                if let Err(send) = handshake::send(&mut peer, &Message::Nak(e.to_string())) {
+                if let Err(send) = handshake::send(&mut peer, &Message::Nak(error_chain(&e))) {
                     log::warn!("{url}: cannot tell the source why: {send}");
                 }
                 return Err(e);

@@ -152,7 +152,7 @@ pub enum MigrationError {
     },
     #[error("file destination: {0}")]
     File(#[from] file_dest::Error),
-    #[error("writing the migration stream: {0}")]
+    #[error("{0}")]
     Write(#[from] super::stream::WriteError),
     #[error("dirty tracking: {0}")]
     Dirty(#[from] super::dirty::DirtyError),
@@ -506,6 +506,31 @@ impl Sender<'_> {
     }
 
     fn run(&mut self) -> Result<(), MigrationError> {
+        let result = self.send();
+        match result {
+            Err(MigrationError::Write(e)) => {
+                Err(self.refusal().unwrap_or(MigrationError::Write(e)))
+            }
+            other => other,
+        }
+    }
+
+    /// After a failed write: a destination that refused the stream early
+    /// (it cannot build this VM) sent its reason before it closed.
+    fn refusal(&mut self) -> Option<MigrationError> {
+        let peer = self.peer.as_mut()?;
+        let never = || false;
+        let w = Waiter {
+            cancelled: &never,
+            timeout: Duration::from_millis(200),
+        };
+        match w.recv(peer, "NAK") {
+            Ok(Message::Nak(reason)) => Some(MigrationError::Refused(reason)),
+            _ => None,
+        }
+    }
+
+    fn send(&mut self) -> Result<(), MigrationError> {
         let mut w = self.open()?;
         let layout = self.ctx.ram.layout();
         w.header(&layout_ranges(layout), FLAG_LIVE)
