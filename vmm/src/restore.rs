@@ -15,7 +15,7 @@ use crate::config::{MemoryBackend, VmConfig};
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
 use crate::migration::link::{self, Peer};
 use crate::migration::state::{self, StateSupport, VmState};
-use crate::migration::stream::{Destination, StreamReader};
+use crate::migration::stream::{Destination, HANDSHAKE_VERSION, StreamReader};
 use crate::vcpu;
 use crate::vmm::{Error, Machine, Vmm};
 
@@ -35,6 +35,10 @@ pub enum RestoreError {
     State(#[from] crate::migration::state::StateError),
     #[error("the migration stream's device state: {0}")]
     Devices(String),
+    #[error(
+        "the source sends stream format version {version}, which has no switchover handshake (version {HANDSHAKE_VERSION} and later): upgrade the source blimp; nothing was run"
+    )]
+    NoHandshake { version: u32 },
     #[error("{len} bytes follow the trailer: the stream must end there")]
     TrailingBytes { len: usize },
     #[error("the source did not hand the VM over: {0}; not running it")]
@@ -296,6 +300,13 @@ impl Vmm {
     ) -> Result<Vmm, Error> {
         let mut reader = StreamReader::new(BufReader::with_capacity(4 << 20, input));
         let header = reader.read_header().map_err(RestoreError::from)?;
+        if end == End::Handshake && header.version < HANDSHAKE_VERSION {
+            // Such a source would report success without waiting for us.
+            return Err(RestoreError::NoHandshake {
+                version: header.version,
+            }
+            .into());
+        }
         // Nothing is allocated for the guest before its layout is known to
         // be one this host could build.
         let layout = header
