@@ -79,7 +79,7 @@ fn ctrl_c_on_blimp_migrate_cancels_the_migration_and_says_so() {
     );
     vm.expect_line("READY", BOOT);
     let (dest, accepted) = stalling_destination("int.sock");
-    let mut child = Command::new(common::blimp())
+    let child = Command::new(common::blimp())
         .args([
             "migrate",
             "--api-sock",
