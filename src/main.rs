@@ -360,10 +360,22 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Restore(args) => restore_and_run(
-            Source::File(vmm::restore::open_file(&args.from)),
-            &args.host,
-        ),
+        Command::Restore(args) => {
+            // Restored RAM starts zeroed: that would empty the stream itself.
+            if let MemoryBackend::File(backing) = &args.host.memory_backend
+                && vmm::migration::file_dest::same_file(&args.from, backing)
+            {
+                eprintln!(
+                    "blimp: error: --memory-backend file={} is the migration file itself (--from): its RAM would overwrite the stream; back the guest with another file",
+                    backing.display()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            restore_and_run(
+                Source::File(vmm::restore::open_file(&args.from)),
+                &args.host,
+            )
+        }
         Command::Client(cmd) => {
             if matches!(cmd, client::ClientCommand::Migrate(_)) {
                 watch_interrupts();
