@@ -6,11 +6,11 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use api::types::{
+use api_types::types::{
     self, BalloonInfo, BalloonPatch, HintingStarted, MigrationDestination, MigrationStarted,
     MigrationStatus, StatsPatch, VmInfo, VmState, VmmMetrics,
 };
-use api::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
+use api_types::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
 use devices::virtio::balloon::{self, Balloon};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;

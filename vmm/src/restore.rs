@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use api::types::MigrationDestination;
+use api_types::types::MigrationDestination;
 
 use crate::config::{MemoryBackend, VmConfig};
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};

@@ -101,7 +101,7 @@ pub struct Vmm {
     #[allow(dead_code)] // Holds the placed transports.
     virtio: DeviceManager,
     balloon: Option<Arc<Mutex<Balloon>>>,
-    api: Option<(EventFd, api::ApiReceiver)>,
+    api: Option<(EventFd, api_types::ApiReceiver)>,
     debug_exit: bool,
     /// Run once the vCPUs run (a restored VM tells its balloon DONE).
     on_start: Vec<OnStart>,
@@ -163,10 +163,10 @@ impl Vmm {
 
     /// Make the channel the API server sends requests through; they are
     /// served on this VM's event loop once it runs.
-    pub fn api_channel(&mut self) -> Result<api::VmmChannel, Error> {
+    pub fn api_channel(&mut self) -> Result<api_types::VmmChannel, Error> {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the API eventfd"))?;
         let theirs = wake.try_clone().map_err(io("cloning the API eventfd"))?;
-        let (chan, rx) = api::channel(move || {
+        let (chan, rx) = api_types::channel(move || {
             if let Err(e) = theirs.write(1) {
                 log::error!("api: cannot wake the VMM: {e}");
             }

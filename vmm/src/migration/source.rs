@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::types::{MigrationDestination, MigrationState, MigrationStatus};
-use api::{ApiEvent, EventHub};
+use api_types::types::{MigrationDestination, MigrationState, MigrationStatus};
+use api_types::{ApiEvent, EventHub};
 use devices::GpaRange;
 use devices::virtio::VirtioDevice;
 use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F_FREE_PAGE_HINT};
@@ -97,14 +97,14 @@ impl MigrationOptions {
     pub fn new(destination: MigrationDestination, mode: Mode) -> Self {
         Self {
             destination,
-            downtime: Duration::from_millis(api::types::DEFAULT_DOWNTIME_MS),
+            downtime: Duration::from_millis(api_types::types::DEFAULT_DOWNTIME_MS),
             free_page_hints: true,
             max_rounds: super::convergence::DEFAULT_MAX_ROUNDS,
             mode,
-            ack_timeout: Duration::from_millis(api::types::DEFAULT_ACK_TIMEOUT_MS),
-            write_timeout: Duration::from_millis(api::types::DEFAULT_WRITE_TIMEOUT_MS),
+            ack_timeout: Duration::from_millis(api_types::types::DEFAULT_ACK_TIMEOUT_MS),
+            write_timeout: Duration::from_millis(api_types::types::DEFAULT_WRITE_TIMEOUT_MS),
             source_exit: Some(Duration::from_millis(
-                api::types::DEFAULT_SOURCE_EXIT_DELAY_MS,
+                api_types::types::DEFAULT_SOURCE_EXIT_DELAY_MS,
             )),
         }
     }
@@ -369,7 +369,7 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
 fn hand_over(ctx: &SourceContext, dest: &str, exit_after: Option<Duration>) {
     if let Some(h) = &ctx.events {
         h.publish(ApiEvent::VmStateChanged {
-            state: api::types::VmState::Migrated,
+            state: api_types::types::VmState::Migrated,
         });
     }
     match exit_after {
