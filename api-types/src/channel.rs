@@ -138,12 +138,6 @@ impl ApiResponse {
     pub fn no_migration() -> Self {
         ApiResponse::conflict("no migration is in progress")
     }
-    /// 409 for a request that needs the VM running/paused.
-    pub fn wrong_state(needed: VmState, current: VmState) -> Self {
-        ApiResponse::conflict(format!(
-            "the VM must be {needed} for this (it is {current})"
-        ))
-    }
 }
 
 /// Answers one request. Dropping it unanswered makes the client get 503.

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::exit::{ExitReason, VmExit};
 use crate::migration::convergence::DEFAULT_MAX_ROUNDS;
 use crate::migration::file_dest;
-use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext, describe};
+use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext};
 use crate::vcpu::Vcpus;
 
 const PAGES_PER_MIB: u64 = 256;
@@ -256,7 +256,7 @@ impl ApiHandler {
         {
             return Err(ApiResponse::bad_request(e.to_string()));
         }
-        let destination = describe(&opts.destination);
+        let destination = opts.destination.to_string();
         // Reap the previous job's thread before starting a new one.
         if let Some(old) = self.job.take() {
             old.join();

@@ -98,7 +98,6 @@ pub struct Vmm {
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    #[allow(dead_code)] // Holds the placed transports.
     virtio: DeviceManager,
     balloon: Option<Arc<Mutex<Balloon>>>,
     api: Option<(EventFd, api_types::ApiReceiver)>,
@@ -211,15 +210,6 @@ impl Vmm {
     /// The balloon device, if the VM has one.
     pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
         self.balloon.as_ref()
-    }
-
-    /// Time since `build` started.
-    pub fn uptime(&self) -> std::time::Duration {
-        self.started.elapsed()
-    }
-
-    pub fn guest_ram(&self) -> &Arc<GuestRam> {
-        &self.ram
     }
 
     /// Start the vCPUs and run the event loop until the VM ends.

@@ -191,17 +191,12 @@ impl MigrationError {
     }
 }
 
-/// `file:///p`, `unix:///p` or `tcp://a:p`, for status and messages.
-pub fn describe(dest: &MigrationDestination) -> String {
-    dest.to_string()
-}
-
 impl Migration {
     /// Start a migration thread.
     pub fn start(ctx: SourceContext, opts: MigrationOptions) -> Migration {
         let mut st = MigrationStatus::idle();
         st.state = MigrationState::Setup;
-        st.destination = Some(describe(&opts.destination));
+        st.destination = Some(opts.destination.to_string());
         st.total_pages = ctx.ram.layout().size() / 4096;
         st.remaining_pages = st.total_pages;
         let status = Arc::new(Mutex::new(st));
@@ -473,7 +468,7 @@ impl Sender<'_> {
     fn open(&mut self) -> Result<Writer, MigrationError> {
         let dest = &self.opts.destination;
         let err = |source| MigrationError::Destination {
-            dest: describe(dest),
+            dest: dest.to_string(),
             source,
         };
         let sink = match link::connect(dest, self.cancel).map_err(|e| {

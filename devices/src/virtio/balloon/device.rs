@@ -333,11 +333,6 @@ impl Balloon {
         &self.cfg
     }
 
-    /// Guest RAM as the balloon sees it.
-    pub fn ram_layout(&self) -> &RamLayout {
-        &self.layout
-    }
-
     /// Is the page at `pfn` in the balloon (per the device's bitmap)?
     pub fn is_inflated(&self, pfn: u64) -> bool {
         self.layout.bit_of(pfn).is_some_and(|b| self.bitmap.get(b))
