@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::dirty::{PAGE_SIZE, PageBitmap, PageRun};
+use super::limits::max_state_bytes;
 use super::zero::is_zero_page;
 
 pub const MAGIC: [u8; 8] = *b"BLIMPMIG";
@@ -42,11 +43,7 @@ const KNOWN_FLAGS: u32 = FLAG_LIVE;
 /// Largest DATA record payload: contiguous runs are batched up to this.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_RECORD_PAGES: u64 = MAX_RECORD_BYTES as u64 / PAGE_SIZE;
-/// Largest state section written or accepted; the reader accepts at most
-/// what the stream's guest can have ([`super::state::max_state_bytes`]).
-pub const MAX_STATE_BYTES: u32 = 256 << 20;
-/// Most RAM regions a stream header may list.
-pub const MAX_REGIONS: u32 = 64;
+pub use super::limits::{MAX_REGIONS, MAX_STATE_BYTES};
 const RECORD_HEADER_LEN: usize = 36;
 const TRAILER_LEN: u32 = 24;
 const IO_BUFFER: usize = 1 << 20;
@@ -992,7 +989,7 @@ impl<R: Read> StreamReader<R> {
                 },
             });
         }
-        let max_state = super::state::max_state_bytes(layout);
+        let max_state = max_state_bytes(layout);
         let written = (dest == Destination::Fresh).then(|| PageBitmap::new(layout));
         let mut stats = StreamStats::default();
         let mut last_round = 0u32;
