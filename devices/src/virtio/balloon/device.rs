@@ -11,16 +11,18 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use log::{debug, error, info};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as GuestMemoryTrait};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::{BalloonConfig, ConfigSpace};
+use super::discard::discard_all;
 use super::hinting::{HintSink, HintState};
 use super::inflate::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 use super::metrics::BalloonMetrics;
+pub use super::queue::MAX_CHAIN_DESCS;
+use super::queue::{Descs, Drain, drain_chains};
 use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
 use super::*;
 use crate::virtio::{
@@ -29,9 +31,6 @@ use crate::virtio::{
 };
 use crate::{GpaRange, GuestMemory, RamDiscard, error_limited, warn_limited};
 
-/// Most descriptors of one chain the device looks at (Linux uses one for
-/// inflate/deflate/stats/hints and up to 32 for a free page report).
-pub const MAX_CHAIN_DESCS: usize = 32;
 /// Most bytes of PFNs one inflate/deflate buffer may carry (16384 PFNs;
 /// Linux sends at most 1 KiB).
 pub const MAX_PFN_BUFFER_BYTES: u64 = 64 * 1024;
@@ -52,79 +51,12 @@ pub(crate) struct Active {
     pub(crate) registered: bool,
 }
 
-/// A chain's descriptors, copied out of guest memory.
-#[derive(Clone, Copy)]
-pub(super) struct Descs {
-    pub(super) d: [Descriptor; MAX_CHAIN_DESCS],
-    pub(super) n: usize,
-    /// The chain had more than MAX_CHAIN_DESCS descriptors.
-    pub(super) too_many: bool,
-}
-
-impl Descs {
-    pub(super) fn iter(&self) -> impl Iterator<Item = &Descriptor> {
-        self.d[..self.n].iter()
-    }
-}
-
-/// Why a chain cannot be walked: the queue itself is corrupt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Malformed {
-    /// No descriptor could be read at all (bad head index, ...).
-    Empty,
-    /// The chain ended on a descriptor that still had NEXT set: a loop, a
-    /// chain longer than the queue, or a next index out of range.
-    Truncated { descriptors: usize },
-}
-
-/// Copy a chain's descriptors out, detecting structural corruption.
-/// Take the next available chain off `q` and collect its descriptors:
-/// `Ok(None)` when the ring is empty, `Err(reason)` when the ring or the
-/// chain is malformed (the caller marks the device as needing a reset).
-pub(super) fn next_chain(q: &mut Queue, mem: &GuestMemory) -> Result<Option<(u16, Descs)>, String> {
-    let chain = match q.iter(mem) {
-        Ok(mut it) => it.next(),
-        Err(e) => return Err(format!("bad available ring: {e}")),
-    };
-    let Some(chain) = chain else {
-        return Ok(None);
-    };
-    let head = chain.head_index();
-    collect_chain(chain)
-        .map(|d| Some((head, d)))
-        .map_err(|m| format!("malformed chain at head {head}: {m:?}"))
-}
-
-pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
-    let mut out = Descs {
-        d: [Descriptor::default(); MAX_CHAIN_DESCS],
-        n: 0,
-        too_many: false,
-    };
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    for desc in chain {
-        count += 1;
-        last_has_next = desc.has_next();
-        if out.n < MAX_CHAIN_DESCS {
-            out.d[out.n] = desc;
-            out.n += 1;
-        } else {
-            out.too_many = true;
-        }
-    }
-    match count {
-        0 => Err(Malformed::Empty),
-        _ if last_has_next => Err(Malformed::Truncated { descriptors: count }),
-        _ => Ok(out),
-    }
-}
-
-/// Outcome of draining one queue.
-#[derive(Default)]
-pub(super) struct Drain {
-    pub(super) used: bool,
-    pub(super) broken: Option<String>,
+/// What a restored, previously active balloon carries into the activation
+/// the restored transport performs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RestoredActive {
+    pub(crate) held_stats: Option<u16>,
+    pub(crate) broken: bool,
 }
 
 /// The virtio balloon.
@@ -166,7 +98,7 @@ pub struct Balloon {
     pub(crate) stale_evts: Vec<EventFd>,
     /// Set by `Balloon::restore` for a device saved while active: what the
     /// re-activation by the restored transport must carry over.
-    pub(super) pending_restore: Option<super::persist::RestoredActive>,
+    pub(super) pending_restore: Option<RestoredActive>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -514,9 +446,8 @@ impl Balloon {
     /// Inflate (`inflate`) or deflate queue: each buffer is an array of
     /// le32 PFNs.
     fn drain_pfn_queue(&mut self, idx: usize, inflate: bool) -> Drain {
-        let mut drain = Drain::default();
         let Some(a) = self.active.as_mut() else {
-            return drain;
+            return Drain::default();
         };
         let Active { mem, queues, .. } = a;
         let mem = &*mem;
@@ -524,16 +455,8 @@ impl Balloon {
         let name = if inflate { "inflate" } else { "deflate" };
         let metrics = &*self.metrics;
         let mut buf = [0u8; BATCH_BYTES];
-        loop {
+        drain_chains(q, mem, |head, descs| {
             let started = std::time::Instant::now();
-            let (head, descs) = match next_chain(q, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(why) => {
-                    drain.broken = Some(why);
-                    break;
-                }
-            };
             BalloonMetrics::inc(if inflate {
                 &metrics.inflate_requests
             } else {
@@ -576,36 +499,22 @@ impl Balloon {
                     }
                 }
             }
-            if let Err(e) = q.add_used(mem, head, 0) {
-                drain.broken = Some(format!("returning buffer {head}: {e}"));
-                break;
-            }
             BalloonMetrics::add(&metrics.pfn_buffer_ns, started.elapsed().as_nanos() as u64);
-            drain.used = true;
-        }
-        drain
+            Some(head)
+        })
     }
 
     /// Stats queue: parse the buffer, keep it until new stats are wanted.
     fn drain_stats_queue(&mut self, idx: usize) -> Drain {
-        let mut drain = Drain::default();
         let Some(a) = self.active.as_mut() else {
-            return drain;
+            return Drain::default();
         };
         let Active { mem, queues, .. } = a;
         let mem = &*mem;
         let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
-        loop {
-            let (head, descs) = match next_chain(q, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(why) => {
-                    drain.broken = Some(why);
-                    break;
-                }
-            };
+        drain_chains(q, mem, |head, descs| {
             let mut len = 0usize;
             let mut bad = false;
             for d in descs.iter() {
@@ -653,15 +562,8 @@ impl Balloon {
             }
             // A driver that follows the spec has one buffer outstanding; if
             // it sends another, hand the old one back.
-            if let Some(old) = self.held_stats.replace(head) {
-                if let Err(e) = q.add_used(mem, old, 0) {
-                    drain.broken = Some(format!("returning buffer {old}: {e}"));
-                    break;
-                }
-                drain.used = true;
-            }
-        }
-        drain
+            self.held_stats.replace(head)
+        })
     }
 
     /// The stats timer fired: hand the held buffer back so the guest
@@ -726,46 +628,6 @@ fn check_pfn_buffer(mem: &GuestMemory, descs: &Descs) -> Result<(), String> {
 }
 
 /// Validate, merge and act on one batch of PFNs.
-/// One discard call, counted in the metrics (calls, bytes, time, released
-/// bytes, syscalls, errors); a failure is logged under `queue` (`idx`).
-/// Returns whether it succeeded.
-pub(super) fn discard_counted(
-    discard: &dyn RamDiscard,
-    metrics: &BalloonMetrics,
-    range: GpaRange,
-    queue: &str,
-    idx: usize,
-) -> bool {
-    BalloonMetrics::inc(&metrics.discard_calls);
-    BalloonMetrics::add(&metrics.discard_bytes, range.len);
-    let t = std::time::Instant::now();
-    let result = discard.discard(range);
-    BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
-    match result {
-        Ok(o) => {
-            BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
-            BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
-            true
-        }
-        Err(e) => {
-            BalloonMetrics::inc(&metrics.discard_errors);
-            error_limited!("balloon: {queue} queue ({idx}): {e}");
-            false
-        }
-    }
-}
-
-/// Discards inflated `ranges` (inflate queue 0) with their metrics.
-pub(crate) fn discard_all(
-    discard: &dyn RamDiscard,
-    metrics: &BalloonMetrics,
-    ranges: Vec<GpaRange>,
-) {
-    for range in ranges {
-        discard_counted(discard, metrics, range, "inflate", 0);
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn apply_pfn_batch(
     raw: &[u8],

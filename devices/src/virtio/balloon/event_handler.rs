@@ -18,7 +18,8 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
 
-use super::device::{Balloon, discard_all};
+use super::device::Balloon;
+use super::discard::discard_all;
 
 /// Event data of the control eventfd.
 pub const DATA_CTL: u32 = 0;

@@ -32,11 +32,14 @@
 
 pub mod config;
 pub mod device;
+mod discard;
 pub mod event_handler;
+mod free_page;
 pub mod hinting;
 pub mod inflate;
 pub mod metrics;
 pub mod persist;
+mod queue;
 pub mod reporting;
 pub mod stats;
 

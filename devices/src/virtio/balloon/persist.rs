@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::config::{BalloonConfig, ConfigSpace};
-use super::device::Balloon;
+use super::device::{Balloon, RestoredActive};
 use super::hinting::{HintState, HintingState, HintingStatus};
 use super::inflate::RamLayout;
 use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
@@ -125,14 +125,6 @@ impl Versioned for BalloonState {
     fn version(&self) -> u32 {
         self.version
     }
-}
-
-/// What a restored, previously active balloon carries into the activation
-/// the restored transport performs.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RestoredActive {
-    pub(crate) held_stats: Option<u16>,
-    pub(crate) broken: bool,
 }
 
 fn phase_of(s: HintingState) -> HintPhase {
