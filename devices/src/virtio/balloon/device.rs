@@ -51,6 +51,13 @@ pub(crate) struct Active {
     pub(crate) registered: bool,
 }
 
+impl Active {
+    /// Guest memory and queue `idx`, borrowed apart for a drain.
+    pub(super) fn queue_mut(&mut self, idx: usize) -> (&GuestMemory, &mut Queue) {
+        (&self.mem, &mut self.queues[idx].queue)
+    }
+}
+
 /// What a restored, previously active balloon carries into the activation
 /// the restored transport performs.
 #[derive(Clone, Copy, Debug)]
@@ -446,12 +453,9 @@ impl Balloon {
     /// Inflate (`inflate`) or deflate queue: each buffer is an array of
     /// le32 PFNs.
     fn drain_pfn_queue(&mut self, idx: usize, inflate: bool) -> Drain {
-        let Some(a) = self.active.as_mut() else {
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let name = if inflate { "inflate" } else { "deflate" };
         let metrics = &*self.metrics;
         let mut buf = [0u8; BATCH_BYTES];
@@ -506,12 +510,9 @@ impl Balloon {
 
     /// Stats queue: parse the buffer, keep it until new stats are wanted.
     fn drain_stats_queue(&mut self, idx: usize) -> Drain {
-        let Some(a) = self.active.as_mut() else {
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
         drain_chains(q, mem, |head, descs| {

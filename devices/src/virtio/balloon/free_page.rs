@@ -8,7 +8,7 @@ use std::sync::Arc;
 use log::{debug, info};
 use vm_memory::Bytes;
 
-use super::device::{Active, Balloon};
+use super::device::Balloon;
 use super::discard::discard_free_range;
 use super::hinting::{GuestCmd, HintSink, HintingStatus};
 use super::metrics::BalloonMetrics;
@@ -78,12 +78,9 @@ impl Balloon {
     /// buffers (writable, one free block each).
     pub(super) fn drain_free_page_queue(&mut self, idx: usize) -> Drain {
         let poison = self.poison_active();
-        let Some(a) = self.active.as_mut() else {
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
         drain_chains(q, mem, |head, descs| {
             let readable = descs.iter().filter(|d| !d.is_write_only()).count();

@@ -8,7 +8,7 @@
 
 use log::debug;
 
-use super::device::{Active, Balloon};
+use super::device::Balloon;
 use super::discard::discard_free_range;
 use super::metrics::BalloonMetrics;
 use super::queue::{Drain, drain_chains};
@@ -26,12 +26,9 @@ impl Balloon {
 
     pub(super) fn drain_reporting_queue(&mut self, idx: usize) -> Drain {
         let poison = self.poison_active();
-        let Some(a) = self.active.as_mut() else {
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
         drain_chains(q, mem, |head, descs| {
             if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
