@@ -51,17 +51,6 @@ fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
     b.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Translate a device hinting state into the API's.
-fn hinting_state(s: balloon::HintingState) -> types::HintingState {
-    match s {
-        balloon::HintingState::Idle => types::HintingState::Idle,
-        balloon::HintingState::Requested => types::HintingState::Requested,
-        balloon::HintingState::Running => types::HintingState::Running,
-        balloon::HintingState::Stopped => types::HintingState::Stopped,
-        balloon::HintingState::Done => types::HintingState::Done,
-    }
-}
-
 /// A BalloonChanged event for the given sizes in pages.
 pub fn balloon_event(target_pages: u64, actual_pages: u64) -> ApiEvent {
     ApiEvent::BalloonChanged {
@@ -194,7 +183,7 @@ impl ApiHandler {
                 ApiResponse::ok(&types::HintingStatus {
                     host_cmd_id: s.host_cmd_id,
                     guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
-                    state: hinting_state(s.state),
+                    state: s.state,
                     hinted_pages: s.hinted_pages,
                 })
             }),

@@ -12,7 +12,7 @@
 //! with no sink they are only counted, or discarded if `hint_discard` is
 //! configured (and page poisoning does not forbid it).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::GpaRange;
@@ -25,9 +25,10 @@ pub trait HintSink: Send + Sync {
     fn hinted(&self, cmd_id: u32, range: GpaRange);
 }
 
-/// Where a hinting round stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a hinting round stands. The one definition: the API serialises
+/// it as is (`"Idle"`, ...); saved state keeps its own snake_case names
+/// (see `persist.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HintingState {
     /// No round started since the device was created or reset.
     Idle,

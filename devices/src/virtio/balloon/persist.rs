@@ -61,15 +61,42 @@ pub struct StatsState {
     pub updated_unix_ms: u64,
 }
 
-/// Where a free page hinting round stands (mirrors [`HintingState`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HintPhase {
-    Idle,
-    Requested,
-    Running,
-    Stopped,
-    Done,
+/// [`HintingState`] as saved state spells it (snake_case, as version 1
+/// states have it; the API spells it in CamelCase).
+mod saved_phase {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::HintingState::{self, *};
+
+    const NAMES: [(HintingState, &str); 5] = [
+        (Idle, "idle"),
+        (Requested, "requested"),
+        (Running, "running"),
+        (Stopped, "stopped"),
+        (Done, "done"),
+    ];
+
+    pub fn serialize<S: Serializer>(s: &HintingState, ser: S) -> Result<S::Ok, S::Error> {
+        let name = NAMES
+            .iter()
+            .find(|(v, _)| v == s)
+            .map_or("idle", |(_, n)| n);
+        ser.serialize_str(name)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<HintingState, D::Error> {
+        let name = String::deserialize(de)?;
+        NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(v, _)| *v)
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(
+                    &name,
+                    &["idle", "requested", "running", "stopped", "done"],
+                )
+            })
+    }
 }
 
 /// Free page hinting state.
@@ -77,7 +104,8 @@ pub enum HintPhase {
 pub struct HintingSaved {
     pub host_cmd_id: u32,
     pub guest_cmd_id: u32,
-    pub phase: HintPhase,
+    #[serde(with = "saved_phase")]
+    pub phase: HintingState,
     pub hinted_pages: u64,
     /// The last round id handed out; the next round uses a later one.
     pub last_id: u32,
@@ -124,26 +152,6 @@ impl Versioned for BalloonState {
     const VERSION: u32 = 1;
     fn version(&self) -> u32 {
         self.version
-    }
-}
-
-fn phase_of(s: HintingState) -> HintPhase {
-    match s {
-        HintingState::Idle => HintPhase::Idle,
-        HintingState::Requested => HintPhase::Requested,
-        HintingState::Running => HintPhase::Running,
-        HintingState::Stopped => HintPhase::Stopped,
-        HintingState::Done => HintPhase::Done,
-    }
-}
-
-fn state_of(p: HintPhase) -> HintingState {
-    match p {
-        HintPhase::Idle => HintingState::Idle,
-        HintPhase::Requested => HintingState::Requested,
-        HintPhase::Running => HintingState::Running,
-        HintPhase::Stopped => HintingState::Stopped,
-        HintPhase::Done => HintingState::Done,
     }
 }
 
@@ -195,7 +203,7 @@ impl Persist for Balloon {
             hinting: HintingSaved {
                 host_cmd_id: h.host_cmd_id,
                 guest_cmd_id: h.guest_cmd_id,
-                phase: phase_of(h.state),
+                phase: h.state,
                 hinted_pages: h.hinted_pages,
                 last_id: self.hint.last_id(),
             },
@@ -270,7 +278,7 @@ impl Balloon {
             HintingStatus {
                 host_cmd_id: h.host_cmd_id,
                 guest_cmd_id: h.guest_cmd_id,
-                state: state_of(h.phase),
+                state: h.phase,
                 hinted_pages: h.hinted_pages,
             },
             h.last_id,
@@ -354,7 +362,7 @@ impl BalloonState {
             return Err(invalid("broken but not active".into()));
         }
         let h = &state.hinting;
-        let round_open = matches!(h.phase, HintPhase::Requested | HintPhase::Running);
+        let round_open = matches!(h.phase, HintingState::Requested | HintingState::Running);
         if round_open && h.host_cmd_id < super::FREE_PAGE_HINT_CMD_ID_MIN {
             return Err(invalid(format!(
                 "hinting round {:?} under command id {}",
@@ -1001,7 +1009,7 @@ mod tests {
         small.hinting = HintingSaved {
             host_cmd_id: 0,
             guest_cmd_id: 0,
-            phase: HintPhase::Idle,
+            phase: HintingState::Idle,
             hinted_pages: 0,
             last_id: 1,
         };
