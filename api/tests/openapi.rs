@@ -183,10 +183,9 @@ fn schemas_match_types() {
     };
     check(&spec, "HintingStatus", &hs, &hs_min);
     let m = MigrationRequest {
-        destination: MigrationDestination::parse("file:///x").unwrap(),
         downtime_ms: 1,
-        free_page_hints: true,
         max_rounds: Some(1),
+        ..MigrationRequest::new(MigrationDestination::parse("file:///x").unwrap())
     };
     let (props, required) = schema_fields(&spec, "MigrationRequest");
     assert_eq!(keys(&serde_json::to_value(&m).unwrap()), props);

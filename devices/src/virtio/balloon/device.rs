@@ -84,9 +84,9 @@ pub struct Balloon {
     pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
     pub(super) batch: PfnBatch,
     /// Inflated ranges not yet discarded: with MUST_TELL_HOST the inflate
-    /// queue returns its buffers and raises the interrupt first, then
-    /// discards these, still inside the same `process_queue` call (see
-    /// there).
+    /// queue returns its buffers and raises the interrupt first; the event
+    /// loop (`BalloonEvents::process`) then discards these after releasing
+    /// the device lock, or `process_queue` right away (see `serve_queue`).
     pub(super) pending_discard: Vec<GpaRange>,
     pub(super) discard_gate: Arc<Mutex<()>>,
     pub(super) broken: bool,
