@@ -19,8 +19,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::config::{BalloonConfig, ConfigSpace};
 use super::discard::discard_all;
 use super::hinting::{HintSink, HintState};
-use super::inflate::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 use super::metrics::BalloonMetrics;
+use super::pfn_runs::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
 use super::queue::{Descs, Drain, drain_chains};
 use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
@@ -58,6 +58,25 @@ impl Active {
     }
 }
 
+/// Inflated ranges that [`Balloon::serve_queue`] leaves to discard: with
+/// MUST_TELL_HOST the inflate queue returns its buffers and raises the
+/// interrupt first; the event loop (`BalloonEvents::process`) then runs
+/// these after releasing the device lock, behind the discard gate.
+#[must_use = "inflated pages stay in the guest's RAM until discarded"]
+#[derive(Debug, Default)]
+pub(crate) struct LateDiscards(Vec<GpaRange>);
+
+impl LateDiscards {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Discard them, counted in `metrics`.
+    pub(crate) fn run(self, discard: &dyn RamDiscard, metrics: &BalloonMetrics) {
+        discard_all(discard, metrics, self.0);
+    }
+}
+
 /// What a restored, previously active balloon carries into the activation
 /// the restored transport performs.
 #[derive(Clone, Copy, Debug)]
@@ -83,11 +102,6 @@ pub struct Balloon {
     pub(super) metrics: Arc<BalloonMetrics>,
     pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
     pub(super) batch: PfnBatch,
-    /// Inflated ranges not yet discarded: with MUST_TELL_HOST the inflate
-    /// queue returns its buffers and raises the interrupt first; the event
-    /// loop (`BalloonEvents::process`) then discards these after releasing
-    /// the device lock, or `process_queue` right away (see `serve_queue`).
-    pub(super) pending_discard: Vec<GpaRange>,
     pub(super) discard_gate: Arc<Mutex<()>>,
     pub(super) broken: bool,
     pub(super) hint: HintState,
@@ -176,7 +190,6 @@ impl Balloon {
             metrics: Arc::new(BalloonMetrics::default()),
             observer: None,
             batch: PfnBatch::new(),
-            pending_discard: Vec::new(),
             discard_gate: Arc::new(Mutex::new(())),
             broken: false,
             hint: HintState::new(),
@@ -340,20 +353,17 @@ impl Balloon {
     /// and discards after releasing the device lock (see
     /// [`BalloonEvents`](super::event_handler::BalloonEvents)).
     pub fn process_queue(&mut self, idx: usize) {
-        self.serve_queue(idx);
-        let later = self.take_deferred_discard();
-        discard_all(&*self.discard, &self.metrics, later);
+        self.serve_queue(idx).run(&*self.discard, &self.metrics);
     }
 
     /// [`process_queue`](Self::process_queue) except for the discards that
     /// may come after the guest was told its buffers are used (inflate with
-    /// MUST_TELL_HOST), which are left for
-    /// [`take_deferred_discard`](Self::take_deferred_discard). The caller
-    /// must do them before anything can hand those pages back: a deflate,
-    /// a reset, a snapshot (see [`discard_gate`](Self::discard_gate)).
-    pub(crate) fn serve_queue(&mut self, idx: usize) {
+    /// MUST_TELL_HOST), which are returned. The caller must do them before
+    /// anything can hand those pages back: a deflate, a reset, a snapshot
+    /// (see [`discard_gate`](Self::discard_gate)).
+    pub(crate) fn serve_queue(&mut self, idx: usize) -> LateDiscards {
         if self.broken {
-            return;
+            return LateDiscards::default();
         }
         let Some(kind) = self
             .active
@@ -361,11 +371,12 @@ impl Balloon {
             .and_then(|a| a.queues.get(idx))
             .map(|q| q.kind)
         else {
-            return;
+            return LateDiscards::default();
         };
+        let mut inflated = Vec::new();
         let drain = match kind {
-            QueueKind::Inflate => self.drain_pfn_queue(idx, true),
-            QueueKind::Deflate => self.drain_pfn_queue(idx, false),
+            QueueKind::Inflate => self.drain_pfn_queue(idx, true, &mut inflated),
+            QueueKind::Deflate => self.drain_pfn_queue(idx, false, &mut inflated),
             QueueKind::Stats => self.drain_stats_queue(idx),
             QueueKind::FreePage => self.drain_free_page_queue(idx),
             QueueKind::Reporting => self.drain_reporting_queue(idx),
@@ -379,16 +390,14 @@ impl Balloon {
         // Without it the guest may reuse pages as soon as it has asked for
         // their deflate, without waiting: they are discarded first, as
         // QEMU does.
-        if !self.has_acked(VIRTIO_BALLOON_F_MUST_TELL_HOST) {
-            let now = std::mem::take(&mut self.pending_discard);
-            discard_all(&*self.discard, &self.metrics, now);
-        }
+        let late = if self.has_acked(VIRTIO_BALLOON_F_MUST_TELL_HOST) {
+            LateDiscards(inflated)
+        } else {
+            discard_all(&*self.discard, &self.metrics, inflated);
+            LateDiscards::default()
+        };
         self.finish_drain(idx, kind, drain);
-    }
-
-    /// Inflated ranges [`serve_queue`](Self::serve_queue) left to discard.
-    pub(crate) fn take_deferred_discard(&mut self) -> Vec<GpaRange> {
-        std::mem::take(&mut self.pending_discard)
+        late
     }
 
     /// Held while deferred discards run outside the device lock: taken
@@ -452,7 +461,12 @@ impl Balloon {
 
     /// Inflate (`inflate`) or deflate queue: each buffer is an array of
     /// le32 PFNs.
-    fn drain_pfn_queue(&mut self, idx: usize, inflate: bool) -> Drain {
+    fn drain_pfn_queue(
+        &mut self,
+        idx: usize,
+        inflate: bool,
+        inflated: &mut Vec<GpaRange>,
+    ) -> Drain {
         let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
@@ -495,7 +509,7 @@ impl Balloon {
                                 &mut self.batch,
                                 &mut self.bitmap,
                                 &*self.discard,
-                                &mut self.pending_discard,
+                                inflated,
                                 metrics,
                             );
                             off += n as u64;
@@ -638,7 +652,7 @@ fn apply_pfn_batch(
     batch: &mut PfnBatch,
     bitmap: &mut PageBitmap,
     discard: &dyn RamDiscard,
-    pending_discard: &mut Vec<GpaRange>,
+    inflated: &mut Vec<GpaRange>,
     metrics: &BalloonMetrics,
 ) {
     let name = if inflate { "inflate" } else { "deflate" };
@@ -661,7 +675,7 @@ fn apply_pfn_batch(
         let range = run.range();
         if inflate {
             bitmap.update(run.bit, run.npages, true);
-            pending_discard.push(range);
+            inflated.push(range);
         } else {
             bitmap.update(run.bit, run.npages, false);
             discard.will_need(range);

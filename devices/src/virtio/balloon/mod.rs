@@ -4,7 +4,7 @@
 //!
 //! ```ignore
 //! let balloon = Arc::new(Mutex::new(Balloon::new(cfg, ram_regions, guest_ram_discard)?));
-//! event_manager.add_subscriber(balloon.clone());          // registers ctl eventfd + stats timer
+//! event_manager.add_subscriber(Arc::new(Mutex::new(BalloonEvents::new(balloon.clone()))));
 //! let irq = Arc::new(IrqfdInterrupt::new(EventFd::new(EFD_NONBLOCK)?));
 //! vm.register_irqfd(irq.eventfd(), gsi)?;
 //! let transport = MmioTransport::new(balloon.clone(), guest_memory, irq)?;
@@ -22,7 +22,8 @@
 //!
 //! Files, lowest first (none imports one above it):
 //! * `config`: [`BalloonConfig`] and the config space layout.
-//! * `inflate`: PFN validation, run merging and the inflated-page bitmap.
+//! * `pfn_runs`: RAM layout, PFN validation, run merging and the
+//!   inflated-page bitmap.
 //! * `stats`: the statistics parser.
 //! * `metrics`: [`BalloonMetrics`].
 //! * `hinting`: a free page hinting round's state machine and [`HintSink`].
@@ -45,9 +46,9 @@ mod discard;
 pub mod event_handler;
 mod free_page;
 pub mod hinting;
-pub mod inflate;
 pub mod metrics;
 pub mod persist;
+pub mod pfn_runs;
 mod queue;
 pub mod reporting;
 pub mod stats;

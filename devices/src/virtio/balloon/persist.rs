@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use super::config::{BalloonConfig, ConfigSpace};
 use super::device::{Balloon, RestoredActive};
 use super::hinting::{HintState, HintingState, HintingStatus};
-use super::inflate::{PageBitmap, RamLayout};
 use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
+use super::pfn_runs::{PageBitmap, RamLayout};
 use super::stats::{BalloonStats, NUM_STAT_TAGS};
 use super::{STATS_QUEUE_SIZE, VIRTIO_BALLOON_F_STATS_VQ};
 use crate::persist::{Persist, PersistError, Versioned};
@@ -1044,8 +1044,10 @@ mod tests {
         let ts = through_json(&src.transport.save().unwrap());
         let dst = restore_side(copy_of(&src.mem), &bs, &ts).unwrap();
         // The VMM adds the restored balloon to its event loop as usual.
-        let mut mgr = EventManager::<Arc<Mutex<Balloon>>>::new().unwrap();
-        mgr.add_subscriber(dst.balloon.clone());
+        let mut mgr = EventManager::<Arc<Mutex<BalloonEvents>>>::new().unwrap();
+        mgr.add_subscriber(Arc::new(Mutex::new(BalloonEvents::new(
+            dst.balloon.clone(),
+        ))));
         for _ in 0..20 {
             mgr.run_with_timeout(20).unwrap();
             if q[0].used_idx(&dst.mem) == 4 {
