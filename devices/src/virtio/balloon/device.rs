@@ -473,8 +473,7 @@ impl Balloon {
         let name = if inflate { "inflate" } else { "deflate" };
         let metrics = &*self.metrics;
         let mut buf = [0u8; BATCH_BYTES];
-        drain_chains(q, mem, |head, descs| {
-            let started = std::time::Instant::now();
+        drain_chains(q, mem, Some(&metrics.pfn_buffer_ns), |head, descs| {
             BalloonMetrics::inc(if inflate {
                 &metrics.inflate_requests
             } else {
@@ -517,7 +516,6 @@ impl Balloon {
                     }
                 }
             }
-            BalloonMetrics::add(&metrics.pfn_buffer_ns, started.elapsed().as_nanos() as u64);
             Some(head)
         })
     }
@@ -529,7 +527,7 @@ impl Balloon {
         };
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
-        drain_chains(q, mem, |head, descs| {
+        drain_chains(q, mem, None, |head, descs| {
             let mut len = 0usize;
             let mut bad = false;
             for d in descs.iter() {

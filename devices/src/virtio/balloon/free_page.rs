@@ -82,7 +82,7 @@ impl Balloon {
             return Drain::default();
         };
         let metrics = &*self.metrics;
-        drain_chains(q, mem, |head, descs| {
+        drain_chains(q, mem, None, |head, descs| {
             let readable = descs.iter().filter(|d| !d.is_write_only()).count();
             let writable = descs.n - readable;
             if descs.too_many || (readable > 0 && writable > 0) {

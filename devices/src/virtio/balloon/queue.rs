@@ -2,9 +2,13 @@
 //! off a queue, copy its descriptors out (detecting a corrupt ring), and
 //! the drain loop that serves each chain and returns it to the guest.
 
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
+use super::metrics::BalloonMetrics;
 use crate::GuestMemory;
 
 /// Most descriptors of one chain the device looks at (Linux uses one for
@@ -89,14 +93,17 @@ pub(super) struct Drain {
 /// Serve every chain pending on `q`: `serve(head, descs)` handles one and
 /// says which buffer to hand back now (its own head, an older one it held,
 /// or none when it keeps the buffer). Stops at a corrupt ring or a failed
-/// hand-back, reported in [`Drain::broken`].
+/// hand-back, reported in [`Drain::broken`]. With `timer`, the time from
+/// popping each chain to handing it back is added to that counter (ns).
 pub(super) fn drain_chains(
     q: &mut Queue,
     mem: &GuestMemory,
+    timer: Option<&AtomicU64>,
     mut serve: impl FnMut(u16, Descs) -> Option<u16>,
 ) -> Drain {
     let mut drain = Drain::default();
     loop {
+        let started = timer.map(|_| Instant::now());
         let (head, descs) = match next_chain(q, mem) {
             Ok(Some(c)) => c,
             Ok(None) => break,
@@ -111,6 +118,9 @@ pub(super) fn drain_chains(
         if let Err(e) = q.add_used(mem, done, 0) {
             drain.broken = Some(format!("returning buffer {done}: {e}"));
             break;
+        }
+        if let (Some(counter), Some(t)) = (timer, started) {
+            BalloonMetrics::add(counter, t.elapsed().as_nanos() as u64);
         }
         drain.used = true;
     }

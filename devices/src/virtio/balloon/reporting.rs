@@ -30,7 +30,7 @@ impl Balloon {
             return Drain::default();
         };
         let metrics = &*self.metrics;
-        drain_chains(q, mem, |head, descs| {
+        drain_chains(q, mem, None, |head, descs| {
             if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
                 BalloonMetrics::inc(&metrics.invalid_buffers);
                 warn_limited!(
