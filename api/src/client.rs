@@ -161,10 +161,6 @@ impl ApiClient {
         self
     }
 
-    pub fn socket_path(&self) -> &Path {
-        &self.path
-    }
-
     fn timeout_error(&self) -> ClientError {
         ClientError::Timeout {
             path: self.path.display().to_string(),

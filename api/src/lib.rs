@@ -1,5 +1,6 @@
-//! Blimp's REST API over a unix socket: server thread, request/response
-//! types, openapi.yaml, and a client.
+//! Blimp's REST API over a unix socket: the HTTP server thread, openapi.yaml
+//! and a client. The request/response vocabulary (types, routes, events, the
+//! channel to the VMM) is the `api-types` crate, re-exported here.
 //!
 //! VMM side, in short:
 //! ```no_run
@@ -23,17 +24,17 @@
 //! # Ok::<(), api::Error>(())
 //! ```
 
-pub mod channel;
 pub mod client;
-pub mod events;
 mod metrics;
-pub mod routes;
 pub mod server;
-pub mod size;
-pub mod types;
+mod sse;
 
-pub use channel::{ApiReceiver, ApiRequest, ApiResponse, Responder, VmmChannel, channel};
-pub use events::{ApiEvent, EventEnvelope, EventHub};
+// The vocabulary lives in `api-types` (the VMM depends on it alone); it is
+// re-exported so that clients of the HTTP side need one crate.
+pub use api_types::{channel, events, routes, size, types};
+
+pub use channel::{ApiReceiver, ApiRequest, ApiResponse, Responder, VmmChannel};
+pub use events::{ApiEvent, EventEnvelope, EventHub, EventSink};
 pub use server::{ApiServer, ApiServerHandle, Error, ServerConfig};
 
 /// Re-exported so the root binary's CLI client can draw progress bars

@@ -24,12 +24,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
-use crate::channel::{ApiRequest, ApiResponse, SendError, VmmChannel};
-use crate::events::{ApiEvent, EventEnvelope, now_ms, sse_frame};
+use crate::channel::{ApiRequest, ApiResponse, Responder, SendError, VmmChannel};
+use crate::events::{ApiEvent, EventEnvelope, now_ms};
 use crate::metrics::{self, Gauges, ServerStats};
 use crate::routes::{self, Endpoint, Match};
+use crate::sse::{SseRing, sse_frame};
 use crate::types::{
     BalloonPatch, Empty, MigrationRequest, SnapshotRequest, StatsPatch, Validate, VmStatePatch,
     VmmMetrics,
@@ -149,7 +150,12 @@ impl ApiServer {
             let _guard = rt.enter();
             UnixListener::from_std(listener).map_err(cleanup_on_err)?
         };
+        let events = SseRing::new();
+        if !vmm.events().attach(Box::new(events.clone())) {
+            log::warn!("the VMM's event hub already feeds another server");
+        }
         let ctx = Arc::new(Ctx {
+            events,
             cfg: config,
             vmm,
             stats: ServerStats::default(),
@@ -289,6 +295,7 @@ enum Admission {
 struct Ctx {
     cfg: ServerConfig,
     vmm: VmmChannel,
+    events: SseRing,
     stats: ServerStats,
     conns: Mutex<ConnTable>,
     epoch: Instant,
@@ -691,16 +698,17 @@ async fn dispatch(
 
 /// Hand a request to the VMM and wait (without blocking the runtime).
 async fn call_vmm(ctx: &Ctx, req: ApiRequest, timeout: Duration) -> ApiResponse {
-    let rx = match ctx.vmm.send(req) {
-        Ok(rx) => rx,
-        Err(e) => {
-            ctx.stats.vmm_unavailable.fetch_add(1, Ordering::Relaxed);
-            return ApiResponse::unavailable(match e {
-                SendError::Full => "the VMM is not taking requests (queue full)",
-                SendError::Gone => "the VMM is not running",
-            });
-        }
-    };
+    let (tx, rx) = oneshot::channel();
+    let responder = Responder::new(move |resp| {
+        let _ = tx.send(resp);
+    });
+    if let Err(e) = ctx.vmm.send(req, responder) {
+        ctx.stats.vmm_unavailable.fetch_add(1, Ordering::Relaxed);
+        return ApiResponse::unavailable(match e {
+            SendError::Full => "the VMM is not taking requests (queue full)",
+            SendError::Gone => "the VMM is not running",
+        });
+    }
     match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(_)) => ApiResponse::unavailable("the VMM dropped the request without answering"),
@@ -774,7 +782,7 @@ fn get_events(ctx: &Arc<Ctx>, conn: &ConnState) -> Response<RespBody> {
         );
     }
     conn.pinned.store(true, Ordering::SeqCst);
-    let mut events = hub.subscribe();
+    let mut events = ctx.events.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let keepalive = ctx.cfg.event_keepalive;
     let ctx2 = ctx.clone();

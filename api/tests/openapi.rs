@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use api::routes::ROUTES;
 use api::types::*;
 use serde_json::Value;
-use serde_yaml::Value as Y;
+use serde_yaml_ng::Value as Y;
 
 fn spec() -> Y {
-    serde_yaml::from_str(api::OPENAPI_YAML).expect("openapi.yaml parses")
+    serde_yaml_ng::from_str(api::OPENAPI_YAML).expect("openapi.yaml parses")
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::virtio::balloon::inflate::{PfnBatch, RamLayout};
+use devices::virtio::balloon::pfn_runs::{PfnBatch, RamLayout};
 use devices::virtio::balloon::{Balloon, BalloonConfig, VIRTIO_BALLOON_F_MUST_TELL_HOST};
 use devices::virtio::{Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
 use devices::{DiscardError, DiscardOutcome, GpaRange, GuestMemory, RamDiscard};

@@ -6,11 +6,11 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use api::types::{
+use api_types::types::{
     self, BalloonInfo, BalloonPatch, HintingStarted, MigrationDestination, MigrationStarted,
     MigrationStatus, StatsPatch, VmInfo, VmState, VmmMetrics,
 };
-use api::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
+use api_types::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
 use devices::virtio::balloon::{self, Balloon};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::exit::{ExitReason, VmExit};
 use crate::migration::convergence::DEFAULT_MAX_ROUNDS;
 use crate::migration::file_dest;
-use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext, describe};
+use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext};
 use crate::vcpu::Vcpus;
 
 const PAGES_PER_MIB: u64 = 256;
@@ -49,17 +49,6 @@ pub struct ApiHandler {
 
 fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
     b.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Translate a device hinting state into the API's.
-fn hinting_state(s: balloon::HintingState) -> types::HintingState {
-    match s {
-        balloon::HintingState::Idle => types::HintingState::Idle,
-        balloon::HintingState::Requested => types::HintingState::Requested,
-        balloon::HintingState::Running => types::HintingState::Running,
-        balloon::HintingState::Stopped => types::HintingState::Stopped,
-        balloon::HintingState::Done => types::HintingState::Done,
-    }
 }
 
 /// A BalloonChanged event for the given sizes in pages.
@@ -194,7 +183,7 @@ impl ApiHandler {
                 ApiResponse::ok(&types::HintingStatus {
                     host_cmd_id: s.host_cmd_id,
                     guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
-                    state: hinting_state(s.state),
+                    state: s.state,
                     hinted_pages: s.hinted_pages,
                 })
             }),
@@ -263,7 +252,7 @@ impl ApiHandler {
                 )));
             }
         }
-        let destination = describe(&opts.destination);
+        let destination = opts.destination.to_string();
         // Reap the previous job's thread before starting a new one.
         if let Some(old) = self.job.take() {
             old.join();

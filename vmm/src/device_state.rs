@@ -12,9 +12,9 @@ use devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::error::{Error, RestoreError};
+use crate::machine::Machine;
 use crate::migration::checked::required;
-use crate::restore::RestoreError;
-use crate::vmm::{Error, Machine};
 
 /// Version of [`DevicesState`].
 pub const DEVICES_STATE_VERSION: u32 = 1;

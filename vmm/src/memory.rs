@@ -386,11 +386,6 @@ impl GuestRam {
         }
         Ok(out)
     }
-
-    /// Number of huge pages partially discarded and waiting for the rest.
-    pub fn partial_huge_pages(&self) -> usize {
-        self.partial_huge.lock().map(|p| p.len()).unwrap_or(0)
-    }
 }
 
 fn open_file(path: &Path) -> Result<File, MemoryError> {

@@ -9,51 +9,25 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use api::types::MigrationDestination;
+use api_types::types::MigrationDestination;
 
 use crate::config::{MemoryBackend, VmConfig};
+use crate::error::Error;
+pub use crate::error::RestoreError;
+use crate::machine::Machine;
 use crate::migration::file_dest::FileKind;
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
 use crate::migration::link::{self, Peer};
 use crate::migration::state::{self, StateSupport, VmState};
 use crate::migration::stream::{Destination, HANDSHAKE_VERSION, StreamReader};
 use crate::vcpu;
-use crate::vmm::{Error, Machine, Vmm};
+use crate::vmm::Vmm;
 
 /// How to build the restored VM on this host.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreConfig {
     pub memory_backend: MemoryBackend,
     pub serial_input: bool,
-}
-
-/// Errors specific to restoring.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error(transparent)]
-    Stream(#[from] crate::migration::stream::StreamError),
-    #[error("the migration stream's state section: {0}")]
-    State(#[from] crate::migration::state::StateError),
-    #[error("the migration stream's device state: {0}")]
-    Devices(String),
-    #[error(
-        "the source sends stream format version {version}, which has no switchover handshake (version {HANDSHAKE_VERSION} and later): upgrade the source blimp; nothing was run"
-    )]
-    NoHandshake { version: u32 },
-    #[error("{len} bytes follow the trailer: the stream must end there")]
-    TrailingBytes { len: usize },
-    #[error("the source did not hand the VM over: {0}; not running it")]
-    NoHandover(#[source] HandshakeError),
-    #[error("cannot open {what}: {source}")]
-    Open {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a regular file ({kind}); a migration file is needed")]
-    NotAFile { path: PathBuf, kind: FileKind },
-    #[error("cannot prepare guest memory for the restore: {0}")]
-    Memory(#[from] crate::memory::MemoryError),
 }
 
 /// How long an incoming migration may go without a byte from the source

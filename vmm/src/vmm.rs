@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arch::MemoryLayout;
-use devices::bus::BusDevice;
-use devices::legacy::{self, DebugExit, I8042, Serial};
+use devices::legacy::Serial;
 use devices::virtio::balloon::{Balloon, BalloonEvent};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -16,71 +15,24 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::api_handler::{ApiContext, ApiHandler, balloon_event};
-use crate::boot::{self, BootError};
-use crate::bus::{Bus, BusError};
+use crate::boot;
+use crate::bus::Bus;
 use crate::config::VmConfig;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::DeviceManager;
 use crate::exit::{ExitReason, VmExit};
-use crate::memory::{GuestRam, MemoryError};
+use crate::machine::{Machine, Subscriber};
+use crate::memory::GuestRam;
 use crate::migration::source::{DeviceCapture, SourceContext};
 use crate::migration::state::StateSupport;
 use crate::pvm::KvmBackend;
 use crate::signals::TerminationSignals;
-use crate::vcpu::{self, VcpuContext, VcpuError, Vcpus};
-use crate::vm::{Vm, VmError};
+use crate::vcpu::{self, VcpuContext, Vcpus};
+use crate::vm::Vm;
+
+pub use crate::error::Error;
+use crate::error::io;
 
 /// Errors building or running a VM.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Layout(#[from] arch::layout::LayoutError),
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error("placing a device: {0}")]
-    Bus(#[from] BusError),
-    #[error("placing a virtio device: {0}")]
-    Device(#[from] DeviceError),
-    #[error("balloon: {0}")]
-    Balloon(#[from] devices::virtio::balloon::Error),
-    #[error("restoring: {0}")]
-    Restore(#[from] crate::restore::RestoreError),
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("event loop: {0}")]
-    EventLoop(String),
-}
-
-impl Error {
-    /// True when the error comes from what the user asked for (a file that is
-    /// not a kernel, an initrd that does not fit, a backing that cannot be
-    /// had) rather than from the host failing at run time.
-    pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Error::Layout(_)
-                | Error::Boot(_)
-                | Error::Memory(MemoryError::NoHugePages { .. } | MemoryError::File { .. })
-                | Error::Vm(VmError::TooManyVcpus { .. })
-        )
-    }
-}
-
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io { what, source }
-}
-
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
 /// A built VM, ready to run.
 pub struct Vmm {
     config: VmConfig,
@@ -98,10 +50,9 @@ pub struct Vmm {
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    #[allow(dead_code)] // Holds the placed transports.
     virtio: DeviceManager,
     balloon: Option<Arc<Mutex<Balloon>>>,
-    api: Option<(EventFd, api::ApiReceiver)>,
+    api: Option<(EventFd, api_types::ApiReceiver)>,
     debug_exit: bool,
     /// Run once the vCPUs run (a restored VM tells its balloon DONE).
     on_start: Vec<OnStart>,
@@ -163,10 +114,10 @@ impl Vmm {
 
     /// Make the channel the API server sends requests through; they are
     /// served on this VM's event loop once it runs.
-    pub fn api_channel(&mut self) -> Result<api::VmmChannel, Error> {
+    pub fn api_channel(&mut self) -> Result<api_types::VmmChannel, Error> {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the API eventfd"))?;
         let theirs = wake.try_clone().map_err(io("cloning the API eventfd"))?;
-        let (chan, rx) = api::channel(move || {
+        let (chan, rx) = api_types::channel(move || {
             if let Err(e) = theirs.write(1) {
                 log::error!("api: cannot wake the VMM: {e}");
             }
@@ -211,15 +162,6 @@ impl Vmm {
     /// The balloon device, if the VM has one.
     pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
         self.balloon.as_ref()
-    }
-
-    /// Time since `build` started.
-    pub fn uptime(&self) -> std::time::Duration {
-        self.started.elapsed()
-    }
-
-    pub fn guest_ram(&self) -> &Arc<GuestRam> {
-        &self.ram
     }
 
     /// Start the vCPUs and run the event loop until the VM ends.
@@ -335,89 +277,7 @@ fn compose_cmdline(parts: &[&str]) -> String {
         .join(" ")
 }
 
-/// The parts every VM has, built the same way whether it boots a kernel or
-/// is restored from a migration stream.
-pub(crate) struct Machine {
-    pub(crate) started: Instant,
-    pub(crate) signals: Arc<TerminationSignals>,
-    pub(crate) backend: KvmBackend,
-    pub(crate) vm: Vm,
-    pub(crate) ram: Arc<GuestRam>,
-    pub(crate) exit: Arc<VmExit>,
-    pub(crate) pio: Bus,
-    pub(crate) mmio: Bus,
-    pub(crate) virtio: DeviceManager,
-    pub(crate) serial: Arc<Mutex<Serial>>,
-    pub(crate) events: EventManager<Subscriber>,
-    pub(crate) debug_exit: bool,
-}
-
 impl Machine {
-    /// KVM VM, guest RAM, serial console and i8042.
-    pub(crate) fn new(
-        layout: &MemoryLayout,
-        vcpus: u8,
-        backing: &crate::config::MemoryBackend,
-    ) -> Result<Self, Error> {
-        let started = Instant::now();
-        // Block terminating signals before any thread exists, so all inherit the mask.
-        let signals = Arc::new(TerminationSignals::new().map_err(io("creating the signalfd"))?);
-        let backend = KvmBackend::detect();
-        let mut vm = Vm::new(usize::from(vcpus))?;
-        let ram = Arc::new(GuestRam::new(layout, backing)?);
-        vm.register_memory(&ram, false)?;
-        let exit = Arc::new(VmExit::new().map_err(io("creating the exit eventfd"))?);
-        let mut pio = Bus::new("pio");
-        let serial_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating the serial irqfd"))?;
-        vm.fd()
-            .register_irqfd(&serial_irq, legacy::COM1_IRQ)
-            .map_err(|source| VmError::Ioctl {
-                what: "KVM_IRQFD (serial)",
-                source,
-            })?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            Box::new(legacy::serial::StdoutWriter),
-        )));
-        pio.insert(
-            u64::from(legacy::COM1_PORT_BASE),
-            u64::from(legacy::serial::COM1_PORT_COUNT),
-            serial.clone(),
-        )?;
-        let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(exit.clone())));
-        pio.insert(
-            u64::from(legacy::I8042_PORT_BASE),
-            u64::from(legacy::i8042::I8042_PORT_COUNT),
-            i8042,
-        )?;
-        let events = EventManager::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-        Ok(Self {
-            started,
-            signals,
-            backend,
-            vm,
-            ram,
-            exit,
-            pio,
-            mmio: Bus::new("mmio"),
-            virtio: DeviceManager::new(),
-            serial,
-            events,
-            debug_exit: false,
-        })
-    }
-
-    /// The debug-exit port 0xf4.
-    pub(crate) fn add_debug_exit(&mut self) -> Result<(), Error> {
-        let dbg: Arc<Mutex<dyn BusDevice>> =
-            Arc::new(Mutex::new(DebugExit::new(self.exit.clone())));
-        self.pio
-            .insert(u64::from(legacy::DEBUG_EXIT_PORT), 1, dbg)?;
-        self.debug_exit = true;
-        Ok(())
-    }
-
     pub(crate) fn into_vmm(
         self,
         config: VmConfig,

@@ -27,9 +27,13 @@ pub static IRQ_ACK: [AtomicU64; NUM_IRQ_VECTORS] = [const { AtomicU64::new(0) };
 /// Per-vector accumulated InterruptStatus bits, taken by [`take_isr`].
 pub static IRQ_ISR: [AtomicU32; NUM_IRQ_VECTORS] = [const { AtomicU32::new(0) }; NUM_IRQ_VECTORS];
 
+/// First device interrupt vector (index 0 in the event tables); the IDT
+/// (`boot::idt`) routes vectors from here on to the counting stubs.
+pub const IRQ_VECTOR_BASE: u8 = 0x20;
+
 /// Vector number for an index.
 pub const fn vector(index: usize) -> u8 {
-    crate::boot::idt::IRQ_VECTOR_BASE + index as u8
+    IRQ_VECTOR_BASE + index as u8
 }
 
 /// Current event count; pass it to [`wait`] after checking for work.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use api::types::MigrationDestination;
+use api_types::types::MigrationDestination;
 
 use super::file_dest::AtomicFile;
 

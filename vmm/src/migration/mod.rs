@@ -26,6 +26,7 @@ pub mod file_dest;
 pub mod handshake;
 #[cfg(test)]
 mod kvm_tests;
+pub mod limits;
 pub mod link;
 pub mod source;
 pub mod state;

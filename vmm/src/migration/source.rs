@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::types::{MigrationDestination, MigrationState, MigrationStatus};
-use api::{ApiEvent, EventHub};
+use api_types::types::{MigrationDestination, MigrationState, MigrationStatus};
+use api_types::{ApiEvent, EventHub};
 use devices::GpaRange;
 use devices::virtio::VirtioDevice;
 use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F_FREE_PAGE_HINT};
@@ -97,14 +97,14 @@ impl MigrationOptions {
     pub fn new(destination: MigrationDestination, mode: Mode) -> Self {
         Self {
             destination,
-            downtime: Duration::from_millis(api::types::DEFAULT_DOWNTIME_MS),
+            downtime: Duration::from_millis(api_types::types::DEFAULT_DOWNTIME_MS),
             free_page_hints: true,
             max_rounds: super::convergence::DEFAULT_MAX_ROUNDS,
             mode,
-            ack_timeout: Duration::from_millis(api::types::DEFAULT_ACK_TIMEOUT_MS),
-            write_timeout: Duration::from_millis(api::types::DEFAULT_WRITE_TIMEOUT_MS),
+            ack_timeout: Duration::from_millis(api_types::types::DEFAULT_ACK_TIMEOUT_MS),
+            write_timeout: Duration::from_millis(api_types::types::DEFAULT_WRITE_TIMEOUT_MS),
             source_exit: Some(Duration::from_millis(
-                api::types::DEFAULT_SOURCE_EXIT_DELAY_MS,
+                api_types::types::DEFAULT_SOURCE_EXIT_DELAY_MS,
             )),
         }
     }
@@ -191,17 +191,12 @@ impl MigrationError {
     }
 }
 
-/// `file:///p`, `unix:///p` or `tcp://a:p`, for status and messages.
-pub fn describe(dest: &MigrationDestination) -> String {
-    dest.to_string()
-}
-
 impl Migration {
     /// Start a migration thread.
     pub fn start(ctx: SourceContext, opts: MigrationOptions) -> Migration {
         let mut st = MigrationStatus::idle();
         st.state = MigrationState::Setup;
-        st.destination = Some(describe(&opts.destination));
+        st.destination = Some(opts.destination.to_string());
         st.total_pages = ctx.ram.layout().size() / 4096;
         st.remaining_pages = st.total_pages;
         let status = Arc::new(Mutex::new(st));
@@ -369,7 +364,7 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
 fn hand_over(ctx: &SourceContext, dest: &str, exit_after: Option<Duration>) {
     if let Some(h) = &ctx.events {
         h.publish(ApiEvent::VmStateChanged {
-            state: api::types::VmState::Migrated,
+            state: api_types::types::VmState::Migrated,
         });
     }
     match exit_after {
@@ -473,7 +468,7 @@ impl Sender<'_> {
     fn open(&mut self) -> Result<Writer, MigrationError> {
         let dest = &self.opts.destination;
         let err = |source| MigrationError::Destination {
-            dest: describe(dest),
+            dest: dest.to_string(),
             source,
         };
         let sink = match link::connect(dest, self.cancel).map_err(|e| {

@@ -32,9 +32,12 @@ use serde_json::value::RawValue;
 
 use arch::MemoryLayout;
 
-use super::PAGE_SIZE;
 use super::checked::{Exact, List, Opt};
-use super::stream::{MAX_REGIONS, MAX_STATE_BYTES, RamRange, describe_layout, layout_ranges};
+use super::limits::MAX_REGIONS;
+pub use super::limits::{
+    MAX_VCPUS, STATE_FIXED_BYTES, STATE_PER_PAGE_BYTES, STATE_PER_VCPU_BYTES, max_state_bytes,
+};
+use super::stream::{RamRange, describe_layout, layout_ranges};
 
 /// Version of [`VmState`] this build writes and reads.
 pub const VM_STATE_VERSION: u32 = 1;
@@ -45,32 +48,8 @@ const MSR_CHUNK: usize = 64;
 const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 /// Most MSRs saved per vCPU: KVM_GET_MSR_INDEX_LIST returns at most this many.
 pub const MAX_MSRS: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
-/// Most vCPUs a VM has (as `blimp run --vcpus`).
-pub const MAX_VCPUS: usize = 254;
 /// 32-bit words of the legacy XSAVE area (4 KiB).
 pub const XSAVE_WORDS: usize = 1024;
-/// State section allowance for everything but the vCPUs and the balloon's
-/// inflated runs (VM devices, serial, balloon and transport fixed parts).
-pub const STATE_FIXED_BYTES: u64 = 256 << 10;
-/// State section allowance per vCPU: the JSON of a vCPU with the most
-/// CPUID entries and MSRs and the widest values fits (a unit test checks).
-pub const STATE_PER_VCPU_BYTES: u64 = 96 << 10;
-/// State section allowance per guest page: one balloon inflated run (the
-/// runs are at most one per page) in JSON.
-pub const STATE_PER_PAGE_BYTES: u64 = 48;
-
-/// The largest state section a guest with RAM `layout` can have: the fixed
-/// part, [`MAX_VCPUS`] vCPUs, and one balloon run per page, at most
-/// [`MAX_STATE_BYTES`]. Checked at the state record's header, before its
-/// payload is read.
-pub fn max_state_bytes(layout: &MemoryLayout) -> u32 {
-    let pages = layout.size() / PAGE_SIZE;
-    let limit = STATE_FIXED_BYTES
-        .saturating_add(STATE_PER_VCPU_BYTES * MAX_VCPUS as u64)
-        .saturating_add(pages.saturating_mul(STATE_PER_PAGE_BYTES));
-    u32::try_from(limit.min(u64::from(MAX_STATE_BYTES))).unwrap_or(MAX_STATE_BYTES)
-}
-
 /// Errors capturing or restoring state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -757,6 +736,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::migration::limits::MAX_STATE_BYTES;
 
     fn vcpu(id: u8) -> VcpuState {
         VcpuState {

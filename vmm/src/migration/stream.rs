@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::dirty::{PAGE_SIZE, PageBitmap, PageRun};
+use super::limits::max_state_bytes;
 use super::zero::is_zero_page;
 
 pub const MAGIC: [u8; 8] = *b"BLIMPMIG";
@@ -48,11 +49,7 @@ const KNOWN_FLAGS: u32 = FLAG_LIVE;
 /// Largest DATA record payload: contiguous runs are batched up to this.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_RECORD_PAGES: u64 = MAX_RECORD_BYTES as u64 / PAGE_SIZE;
-/// Largest state section written or accepted; the reader accepts at most
-/// what the stream's guest can have ([`super::state::max_state_bytes`]).
-pub const MAX_STATE_BYTES: u32 = 256 << 20;
-/// Most RAM regions a stream header may list.
-pub const MAX_REGIONS: u32 = 64;
+pub use super::limits::{MAX_REGIONS, MAX_STATE_BYTES};
 const RECORD_HEADER_LEN: usize = 36;
 const TRAILER_LEN: u32 = 24;
 const IO_BUFFER: usize = 1 << 20;
@@ -1000,186 +997,267 @@ impl<R: Read> StreamReader<R> {
                 },
             });
         }
-        let max_state = super::state::max_state_bytes(layout);
-        let written = (dest == Destination::Fresh).then(|| PageBitmap::new(layout));
-        let mut stats = StreamStats::default();
-        let mut last_round = 0u32;
-        let mut state: Option<Vec<u8>> = None;
+        let mut walk = RecordWalk {
+            max_state: max_state_bytes(layout),
+            memory_mib: layout.size() >> 20,
+            ours,
+            written: (dest == Destination::Fresh).then(|| PageBitmap::new(layout)),
+            dest,
+            stats: StreamStats::default(),
+            last_round: 0,
+            state: None,
+        };
         loop {
             let start = self.offset;
-            let seq = stats.records;
+            let seq = walk.stats.records;
             let fail = |kind| StreamError {
                 offset: start,
                 record: Some(seq),
                 kind,
             };
-            let mut hb = [0u8; RECORD_HEADER_LEN];
-            let what = if state.is_some() {
-                "trailer header"
-            } else {
-                "record header"
-            };
-            if let Err(kind) = Self::read_full(&mut self.input, &mut self.offset, &mut hb, what) {
-                return Err(StreamError {
-                    offset: self.offset,
-                    record: Some(seq),
-                    kind,
+            // Each record is checked whole (header, then payload and its
+            // checksum) before it is applied.
+            let h = self.next_record_header(seq, walk.state.is_some())?;
+            walk.check(&h, seq).map_err(fail)?;
+            let state_buf = self.read_payload(&h, seq)?;
+            if h.tag == TAG_TRAILER {
+                let payload = &self.buf[..TRAILER_LEN as usize];
+                let blob = walk.check_trailer(payload).map_err(fail)?;
+                walk.stats.stream_bytes = self.offset;
+                self.records = walk.stats.records + 1;
+                return Ok(Restored {
+                    header,
+                    stats: walk.stats,
+                    last_round: walk.last_round,
+                    state: blob,
                 });
             }
-            let h = RecordHeader::decode(&hb).map_err(fail)?;
-            if u64::from(h.seq) != seq {
-                return Err(fail(StreamErrorKind::OutOfSequence {
-                    expected: seq,
-                    found: h.seq,
-                }));
-            }
-            let tag = tag_name(h.tag);
-            if state.is_some() && h.tag != TAG_TRAILER {
-                return Err(fail(StreamErrorKind::AfterState { tag }));
-            }
-            let expected_len = match h.tag {
-                TAG_ZERO => 0,
-                TAG_DATA => u64::from(h.pages) * PAGE_SIZE,
-                TAG_TRAILER => u64::from(TRAILER_LEN),
-                TAG_STATE => u64::from(h.payload_len),
-                _ => return Err(fail(StreamErrorKind::UnknownRecord { tag })),
-            };
-            if h.tag == TAG_DATA && u64::from(h.pages) > MAX_RECORD_PAGES {
-                return Err(fail(StreamErrorKind::RecordTooLarge {
-                    pages: h.pages,
-                    max: MAX_RECORD_PAGES,
-                }));
-            }
-            if u64::from(h.payload_len) != expected_len {
-                return Err(fail(StreamErrorKind::BadPayloadLength {
-                    tag,
-                    pages: h.pages,
-                    len: h.payload_len,
-                    expected: expected_len,
-                }));
-            }
-            if h.tag == TAG_STATE && h.payload_len > max_state {
-                return Err(fail(StreamErrorKind::StateTooLarge {
-                    len: h.payload_len,
-                    max: max_state,
-                    memory_mib: layout.size() >> 20,
-                }));
-            }
-            if (h.tag == TAG_ZERO || h.tag == TAG_DATA)
-                && !range_in(&ours, h.gpa, u64::from(h.pages))
-            {
-                return Err(fail(StreamErrorKind::RangeOutsideRam {
-                    gpa: h.gpa,
-                    pages: h.pages,
-                    layout: describe_layout(&ours),
-                }));
-            }
-            if h.tag == TAG_ZERO || h.tag == TAG_DATA {
-                if h.round < last_round {
-                    return Err(fail(StreamErrorKind::RoundBackwards {
-                        round: h.round,
-                        previous: last_round,
-                    }));
-                }
-                last_round = h.round;
-            }
+            walk.apply(mem, &h, state_buf, &mut self.buf)
+                .map_err(fail)?;
+            walk.stats.records += 1;
+        }
+    }
 
-            // The payload, checked before anything is applied.
-            let len = h.payload_len as usize;
-            let mut state_buf = Vec::new();
-            let payload: &mut [u8] = if h.tag == TAG_STATE {
-                state_buf = vec![0; len];
-                &mut state_buf
-            } else {
-                if self.buf.len() < len {
-                    self.buf = vec![0; MAX_RECORD_BYTES];
-                }
-                &mut self.buf[..len]
-            };
-            let what = match h.tag {
-                TAG_DATA => "page data",
-                TAG_STATE => "state section",
-                _ => "trailer",
-            };
-            if let Err(kind) = Self::read_full(&mut self.input, &mut self.offset, payload, what) {
-                return Err(StreamError {
-                    offset: self.offset,
-                    record: Some(seq),
-                    kind,
-                });
+    /// Read and decode the next record header (`seq`; after the state
+    /// section only the trailer may come).
+    fn next_record_header(
+        &mut self,
+        seq: u64,
+        after_state: bool,
+    ) -> Result<RecordHeader, StreamError> {
+        let start = self.offset;
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        let what = if after_state {
+            "trailer header"
+        } else {
+            "record header"
+        };
+        if let Err(kind) = Self::read_full(&mut self.input, &mut self.offset, &mut hb, what) {
+            return Err(StreamError {
+                offset: self.offset,
+                record: Some(seq),
+                kind,
+            });
+        }
+        RecordHeader::decode(&hb).map_err(|kind| StreamError {
+            offset: start,
+            record: Some(seq),
+            kind,
+        })
+    }
+
+    /// Read record `h`'s payload and verify its checksum: a state section
+    /// into a buffer of its own (returned), anything else into `self.buf`.
+    fn read_payload(&mut self, h: &RecordHeader, seq: u64) -> Result<Option<Vec<u8>>, StreamError> {
+        let start = self.offset - RECORD_HEADER_LEN as u64;
+        let len = h.payload_len as usize;
+        let mut state_buf = Vec::new();
+        let payload: &mut [u8] = if h.tag == TAG_STATE {
+            state_buf = vec![0; len];
+            &mut state_buf
+        } else {
+            if self.buf.len() < len {
+                self.buf = vec![0; MAX_RECORD_BYTES];
             }
-            let computed = crc32c::crc32c(payload);
-            if computed != h.payload_crc {
-                return Err(fail(StreamErrorKind::PayloadChecksum {
-                    tag,
+            &mut self.buf[..len]
+        };
+        let what = match h.tag {
+            TAG_DATA => "page data",
+            TAG_STATE => "state section",
+            _ => "trailer",
+        };
+        if let Err(kind) = Self::read_full(&mut self.input, &mut self.offset, payload, what) {
+            return Err(StreamError {
+                offset: self.offset,
+                record: Some(seq),
+                kind,
+            });
+        }
+        let computed = crc32c::crc32c(payload);
+        if computed != h.payload_crc {
+            return Err(StreamError {
+                offset: start,
+                record: Some(seq),
+                kind: StreamErrorKind::PayloadChecksum {
+                    tag: tag_name(h.tag),
                     stored: h.payload_crc,
                     computed,
-                }));
-            }
-
-            match h.tag {
-                TAG_DATA => {
-                    mem.write_slice(payload, GuestAddress(h.gpa)).map_err(|e| {
-                        fail(StreamErrorKind::GuestWrite {
-                            gpa: h.gpa,
-                            len,
-                            reason: e.to_string(),
-                        })
-                    })?;
-                    if let Some(w) = &written {
-                        w.set_range(devices::GpaRange::new(h.gpa, len as u64));
-                    }
-                    stats.data_pages += u64::from(h.pages);
-                    stats.page_bytes += len as u64;
-                }
-                TAG_ZERO => {
-                    if dest == Destination::Unknown && self.buf.len() < MAX_RECORD_BYTES {
-                        self.buf = vec![0; MAX_RECORD_BYTES];
-                    }
-                    zero_fill(
-                        mem,
-                        h.gpa,
-                        u64::from(h.pages),
-                        written.as_ref(),
-                        &mut self.buf,
-                    )
-                    .map_err(fail)?;
-                    stats.zero_pages += u64::from(h.pages);
-                }
-                TAG_STATE => {
-                    stats.state_bytes = len as u64;
-                    state = Some(state_buf);
-                }
-                _ => {
-                    let Some(blob) = state.take() else {
-                        return Err(fail(StreamErrorKind::MissingState));
-                    };
-                    let checks = [
-                        ("record count", le64(&payload[0..8]), stats.records),
-                        ("page byte count", le64(&payload[8..16]), stats.page_bytes),
-                        ("zero page count", le64(&payload[16..24]), stats.zero_pages),
-                    ];
-                    for (what, stored, counted) in checks {
-                        if stored != counted {
-                            return Err(fail(StreamErrorKind::TrailerMismatch {
-                                what,
-                                stored,
-                                counted,
-                            }));
-                        }
-                    }
-                    stats.stream_bytes = self.offset;
-                    self.records = stats.records + 1;
-                    return Ok(Restored {
-                        header,
-                        stats,
-                        last_round,
-                        state: blob,
-                    });
-                }
-            }
-            stats.records += 1;
+                },
+            });
         }
+        Ok((h.tag == TAG_STATE).then_some(state_buf))
+    }
+}
+
+/// What [`StreamReader::restore`] knows between records.
+struct RecordWalk {
+    /// The destination's RAM, as the stream must have it.
+    ours: Vec<RamRange>,
+    max_state: u32,
+    memory_mib: u64,
+    dest: Destination,
+    /// Pages written so far (a fresh destination only).
+    written: Option<PageBitmap>,
+    stats: StreamStats,
+    last_round: u32,
+    /// The state section, once read.
+    state: Option<Vec<u8>>,
+}
+
+impl RecordWalk {
+    /// Everything about record header `h` that can be checked before its
+    /// payload is read.
+    fn check(&mut self, h: &RecordHeader, seq: u64) -> Result<(), StreamErrorKind> {
+        if u64::from(h.seq) != seq {
+            return Err(StreamErrorKind::OutOfSequence {
+                expected: seq,
+                found: h.seq,
+            });
+        }
+        let tag = tag_name(h.tag);
+        if self.state.is_some() && h.tag != TAG_TRAILER {
+            return Err(StreamErrorKind::AfterState { tag });
+        }
+        let expected_len = match h.tag {
+            TAG_ZERO => 0,
+            TAG_DATA => u64::from(h.pages) * PAGE_SIZE,
+            TAG_TRAILER => u64::from(TRAILER_LEN),
+            TAG_STATE => u64::from(h.payload_len),
+            _ => return Err(StreamErrorKind::UnknownRecord { tag }),
+        };
+        if h.tag == TAG_DATA && u64::from(h.pages) > MAX_RECORD_PAGES {
+            return Err(StreamErrorKind::RecordTooLarge {
+                pages: h.pages,
+                max: MAX_RECORD_PAGES,
+            });
+        }
+        if u64::from(h.payload_len) != expected_len {
+            return Err(StreamErrorKind::BadPayloadLength {
+                tag,
+                pages: h.pages,
+                len: h.payload_len,
+                expected: expected_len,
+            });
+        }
+        if h.tag == TAG_STATE && h.payload_len > self.max_state {
+            return Err(StreamErrorKind::StateTooLarge {
+                len: h.payload_len,
+                max: self.max_state,
+                memory_mib: self.memory_mib,
+            });
+        }
+        self.check_pages(h)
+    }
+
+    /// A page record's range lies in RAM and its round does not go back.
+    fn check_pages(&mut self, h: &RecordHeader) -> Result<(), StreamErrorKind> {
+        if h.tag != TAG_ZERO && h.tag != TAG_DATA {
+            return Ok(());
+        }
+        if !range_in(&self.ours, h.gpa, u64::from(h.pages)) {
+            return Err(StreamErrorKind::RangeOutsideRam {
+                gpa: h.gpa,
+                pages: h.pages,
+                layout: describe_layout(&self.ours),
+            });
+        }
+        if h.round < self.last_round {
+            return Err(StreamErrorKind::RoundBackwards {
+                round: h.round,
+                previous: self.last_round,
+            });
+        }
+        self.last_round = h.round;
+        Ok(())
+    }
+
+    /// Apply a checked DATA, ZERO or STATE record (`buf` holds a DATA
+    /// payload; ZERO uses it as scratch).
+    fn apply(
+        &mut self,
+        mem: &GuestMemory,
+        h: &RecordHeader,
+        state_buf: Option<Vec<u8>>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StreamErrorKind> {
+        let len = h.payload_len as usize;
+        match h.tag {
+            TAG_DATA => {
+                mem.write_slice(&buf[..len], GuestAddress(h.gpa))
+                    .map_err(|e| StreamErrorKind::GuestWrite {
+                        gpa: h.gpa,
+                        len,
+                        reason: e.to_string(),
+                    })?;
+                if let Some(w) = &self.written {
+                    w.set_range(devices::GpaRange::new(h.gpa, len as u64));
+                }
+                self.stats.data_pages += u64::from(h.pages);
+                self.stats.page_bytes += len as u64;
+            }
+            TAG_ZERO => {
+                if self.dest == Destination::Unknown && buf.len() < MAX_RECORD_BYTES {
+                    *buf = vec![0; MAX_RECORD_BYTES];
+                }
+                zero_fill(mem, h.gpa, u64::from(h.pages), self.written.as_ref(), buf)?;
+                self.stats.zero_pages += u64::from(h.pages);
+            }
+            _ => {
+                self.stats.state_bytes = len as u64;
+                self.state = state_buf;
+            }
+        }
+        Ok(())
+    }
+
+    /// The trailer's counts against what was read; returns the state blob.
+    fn check_trailer(&mut self, payload: &[u8]) -> Result<Vec<u8>, StreamErrorKind> {
+        let Some(blob) = self.state.take() else {
+            return Err(StreamErrorKind::MissingState);
+        };
+        let checks = [
+            ("record count", le64(&payload[0..8]), self.stats.records),
+            (
+                "page byte count",
+                le64(&payload[8..16]),
+                self.stats.page_bytes,
+            ),
+            (
+                "zero page count",
+                le64(&payload[16..24]),
+                self.stats.zero_pages,
+            ),
+        ];
+        for (what, stored, counted) in checks {
+            if stored != counted {
+                return Err(StreamErrorKind::TrailerMismatch {
+                    what,
+                    stored,
+                    counted,
+                });
+            }
+        }
+        Ok(blob)
     }
 }
 

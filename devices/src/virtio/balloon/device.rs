@@ -11,16 +11,18 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use log::{debug, error, info};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as GuestMemoryTrait};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::{BalloonConfig, ConfigSpace};
+use super::discard::discard_all;
 use super::hinting::{HintSink, HintState};
-use super::inflate::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 use super::metrics::BalloonMetrics;
+use super::pfn_runs::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
+pub use super::queue::MAX_CHAIN_DESCS;
+use super::queue::{Descs, Drain, drain_chains};
 use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
 use super::*;
 use crate::virtio::{
@@ -29,9 +31,6 @@ use crate::virtio::{
 };
 use crate::{GpaRange, GuestMemory, RamDiscard, error_limited, warn_limited};
 
-/// Most descriptors of one chain the device looks at (Linux uses one for
-/// inflate/deflate/stats/hints and up to 32 for a free page report).
-pub const MAX_CHAIN_DESCS: usize = 32;
 /// Most bytes of PFNs one inflate/deflate buffer may carry (16384 PFNs;
 /// Linux sends at most 1 KiB).
 pub const MAX_PFN_BUFFER_BYTES: u64 = 64 * 1024;
@@ -52,79 +51,38 @@ pub(crate) struct Active {
     pub(crate) registered: bool,
 }
 
-/// A chain's descriptors, copied out of guest memory.
-#[derive(Clone, Copy)]
-pub(super) struct Descs {
-    pub(super) d: [Descriptor; MAX_CHAIN_DESCS],
-    pub(super) n: usize,
-    /// The chain had more than MAX_CHAIN_DESCS descriptors.
-    pub(super) too_many: bool,
-}
-
-impl Descs {
-    pub(super) fn iter(&self) -> impl Iterator<Item = &Descriptor> {
-        self.d[..self.n].iter()
+impl Active {
+    /// Guest memory and queue `idx`, borrowed apart for a drain.
+    pub(super) fn queue_mut(&mut self, idx: usize) -> (&GuestMemory, &mut Queue) {
+        (&self.mem, &mut self.queues[idx].queue)
     }
 }
 
-/// Why a chain cannot be walked: the queue itself is corrupt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Malformed {
-    /// No descriptor could be read at all (bad head index, ...).
-    Empty,
-    /// The chain ended on a descriptor that still had NEXT set: a loop, a
-    /// chain longer than the queue, or a next index out of range.
-    Truncated { descriptors: usize },
-}
+/// Inflated ranges that [`Balloon::serve_queue`] leaves to discard: with
+/// MUST_TELL_HOST the inflate queue returns its buffers and raises the
+/// interrupt first; the event loop (`BalloonEvents::process`) then runs
+/// these after releasing the device lock, behind the discard gate.
+#[must_use = "inflated pages stay in the guest's RAM until discarded"]
+#[derive(Debug, Default)]
+pub(crate) struct LateDiscards(Vec<GpaRange>);
 
-/// Copy a chain's descriptors out, detecting structural corruption.
-/// Take the next available chain off `q` and collect its descriptors:
-/// `Ok(None)` when the ring is empty, `Err(reason)` when the ring or the
-/// chain is malformed (the caller marks the device as needing a reset).
-pub(super) fn next_chain(q: &mut Queue, mem: &GuestMemory) -> Result<Option<(u16, Descs)>, String> {
-    let chain = match q.iter(mem) {
-        Ok(mut it) => it.next(),
-        Err(e) => return Err(format!("bad available ring: {e}")),
-    };
-    let Some(chain) = chain else {
-        return Ok(None);
-    };
-    let head = chain.head_index();
-    collect_chain(chain)
-        .map(|d| Some((head, d)))
-        .map_err(|m| format!("malformed chain at head {head}: {m:?}"))
-}
-
-pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
-    let mut out = Descs {
-        d: [Descriptor::default(); MAX_CHAIN_DESCS],
-        n: 0,
-        too_many: false,
-    };
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    for desc in chain {
-        count += 1;
-        last_has_next = desc.has_next();
-        if out.n < MAX_CHAIN_DESCS {
-            out.d[out.n] = desc;
-            out.n += 1;
-        } else {
-            out.too_many = true;
-        }
+impl LateDiscards {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
-    match count {
-        0 => Err(Malformed::Empty),
-        _ if last_has_next => Err(Malformed::Truncated { descriptors: count }),
-        _ => Ok(out),
+
+    /// Discard them, counted in `metrics`.
+    pub(crate) fn run(self, discard: &dyn RamDiscard, metrics: &BalloonMetrics) {
+        discard_all(discard, metrics, self.0);
     }
 }
 
-/// Outcome of draining one queue.
-#[derive(Default)]
-pub(super) struct Drain {
-    pub(super) used: bool,
-    pub(super) broken: Option<String>,
+/// What a restored, previously active balloon carries into the activation
+/// the restored transport performs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RestoredActive {
+    pub(crate) held_stats: Option<u16>,
+    pub(crate) broken: bool,
 }
 
 /// The virtio balloon.
@@ -144,11 +102,6 @@ pub struct Balloon {
     pub(super) metrics: Arc<BalloonMetrics>,
     pub(super) observer: Option<Box<dyn FnMut(BalloonEvent) + Send>>,
     pub(super) batch: PfnBatch,
-    /// Inflated ranges not yet discarded: with MUST_TELL_HOST the inflate
-    /// queue returns its buffers and raises the interrupt first, then
-    /// discards these, still inside the same `process_queue` call (see
-    /// there).
-    pub(super) pending_discard: Vec<GpaRange>,
     pub(super) discard_gate: Arc<Mutex<()>>,
     pub(super) broken: bool,
     pub(super) hint: HintState,
@@ -166,7 +119,7 @@ pub struct Balloon {
     pub(crate) stale_evts: Vec<EventFd>,
     /// Set by `Balloon::restore` for a device saved while active: what the
     /// re-activation by the restored transport must carry over.
-    pub(super) pending_restore: Option<super::persist::RestoredActive>,
+    pub(super) pending_restore: Option<RestoredActive>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -237,7 +190,6 @@ impl Balloon {
             metrics: Arc::new(BalloonMetrics::default()),
             observer: None,
             batch: PfnBatch::new(),
-            pending_discard: Vec::new(),
             discard_gate: Arc::new(Mutex::new(())),
             broken: false,
             hint: HintState::new(),
@@ -333,11 +285,6 @@ impl Balloon {
         &self.cfg
     }
 
-    /// Guest RAM as the balloon sees it.
-    pub fn ram_layout(&self) -> &RamLayout {
-        &self.layout
-    }
-
     /// Is the page at `pfn` in the balloon (per the device's bitmap)?
     pub fn is_inflated(&self, pfn: u64) -> bool {
         self.layout.bit_of(pfn).is_some_and(|b| self.bitmap.get(b))
@@ -406,20 +353,17 @@ impl Balloon {
     /// and discards after releasing the device lock (see
     /// [`BalloonEvents`](super::event_handler::BalloonEvents)).
     pub fn process_queue(&mut self, idx: usize) {
-        self.serve_queue(idx);
-        let later = self.take_deferred_discard();
-        discard_all(&*self.discard, &self.metrics, later);
+        self.serve_queue(idx).run(&*self.discard, &self.metrics);
     }
 
     /// [`process_queue`](Self::process_queue) except for the discards that
     /// may come after the guest was told its buffers are used (inflate with
-    /// MUST_TELL_HOST), which are left for
-    /// [`take_deferred_discard`](Self::take_deferred_discard). The caller
-    /// must do them before anything can hand those pages back: a deflate,
-    /// a reset, a snapshot (see [`discard_gate`](Self::discard_gate)).
-    pub(crate) fn serve_queue(&mut self, idx: usize) {
+    /// MUST_TELL_HOST), which are returned. The caller must do them before
+    /// anything can hand those pages back: a deflate, a reset, a snapshot
+    /// (see [`discard_gate`](Self::discard_gate)).
+    pub(crate) fn serve_queue(&mut self, idx: usize) -> LateDiscards {
         if self.broken {
-            return;
+            return LateDiscards::default();
         }
         let Some(kind) = self
             .active
@@ -427,11 +371,12 @@ impl Balloon {
             .and_then(|a| a.queues.get(idx))
             .map(|q| q.kind)
         else {
-            return;
+            return LateDiscards::default();
         };
+        let mut inflated = Vec::new();
         let drain = match kind {
-            QueueKind::Inflate => self.drain_pfn_queue(idx, true),
-            QueueKind::Deflate => self.drain_pfn_queue(idx, false),
+            QueueKind::Inflate => self.drain_pfn_queue(idx, true, &mut inflated),
+            QueueKind::Deflate => self.drain_pfn_queue(idx, false, &mut inflated),
             QueueKind::Stats => self.drain_stats_queue(idx),
             QueueKind::FreePage => self.drain_free_page_queue(idx),
             QueueKind::Reporting => self.drain_reporting_queue(idx),
@@ -445,16 +390,14 @@ impl Balloon {
         // Without it the guest may reuse pages as soon as it has asked for
         // their deflate, without waiting: they are discarded first, as
         // QEMU does.
-        if !self.has_acked(VIRTIO_BALLOON_F_MUST_TELL_HOST) {
-            let now = std::mem::take(&mut self.pending_discard);
-            discard_all(&*self.discard, &self.metrics, now);
-        }
+        let late = if self.has_acked(VIRTIO_BALLOON_F_MUST_TELL_HOST) {
+            LateDiscards(inflated)
+        } else {
+            discard_all(&*self.discard, &self.metrics, inflated);
+            LateDiscards::default()
+        };
         self.finish_drain(idx, kind, drain);
-    }
-
-    /// Inflated ranges [`serve_queue`](Self::serve_queue) left to discard.
-    pub(crate) fn take_deferred_discard(&mut self) -> Vec<GpaRange> {
-        std::mem::take(&mut self.pending_discard)
+        late
     }
 
     /// Held while deferred discards run outside the device lock: taken
@@ -518,27 +461,19 @@ impl Balloon {
 
     /// Inflate (`inflate`) or deflate queue: each buffer is an array of
     /// le32 PFNs.
-    fn drain_pfn_queue(&mut self, idx: usize, inflate: bool) -> Drain {
-        let mut drain = Drain::default();
-        let Some(a) = self.active.as_mut() else {
-            return drain;
+    fn drain_pfn_queue(
+        &mut self,
+        idx: usize,
+        inflate: bool,
+        inflated: &mut Vec<GpaRange>,
+    ) -> Drain {
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
+            return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let name = if inflate { "inflate" } else { "deflate" };
         let metrics = &*self.metrics;
         let mut buf = [0u8; BATCH_BYTES];
-        loop {
-            let started = std::time::Instant::now();
-            let (head, descs) = match next_chain(q, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(why) => {
-                    drain.broken = Some(why);
-                    break;
-                }
-            };
+        drain_chains(q, mem, Some(&metrics.pfn_buffer_ns), |head, descs| {
             BalloonMetrics::inc(if inflate {
                 &metrics.inflate_requests
             } else {
@@ -573,7 +508,7 @@ impl Balloon {
                                 &mut self.batch,
                                 &mut self.bitmap,
                                 &*self.discard,
-                                &mut self.pending_discard,
+                                inflated,
                                 metrics,
                             );
                             off += n as u64;
@@ -581,36 +516,18 @@ impl Balloon {
                     }
                 }
             }
-            if let Err(e) = q.add_used(mem, head, 0) {
-                drain.broken = Some(format!("returning buffer {head}: {e}"));
-                break;
-            }
-            BalloonMetrics::add(&metrics.pfn_buffer_ns, started.elapsed().as_nanos() as u64);
-            drain.used = true;
-        }
-        drain
+            Some(head)
+        })
     }
 
     /// Stats queue: parse the buffer, keep it until new stats are wanted.
     fn drain_stats_queue(&mut self, idx: usize) -> Drain {
-        let mut drain = Drain::default();
-        let Some(a) = self.active.as_mut() else {
-            return drain;
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
+            return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
-        loop {
-            let (head, descs) = match next_chain(q, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(why) => {
-                    drain.broken = Some(why);
-                    break;
-                }
-            };
+        drain_chains(q, mem, None, |head, descs| {
             let mut len = 0usize;
             let mut bad = false;
             for d in descs.iter() {
@@ -658,15 +575,8 @@ impl Balloon {
             }
             // A driver that follows the spec has one buffer outstanding; if
             // it sends another, hand the old one back.
-            if let Some(old) = self.held_stats.replace(head) {
-                if let Err(e) = q.add_used(mem, old, 0) {
-                    drain.broken = Some(format!("returning buffer {old}: {e}"));
-                    break;
-                }
-                drain.used = true;
-            }
-        }
-        drain
+            self.held_stats.replace(head)
+        })
     }
 
     /// The stats timer fired: hand the held buffer back so the guest
@@ -731,46 +641,6 @@ fn check_pfn_buffer(mem: &GuestMemory, descs: &Descs) -> Result<(), String> {
 }
 
 /// Validate, merge and act on one batch of PFNs.
-/// One discard call, counted in the metrics (calls, bytes, time, released
-/// bytes, syscalls, errors); a failure is logged under `queue` (`idx`).
-/// Returns whether it succeeded.
-pub(super) fn discard_counted(
-    discard: &dyn RamDiscard,
-    metrics: &BalloonMetrics,
-    range: GpaRange,
-    queue: &str,
-    idx: usize,
-) -> bool {
-    BalloonMetrics::inc(&metrics.discard_calls);
-    BalloonMetrics::add(&metrics.discard_bytes, range.len);
-    let t = std::time::Instant::now();
-    let result = discard.discard(range);
-    BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
-    match result {
-        Ok(o) => {
-            BalloonMetrics::add(&metrics.discard_released_bytes, o.bytes_released);
-            BalloonMetrics::add(&metrics.discard_syscalls, o.syscalls);
-            true
-        }
-        Err(e) => {
-            BalloonMetrics::inc(&metrics.discard_errors);
-            error_limited!("balloon: {queue} queue ({idx}): {e}");
-            false
-        }
-    }
-}
-
-/// Discards inflated `ranges` (inflate queue 0) with their metrics.
-pub(crate) fn discard_all(
-    discard: &dyn RamDiscard,
-    metrics: &BalloonMetrics,
-    ranges: Vec<GpaRange>,
-) {
-    for range in ranges {
-        discard_counted(discard, metrics, range, "inflate", 0);
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn apply_pfn_batch(
     raw: &[u8],
@@ -780,7 +650,7 @@ fn apply_pfn_batch(
     batch: &mut PfnBatch,
     bitmap: &mut PageBitmap,
     discard: &dyn RamDiscard,
-    pending_discard: &mut Vec<GpaRange>,
+    inflated: &mut Vec<GpaRange>,
     metrics: &BalloonMetrics,
 ) {
     let name = if inflate { "inflate" } else { "deflate" };
@@ -803,7 +673,7 @@ fn apply_pfn_batch(
         let range = run.range();
         if inflate {
             bitmap.update(run.bit, run.npages, true);
-            pending_discard.push(range);
+            inflated.push(range);
         } else {
             bitmap.update(run.bit, run.npages, false);
             discard.will_need(range);

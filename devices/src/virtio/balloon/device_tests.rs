@@ -1423,5 +1423,6 @@ fn balloon_is_send_for_the_event_loop() {
         Balloon::new(BalloonConfig::default(), ram(), d).unwrap(),
     ));
     let _as_device: Arc<Mutex<dyn VirtioDevice>> = b.clone();
-    let _as_subscriber: Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>> = b;
+    let _as_subscriber: Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>> =
+        Arc::new(Mutex::new(BalloonEvents::new(b)));
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
 
-use super::device::{Balloon, discard_all};
+use super::device::{Balloon, LateDiscards};
 
 /// Event data of the control eventfd.
 pub const DATA_CTL: u32 = 0;
@@ -82,9 +82,9 @@ impl Balloon {
         self.sync_events(ops);
     }
 
-    /// Handles one event; `defer`: leave the discards that may follow the
-    /// guest's notification to the caller (see `serve_queue`).
-    fn handle_event(&mut self, events: Events, ops: &mut EventOps, defer: bool) {
+    /// Handles one event; returns the discards that follow the guest's
+    /// notification (see `serve_queue`).
+    fn handle_event(&mut self, events: Events, ops: &mut EventOps) -> LateDiscards {
         match events.data() {
             DATA_CTL => {
                 // Non-blocking; a spurious wake-up reads EAGAIN, harmless.
@@ -96,11 +96,11 @@ impl Balloon {
                     // The readiness may predate a re-arm (which resets the
                     // expiration count): reading now could block. If it is
                     // real, level-triggered epoll reports it again.
-                    return;
+                    return LateDiscards::default();
                 }
                 if let Err(e) = self.stats_timer.wait() {
                     error!("balloon: reading the stats timer failed: {e}");
-                    return;
+                    return LateDiscards::default();
                 }
                 self.request_stats();
             }
@@ -114,27 +114,13 @@ impl Balloon {
                 if evt.is_none() {
                     // An eventfd parked by a reset; the pending control
                     // event unregisters it.
-                    return;
+                    return LateDiscards::default();
                 }
-                if defer {
-                    self.serve_queue(idx);
-                } else {
-                    self.process_queue(idx);
-                }
+                return self.serve_queue(idx);
             }
             data => error!("balloon: unexpected event data {data}"),
         }
-    }
-}
-
-/// The device on its own, every discard done under its lock.
-impl MutEventSubscriber for Balloon {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.init_events(ops);
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        self.handle_event(events, ops, false);
+        LateDiscards::default()
     }
 }
 
@@ -167,8 +153,7 @@ impl MutEventSubscriber for BalloonEvents {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut dev = self.lock();
-        dev.handle_event(events, ops, true);
-        let later = dev.take_deferred_discard();
+        let later = dev.handle_event(events, ops);
         if later.is_empty() {
             return;
         }
@@ -179,6 +164,6 @@ impl MutEventSubscriber for BalloonEvents {
         );
         let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
         drop(dev);
-        discard_all(&*discard, &metrics, later);
+        later.run(&*discard, &metrics);
     }
 }

@@ -12,17 +12,10 @@
 //! with no sink they are only counted, or discarded if `hint_discard` is
 //! configured (and page poisoning does not forbid it).
 
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
 
-use log::{debug, info};
-use serde::Serialize;
-use virtio_queue::QueueT;
-use vm_memory::Bytes;
-
-use super::device::{Active, Balloon, Drain, next_chain};
-use super::metrics::BalloonMetrics;
 use super::*;
-use crate::{GpaRange, warn_limited};
+use crate::GpaRange;
 
 /// Receives hinted free ranges (e.g. migration, to skip those pages).
 pub trait HintSink: Send + Sync {
@@ -32,9 +25,10 @@ pub trait HintSink: Send + Sync {
     fn hinted(&self, cmd_id: u32, range: GpaRange);
 }
 
-/// Where a hinting round stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a hinting round stands. The one definition: the API serialises
+/// it as is (`"Idle"`, ...); saved state keeps its own snake_case names
+/// (see `persist.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HintingState {
     /// No round started since the device was created or reset.
     Idle,
@@ -190,164 +184,6 @@ impl HintState {
         let last = self.last_id;
         *self = Self::new();
         self.last_id = last;
-    }
-}
-
-impl Balloon {
-    fn hinting_usable(&self) -> Result<(), Error> {
-        if !self.cfg.free_page_hint {
-            return Err(Error::HintingDisabled);
-        }
-        if self.active.is_none() || !self.has_acked(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
-            return Err(Error::HintingNotNegotiated(self.acked_features));
-        }
-        Ok(())
-    }
-
-    fn publish_hint_cmd(&mut self) {
-        self.config.free_page_hint_cmd_id = self.hint.host_cmd_id();
-        self.config_generation = self.config_generation.wrapping_add(1);
-        self.signal_config();
-    }
-
-    /// Start a free page hinting round: writes a new command id (>= 2)
-    /// into the config space and raises a config interrupt. Returns the id.
-    pub fn start_hinting(&mut self) -> Result<u32, Error> {
-        self.hinting_usable()?;
-        let id = self.hint.start();
-        BalloonMetrics::inc(&self.metrics.hint_rounds);
-        info!("balloon: free page hinting round {id} started");
-        self.publish_hint_cmd();
-        Ok(id)
-    }
-
-    /// Ask the guest to stop hinting (STOP). Hinted pages stay with the
-    /// host's sink until [`hinting_done`](Self::hinting_done).
-    pub fn stop_hinting(&mut self) -> Result<(), Error> {
-        self.hinting_usable()?;
-        self.hint.stop();
-        info!("balloon: free page hinting stopped by the host");
-        self.publish_hint_cmd();
-        Ok(())
-    }
-
-    /// Tell the guest the host is done with the hints (DONE): it frees the
-    /// hinted pages for reuse.
-    pub fn hinting_done(&mut self) -> Result<(), Error> {
-        self.hinting_usable()?;
-        self.hint.done();
-        info!("balloon: free page hinting done");
-        self.publish_hint_cmd();
-        Ok(())
-    }
-
-    /// Host id, guest-acked id, state and pages hinted in this round.
-    pub fn hinting_status(&self) -> HintingStatus {
-        self.hint.status()
-    }
-
-    /// Register (or with `None` remove) the receiver of hinted ranges.
-    pub fn set_hint_sink(&mut self, sink: Option<Arc<dyn HintSink>>) {
-        self.hint_sink = sink;
-    }
-
-    /// Free-page queue: command buffers (readable, 4 bytes) and hint
-    /// buffers (writable, one free block each).
-    pub(super) fn drain_free_page_queue(&mut self, idx: usize) -> Drain {
-        let mut drain = Drain::default();
-        let poison = self.poison_active();
-        let Some(a) = self.active.as_mut() else {
-            return drain;
-        };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
-        let metrics = &*self.metrics;
-        loop {
-            let (head, descs) = match next_chain(q, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(why) => {
-                    drain.broken = Some(why);
-                    break;
-                }
-            };
-            let readable = descs.iter().filter(|d| !d.is_write_only()).count();
-            let writable = descs.n - readable;
-            if descs.too_many || (readable > 0 && writable > 0) {
-                BalloonMetrics::inc(&metrics.invalid_buffers);
-                BalloonMetrics::inc(&metrics.hints_ignored);
-                warn_limited!(
-                    "balloon: free_page queue ({idx}): buffer {head} mixes directions or is too long"
-                );
-            } else if readable > 0 {
-                // A command: exactly one le32.
-                let d = descs.d[0];
-                let mut id = [0u8; 4];
-                if readable != 1 || d.len() != 4 || mem.read_slice(&mut id, d.addr()).is_err() {
-                    BalloonMetrics::inc(&metrics.invalid_buffers);
-                    warn_limited!(
-                        "balloon: free_page queue ({idx}): command buffer {head} of {} bytes at {:#x} is not one le32",
-                        d.len(),
-                        d.addr().0
-                    );
-                } else {
-                    match self.hint.on_guest_cmd(u32::from_le_bytes(id)) {
-                        GuestCmd::Ack(id) => info!("balloon: guest started hinting round {id}"),
-                        GuestCmd::Stop => info!(
-                            "balloon: guest stopped hinting ({} pages hinted)",
-                            self.hint.status().hinted_pages
-                        ),
-                        GuestCmd::Stale(id) => {
-                            BalloonMetrics::inc(&metrics.hints_ignored);
-                            debug!("balloon: free_page queue ({idx}): stale command id {id}");
-                        }
-                    }
-                }
-            } else if let Some(cmd_id) = self.hint.accepting() {
-                for d in descs.iter() {
-                    let range = GpaRange::new(d.addr().0, u64::from(d.len()));
-                    let Some(run) = self.layout.run_of_range(range) else {
-                        BalloonMetrics::inc(&metrics.hints_ignored);
-                        warn_limited!(
-                            "balloon: free_page queue ({idx}): hint {range} is not aligned guest RAM"
-                        );
-                        continue;
-                    };
-                    self.hint.add_hinted(run.npages);
-                    BalloonMetrics::add(&metrics.hinted_pages, run.npages);
-                    if let Some(sink) = &self.hint_sink {
-                        sink.hinted(cmd_id, range);
-                    } else if self.cfg.hint_discard && !poison {
-                        discard_free_range(&*self.discard, metrics, range, "free_page", idx);
-                    }
-                }
-            } else {
-                BalloonMetrics::inc(&metrics.hints_ignored);
-                debug!(
-                    "balloon: free_page queue ({idx}): hint buffer {head} outside a running round ignored"
-                );
-            }
-            if let Err(e) = q.add_used(mem, head, 0) {
-                drain.broken = Some(format!("returning buffer {head}: {e}"));
-                break;
-            }
-            drain.used = true;
-        }
-        drain
-    }
-}
-
-/// Discard a free range reported or hinted by the guest.
-pub(super) fn discard_free_range(
-    discard: &dyn crate::RamDiscard,
-    metrics: &BalloonMetrics,
-    range: GpaRange,
-    queue: &str,
-    idx: usize,
-) {
-    if super::device::discard_counted(discard, metrics, range, queue, idx) {
-        BalloonMetrics::add(&metrics.reported_discard_bytes, range.len);
     }
 }
 

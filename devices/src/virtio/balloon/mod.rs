@@ -4,7 +4,7 @@
 //!
 //! ```ignore
 //! let balloon = Arc::new(Mutex::new(Balloon::new(cfg, ram_regions, guest_ram_discard)?));
-//! event_manager.add_subscriber(balloon.clone());          // registers ctl eventfd + stats timer
+//! event_manager.add_subscriber(Arc::new(Mutex::new(BalloonEvents::new(balloon.clone()))));
 //! let irq = Arc::new(IrqfdInterrupt::new(EventFd::new(EFD_NONBLOCK)?));
 //! vm.register_irqfd(irq.eventfd(), gsi)?;
 //! let transport = MmioTransport::new(balloon.clone(), guest_memory, irq)?;
@@ -20,23 +20,36 @@
 //! calls (`set_target_pages`, `latest_stats`, `start_hinting`, ...) lock
 //! the balloon from the API thread.
 //!
+//! Files, lowest first (none imports one above it):
 //! * `config`: [`BalloonConfig`] and the config space layout.
-//! * `inflate`: PFN validation, run merging and the inflated-page bitmap.
+//! * `pfn_runs`: RAM layout, PFN validation, run merging and the
+//!   inflated-page bitmap.
 //! * `stats`: the statistics parser.
-//! * `device`: [`Balloon`], the [`VirtioDevice`](super::VirtioDevice).
-//! * `event_handler`: its `MutEventSubscriber` side.
 //! * `metrics`: [`BalloonMetrics`].
-//! * `hinting`: free page hinting ([`HintSink`], `start_hinting`, ...).
+//! * `hinting`: a free page hinting round's state machine and [`HintSink`].
+//! * `queue`: chain walking and the drain loop every queue handler shares.
+//! * `discard`: every discard, counted.
+//! * `device`: [`Balloon`], the [`VirtioDevice`](super::VirtioDevice), and
+//!   the inflate/deflate and stats queue handlers.
+//! * `free_page`: the free page queue handler and the host's hinting calls.
 //! * `reporting`: free page reporting.
-//! * `persist`: save/restore ([`BalloonState`]).
+//! * `event_handler`: its `MutEventSubscriber` side (which fd wakes what,
+//!   and the inflate discards done after the device lock is released).
+//! * `persist`: save/restore ([`BalloonState`]), checked before applied.
+//!
+//! The inflate walk, from a guest buffer to the host's discard, is traced
+//! file by file in `docs/design.md`.
 
 pub mod config;
 pub mod device;
+mod discard;
 pub mod event_handler;
+mod free_page;
 pub mod hinting;
-pub mod inflate;
 pub mod metrics;
 pub mod persist;
+pub mod pfn_runs;
+mod queue;
 pub mod reporting;
 pub mod stats;
 

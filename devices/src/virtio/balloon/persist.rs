@@ -27,10 +27,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::config::{BalloonConfig, ConfigSpace};
-use super::device::Balloon;
+use super::device::{Balloon, RestoredActive};
 use super::hinting::{HintState, HintingState, HintingStatus};
-use super::inflate::RamLayout;
 use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
+use super::pfn_runs::{PageBitmap, RamLayout};
 use super::stats::{BalloonStats, NUM_STAT_TAGS};
 use super::{STATS_QUEUE_SIZE, VIRTIO_BALLOON_F_STATS_VQ};
 use crate::persist::{Persist, PersistError, Versioned};
@@ -61,15 +61,42 @@ pub struct StatsState {
     pub updated_unix_ms: u64,
 }
 
-/// Where a free page hinting round stands (mirrors [`HintingState`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HintPhase {
-    Idle,
-    Requested,
-    Running,
-    Stopped,
-    Done,
+/// [`HintingState`] as saved state spells it (snake_case, as version 1
+/// states have it; the API spells it in CamelCase).
+mod saved_phase {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::HintingState::{self, *};
+
+    const NAMES: [(HintingState, &str); 5] = [
+        (Idle, "idle"),
+        (Requested, "requested"),
+        (Running, "running"),
+        (Stopped, "stopped"),
+        (Done, "done"),
+    ];
+
+    pub fn serialize<S: Serializer>(s: &HintingState, ser: S) -> Result<S::Ok, S::Error> {
+        let name = NAMES
+            .iter()
+            .find(|(v, _)| v == s)
+            .map_or("idle", |(_, n)| n);
+        ser.serialize_str(name)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<HintingState, D::Error> {
+        let name = String::deserialize(de)?;
+        NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(v, _)| *v)
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(
+                    &name,
+                    &["idle", "requested", "running", "stopped", "done"],
+                )
+            })
+    }
 }
 
 /// Free page hinting state.
@@ -77,7 +104,8 @@ pub enum HintPhase {
 pub struct HintingSaved {
     pub host_cmd_id: u32,
     pub guest_cmd_id: u32,
-    pub phase: HintPhase,
+    #[serde(with = "saved_phase")]
+    pub phase: HintingState,
     pub hinted_pages: u64,
     /// The last round id handed out; the next round uses a later one.
     pub last_id: u32,
@@ -124,34 +152,6 @@ impl Versioned for BalloonState {
     const VERSION: u32 = 1;
     fn version(&self) -> u32 {
         self.version
-    }
-}
-
-/// What a restored, previously active balloon carries into the activation
-/// the restored transport performs.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RestoredActive {
-    pub(crate) held_stats: Option<u16>,
-    pub(crate) broken: bool,
-}
-
-fn phase_of(s: HintingState) -> HintPhase {
-    match s {
-        HintingState::Idle => HintPhase::Idle,
-        HintingState::Requested => HintPhase::Requested,
-        HintingState::Running => HintPhase::Running,
-        HintingState::Stopped => HintPhase::Stopped,
-        HintingState::Done => HintPhase::Done,
-    }
-}
-
-fn state_of(p: HintPhase) -> HintingState {
-    match p {
-        HintPhase::Idle => HintingState::Idle,
-        HintPhase::Requested => HintingState::Requested,
-        HintPhase::Running => HintingState::Running,
-        HintPhase::Stopped => HintingState::Stopped,
-        HintPhase::Done => HintingState::Done,
     }
 }
 
@@ -203,7 +203,7 @@ impl Persist for Balloon {
             hinting: HintingSaved {
                 host_cmd_id: h.host_cmd_id,
                 guest_cmd_id: h.guest_cmd_id,
-                phase: phase_of(h.state),
+                phase: h.state,
                 hinted_pages: h.hinted_pages,
                 last_id: self.hint.last_id(),
             },
@@ -245,13 +245,77 @@ impl Balloon {
         if saved != now {
             return Err(PersistError::LayoutMismatch { saved, now });
         }
-        let mut b = Balloon::new(state.config, ram, discard).map_err(PersistError::Balloon)?;
-        let invalid = |reason: String| PersistError::invalid(NAME, reason);
+        let b = Balloon::new(state.config, ram, discard).map_err(PersistError::Balloon)?;
+        // Check everything, then apply: nothing of `state` reaches the
+        // device unless all of it is acceptable.
+        state.check_against(b.avail_features, &b.layout)?;
+        let latest_stats = state.restored_stats()?;
+        state.check_active()?;
+        let bitmap = state.inflated_bitmap(&b.layout)?;
+        Ok(b.apply_restored(state, latest_stats, bitmap))
+    }
 
-        if b.avail_features != state.avail_features {
+    /// Apply a [`BalloonState`] that [`restore`](Self::restore) checked.
+    fn apply_restored(
+        mut self,
+        state: &BalloonState,
+        latest_stats: Option<BalloonStats>,
+        bitmap: PageBitmap,
+    ) -> Self {
+        let h = &state.hinting;
+        self.bitmap = bitmap;
+        self.acked_features = state.acked_features;
+        self.config = ConfigSpace {
+            num_pages: state.num_pages,
+            actual: state.actual,
+            free_page_hint_cmd_id: state.free_page_hint_cmd_id,
+            poison_val: state.poison_val,
+        };
+        self.config_generation = state.config_generation;
+        self.stats_interval_s = state.stats_polling_interval_s;
+        self.latest_stats = latest_stats;
+        self.hint = HintState::from_parts(
+            HintingStatus {
+                host_cmd_id: h.host_cmd_id,
+                guest_cmd_id: h.guest_cmd_id,
+                state: h.phase,
+                hinted_pages: h.hinted_pages,
+            },
+            h.last_id,
+        );
+        self.metrics = Arc::new(BalloonMetrics::from_snapshot(&state.metrics));
+        if state.activated {
+            self.pending_restore = Some(RestoredActive {
+                held_stats: state.held_stats_head,
+                broken: state.broken,
+            });
+        }
+        self
+    }
+
+    /// The inflated pages as guest-physical ranges (ascending, each inside
+    /// one stretch of RAM), e.g. for a VMM that wants to release them on
+    /// the destination of a migration, or not send them.
+    pub fn inflated_ranges(&self) -> Vec<GpaRange> {
+        self.layout
+            .set_runs(&self.bitmap)
+            .iter()
+            .map(|r| r.range())
+            .collect()
+    }
+}
+
+/// The checks of [`Balloon::restore`], before anything is applied.
+impl BalloonState {
+    /// Features, target, stats and hinting values against what this build
+    /// offers (`avail_features`) for the saved configuration and `layout`.
+    fn check_against(&self, avail_features: u64, layout: &RamLayout) -> Result<(), PersistError> {
+        let state = self;
+        let invalid = |reason: String| PersistError::invalid(NAME, reason);
+        if avail_features != state.avail_features {
             return Err(invalid(format!(
                 "saved offered features {:#x}, this build offers {:#x} for the same configuration",
-                state.avail_features, b.avail_features
+                state.avail_features, avail_features
             )));
         }
         if state.acked_features & !state.avail_features != 0 {
@@ -260,7 +324,7 @@ impl Balloon {
                 state.acked_features, state.avail_features
             )));
         }
-        let total = b.layout.total_pages();
+        let total = layout.total_pages();
         if u64::from(state.num_pages) > total {
             return Err(invalid(format!(
                 "target of {} pages exceeds guest RAM of {total} pages",
@@ -268,34 +332,20 @@ impl Balloon {
             )));
         }
         let stats_offered = state.avail_features & (1u64 << VIRTIO_BALLOON_F_STATS_VQ) != 0;
-        let stats_acked = state.acked_features & (1u64 << VIRTIO_BALLOON_F_STATS_VQ) != 0;
         if state.stats_polling_interval_s > 0 && !stats_offered {
             return Err(invalid(format!(
                 "stats polling interval {}s without the stats queue",
                 state.stats_polling_interval_s
             )));
         }
-        let latest_stats = match &state.latest_stats {
-            None => None,
-            Some(s) => {
-                let values = <[Option<u64>; NUM_STAT_TAGS]>::try_from(s.values.as_slice())
-                    .map_err(|_| {
-                        invalid(format!(
-                            "{} statistics values, expected {NUM_STAT_TAGS}",
-                            s.values.len()
-                        ))
-                    })?;
-                let updated = UNIX_EPOCH
-                    .checked_add(Duration::from_millis(s.updated_unix_ms))
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "statistics timestamp {} ms is out of range",
-                            s.updated_unix_ms
-                        ))
-                    })?;
-                Some(BalloonStats { values, updated })
-            }
-        };
+        Ok(())
+    }
+
+    /// The held stats buffer, the broken flag and the hinting round.
+    fn check_active(&self) -> Result<(), PersistError> {
+        let state = self;
+        let invalid = |reason: String| PersistError::invalid(NAME, reason);
+        let stats_acked = state.acked_features & (1u64 << VIRTIO_BALLOON_F_STATS_VQ) != 0;
         if let Some(head) = state.held_stats_head {
             if !(state.activated && stats_acked) {
                 return Err(invalid(format!(
@@ -312,19 +362,54 @@ impl Balloon {
             return Err(invalid("broken but not active".into()));
         }
         let h = &state.hinting;
-        let round_open = matches!(h.phase, HintPhase::Requested | HintPhase::Running);
+        let round_open = matches!(h.phase, HintingState::Requested | HintingState::Running);
         if round_open && h.host_cmd_id < super::FREE_PAGE_HINT_CMD_ID_MIN {
             return Err(invalid(format!(
                 "hinting round {:?} under command id {}",
                 h.phase, h.host_cmd_id
             )));
         }
+        Ok(())
+    }
+
+    /// The saved statistics, with their exact number of values and a
+    /// representable timestamp.
+    fn restored_stats(&self) -> Result<Option<BalloonStats>, PersistError> {
+        let invalid = |reason: String| PersistError::invalid(NAME, reason);
+        let Some(s) = &self.latest_stats else {
+            return Ok(None);
+        };
+        let values =
+            <[Option<u64>; NUM_STAT_TAGS]>::try_from(s.values.as_slice()).map_err(|_| {
+                invalid(format!(
+                    "{} statistics values, expected {NUM_STAT_TAGS}",
+                    s.values.len()
+                ))
+            })?;
+        let updated = UNIX_EPOCH
+            .checked_add(Duration::from_millis(s.updated_unix_ms))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "statistics timestamp {} ms is out of range",
+                    s.updated_unix_ms
+                ))
+            })?;
+        Ok(Some(BalloonStats { values, updated }))
+    }
+
+    /// The inflated runs as a bitmap over `layout`: sorted, disjoint, in
+    /// guest RAM, and as many pages as the state says.
+    fn inflated_bitmap(&self, layout: &RamLayout) -> Result<PageBitmap, PersistError> {
+        let state = self;
+        let invalid = |reason: String| PersistError::invalid(NAME, reason);
+        let total = layout.total_pages();
         if state.inflated.len() as u64 > total {
             return Err(invalid(format!(
                 "inflated: {} runs for {total} pages of guest RAM",
                 state.inflated.len()
             )));
         }
+        let mut bitmap = PageBitmap::new(total);
         let mut prev_end = 0u64;
         for r in &state.inflated {
             if r.start_pfn < prev_end {
@@ -338,61 +423,23 @@ impl Balloon {
                 .start_pfn
                 .checked_mul(PAGE_SIZE)
                 .zip(r.npages.checked_mul(PAGE_SIZE))
-                .and_then(|(start, len)| b.layout.run_of_range(GpaRange::new(start, len)))
+                .and_then(|(start, len)| layout.run_of_range(GpaRange::new(start, len)))
                 .ok_or_else(|| {
                     invalid(format!(
                         "inflated run of {} pages at PFN {:#x} is not guest RAM",
                         r.npages, r.start_pfn
                     ))
                 })?;
-            b.bitmap.update(run.bit, run.npages, true);
+            bitmap.update(run.bit, run.npages, true);
         }
-        if b.bitmap.count() != state.inflated_pages {
+        if bitmap.count() != state.inflated_pages {
             return Err(invalid(format!(
                 "inflated runs cover {} pages (overlapping?), the state says {}",
-                b.bitmap.count(),
+                bitmap.count(),
                 state.inflated_pages
             )));
         }
-
-        b.acked_features = state.acked_features;
-        b.config = ConfigSpace {
-            num_pages: state.num_pages,
-            actual: state.actual,
-            free_page_hint_cmd_id: state.free_page_hint_cmd_id,
-            poison_val: state.poison_val,
-        };
-        b.config_generation = state.config_generation;
-        b.stats_interval_s = state.stats_polling_interval_s;
-        b.latest_stats = latest_stats;
-        b.hint = HintState::from_parts(
-            HintingStatus {
-                host_cmd_id: h.host_cmd_id,
-                guest_cmd_id: h.guest_cmd_id,
-                state: state_of(h.phase),
-                hinted_pages: h.hinted_pages,
-            },
-            h.last_id,
-        );
-        b.metrics = Arc::new(BalloonMetrics::from_snapshot(&state.metrics));
-        if state.activated {
-            b.pending_restore = Some(RestoredActive {
-                held_stats: state.held_stats_head,
-                broken: state.broken,
-            });
-        }
-        Ok(b)
-    }
-
-    /// The inflated pages as guest-physical ranges (ascending, each inside
-    /// one stretch of RAM), e.g. for a VMM that wants to release them on
-    /// the destination of a migration, or not send them.
-    pub fn inflated_ranges(&self) -> Vec<GpaRange> {
-        self.layout
-            .set_runs(&self.bitmap)
-            .iter()
-            .map(|r| r.range())
-            .collect()
+        Ok(bitmap)
     }
 }
 
@@ -962,7 +1009,7 @@ mod tests {
         small.hinting = HintingSaved {
             host_cmd_id: 0,
             guest_cmd_id: 0,
-            phase: HintPhase::Idle,
+            phase: HintingState::Idle,
             hinted_pages: 0,
             last_id: 1,
         };
@@ -997,8 +1044,10 @@ mod tests {
         let ts = through_json(&src.transport.save().unwrap());
         let dst = restore_side(copy_of(&src.mem), &bs, &ts).unwrap();
         // The VMM adds the restored balloon to its event loop as usual.
-        let mut mgr = EventManager::<Arc<Mutex<Balloon>>>::new().unwrap();
-        mgr.add_subscriber(dst.balloon.clone());
+        let mut mgr = EventManager::<Arc<Mutex<BalloonEvents>>>::new().unwrap();
+        mgr.add_subscriber(Arc::new(Mutex::new(BalloonEvents::new(
+            dst.balloon.clone(),
+        ))));
         for _ in 0..20 {
             mgr.run_with_timeout(20).unwrap();
             if q[0].used_idx(&dst.mem) == 4 {

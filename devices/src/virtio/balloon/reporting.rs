@@ -7,11 +7,11 @@
 //! would read back as zeros, not the poison pattern).
 
 use log::debug;
-use virtio_queue::QueueT;
 
-use super::device::{Active, Balloon, Drain, next_chain};
-use super::hinting::discard_free_range;
+use super::device::Balloon;
+use super::discard::discard_free_range;
 use super::metrics::BalloonMetrics;
+use super::queue::{Drain, drain_chains};
 use super::*;
 use crate::{GpaRange, warn_limited};
 
@@ -25,24 +25,12 @@ impl Balloon {
     }
 
     pub(super) fn drain_reporting_queue(&mut self, idx: usize) -> Drain {
-        let mut drain = Drain::default();
         let poison = self.poison_active();
-        let Some(a) = self.active.as_mut() else {
-            return drain;
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
+            return Drain::default();
         };
-        let Active { mem, queues, .. } = a;
-        let mem = &*mem;
-        let q = &mut queues[idx].queue;
         let metrics = &*self.metrics;
-        loop {
-            let (head, descs) = match next_chain(q, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(why) => {
-                    drain.broken = Some(why);
-                    break;
-                }
-            };
+        drain_chains(q, mem, None, |head, descs| {
             if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
                 BalloonMetrics::inc(&metrics.invalid_buffers);
                 warn_limited!(
@@ -78,12 +66,7 @@ impl Balloon {
                     );
                 }
             }
-            if let Err(e) = q.add_used(mem, head, 0) {
-                drain.broken = Some(format!("returning buffer {head}: {e}"));
-                break;
-            }
-            drain.used = true;
-        }
-        drain
+            Some(head)
+        })
     }
 }

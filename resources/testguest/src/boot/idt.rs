@@ -20,10 +20,8 @@
 
 use core::arch::{asm, global_asm};
 
-use crate::events::{EVENTS, IRQ_ACK, IRQ_COUNT, IRQ_ISR, NUM_IRQ_VECTORS};
+use crate::events::{EVENTS, IRQ_ACK, IRQ_COUNT, IRQ_ISR, IRQ_VECTOR_BASE, NUM_IRQ_VECTORS};
 
-/// First device interrupt vector (index 0 in the event tables).
-pub const IRQ_VECTOR_BASE: u8 = 0x20;
 /// LAPIC spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 

@@ -236,20 +236,8 @@ impl Validate for StatsPatch {
 
 // ---------------------------------------------------------------- free page hinting
 
-/// Where a free page hinting round stands.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HintingState {
-    /// No round was ever started, or the last one was finished with `done`.
-    Idle,
-    /// The host published a new command id; the guest has not answered yet.
-    Requested,
-    /// The guest is sending hints for the current command id.
-    Running,
-    /// The guest (or `PUT /balloon/hinting/stop`) stopped the round.
-    Stopped,
-    /// The host told the guest it may reuse the hinted pages.
-    Done,
-}
+/// Where a free page hinting round stands: the balloon device's own type.
+pub use devices::virtio::balloon::HintingState;
 
 /// `PUT /balloon/hinting/start` response.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

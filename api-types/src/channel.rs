@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
 use crate::events::EventHub;
 use crate::types::{
@@ -139,28 +138,35 @@ impl ApiResponse {
     pub fn no_migration() -> Self {
         ApiResponse::conflict("no migration is in progress")
     }
-    /// 409 for a request that needs the VM running/paused.
-    pub fn wrong_state(needed: VmState, current: VmState) -> Self {
-        ApiResponse::conflict(format!(
-            "the VM must be {needed} for this (it is {current})"
-        ))
-    }
 }
 
 /// Answers one request. Dropping it unanswered makes the client get 503.
-#[derive(Debug)]
 pub struct Responder {
-    tx: oneshot::Sender<ApiResponse>,
+    deliver: Box<dyn FnOnce(ApiResponse) + Send>,
 }
 
-impl Responder {
-    /// Send the answer. Never blocks; if the client went away it is dropped.
-    pub fn respond(self, response: ApiResponse) {
-        let _ = self.tx.send(response);
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Responder")
     }
 }
 
-/// Server side of the channel: handed to [`crate::ApiServer::start`].
+impl Responder {
+    /// A responder that hands the answer to `deliver` (the server's side of
+    /// a one-shot channel). `deliver` must not block.
+    pub fn new(deliver: impl FnOnce(ApiResponse) + Send + 'static) -> Self {
+        Responder {
+            deliver: Box::new(deliver),
+        }
+    }
+
+    /// Send the answer. Never blocks; if the client went away it is dropped.
+    pub fn respond(self, response: ApiResponse) {
+        (self.deliver)(response);
+    }
+}
+
+/// Server side of the channel: handed to the HTTP server (`api::ApiServer`).
 pub struct VmmChannel {
     sender: mpsc::SyncSender<(ApiRequest, Responder)>,
     wake: Arc<dyn Fn() + Send + Sync>,
@@ -169,7 +175,7 @@ pub struct VmmChannel {
 
 /// Why a request could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SendError {
+pub enum SendError {
     /// The queue is full (the VMM is not draining it).
     Full,
     /// The VMM dropped its [`ApiReceiver`].
@@ -177,16 +183,12 @@ pub(crate) enum SendError {
 }
 
 impl VmmChannel {
-    /// Queue a request and wake the VMM; returns the receiver of the answer.
-    pub(crate) fn send(
-        &self,
-        req: ApiRequest,
-    ) -> Result<oneshot::Receiver<ApiResponse>, SendError> {
-        let (tx, rx) = oneshot::channel();
-        match self.sender.try_send((req, Responder { tx })) {
+    /// Queue a request and wake the VMM; `responder` carries the answer back.
+    pub fn send(&self, req: ApiRequest, responder: Responder) -> Result<(), SendError> {
+        match self.sender.try_send((req, responder)) {
             Ok(()) => {
                 (self.wake)();
-                Ok(rx)
+                Ok(())
             }
             Err(mpsc::TrySendError::Full(_)) => {
                 // Wake anyway: maybe the VMM missed a wakeup.
@@ -197,7 +199,7 @@ impl VmmChannel {
         }
     }
 
-    pub(crate) fn events(&self) -> &EventHub {
+    pub fn events(&self) -> &EventHub {
         &self.events
     }
 }
@@ -253,7 +255,14 @@ mod tests {
         let (chan, rx) = channel(move || {
             w.fetch_add(1, Ordering::SeqCst);
         });
-        let mut answer = chan.send(ApiRequest::GetVm).unwrap();
+        let (tx, answer) = mpsc::channel();
+        chan.send(
+            ApiRequest::GetVm,
+            Responder::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .unwrap();
         assert_eq!(woke.load(Ordering::SeqCst), 1);
         let (req, responder) = rx.try_recv().unwrap();
         assert_eq!(req, ApiRequest::GetVm);
@@ -267,13 +276,13 @@ mod tests {
     #[test]
     fn full_and_gone() {
         let (chan, rx) = channel(|| {});
-        let mut pending = Vec::new();
+        let send = || chan.send(ApiRequest::GetVm, Responder::new(|_| {}));
         for _ in 0..REQUEST_QUEUE_LEN {
-            pending.push(chan.send(ApiRequest::GetVm).unwrap());
+            send().unwrap();
         }
-        assert_eq!(chan.send(ApiRequest::GetVm).unwrap_err(), SendError::Full);
+        assert_eq!(send().unwrap_err(), SendError::Full);
         drop(rx);
-        assert_eq!(chan.send(ApiRequest::GetVm).unwrap_err(), SendError::Gone);
+        assert_eq!(send().unwrap_err(), SendError::Gone);
     }
 
     #[test]

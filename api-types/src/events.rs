@@ -5,13 +5,11 @@
 //! ([`EVENT_BUFFER`] events). A reader that falls behind by more than that
 //! loses the oldest events and gets a `Lagged` event saying how many.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 use crate::types::{BalloonStats, HintingStatus, MigrationStatus, VmState};
 
@@ -77,33 +75,32 @@ pub struct EventEnvelope {
     pub event: ApiEvent,
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-/// Render one SSE frame: `event:`, `id:` and a one-line JSON `data:`.
-pub(crate) fn sse_frame(env: &EventEnvelope) -> Bytes {
-    // serde_json never emits raw newlines in compact output, so one data line suffices.
-    let data = serde_json::to_string(env).unwrap_or_else(|_| "{}".into());
-    Bytes::from(format!(
-        "event: {}\nid: {}\ndata: {}\n\n",
-        env.event.kind(),
-        env.seq,
-        data
-    ))
+/// Where published events go: the HTTP server's broadcast ring for
+/// `GET /events` readers. Both calls must not block.
+pub trait EventSink: Send + Sync {
+    /// How many readers listen now.
+    fn receivers(&self) -> usize;
+    /// Deliver one event to every reader.
+    fn deliver(&self, env: &EventEnvelope);
 }
 
 struct HubInner {
-    tx: broadcast::Sender<Bytes>,
+    sink: OnceLock<Box<dyn EventSink>>,
     seq: AtomicU64,
     published: AtomicU64,
 }
 
 /// Thread-safe publisher of [`ApiEvent`]s; cheap to clone. Works without a
-/// tokio runtime, so the VMM thread can call it directly.
+/// runtime, so the VMM thread can call it directly. Until a server attaches
+/// its [`EventSink`], events are counted and dropped.
 #[derive(Clone)]
 pub struct EventHub {
     inner: Arc<HubInner>,
@@ -117,14 +114,19 @@ impl Default for EventHub {
 
 impl EventHub {
     pub fn new() -> Self {
-        let (tx, _) = broadcast::channel(EVENT_BUFFER);
         EventHub {
             inner: Arc::new(HubInner {
-                tx,
+                sink: OnceLock::new(),
                 seq: AtomicU64::new(0),
                 published: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Attach the sink that delivers to readers; the first attach wins
+    /// (returns false when one was already attached).
+    pub fn attach(&self, sink: Box<dyn EventSink>) -> bool {
+        self.inner.sink.set(sink).is_ok()
     }
 
     /// Publish an event to every `GET /events` reader. Never blocks; costs
@@ -132,7 +134,10 @@ impl EventHub {
     pub fn publish(&self, event: ApiEvent) {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         self.inner.published.fetch_add(1, Ordering::Relaxed);
-        if self.inner.tx.receiver_count() == 0 {
+        let Some(sink) = self.inner.sink.get() else {
+            return;
+        };
+        if sink.receivers() == 0 {
             return;
         }
         let env = EventEnvelope {
@@ -140,22 +145,17 @@ impl EventHub {
             timestamp_ms: now_ms(),
             event,
         };
-        // Err only means no receivers (raced with the last one leaving).
-        let _ = self.inner.tx.send(sse_frame(&env));
+        sink.deliver(&env);
     }
 
     /// Number of current `GET /events` readers.
     pub fn subscribers(&self) -> usize {
-        self.inner.tx.receiver_count()
+        self.inner.sink.get().map_or(0, |s| s.receivers())
     }
 
     /// Events published since start.
     pub fn published(&self) -> u64 {
         self.inner.published.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Bytes> {
-        self.inner.tx.subscribe()
     }
 }
 
@@ -181,25 +181,5 @@ mod tests {
         assert_eq!(v["target_pages"], 256);
         let back: EventEnvelope = serde_json::from_value(v).unwrap();
         assert_eq!(back, env);
-        let frame = sse_frame(&env);
-        let text = std::str::from_utf8(&frame).unwrap();
-        assert!(text.starts_with("event: BalloonChanged\nid: 3\ndata: {"));
-        assert!(text.ends_with("}\n\n"));
-    }
-
-    #[test]
-    fn publish_never_blocks_on_slow_reader() {
-        let hub = EventHub::new();
-        let mut rx = hub.subscribe();
-        for _ in 0..(EVENT_BUFFER * 4) {
-            hub.publish(ApiEvent::VmStateChanged {
-                state: VmState::Paused,
-            });
-        }
-        assert_eq!(hub.published(), (EVENT_BUFFER * 4) as u64);
-        match rx.try_recv() {
-            Err(broadcast::error::TryRecvError::Lagged(n)) => assert!(n > 0),
-            other => panic!("expected lag, got {other:?}"),
-        }
     }
 }

@@ -1,0 +1,128 @@
+//! Queue plumbing every balloon queue handler shares: take the next chain
+//! off a queue, copy its descriptors out (detecting a corrupt ring), and
+//! the drain loop that serves each chain and returns it to the guest.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+use super::metrics::BalloonMetrics;
+use crate::GuestMemory;
+
+/// Most descriptors of one chain the device looks at (Linux uses one for
+/// inflate/deflate/stats/hints and up to 32 for a free page report).
+pub const MAX_CHAIN_DESCS: usize = 32;
+
+/// A chain's descriptors, copied out of guest memory.
+#[derive(Clone, Copy)]
+pub(super) struct Descs {
+    pub(super) d: [Descriptor; MAX_CHAIN_DESCS],
+    pub(super) n: usize,
+    /// The chain had more than MAX_CHAIN_DESCS descriptors.
+    pub(super) too_many: bool,
+}
+
+impl Descs {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Descriptor> {
+        self.d[..self.n].iter()
+    }
+}
+
+/// Why a chain cannot be walked: the queue itself is corrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Malformed {
+    /// No descriptor could be read at all (bad head index, ...).
+    Empty,
+    /// The chain ended on a descriptor that still had NEXT set: a loop, a
+    /// chain longer than the queue, or a next index out of range.
+    Truncated { descriptors: usize },
+}
+
+/// Copy a chain's descriptors out, detecting structural corruption.
+/// Take the next available chain off `q` and collect its descriptors:
+/// `Ok(None)` when the ring is empty, `Err(reason)` when the ring or the
+/// chain is malformed (the caller marks the device as needing a reset).
+pub(super) fn next_chain(q: &mut Queue, mem: &GuestMemory) -> Result<Option<(u16, Descs)>, String> {
+    let chain = match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(e) => return Err(format!("bad available ring: {e}")),
+    };
+    let Some(chain) = chain else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    collect_chain(chain)
+        .map(|d| Some((head, d)))
+        .map_err(|m| format!("malformed chain at head {head}: {m:?}"))
+}
+
+pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
+    let mut out = Descs {
+        d: [Descriptor::default(); MAX_CHAIN_DESCS],
+        n: 0,
+        too_many: false,
+    };
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    for desc in chain {
+        count += 1;
+        last_has_next = desc.has_next();
+        if out.n < MAX_CHAIN_DESCS {
+            out.d[out.n] = desc;
+            out.n += 1;
+        } else {
+            out.too_many = true;
+        }
+    }
+    match count {
+        0 => Err(Malformed::Empty),
+        _ if last_has_next => Err(Malformed::Truncated { descriptors: count }),
+        _ => Ok(out),
+    }
+}
+
+/// Outcome of draining one queue.
+#[derive(Default)]
+pub(super) struct Drain {
+    pub(super) used: bool,
+    pub(super) broken: Option<String>,
+}
+
+/// Serve every chain pending on `q`: `serve(head, descs)` handles one and
+/// says which buffer to hand back now (its own head, an older one it held,
+/// or none when it keeps the buffer). Stops at a corrupt ring or a failed
+/// hand-back, reported in [`Drain::broken`]. With `timer`, the time from
+/// popping each chain to handing it back is added to that counter (ns).
+pub(super) fn drain_chains(
+    q: &mut Queue,
+    mem: &GuestMemory,
+    timer: Option<&AtomicU64>,
+    mut serve: impl FnMut(u16, Descs) -> Option<u16>,
+) -> Drain {
+    let mut drain = Drain::default();
+    loop {
+        let started = timer.map(|_| Instant::now());
+        let (head, descs) = match next_chain(q, mem) {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(why) => {
+                drain.broken = Some(why);
+                break;
+            }
+        };
+        let Some(done) = serve(head, descs) else {
+            continue;
+        };
+        if let Err(e) = q.add_used(mem, done, 0) {
+            drain.broken = Some(format!("returning buffer {done}: {e}"));
+            break;
+        }
+        if let (Some(counter), Some(t)) = (timer, started) {
+            BalloonMetrics::add(counter, t.elapsed().as_nanos() as u64);
+        }
+        drain.used = true;
+    }
+    drain
+}

@@ -1,0 +1,95 @@
+//! The VMM's errors: [`Error`] for building and running a VM, and
+//! [`RestoreError`] for what a restore adds. Below every other file of the
+//! crate that builds a VM, so that none of them needs `vmm.rs`.
+
+use std::path::PathBuf;
+
+use crate::boot::BootError;
+use crate::bus::BusError;
+use crate::device_manager::DeviceError;
+use crate::memory::MemoryError;
+use crate::migration::handshake::HandshakeError;
+use crate::vcpu::VcpuError;
+use crate::vm::VmError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Layout(#[from] arch::layout::LayoutError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("placing a device: {0}")]
+    Bus(#[from] BusError),
+    #[error("placing a virtio device: {0}")]
+    Device(#[from] DeviceError),
+    #[error("balloon: {0}")]
+    Balloon(#[from] devices::virtio::balloon::Error),
+    #[error("restoring: {0}")]
+    Restore(#[from] RestoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+impl Error {
+    /// True when the error comes from what the user asked for (a file that is
+    /// not a kernel, an initrd that does not fit, a backing that cannot be
+    /// had) rather than from the host failing at run time.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Layout(_)
+                | Error::Boot(_)
+                | Error::Memory(MemoryError::NoHugePages { .. } | MemoryError::File { .. })
+                | Error::Vm(VmError::TooManyVcpus { .. })
+        )
+    }
+}
+
+pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// Errors specific to restoring.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Stream(#[from] crate::migration::stream::StreamError),
+    #[error("the migration stream's state section: {0}")]
+    State(#[from] crate::migration::state::StateError),
+    #[error("the migration stream's device state: {0}")]
+    Devices(String),
+    #[error(
+        "the source sends stream format version {version}, which has no switchover handshake (version {} and later): upgrade the source blimp; nothing was run",
+        crate::migration::stream::HANDSHAKE_VERSION
+    )]
+    NoHandshake { version: u32 },
+    #[error("{len} bytes follow the trailer: the stream must end there")]
+    TrailingBytes { len: usize },
+    #[error("the source did not hand the VM over: {0}; not running it")]
+    NoHandover(#[source] HandshakeError),
+    #[error("cannot open {what}: {source}")]
+    Open {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a regular file ({kind}); a migration file is needed")]
+    NotAFile {
+        path: PathBuf,
+        kind: crate::migration::file_dest::FileKind,
+    },
+    #[error("cannot prepare guest memory for the restore: {0}")]
+    Memory(#[from] crate::memory::MemoryError),
+}
