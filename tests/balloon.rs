@@ -135,9 +135,10 @@ fn target_changes_in_the_middle_of_bursts_are_followed() {
         "burst-flips",
         "1G",
         "",
-        "balloon;fill 900 7;free 900;echo ready",
+        "balloon;fill 900 7;free 900;echo FILLED",
     );
-    vm.expect_line("ready", Duration::from_secs(60));
+    // (Not "ready": the guest's boot banner says that before the fill.)
+    vm.expect_line("FILLED", Duration::from_secs(60));
     let in_balloon = |api: &mut ApiClient| {
         let ms = common::metrics(api);
         (common::metric(&ms, "inflate_pages") - common::metric(&ms, "deflate_pages")) as u64
