@@ -13,6 +13,7 @@ pub mod memory;
 pub mod migration;
 pub mod pvm;
 pub mod restore;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;
