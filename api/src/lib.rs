@@ -23,6 +23,8 @@
 //! # Ok::<(), api::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod channel;
 pub mod client;
 pub mod events;

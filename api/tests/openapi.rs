@@ -183,10 +183,9 @@ fn schemas_match_types() {
     };
     check(&spec, "HintingStatus", &hs, &hs_min);
     let m = MigrationRequest {
-        destination: MigrationDestination::parse("file:///x").unwrap(),
         downtime_ms: 1,
-        free_page_hints: true,
         max_rounds: Some(1),
+        ..MigrationRequest::new(MigrationDestination::parse("file:///x").unwrap())
     };
     let (props, required) = schema_fields(&spec, "MigrationRequest");
     assert_eq!(keys(&serde_json::to_value(&m).unwrap()), props);
@@ -223,7 +222,8 @@ fn enums_match_types() {
     let ser = |v: Value| v.as_str().unwrap().to_string();
     assert_eq!(
         values("VmState"),
-        [VmState::Running, VmState::Paused].map(|s| ser(serde_json::to_value(s).unwrap()))
+        [VmState::Running, VmState::Paused, VmState::Migrated]
+            .map(|s| ser(serde_json::to_value(s).unwrap()))
     );
     assert_eq!(
         values("HintingState"),
@@ -243,6 +243,7 @@ fn enums_match_types() {
             MigrationState::Setup,
             MigrationState::Active,
             MigrationState::Completing,
+            MigrationState::Switchover,
             MigrationState::Completed,
             MigrationState::Failed,
             MigrationState::Cancelled

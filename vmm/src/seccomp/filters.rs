@@ -4,8 +4,8 @@
 //! `strace -f` over the integration tests; see docs/seccomp.md.
 //!
 //! Arguments are filtered where it matters: `ioctl` request numbers (exact
-//! lists for the vCPU and the event loop, "a KVM ioctl" for the threads that
-//! save and restore VM state), `mmap`/`mprotect` never with `PROT_EXEC` (and
+//! lists for the vCPU, event-loop and migration threads, "a KVM ioctl" for
+//! the main thread, which creates or restores the VM), `mmap`/`mprotect` never with `PROT_EXEC` (and
 //! only anonymous mappings outside the main thread), `socket` only for the
 //! families a thread uses (none on the vCPU, event-loop and API threads;
 //! `AF_INET`/`AF_INET6` only on the main thread, which accepts an incoming
@@ -410,8 +410,16 @@ fn migration() -> Allowed {
         .allow(libc::SYS_unlinkat, "removing an aborted temporary file")
         .allow_if(
             libc::SYS_ioctl,
-            vec![any_kvm_ioctl(), vec![eq(1, libc::FIONBIO)]],
-            "dirty logging, VM and vCPU state (any KVM ioctl); non-blocking sockets",
+            ioctls(&[
+                KVM_SET_USER_MEMORY_REGION(),
+                KVM_GET_DIRTY_LOG(),
+                KVM_GET_IRQCHIP(),
+                KVM_GET_PIT2(),
+                KVM_GET_CLOCK(),
+                libc::FIONBIO,
+            ]),
+            "dirty logging on/off and its sync, the VM's interrupt controller, PIT and \
+             clock state (the vCPUs' state is read on the vCPU threads); non-blocking sockets",
         );
     a
 }

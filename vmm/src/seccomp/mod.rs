@@ -194,6 +194,19 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
     Ok(())
 }
 
+/// Compile `kind`'s filter for `mode` and install it on the calling thread,
+/// without [`init`] (tests apply one thread kind's list in a child process).
+pub fn install(kind: ThreadKind, mode: Mode) -> Result<(), Error> {
+    if mode == Mode::Off {
+        return Ok(());
+    }
+    let prog = compile(kind, mode)?;
+    seccompiler::apply_filter(&prog).map_err(|source| Error::Apply {
+        kind: kind.name(),
+        source,
+    })
+}
+
 /// [`enter`] at a thread's entry point where an error cannot be returned:
 /// a thread that cannot be confined does not run (the process exits).
 pub fn enter_or_exit(kind: ThreadKind) {

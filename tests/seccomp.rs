@@ -1,0 +1,283 @@
+//! Seccomp (issue #17): every thread of a running blimp is filtered, and
+//! each thread kind's filter ends a process that makes a syscall outside its
+//! list with SIGSYS (or, with `--seccomp log`, logs and allows it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmm::seccomp::{Mode, ThreadKind};
+
+/// Thread name -> the `Seccomp:` field of its /proc status.
+fn seccomp_of_threads(pid: u32) -> BTreeMap<String, (String, u32)> {
+    let mut out = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let tid = task.file_name().unwrap().to_string_lossy().to_string();
+        let mode: u32 = field("Seccomp:").parse().unwrap_or(0);
+        out.insert(tid, (field("Name:"), mode));
+    }
+    out
+}
+
+#[test]
+fn every_thread_of_a_running_blimp_is_filtered() {
+    let (mut vm, mut api, _sock) = common::boot_with_api(
+        "seccomp-threads",
+        "sleep 120",
+        &["--memory", "256M", "--balloon", "", "--vcpus", "2"],
+    );
+    vm.expect_line("blimp-testguest", Duration::from_secs(30));
+    // A migration to a destination that accepts but never reads keeps the
+    // migration worker alive (over TCP: the worker's AF_INET socket).
+    let dest = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", dest.local_addr().unwrap());
+    let (s, b) = api
+        .put("/migration", &json!({ "destination": url }))
+        .expect("PUT /migration");
+    assert_eq!(s, 200, "{b}");
+    let (_conn, _) = dest.accept().unwrap();
+    common::set_target(&mut api, 16);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let threads = loop {
+        let t = seccomp_of_threads(vm.pid());
+        let names: Vec<&str> = t.values().map(|(n, _)| n.as_str()).collect();
+        let want = ["blimp", "vcpu0", "vcpu1", "blimp-api", "blimp-spawner", "migration"];
+        if want.iter().all(|w| names.contains(w)) {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "threads: {t:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for (tid, (name, mode)) in &threads {
+        assert_eq!(*mode, 2, "thread {tid} ({name}) is not filtered: {threads:?}");
+    }
+    let (s, b) = api.delete("/migration").expect("DELETE /migration");
+    assert!(s == 200 || s == 204 || s == 202, "{s} {b}");
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait(Duration::from_secs(20));
+    assert!(status.code().is_some(), "blimp died: {status:?}");
+}
+
+#[test]
+fn seccomp_off_leaves_threads_unfiltered_and_bad_mode_is_a_usage_error() {
+    let (code, _, err) = common::run_blimp(&["run", "--seccomp", "strict", "--kernel", "/x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("strict"), "{err}");
+    let sock = common::sock_path("seccomp-off");
+    let cmdline = "testguest.run=\"sleep 60\"";
+    let mut vm = common::Vm::start(&[
+        "--seccomp",
+        "off",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+    ]);
+    common::wait_for_socket(&sock);
+    let threads = seccomp_of_threads(vm.pid());
+    assert!(threads.values().all(|(_, m)| *m == 0), "{threads:?}");
+    vm.signal(libc::SIGTERM);
+    vm.wait(Duration::from_secs(20));
+}
+
+/// What the child does once its filter is on.
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    Execve,
+    SocketInet,
+    Ptrace,
+    IoctlTiocsti,
+    MmapExec,
+}
+
+impl Probe {
+    fn name(self) -> &'static str {
+        match self {
+            Probe::Execve => "execve",
+            Probe::SocketInet => "socket-inet",
+            Probe::Ptrace => "ptrace",
+            Probe::IoctlTiocsti => "ioctl-tiocsti",
+            Probe::MmapExec => "mmap-exec",
+        }
+    }
+
+    fn parse(s: &str) -> Probe {
+        [
+            Probe::Execve,
+            Probe::SocketInet,
+            Probe::Ptrace,
+            Probe::IoctlTiocsti,
+            Probe::MmapExec,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
+        .unwrap()
+    }
+
+    /// Make the syscall; harmless if it is allowed.
+    fn run(self) -> i64 {
+        // SAFETY: each call is made with arguments that make it fail or do
+        // nothing lasting (a missing path, no such process, an invalid fd,
+        // a fresh anonymous mapping).
+        unsafe {
+            match self {
+                Probe::Execve => {
+                    let path = c"/nonexistent/blimp-seccomp-probe";
+                    let argv = [path.as_ptr(), std::ptr::null()];
+                    libc::syscall(libc::SYS_execve, path.as_ptr(), argv.as_ptr(), 0usize)
+                }
+                Probe::SocketInet => {
+                    libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0)
+                }
+                Probe::Ptrace => libc::syscall(libc::SYS_ptrace, libc::PTRACE_PEEKDATA, 0, 0, 0),
+                Probe::IoctlTiocsti => libc::syscall(libc::SYS_ioctl, -1, libc::TIOCSTI, 0),
+                Probe::MmapExec => libc::syscall(
+                    libc::SYS_mmap,
+                    0usize,
+                    4096usize,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ),
+            }
+        }
+    }
+}
+
+const CHILD_ENV: &str = "BLIMP_SECCOMP_PROBE";
+
+/// Not a test of its own: the body of the child process the probe tests
+/// start (`current_exe --exact child_probe` with CHILD_ENV set).
+#[test]
+fn child_probe() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut parts = spec.split(':');
+    let kind = match parts.next().unwrap() {
+        "main" => ThreadKind::Main,
+        "event-loop" => ThreadKind::EventLoop,
+        "vcpu" => ThreadKind::Vcpu,
+        "api" => ThreadKind::Api,
+        "migration" => ThreadKind::Migration,
+        "spawner" => ThreadKind::Spawner,
+        k => panic!("unknown kind {k}"),
+    };
+    let mode: Mode = parts.next().unwrap().parse().unwrap();
+    let probe = Probe::parse(parts.next().unwrap());
+    vmm::seccomp::install(kind, mode).unwrap();
+    let rc = probe.run();
+    println!("PROBE-SURVIVED rc={rc}");
+}
+
+/// Run `probe` in a child process under `kind`'s filter in `mode`.
+fn probe(kind: ThreadKind, mode: &str, probe: Probe) -> (std::process::ExitStatus, String, u32) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_probe", "--nocapture", "--test-threads=1"])
+        .env(
+            CHILD_ENV,
+            format!("{}:{mode}:{}", kind.name(), probe.name()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    (child.wait().unwrap(), out, pid)
+}
+
+fn assert_killed(kind: ThreadKind, p: Probe) {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, out, _) = probe(kind, "kill", p);
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "{kind:?} {p:?}: {status:?} {out}"
+    );
+    assert!(!out.contains("PROBE-SURVIVED"), "{out}");
+}
+
+/// Every thread kind: execve and ptrace end the process.
+#[test]
+fn every_thread_kind_dies_on_execve_and_ptrace() {
+    for kind in ThreadKind::ALL {
+        assert_killed(kind, Probe::Execve);
+        assert_killed(kind, Probe::Ptrace);
+        assert_killed(kind, Probe::MmapExec);
+    }
+}
+
+#[test]
+fn vcpu_event_loop_and_api_threads_cannot_open_network_sockets() {
+    for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Api] {
+        assert_killed(kind, Probe::SocketInet);
+    }
+    // The migration worker may: it connects to tcp:// destinations.
+    let (status, out, _) = probe(ThreadKind::Migration, "kill", Probe::SocketInet);
+    assert!(status.success(), "{status:?} {out}");
+    assert!(out.contains("PROBE-SURVIVED"), "{out}");
+}
+
+#[test]
+fn ioctls_are_filtered_by_request_number() {
+    for kind in ThreadKind::ALL {
+        assert_killed(kind, Probe::IoctlTiocsti);
+    }
+}
+
+#[test]
+fn log_mode_logs_and_allows() {
+    let (status, out, pid) = probe(ThreadKind::Vcpu, "log", Probe::Execve);
+    assert!(status.success(), "{status:?} {out}");
+    // execve of a missing file: allowed, so it fails with ENOENT (-1).
+    assert!(out.contains("PROBE-SURVIVED rc=-1"), "{out}");
+    // The kernel logs SECCOMP_RET_LOG as an audit record (type=1326) when
+    // "log" is in actions_logged; read it back where dmesg is readable.
+    let logged = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_logged")
+        .is_ok_and(|s| s.split_whitespace().any(|a| a == "log"));
+    let Ok(dmesg) = Command::new("dmesg").output() else {
+        eprintln!("no dmesg: not checking the kernel log");
+        return;
+    };
+    if !logged || !dmesg.status.success() {
+        eprintln!("kernel log not readable here: not checking it");
+        return;
+    }
+    let needle = format!("pid={pid} ");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&Command::new("dmesg").output().unwrap().stdout)
+            .to_string();
+        if text
+            .lines()
+            .any(|l| l.contains("type=1326") && l.contains(&needle) && l.contains("syscall=59"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit record for pid {pid} execve in dmesg"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
