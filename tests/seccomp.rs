@@ -58,7 +58,14 @@ fn every_thread_of_a_running_blimp_is_filtered() {
     let threads = loop {
         let t = seccomp_of_threads(vm.pid());
         let names: Vec<&str> = t.values().map(|(n, _)| n.as_str()).collect();
-        let want = ["blimp", "vcpu0", "vcpu1", "blimp-api", "blimp-spawner", "migration"];
+        let want = [
+            "blimp",
+            "vcpu0",
+            "vcpu1",
+            "blimp-api",
+            "blimp-spawner",
+            "migration",
+        ];
         if want.iter().all(|w| names.contains(w)) {
             break t;
         }
@@ -66,7 +73,10 @@ fn every_thread_of_a_running_blimp_is_filtered() {
         std::thread::sleep(Duration::from_millis(50));
     };
     for (tid, (name, mode)) in &threads {
-        assert_eq!(*mode, 2, "thread {tid} ({name}) is not filtered: {threads:?}");
+        assert_eq!(
+            *mode, 2,
+            "thread {tid} ({name}) is not filtered: {threads:?}"
+        );
     }
     let (s, b) = api.delete("/migration").expect("DELETE /migration");
     assert!(s == 200 || s == 204 || s == 202, "{s} {b}");
@@ -202,7 +212,12 @@ fn probe(kind: ThreadKind, mode: &str, probe: Probe) -> (std::process::ExitStatu
         .unwrap();
     let pid = child.id();
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     (child.wait().unwrap(), out, pid)
 }
 
@@ -266,8 +281,8 @@ fn log_mode_logs_and_allows() {
     let needle = format!("pid={pid} ");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = String::from_utf8_lossy(&Command::new("dmesg").output().unwrap().stdout)
-            .to_string();
+        let text =
+            String::from_utf8_lossy(&Command::new("dmesg").output().unwrap().stdout).to_string();
         if text
             .lines()
             .any(|l| l.contains("type=1326") && l.contains(&needle) && l.contains("syscall=59"))

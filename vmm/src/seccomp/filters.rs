@@ -181,7 +181,10 @@ fn thread_basics() -> Allowed {
     let mut a = Allowed::default();
     a.allow(libc::SYS_futex, "std Mutex/Condvar/channels, thread join")
         .allow(libc::SYS_read, "eventfds, signalfd, sockets, files")
-        .allow(libc::SYS_write, "stderr logging, eventfd wakeups, serial output")
+        .allow(
+            libc::SYS_write,
+            "stderr logging, eventfd wakeups, serial output",
+        )
         .allow(libc::SYS_writev, "stderr logging through std")
         .allow(libc::SYS_close, "dropping descriptors")
         .allow(libc::SYS_brk, "malloc on the main arena")
@@ -197,12 +200,27 @@ fn thread_basics() -> Allowed {
         )
         .allow(libc::SYS_munmap, "freeing large allocations, thread stacks")
         .allow(libc::SYS_mremap, "realloc of large allocations")
-        .allow(libc::SYS_madvise, "glibc frees an ended thread's stack (MADV_DONTNEED)")
-        .allow(libc::SYS_rt_sigprocmask, "glibc/std mask signals around thread start and exit")
-        .allow(libc::SYS_rt_sigreturn, "return from the vCPU kick signal handler")
-        .allow(libc::SYS_sigaltstack, "std's stack-overflow guard for each thread")
+        .allow(
+            libc::SYS_madvise,
+            "glibc frees an ended thread's stack (MADV_DONTNEED)",
+        )
+        .allow(
+            libc::SYS_rt_sigprocmask,
+            "glibc/std mask signals around thread start and exit",
+        )
+        .allow(
+            libc::SYS_rt_sigreturn,
+            "return from the vCPU kick signal handler",
+        )
+        .allow(
+            libc::SYS_sigaltstack,
+            "std's stack-overflow guard for each thread",
+        )
         .allow(libc::SYS_exit, "a thread ends")
-        .allow(libc::SYS_exit_group, "the process ends (also from a panic or an error)")
+        .allow(
+            libc::SYS_exit_group,
+            "the process ends (also from a panic or an error)",
+        )
         .allow(libc::SYS_gettid, "logging and glibc")
         .allow(libc::SYS_getpid, "glibc (raise on abort)")
         .allow(libc::SYS_tgkill, "kicking a vCPU out of KVM_RUN; abort()")
@@ -211,16 +229,31 @@ fn thread_basics() -> Allowed {
             vec![vec![eq(0, libc::PR_SET_NAME as u64)]],
             "std names a thread (PR_SET_NAME)",
         )
-        .allow(libc::SYS_sched_getaffinity, "std::thread::available_parallelism")
+        .allow(
+            libc::SYS_sched_getaffinity,
+            "std::thread::available_parallelism",
+        )
         .allow(libc::SYS_sched_yield, "spin loops in std/tokio")
-        .allow(libc::SYS_clock_gettime, "Instant/SystemTime when the vDSO is not used")
+        .allow(
+            libc::SYS_clock_gettime,
+            "Instant/SystemTime when the vDSO is not used",
+        )
         .allow(libc::SYS_clock_nanosleep, "thread::sleep, pacing")
         .allow(libc::SYS_nanosleep, "thread::sleep on older glibc")
         .allow(libc::SYS_getrandom, "HashMap seeds")
-        .allow(libc::SYS_restart_syscall, "a sleep interrupted by the kick signal")
-        .allow(libc::SYS_rseq, "glibc registers restartable sequences per thread")
+        .allow(
+            libc::SYS_restart_syscall,
+            "a sleep interrupted by the kick signal",
+        )
+        .allow(
+            libc::SYS_rseq,
+            "glibc registers restartable sequences per thread",
+        )
         .allow(libc::SYS_set_robust_list, "glibc, at thread start")
-        .allow(libc::SYS_fcntl, "F_GETFL/F_SETFL/F_DUPFD_CLOEXEC on own descriptors")
+        .allow(
+            libc::SYS_fcntl,
+            "F_GETFL/F_SETFL/F_DUPFD_CLOEXEC on own descriptors",
+        )
         .allow(libc::SYS_poll, "std/tokio waiting on a descriptor")
         .allow(libc::SYS_ppoll, "waiting on a descriptor");
     a
@@ -269,7 +302,10 @@ fn epoll() -> Allowed {
     a.allow(libc::SYS_epoll_wait, "event loop / tokio reactor")
         .allow(libc::SYS_epoll_pwait, "event loop / tokio reactor")
         .allow(libc::SYS_epoll_ctl, "adding and removing descriptors")
-        .allow(libc::SYS_timerfd_settime, "balloon statistics timer, tokio timers");
+        .allow(
+            libc::SYS_timerfd_settime,
+            "balloon statistics timer, tokio timers",
+        );
     a
 }
 
@@ -333,10 +369,16 @@ fn event_loop() -> Allowed {
         .allow(libc::SYS_lseek, "reading the console")
         .allow(libc::SYS_unlink, "removing the API socket at exit")
         .allow(libc::SYS_unlinkat, "removing the API socket at exit")
-        .allow(libc::SYS_sendto, "answering on an API channel pipe/socketpair")
+        .allow(
+            libc::SYS_sendto,
+            "answering on an API channel pipe/socketpair",
+        )
         .allow(libc::SYS_recvfrom, "API channel")
         .allow(libc::SYS_shutdown, "API channel")
-        .allow(libc::SYS_newfstatat, "std::fs metadata (snapshot target checks)")
+        .allow(
+            libc::SYS_newfstatat,
+            "std::fs metadata (snapshot target checks)",
+        )
         .allow(libc::SYS_statx, "std::fs metadata")
         .allow(libc::SYS_fstat, "std::fs metadata");
     a
@@ -345,7 +387,20 @@ fn event_loop() -> Allowed {
 fn api() -> Allowed {
     let mut a = thread_basics();
     a.merge(&epoll())
-        .allow(libc::SYS_accept4, "accepting API connections on the bound socket")
+        .allow(
+            libc::SYS_accept4,
+            "accepting API connections on the bound socket",
+        )
+        .allow_if(
+            libc::SYS_openat,
+            vec![vec![masked(
+                2,
+                (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
+                libc::O_RDONLY as u64,
+            )]],
+            "read-only, no create: std::thread::available_parallelism reads the cgroup \
+             CPU quota (seen under --seccomp log)",
+        )
         .allow(libc::SYS_recvfrom, "reading requests")
         .allow(libc::SYS_sendto, "writing responses")
         .allow(libc::SYS_sendmsg, "writing responses")
@@ -387,15 +442,24 @@ fn migration() -> Allowed {
         .allow(libc::SYS_recvfrom, "the handshake replies")
         .allow(libc::SYS_sendmsg, "the stream")
         .allow(libc::SYS_recvmsg, "the handshake")
-        .allow(libc::SYS_setsockopt, "timeouts (SO_SNDTIMEO/SO_RCVTIMEO), TCP_NODELAY")
-        .allow(libc::SYS_getsockopt, "SO_ERROR after a non-blocking connect")
+        .allow(
+            libc::SYS_setsockopt,
+            "timeouts (SO_SNDTIMEO/SO_RCVTIMEO), TCP_NODELAY",
+        )
+        .allow(
+            libc::SYS_getsockopt,
+            "SO_ERROR after a non-blocking connect",
+        )
         .allow(libc::SYS_getsockname, "std::net")
         .allow(libc::SYS_getpeername, "std::net")
         .allow(libc::SYS_shutdown, "ending the stream")
         .allow(libc::SYS_pread64, "reading back the stream / files")
         .allow(libc::SYS_pwrite64, "writing files")
         .allow(libc::SYS_lseek, "files")
-        .allow(libc::SYS_openat, "file:// destinations: the temporary file, the directory")
+        .allow(
+            libc::SYS_openat,
+            "file:// destinations: the temporary file, the directory",
+        )
         .allow(libc::SYS_open, "file:// destinations")
         .allow(libc::SYS_newfstatat, "lstat checks of the target")
         .allow(libc::SYS_statx, "lstat checks of the target")
@@ -403,9 +467,18 @@ fn migration() -> Allowed {
         .allow(libc::SYS_fsync, "committing the file and its directory")
         .allow(libc::SYS_fdatasync, "committing the file")
         .allow(libc::SYS_ftruncate, "files")
-        .allow(libc::SYS_rename, "renaming the complete file over the target")
-        .allow(libc::SYS_renameat, "renaming the complete file over the target")
-        .allow(libc::SYS_renameat2, "renaming the complete file over the target")
+        .allow(
+            libc::SYS_rename,
+            "renaming the complete file over the target",
+        )
+        .allow(
+            libc::SYS_renameat,
+            "renaming the complete file over the target",
+        )
+        .allow(
+            libc::SYS_renameat2,
+            "renaming the complete file over the target",
+        )
         .allow(libc::SYS_unlink, "removing an aborted temporary file")
         .allow(libc::SYS_unlinkat, "removing an aborted temporary file")
         .allow_if(
@@ -463,41 +536,51 @@ fn main_thread() -> Allowed {
     ] {
         a.merge(&allowed(k));
     }
-    a.merge(&filter_installing()).allow_if(
-        libc::SYS_mmap,
-        vec![vec![masked(2, PROT_EXEC, 0)]],
-        "guest RAM (shared memfd/file mappings), the vCPUs' kvm_run areas: never executable",
-    )
-    .allow_if(
-        libc::SYS_ioctl,
-        vec![
-            any_kvm_ioctl(),
-            vec![eq(1, libc::TCGETS)],
-            vec![eq(1, libc::TCSETS)],
-            vec![eq(1, libc::TCSETSW)],
-            vec![eq(1, libc::FIONBIO)],
-            vec![eq(1, libc::FIOCLEX)],
-        ],
-        "creating and restoring the VM (KVM ioctls), the console's terminal mode",
-    )
-    .allow(libc::SYS_bind, "the API socket, the incoming migration listener")
-    .allow(libc::SYS_listen, "the API socket, the incoming migration listener")
-    .allow(libc::SYS_accept4, "the incoming migration connection")
-    .allow(libc::SYS_accept, "the incoming migration connection")
-    .allow(libc::SYS_chmod, "the API socket's mode (0600)")
-    .allow(libc::SYS_fchmodat, "the API socket's mode (0600)")
-    .allow(libc::SYS_memfd_create, "memfd and hugetlb guest RAM")
-    .allow(libc::SYS_ftruncate, "sizing memfd/file guest RAM")
-    .allow(libc::SYS_eventfd2, "device and API wakeups, ioeventfd/irqfd")
-    .allow(libc::SYS_epoll_create1, "the event loop, the API runtime")
-    .allow(libc::SYS_timerfd_create, "the balloon statistics timer")
-    .allow(libc::SYS_signalfd4, "SIGTERM/SIGINT/SIGHUP as events")
-    .allow(libc::SYS_rt_sigaction, "the vCPU kick signal handler")
-    .allow(libc::SYS_access, "probing files")
-    .allow(libc::SYS_readlink, "std::env::current_exe")
-    .allow(libc::SYS_pipe2, "internal wakeups")
-    .allow(libc::SYS_prlimit64, "reading limits")
-    .allow(libc::SYS_sysinfo, "host RAM");
+    a.merge(&filter_installing())
+        .allow_if(
+            libc::SYS_mmap,
+            vec![vec![masked(2, PROT_EXEC, 0)]],
+            "guest RAM (shared memfd/file mappings), the vCPUs' kvm_run areas: never executable",
+        )
+        .allow_if(
+            libc::SYS_ioctl,
+            vec![
+                any_kvm_ioctl(),
+                vec![eq(1, libc::TCGETS)],
+                vec![eq(1, libc::TCSETS)],
+                vec![eq(1, libc::TCSETSW)],
+                vec![eq(1, libc::FIONBIO)],
+                vec![eq(1, libc::FIOCLEX)],
+            ],
+            "creating and restoring the VM (KVM ioctls), the console's terminal mode",
+        )
+        .allow(
+            libc::SYS_bind,
+            "the API socket, the incoming migration listener",
+        )
+        .allow(
+            libc::SYS_listen,
+            "the API socket, the incoming migration listener",
+        )
+        .allow(libc::SYS_accept4, "the incoming migration connection")
+        .allow(libc::SYS_accept, "the incoming migration connection")
+        .allow(libc::SYS_chmod, "the API socket's mode (0600)")
+        .allow(libc::SYS_fchmodat, "the API socket's mode (0600)")
+        .allow(libc::SYS_memfd_create, "memfd and hugetlb guest RAM")
+        .allow(libc::SYS_ftruncate, "sizing memfd/file guest RAM")
+        .allow(
+            libc::SYS_eventfd2,
+            "device and API wakeups, ioeventfd/irqfd",
+        )
+        .allow(libc::SYS_epoll_create1, "the event loop, the API runtime")
+        .allow(libc::SYS_timerfd_create, "the balloon statistics timer")
+        .allow(libc::SYS_signalfd4, "SIGTERM/SIGINT/SIGHUP as events")
+        .allow(libc::SYS_rt_sigaction, "the vCPU kick signal handler")
+        .allow(libc::SYS_access, "probing files")
+        .allow(libc::SYS_readlink, "std::env::current_exe")
+        .allow(libc::SYS_pipe2, "internal wakeups")
+        .allow(libc::SYS_prlimit64, "reading limits")
+        .allow(libc::SYS_sysinfo, "host RAM");
     a
 }
 

@@ -271,10 +271,12 @@ where
         return spawn_here(name.to_string(), kind, Box::new(f));
     };
     let (reply_tx, reply_rx) = mpsc::channel();
-    let sent = spawner
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((name.to_string(), kind, Box::new(f), reply_tx));
+    let sent = spawner.lock().unwrap_or_else(|p| p.into_inner()).send((
+        name.to_string(),
+        kind,
+        Box::new(f),
+        reply_tx,
+    ));
     if sent.is_err() {
         return Err(std::io::Error::other("the seccomp spawner thread is gone"));
     }

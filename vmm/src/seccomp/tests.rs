@@ -77,7 +77,10 @@ fn main_holds_what_every_thread_it_starts_needs() {
     }
     let spawner = allowed(ThreadKind::Spawner);
     for sys in allowed(ThreadKind::Migration).syscalls() {
-        assert!(spawner.contains(sys), "migration needs {sys}, spawner lacks it");
+        assert!(
+            spawner.contains(sys),
+            "migration needs {sys}, spawner lacks it"
+        );
     }
 }
 
