@@ -270,3 +270,28 @@ fn restore_resumes_the_balloon_where_it_was() {
     assert_eq!(dst.wait(BOOT).code(), Some(0));
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn live_migration_over_tcp_hands_the_vm_over() {
+    // A free port on the loopback (released before the destination binds it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    // The source retries a refused connection for 3 s while this one starts.
+    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
+    let (mut vm, mut api, _) = start_source(
+        "tcp",
+        "fill 64 6;echo MIGRATE NOW;sleep 2;verify;exit 11",
+        "256M",
+        &[],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, json!({"destination": url}));
+    assert_eq!(st["state"], "Completed", "{st}");
+    dst.expect_line("verify ok 16384 pages", BOOT);
+    assert_eq!(dst.wait(BOOT).code(), Some(11));
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}

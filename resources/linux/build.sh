@@ -55,14 +55,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update -qq >&2
-  if ! apt-cache policy linux-source-6.12 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  if ! apt-cache policy linux-source-6.12 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
+    # (grep without -q reads all of apt-cache's output: with pipefail, an early
+    # exit would SIGPIPE apt-cache and fail the test though a candidate exists.)
     # Not in the configured suites (it is in bookworm-security): Debian's own
     # bookworm-backports has it too.
     log "enabling bookworm-backports for linux-source-6.12"
     echo "deb http://deb.debian.org/debian bookworm-backports main" |
       as_root tee /etc/apt/sources.list.d/blimp-bookworm-backports.list >/dev/null
     as_root apt-get update -qq >&2
-    apt-cache policy linux-source-6.12 | grep -q 'Candidate: [0-9]' ||
+    apt-cache policy linux-source-6.12 | grep 'Candidate: [0-9]' >/dev/null ||
       die "no installable linux-source-6.12 (checked the configured suites and bookworm-backports)"
   fi
   as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2

@@ -199,9 +199,12 @@ mod tests {
         assert!(d.balloon.is_none());
     }
 
+    /// (case, the field the error must name, the mutation)
+    type Mutation = (&'static str, &'static str, fn(&mut Value));
+
     #[test]
     fn missing_or_malformed_devices_are_refused_by_name() {
-        let table: &[(&str, &str, fn(&mut Value))] = &[
+        let table: &[Mutation] = &[
             ("missing balloon", "balloon", |v| {
                 v.as_object_mut().unwrap().remove("balloon");
             }),

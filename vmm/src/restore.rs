@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use api::types::MigrationDestination;
 
 use crate::config::{MemoryBackend, VmConfig};
+use crate::migration::file_dest::FileKind;
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
 use crate::migration::link::{self, Peer};
 use crate::migration::state::{self, StateSupport, VmState};
-use crate::migration::stream::{Destination, StreamReader};
+use crate::migration::stream::{Destination, HANDSHAKE_VERSION, StreamReader};
 use crate::vcpu;
 use crate::vmm::{Error, Machine, Vmm};
 
@@ -35,6 +36,10 @@ pub enum RestoreError {
     State(#[from] crate::migration::state::StateError),
     #[error("the migration stream's device state: {0}")]
     Devices(String),
+    #[error(
+        "the source sends stream format version {version}, which has no switchover handshake (version {HANDSHAKE_VERSION} and later): upgrade the source blimp; nothing was run"
+    )]
+    NoHandshake { version: u32 },
     #[error("{len} bytes follow the trailer: the stream must end there")]
     TrailingBytes { len: usize },
     #[error("the source did not hand the VM over: {0}; not running it")]
@@ -46,26 +51,9 @@ pub enum RestoreError {
         source: std::io::Error,
     },
     #[error("{path}: not a regular file ({kind}); a migration file is needed")]
-    NotAFile { path: PathBuf, kind: &'static str },
+    NotAFile { path: PathBuf, kind: FileKind },
     #[error("cannot prepare guest memory for the restore: {0}")]
     Memory(#[from] crate::memory::MemoryError),
-}
-
-fn file_kind(t: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else {
-        "not a plain file"
-    }
 }
 
 /// How long an incoming migration may go without a byte from the source
@@ -197,11 +185,10 @@ pub fn open_file(path: &std::path::Path) -> Result<Box<dyn Read + Send>, Restore
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(open_err)?;
-    let t = f.metadata().map_err(open_err)?.file_type();
-    if !t.is_file() {
+    if let Some(kind) = FileKind::of_type(f.metadata().map_err(open_err)?.file_type()) {
         return Err(RestoreError::NotAFile {
             path: path.to_path_buf(),
-            kind: file_kind(t),
+            kind,
         });
     }
     let fd = f.as_raw_fd();
@@ -296,6 +283,13 @@ impl Vmm {
     ) -> Result<Vmm, Error> {
         let mut reader = StreamReader::new(BufReader::with_capacity(4 << 20, input));
         let header = reader.read_header().map_err(RestoreError::from)?;
+        if end == End::Handshake && header.version < HANDSHAKE_VERSION {
+            // Such a source would report success without waiting for us.
+            return Err(RestoreError::NoHandshake {
+                version: header.version,
+            }
+            .into());
+        }
         // Nothing is allocated for the guest before its layout is known to
         // be one this host could build.
         let layout = header

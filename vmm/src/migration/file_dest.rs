@@ -55,7 +55,11 @@ pub enum FileKind {
 
 impl FileKind {
     fn of(meta: &Metadata) -> Option<FileKind> {
-        let t = meta.file_type();
+        Self::of_type(meta.file_type())
+    }
+
+    /// What `t` is, `None` for a regular file.
+    pub fn of_type(t: std::fs::FileType) -> Option<FileKind> {
         if t.is_file() {
             return None;
         }

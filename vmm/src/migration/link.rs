@@ -98,8 +98,11 @@ impl Write for Peer {
     }
 }
 
-/// Connect with `connect`, retrying refused or not-yet-existing endpoints
-/// for [`CONNECT_RETRY`] unless `cancel` is set.
+/// How long one TCP connection attempt may take (a cancel waits at most this).
+const CONNECT_ATTEMPT: Duration = Duration::from_millis(900);
+
+/// Connect with `connect`, retrying refused, not-yet-existing or silent
+/// endpoints for [`CONNECT_RETRY`] unless `cancel` is set.
 pub fn connect_retrying<T>(
     cancel: &AtomicBool,
     mut connect: impl FnMut() -> io::Result<T>,
@@ -113,7 +116,9 @@ pub fn connect_retrying<T>(
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::NotFound
+                        | io::ErrorKind::TimedOut
                 ) && Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(20));
@@ -131,7 +136,7 @@ pub fn connect(dest: &MigrationDestination, cancel: &AtomicBool) -> io::Result<O
             Peer::Unix(connect_retrying(cancel, || UnixStream::connect(p))?)
         }
         MigrationDestination::Tcp(a) => {
-            let s = connect_retrying(cancel, || TcpStream::connect_timeout(a, CONNECT_RETRY))?;
+            let s = connect_retrying(cancel, || TcpStream::connect_timeout(a, CONNECT_ATTEMPT))?;
             s.set_nodelay(true)?;
             Peer::Tcp(s)
         }

@@ -33,8 +33,14 @@ use super::dirty::{PAGE_SIZE, PageBitmap, PageRun};
 use super::zero::is_zero_page;
 
 pub const MAGIC: [u8; 8] = *b"BLIMPMIG";
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 has the records of
+/// version 1; over a socket it is followed by the switchover handshake
+/// ([`super::handshake`]), which version 1 sources do not do.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads (files of version 1 restore as before).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The first version whose live streams end with the switchover handshake.
+pub const HANDSHAKE_VERSION: u32 = 2;
 /// Header flag: the stream comes from a live migration (as opposed to a
 /// migrate-to-file). Informational.
 pub const FLAG_LIVE: u32 = 1 << 0;
@@ -622,7 +628,9 @@ impl<W: Write> StreamWriter<W> {
 pub enum StreamErrorKind {
     #[error("bad magic {found:02x?}: this is not a Blimp migration stream")]
     BadMagic { found: [u8; 8] },
-    #[error("unsupported stream format version {found} (this Blimp reads version {supported})")]
+    #[error(
+        "unsupported stream format version {found} (this Blimp reads versions {OLDEST_FORMAT_VERSION} to {supported})"
+    )]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("unknown header flags {flags:#x}")]
     UnknownFlags { flags: u32 },
@@ -917,7 +925,7 @@ impl<R: Read> StreamReader<R> {
             return Err(at(0, StreamErrorKind::BadMagic { found }));
         }
         let version = le32(&fixed[8..12]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(at(
                 8,
                 StreamErrorKind::UnsupportedVersion {
@@ -1518,6 +1526,32 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("unsupported stream format version 7"),
+            "{e}"
+        );
+    }
+
+    /// Set the header's version and fix its checksum.
+    fn with_version(stream: &mut [u8], version: u32) {
+        stream[8..12].copy_from_slice(&version.to_le_bytes());
+        let count = le32(&stream[16..20]) as usize;
+        let end = 20 + count * 16;
+        let crc = crc32c::crc32c(&stream[..end]);
+        stream[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn version_1_streams_still_restore_and_newer_ones_are_refused() {
+        let (mut stream, _, l) = sample();
+        with_version(&mut stream, 1);
+        let (_, r) = restore(&stream, &l, Destination::Fresh).expect("a version 1 stream restores");
+        assert_eq!(r.header.version, 1);
+        with_version(&mut stream, FORMAT_VERSION + 1);
+        let e = restore(&stream, &l, Destination::Fresh).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "unsupported stream format version {} (this Blimp reads versions 1 to {FORMAT_VERSION})",
+                FORMAT_VERSION + 1
+            )),
             "{e}"
         );
     }
