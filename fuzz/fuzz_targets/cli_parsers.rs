@@ -19,10 +19,16 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(n) = size::parse_size(s) {
         // A parsed size is stable: its byte count parses back to itself.
         assert_eq!(size::parse_size(&format!("{n}B")), Ok(n), "{s:?}");
-        assert_eq!(size::parse_size(&format!("{}K", n >> 10)).map(|k| k >> 10), Ok(n >> 10));
+        assert_eq!(
+            size::parse_size(&format!("{}K", n >> 10)).map(|k| k >> 10),
+            Ok(n >> 10)
+        );
     }
     if let Ok(cfg) = balloon_opts::parse(s) {
         // Values within the documented bounds.
-        assert!(cfg.stats_polling_interval_s <= 86_400, "{s:?}: {cfg:?}");
+        assert!(
+            cfg.stats_polling_interval_s <= api::types::MAX_STATS_INTERVAL_S,
+            "{s:?}: {cfg:?}"
+        );
     }
 });

@@ -24,7 +24,10 @@ struct CheckedDiscard;
 
 impl RamDiscard for CheckedDiscard {
     fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
-        let end = range.start.checked_add(range.len).expect("discard range overflows");
+        let end = range
+            .start
+            .checked_add(range.len)
+            .expect("discard range overflows");
         assert!(
             RAM.iter().any(|&(s, l)| range.start >= s && end <= s + l),
             "discard outside guest RAM: {range:?}"
@@ -136,7 +139,10 @@ fuzz_target!(|data: &[u8]| {
                 balloon.lock().unwrap().process_queue(q);
             }
             _ => {
-                let _ = balloon.lock().unwrap().set_target_pages(val % (total_pages as u32 + 8));
+                let _ = balloon
+                    .lock()
+                    .unwrap()
+                    .set_target_pages(val % (total_pages as u32 + 8));
             }
         }
         let b = balloon.lock().unwrap();
@@ -146,6 +152,10 @@ fuzz_target!(|data: &[u8]| {
             .filter(|&pfn| b.is_inflated(pfn))
             .count() as u64;
         assert_eq!(bitmap, b.inflated_pages(), "bitmap count != inflated_pages");
-        assert!(u64::from(b.actual_pages()) <= total_pages, "actual {} > RAM", b.actual_pages());
+        assert!(
+            u64::from(b.actual_pages()) <= total_pages,
+            "actual {} > RAM",
+            b.actual_pages()
+        );
     }
 });
