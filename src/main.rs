@@ -395,6 +395,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => {
+            // Restored RAM starts zeroed: that would empty the stream itself.
+            if let MemoryBackend::File(backing) = &args.host.memory_backend
+                && vmm::migration::file_dest::same_file(&args.from, backing)
+            {
+                eprintln!(
+                    "blimp: error: --memory-backend file={} is the migration file itself (--from): its RAM would overwrite the stream; back the guest with another file",
+                    backing.display()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
             if let Err(msg) = confine_main(args.host.seccomp) {
                 eprintln!("blimp: error: seccomp: {msg}");
                 return ExitCode::from(EXIT_RUNTIME);

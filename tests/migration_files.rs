@@ -372,3 +372,52 @@ fn non_regular_destinations_are_refused_and_left_unchanged() {
     vm.send("exit 0");
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 }
+
+#[test]
+fn the_vms_own_memory_file_is_never_a_destination() {
+    let dir = TestDir::new("own-ram");
+    let ram = dir.join("ram");
+    let ram_arg = format!("file={}", ram.display());
+    let (mut vm, api) = boot("own-ram", &["--memory-backend", &ram_arg]);
+    let before = std::fs::metadata(&ram).unwrap();
+    // Through another name for the same file, too.
+    let link = dir.join("ram-link");
+    std::fs::hard_link(&ram, &link).unwrap();
+    for job in [Job::Migration, Job::Snapshot] {
+        for path in [&ram, &link] {
+            let (s, b) = job.start(&api, path);
+            assert_eq!(s, 400, "{job:?} to {}: {b}", path.display());
+            assert!(
+                b["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("this VM's memory backing file"),
+                "{b}"
+            );
+        }
+    }
+    let after = std::fs::metadata(&ram).unwrap();
+    assert_eq!((before.ino(), before.len()), (after.ino(), after.len()));
+    assert_running(&api);
+    // A snapshot elsewhere works; restoring it onto itself as the backing
+    // file is refused before anything is written.
+    let snap = dir.join("snap");
+    Job::Snapshot.start_ok(&api, &snap);
+    assert_eq!(wait_job(&api)["state"], "Completed");
+    let size = std::fs::metadata(&snap).unwrap().len();
+    let snap_arg = format!("file={}", snap.display());
+    let (code, _, stderr) = common::run_blimp(&[
+        "restore",
+        "--from",
+        snap.to_str().unwrap(),
+        "--memory-backend",
+        &snap_arg,
+        "--no-stdin",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is the migration file itself"), "{stderr}");
+    assert_eq!(std::fs::metadata(&snap).unwrap().len(), size);
+    assert!(std::fs::read(&snap).unwrap().starts_with(MAGIC));
+    vm.signal(libc::SIGTERM);
+    let _ = vm.wait(BOOT);
+}

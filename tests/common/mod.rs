@@ -159,7 +159,8 @@ impl Vm {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => panic!(
-                    "timed out after {timeout:?} waiting for '{needle}'; output so far:\n{}",
+                    "timed out after {timeout:?} waiting for '{needle}' (host {}); output so far:\n{}",
+                    load_average(),
                     self.transcript.join("\n")
                 ),
                 Err(RecvTimeoutError::Disconnected) => panic!(
@@ -248,6 +249,18 @@ impl Drop for Vm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The host's load average, for timeout messages: a wait that timed out
+/// on a machine busy with other work reads differently from a hang.
+pub fn load_average() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let parts: Vec<&str> = l.split_whitespace().take(3).collect();
+    format!(
+        "load average {} on {} CPUs",
+        parts.join(" "),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
 }
 
 /// VmRSS of a process, in bytes (from /proc/PID/status).

@@ -251,10 +251,17 @@ impl ApiHandler {
         // Refuse a destination that cannot be written right away (missing
         // directory; a symlink, directory, device, FIFO or socket in the
         // way); the job checks again, and writes through a temporary file.
-        if let MigrationDestination::File(p) = &opts.destination
-            && let Err(e) = file_dest::check(p)
-        {
-            return Err(ApiResponse::bad_request(e.to_string()));
+        if let MigrationDestination::File(p) = &opts.destination {
+            file_dest::check(p).map_err(|e| ApiResponse::bad_request(e.to_string()))?;
+            // Renaming over it would take the name of the running guest's RAM.
+            if let crate::config::MemoryBackend::File(backing) = ctx.ram.backing()
+                && file_dest::same_file(p, backing)
+            {
+                return Err(ApiResponse::bad_request(format!(
+                    "{} is this VM's memory backing file (--memory-backend file=...): write the stream elsewhere",
+                    p.display()
+                )));
+            }
         }
         let destination = describe(&opts.destination);
         // Reap the previous job's thread before starting a new one.

@@ -11,6 +11,7 @@ pub mod emulation;
 pub mod exit;
 pub mod memory;
 pub mod migration;
+pub mod policy;
 pub mod pvm;
 pub mod restore;
 pub mod seccomp;

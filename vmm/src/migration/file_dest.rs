@@ -226,6 +226,15 @@ impl Target {
 }
 
 /// Checks, without writing anything, that `path` could be written by
+/// Whether `a` and `b` both exist and are the same file (device and inode),
+/// whatever the names or links that lead there.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// [`AtomicFile::create`]: its directory exists and the path itself is
 /// missing or a regular file (not a symlink, directory, device, FIFO or
 /// socket). For an early, clear refusal; `create` checks again.
