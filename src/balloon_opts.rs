@@ -1,5 +1,6 @@
 //! `--balloon k=v,...`: the balloon device's switches.
 
+use api::types::MAX_STATS_INTERVAL_S;
 use vmm::BalloonConfig;
 
 pub const BALLOON_HELP: &str = "deflate_on_oom=on|off, must_tell_host=on|off, stats_interval=SECS, \
@@ -11,6 +12,22 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
         "off" | "false" | "0" | "no" => Ok(false),
         _ => Err(format!("--balloon {key}={v}: expected on or off")),
     }
+}
+
+/// A stats polling interval in seconds, within the bound the API applies
+/// to `PATCH /balloon/statistics` (one limit for both ways in).
+fn stats_interval(key: &str, v: &str) -> Result<u32, String> {
+    let secs: u32 = v.parse().map_err(|_| {
+        format!(
+            "--balloon {key}={v}: expected a whole number of seconds (0 turns stats polling off)"
+        )
+    })?;
+    if secs > MAX_STATS_INTERVAL_S {
+        return Err(format!(
+            "--balloon {key}={v}: out of range (0 to {MAX_STATS_INTERVAL_S} seconds)"
+        ));
+    }
+    Ok(secs)
 }
 
 /// Parse the value of `--balloon` (may be empty: all defaults).
@@ -28,11 +45,13 @@ pub fn parse(s: &str) -> Result<BalloonConfig, String> {
             "page_poison" => o.page_poison = on_off(k, v)?,
             "hint_discard" => o.hint_discard = on_off(k, v)?,
             "stats_interval" | "stats_polling_interval_s" => {
-                o.stats_polling_interval_s = v.parse().map_err(|_| {
-                    format!("--balloon {k}={v}: expected a whole number of seconds (0 turns stats polling off)")
-                })?
+                o.stats_polling_interval_s = stats_interval(k, v)?
             }
-            _ => return Err(format!("--balloon: unknown option '{k}' (known: {BALLOON_HELP})")),
+            _ => {
+                return Err(format!(
+                    "--balloon: unknown option '{k}' (known: {BALLOON_HELP})"
+                ));
+            }
         }
     }
     Ok(o)
@@ -66,5 +85,23 @@ mod tests {
                 .contains("stats_interval=-1")
         );
         assert!(parse("deflate_on_oom").unwrap_err().contains("key=value"));
+    }
+
+    /// Found by fuzz/cli_parsers: the CLI took any u32 while the API caps
+    /// the interval at a day.
+    #[test]
+    fn stats_interval_is_bounded_like_the_api() {
+        assert_eq!(
+            parse("stats_interval=86400")
+                .unwrap()
+                .stats_polling_interval_s,
+            MAX_STATS_INTERVAL_S
+        );
+        let e = parse("stats_interval=00100136736").unwrap_err();
+        assert!(
+            e.contains("stats_interval=00100136736") && e.contains("out of range"),
+            "{e}"
+        );
+        assert!(parse("stats_interval=86401").is_err());
     }
 }

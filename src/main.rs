@@ -69,6 +69,29 @@ struct HostArgs {
     /// Do not read stdin: the serial console is output-only.
     #[arg(long)]
     no_stdin: bool,
+    #[command(flatten)]
+    seccomp: SeccompArg,
+}
+
+/// How the threads of a running VM are confined.
+#[derive(Args, Clone, Copy)]
+struct SeccompArg {
+    /// Seccomp filters per thread: kill (a syscall outside the thread's
+    /// allow-list kills blimp with SIGSYS), log (it is allowed and logged by
+    /// the kernel, see dmesg: for finding missing syscalls) or off.
+    #[arg(long = "seccomp", value_name = "MODE", default_value = "kill", value_parser = parse_seccomp)]
+    mode: vmm::seccomp::Mode,
+}
+
+fn parse_seccomp(s: &str) -> Result<vmm::seccomp::Mode, String> {
+    s.parse().map_err(|e: vmm::seccomp::Error| e.to_string())
+}
+
+/// Compile the filters and confine the main thread, before blimp reads
+/// anything a peer or a file controls.
+fn confine_main(arg: SeccompArg) -> Result<(), String> {
+    vmm::seccomp::init(arg.mode).map_err(|e| e.to_string())?;
+    vmm::seccomp::enter(vmm::seccomp::ThreadKind::Main).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -130,6 +153,8 @@ struct RunArgs {
     /// /tmp/blimp.sock; try `curl --unix-socket /tmp/blimp.sock http://localhost/vm`.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    seccomp: SeccompArg,
 }
 
 fn parse_backend(s: &str) -> Result<MemoryBackend, String> {
@@ -259,7 +284,11 @@ fn report(e: &dyn std::error::Error) {
 
 fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String> {
     let chan = vmm.api_channel().map_err(|e| e.to_string())?;
-    api::ApiServer::start(path, chan).map_err(|e| e.to_string())
+    let config = api::ServerConfig {
+        thread_init: Some(|| vmm::seccomp::enter_or_exit(vmm::seccomp::ThreadKind::Api)),
+        ..Default::default()
+    };
+    api::ApiServer::start_with_config(path, chan, config).map_err(|e| e.to_string())
 }
 
 /// Run a built VM with its API server until it ends.
@@ -318,11 +347,16 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    if let Err(msg) = confine_main(args.seccomp) {
+        eprintln!("blimp: error: seccomp: {msg}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     if let Some(url) = &args.incoming {
         let host = HostArgs {
             memory_backend: args.memory_backend.clone(),
             api_sock: args.api_sock.clone(),
             no_stdin: args.no_stdin,
+            seccomp: args.seccomp,
         };
         return restore_and_run(Source::Incoming(vmm::restore::accept_incoming(url)), &host);
     }
@@ -370,6 +404,10 @@ fn main() -> ExitCode {
                     backing.display()
                 );
                 return ExitCode::from(EXIT_USAGE);
+            }
+            if let Err(msg) = confine_main(args.host.seccomp) {
+                eprintln!("blimp: error: seccomp: {msg}");
+                return ExitCode::from(EXIT_RUNTIME);
             }
             restore_and_run(
                 Source::File(vmm::restore::open_file(&args.from)),

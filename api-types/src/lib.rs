@@ -11,6 +11,8 @@
 //! The VMM depends on this crate only, so it links no HTTP stack or async
 //! runtime; the server attaches to the channel and the hub at start.
 
+#![forbid(unsafe_code)]
+
 pub mod channel;
 pub mod events;
 pub mod routes;

@@ -24,6 +24,8 @@
 //! # Ok::<(), api::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 mod metrics;
 pub mod server;

@@ -77,6 +77,9 @@ pub struct ServerConfig {
     pub close_grace: Duration,
     /// Interval of SSE keep-alive comments.
     pub event_keepalive: Duration,
+    /// Run first on the server thread, before it accepts a connection (the
+    /// VMM installs the thread's seccomp filter here).
+    pub thread_init: Option<fn()>,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             max_event_readers: 16,
             close_grace: Duration::from_secs(1),
             event_keepalive: Duration::from_secs(15),
+            thread_init: None,
         }
     }
 }
@@ -165,7 +169,12 @@ impl ApiServer {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("blimp-api".into())
-            .spawn(move || rt.block_on(accept_loop(listener, ctx, shutdown_rx)))
+            .spawn(move || {
+                if let Some(init) = ctx.cfg.thread_init {
+                    init();
+                }
+                rt.block_on(accept_loop(listener, ctx, shutdown_rx))
+            })
             .map_err(cleanup_on_err)?;
         log::info!("API server listening on {}", path.display());
         Ok(ApiServerHandle {

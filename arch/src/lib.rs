@@ -5,6 +5,8 @@
 //! Everything here is pure data building: this crate opens no file
 //! descriptors; the VMM applies what it builds to KVM.
 
+#![forbid(unsafe_code)]
+
 pub mod boot_params;
 pub mod cpuid;
 pub mod gdt;

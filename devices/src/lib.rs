@@ -6,6 +6,8 @@
 //! accesses, which also mark the VMM's own dirty bitmap) and release host memory
 //! only through [`RamDiscard`], which the VMM implements over its backings.
 
+#![forbid(unsafe_code)]
+
 pub mod bus;
 pub mod legacy;
 pub mod persist;

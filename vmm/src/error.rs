@@ -40,6 +40,8 @@ pub enum Error {
     },
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 impl Error {

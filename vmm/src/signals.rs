@@ -37,10 +37,10 @@ impl TerminationSignals {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: fd was just created by signalfd and is owned by nobody else.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        // SAFETY: fd was just created by signalfd, is valid (checked above)
+        // and owned by nobody else, so OwnedFd may close it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     /// Read one pending signal number, if any.

@@ -219,7 +219,10 @@ impl Vcpus {
             let (ctl, ctx, stats) = (ctl.clone(), ctx.clone(), stats.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id as u8, fd, ctx, ctl, stats))
+                .spawn(move || {
+                    crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                    vcpu_loop(id as u8, fd, ctx, ctl, stats)
+                })
                 .map_err(|source| VcpuError::Spawn {
                     id: id as u8,
                     source,

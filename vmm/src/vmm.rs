@@ -239,6 +239,10 @@ impl Vmm {
         for f in std::mem::take(&mut self.on_start) {
             f(&self);
         }
+        // Migration workers need syscalls the event loop gives up: start
+        // their spawner, then narrow this thread to the event loop's list.
+        crate::seccomp::start_spawner()?;
+        crate::seccomp::enter(crate::seccomp::ThreadKind::EventLoop)?;
         log::info!(
             "VM started: {} MiB, {} vCPU(s), KVM backend {:?}, in {:?}",
             self.config.memory_bytes >> 20,

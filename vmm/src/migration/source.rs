@@ -208,10 +208,14 @@ impl Migration {
             cancel: cancel.clone(),
             written: written.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("migration".into())
-            .spawn(move || run(ctx, opts, job))
-            .ok();
+        // Started through the seccomp spawner: this worker may open network
+        // sockets, which the event loop that asks for it may not.
+        let thread = crate::seccomp::spawn(
+            "migration",
+            crate::seccomp::ThreadKind::Migration,
+            move || run(ctx, opts, job),
+        )
+        .ok();
         if thread.is_none() {
             let mut s = lock(&status);
             s.state = MigrationState::Failed;

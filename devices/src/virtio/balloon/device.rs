@@ -231,9 +231,13 @@ impl Balloon {
         self.config.num_pages
     }
 
-    /// What the guest last reported (`actual`), in 4 KiB pages.
+    /// What the guest last reported (`actual`), in 4 KiB pages, bounded by
+    /// guest RAM: the field is the driver's to write (virtio 1.2, 5.5.6), so a
+    /// hostile guest may claim more pages than it has; the host's accounting
+    /// (API, events) never does. The config space keeps what was written.
     pub fn actual_pages(&self) -> u32 {
-        self.config.actual
+        let total = u32::try_from(self.layout.total_pages()).unwrap_or(u32::MAX);
+        self.config.actual.min(total)
     }
 
     /// Pages the device has seen inflated and not deflated since the last
@@ -733,8 +737,15 @@ impl VirtioDevice for Balloon {
             );
         }
         if w.actual_changed {
+            if u64::from(self.config.actual) > self.layout.total_pages() {
+                warn_limited!(
+                    "balloon: guest reports {} pages in the balloon, more than the {} pages of RAM",
+                    self.config.actual,
+                    self.layout.total_pages()
+                );
+            }
             let ev = BalloonEvent::ActualChanged {
-                actual_pages: self.config.actual,
+                actual_pages: self.actual_pages(),
                 target_pages: self.config.num_pages,
             };
             self.emit(ev);

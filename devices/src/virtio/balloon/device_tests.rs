@@ -242,6 +242,25 @@ fn guest_actual_write_emits_event() {
     assert_eq!(fx.events.lock().unwrap().len(), n);
 }
 
+/// Found by fuzz/mmio_balloon: a guest could report more pages in the
+/// balloon than it has RAM, and the host passed the claim on.
+#[test]
+fn guest_actual_beyond_ram_is_bounded() {
+    let mut fx = fixture();
+    let total = fx.balloon.layout.total_pages() as u32;
+    fx.balloon.write_config(4, &(total + 8000).to_le_bytes());
+    assert_eq!(fx.balloon.actual_pages(), total);
+    assert_eq!(
+        fx.events.lock().unwrap().last(),
+        Some(&BalloonEvent::ActualChanged {
+            actual_pages: total,
+            target_pages: 0
+        })
+    );
+    fx.balloon.write_config(4, &u32::MAX.to_le_bytes());
+    assert_eq!(fx.balloon.actual_pages(), total);
+}
+
 #[test]
 fn stats_interval_requires_stats_at_boot() {
     let mut fx = fixture();

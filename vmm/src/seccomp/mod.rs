@@ -1,0 +1,289 @@
+//! Seccomp filters, one per kind of thread (issue #17).
+//!
+//! Every thread of `blimp run` / `blimp restore` runs under a seccomp-BPF
+//! allow-list compiled with rust-vmm's `seccompiler` (pure Rust, no
+//! libseccomp). The lists live in [`filters`], one reviewed file with a
+//! comment per syscall.
+//!
+//! Filters stack: a thread inherits the filters of the thread that created
+//! it and can only narrow them. So the main thread installs the broad
+//! [`ThreadKind::Main`] list first (before it reads anything a peer or a file
+//! controls), and every thread it starts narrows that at its entry point:
+//!
+//! | thread | installs | where |
+//! | --- | --- | --- |
+//! | main | `Main` | `blimp run`/`restore`, right after parsing the CLI |
+//! | `blimp-api` | `Api` | first thing on the API server thread |
+//! | `vcpuN` | `Vcpu` | first thing in the vCPU thread, before `KVM_RUN` |
+//! | `blimp-spawner` | `Spawner` | started by `Vmm::run` before the event loop narrows |
+//! | main, in `Vmm::run` | `EventLoop` | after the vCPUs and the spawner started |
+//! | `migration` | `Migration` | first thing in the migration worker |
+//!
+//! The migration worker needs network syscalls the event loop must not have;
+//! since the event loop cannot hand out more than it holds, migration
+//! threads are created by a small spawner thread started before the event
+//! loop narrows ([`spawn`]).
+
+mod filters;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+pub use filters::{Allowed, allowed};
+
+/// What a thread's filter does with a syscall outside its list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Kill the whole process (SECCOMP_RET_KILL_PROCESS, SIGSYS). The default.
+    Kill,
+    /// Allow it but have the kernel log it (SECCOMP_RET_LOG): for finding
+    /// missing syscalls in `dmesg`/the audit log.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "kill" => Ok(Mode::Kill),
+            "log" => Ok(Mode::Log),
+            "off" => Ok(Mode::Off),
+            _ => Err(Error::UnknownMode(s.to_string())),
+        }
+    }
+}
+
+/// The kinds of thread, each with its own allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The main thread while it sets the VM up (build, restore, incoming
+    /// migration accept, API socket bind); the union of everything below.
+    Main,
+    /// The main thread once it runs the event loop (`Vmm::run`).
+    EventLoop,
+    /// A vCPU thread (`KVM_RUN` and MMIO/PIO exits).
+    Vcpu,
+    /// The API server's tokio runtime thread.
+    Api,
+    /// The migration worker (and the helpers it starts).
+    Migration,
+    /// The thread that starts migration workers on behalf of the event loop.
+    Spawner,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Main,
+        ThreadKind::EventLoop,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::Migration,
+        ThreadKind::Spawner,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::EventLoop => "event-loop",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Api => "api",
+            ThreadKind::Migration => "migration",
+            ThreadKind::Spawner => "spawner",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown seccomp mode '{0}': use kill, log or off")]
+    UnknownMode(String),
+    #[error("building the seccomp filter for the {kind} thread")]
+    Build {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("compiling the seccomp filter for the {kind} thread")]
+    Compile {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("installing the seccomp filter for the {kind} thread")]
+    Apply {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("seccomp is already set up (mode {0:?})")]
+    AlreadySet(Mode),
+    #[error("starting thread {name}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The compiled filters of this process, set once by [`init`].
+struct Filters {
+    mode: Mode,
+    programs: HashMap<ThreadKind, BpfProgram>,
+}
+
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// Compile one thread kind's filter for `mode` (not `Off`).
+pub fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
+    let mismatch = match mode {
+        Mode::Kill | Mode::Off => SeccompAction::KillProcess,
+        Mode::Log => SeccompAction::Log,
+    };
+    let filter = SeccompFilter::new(
+        allowed(kind).into_rules(),
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|source| Error::Build {
+        kind: kind.name(),
+        source,
+    })?;
+    filter.try_into().map_err(|source| Error::Compile {
+        kind: kind.name(),
+        source,
+    })
+}
+
+/// Choose the mode for this process and compile every filter. Call once, on
+/// the main thread, before [`enter`]. Without it (library users, unit tests)
+/// [`enter`] does nothing.
+pub fn init(mode: Mode) -> Result<(), Error> {
+    let mut programs = HashMap::new();
+    if mode != Mode::Off {
+        for kind in ThreadKind::ALL {
+            programs.insert(kind, compile(kind, mode)?);
+        }
+    }
+    FILTERS
+        .set(Filters { mode, programs })
+        .map_err(|f| Error::AlreadySet(f.mode))
+}
+
+/// The mode chosen by [`init`]; `Off` before it.
+pub fn mode() -> Mode {
+    FILTERS.get().map_or(Mode::Off, |f| f.mode)
+}
+
+/// Install `kind`'s filter on the calling thread (stacked on what it
+/// inherited). Does nothing when seccomp is off or not initialised.
+pub fn enter(kind: ThreadKind) -> Result<(), Error> {
+    let Some(prog) = FILTERS.get().and_then(|f| f.programs.get(&kind)) else {
+        return Ok(());
+    };
+    seccompiler::apply_filter(prog).map_err(|source| Error::Apply {
+        kind: kind.name(),
+        source,
+    })?;
+    log::debug!("seccomp: {} filter installed", kind.name());
+    Ok(())
+}
+
+/// Compile `kind`'s filter for `mode` and install it on the calling thread,
+/// without [`init`] (tests apply one thread kind's list in a child process).
+pub fn install(kind: ThreadKind, mode: Mode) -> Result<(), Error> {
+    if mode == Mode::Off {
+        return Ok(());
+    }
+    let prog = compile(kind, mode)?;
+    seccompiler::apply_filter(&prog).map_err(|source| Error::Apply {
+        kind: kind.name(),
+        source,
+    })
+}
+
+/// [`enter`] at a thread's entry point where an error cannot be returned:
+/// a thread that cannot be confined does not run (the process exits).
+pub fn enter_or_exit(kind: ThreadKind) {
+    if let Err(e) = enter(kind) {
+        log::error!("seccomp: {e}: {:?}", std::error::Error::source(&e));
+        eprintln!("blimp: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Job = (
+    String,
+    ThreadKind,
+    Box<dyn FnOnce() + Send>,
+    mpsc::Sender<std::io::Result<std::thread::JoinHandle<()>>>,
+);
+
+static SPAWNER: OnceLock<std::sync::Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+
+/// Start the spawner thread (once; later calls do nothing). The event loop
+/// calls it before narrowing its own filter.
+pub fn start_spawner() -> Result<(), Error> {
+    if mode() == Mode::Off || SPAWNER.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("blimp-spawner".into())
+        .spawn(move || {
+            enter_or_exit(ThreadKind::Spawner);
+            for (name, kind, f, reply) in rx {
+                let _ = reply.send(spawn_here(name, kind, f));
+            }
+        })
+        .map_err(|source| Error::Spawn {
+            name: "blimp-spawner".into(),
+            source,
+        })?;
+    let _ = SPAWNER.set(std::sync::Mutex::new(tx));
+    Ok(())
+}
+
+fn spawn_here(
+    name: String,
+    kind: ThreadKind,
+    f: Box<dyn FnOnce() + Send>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        enter_or_exit(kind);
+        f()
+    })
+}
+
+/// Start a thread named `name` that runs `f` under `kind`'s filter. With a
+/// spawner running, the thread is created by it, so it can hold syscalls the
+/// caller does not.
+pub fn spawn<F>(name: &str, kind: ThreadKind, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let Some(spawner) = SPAWNER.get() else {
+        return spawn_here(name.to_string(), kind, Box::new(f));
+    };
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let sent = spawner.lock().unwrap_or_else(|p| p.into_inner()).send((
+        name.to_string(),
+        kind,
+        Box::new(f),
+        reply_tx,
+    ));
+    if sent.is_err() {
+        return Err(std::io::Error::other("the seccomp spawner thread is gone"));
+    }
+    reply_rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the seccomp spawner thread is gone")))
+}
+
+#[cfg(test)]
+mod tests;
