@@ -24,6 +24,7 @@ pub mod convergence;
 pub mod dirty;
 pub mod file_dest;
 pub mod handshake;
+pub mod hints;
 #[cfg(test)]
 mod kvm_tests;
 pub mod limits;

@@ -26,14 +26,13 @@ use std::time::{Duration, Instant};
 
 use api_types::types::{MigrationDestination, MigrationState, MigrationStatus};
 use api_types::{ApiEvent, EventHub};
-use devices::GpaRange;
-use devices::virtio::VirtioDevice;
-use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F_FREE_PAGE_HINT};
+use devices::virtio::balloon::Balloon;
 
 use super::convergence::{Convergence, ConvergenceConfig, Decision};
 use super::dirty::{self, PageBitmap};
 use super::file_dest::{self, AtomicFile};
 use super::handshake::{self, HandshakeError, Message, Waiter};
+use super::hints::{HintSource, RoundHints};
 use super::link::{self, Guarded, Peer, Sink};
 use super::state::{self, StateSupport, VmState};
 use super::stream::{FLAG_LIVE, StreamWriter, layout_ranges};
@@ -122,23 +121,6 @@ pub struct Migration {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Clears hinted ranges from the current round's bitmap.
-struct RoundHints {
-    current: Mutex<Option<(u32, Arc<PageBitmap>)>>,
-    hinted_pages: AtomicU64,
-}
-
-impl HintSink for RoundHints {
-    fn hinted(&self, cmd_id: u32, range: GpaRange) {
-        if let Some((id, bitmap)) = &*lock(&self.current)
-            && *id == cmd_id
-        {
-            let cleared = bitmap.clear_range(range);
-            self.hinted_pages.fetch_add(cleared, Ordering::Relaxed);
-        }
-    }
 }
 
 /// Why a migration failed.
@@ -281,17 +263,16 @@ struct Job {
 fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
     let started = Instant::now();
     let was_paused = ctx.vcpus.is_paused();
-    let hints = Arc::new(RoundHints {
-        current: Mutex::new(None),
-        hinted_pages: AtomicU64::new(0),
-    });
+    let hints = Arc::new(RoundHints::new());
+    let source: Option<Arc<dyn HintSource>> = ctx.balloon.clone().map(|b| b as Arc<dyn HintSource>);
     let mut sender = Sender {
         ctx: &ctx,
         opts: &opts,
         status: &job.status,
         cancel: &job.cancel,
         written: &job.written,
-        hints: hints.clone(),
+        hints,
+        source: source.clone(),
         started,
         was_paused,
         peer: None,
@@ -310,13 +291,9 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
             log::error!("migration: cannot stop dirty logging: {e}");
         }
     }
-    if let Some(b) = &ctx.balloon {
-        let mut b = lock(b);
-        b.set_hint_sink(None);
-        if b.hinting_status().state != HintingState::Idle {
-            let _ = b.stop_hinting();
-            let _ = b.hinting_done();
-        }
+    if let Some(source) = &source {
+        source.set_sink(None);
+        source.release();
     }
     let mut s = lock(&job.status);
     s.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -398,6 +375,8 @@ struct Sender<'a> {
     cancel: &'a Arc<AtomicBool>,
     written: &'a Arc<AtomicU64>,
     hints: Arc<RoundHints>,
+    /// Who hints free pages (the balloon), if anyone.
+    source: Option<Arc<dyn HintSource>>,
     started: Instant,
     /// Whether the user had paused the VM before the job started.
     was_paused: bool,
@@ -416,51 +395,36 @@ impl Sender<'_> {
     }
 
     fn hints_available(&self) -> bool {
-        let Some(b) = &self.ctx.balloon else {
+        let Some(source) = &self.source else {
             return false;
         };
-        let b = lock(b);
-        let negotiated = b.acked_features() & (1 << VIRTIO_BALLOON_F_FREE_PAGE_HINT) != 0;
-        negotiated && self.opts.free_page_hints
+        source.hints_negotiated() && self.opts.free_page_hints
     }
 
-    /// Start a hint round for `bitmap` and wait (at most `timeout`) until the
-    /// guest finished it; hints arriving later still clear unsent pages.
+    /// Start a hint round for `bitmap` and wait (at most `timeout`, woken
+    /// by the guest's end of the round) until the guest finished it; hints
+    /// arriving later still clear unsent pages.
     fn hint_round(&self, bitmap: &Arc<PageBitmap>, timeout: Duration) -> Option<u32> {
-        let b = self.ctx.balloon.as_ref()?;
-        let id = {
-            let mut b = lock(b);
-            let id = b.start_hinting().ok()?;
-            *lock(&self.hints.current) = Some((id, bitmap.clone()));
-            id
-        };
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = lock(b).hinting_status();
-            if s.guest_cmd_id == id && s.state == HintingState::Stopped {
-                break;
-            }
-            if Instant::now() > deadline || self.cancel.load(Ordering::SeqCst) {
-                log::debug!("migration: hint round {id} still running after {timeout:?}; sending");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let source = self.source.as_ref()?;
+        let id = source.start_round(&mut |id| self.hints.begin(id, bitmap.clone()))?;
+        if !self.hints.wait_stopped(id, timeout, self.cancel) {
+            log::debug!("migration: hint round {id} still running after {timeout:?}; sending");
         }
         Some(id)
     }
 
     fn end_hint_round(&self) {
-        if let Some(b) = &self.ctx.balloon {
-            let _ = lock(b).stop_hinting();
+        if let Some(source) = &self.source {
+            source.stop_round();
         }
-        *lock(&self.hints.current) = None;
+        self.hints.end();
     }
 
     fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         let mut s = lock(self.status);
         f(&mut s);
         s.elapsed_ms = self.started.elapsed().as_millis() as u64;
-        s.pages_hinted = self.hints.hinted_pages.load(Ordering::Relaxed);
+        s.pages_hinted = self.hints.hinted_pages();
         s.stream_bytes = self.written.load(Ordering::Relaxed);
         if let Some(h) = &self.ctx.events {
             h.publish(ApiEvent::MigrationProgress(s.clone()));
@@ -537,8 +501,8 @@ impl Sender<'_> {
         let bitmap = Arc::new(PageBitmap::new(layout));
         dirty::start_dirty_logging(&mut lock(&self.ctx.vm), &self.ctx.ram)?;
         let hints = self.hints_available();
-        if hints && let Some(b) = &self.ctx.balloon {
-            lock(b).set_hint_sink(Some(self.hints.clone()));
+        if hints && let Some(source) = &self.source {
+            source.set_sink(Some(self.hints.clone()));
         }
         bitmap.set_all();
         self.update(|s| s.state = MigrationState::Active);
@@ -612,7 +576,7 @@ impl Sender<'_> {
                 sync.kvm_pages,
                 sync.vmm_pages,
                 dirty_pages as f64 / secs,
-                self.hints.hinted_pages.load(Ordering::Relaxed)
+                self.hints.hinted_pages()
             );
             let stats = *w.stats();
             self.update(|s| {

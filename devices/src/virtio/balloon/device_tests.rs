@@ -970,11 +970,15 @@ mod free_pages {
     const MIB2: u64 = 2 * MIB;
     const MIB4: u64 = 4 * MIB;
 
+    /// Records hinted ranges (`.0`) and the rounds the guest stopped (`.1`).
     #[derive(Default)]
-    struct Sink(Mutex<Vec<(u32, GpaRange)>>);
+    struct Sink(Mutex<Vec<(u32, GpaRange)>>, Mutex<Vec<u32>>);
     impl HintSink for Sink {
         fn hinted(&self, cmd_id: u32, range: GpaRange) {
             self.0.lock().unwrap().push((cmd_id, range));
+        }
+        fn round_stopped(&self, cmd_id: u32) {
+            self.1.lock().unwrap().push(cmd_id);
         }
     }
 
@@ -1176,7 +1180,13 @@ mod free_pages {
         assert_eq!(fx.balloon.hinting_status().guest_cmd_id, id);
         send_hint(&mut fx, MIB4, MIB4);
         send_hint(&mut fx, HIGH, MIB4);
+        assert!(sink.1.lock().unwrap().is_empty(), "not stopped yet");
         send_cmd(&mut fx, FREE_PAGE_HINT_CMD_ID_STOP, false);
+        assert_eq!(
+            sink.1.lock().unwrap().as_slice(),
+            &[id],
+            "the guest's STOP wakes the sink with the round's id"
+        );
         assert_eq!(
             sink.0.lock().unwrap().as_slice(),
             &[

@@ -10,7 +10,7 @@ use vm_memory::Bytes;
 
 use super::device::Balloon;
 use super::discard::discard_free_range;
-use super::hinting::{GuestCmd, HintSink, HintingStatus};
+use super::hinting::{GuestCmd, HintSink, HintingState, HintingStatus};
 use super::metrics::BalloonMetrics;
 use super::queue::{Drain, drain_chains};
 use super::*;
@@ -105,10 +105,18 @@ impl Balloon {
                 } else {
                     match self.hint.on_guest_cmd(u32::from_le_bytes(id)) {
                         GuestCmd::Ack(id) => info!("balloon: guest started hinting round {id}"),
-                        GuestCmd::Stop => info!(
-                            "balloon: guest stopped hinting ({} pages hinted)",
-                            self.hint.status().hinted_pages
-                        ),
+                        GuestCmd::Stop => {
+                            let status = self.hint.status();
+                            info!(
+                                "balloon: guest stopped hinting ({} pages hinted)",
+                                status.hinted_pages
+                            );
+                            if status.state == HintingState::Stopped
+                                && let Some(sink) = &self.hint_sink
+                            {
+                                sink.round_stopped(status.guest_cmd_id);
+                            }
+                        }
                         GuestCmd::Stale(id) => {
                             BalloonMetrics::inc(&metrics.hints_ignored);
                             debug!("balloon: free_page queue ({idx}): stale command id {id}");

@@ -23,6 +23,11 @@ pub trait HintSink: Send + Sync {
     /// round `cmd_id`. Called under the balloon's lock on the event loop:
     /// must be quick and must not lock the balloon.
     fn hinted(&self, cmd_id: u32, range: GpaRange);
+
+    /// The guest ended round `cmd_id` (it sent STOP while the round was
+    /// requested or running): every hint of the round has been delivered.
+    /// Called under the balloon's lock, like [`hinted`](Self::hinted).
+    fn round_stopped(&self, _cmd_id: u32) {}
 }
 
 /// Where a hinting round stands. The one definition: the API serialises
