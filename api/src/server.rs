@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -126,21 +126,7 @@ impl ApiServer {
                 source,
             })?;
         rt.block_on(clear_stale_socket(path))?;
-        let listener =
-            std::os::unix::net::UnixListener::bind(path).map_err(|source| Error::Bind {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        // With the usual umask the socket is born without write permission
-        // for others, so nobody else can connect before this chmod.
-        if let Err(source) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        {
-            let _ = std::fs::remove_file(path);
-            return Err(Error::Chmod {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
+        let listener = bind_private(path)?;
         let ident = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
         let cleanup_on_err = |source: io::Error| {
             let _ = std::fs::remove_file(path);
@@ -184,6 +170,46 @@ impl ApiServer {
             thread: Some(thread),
         })
     }
+}
+
+/// Bind the socket with mode 0600 from the start: inside a fresh 0700
+/// directory next to `path`, then renamed into place, so no other user can
+/// ever connect whatever the umask (changing the umask instead would race
+/// with the process's other threads).
+fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let bind_err = |source: io::Error| Error::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = parent.join(format!(".blimp-api-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(bind_err)?;
+    let tmp = dir.join("s");
+    let bound = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(bind_err)
+        .and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| Error::Chmod {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            )?;
+            std::fs::rename(&tmp, path).map_err(bind_err)?;
+            Ok(l)
+        });
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    bound
 }
 
 /// Refuse a live socket, remove a stale one.
