@@ -67,9 +67,10 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Time the VMM has to answer (then 503).
     pub vmm_timeout: Duration,
-    /// Open connections at most. When full, the least recently active idle
-    /// connection is closed to admit a new one; if none is idle the new one
-    /// gets 503 and is closed.
+    /// Open connections at most. When full, the least recently active
+    /// connection with nothing at the VMM (idle, mid-headers or waiting for
+    /// its body) is closed at once to admit a new one; if every connection
+    /// has a request at the VMM the new one gets 503 and is closed.
     pub max_connections: usize,
     /// Concurrent `GET /events` streams at most (they count as connections).
     pub max_event_readers: usize,
@@ -295,6 +296,9 @@ impl Drop for ApiServerHandle {
 struct ConnState {
     /// Requests being handled on this connection.
     busy: AtomicUsize,
+    /// Waiting for the client to send a request body: evictable like an
+    /// idle connection (a stalled body must not hold a slot).
+    reading_body: AtomicBool,
     /// Carries an event stream: never evicted for being idle.
     pinned: AtomicBool,
     /// Milliseconds since server start of the last request end.
@@ -372,6 +376,14 @@ impl Drop for BusyGuard {
     }
 }
 
+impl ConnState {
+    /// Nothing is at the VMM for this connection: closing it loses no work.
+    fn evictable(&self) -> bool {
+        (self.busy.load(Ordering::SeqCst) == 0 || self.reading_body.load(Ordering::SeqCst))
+            && !self.pinned.load(Ordering::SeqCst)
+    }
+}
+
 impl Ctx {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -391,11 +403,7 @@ impl Ctx {
             let victim = t
                 .map
                 .iter()
-                .filter(|(_, c)| {
-                    !c.closing
-                        && c.state.busy.load(Ordering::SeqCst) == 0
-                        && !c.state.pinned.load(Ordering::SeqCst)
-                })
+                .filter(|(_, c)| !c.closing && c.state.evictable())
                 .min_by_key(|(_, c)| c.state.last_active_ms.load(Ordering::Relaxed))
                 .map(|(id, _)| *id);
             match victim {
@@ -532,7 +540,13 @@ async fn serve_connection(
             }
             return;
         }
-        _ = state.close.notified() => {}
+        _ = state.close.notified() => {
+            // Evicted while idle, mid-headers or waiting for a body: close
+            // at once so the slot is free for the client that asked for it.
+            if state.evictable() {
+                return;
+            }
+        }
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
@@ -619,7 +633,11 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
 }
 
 /// Read the whole body under the size limit and the body timeout.
-async fn read_body(ctx: &Ctx, req: Request<Incoming>) -> Result<Bytes, Box<Response<RespBody>>> {
+async fn read_body(
+    ctx: &Ctx,
+    conn: &ConnState,
+    req: Request<Incoming>,
+) -> Result<Bytes, Box<Response<RespBody>>> {
     let limit = ctx.cfg.max_body_bytes;
     let too_large = || {
         closing_error(
@@ -640,7 +658,10 @@ async fn read_body(ctx: &Ctx, req: Request<Incoming>) -> Result<Bytes, Box<Respo
         }
     }
     let body = Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(ctx.cfg.body_timeout, body.collect()).await {
+    conn.reading_body.store(true, Ordering::SeqCst);
+    let read = tokio::time::timeout(ctx.cfg.body_timeout, body.collect()).await;
+    conn.reading_body.store(false, Ordering::SeqCst);
+    match read {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Box::new(too_large())),
         Ok(Err(e)) => Err(Box::new(closing_error(
@@ -700,7 +721,7 @@ async fn dispatch(
     ep: Endpoint,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
-    let body = match read_body(ctx, req).await {
+    let body = match read_body(ctx, conn, req).await {
         Ok(b) => b,
         Err(r) => return *r,
     };

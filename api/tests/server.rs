@@ -924,3 +924,84 @@ fn shutdown_is_prompt_with_open_streams() {
     }
     assert!(ended);
 }
+
+/// Connections that send part of their headers and stall.
+fn stalled_connections(sock: &std::path::Path, n: usize) -> Vec<UnixStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = UnixStream::connect(sock).unwrap();
+            let _ = s.write_all(b"GET /vm HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn stalled_headers_do_not_block_a_valid_request() {
+    let vmm = FakeVmm::start();
+    let stalled = stalled_connections(&vmm.sock, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let resp = raw_exchange(
+            &vmm.sock,
+            b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            T,
+        );
+        let took = t0.elapsed();
+        assert_eq!(raw_status(&resp), Some(200), "{resp}");
+        worst = worst.max(took);
+    }
+    eprintln!("valid request under 200 stalled connections: worst {worst:?}");
+    assert!(worst < Duration::from_millis(100), "took {worst:?}");
+    drop(stalled);
+}
+
+#[test]
+fn stalled_headers_time_out() {
+    let vmm = FakeVmm::with_config(ServerConfig {
+        header_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let mut s = stalled_connections(&vmm.sock, 1).remove(0);
+    s.set_read_timeout(Some(T)).unwrap();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let took = t0.elapsed();
+    // Closed (without an answer: no request was read) at the deadline.
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "open for {took:?}"
+    );
+}
+
+#[test]
+fn stalled_bodies_do_not_block_a_valid_request() {
+    let vmm = FakeVmm::start();
+    let stalled: Vec<_> = (0..200)
+        .map(|_| {
+            let mut s = UnixStream::connect(&vmm.sock).unwrap();
+            let _ =
+                s.write_all(b"PATCH /vm HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"sta");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let resp = raw_exchange(
+            &vmm.sock,
+            b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            T,
+        );
+        let took = t0.elapsed();
+        assert_eq!(raw_status(&resp), Some(200), "{resp}");
+        worst = worst.max(took);
+    }
+    eprintln!("valid request under 200 stalled bodies: worst {worst:?}");
+    assert!(worst < Duration::from_millis(100), "took {worst:?}");
+    drop(stalled);
+}
