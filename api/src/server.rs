@@ -609,9 +609,17 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match routes::route(method.as_str(), &path) {
+    // HEAD is GET without the body (hyper leaves the body out).
+    let head = method == hyper::Method::HEAD;
+    let lookup = if head { "GET" } else { method.as_str() };
+    let resp = match routes::route(lookup, &path) {
+        _ if unsupported_transfer_encoding(req.headers()) => closing_error(
+            501,
+            "unsupported Transfer-Encoding (only chunked is implemented)",
+        ),
         Match::NotFound => error_response(404, format!("no such endpoint: {path}")),
         Match::MethodNotAllowed(allow) => {
+            let allow = with_head(allow);
             let mut r = error_response(
                 405,
                 format!("method {method} is not allowed on {path} (allowed: {allow})"),
@@ -619,6 +627,15 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
+            r
+        }
+        // The headers of an event stream, without subscribing a reader.
+        Match::Found(Endpoint::GetEvents) if head => {
+            let mut r = Response::new(full(Bytes::new()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             r
         }
         Match::Found(ep) => dispatch(ctx, conn, ep, req).await,
@@ -630,6 +647,27 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
         started.elapsed()
     );
     resp
+}
+
+/// A `Transfer-Encoding` with any coding but `chunked` (hyper itself
+/// refuses a list that does not end in `chunked`).
+fn unsupported_transfer_encoding(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|c| !c.eq_ignore_ascii_case("chunked"))
+        })
+    })
+}
+
+/// An `Allow` list with HEAD wherever GET is allowed.
+fn with_head(allow: String) -> String {
+    if allow.split(", ").any(|m| m == "GET") {
+        format!("{allow}, HEAD")
+    } else {
+        allow
+    }
 }
 
 /// Read the whole body under the size limit and the body timeout.

@@ -324,11 +324,11 @@ fn unknown_path_404_and_wrong_method_405() {
     // Query strings are ignored.
     assert_eq!(c.get("/vm?x=1").unwrap().0, 200);
     for (m, p, allow) in [
-        (Method::DELETE, "/vm", "GET, PATCH"),
-        (Method::POST, "/balloon", "GET, PATCH"),
+        (Method::DELETE, "/vm", "GET, PATCH, HEAD"),
+        (Method::POST, "/balloon", "GET, PATCH, HEAD"),
         (Method::GET, "/vm/shutdown", "PUT"),
-        (Method::PATCH, "/migration", "PUT, GET, DELETE"),
-        (Method::PUT, "/metrics", "GET"),
+        (Method::PATCH, "/migration", "PUT, GET, DELETE, HEAD"),
+        (Method::PUT, "/metrics", "GET, HEAD"),
     ] {
         let r = c.request_raw(m.clone(), p, None).unwrap();
         assert_eq!(r.status, 405, "{m} {p}");
@@ -1004,4 +1004,86 @@ fn stalled_bodies_do_not_block_a_valid_request() {
     eprintln!("valid request under 200 stalled bodies: worst {worst:?}");
     assert!(worst < Duration::from_millis(100), "took {worst:?}");
     drop(stalled);
+}
+
+/// Split a raw response into its head (lowercased) and body.
+fn head_and_body(resp: &str) -> (String, &str) {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    (head.to_ascii_lowercase(), body)
+}
+
+#[test]
+fn head_is_get_without_the_body() {
+    let vmm = FakeVmm::start();
+    let get = raw_exchange(
+        &vmm.sock,
+        b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    let (_, get_body) = head_and_body(&get);
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"HEAD /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(200), "{resp}");
+    let (head, body) = head_and_body(&resp);
+    assert!(head.contains("content-type: application/json"), "{resp}");
+    assert!(
+        head.contains(&format!("content-length: {}", get_body.len())),
+        "{resp}"
+    );
+    assert_eq!(body, "", "{resp}");
+
+    // An event stream's headers, and the connection is not held.
+    let t0 = Instant::now();
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"HEAD /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(200), "{resp}");
+    assert!(head_and_body(&resp).0.contains("text/event-stream"));
+    assert!(t0.elapsed() < Duration::from_secs(1));
+
+    // HEAD on a route without GET is 405, and Allow names HEAD with GET.
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"HEAD /vm/shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(405), "{resp}");
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"DELETE /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(405), "{resp}");
+    assert!(
+        head_and_body(&resp).0.contains("allow: get, patch, head"),
+        "{resp}"
+    );
+}
+
+#[test]
+fn unsupported_transfer_encoding_is_501() {
+    let vmm = FakeVmm::start();
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"PATCH /vm HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(501), "{resp}");
+    let (head, body) = head_and_body(&resp);
+    assert!(head.contains("connection: close"), "{resp}");
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert!(err_msg(&v).contains("Transfer-Encoding"), "{v}");
+    // chunked alone is fine.
+    let body = r#"{"state":"Paused"}"#;
+    let req = format!(
+        "PATCH /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let resp = raw_exchange(&vmm.sock, req.as_bytes(), T);
+    assert_eq!(raw_status(&resp), Some(204), "{resp}");
 }
