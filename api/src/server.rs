@@ -29,6 +29,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use crate::channel::{ApiRequest, ApiResponse, Responder, SendError, VmmChannel};
 use crate::events::{ApiEvent, EventEnvelope, now_ms};
 use crate::metrics::{self, Gauges, ServerStats};
+use crate::parse_errors::JsonErrors;
 use crate::routes::{self, Endpoint, Match};
 use crate::sse::{SseRing, sse_frame};
 use crate::types::{
@@ -491,7 +492,7 @@ fn spawn_connection(ctx: &Arc<Ctx>, stream: UnixStream, shutdown: watch::Receive
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(1))
                     .keep_alive(false)
-                    .serve_connection(TokioIo::new(stream), svc);
+                    .serve_connection(TokioIo::new(JsonErrors::new(stream)), svc);
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
             });
         }
@@ -531,7 +532,7 @@ async fn serve_connection(
         .max_headers(64)
         .max_buf_size(64 * 1024)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(JsonErrors::new(stream)), svc);
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {

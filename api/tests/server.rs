@@ -1087,3 +1087,35 @@ fn unsupported_transfer_encoding_is_501() {
     let resp = raw_exchange(&vmm.sock, req.as_bytes(), T);
     assert_eq!(raw_status(&resp), Some(204), "{resp}");
 }
+
+#[test]
+fn parser_errors_have_a_json_body() {
+    let vmm = FakeVmm::start();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many_headers = format!("GET /vm HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    for (req, status, msg) in [
+        ("GARBAGE\r\n\r\n".to_string(), 400, "malformed"),
+        (
+            "GET /vm HTTP/1.1\r\nBad Header\r\n\r\n".to_string(),
+            400,
+            "malformed",
+        ),
+        (long_uri, 414, "URI too long"),
+        (many_headers, 431, "headers too large"),
+    ] {
+        let resp = raw_exchange(&vmm.sock, req.as_bytes(), T);
+        assert_eq!(raw_status(&resp), Some(status), "{resp}");
+        let (head, body) = head_and_body(&resp);
+        assert!(head.contains("content-type: application/json"), "{resp}");
+        assert!(head.contains("connection: close"), "{resp}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{resp}"
+        );
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert!(err_msg(&v).contains(msg), "{v}");
+    }
+    // The server is fine afterwards.
+    assert_eq!(vmm.client().get("/vm").unwrap().0, 200);
+}
