@@ -28,6 +28,7 @@
 
 pub mod client;
 mod metrics;
+mod parse_errors;
 pub mod server;
 mod sse;
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +29,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use crate::channel::{ApiRequest, ApiResponse, Responder, SendError, VmmChannel};
 use crate::events::{ApiEvent, EventEnvelope, now_ms};
 use crate::metrics::{self, Gauges, ServerStats};
+use crate::parse_errors::JsonErrors;
 use crate::routes::{self, Endpoint, Match};
 use crate::sse::{SseRing, sse_frame};
 use crate::types::{
@@ -67,9 +68,10 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Time the VMM has to answer (then 503).
     pub vmm_timeout: Duration,
-    /// Open connections at most. When full, the least recently active idle
-    /// connection is closed to admit a new one; if none is idle the new one
-    /// gets 503 and is closed.
+    /// Open connections at most. When full, the least recently active
+    /// connection with nothing at the VMM (idle, mid-headers or waiting for
+    /// its body) is closed at once to admit a new one; if every connection
+    /// has a request at the VMM the new one gets 503 and is closed.
     pub max_connections: usize,
     /// Concurrent `GET /events` streams at most (they count as connections).
     pub max_event_readers: usize,
@@ -126,21 +128,7 @@ impl ApiServer {
                 source,
             })?;
         rt.block_on(clear_stale_socket(path))?;
-        let listener =
-            std::os::unix::net::UnixListener::bind(path).map_err(|source| Error::Bind {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        // With the usual umask the socket is born without write permission
-        // for others, so nobody else can connect before this chmod.
-        if let Err(source) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        {
-            let _ = std::fs::remove_file(path);
-            return Err(Error::Chmod {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
+        let listener = bind_private(path)?;
         let ident = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
         let cleanup_on_err = |source: io::Error| {
             let _ = std::fs::remove_file(path);
@@ -184,6 +172,46 @@ impl ApiServer {
             thread: Some(thread),
         })
     }
+}
+
+/// Bind the socket with mode 0600 from the start: inside a fresh 0700
+/// directory next to `path`, then renamed into place, so no other user can
+/// ever connect whatever the umask (changing the umask instead would race
+/// with the process's other threads).
+fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let bind_err = |source: io::Error| Error::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = parent.join(format!(".blimp-api-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(bind_err)?;
+    let tmp = dir.join("s");
+    let bound = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(bind_err)
+        .and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| Error::Chmod {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            )?;
+            std::fs::rename(&tmp, path).map_err(bind_err)?;
+            Ok(l)
+        });
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    bound
 }
 
 /// Refuse a live socket, remove a stale one.
@@ -269,6 +297,9 @@ impl Drop for ApiServerHandle {
 struct ConnState {
     /// Requests being handled on this connection.
     busy: AtomicUsize,
+    /// Waiting for the client to send a request body: evictable like an
+    /// idle connection (a stalled body must not hold a slot).
+    reading_body: AtomicBool,
     /// Carries an event stream: never evicted for being idle.
     pinned: AtomicBool,
     /// Milliseconds since server start of the last request end.
@@ -346,6 +377,14 @@ impl Drop for BusyGuard {
     }
 }
 
+impl ConnState {
+    /// Nothing is at the VMM for this connection: closing it loses no work.
+    fn evictable(&self) -> bool {
+        (self.busy.load(Ordering::SeqCst) == 0 || self.reading_body.load(Ordering::SeqCst))
+            && !self.pinned.load(Ordering::SeqCst)
+    }
+}
+
 impl Ctx {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -365,11 +404,7 @@ impl Ctx {
             let victim = t
                 .map
                 .iter()
-                .filter(|(_, c)| {
-                    !c.closing
-                        && c.state.busy.load(Ordering::SeqCst) == 0
-                        && !c.state.pinned.load(Ordering::SeqCst)
-                })
+                .filter(|(_, c)| !c.closing && c.state.evictable())
                 .min_by_key(|(_, c)| c.state.last_active_ms.load(Ordering::Relaxed))
                 .map(|(id, _)| *id);
             match victim {
@@ -457,7 +492,7 @@ fn spawn_connection(ctx: &Arc<Ctx>, stream: UnixStream, shutdown: watch::Receive
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(1))
                     .keep_alive(false)
-                    .serve_connection(TokioIo::new(stream), svc);
+                    .serve_connection(TokioIo::new(JsonErrors::new(stream)), svc);
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
             });
         }
@@ -497,7 +532,7 @@ async fn serve_connection(
         .max_headers(64)
         .max_buf_size(64 * 1024)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(JsonErrors::new(stream)), svc);
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
@@ -506,7 +541,13 @@ async fn serve_connection(
             }
             return;
         }
-        _ = state.close.notified() => {}
+        _ = state.close.notified() => {
+            // Evicted while idle, mid-headers or waiting for a body: close
+            // at once so the slot is free for the client that asked for it.
+            if state.evictable() {
+                return;
+            }
+        }
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
@@ -569,9 +610,17 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match routes::route(method.as_str(), &path) {
+    // HEAD is GET without the body (hyper leaves the body out).
+    let head = method == hyper::Method::HEAD;
+    let lookup = if head { "GET" } else { method.as_str() };
+    let resp = match routes::route(lookup, &path) {
+        _ if unsupported_transfer_encoding(req.headers()) => closing_error(
+            501,
+            "unsupported Transfer-Encoding (only chunked is implemented)",
+        ),
         Match::NotFound => error_response(404, format!("no such endpoint: {path}")),
         Match::MethodNotAllowed(allow) => {
+            let allow = with_head(allow);
             let mut r = error_response(
                 405,
                 format!("method {method} is not allowed on {path} (allowed: {allow})"),
@@ -579,6 +628,15 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
+            r
+        }
+        // The headers of an event stream, without subscribing a reader.
+        Match::Found(Endpoint::GetEvents) if head => {
+            let mut r = Response::new(full(Bytes::new()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             r
         }
         Match::Found(ep) => dispatch(ctx, conn, ep, req).await,
@@ -592,8 +650,33 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
     resp
 }
 
+/// A `Transfer-Encoding` with any coding but `chunked` (hyper itself
+/// refuses a list that does not end in `chunked`).
+fn unsupported_transfer_encoding(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|c| !c.eq_ignore_ascii_case("chunked"))
+        })
+    })
+}
+
+/// An `Allow` list with HEAD wherever GET is allowed.
+fn with_head(allow: String) -> String {
+    if allow.split(", ").any(|m| m == "GET") {
+        format!("{allow}, HEAD")
+    } else {
+        allow
+    }
+}
+
 /// Read the whole body under the size limit and the body timeout.
-async fn read_body(ctx: &Ctx, req: Request<Incoming>) -> Result<Bytes, Box<Response<RespBody>>> {
+async fn read_body(
+    ctx: &Ctx,
+    conn: &ConnState,
+    req: Request<Incoming>,
+) -> Result<Bytes, Box<Response<RespBody>>> {
     let limit = ctx.cfg.max_body_bytes;
     let too_large = || {
         closing_error(
@@ -614,7 +697,10 @@ async fn read_body(ctx: &Ctx, req: Request<Incoming>) -> Result<Bytes, Box<Respo
         }
     }
     let body = Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(ctx.cfg.body_timeout, body.collect()).await {
+    conn.reading_body.store(true, Ordering::SeqCst);
+    let read = tokio::time::timeout(ctx.cfg.body_timeout, body.collect()).await;
+    conn.reading_body.store(false, Ordering::SeqCst);
+    match read {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Box::new(too_large())),
         Ok(Err(e)) => Err(Box::new(closing_error(
@@ -674,7 +760,7 @@ async fn dispatch(
     ep: Endpoint,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
-    let body = match read_body(ctx, req).await {
+    let body = match read_body(ctx, conn, req).await {
         Ok(b) => b,
         Err(r) => return *r,
     };

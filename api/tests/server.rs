@@ -324,11 +324,11 @@ fn unknown_path_404_and_wrong_method_405() {
     // Query strings are ignored.
     assert_eq!(c.get("/vm?x=1").unwrap().0, 200);
     for (m, p, allow) in [
-        (Method::DELETE, "/vm", "GET, PATCH"),
-        (Method::POST, "/balloon", "GET, PATCH"),
+        (Method::DELETE, "/vm", "GET, PATCH, HEAD"),
+        (Method::POST, "/balloon", "GET, PATCH, HEAD"),
         (Method::GET, "/vm/shutdown", "PUT"),
-        (Method::PATCH, "/migration", "PUT, GET, DELETE"),
-        (Method::PUT, "/metrics", "GET"),
+        (Method::PATCH, "/migration", "PUT, GET, DELETE, HEAD"),
+        (Method::PUT, "/metrics", "GET, HEAD"),
     ] {
         let r = c.request_raw(m.clone(), p, None).unwrap();
         assert_eq!(r.status, 405, "{m} {p}");
@@ -923,4 +923,199 @@ fn shutdown_is_prompt_with_open_streams() {
         }
     }
     assert!(ended);
+}
+
+/// Connections that send part of their headers and stall.
+fn stalled_connections(sock: &std::path::Path, n: usize) -> Vec<UnixStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = UnixStream::connect(sock).unwrap();
+            let _ = s.write_all(b"GET /vm HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn stalled_headers_do_not_block_a_valid_request() {
+    let vmm = FakeVmm::start();
+    let stalled = stalled_connections(&vmm.sock, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let resp = raw_exchange(
+            &vmm.sock,
+            b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            T,
+        );
+        let took = t0.elapsed();
+        assert_eq!(raw_status(&resp), Some(200), "{resp}");
+        worst = worst.max(took);
+    }
+    eprintln!("valid request under 200 stalled connections: worst {worst:?}");
+    assert!(worst < Duration::from_millis(100), "took {worst:?}");
+    drop(stalled);
+}
+
+#[test]
+fn stalled_headers_time_out() {
+    let vmm = FakeVmm::with_config(ServerConfig {
+        header_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let mut s = stalled_connections(&vmm.sock, 1).remove(0);
+    s.set_read_timeout(Some(T)).unwrap();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let took = t0.elapsed();
+    // Closed (without an answer: no request was read) at the deadline.
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "open for {took:?}"
+    );
+}
+
+#[test]
+fn stalled_bodies_do_not_block_a_valid_request() {
+    let vmm = FakeVmm::start();
+    let stalled: Vec<_> = (0..200)
+        .map(|_| {
+            let mut s = UnixStream::connect(&vmm.sock).unwrap();
+            let _ =
+                s.write_all(b"PATCH /vm HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"sta");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let resp = raw_exchange(
+            &vmm.sock,
+            b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            T,
+        );
+        let took = t0.elapsed();
+        assert_eq!(raw_status(&resp), Some(200), "{resp}");
+        worst = worst.max(took);
+    }
+    eprintln!("valid request under 200 stalled bodies: worst {worst:?}");
+    assert!(worst < Duration::from_millis(100), "took {worst:?}");
+    drop(stalled);
+}
+
+/// Split a raw response into its head (lowercased) and body.
+fn head_and_body(resp: &str) -> (String, &str) {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    (head.to_ascii_lowercase(), body)
+}
+
+#[test]
+fn head_is_get_without_the_body() {
+    let vmm = FakeVmm::start();
+    let get = raw_exchange(
+        &vmm.sock,
+        b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    let (_, get_body) = head_and_body(&get);
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"HEAD /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(200), "{resp}");
+    let (head, body) = head_and_body(&resp);
+    assert!(head.contains("content-type: application/json"), "{resp}");
+    assert!(
+        head.contains(&format!("content-length: {}", get_body.len())),
+        "{resp}"
+    );
+    assert_eq!(body, "", "{resp}");
+
+    // An event stream's headers, and the connection is not held.
+    let t0 = Instant::now();
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"HEAD /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(200), "{resp}");
+    assert!(head_and_body(&resp).0.contains("text/event-stream"));
+    assert!(t0.elapsed() < Duration::from_secs(1));
+
+    // HEAD on a route without GET is 405, and Allow names HEAD with GET.
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"HEAD /vm/shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(405), "{resp}");
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"DELETE /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(405), "{resp}");
+    assert!(
+        head_and_body(&resp).0.contains("allow: get, patch, head"),
+        "{resp}"
+    );
+}
+
+#[test]
+fn unsupported_transfer_encoding_is_501() {
+    let vmm = FakeVmm::start();
+    let resp = raw_exchange(
+        &vmm.sock,
+        b"PATCH /vm HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        T,
+    );
+    assert_eq!(raw_status(&resp), Some(501), "{resp}");
+    let (head, body) = head_and_body(&resp);
+    assert!(head.contains("connection: close"), "{resp}");
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert!(err_msg(&v).contains("Transfer-Encoding"), "{v}");
+    // chunked alone is fine.
+    let body = r#"{"state":"Paused"}"#;
+    let req = format!(
+        "PATCH /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let resp = raw_exchange(&vmm.sock, req.as_bytes(), T);
+    assert_eq!(raw_status(&resp), Some(204), "{resp}");
+}
+
+#[test]
+fn parser_errors_have_a_json_body() {
+    let vmm = FakeVmm::start();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many_headers = format!("GET /vm HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    for (req, status, msg) in [
+        ("GARBAGE\r\n\r\n".to_string(), 400, "malformed"),
+        (
+            "GET /vm HTTP/1.1\r\nBad Header\r\n\r\n".to_string(),
+            400,
+            "malformed",
+        ),
+        (long_uri, 414, "URI too long"),
+        (many_headers, 431, "headers too large"),
+    ] {
+        let resp = raw_exchange(&vmm.sock, req.as_bytes(), T);
+        assert_eq!(raw_status(&resp), Some(status), "{resp}");
+        let (head, body) = head_and_body(&resp);
+        assert!(head.contains("content-type: application/json"), "{resp}");
+        assert!(head.contains("connection: close"), "{resp}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{resp}"
+        );
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert!(err_msg(&v).contains(msg), "{v}");
+    }
+    // The server is fine afterwards.
+    assert_eq!(vmm.client().get("/vm").unwrap().0, 200);
 }

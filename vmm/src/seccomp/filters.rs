@@ -564,6 +564,18 @@ fn main_thread() -> Allowed {
         )
         .allow(libc::SYS_accept4, "the incoming migration connection")
         .allow(libc::SYS_accept, "the incoming migration connection")
+        .allow(
+            libc::SYS_mkdir,
+            "the private directory the API socket is bound in",
+        )
+        .allow(
+            libc::SYS_mkdirat,
+            "the private directory the API socket is bound in",
+        )
+        .allow(
+            libc::SYS_rmdir,
+            "the private directory the API socket is bound in",
+        )
         .allow(libc::SYS_chmod, "the API socket's mode (0600)")
         .allow(libc::SYS_fchmodat, "the API socket's mode (0600)")
         .allow(libc::SYS_memfd_create, "memfd and hugetlb guest RAM")
