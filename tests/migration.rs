@@ -18,23 +18,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Start a migration and wait until it finishes; returns the final status.
 fn migrate(api: &mut ApiClient, body: Value) -> Value {
-    let (s, b) = api.put("/migration", &body).expect("PUT /migration");
-    assert_eq!(s, 200, "{b}");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        match api.get("/migration") {
-            Ok((200, st)) => {
-                let state = st["state"].as_str().unwrap_or("").to_string();
-                if ["Completed", "Failed", "Cancelled"].contains(&state.as_str()) {
-                    return st;
-                }
-            }
-            // The source ends a while after a completed live migration.
-            other => panic!("GET /migration: {other:?}"),
-        }
-        assert!(Instant::now() < deadline, "migration did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::migrate(api, &body, Duration::from_secs(300))
 }
 
 fn start_source(

@@ -236,16 +236,7 @@ fn put_migration(api: &mut ApiClient, body: Value) {
 
 /// Poll `GET /migration` until it ends; returns the final status.
 fn wait_end(api: &mut ApiClient, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (s, st) = api.get("/migration").expect("GET /migration");
-        assert_eq!(s, 200, "{st}");
-        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "migration did not end: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_migration_end(api, timeout)
 }
 
 fn vm_state(api: &mut ApiClient) -> String {

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::client::ApiClient;
 use common::Vm;
@@ -114,16 +114,7 @@ impl Job {
 
 /// Poll `GET /migration` until the job finished; returns its status.
 fn wait_job(api: &ApiClient) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (s, st) = api.get("/migration").expect("GET /migration");
-        assert_eq!(s, 200, "{st}");
-        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "the job did not finish: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_migration_end(api, Duration::from_secs(120))
 }
 
 fn assert_running(api: &ApiClient) {

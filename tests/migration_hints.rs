@@ -19,18 +19,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn migrate(api: &mut ApiClient, body: Value) -> Value {
-    let (s, b) = api.put("/migration", &body).expect("PUT /migration");
-    assert_eq!(s, 200, "{b}");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let (s, st) = api.get("/migration").expect("GET /migration");
-        assert_eq!(s, 200, "{st}");
-        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "migration did not finish: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::migrate(api, &body, Duration::from_secs(600))
 }
 
 /// One integrity run: the guest rewrites pages (versions recorded in its own

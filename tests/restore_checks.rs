@@ -357,20 +357,11 @@ fn assert_no_old_pages(backing: &Path) {
 }
 
 fn migrate(api: &mut api::client::ApiClient, destination: String) -> Value {
-    let (s, b) = api
-        .put("/migration", &json!({ "destination": destination }))
-        .expect("PUT /migration");
-    assert_eq!(s, 200, "{b}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (s, st) = api.get("/migration").expect("GET /migration");
-        assert_eq!(s, 200, "{st}");
-        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "migration did not finish: {st}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::migrate(
+        api,
+        &json!({ "destination": destination }),
+        Duration::from_secs(120),
+    )
 }
 
 const PROGRAM: &str = "fill 64 1;echo MIGRATE NOW;sleep 5;verify;exit 7";

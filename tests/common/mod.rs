@@ -332,6 +332,37 @@ pub fn wait_balloon(
     }
 }
 
+/// Poll `GET /migration` until the job (migration or snapshot) ended;
+/// returns its final status.
+pub fn wait_migration_end(client: &api::client::ApiClient, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, st) = client.get("/migration").expect("GET /migration");
+        assert_eq!(status, 200, "{st}");
+        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration did not finish within {timeout:?} (host {}): {st}",
+            load_average()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `PUT /migration` with `body` (expecting 200), then
+/// [`wait_migration_end`].
+pub fn migrate(
+    client: &api::client::ApiClient,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> serde_json::Value {
+    let (status, b) = client.put("/migration", body).expect("PUT /migration");
+    assert_eq!(status, 200, "PUT /migration {body}: {b}");
+    wait_migration_end(client, timeout)
+}
+
 /// `PATCH /balloon {"target_mib": mib}`, expecting 204.
 pub fn set_target(client: &mut api::client::ApiClient, mib: u64) {
     let (status, body) = client
