@@ -174,18 +174,6 @@ fn parse_backend(s: &str) -> Result<MemoryBackend, String> {
 /// A usage error: printed, exit status 2.
 struct Usage(String);
 
-fn host_ram_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = s
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
-}
-
 fn check_readable(what: &str, path: &Path) -> Result<(), Usage> {
     let meta =
         std::fs::metadata(path).map_err(|e| Usage(format!("{what} {}: {e}", path.display())))?;
@@ -224,7 +212,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             args.memory
         )));
     }
-    if let Some(host) = host_ram_bytes()
+    if let Some(host) = vmm::memory::host_ram_bytes()
         && memory > host
     {
         return Err(Usage(format!(
