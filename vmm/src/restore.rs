@@ -123,14 +123,7 @@ impl<R: Read> Read for IdleLimit<R> {
         let start = Instant::now();
         loop {
             match self.inner.read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if link::is_poll_timeout(&e) => {
                     if start.elapsed() >= self.limit {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,

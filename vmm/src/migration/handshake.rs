@@ -209,14 +209,7 @@ impl Waiter<'_> {
             match r.read(&mut buf[got..]) {
                 Ok(0) => return Err(HandshakeError::Closed { expected }),
                 Ok(n) => got += n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if super::link::is_poll_timeout(&e) => {
                     if Instant::now() >= deadline {
                         return Err(HandshakeError::Timeout {
                             expected,

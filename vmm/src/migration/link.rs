@@ -33,6 +33,15 @@ impl std::fmt::Display for CancelledIo {
 
 impl std::error::Error for CancelledIo {}
 
+/// Whether `e` only says a socket call's [`POLL`] timeout ran out (or a
+/// signal interrupted it): nothing failed, call again.
+pub fn is_poll_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 /// Whether `e` is the error of a cancelled write.
 pub fn is_cancelled(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<CancelledIo>())
@@ -212,14 +221,7 @@ impl<W: Write> Write for Guarded<W> {
                     self.written.fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(n);
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if is_poll_timeout(&e) => {
                     if start.elapsed() >= self.stall {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
