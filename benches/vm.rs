@@ -183,6 +183,34 @@ impl RawConn {
     }
 }
 
+/// The host's own floor, outside blimp: a round trip between two threads
+/// of this process over a socketpair, one every 2 ms until `stop`.
+fn thread_ping_pong(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let echo = std::thread::spawn(move || {
+        let _ = vmm::sched::request_slice(vmm::sched::API_SLICE);
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() && byte[0] == 1 {
+            b.write_all(&byte).expect("echo");
+        }
+    });
+    let _ = vmm::sched::request_slice(vmm::sched::API_SLICE);
+    let mut lat = Vec::with_capacity(20_000);
+    let mut byte = [1u8; 1];
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        a.write_all(&[1]).expect("ping");
+        a.read_exact(&mut byte).expect("pong");
+        lat.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    a.write_all(&[0]).expect("stop the echo thread");
+    echo.join().expect("echo thread");
+    lat
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -232,6 +260,11 @@ fn api_inflate() {
         ),
     ];
     let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(20_000); kinds.len()];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || thread_ping_pong(stop))
+    };
     let t0 = Instant::now();
     common::set_target(&mut api, target);
     let mut i = 0usize;
@@ -265,7 +298,13 @@ fn api_inflate() {
             Err(e) => format!("refused: {e}"),
         }
     );
-    for ((what, ..), lat) in kinds.iter().zip(lat.iter_mut()) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut floor = floor.join().expect("ping-pong thread");
+    let kinds = kinds.map(|k| k.0).into_iter().chain([
+        "control: two threads of the bench, socketpair round trip (the host's floor, no blimp)",
+    ]);
+    lat.push(std::mem::take(&mut floor));
+    for (what, lat) in kinds.zip(lat.iter_mut()) {
         let n = lat.len();
         println!(
             "  {what}: {n} requests during the inflate: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
