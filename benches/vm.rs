@@ -4,7 +4,7 @@
 //! without hints.
 //!
 //! `cargo bench --bench vm` runs all; `cargo bench --bench vm -- inflate api
-//! hinting reporting migration` picks sections.
+//! api-inflate hinting reporting migration` picks sections.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -130,6 +130,187 @@ fn api_latency() {
             percentile(&mut lat, 0.5).as_secs_f64() * 1e6,
             percentile(&mut lat, 0.99).as_secs_f64() * 1e6,
             percentile(&mut lat, 1.0).as_secs_f64() * 1e6
+        );
+    }
+    vm.send("exit 0");
+    vm.wait(T);
+}
+
+// ---------------------------------------------------------------- API latency during an inflate
+
+/// One keep-alive connection with a hand-written HTTP/1.1 exchange, so the
+/// figures are the server's (like `curl`), not a client runtime's.
+struct RawConn(std::os::unix::net::UnixStream, Vec<u8>);
+
+impl RawConn {
+    fn new(sock: &std::path::Path) -> Self {
+        let s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the API socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RawConn(s, Vec::with_capacity(4096))
+    }
+
+    /// Send one request, read the whole answer; returns its status.
+    fn call(&mut self, method: &str, path: &str, body: &str) -> u16 {
+        use std::io::{Read, Write};
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.0.write_all(req.as_bytes()).expect("write request");
+        self.1.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.0.read(&mut chunk).expect("read answer");
+            assert!(n > 0, "API server closed the connection");
+            self.1.extend_from_slice(&chunk[..n]);
+            let Some(end) = self.1.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&self.1[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if self.1.len() >= end + 4 + len {
+                return head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .expect("status code");
+            }
+        }
+    }
+}
+
+/// The host's own floor, outside blimp: a round trip between two threads
+/// of this process over a socketpair, one every 2 ms until `stop`.
+fn thread_ping_pong(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let echo = std::thread::spawn(move || {
+        let _ = vmm::sched::request_slice(vmm::sched::API_SLICE);
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() && byte[0] == 1 {
+            b.write_all(&byte).expect("echo");
+        }
+    });
+    let _ = vmm::sched::request_slice(vmm::sched::API_SLICE);
+    let mut lat = Vec::with_capacity(20_000);
+    let mut byte = [1u8; 1];
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        a.write_all(&[1]).expect("ping");
+        a.read_exact(&mut byte).expect("pong");
+        lat.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    a.write_all(&[0]).expect("stop the echo thread");
+    echo.join().expect("echo thread");
+    lat
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// GET and PATCH /balloon (alternating, one every 2 ms on one keep-alive
+/// connection) while an 8 GiB test guest with 7.5 GiB touched inflates its
+/// balloon from 0 to 7 GiB; the PATCH re-sends the current target, so it
+/// goes the whole way (server, channel, VMM, device) without changing it.
+fn api_inflate() {
+    let (mut vm, mut api, sock) = common::boot_with_api(
+        "bench-apiinflate",
+        "balloon;touch 7680;echo READY",
+        &["--memory", "8G", "--balloon", ""],
+    );
+    vm.expect_line("READY", T);
+    // The measuring thread is a latency-sensitive client like blimp's API
+    // thread: it asks for the same short slice, or its own wake-ups behind
+    // the busy vCPU and event loop would be what is measured.
+    let client_slice = vmm::sched::request_slice(vmm::sched::API_SLICE);
+    let mut conn = RawConn::new(&sock);
+    // Warm the connection and the paths.
+    for _ in 0..50 {
+        assert_eq!(conn.call("GET", "/balloon", ""), 200);
+    }
+    let target = 7168u64;
+    let patch = format!("{{\"target_mib\": {target}}}");
+    // What is measured, in turn: the two balloon requests, and two
+    // controls: GET /vm goes through the VMM's event loop (the path every
+    // request took before), a 404 is answered by the server thread alone
+    // (the floor: this host's thread wake-up and scheduling).
+    let kinds: [(&str, &str, &str, &str, u16); 4] = [
+        ("GET /balloon", "GET", "/balloon", "", 200),
+        ("PATCH /balloon", "PATCH", "/balloon", &patch, 204),
+        (
+            "GET /vm (control: via the event loop)",
+            "GET",
+            "/vm",
+            "",
+            200,
+        ),
+        (
+            "GET /nope (control: server thread only, 404)",
+            "GET",
+            "/nope",
+            "",
+            404,
+        ),
+    ];
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(20_000); kinds.len()];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || thread_ping_pong(stop))
+    };
+    let t0 = Instant::now();
+    common::set_target(&mut api, target);
+    let mut i = 0usize;
+    let took = loop {
+        let k = i % kinds.len();
+        let (_, method, path, body, want) = kinds[k];
+        let t = Instant::now();
+        let s = conn.call(method, path, body);
+        lat[k].push(t.elapsed());
+        assert_eq!(s, want, "{method} {path}");
+        i += 1;
+        if i.is_multiple_of(50) {
+            let (_, b) = api.get("/balloon").unwrap();
+            if b["actual_mib"].as_u64() == Some(target) {
+                break t0.elapsed();
+            }
+            assert!(t0.elapsed() < T, "inflate did not finish: {b}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    println!(
+        "api during inflate: 8 GiB test guest, 7.5 GiB touched, balloon 0 -> {target} MiB took {:.0} ms; one request every 2 ms in turn, raw HTTP/1.1 keep-alive (host {})",
+        ms(took),
+        common::load_average()
+    );
+    println!(
+        "  blimp's API thread and this client ask for a {} µs scheduler slice (client: {})",
+        vmm::sched::API_SLICE.as_micros(),
+        match &client_slice {
+            Ok(()) => "granted".to_string(),
+            Err(e) => format!("refused: {e}"),
+        }
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut floor = floor.join().expect("ping-pong thread");
+    let kinds = kinds.map(|k| k.0).into_iter().chain([
+        "control: two threads of the bench, socketpair round trip (the host's floor, no blimp)",
+    ]);
+    lat.push(std::mem::take(&mut floor));
+    for (what, lat) in kinds.zip(lat.iter_mut()) {
+        let n = lat.len();
+        println!(
+            "  {what}: {n} requests during the inflate: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            ms(percentile(lat, 0.5)),
+            ms(percentile(lat, 0.99)),
+            ms(percentile(lat, 1.0))
         );
     }
     vm.send("exit 0");
@@ -264,6 +445,9 @@ fn main() {
     }
     if want("api") {
         api_latency();
+    }
+    if want("api-inflate") {
+        api_inflate();
     }
     if want("hinting") {
         hinting();

@@ -273,7 +273,10 @@ fn report(e: &dyn std::error::Error) {
 fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String> {
     let chan = vmm.api_channel().map_err(|e| e.to_string())?;
     let config = api::ServerConfig {
-        thread_init: Some(|| vmm::seccomp::enter_or_exit(vmm::seccomp::ThreadKind::Api)),
+        thread_init: Some(|| {
+            vmm::sched::api_thread();
+            vmm::seccomp::enter_or_exit(vmm::seccomp::ThreadKind::Api)
+        }),
         ..Default::default()
     };
     api::ApiServer::start_with_config(path, chan, config).map_err(|e| e.to_string())

@@ -5,8 +5,8 @@
 //! eventfd). The VMM drains [`ApiReceiver::try_recv`] from its event loop and
 //! answers each request with [`Responder::respond`]; answering never blocks.
 
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use crate::events::EventHub;
 use crate::types::{
-    BalloonPatch, MigrationRequest, SnapshotRequest, StatsPatch, VmState, VmStatePatch,
+    BalloonPatch, BalloonPut, HintingStartCmd, MigrationRequest, SnapshotRequest, StatsPatch,
+    VmState, VmStatePatch,
 };
 
 /// Requests queued for the VMM at most; more get 503 at once.
@@ -33,6 +34,9 @@ pub enum ApiRequest {
     GetBalloon,
     /// `PATCH /balloon` → 204 (target above guest RAM → 400).
     PatchBalloon(BalloonPatch),
+    /// `PUT /balloon` (Firecracker) → 204 when it restates the configured
+    /// device, 400 otherwise (see [`BalloonPut`]).
+    PutBalloon(BalloonPut),
     /// `GET /balloon/statistics` → [`crate::types::BalloonStats`].
     GetBalloonStats,
     /// `PATCH /balloon/statistics` → 204.
@@ -41,11 +45,14 @@ pub enum ApiRequest {
     GetMetrics,
     /// `PUT /balloon/hinting/start` → [`crate::types::HintingStarted`].
     HintingStart,
+    /// `PATCH /balloon/hinting/start` (Firecracker) → 204.
+    FcHintingStart(HintingStartCmd),
     /// `GET /balloon/hinting/status` → [`crate::types::HintingStatus`].
     HintingStatus,
     /// `PUT /balloon/hinting/stop` → 204.
     HintingStop,
-    /// `PUT /balloon/hinting/done` → 204.
+    /// `PUT /balloon/hinting/done` → 204; also `PATCH /balloon/hinting/stop`
+    /// (Firecracker's stop sends DONE: the guest gets its hinted pages back).
     HintingDone,
     /// `PUT /migration` → 202/200 with [`crate::types::MigrationStarted`];
     /// one already running → 409.
@@ -166,11 +173,17 @@ impl Responder {
     }
 }
 
+/// Answers some requests at once on the server's thread, without the trip
+/// through the channel and the VMM's event loop (see
+/// [`ApiReceiver::set_direct`]). `None` means "send it to the VMM".
+pub type DirectHandler = Box<dyn Fn(&ApiRequest) -> Option<ApiResponse> + Send + Sync>;
+
 /// Server side of the channel: handed to the HTTP server (`api::ApiServer`).
 pub struct VmmChannel {
     sender: mpsc::SyncSender<(ApiRequest, Responder)>,
     wake: Arc<dyn Fn() + Send + Sync>,
     events: EventHub,
+    direct: Arc<OnceLock<DirectHandler>>,
 }
 
 /// Why a request could not be queued.
@@ -202,12 +215,19 @@ impl VmmChannel {
     pub fn events(&self) -> &EventHub {
         &self.events
     }
+
+    /// The VMM's answer to `req` given on the calling thread, if the VMM
+    /// installed a [`DirectHandler`] that takes it; `None`: use [`send`](Self::send).
+    pub fn try_direct(&self, req: &ApiRequest) -> Option<ApiResponse> {
+        self.direct.get().and_then(|f| f(req))
+    }
 }
 
 /// VMM side of the channel.
 pub struct ApiReceiver {
     receiver: mpsc::Receiver<(ApiRequest, Responder)>,
     events: EventHub,
+    direct: Arc<OnceLock<DirectHandler>>,
 }
 
 impl ApiReceiver {
@@ -226,6 +246,16 @@ impl ApiReceiver {
     pub fn event_hub(&self) -> EventHub {
         self.events.clone()
     }
+
+    /// Install the handler the server calls on its own thread before it
+    /// queues a request (once; a second call returns false and changes
+    /// nothing). It must not block for long: it runs on the server's only
+    /// thread. The VMM uses it for requests that need just a short device
+    /// lock, so that they do not wait behind the event loop's work (e.g. a
+    /// burst of inflate discards).
+    pub fn set_direct(&self, handler: DirectHandler) -> bool {
+        self.direct.set(handler).is_ok()
+    }
 }
 
 /// Make the channel. `wake` is called after each queued request, from the API
@@ -233,13 +263,19 @@ impl ApiReceiver {
 pub fn channel(wake: impl Fn() + Send + Sync + 'static) -> (VmmChannel, ApiReceiver) {
     let (sender, receiver) = mpsc::sync_channel(REQUEST_QUEUE_LEN);
     let events = EventHub::new();
+    let direct = Arc::new(OnceLock::new());
     (
         VmmChannel {
             sender,
             wake: Arc::new(wake),
             events: events.clone(),
+            direct: direct.clone(),
         },
-        ApiReceiver { receiver, events },
+        ApiReceiver {
+            receiver,
+            events,
+            direct,
+        },
     )
 }
 
@@ -283,6 +319,19 @@ mod tests {
         assert_eq!(send().unwrap_err(), SendError::Full);
         drop(rx);
         assert_eq!(send().unwrap_err(), SendError::Gone);
+    }
+
+    #[test]
+    fn direct_handler_answers_before_the_queue() {
+        let (chan, rx) = channel(|| {});
+        assert!(chan.try_direct(&ApiRequest::GetBalloon).is_none());
+        assert!(rx.set_direct(Box::new(|r| {
+            (*r == ApiRequest::GetBalloon).then(|| ApiResponse::conflict("direct"))
+        })));
+        assert!(!rx.set_direct(Box::new(|_| None)));
+        let got = chan.try_direct(&ApiRequest::GetBalloon).unwrap();
+        assert_eq!(got.body["error"], "direct");
+        assert!(chan.try_direct(&ApiRequest::GetVm).is_none());
     }
 
     #[test]

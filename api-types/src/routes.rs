@@ -9,18 +9,45 @@ pub enum Endpoint {
     ShutdownVm,
     GetBalloon,
     PatchBalloon,
+    /// Firecracker's `PUT /balloon`.
+    PutBalloon,
     GetBalloonStats,
     PatchBalloonStats,
     HintingStart,
     HintingStatus,
     HintingStop,
     HintingDone,
+    /// Firecracker's `PATCH /balloon/hinting/start` (204, no body back).
+    FcHintingStart,
+    /// Firecracker's `PATCH /balloon/hinting/stop`: DONE, like `HintingDone`.
+    FcHintingStop,
     PutMigration,
     GetMigration,
     CancelMigration,
     PutSnapshot,
     GetMetrics,
     GetEvents,
+}
+
+impl Endpoint {
+    /// A `/balloon` route: Firecracker has the same paths, so errors there
+    /// carry its `fault_message` next to Blimp's `error`.
+    pub fn is_balloon(self) -> bool {
+        matches!(
+            self,
+            Endpoint::GetBalloon
+                | Endpoint::PatchBalloon
+                | Endpoint::PutBalloon
+                | Endpoint::GetBalloonStats
+                | Endpoint::PatchBalloonStats
+                | Endpoint::HintingStart
+                | Endpoint::HintingStatus
+                | Endpoint::HintingStop
+                | Endpoint::HintingDone
+                | Endpoint::FcHintingStart
+                | Endpoint::FcHintingStop
+        )
+    }
 }
 
 /// One served `(method, path)` pair.
@@ -40,19 +67,26 @@ const fn r(method: &'static str, path: &'static str, endpoint: Endpoint) -> Rout
 }
 
 /// Every route the server serves. Paths are exact (no trailing slash, no
-/// parameters); query strings are ignored.
+/// parameters); query strings are ignored. The balloon routes include
+/// Firecracker's (`PUT /balloon`, `PATCH /balloon {"amount_mib"}`, `PATCH
+/// /balloon/hinting/start|stop`), whose errors also carry Firecracker's
+/// `fault_message`.
 pub const ROUTES: &[Route] = &[
     r("GET", "/vm", Endpoint::GetVm),
     r("PATCH", "/vm", Endpoint::PatchVm),
     r("PUT", "/vm/shutdown", Endpoint::ShutdownVm),
     r("GET", "/balloon", Endpoint::GetBalloon),
     r("PATCH", "/balloon", Endpoint::PatchBalloon),
+    r("PUT", "/balloon", Endpoint::PutBalloon),
     r("GET", "/balloon/statistics", Endpoint::GetBalloonStats),
     r("PATCH", "/balloon/statistics", Endpoint::PatchBalloonStats),
     r("PUT", "/balloon/hinting/start", Endpoint::HintingStart),
     r("GET", "/balloon/hinting/status", Endpoint::HintingStatus),
     r("PUT", "/balloon/hinting/stop", Endpoint::HintingStop),
     r("PUT", "/balloon/hinting/done", Endpoint::HintingDone),
+    // Firecracker's methods for its hinting routes, next to Blimp's.
+    r("PATCH", "/balloon/hinting/start", Endpoint::FcHintingStart),
+    r("PATCH", "/balloon/hinting/stop", Endpoint::FcHintingStop),
     r("PUT", "/migration", Endpoint::PutMigration),
     r("GET", "/migration", Endpoint::GetMigration),
     r("DELETE", "/migration", Endpoint::CancelMigration),
@@ -99,6 +133,11 @@ mod tests {
         );
         assert_eq!(route("GET", "/vm/"), Match::NotFound);
         assert_eq!(route("GET", "/nope"), Match::NotFound);
+        assert_eq!(
+            route("PATCH", "/balloon/hinting/stop"),
+            Match::Found(Endpoint::FcHintingStop)
+        );
+        assert_eq!(route("PUT", "/balloon"), Match::Found(Endpoint::PutBalloon));
     }
 
     #[test]
@@ -109,5 +148,16 @@ mod tests {
         }
         let eps: HashSet<_> = ROUTES.iter().map(|r| r.endpoint).collect();
         assert_eq!(eps.len(), ROUTES.len());
+    }
+
+    #[test]
+    fn balloon_endpoints() {
+        for rt in ROUTES {
+            assert_eq!(
+                rt.endpoint.is_balloon(),
+                rt.path.starts_with("/balloon"),
+                "{rt:?}"
+            );
+        }
     }
 }

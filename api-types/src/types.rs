@@ -127,14 +127,108 @@ pub struct BalloonInfo {
     pub actual_mib: u64,
     pub target_pages: u64,
     pub actual_pages: u64,
+    /// Firecracker's name for `target_mib` (the same value).
+    pub amount_mib: u64,
+    /// Firecracker's name for `free_page_hint` (the same value).
+    pub free_page_hinting: bool,
 }
 
 /// `PATCH /balloon`: resize the balloon (its size, i.e. memory taken from the
-/// guest, like Firecracker's `amount_mib`).
+/// guest). Firecracker's body `{"amount_mib": N}` is accepted as the same
+/// request: the convention is the same (the balloon's size, not the guest's).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "BalloonPatchBody")]
 pub struct BalloonPatch {
     pub target_mib: u64,
+}
+
+/// The wire form of [`BalloonPatch`]: one of the two names.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonPatchBody {
+    #[serde(default, deserialize_with = "present")]
+    target_mib: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    amount_mib: Option<u64>,
+}
+
+/// A field that, when given, must be a number (`null` is a type error).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64::deserialize(d).map(Some)
+}
+
+impl TryFrom<BalloonPatchBody> for BalloonPatch {
+    type Error = String;
+    fn try_from(b: BalloonPatchBody) -> Result<Self, String> {
+        match (b.target_mib, b.amount_mib) {
+            (Some(target_mib), None) | (None, Some(target_mib)) => Ok(BalloonPatch { target_mib }),
+            (Some(_), Some(_)) => {
+                Err("give target_mib or amount_mib (Firecracker's name for it), not both".into())
+            }
+            (None, None) => {
+                Err("missing field `target_mib` (or Firecracker's `amount_mib`)".into())
+            }
+        }
+    }
+}
+
+/// `PUT /balloon`, Firecracker's "create or update the balloon device"
+/// (its `Balloon` schema). Firecracker takes it only before boot; a Blimp VM
+/// boots at `blimp run`, where `--balloon` configures the device, so Blimp
+/// accepts it only as a restatement of that device (every field equal to the
+/// running device's, absent fields at Firecracker's defaults) and then sets
+/// `amount_mib` as the target; anything else is a 400 naming the field.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonPut {
+    pub amount_mib: u64,
+    pub deflate_on_oom: bool,
+    /// Absent: 0 (statistics off), as in Firecracker.
+    #[serde(default)]
+    pub stats_polling_interval_s: u32,
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+impl Validate for BalloonPut {
+    fn validate(&self) -> Result<(), String> {
+        BalloonPatch {
+            target_mib: self.amount_mib,
+        }
+        .validate()
+        .map_err(|e| e.replace("target_mib", "amount_mib"))?;
+        StatsPatch {
+            stats_polling_interval_s: self.stats_polling_interval_s,
+        }
+        .validate()
+    }
+}
+
+/// `PATCH /balloon/hinting/start` (Firecracker's `BalloonStartCmd`; the
+/// body may be empty).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HintingStartCmd {
+    /// Answer the guest's STOP with DONE without waiting for the host
+    /// (default true, as in Firecracker).
+    #[serde(default = "default_true")]
+    pub acknowledge_on_stop: bool,
+}
+
+impl Default for HintingStartCmd {
+    fn default() -> Self {
+        HintingStartCmd {
+            acknowledge_on_stop: true,
+        }
+    }
+}
+
+impl Validate for HintingStartCmd {
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Validate for BalloonPatch {
@@ -255,6 +349,29 @@ pub struct HintingStatus {
     pub state: HintingState,
     /// Pages hinted during the current (or last) round.
     pub hinted_pages: u64,
+}
+
+/// `GET /balloon/hinting/status`: [`HintingStatus`] with Firecracker's
+/// names (its `BalloonHintingStatus`) next to Blimp's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HintingStatusReply {
+    #[serde(flatten)]
+    pub status: HintingStatus,
+    /// Firecracker's name for `host_cmd_id` (the same value).
+    pub host_cmd: u32,
+    /// Firecracker's name for `guest_cmd_id` (the same value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cmd: Option<u32>,
+}
+
+impl From<HintingStatus> for HintingStatusReply {
+    fn from(status: HintingStatus) -> Self {
+        HintingStatusReply {
+            host_cmd: status.host_cmd_id,
+            guest_cmd: status.guest_cmd_id,
+            status,
+        }
+    }
 }
 
 /// Body of requests that take no parameters (`{}` or an empty body).
@@ -702,6 +819,35 @@ mod tests {
         assert!(j.get("swap_in").is_none());
         assert!(j.get("last_update").is_none());
         assert_eq!(j["hinted_pages"], 0);
+    }
+
+    #[test]
+    fn firecracker_bodies() {
+        let p: BalloonPatch = serde_json::from_str(r#"{"amount_mib": 64}"#).unwrap();
+        assert_eq!(p.target_mib, 64);
+        let both = serde_json::from_str::<BalloonPatch>(r#"{"amount_mib": 1, "target_mib": 1}"#);
+        assert!(both.unwrap_err().to_string().contains("not both"));
+        let none = serde_json::from_str::<BalloonPatch>("{}");
+        assert!(none.unwrap_err().to_string().contains("missing field"));
+        let null = serde_json::from_str::<BalloonPatch>(r#"{"amount_mib": null}"#);
+        assert!(null.unwrap_err().to_string().contains("invalid type"));
+        let other = serde_json::from_str::<BalloonPatch>(r#"{"size_mib": 1}"#);
+        assert!(other.unwrap_err().to_string().contains("unknown field"));
+        let put: BalloonPut =
+            serde_json::from_str(r#"{"amount_mib": 0, "deflate_on_oom": true}"#).unwrap();
+        assert_eq!(put.stats_polling_interval_s, 0);
+        assert!(!put.free_page_hinting && !put.free_page_reporting);
+        assert!(serde_json::from_str::<BalloonPut>(r#"{"amount_mib": 0}"#).is_err());
+        let big = BalloonPut {
+            amount_mib: MAX_BALLOON_MIB + 1,
+            ..put
+        };
+        assert!(big.validate().unwrap_err().contains("amount_mib"));
+        let h: HintingStartCmd = serde_json::from_str("{}").unwrap();
+        assert!(h.acknowledge_on_stop);
+        assert!(
+            serde_json::from_str::<HintingStartCmd>(r#"{"acknowledge_on_stop": "yes"}"#).is_err()
+        );
     }
 
     #[test]

@@ -33,8 +33,8 @@ use crate::parse_errors::JsonErrors;
 use crate::routes::{self, Endpoint, Match};
 use crate::sse::{SseRing, sse_frame};
 use crate::types::{
-    BalloonPatch, Empty, MigrationRequest, SnapshotRequest, StatsPatch, Validate, VmStatePatch,
-    VmmMetrics,
+    BalloonPatch, BalloonPut, Empty, HintingStartCmd, MigrationRequest, SnapshotRequest,
+    StatsPatch, Validate, VmStatePatch, VmmMetrics,
 };
 
 /// Errors starting the server. Every message names the socket path.
@@ -772,6 +772,7 @@ async fn dispatch(
         Endpoint::ShutdownVm => parse_empty(&body).map(|_| ApiRequest::Shutdown),
         Endpoint::GetBalloon => Ok(ApiRequest::GetBalloon),
         Endpoint::PatchBalloon => parse::<BalloonPatch>(&body).map(ApiRequest::PatchBalloon),
+        Endpoint::PutBalloon => parse::<BalloonPut>(&body).map(ApiRequest::PutBalloon),
         Endpoint::GetBalloonStats => Ok(ApiRequest::GetBalloonStats),
         Endpoint::PatchBalloonStats => {
             parse::<StatsPatch>(&body).map(ApiRequest::PatchBalloonStats)
@@ -780,19 +781,46 @@ async fn dispatch(
         Endpoint::HintingStatus => Ok(ApiRequest::HintingStatus),
         Endpoint::HintingStop => parse_empty(&body).map(|_| ApiRequest::HintingStop),
         Endpoint::HintingDone => parse_empty(&body).map(|_| ApiRequest::HintingDone),
+        Endpoint::FcHintingStart if is_blank(&body) => {
+            Ok(ApiRequest::FcHintingStart(HintingStartCmd::default()))
+        }
+        Endpoint::FcHintingStart => parse::<HintingStartCmd>(&body).map(ApiRequest::FcHintingStart),
+        Endpoint::FcHintingStop => parse_empty(&body).map(|_| ApiRequest::HintingDone),
         Endpoint::PutMigration => parse::<MigrationRequest>(&body).map(ApiRequest::PutMigration),
         Endpoint::GetMigration => Ok(ApiRequest::GetMigration),
         Endpoint::CancelMigration => Ok(ApiRequest::CancelMigration),
         Endpoint::PutSnapshot => parse::<SnapshotRequest>(&body).map(ApiRequest::PutSnapshot),
     };
-    match request {
-        Ok(r) => vmm_response(call_vmm(ctx, r, ctx.cfg.vmm_timeout).await),
-        Err(msg) => error_response(400, msg),
+    let answer = match request {
+        Ok(r) => call_vmm(ctx, r, ctx.cfg.vmm_timeout).await,
+        Err(msg) => ApiResponse::bad_request(msg),
+    };
+    vmm_response(if ep.is_balloon() {
+        with_fault_message(answer)
+    } else {
+        answer
+    })
+}
+
+/// Firecracker's error body is `{"fault_message": ...}`: on the routes it
+/// shares with Blimp an error carries both fields, with the same text.
+fn with_fault_message(mut resp: ApiResponse) -> ApiResponse {
+    if resp.status >= 400
+        && let Some(map) = resp.body.as_object_mut()
+        && let Some(msg) = map.get("error").cloned()
+    {
+        map.insert("fault_message".into(), msg);
     }
+    resp
 }
 
 /// Hand a request to the VMM and wait (without blocking the runtime).
 async fn call_vmm(ctx: &Ctx, req: ApiRequest, timeout: Duration) -> ApiResponse {
+    // Requests the VMM answers on this thread (balloon size and target)
+    // skip the channel and the event loop, which may be busy (discards).
+    if let Some(resp) = ctx.vmm.try_direct(&req) {
+        return resp;
+    }
     let (tx, rx) = oneshot::channel();
     let responder = Responder::new(move |resp| {
         let _ = tx.send(resp);

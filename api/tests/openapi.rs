@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use api::routes::ROUTES;
 use api::types::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use serde_yaml_ng::Value as Y;
 
 fn spec() -> Y {
@@ -140,8 +140,14 @@ fn schemas_match_types() {
     check(&spec, "VmStatePatch", &p, &p);
     let b = BalloonInfo::default();
     check(&spec, "BalloonInfo", &b, &b);
-    let p = BalloonPatch { target_mib: 1 };
-    check(&spec, "BalloonPatch", &p, &p);
+    // Blimp's target_mib and Firecracker's amount_mib, one of them.
+    let (props, required) = schema_fields(&spec, "BalloonPatch");
+    assert_eq!(props, ["amount_mib", "target_mib"].map(String::from).into());
+    assert!(required.is_empty());
+    for field in props {
+        let p: BalloonPatch = serde_json::from_value(json!({ field: 1 })).unwrap();
+        assert_eq!(p.target_mib, 1);
+    }
     let full = BalloonStats {
         swap_in: Some(1),
         swap_out: Some(1),
@@ -182,6 +188,34 @@ fn schemas_match_types() {
         ..hs.clone()
     };
     check(&spec, "HintingStatus", &hs, &hs_min);
+    check(
+        &spec,
+        "HintingStatusReply",
+        &HintingStatusReply::from(hs.clone()),
+        &HintingStatusReply::from(hs_min.clone()),
+    );
+    let put = BalloonPut {
+        amount_mib: 1,
+        deflate_on_oom: true,
+        stats_polling_interval_s: 1,
+        free_page_hinting: true,
+        free_page_reporting: true,
+    };
+    let (props, required) = schema_fields(&spec, "BalloonPut");
+    assert_eq!(keys(&serde_json::to_value(put).unwrap()), props);
+    assert_eq!(
+        required,
+        ["amount_mib", "deflate_on_oom"].map(String::from).into()
+    );
+    let minimal: BalloonPut =
+        serde_json::from_value(json!({"amount_mib": 0, "deflate_on_oom": false})).unwrap();
+    assert_eq!(minimal.stats_polling_interval_s, 0);
+    let (props, required) = schema_fields(&spec, "HintingStartCmd");
+    assert_eq!(
+        keys(&serde_json::to_value(HintingStartCmd::default()).unwrap()),
+        props
+    );
+    assert!(required.is_empty(), "the body may be empty");
     let m = MigrationRequest {
         downtime_ms: 1,
         max_rounds: Some(1),

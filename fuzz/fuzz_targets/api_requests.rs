@@ -6,8 +6,8 @@
 #![no_main]
 
 use api::types::{
-    BalloonPatch, MigrationDestination, MigrationRequest, SnapshotRequest, StatsPatch, Validate,
-    VmStatePatch,
+    BalloonPatch, BalloonPut, HintingStartCmd, MigrationDestination, MigrationRequest,
+    SnapshotRequest, StatsPatch, Validate, VmStatePatch,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -30,9 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    match which % 6 {
+    match which % 8 {
         0 => check::<VmStatePatch>(body),
         1 => check::<BalloonPatch>(body),
+        6 => check::<BalloonPut>(body),
+        7 => check::<HintingStartCmd>(body),
         2 => check::<StatsPatch>(body),
         3 => check::<MigrationRequest>(body),
         4 => check::<SnapshotRequest>(body),

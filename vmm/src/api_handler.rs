@@ -3,11 +3,11 @@
 //! answers each on the VMM thread, the only writer of VM state.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use api_types::types::{
-    self, BalloonInfo, BalloonPatch, HintingStarted, MigrationDestination, MigrationStarted,
+    self, BalloonInfo, BalloonPut, HintingStarted, MigrationDestination, MigrationStarted,
     MigrationStatus, StatsPatch, VmInfo, VmState, VmmMetrics,
 };
 use api_types::{ApiEvent, ApiReceiver, ApiRequest, ApiResponse, EventHub};
@@ -45,6 +45,117 @@ pub struct ApiHandler {
     ctx: ApiContext,
     /// The current or last migration/snapshot.
     job: Option<Migration>,
+    /// True while balloon requests must come through here rather than
+    /// [`DirectBalloon`] (a job runs, or the VM was migrated away).
+    direct_off: Arc<RwLock<bool>>,
+}
+
+/// `GET` and `PATCH /balloon` answered on the API server's thread
+/// (`ApiReceiver::set_direct`): they need only the device lock, which the
+/// event loop does not hold while it discards a burst of inflated pages
+/// (with MUST_TELL_HOST) nor between events, so they do not wait for the
+/// event loop to come round to the API's eventfd. While a migration job
+/// runs or after the VM was migrated they go the long way, through
+/// [`ApiHandler::refuse`].
+struct DirectBalloon {
+    balloon: Arc<Mutex<Balloon>>,
+    memory_bytes: u64,
+    off: Arc<RwLock<bool>>,
+}
+
+impl DirectBalloon {
+    fn handle(&self, req: &ApiRequest) -> Option<ApiResponse> {
+        // Held while answering: a job cannot start (and so the VM cannot be
+        // migrated away) in between.
+        let off = self.off.read().unwrap_or_else(PoisonError::into_inner);
+        if *off {
+            return None;
+        }
+        match req {
+            ApiRequest::GetBalloon => Some(balloon_info(&self.balloon)),
+            ApiRequest::PatchBalloon(p) => Some(
+                set_target(&self.balloon, self.memory_bytes, p.target_mib).unwrap_or_else(|e| e),
+            ),
+            _ => None,
+        }
+    }
+}
+
+fn balloon_info(b: &Mutex<Balloon>) -> ApiResponse {
+    let b = lock(b);
+    let cfg = b.config();
+    let (target, actual) = (u64::from(b.target_pages()), u64::from(b.actual_pages()));
+    ApiResponse::ok(&BalloonInfo {
+        deflate_on_oom: cfg.deflate_on_oom,
+        must_tell_host: cfg.must_tell_host,
+        stats_polling_interval_s: b.stats_polling_interval(),
+        free_page_hint: cfg.free_page_hint,
+        free_page_reporting: cfg.free_page_reporting,
+        page_poison: cfg.page_poison,
+        target_mib: target / PAGES_PER_MIB,
+        actual_mib: actual / PAGES_PER_MIB,
+        target_pages: target,
+        actual_pages: actual,
+        amount_mib: target / PAGES_PER_MIB,
+        free_page_hinting: cfg.free_page_hint,
+    })
+}
+
+fn set_target(
+    b: &Mutex<Balloon>,
+    memory_bytes: u64,
+    target_mib: u64,
+) -> Result<ApiResponse, ApiResponse> {
+    let guest_mib = memory_bytes >> 20;
+    if target_mib > guest_mib {
+        return Err(ApiResponse::target_too_large(target_mib, guest_mib));
+    }
+    let pages = u32::try_from(target_mib * PAGES_PER_MIB)
+        .map_err(|_| ApiResponse::target_too_large(target_mib, guest_mib))?;
+    lock(b).set_target_pages(pages).map_err(balloon_error)?;
+    Ok(ApiResponse::no_content())
+}
+
+/// Firecracker's `PUT /balloon`, after boot: a restatement of the device
+/// `blimp run --balloon` configured sets the target; any other device is a
+/// 400 that names the first field that differs.
+fn put_balloon(
+    b: &Mutex<Balloon>,
+    memory_bytes: u64,
+    put: &BalloonPut,
+) -> Result<ApiResponse, ApiResponse> {
+    {
+        let dev = lock(b);
+        let cfg = dev.config();
+        let fields: [(&str, String, String); 4] = [
+            (
+                "deflate_on_oom",
+                cfg.deflate_on_oom.to_string(),
+                put.deflate_on_oom.to_string(),
+            ),
+            (
+                "stats_polling_interval_s",
+                dev.stats_polling_interval().to_string(),
+                put.stats_polling_interval_s.to_string(),
+            ),
+            (
+                "free_page_hinting",
+                cfg.free_page_hint.to_string(),
+                put.free_page_hinting.to_string(),
+            ),
+            (
+                "free_page_reporting",
+                cfg.free_page_reporting.to_string(),
+                put.free_page_reporting.to_string(),
+            ),
+        ];
+        if let Some((name, have, want)) = fields.iter().find(|(_, have, want)| have != want) {
+            return Err(ApiResponse::bad_request(format!(
+                "PUT /balloon cannot change the balloon device after boot: {name} is {have} on this VM, the request has {want} (a Blimp VM boots at `blimp run`, whose --balloon configures the device; like Firecracker after InstanceStart, only PATCH /balloon and PATCH /balloon/statistics change a running balloon)"
+            )));
+        }
+    }
+    set_target(b, memory_bytes, put.amount_mib)
 }
 
 fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
@@ -74,13 +185,35 @@ fn balloon_error(e: balloon::Error) -> ApiResponse {
 impl ApiHandler {
     pub fn new(wake: EventFd, rx: ApiReceiver, ctx: ApiContext) -> Self {
         let events = rx.event_hub();
+        let direct_off = Arc::new(RwLock::new(false));
+        if let Some(balloon) = &ctx.balloon {
+            let direct = DirectBalloon {
+                balloon: balloon.clone(),
+                memory_bytes: ctx.memory_bytes,
+                off: direct_off.clone(),
+            };
+            if !rx.set_direct(Box::new(move |req| direct.handle(req))) {
+                log::warn!("api: the channel already has a direct handler");
+            }
+        }
         Self {
             wake,
             rx,
             events,
             ctx,
             job: None,
+            direct_off,
         }
+    }
+
+    /// Route balloon requests through here exactly while a job runs or the
+    /// VM was migrated.
+    fn set_direct_off(&self, off: bool) {
+        let mut cur = self
+            .direct_off
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *cur = off;
     }
 
     fn state(&self) -> VmState {
@@ -136,6 +269,7 @@ impl ApiHandler {
             req,
             ApiRequest::PatchVm(_)
                 | ApiRequest::HintingStart
+                | ApiRequest::FcHintingStart(_)
                 | ApiRequest::HintingStop
                 | ApiRequest::HintingDone
         );
@@ -150,6 +284,15 @@ impl ApiHandler {
     }
 
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        let direct_off = self.job_running() || self.migrated();
+        if direct_off
+            != *self
+                .direct_off
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+        {
+            self.set_direct_off(direct_off);
+        }
         if let Some(refused) = self.refuse(&req) {
             return refused;
         }
@@ -169,8 +312,16 @@ impl ApiHandler {
                 self.ctx.exit.stop(ExitReason::Shutdown);
                 Ok(ApiResponse::no_content())
             }
-            ApiRequest::GetBalloon => self.get_balloon(),
-            ApiRequest::PatchBalloon(p) => self.patch_balloon(p),
+            ApiRequest::GetBalloon => self.balloon().map(|b| balloon_info(b)),
+            ApiRequest::PatchBalloon(p) => self
+                .balloon()
+                .and_then(|b| set_target(b, self.ctx.memory_bytes, p.target_mib)),
+            ApiRequest::PutBalloon(p) => match self.balloon() {
+                Ok(b) => put_balloon(b, self.ctx.memory_bytes, &p),
+                Err(_) => Err(ApiResponse::bad_request(
+                    "the VM has no balloon device, and PUT /balloon cannot add one after boot (a Blimp VM boots at `blimp run`: start it with --balloon)",
+                )),
+            },
             ApiRequest::GetBalloonStats => self.balloon_stats(),
             ApiRequest::PatchBalloonStats(p) => self.patch_stats(p),
             ApiRequest::GetMetrics => Ok(ApiResponse::ok(&self.metrics())),
@@ -178,14 +329,29 @@ impl ApiHandler {
                 Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
                 Err(e) => balloon_error(e),
             }),
-            ApiRequest::HintingStatus => self.balloon().map(|b| {
-                let s = lock(b).hinting_status();
-                ApiResponse::ok(&types::HintingStatus {
-                    host_cmd_id: s.host_cmd_id,
-                    guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
-                    state: s.state,
-                    hinted_pages: s.hinted_pages,
-                })
+            ApiRequest::FcHintingStart(cmd) => {
+                self.balloon().map(
+                    |b| match lock(b).start_hinting_with(cmd.acknowledge_on_stop) {
+                        Ok(_) => ApiResponse::no_content(),
+                        Err(e) => balloon_error(e),
+                    },
+                )
+            }
+            ApiRequest::HintingStatus => self.balloon().and_then(|b| {
+                let b = lock(b);
+                // Firecracker: 400 when hinting was not enabled at configuration.
+                if !b.config().free_page_hint {
+                    return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
+                }
+                let s = b.hinting_status();
+                Ok(ApiResponse::ok(&types::HintingStatusReply::from(
+                    types::HintingStatus {
+                        host_cmd_id: s.host_cmd_id,
+                        guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
+                        state: s.state,
+                        hinted_pages: s.hinted_pages,
+                    },
+                )))
             }),
             ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
                 Ok(()) => ApiResponse::no_content(),
@@ -253,6 +419,8 @@ impl ApiHandler {
             }
         }
         let destination = opts.destination.to_string();
+        // Balloon requests come through here from now on (see DirectBalloon).
+        self.set_direct_off(true);
         // Reap the previous job's thread before starting a new one.
         if let Some(old) = self.job.take() {
             old.join();
@@ -275,36 +443,6 @@ impl ApiHandler {
         self.events
             .publish(ApiEvent::VmStateChanged { state: want });
         ApiResponse::no_content()
-    }
-
-    fn get_balloon(&self) -> Result<ApiResponse, ApiResponse> {
-        let b = lock(self.balloon()?);
-        let cfg = b.config();
-        let (target, actual) = (u64::from(b.target_pages()), u64::from(b.actual_pages()));
-        Ok(ApiResponse::ok(&BalloonInfo {
-            deflate_on_oom: cfg.deflate_on_oom,
-            must_tell_host: cfg.must_tell_host,
-            stats_polling_interval_s: b.stats_polling_interval(),
-            free_page_hint: cfg.free_page_hint,
-            free_page_reporting: cfg.free_page_reporting,
-            page_poison: cfg.page_poison,
-            target_mib: target / PAGES_PER_MIB,
-            actual_mib: actual / PAGES_PER_MIB,
-            target_pages: target,
-            actual_pages: actual,
-        }))
-    }
-
-    fn patch_balloon(&self, p: BalloonPatch) -> Result<ApiResponse, ApiResponse> {
-        let guest_mib = self.ctx.memory_bytes >> 20;
-        if p.target_mib > guest_mib {
-            return Err(ApiResponse::target_too_large(p.target_mib, guest_mib));
-        }
-        let pages = u32::try_from(p.target_mib * PAGES_PER_MIB)
-            .map_err(|_| ApiResponse::target_too_large(p.target_mib, guest_mib))?;
-        let mut b = lock(self.balloon()?);
-        b.set_target_pages(pages).map_err(balloon_error)?;
-        Ok(ApiResponse::no_content())
     }
 
     fn balloon_stats(&self) -> Result<ApiResponse, ApiResponse> {

@@ -16,6 +16,7 @@ pub mod migration;
 pub mod policy;
 pub mod pvm;
 pub mod restore;
+pub mod sched;
 pub mod seccomp;
 pub mod signals;
 pub mod vcpu;

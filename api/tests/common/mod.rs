@@ -128,6 +128,17 @@ pub fn answer(st: &mut FakeState, hub: &EventHub, req: ApiRequest) -> ApiRespons
             hub.publish(balloon_event(&st.balloon));
             ApiResponse::no_content()
         }
+        ApiRequest::PutBalloon(p) => {
+            if p.deflate_on_oom != st.balloon.deflate_on_oom {
+                return ApiResponse::bad_request(
+                    "PUT /balloon cannot change the balloon device after boot: deflate_on_oom",
+                );
+            }
+            st.balloon.target_mib = p.amount_mib;
+            st.balloon.amount_mib = p.amount_mib;
+            st.balloon.target_pages = mib_to_pages(p.amount_mib);
+            ApiResponse::no_content()
+        }
         ApiRequest::GetBalloonStats => ApiResponse::ok(&BalloonStats {
             target_pages: st.balloon.target_pages,
             actual_pages: st.balloon.actual_pages,
@@ -160,7 +171,12 @@ pub fn answer(st: &mut FakeState, hub: &EventHub, req: ApiRequest) -> ApiRespons
                 cmd_id: st.hint.host_cmd_id,
             })
         }
-        ApiRequest::HintingStatus => ApiResponse::ok(&st.hint),
+        ApiRequest::FcHintingStart(_) => {
+            st.hint.host_cmd_id = st.hint.host_cmd_id.max(1) + 1;
+            st.hint.state = HintingState::Requested;
+            ApiResponse::no_content()
+        }
+        ApiRequest::HintingStatus => ApiResponse::ok(&HintingStatusReply::from(st.hint.clone())),
         ApiRequest::HintingStop => {
             st.hint.state = HintingState::Stopped;
             ApiResponse::no_content()

@@ -592,7 +592,15 @@ fn main_thread() -> Allowed {
         .allow(libc::SYS_readlink, "std::env::current_exe")
         .allow(libc::SYS_pipe2, "internal wakeups")
         .allow(libc::SYS_prlimit64, "reading limits")
-        .allow(libc::SYS_sysinfo, "host RAM");
+        .allow(libc::SYS_sysinfo, "host RAM")
+        .allow(
+            libc::SYS_sched_getattr,
+            "the API thread's short scheduler slice (vmm::sched), before its own filter",
+        )
+        .allow(
+            libc::SYS_sched_setattr,
+            "the API thread's short scheduler slice (vmm::sched), before its own filter",
+        );
     a
 }
 

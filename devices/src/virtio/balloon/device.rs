@@ -106,6 +106,9 @@ pub struct Balloon {
     pub(super) broken: bool,
     pub(super) hint: HintState,
     pub(super) hint_sink: Option<Arc<dyn HintSink>>,
+    /// Answer the guest's STOP of the current round with DONE (set by
+    /// `start_hinting_with`).
+    pub(super) hint_ack_on_stop: bool,
 
     // Event-loop plumbing (see event_handler.rs).
     pub(crate) ctl_evt: EventFd,
@@ -194,6 +197,7 @@ impl Balloon {
             broken: false,
             hint: HintState::new(),
             hint_sink: None,
+            hint_ack_on_stop: false,
             ctl_evt: EventFd::new(EFD_NONBLOCK).map_err(io("control eventfd"))?,
             stats_timer: TimerFd::new().map_err(errno("stats timerfd"))?,
             timer_dirty: false,

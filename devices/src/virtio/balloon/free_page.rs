@@ -36,7 +36,16 @@ impl Balloon {
     /// Start a free page hinting round: writes a new command id (>= 2)
     /// into the config space and raises a config interrupt. Returns the id.
     pub fn start_hinting(&mut self) -> Result<u32, Error> {
+        self.start_hinting_with(false)
+    }
+
+    /// [`start_hinting`](Self::start_hinting); with `ack_on_stop` the
+    /// device answers the guest's STOP of this round with DONE by itself
+    /// (Firecracker's `acknowledge_on_stop`), so the guest gets its hinted
+    /// pages back without a [`hinting_done`](Self::hinting_done) call.
+    pub fn start_hinting_with(&mut self, ack_on_stop: bool) -> Result<u32, Error> {
         self.hinting_usable()?;
+        self.hint_ack_on_stop = ack_on_stop;
         let id = self.hint.start();
         BalloonMetrics::inc(&self.metrics.hint_rounds);
         info!("balloon: free page hinting round {id} started");
@@ -82,7 +91,9 @@ impl Balloon {
             return Drain::default();
         };
         let metrics = &*self.metrics;
-        drain_chains(q, mem, None, |head, descs| {
+        let ack_on_stop = self.hint_ack_on_stop;
+        let mut auto_done = false;
+        let drain = drain_chains(q, mem, None, |head, descs| {
             let readable = descs.iter().filter(|d| !d.is_write_only()).count();
             let writable = descs.n - readable;
             if descs.too_many || (readable > 0 && writable > 0) {
@@ -116,6 +127,7 @@ impl Balloon {
                             {
                                 sink.round_stopped(status.guest_cmd_id);
                             }
+                            auto_done |= ack_on_stop && status.state == HintingState::Stopped;
                         }
                         GuestCmd::Stale(id) => {
                             BalloonMetrics::inc(&metrics.hints_ignored);
@@ -148,6 +160,13 @@ impl Balloon {
                 );
             }
             Some(head)
-        })
+        });
+        if auto_done {
+            self.hint_ack_on_stop = false;
+            self.hint.done();
+            info!("balloon: free page hinting done (acknowledged on the guest's stop)");
+            self.publish_hint_cmd();
+        }
+        drain
     }
 }
