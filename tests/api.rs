@@ -79,7 +79,9 @@ fn control_a_vm_through_the_socket() {
     let (mut vm, mut api, sock) = start("control", "echo booted", &[]);
     vm.expect_line("booted", BOOT);
     assert!(
-        vm.transcript.iter().any(|l| l.starts_with("balloon started")),
+        vm.transcript
+            .iter()
+            .any(|l| l.starts_with("balloon started")),
         "the balloon driver did not start at boot: {:?}",
         vm.transcript
     );

@@ -131,12 +131,8 @@ fn inflate_releases_hugetlb_memory() {
 /// it finished by ring 3, correctly accounted.
 #[test]
 fn target_changes_in_the_middle_of_bursts_are_followed() {
-    let (mut vm, mut api) = common::start_with_api(
-        "burst-flips",
-        "1G",
-        "",
-        "fill 900 7;free 900;echo FILLED",
-    );
+    let (mut vm, mut api) =
+        common::start_with_api("burst-flips", "1G", "", "fill 900 7;free 900;echo FILLED");
     // (Not "ready": the guest's boot banner says that before the fill.)
     vm.expect_line("FILLED", Duration::from_secs(60));
     let in_balloon = |api: &mut ApiClient| {

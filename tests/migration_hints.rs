@@ -28,7 +28,8 @@ fn migrate(api: &mut ApiClient, body: Value) -> Value {
 fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     let name = format!("int{run}");
     let sock = sock_path(&name);
-    let program = "fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 5;dirty 0 0;verify;hints;exit 0";
+    let program =
+        "fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 5;dirty 0 0;verify;hints;exit 0";
     let cmdline = format!("testguest.run=\"{program}\"");
     let mut src = Vm::start(&[
         "--memory",

@@ -127,6 +127,11 @@ pub struct BalloonInfo {
     pub actual_mib: u64,
     pub target_pages: u64,
     pub actual_pages: u64,
+    /// The guest's driver has set DRIVER_OK (and not reset the device
+    /// since): until then the guest follows no target. Absent from older
+    /// servers, read as `false`.
+    #[serde(default)]
+    pub driver_ok: bool,
 }
 
 /// `PATCH /balloon`: resize the balloon (its size, i.e. memory taken from the

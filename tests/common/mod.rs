@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod linux;
+pub mod pty;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

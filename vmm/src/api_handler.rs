@@ -292,6 +292,7 @@ impl ApiHandler {
             actual_mib: actual / PAGES_PER_MIB,
             target_pages: target,
             actual_pages: actual,
+            driver_ok: devices::virtio::VirtioDevice::is_activated(&*b),
         }))
     }
 
