@@ -200,8 +200,12 @@ fn thread_basics() -> Allowed {
         )
         .allow_if(
             libc::SYS_ioctl,
-            vec![vec![eq(0, 0), eq(1, libc::TCSETS)]],
-            "the panic hook puts the console's terminal (stdin) back as it was",
+            vec![
+                vec![eq(0, 0), eq(1, libc::TCSETS)],
+                vec![eq(0, 2), eq(1, libc::TCGETS)],
+            ],
+            "the panic hook puts the console's terminal (stdin) back as it was; \
+             the logger asks whether stderr is a terminal (isatty) before each message",
         )
         .allow(libc::SYS_munmap, "freeing large allocations, thread stacks")
         .allow(libc::SYS_mremap, "realloc of large allocations")
