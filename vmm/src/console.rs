@@ -33,14 +33,27 @@ pub fn input_mode(requested: bool) -> Input {
     // SAFETY: plain syscalls on fd 0 and this process; no memory involved.
     let (fg, own) = unsafe { (libc::tcgetpgrp(libc::STDIN_FILENO), libc::getpgrp()) };
     if fg == own {
-        Input::Terminal
-    } else {
-        log::info!(
-            "console: stdin is a terminal whose foreground process group ({fg}) is not blimp's ({own}), \
-             e.g. blimp runs in the background: the console is output-only (--no-stdin says so explicitly)"
-        );
-        Input::Off
+        return Input::Terminal;
     }
+    if fg < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTTY) {
+            // A terminal that is not this session's controlling terminal:
+            // no job control applies to it, so it is blimp's to use.
+            return Input::Terminal;
+        }
+        log::warn!(
+            "console: cannot tell whether blimp is the terminal's foreground job ({e}): \
+             the console is output-only"
+        );
+        return Input::Off;
+    }
+    log::info!(
+        "console: stdin is a terminal whose foreground process group ({fg}) is not blimp's ({own}), \
+         e.g. blimp was started with `&`: the console is output-only (as with --no-stdin), \
+         the terminal is left alone"
+    );
+    Input::Off
 }
 
 /// The escape-key hint, printed once when the console is a terminal.
