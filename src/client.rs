@@ -237,6 +237,14 @@ fn print_balloon(b: &BalloonInfo) {
         "actual:              {}",
         mib_pages(b.actual_mib, b.actual_pages)
     );
+    println!(
+        "guest driver:        {}",
+        if b.driver_ok {
+            "ready (DRIVER_OK)"
+        } else {
+            "not started (DRIVER_OK not set): the guest follows no target"
+        }
+    );
     println!("deflate on OOM:      {}", yes_no(b.deflate_on_oom));
     println!("must tell host:      {}", yes_no(b.must_tell_host));
     println!("free page hinting:   {}", yes_no(b.free_page_hint));
@@ -427,11 +435,15 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
     loop {
         let moved = start.abs_diff(b.actual_pages).min(distance);
         bar.set_position(moved);
-        bar.set_message(format!(
-            "{} of {}",
-            format_mib(pages_to_mib(b.actual_pages)),
-            format_mib(args.size_mib)
-        ));
+        bar.set_message(if b.driver_ok {
+            format!(
+                "{} of {}",
+                format_mib(pages_to_mib(b.actual_pages)),
+                format_mib(args.size_mib)
+            )
+        } else {
+            "waiting for the guest's balloon driver (DRIVER_OK not set)".to_string()
+        });
         if b.target_pages != target_pages {
             bar.abandon();
             return Err(format!(
@@ -442,6 +454,10 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
         if b.actual_pages == target_pages {
             bar.finish();
             break;
+        }
+        if Instant::now() >= deadline && !b.driver_ok {
+            bar.abandon();
+            return Err(no_driver_message(args.timeout, &b));
         }
         if Instant::now() >= deadline {
             bar.abandon();
@@ -461,6 +477,20 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
         println!("balloon is at {}", format_mib(args.size_mib));
         Ok(())
     }
+}
+
+/// Why `--wait` gave up when the guest never started its driver: the
+/// target is set, but nothing in the guest follows it.
+fn no_driver_message(timeout_s: u64, b: &BalloonInfo) -> String {
+    format!(
+        "the guest has not started its balloon driver (DRIVER_OK not set) within {timeout_s} s: \
+         the target of {} is set but nothing in the guest follows it; the balloon stays at {}. \
+         A Linux guest needs CONFIG_VIRTIO_BALLOON (or `modprobe virtio_balloon`) and \
+         virtio_mmio; the test guest starts its driver at boot unless its command line has \
+         testguest.balloon=0 (then type `balloon` on its console)",
+        format_mib(b.target_mib),
+        format_mib(b.actual_mib)
+    )
 }
 
 fn fmt_uptime(s: u64) -> String {

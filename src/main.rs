@@ -66,7 +66,11 @@ struct HostArgs {
     /// Serve the REST API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// Do not read stdin: the serial console is output-only.
+    /// Do not read stdin: the serial console is output-only. Implied when
+    /// stdin is a terminal and blimp is not its foreground job (started
+    /// with `&`): blimp then neither reads nor reconfigures the terminal.
+    /// On a terminal it owns, the console is raw; Ctrl-A x quits (the VM
+    /// stops, exit status 0), Ctrl-A Ctrl-A sends a Ctrl-A.
     #[arg(long)]
     no_stdin: bool,
     #[command(flatten)]
@@ -135,7 +139,11 @@ struct RunArgs {
     /// /proc/sys/vm/nr_hugepages) or file=PATH (shared mapping of a file).
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
-    /// Do not read stdin: the serial console is output-only.
+    /// Do not read stdin: the serial console is output-only. Implied when
+    /// stdin is a terminal and blimp is not its foreground job (started
+    /// with `&`): blimp then neither reads nor reconfigures the terminal.
+    /// On a terminal it owns, the console is raw; Ctrl-A x quits (the VM
+    /// stops, exit status 0), Ctrl-A Ctrl-A sends a Ctrl-A.
     #[arg(long)]
     no_stdin: bool,
     /// Add a virtio balloon. Optional comma-separated switches:

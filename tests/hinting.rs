@@ -44,7 +44,7 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
     let (mut vm, mut api) = start(
         "hint",
         "free_page_hint=on,hint_discard=on",
-        "balloon;fill 300 5;echo READY",
+        "fill 300 5;echo READY",
         "2G",
     );
     vm.expect_line("READY", BOOT);
@@ -107,7 +107,7 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
 
 #[test]
 fn hinting_is_refused_when_not_negotiated() {
-    let (mut vm, api) = start("nohint", "", "balloon;echo READY", "512M");
+    let (mut vm, api) = start("nohint", "", "echo READY", "512M");
     vm.expect_line("READY", BOOT);
     let (s, b) = api.put("/balloon/hinting/start", &json!({})).unwrap();
     assert_eq!(s, 400, "{b}");
@@ -129,7 +129,7 @@ fn report_round(poison: Option<u8>) -> (u64, u64, Vec<String>) {
     let poison_cmd = poison
         .map(|p| format!("poison {p:#x};"))
         .unwrap_or_default();
-    let program = format!("balloon;{poison_cmd}fill 1024 3;free 1024;echo READY");
+    let program = format!("{poison_cmd}fill 1024 3;free 1024;echo READY");
     let (mut vm, api) = start(&format!("report{poison:?}"), balloon, &program, "2G");
     vm.expect_line("READY", BOOT);
     let before = vm.rss_bytes();

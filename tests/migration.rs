@@ -210,7 +210,7 @@ fn restore_resumes_the_balloon_where_it_was() {
         "--api-sock",
         sock.to_str().unwrap(),
         "--cmdline",
-        "testguest.run=\"balloon;fill 128 3;echo MIGRATE NOW\"",
+        "testguest.run=\"fill 128 3;echo MIGRATE NOW\"",
     ]);
     wait_for_socket(&sock);
     let mut api = ApiClient::new(&sock).unwrap();

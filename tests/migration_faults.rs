@@ -218,9 +218,10 @@ fn serve(
 }
 
 /// A source VM with `FILL_MIB` MiB of pattern, a free page hinting balloon
-/// and its console open for more commands.
+/// (its driver started after the fill) and its console open for more
+/// commands.
 fn source(name: &str) -> (Vm, ApiClient) {
-    let (mut vm, api, _) = common::boot_with_api(
+    let (mut vm, api, _) = common::boot_with_api_manual_balloon(
         name,
         &format!("fill {FILL_MIB} 3;balloon;echo READY"),
         &["--memory", "256M", "--balloon", "free_page_hint=on"],

@@ -238,7 +238,7 @@ fn a_cancelled_job_leaves_the_old_file_untouched() {
     std::fs::write(&file, &old).unwrap();
     let (mut vm, api, _) = common::boot_with_api(
         "files-cancel",
-        &format!("balloon;{PROGRAM}"),
+        PROGRAM,
         &["--memory", "256M", "--balloon", "free_page_hint=on"],
     );
     vm.expect_line("MIGRATE NOW", BOOT);

@@ -28,7 +28,8 @@ fn migrate(api: &mut ApiClient, body: Value) -> Value {
 fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     let name = format!("int{run}");
     let sock = sock_path(&name);
-    let program = "balloon;fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 5;dirty 0 0;verify;hints;exit 0";
+    let program =
+        "fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 5;dirty 0 0;verify;hints;exit 0";
     let cmdline = format!("testguest.run=\"{program}\"");
     let mut src = Vm::start(&[
         "--memory",
@@ -124,7 +125,7 @@ fn eight_gib_migration(hints: bool) -> (Value, PathBuf) {
         "--api-sock",
         sock.to_str().unwrap(),
         "--cmdline",
-        "testguest.run=\"balloon;fill 7168 1;free 6144;echo MIGRATE NOW\"",
+        "testguest.run=\"fill 7168 1;free 6144;echo MIGRATE NOW\"",
     ]);
     wait_for_socket(&sock);
     let mut api = ApiClient::new(&sock).unwrap();

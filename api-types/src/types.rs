@@ -131,6 +131,11 @@ pub struct BalloonInfo {
     pub amount_mib: u64,
     /// Firecracker's name for `free_page_hint` (the same value).
     pub free_page_hinting: bool,
+    /// The guest's driver has set DRIVER_OK (and not reset the device
+    /// since): until then the guest follows no target. Absent from older
+    /// servers, read as `false`.
+    #[serde(default)]
+    pub driver_ok: bool,
 }
 
 /// `PATCH /balloon`: resize the balloon (its size, i.e. memory taken from the

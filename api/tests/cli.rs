@@ -79,6 +79,24 @@ fn balloon_set_wait_times_out() {
 }
 
 #[test]
+fn balloon_set_wait_names_a_missing_driver() {
+    let vmm = FakeVmm::start();
+    {
+        let mut st = vmm.state.lock().unwrap();
+        st.step_pages = 0;
+        st.balloon.driver_ok = false; // the guest never set DRIVER_OK
+    }
+    let e = run(&vmm, &["balloon", "set", "64M", "--wait", "--timeout", "1"]).unwrap_err();
+    assert!(
+        e.starts_with(
+            "the guest has not started its balloon driver (DRIVER_OK not set) within 1 s"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("target of 64 MiB is set"), "{e}");
+}
+
+#[test]
 fn balloon_get_stats_and_hinting() {
     let vmm = FakeVmm::start();
     run(&vmm, &["balloon", "get"]).unwrap();

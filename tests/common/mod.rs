@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod linux;
+pub mod pty;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -379,14 +380,37 @@ pub fn boot_with_api(
     program: &str,
     args: &[&str],
 ) -> (Vm, api::client::ApiClient, PathBuf) {
+    boot_with_api_cmdline(name, &format!("testguest.run=\"{program}\""), args)
+}
+
+/// The test guest's switch that keeps its balloon driver from starting at
+/// boot; the program then starts it with `balloon` when it wants.
+pub const NO_AUTO_BALLOON: &str = "testguest.balloon=0";
+
+/// [`boot_with_api`] with the guest's balloon driver not started at boot
+/// ([`NO_AUTO_BALLOON`]): for tests that start it themselves.
+pub fn boot_with_api_manual_balloon(
+    name: &str,
+    program: &str,
+    args: &[&str],
+) -> (Vm, api::client::ApiClient, PathBuf) {
+    let cmdline = format!("{NO_AUTO_BALLOON} testguest.run=\"{program}\"");
+    boot_with_api_cmdline(name, &cmdline, args)
+}
+
+/// [`boot_with_api`] with a whole guest command line.
+pub fn boot_with_api_cmdline(
+    name: &str,
+    cmdline: &str,
+    args: &[&str],
+) -> (Vm, api::client::ApiClient, PathBuf) {
     let sock = sock_path(name);
-    let cmdline = format!("testguest.run=\"{program}\"");
     let mut all = vec![
         "--debug-exit",
         "--api-sock",
         sock.to_str().unwrap(),
         "--cmdline",
-        &cmdline,
+        cmdline,
     ];
     all.extend_from_slice(args);
     let vm = Vm::start(&all);

@@ -98,6 +98,7 @@ fn balloon_info(b: &Mutex<Balloon>) -> ApiResponse {
         actual_pages: actual,
         amount_mib: target / PAGES_PER_MIB,
         free_page_hinting: cfg.free_page_hint,
+        driver_ok: devices::virtio::VirtioDevice::is_activated(&*b),
     })
 }
 

@@ -16,6 +16,8 @@ pub enum ExitReason {
     Signal(i32),
     /// Shutdown requested through the API.
     Shutdown,
+    /// `Ctrl-A x` typed on the console's terminal.
+    ConsoleQuit,
     /// The VM was migrated away: it lives on at the destination.
     Migrated,
     /// A fatal error (vCPU failure, unhandled emulation failure, ...).
@@ -26,7 +28,10 @@ impl ExitReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestReset | ExitReason::Shutdown | ExitReason::Migrated => 0,
+            ExitReason::GuestReset
+            | ExitReason::Shutdown
+            | ExitReason::ConsoleQuit
+            | ExitReason::Migrated => 0,
             ExitReason::DebugExit(v) => i32::from(*v),
             ExitReason::Signal(s) => 128 + s,
             ExitReason::Error(_) => 1,
@@ -41,6 +46,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::DebugExit(v) => write!(f, "the guest wrote {v} to the debug-exit port"),
             ExitReason::Signal(s) => write!(f, "received signal {s}"),
             ExitReason::Shutdown => write!(f, "shutdown requested through the API"),
+            ExitReason::ConsoleQuit => write!(f, "Ctrl-A x typed on the console"),
             ExitReason::Migrated => write!(f, "the VM was migrated to its destination"),
             ExitReason::Error(e) => write!(f, "error: {e}"),
         }

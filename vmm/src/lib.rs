@@ -5,6 +5,7 @@ pub mod api_handler;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod device_manager;
 pub mod device_state;
 pub mod emulation;

@@ -323,6 +323,7 @@ impl Vmm {
             .map(|b| *crate::vmm::lock_balloon(b).config());
         let mut vmm = m.into_vmm(config, fds, balloon)?;
         vmm.tell_balloon_done_on_start();
+        vmm.reprint_prompt_on_start();
         Ok(vmm)
     }
 }

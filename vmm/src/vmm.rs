@@ -1,7 +1,7 @@
 //! The VMM: builds a VM from a [`VmConfig`], runs the event loop on the
 //! calling thread, and tears everything down when the VM ends.
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -12,12 +12,12 @@ use devices::virtio::balloon::{Balloon, BalloonEvent};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::terminal::Terminal;
 
 use crate::api_handler::{ApiContext, ApiHandler, balloon_event};
 use crate::boot;
 use crate::bus::Bus;
 use crate::config::VmConfig;
+use crate::console::{self, Escape, EscapeDecoder, Input, RawTerminal};
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitReason, VmExit};
 use crate::machine::{Machine, Subscriber};
@@ -56,6 +56,8 @@ pub struct Vmm {
     debug_exit: bool,
     /// Run once the vCPUs run (a restored VM tells its balloon DONE).
     on_start: Vec<OnStart>,
+    /// How the console takes input (decided when the VM starts running).
+    console: Input,
 }
 
 /// Work to do once the vCPUs run.
@@ -159,6 +161,22 @@ impl Vmm {
         }));
     }
 
+    /// A restored guest printed its prompt on the source's terminal: once
+    /// it runs here with a terminal attached, send it one newline so that
+    /// it prints the prompt again (a shell or the test guest does; a
+    /// half-typed line on the source would be submitted, as Enter would).
+    pub(crate) fn reprint_prompt_on_start(&mut self) {
+        self.on_start.push(Box::new(|vmm: &Vmm| {
+            if vmm.console == Input::Terminal {
+                log::info!("console: restored VM on a terminal: sending a newline for a prompt");
+                let mut serial = vmm.serial.lock().unwrap_or_else(|p| p.into_inner());
+                if !serial.queue_input(b"\n") {
+                    log::warn!("serial input backlog full, no newline for the prompt");
+                }
+            }
+        }));
+    }
+
     /// The balloon device, if the VM has one.
     pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
         self.balloon.as_ref()
@@ -166,14 +184,23 @@ impl Vmm {
 
     /// Start the vCPUs and run the event loop until the VM ends.
     pub fn run(mut self) -> Result<ExitReason, Error> {
-        let _terminal = if self.config.serial_input {
+        self.console = console::input_mode(self.config.serial_input);
+        let _terminal = if self.console == Input::Off {
+            None
+        } else {
+            let terminal = self.console == Input::Terminal;
             let stdin_sub: Subscriber = Arc::new(Mutex::new(StdinInput {
                 serial: self.serial.clone(),
+                escape: terminal.then(EscapeDecoder::default),
+                exit: self.exit.clone(),
             }));
             self.events.add_subscriber(stdin_sub);
-            RawTerminal::enter()
-        } else {
-            None
+            if terminal {
+                eprintln!("{}", console::HINT);
+                RawTerminal::enter()
+            } else {
+                None
+            }
         };
         let control: Subscriber = Arc::new(Mutex::new(ControlEvents {
             exit: self.exit.clone(),
@@ -310,6 +337,7 @@ impl Machine {
             api: None,
             debug_exit: self.debug_exit,
             on_start: Vec::new(),
+            console: Input::Off,
         };
         if let Some(b) = &vmm.balloon {
             let sub: Subscriber = Arc::new(Mutex::new(
@@ -348,9 +376,12 @@ impl MutEventSubscriber for ControlEvents {
     }
 }
 
-/// Bytes from stdin go to the serial console.
+/// Bytes from stdin go to the serial console; from a terminal through the
+/// escape decoder (`Ctrl-A x` stops the VM).
 struct StdinInput {
     serial: Arc<Mutex<Serial>>,
+    escape: Option<EscapeDecoder>,
+    exit: Arc<VmExit>,
 }
 
 impl MutEventSubscriber for StdinInput {
@@ -369,37 +400,24 @@ impl MutEventSubscriber for StdinInput {
             let _ = ops.remove(events);
             return;
         }
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        if !serial.queue_input(&buf[..n]) {
-            log::warn!("serial input backlog full, dropped input");
-        }
-    }
-}
-
-/// Puts an interactive terminal in raw mode and restores it on drop (also
-/// when the VMM leaves through an error).
-struct RawTerminal;
-
-impl RawTerminal {
-    fn enter() -> Option<Self> {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            return None;
-        }
-        match stdin.lock().set_raw_mode() {
-            Ok(()) => Some(RawTerminal),
-            Err(e) => {
-                log::warn!("cannot put the terminal in raw mode: {e}");
-                None
+        let mut guest = Vec::new();
+        let input = match &mut self.escape {
+            None => &buf[..n],
+            Some(d) => {
+                if d.feed(&buf[..n], &mut guest) == Escape::Quit {
+                    log::info!("Ctrl-A x on the console: stopping the VM");
+                    self.exit.stop(ExitReason::ConsoleQuit);
+                    let _ = ops.remove(events);
+                }
+                &guest[..]
             }
+        };
+        if input.is_empty() {
+            return;
         }
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if let Err(e) = std::io::stdin().lock().set_canon_mode() {
-            log::warn!("cannot restore the terminal: {e}");
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        if !serial.queue_input(input) {
+            log::warn!("serial input backlog full, dropped input");
         }
     }
 }

@@ -49,6 +49,7 @@ impl Default for FakeState {
                 stats_polling_interval_s: 1,
                 free_page_hint: true,
                 free_page_reporting: true,
+                driver_ok: true,
                 ..Default::default()
             },
             step_pages: u64::MAX,

@@ -120,6 +120,10 @@ pub struct GuestArgs<'a> {
     pub run: Option<&'a str>,
     /// `testguest.poll=1`: poll devices instead of waiting for interrupts.
     pub poll: bool,
+    /// `testguest.balloon=0`: do not start the balloon driver at boot (it
+    /// starts by itself when a virtio-balloon is present, as Linux probes
+    /// its devices; `balloon` starts it later).
+    pub no_balloon: bool,
     /// `virtio_mmio.device=` entries, in command-line order.
     pub devices: [Option<MmioDevice>; MAX_MMIO_DEVICES],
     /// Entries that did not parse or did not fit (reported at boot).
@@ -133,7 +137,8 @@ impl<'a> GuestArgs<'a> {
         for (param, val) in params(cmdline) {
             match (param, val) {
                 ("testguest.run", Some(v)) => args.run = Some(v),
-                ("testguest.poll", v) => args.poll = !matches!(v, Some("0") | Some("")),
+                ("testguest.poll", v) => args.poll = flag(v),
+                ("testguest.balloon", v) => args.no_balloon = !flag(v),
                 ("virtio_mmio.device", Some(v)) => match parse_mmio_device(v) {
                     Some(d) if ndev < MAX_MMIO_DEVICES => {
                         args.devices[ndev] = Some(d);
@@ -150,6 +155,12 @@ impl<'a> GuestArgs<'a> {
     pub fn devices(&self) -> impl Iterator<Item = MmioDevice> + '_ {
         self.devices.iter().flatten().copied()
     }
+}
+
+/// A boolean switch: bare (`testguest.poll`) or any value but `0` and the
+/// empty string is on.
+fn flag(v: Option<&str>) -> bool {
+    !matches!(v, Some("0") | Some(""))
 }
 
 /// Splits a `testguest.run` program into its commands: `;`-separated,
@@ -216,6 +227,15 @@ mod tests {
         assert_eq!(a.devices().count(), 0);
         assert_eq!(a.bad_devices, 2);
         assert!(!GuestArgs::parse("testguest.poll=0").poll);
+    }
+
+    #[test]
+    fn balloon_auto_start_switch() {
+        assert!(!GuestArgs::parse("").no_balloon);
+        assert!(!GuestArgs::parse("testguest.balloon=1").no_balloon);
+        assert!(!GuestArgs::parse("testguest.balloon").no_balloon);
+        assert!(GuestArgs::parse("testguest.balloon=0").no_balloon);
+        assert!(GuestArgs::parse("a testguest.balloon=0 b").no_balloon);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use testguest::command::{self, Command, HostileCase, USAGE};
 use testguest::frames::FRAMES_PER_MIB;
 use testguest::lineedit::{Event, LineBuf, LineEditor};
 
-use crate::balloon::Balloon;
+use crate::balloon::{Balloon, StartError};
 use crate::memory::Memory;
 use crate::{clock, events, idle, io, serial, workload};
 
@@ -44,6 +44,7 @@ impl Guest {
 
     /// Runs the boot program, then the interactive console; never returns.
     pub fn run(&mut self) -> ! {
+        self.probe();
         if let Some(run) = self.args.run {
             for cmd in program(run) {
                 self.execute(cmd);
@@ -300,6 +301,30 @@ impl Guest {
 }
 
 impl Guest {
+    /// Boot-time probe, as Linux binds its drivers before init runs: with a
+    /// virtio-balloon among the `virtio_mmio.device=` entries its driver
+    /// starts now and prints its `balloon started …` line, unless
+    /// `testguest.balloon=0`. Without a balloon nothing is printed; a device
+    /// that is there but fails to start prints `error: balloon: …`.
+    fn probe(&mut self) {
+        if self.args.no_balloon || self.args.devices().next().is_none() {
+            return;
+        }
+        match self.start_driver() {
+            Ok(()) | Err(StartError::NoDevice) => {}
+            Err(e) => crate::println!("error: balloon: {e}"),
+        }
+    }
+
+    /// Starts a fresh driver and prints its `balloon started …` line.
+    fn start_driver(&mut self) -> Result<(), StartError> {
+        let b = Balloon::start(self.args.devices(), &mut self.mem, events::IRQ_VIRTIO_BASE)?;
+        let _ = b.describe(&mut serial::Console);
+        crate::println!();
+        self.balloon = Some(b);
+        Ok(())
+    }
+
     fn balloon_start(&mut self) {
         if let Some(b) = self.balloon.as_mut() {
             match b.restart(&mut self.mem) {
@@ -311,13 +336,8 @@ impl Guest {
             }
             return;
         }
-        match Balloon::start(self.args.devices(), &mut self.mem, events::IRQ_VIRTIO_BASE) {
-            Ok(b) => {
-                let _ = b.describe(&mut serial::Console);
-                crate::println!();
-                self.balloon = Some(b);
-            }
-            Err(e) => crate::println!("error: balloon: {e}"),
+        if let Err(e) = self.start_driver() {
+            crate::println!("error: balloon: {e}");
         }
     }
 

@@ -198,6 +198,15 @@ fn thread_basics() -> Allowed {
             vec![vec![masked(2, PROT_EXEC, 0)]],
             "malloc growing an arena: never executable",
         )
+        .allow_if(
+            libc::SYS_ioctl,
+            vec![
+                vec![eq(0, 0), eq(1, libc::TCSETS)],
+                vec![eq(0, 2), eq(1, libc::TCGETS)],
+            ],
+            "the panic hook puts the console's terminal (stdin) back as it was; \
+             the logger asks whether stderr is a terminal (isatty) before each message",
+        )
         .allow(libc::SYS_munmap, "freeing large allocations, thread stacks")
         .allow(libc::SYS_mremap, "realloc of large allocations")
         .allow(
@@ -551,8 +560,14 @@ fn main_thread() -> Allowed {
                 vec![eq(1, libc::TCSETSW)],
                 vec![eq(1, libc::FIONBIO)],
                 vec![eq(1, libc::FIOCLEX)],
+                vec![eq(0, 0), eq(1, libc::TIOCGPGRP)],
             ],
-            "creating and restoring the VM (KVM ioctls), the console's terminal mode",
+            "creating and restoring the VM (KVM ioctls), the console's terminal mode; \
+             whether blimp is the terminal's foreground job (tcgetpgrp on stdin)",
+        )
+        .allow(
+            libc::SYS_getpgrp,
+            "whether blimp is the terminal's foreground job (job control)",
         )
         .allow(
             libc::SYS_bind,

@@ -1,0 +1,202 @@
+//! The serial console on a real terminal (a pty): the escape key, the
+//! terminal put back exactly as it was on every exit path, job control (a
+//! background blimp leaves the terminal alone), and a restored console that
+//! shows its prompt again.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::pty::{Pty, same_termios, wait_exit};
+use common::{blimp, sock_path, testguest, wait_for_socket};
+
+const BOOT: Duration = Duration::from_secs(30);
+const HINT: &str = "Ctrl-A x quits";
+const BANNER: &str = "blimp-testguest 0.1 ready";
+
+fn blimp_run(args: &[&str]) -> Command {
+    common::require_kvm();
+    let mut c = Command::new(blimp());
+    c.arg("run")
+        .args(["--kernel", testguest().to_str().unwrap()])
+        .args(args);
+    c
+}
+
+/// The terminal is raw while blimp owns it (no line editing, no echo, no
+/// signal keys), with its other settings kept.
+fn assert_raw(pty: &Pty, orig: &libc::termios) {
+    let now = pty.termios();
+    let raw = libc::ICANON | libc::ECHO | libc::ISIG;
+    assert_eq!(
+        now.c_lflag & raw,
+        0,
+        "blimp did not put the terminal in raw mode"
+    );
+    assert_eq!(now.c_lflag | raw, orig.c_lflag | raw);
+}
+
+#[test]
+fn ctrl_a_x_quits_and_the_terminal_is_restored() {
+    let pty = Pty::new();
+    let orig = pty.termios();
+    assert_ne!(orig.c_lflag & libc::ICANON, 0, "a fresh pty is canonical");
+    let mut child = pty.spawn(&mut blimp_run(&["--memory", "256M"]));
+    // The hint comes once, before the guest's first line.
+    let at = pty.wait_for(0, HINT, BOOT);
+    let at = pty.wait_for(at, BANNER, BOOT);
+    let at = pty.wait_for(at, "testguest> ", BOOT);
+    assert_raw(&pty, &orig);
+    assert_eq!(pty.screen().matches(HINT).count(), 1, "{}", pty.screen());
+    // Keystrokes reach the guest; Ctrl-A Ctrl-A is one Ctrl-A, which the
+    // guest's line editor ignores, so the line stays intact.
+    pty.type_bytes(b"echo on-the-\x01\x01pty\r");
+    let at = pty.wait_for(at, "\non-the-pty", BOOT);
+    pty.wait_for(at, "testguest> ", BOOT);
+    pty.type_bytes(b"\x01x");
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(0), "Ctrl-A x: {st:?}\n{}", pty.screen());
+    assert!(
+        same_termios(&orig, &pty.termios()),
+        "the terminal was not restored after Ctrl-A x"
+    );
+}
+
+#[test]
+fn the_terminal_is_restored_on_debug_exit_and_on_a_signal() {
+    // The guest ends the VM through the debug-exit port.
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut child = pty.spawn(&mut blimp_run(&[
+        "--memory",
+        "256M",
+        "--debug-exit",
+        "--cmdline",
+        "testguest.run=\"echo running;sleep 1;exit 7\"",
+    ]));
+    pty.wait_for(0, "running", BOOT);
+    assert_raw(&pty, &orig);
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(7), "{st:?}\n{}", pty.screen());
+    assert!(
+        same_termios(&orig, &pty.termios()),
+        "not restored after a debug-exit"
+    );
+
+    // SIGTERM: a clean shutdown with status 128 + 15.
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut child = pty.spawn(&mut blimp_run(&["--memory", "256M"]));
+    pty.wait_for(0, "testguest> ", BOOT);
+    assert_raw(&pty, &orig);
+    // SAFETY: a signal to our own child, which has not been reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(128 + 15), "{st:?}\n{}", pty.screen());
+    assert!(
+        same_termios(&orig, &pty.termios()),
+        "not restored after SIGTERM"
+    );
+
+    // A usage error never touches the terminal.
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut child = pty.spawn(&mut blimp_run(&["--memory", "1.5.5G"]));
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(2), "{st:?}\n{}", pty.screen());
+    assert!(same_termios(&orig, &pty.termios()));
+}
+
+/// A blimp started with `&` from a job-control shell is not the terminal's
+/// foreground job: it must neither read the terminal nor change its mode
+/// (either would stop it with SIGTTIN/SIGTTOU, and its API with it), even
+/// without `--no-stdin`.
+#[test]
+fn a_background_blimp_leaves_the_terminal_alone() {
+    let sock = sock_path("console-bg");
+    let _ = std::fs::remove_file(&sock);
+    let script = format!(
+        "set -m\n\
+         {blimp} run --kernel {tg} --memory 256M --api-sock {sock} &\n\
+         for i in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done\n\
+         sleep 1\n\
+         echo typed-while-in-background\n\
+         timeout 20 {blimp} vm info --api-sock {sock}; echo \"info-status=$?\"\n\
+         timeout 20 {blimp} vm shutdown --api-sock {sock}; wait %1; echo \"blimp-status=$?\"\n",
+        blimp = blimp().display(),
+        tg = testguest().display(),
+        sock = sock.display(),
+    );
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut bash = pty.spawn(Command::new("bash").args(["-c", &script]));
+    // Keystrokes while it runs stay in the terminal's queue, unread.
+    pty.wait_for(0, BANNER, BOOT);
+    pty.type_bytes(b"keys\n");
+    let at = pty.wait_for(0, "info-status=", Duration::from_secs(60));
+    assert!(
+        same_termios(&orig, &pty.termios()),
+        "a background blimp changed the terminal's mode"
+    );
+    pty.wait_for(at, "blimp-status=", Duration::from_secs(60));
+    let st = wait_exit(&mut bash, BOOT);
+    let screen = pty.screen();
+    assert!(st.success(), "{st:?}\n{screen}");
+    assert!(
+        screen.contains("info-status=0"),
+        "vm info hung or failed:\n{screen}"
+    );
+    assert!(
+        screen.contains("state:") || screen.contains("Running"),
+        "{screen}"
+    );
+    assert!(screen.contains("blimp-status=0"), "{screen}");
+    assert!(
+        !screen.contains(HINT),
+        "no escape-key hint without a terminal:\n{screen}"
+    );
+    assert!(same_termios(&orig, &pty.termios()));
+}
+
+/// After `blimp restore` on a terminal the guest prints its prompt again
+/// (blimp sends it one newline), so the user sees where they are.
+#[test]
+fn a_restored_console_shows_its_prompt() {
+    let file = std::env::temp_dir().join(format!("blimp-console-restore-{}", std::process::id()));
+    let (mut vm, api, _) = common::boot_with_api(
+        "console-src",
+        "fill 16 3;echo MIGRATE NOW",
+        &["--memory", "256M"],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = common::migrate(
+        &api,
+        &serde_json::json!({"destination": format!("file://{}", file.display())}),
+        Duration::from_secs(120),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    vm.wait(BOOT);
+
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let sock = sock_path("console-restored");
+    let mut child = pty.spawn(Command::new(blimp()).args([
+        "restore",
+        "--from",
+        file.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]));
+    let at = pty.wait_for(0, HINT, BOOT);
+    // Nothing typed: the prompt comes from the newline blimp sends.
+    let at = pty.wait_for(at, "testguest> ", BOOT);
+    wait_for_socket(&sock);
+    pty.type_bytes(b"verify\r");
+    pty.wait_for(at, "verify ok 4096 pages", BOOT);
+    pty.type_bytes(b"\x01x");
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(0), "{st:?}\n{}", pty.screen());
+    assert!(same_termios(&orig, &pty.termios()));
+    let _ = std::fs::remove_file(&file);
+}

@@ -1,0 +1,204 @@
+//! The serial console on blimp's own terminal: whether stdin may be read
+//! at all (job control), the terminal's mode and its restoration on every
+//! exit path, and the escape key (`Ctrl-A x`, as QEMU's `-nographic`).
+
+use std::io::IsTerminal;
+use std::sync::{Mutex, Once};
+
+/// How the serial console takes its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// No input: `--no-stdin`, or stdin is a terminal this process does not
+    /// own (a background job), which it must not read or reconfigure.
+    Off,
+    /// stdin is not a terminal (a pipe, a file): read as is, no escape key.
+    Stream,
+    /// stdin is the terminal and blimp is in its foreground process group:
+    /// raw mode, the escape key, the terminal restored at exit.
+    Terminal,
+}
+
+/// Decides how to take console input: `requested` is false with
+/// `--no-stdin`. A terminal is only used when this process is in its
+/// foreground process group (`tcgetpgrp(0) == getpgrp()`): a job started
+/// with `&` is not, and reading or reconfiguring the terminal would stop it
+/// (SIGTTIN/SIGTTOU) and with it the VM and its API.
+pub fn input_mode(requested: bool) -> Input {
+    if !requested {
+        return Input::Off;
+    }
+    if !std::io::stdin().is_terminal() {
+        return Input::Stream;
+    }
+    // SAFETY: plain syscalls on fd 0 and this process; no memory involved.
+    let (fg, own) = unsafe { (libc::tcgetpgrp(libc::STDIN_FILENO), libc::getpgrp()) };
+    if fg == own {
+        return Input::Terminal;
+    }
+    if fg < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTTY) {
+            // A terminal that is not this session's controlling terminal:
+            // no job control applies to it, so it is blimp's to use.
+            return Input::Terminal;
+        }
+        log::warn!(
+            "console: cannot tell whether blimp is the terminal's foreground job ({e}): \
+             the console is output-only"
+        );
+        return Input::Off;
+    }
+    log::info!(
+        "console: stdin is a terminal whose foreground process group ({fg}) is not blimp's ({own}), \
+         e.g. blimp was started with `&`: the console is output-only (as with --no-stdin), \
+         the terminal is left alone"
+    );
+    Input::Off
+}
+
+/// The escape-key hint, printed once when the console is a terminal.
+pub const HINT: &str = "blimp: console on this terminal: Ctrl-A x quits (the VM stops, exit status 0), Ctrl-A Ctrl-A sends Ctrl-A";
+
+/// Ctrl-A, the escape key.
+const CTRL_A: u8 = 0x01;
+
+/// What the console's escape decoder found in the input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Escape {
+    /// Only bytes for the guest.
+    None,
+    /// `Ctrl-A x`: quit (bytes before it still go to the guest).
+    Quit,
+}
+
+/// Splits terminal input into bytes for the guest and escape commands:
+/// `Ctrl-A x` quits, `Ctrl-A Ctrl-A` is one Ctrl-A for the guest, `Ctrl-A`
+/// followed by anything else passes both bytes on. A Ctrl-A at the end of
+/// one read waits for the next byte.
+#[derive(Debug, Default)]
+pub struct EscapeDecoder {
+    pending: bool,
+}
+
+impl EscapeDecoder {
+    /// Appends the guest's bytes of `input` to `out`; stops at `Ctrl-A x`.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Escape {
+        for &b in input {
+            if self.pending {
+                self.pending = false;
+                match b {
+                    b'x' | b'X' => return Escape::Quit,
+                    CTRL_A => out.push(CTRL_A),
+                    _ => out.extend_from_slice(&[CTRL_A, b]),
+                }
+            } else if b == CTRL_A {
+                self.pending = true;
+            } else {
+                out.push(b);
+            }
+        }
+        Escape::None
+    }
+}
+
+/// The terminal's settings before blimp changed them.
+static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+static HOOK: Once = Once::new();
+
+/// Puts the controlling terminal (stdin) in raw mode and restores its
+/// original settings exactly (the saved `termios`) when dropped: on a normal
+/// exit, an error, a termination signal (the event loop turns those into an
+/// orderly exit) and a guest debug-exit. A panic hook restores them too, on
+/// whichever thread panics, before the default hook prints the message.
+pub struct RawTerminal(());
+
+impl RawTerminal {
+    /// Only for [`Input::Terminal`].
+    pub fn enter() -> Option<Self> {
+        // SAFETY: an all-zero termios is a valid value to be overwritten.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: tcgetattr writes into `t`, which lives for the call.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+            log::warn!(
+                "console: cannot read the terminal's settings: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                restore();
+                previous(info);
+            }));
+        });
+        let mut raw = t;
+        // Keystrokes go to the guest as typed: no line editing, no local
+        // echo (the guest echoes), Ctrl-C/Ctrl-Z are bytes for the guest.
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
+        // SAFETY: tcsetattr reads `raw`, which lives for the call.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            log::warn!(
+                "console: cannot put the terminal in raw mode: {}",
+                std::io::Error::last_os_error()
+            );
+            SAVED.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return None;
+        }
+        Some(RawTerminal(()))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// Puts back the saved terminal settings, once; nothing if none are saved.
+fn restore() {
+    let saved = SAVED.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(t) = saved {
+        // SAFETY: tcsetattr reads `t`, which lives for the call.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) } != 0 {
+            eprintln!(
+                "blimp: cannot restore the terminal: {} (run `stty sane`)",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(d: &mut EscapeDecoder, input: &[u8]) -> (Vec<u8>, Escape) {
+        let mut out = Vec::new();
+        let e = d.feed(input, &mut out);
+        (out, e)
+    }
+
+    #[test]
+    fn escape_sequences() {
+        let mut d = EscapeDecoder::default();
+        assert_eq!(feed(&mut d, b"ls\n"), (b"ls\n".to_vec(), Escape::None));
+        assert_eq!(
+            feed(&mut d, b"a\x01\x01b"),
+            (b"a\x01b".to_vec(), Escape::None)
+        );
+        assert_eq!(feed(&mut d, b"\x01c"), (b"\x01c".to_vec(), Escape::None));
+        assert_eq!(feed(&mut d, b"ab\x01xcd"), (b"ab".to_vec(), Escape::Quit));
+    }
+
+    #[test]
+    fn an_escape_split_across_reads() {
+        let mut d = EscapeDecoder::default();
+        assert_eq!(feed(&mut d, b"q\x01"), (b"q".to_vec(), Escape::None));
+        assert_eq!(feed(&mut d, b"x"), (Vec::new(), Escape::Quit));
+        let mut d = EscapeDecoder::default();
+        assert_eq!(feed(&mut d, b"\x01"), (Vec::new(), Escape::None));
+        assert_eq!(feed(&mut d, b"\x01"), (b"\x01".to_vec(), Escape::None));
+    }
+}
