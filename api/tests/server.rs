@@ -158,20 +158,20 @@ fn bad_input_is_400_with_json_error() {
         (
             Method::PATCH,
             "/balloon",
-            r#"{"target_mib": "512"}"#,
-            "invalid type",
+            r#"{"target_mib": "lots"}"#,
+            "expected a number",
         ),
         (
             Method::PATCH,
             "/balloon",
             r#"{"target_mib": 1.5}"#,
-            "invalid type",
+            "not a whole number of MiB",
         ),
         (
             Method::PATCH,
             "/balloon",
             r#"{"target_mib": null}"#,
-            "invalid type",
+            "expected a number of MiB",
         ),
         (
             Method::PATCH,
@@ -190,13 +190,13 @@ fn bad_input_is_400_with_json_error() {
             Method::PATCH,
             "/balloon",
             r#"{"target_mib": -1}"#,
-            "invalid value",
+            "cannot be negative",
         ),
         (
             Method::PATCH,
             "/balloon",
             r#"{"target_mib": 18446744073709551616}"#,
-            "invalid",
+            "too large",
         ),
         (
             Method::PATCH,
@@ -208,7 +208,7 @@ fn bad_input_is_400_with_json_error() {
             Method::PATCH,
             "/balloon",
             r#"{"target_mib": 1e30}"#,
-            "invalid type",
+            "too large",
         ),
         (
             Method::PATCH,

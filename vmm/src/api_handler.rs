@@ -32,6 +32,8 @@ pub struct ApiContext {
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub exit: Arc<VmExit>,
     pub memory_bytes: u64,
+    /// What a balloon target must leave the guest (bytes).
+    pub balloon_floor_bytes: u64,
     pub vcpu_count: u8,
     pub started: Instant,
     pub vcpu_stats: Arc<crate::vcpu::VcpuStats>,
@@ -302,6 +304,12 @@ impl ApiHandler {
         }
         let pages = u32::try_from(p.target_mib * PAGES_PER_MIB)
             .map_err(|_| ApiResponse::target_too_large(p.target_mib, guest_mib))?;
+        types::check_balloon_floor(
+            p.target_mib << 20,
+            self.ctx.memory_bytes,
+            self.ctx.balloon_floor_bytes,
+        )
+        .map_err(|msg| ApiResponse::bad_request(format!("target_mib {}: {msg}", p.target_mib)))?;
         let mut b = lock(self.balloon()?);
         b.set_target_pages(pages).map_err(balloon_error)?;
         Ok(ApiResponse::no_content())

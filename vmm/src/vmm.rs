@@ -228,6 +228,10 @@ impl Vmm {
                     balloon: self.balloon.clone(),
                     exit: self.exit.clone(),
                     memory_bytes: self.config.memory_bytes,
+                    balloon_floor_bytes: api_types::types::balloon_floor_bytes(
+                        self.config.memory_bytes,
+                        self.config.balloon_floor_bytes,
+                    ),
                     vcpu_count: self.config.vcpus,
                     started: self.started,
                     vcpu_stats: vcpus.stats.clone(),

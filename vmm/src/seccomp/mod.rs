@@ -170,8 +170,8 @@ pub fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
 /// architecture itself. (`clone3` is 435 on x86_64 and i386 alike, and an
 /// x32 number has bit 30 set, so no other syscall matches.)
 fn with_clone3_enosys(prog: BpfProgram) -> BpfProgram {
-    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-    const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10 | 0x00;
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
+    const BPF_JMP_JEQ_K: u16 = 0x15; // BPF_JMP (5) | BPF_JEQ (0x10) | BPF_K (0)
     const BPF_RET_K: u16 = 0x06;
     const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
     const NR_OFFSET: u32 = 0; // seccomp_data.nr
