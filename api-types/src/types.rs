@@ -620,6 +620,9 @@ pub struct VmmMetrics {
     pub counters: BTreeMap<String, u64>,
     #[serde(default)]
     pub gauges: BTreeMap<String, f64>,
+    /// The `# HELP` text of each counter or gauge, by the same name.
+    #[serde(default)]
+    pub help: BTreeMap<String, String>,
 }
 
 /// Body of every error response.

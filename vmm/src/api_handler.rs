@@ -63,6 +63,62 @@ pub fn balloon_event(target_pages: u64, actual_pages: u64) -> ApiEvent {
     }
 }
 
+/// `GET /balloon/statistics` (and the `BalloonStatistics` event): sizes,
+/// the device's hinting/reporting counters and the guest's last report.
+pub fn stats_view(
+    target_pages: u64,
+    actual_pages: u64,
+    m: &balloon::BalloonMetricsSnapshot,
+    latest: Option<&balloon::BalloonStats>,
+) -> types::BalloonStats {
+    let mut s = types::BalloonStats {
+        target_pages,
+        actual_pages,
+        target_mib: target_pages / PAGES_PER_MIB,
+        actual_mib: actual_pages / PAGES_PER_MIB,
+        hint_rounds: m.hint_rounds,
+        hinted_pages: m.hinted_pages,
+        reported_pages: m.reported_pages,
+        discarded_bytes: m.discard_released_bytes,
+        ..Default::default()
+    };
+    if let Some(st) = latest {
+        let v = |name| st.by_name(name);
+        s.swap_in = v("swap_in");
+        s.swap_out = v("swap_out");
+        s.major_faults = v("major_faults");
+        s.minor_faults = v("minor_faults");
+        s.free_memory = v("free_memory");
+        s.total_memory = v("total_memory");
+        s.available_memory = v("available_memory");
+        s.disk_caches = v("disk_caches");
+        s.hugetlb_allocations = v("hugetlb_allocations");
+        s.hugetlb_failures = v("hugetlb_failures");
+        s.oom_kill = v("oom_kill");
+        s.alloc_stall = v("alloc_stall");
+        s.async_scan = v("async_scan");
+        s.direct_scan = v("direct_scan");
+        s.async_reclaim = v("async_reclaim");
+        s.direct_reclaim = v("direct_reclaim");
+        s.last_update = st
+            .updated
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+    }
+    s
+}
+
+/// The `HintingChanged` event / `GET /balloon/hinting/status` body.
+pub fn hinting_view(s: balloon::HintingStatus) -> types::HintingStatus {
+    types::HintingStatus {
+        host_cmd_id: s.host_cmd_id,
+        guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
+        state: s.state,
+        hinted_pages: s.hinted_pages,
+    }
+}
+
 fn balloon_error(e: balloon::Error) -> ApiResponse {
     match e {
         balloon::Error::HintingDisabled => ApiResponse::feature_not_negotiated("free_page_hint"),
@@ -180,15 +236,9 @@ impl ApiHandler {
                 Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
                 Err(e) => balloon_error(e),
             }),
-            ApiRequest::HintingStatus => self.balloon().map(|b| {
-                let s = lock(b).hinting_status();
-                ApiResponse::ok(&types::HintingStatus {
-                    host_cmd_id: s.host_cmd_id,
-                    guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
-                    state: s.state,
-                    hinted_pages: s.hinted_pages,
-                })
-            }),
+            ApiRequest::HintingStatus => self
+                .balloon()
+                .map(|b| ApiResponse::ok(&hinting_view(lock(b).hinting_status()))),
             ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
                 Ok(()) => ApiResponse::no_content(),
                 Err(e) => balloon_error(e),
@@ -318,43 +368,12 @@ impl ApiHandler {
     fn balloon_stats(&self) -> Result<ApiResponse, ApiResponse> {
         let b = lock(self.balloon()?);
         let (target, actual) = (u64::from(b.target_pages()), u64::from(b.actual_pages()));
-        let m = b.metrics().snapshot();
-        let mut s = types::BalloonStats {
-            target_pages: target,
-            actual_pages: actual,
-            target_mib: target / PAGES_PER_MIB,
-            actual_mib: actual / PAGES_PER_MIB,
-            hint_rounds: m.hint_rounds,
-            hinted_pages: m.hinted_pages,
-            reported_pages: m.reported_pages,
-            discarded_bytes: m.discard_released_bytes,
-            ..Default::default()
-        };
-        if let Some(st) = b.latest_stats() {
-            let v = |name| st.by_name(name);
-            s.swap_in = v("swap_in");
-            s.swap_out = v("swap_out");
-            s.major_faults = v("major_faults");
-            s.minor_faults = v("minor_faults");
-            s.free_memory = v("free_memory");
-            s.total_memory = v("total_memory");
-            s.available_memory = v("available_memory");
-            s.disk_caches = v("disk_caches");
-            s.hugetlb_allocations = v("hugetlb_allocations");
-            s.hugetlb_failures = v("hugetlb_failures");
-            s.oom_kill = v("oom_kill");
-            s.alloc_stall = v("alloc_stall");
-            s.async_scan = v("async_scan");
-            s.direct_scan = v("direct_scan");
-            s.async_reclaim = v("async_reclaim");
-            s.direct_reclaim = v("direct_reclaim");
-            s.last_update = st
-                .updated
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs());
-        }
-        Ok(ApiResponse::ok(&s))
+        Ok(ApiResponse::ok(&stats_view(
+            target,
+            actual,
+            &b.metrics().snapshot(),
+            b.latest_stats(),
+        )))
     }
 
     fn patch_stats(&self, p: StatsPatch) -> Result<ApiResponse, ApiResponse> {
@@ -375,6 +394,10 @@ impl ApiHandler {
                     }
                 }
             }
+            for (k, help) in balloon::BALLOON_METRICS_HELP {
+                m.help
+                    .insert(format!("balloon_{k}"), format!("Balloon: {}", help.trim()));
+            }
         }
         let st = &self.ctx.vcpu_stats;
         m.counters.insert(
@@ -389,6 +412,19 @@ impl ApiHandler {
             "uptime_seconds".into(),
             self.ctx.started.elapsed().as_secs_f64(),
         );
+        for (k, help) in [
+            (
+                "vcpu_io_exits",
+                "Port I/O exits of all vCPUs handled by the VMM.",
+            ),
+            (
+                "vcpu_mmio_exits",
+                "MMIO exits of all vCPUs handled by the VMM.",
+            ),
+            ("uptime_seconds", "Seconds since the VM was built."),
+        ] {
+            m.help.insert(k.into(), help.into());
+        }
         m
     }
 }

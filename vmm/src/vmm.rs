@@ -14,7 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
-use crate::api_handler::{ApiContext, ApiHandler, balloon_event};
+use crate::api_handler::{ApiContext, ApiHandler, balloon_event, hinting_view, stats_view};
 use crate::boot;
 use crate::bus::Bus;
 use crate::config::VmConfig;
@@ -28,6 +28,7 @@ use crate::pvm::KvmBackend;
 use crate::signals::TerminationSignals;
 use crate::vcpu::{self, VcpuContext, Vcpus};
 use crate::vm::Vm;
+use api_types::ApiEvent;
 
 pub use crate::error::Error;
 use crate::error::io;
@@ -194,20 +195,39 @@ impl Vmm {
             if let Some(b) = &self.balloon {
                 let hub = hub.clone();
                 let mut balloon = lock_balloon(b);
-                // The observer runs with the balloon locked: it keeps its own copy of `actual`.
+                // The observer runs with the balloon locked: it keeps its own
+                // copies of `target` and `actual`, and reads the counters
+                // through their own handle.
                 let mut actual = balloon.actual_pages();
+                let mut target = balloon.target_pages();
+                let metrics = balloon.metrics_handle();
                 balloon.set_observer(Box::new(move |e| {
-                    let target = match e {
-                        BalloonEvent::TargetChanged { target_pages } => target_pages,
+                    let ev = match e {
+                        BalloonEvent::TargetChanged { target_pages } => {
+                            target = target_pages;
+                            balloon_event(u64::from(target), u64::from(actual))
+                        }
                         BalloonEvent::ActualChanged {
                             actual_pages,
                             target_pages,
                         } => {
                             actual = actual_pages;
-                            target_pages
+                            target = target_pages;
+                            balloon_event(u64::from(target), u64::from(actual))
+                        }
+                        BalloonEvent::StatisticsUpdated(st) => {
+                            ApiEvent::BalloonStatistics(stats_view(
+                                u64::from(target),
+                                u64::from(actual),
+                                &metrics.snapshot(),
+                                Some(&st),
+                            ))
+                        }
+                        BalloonEvent::HintingChanged(h) => {
+                            ApiEvent::HintingChanged(hinting_view(h))
                         }
                     };
-                    hub.publish(balloon_event(u64::from(target), u64::from(actual)));
+                    hub.publish(ev);
                 }));
             }
             let handler = ApiHandler::new(
