@@ -1,22 +1,63 @@
-//! `--balloon k=v,...`: the balloon device's switches.
+//! `--balloon k[=v],...`: the balloon device's switches.
+//!
+//! One vocabulary for the parser, `--help` and README: [`KEYS`]. A bare
+//! switch means `=on` (`--balloon deflate_on_oom,free_page_hint`).
 
+use api::size::{self, Granule};
 use api::types::MAX_STATS_INTERVAL_S;
 use vmm::BalloonConfig;
 
-pub const BALLOON_HELP: &str = "deflate_on_oom=on|off, must_tell_host=on|off, stats_interval=SECS, \
-free_page_hint=on|off, free_page_reporting=on|off, page_poison=on|off, hint_discard=on|off";
+/// Every key `--balloon` takes, with its value and default, as `--help`
+/// and README list them.
+pub const KEYS: &[(&str, &str)] = &[
+    ("deflate_on_oom", "[=on|off] (default off)"),
+    ("must_tell_host", "[=on|off] (default on)"),
+    (
+        "stats_interval",
+        "=SECS (default 0 = off; alias stats_polling_interval_s)",
+    ),
+    ("free_page_hint", "[=on|off] (default off)"),
+    ("free_page_reporting", "[=on|off] (default off)"),
+    ("page_poison", "[=on|off] (default off)"),
+    ("hint_discard", "[=on|off] (default off)"),
+    (
+        "floor",
+        "=SIZE (default 64M, at most a quarter of guest memory; 0 = none)",
+    ),
+];
 
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
+/// The keys with their values, for error messages.
+fn known() -> String {
+    KEYS.iter()
+        .map(|(k, v)| format!("{k}{}", v.split(" (").next().unwrap_or("")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What `--balloon` sets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BalloonOpts {
+    pub device: BalloonConfig,
+    /// `floor=SIZE` in bytes (`None`: the default for the guest's size).
+    pub floor_bytes: Option<u64>,
+}
+
+fn on_off(key: &str, v: Option<&str>) -> Result<bool, String> {
     match v {
-        "on" | "true" | "1" | "yes" => Ok(true),
-        "off" | "false" | "0" | "no" => Ok(false),
-        _ => Err(format!("--balloon {key}={v}: expected on or off")),
+        None | Some("on" | "true" | "1" | "yes") => Ok(true),
+        Some("off" | "false" | "0" | "no") => Ok(false),
+        Some(v) => Err(format!("--balloon {key}={v}: expected on or off")),
     }
 }
 
 /// A stats polling interval in seconds, within the bound the API applies
 /// to `PATCH /balloon/statistics` (one limit for both ways in).
-fn stats_interval(key: &str, v: &str) -> Result<u32, String> {
+fn stats_interval(key: &str, v: Option<&str>) -> Result<u32, String> {
+    let Some(v) = v else {
+        return Err(format!(
+            "--balloon {key}: needs a value in seconds, e.g. {key}=1 (0 turns stats polling off)"
+        ));
+    };
     let secs: u32 = v.parse().map_err(|_| {
         format!(
             "--balloon {key}={v}: expected a whole number of seconds (0 turns stats polling off)"
@@ -30,26 +71,39 @@ fn stats_interval(key: &str, v: &str) -> Result<u32, String> {
     Ok(secs)
 }
 
+fn floor(key: &str, v: Option<&str>) -> Result<u64, String> {
+    let Some(v) = v else {
+        return Err(format!(
+            "--balloon {key}: needs a size, e.g. {key}=64M (0 = no floor)"
+        ));
+    };
+    size::parse(v, Granule::Page).map_err(|e| format!("--balloon {key}={v}: {e}"))
+}
+
 /// Parse the value of `--balloon` (may be empty: all defaults).
-pub fn parse(s: &str) -> Result<BalloonConfig, String> {
-    let mut o = BalloonConfig::default();
+pub fn parse_opts(s: &str) -> Result<BalloonOpts, String> {
+    let mut o = BalloonOpts::default();
+    let d = &mut o.device;
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("--balloon '{item}': expected key=value ({BALLOON_HELP})"))?;
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (item, None),
+        };
         match k {
-            "deflate_on_oom" => o.deflate_on_oom = on_off(k, v)?,
-            "must_tell_host" => o.must_tell_host = on_off(k, v)?,
-            "free_page_hint" => o.free_page_hint = on_off(k, v)?,
-            "free_page_reporting" => o.free_page_reporting = on_off(k, v)?,
-            "page_poison" => o.page_poison = on_off(k, v)?,
-            "hint_discard" => o.hint_discard = on_off(k, v)?,
+            "deflate_on_oom" => d.deflate_on_oom = on_off(k, v)?,
+            "must_tell_host" => d.must_tell_host = on_off(k, v)?,
+            "free_page_hint" => d.free_page_hint = on_off(k, v)?,
+            "free_page_reporting" => d.free_page_reporting = on_off(k, v)?,
+            "page_poison" => d.page_poison = on_off(k, v)?,
+            "hint_discard" => d.hint_discard = on_off(k, v)?,
             "stats_interval" | "stats_polling_interval_s" => {
-                o.stats_polling_interval_s = stats_interval(k, v)?
+                d.stats_polling_interval_s = stats_interval(k, v)?
             }
+            "floor" => o.floor_bytes = Some(floor(k, v)?),
             _ => {
                 return Err(format!(
-                    "--balloon: unknown option '{k}' (known: {BALLOON_HELP})"
+                    "--balloon: unknown option '{k}' (known: {})",
+                    known()
                 ));
             }
         }
@@ -61,6 +115,10 @@ pub fn parse(s: &str) -> Result<BalloonConfig, String> {
 mod tests {
     use super::*;
 
+    fn parse(s: &str) -> Result<BalloonConfig, String> {
+        parse_opts(s).map(|o| o.device)
+    }
+
     #[test]
     fn defaults_and_switches() {
         let d = parse("").unwrap();
@@ -71,6 +129,45 @@ mod tests {
         assert_eq!(o.stats_polling_interval_s, 2);
     }
 
+    /// Issue #16: README's bare switches mean `=on`; both forms work.
+    #[test]
+    fn bare_switches_mean_on() {
+        let o = parse("deflate_on_oom,free_page_hint,free_page_reporting,page_poison,hint_discard")
+            .unwrap();
+        assert!(o.deflate_on_oom && o.free_page_hint && o.free_page_reporting);
+        assert!(o.page_poison && o.hint_discard && o.must_tell_host);
+        let o = parse("must_tell_host=off,deflate_on_oom").unwrap();
+        assert!(!o.must_tell_host && o.deflate_on_oom);
+        assert_eq!(
+            parse("deflate_on_oom").unwrap(),
+            parse("deflate_on_oom=on").unwrap()
+        );
+        // Switches that need a value say so.
+        let e = parse("stats_interval").unwrap_err();
+        assert!(
+            e.contains("stats_interval") && e.contains("needs a value"),
+            "{e}"
+        );
+        let e = parse_opts("floor").unwrap_err();
+        assert!(e.contains("floor") && e.contains("needs a size"), "{e}");
+    }
+
+    #[test]
+    fn floor_is_a_size() {
+        assert_eq!(parse_opts("").unwrap().floor_bytes, None);
+        assert_eq!(
+            parse_opts("floor=128M").unwrap().floor_bytes,
+            Some(128 << 20)
+        );
+        assert_eq!(parse_opts("floor=0").unwrap().floor_bytes, Some(0));
+        assert_eq!(
+            parse_opts("floor=1.5G").unwrap().floor_bytes,
+            Some(1536 << 20)
+        );
+        let e = parse_opts("floor=-5").unwrap_err();
+        assert!(e.contains("floor=-5") && e.contains("negative"), "{e}");
+    }
+
     #[test]
     fn errors_name_the_option() {
         assert!(
@@ -78,13 +175,35 @@ mod tests {
                 .unwrap_err()
                 .contains("deflate_on_oom=maybe")
         );
-        assert!(parse("frobnicate=on").unwrap_err().contains("'frobnicate'"));
+        let e = parse("frobnicate=on").unwrap_err();
+        assert!(
+            e.contains("'frobnicate'") && e.contains("deflate_on_oom[=on|off]"),
+            "{e}"
+        );
+        assert!(e.contains("floor=SIZE"), "{e}");
+        assert!(parse("frobnicate").unwrap_err().contains("'frobnicate'"));
         assert!(
             parse("stats_interval=-1")
                 .unwrap_err()
                 .contains("stats_interval=-1")
         );
-        assert!(parse("deflate_on_oom").unwrap_err().contains("key=value"));
+    }
+
+    /// Every key the parser takes is in KEYS and the error's list, and
+    /// every listed key parses (one vocabulary).
+    #[test]
+    fn one_vocabulary() {
+        for (k, v) in KEYS {
+            assert!(known().contains(k), "{k}");
+            let item = if v.starts_with('[') {
+                k.to_string()
+            } else if *k == "floor" {
+                format!("{k}=32M")
+            } else {
+                format!("{k}=1")
+            };
+            parse_opts(&item).unwrap_or_else(|e| panic!("{item}: {e}"));
+        }
     }
 
     /// Found by fuzz/cli_parsers: the CLI took any u32 while the API caps

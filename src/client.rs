@@ -102,8 +102,10 @@ pub enum HintCommand {
 pub struct BalloonSetArgs {
     #[command(flatten)]
     pub conn: Conn,
-    /// Balloon size: 512M, 1G, 256MiB, 1.5G; a plain number is MiB
-    #[arg(value_name = "SIZE", value_parser = parse_size_arg)]
+    /// Balloon size: 512M, 1G, 256MiB, 1.5G (MB/GB mean MiB/GiB); a plain
+    /// number is MiB. It must leave the guest the balloon floor (--balloon
+    /// floor=SIZE of blimp run, default 64 MiB): else exit status 2
+    #[arg(value_name = "SIZE", value_parser = parse_size_arg, allow_hyphen_values = true)]
     pub size_mib: u64,
     /// Wait, with a progress bar, until the guest has reached the size
     #[arg(long)]
@@ -406,9 +408,27 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
 /// How often `--wait` polls.
 const POLL: Duration = Duration::from_millis(100);
 
+/// The API answered the last request 400: the request was invalid.
+static REFUSED_AS_INVALID: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the command failed because the API refused a request as
+/// invalid (400), e.g. a balloon target below the floor: exit status 2.
+pub fn refused_as_invalid() -> bool {
+    REFUSED_AS_INVALID.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// [`err`], remembering a 400 for [`refused_as_invalid`].
+fn err_invalid(e: ClientError) -> String {
+    if e.status() == Some(400) {
+        REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    err(e)
+}
+
 fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
     let c = client(&args.conn)?;
-    c.set_balloon(args.size_mib).map_err(err)?;
+    c.set_balloon(args.size_mib).map_err(err_invalid)?;
     let target_pages = mib_to_pages(args.size_mib);
     if !args.wait {
         if args.conn.json {

@@ -2,7 +2,6 @@
 
 mod balloon_opts;
 mod client;
-mod size;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -123,9 +122,15 @@ struct RunArgs {
     /// virtio device.
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
-    /// Guest RAM: a number with a binary unit (512M, 8G, 1024MiB); a plain
-    /// number is MiB. RAM beyond 3 GiB is placed above 4 GiB.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    /// Guest RAM: a number with a binary unit (512M, 1.5G, 8G, 1024MiB;
+    /// MB/GB mean MiB/GiB); a plain number is MiB; a whole number of 4 KiB
+    /// pages. RAM beyond 3 GiB is placed above 4 GiB.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "512M",
+        allow_hyphen_values = true
+    )]
     memory: String,
     /// Number of vCPUs (1 to 254).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -146,16 +151,20 @@ struct RunArgs {
     /// stops, exit status 0), Ctrl-A Ctrl-A sends a Ctrl-A.
     #[arg(long)]
     no_stdin: bool,
-    /// Add a virtio balloon. Optional comma-separated switches:
-    /// deflate_on_oom=on|off (default off), must_tell_host=on|off (on),
-    /// stats_interval=SECS (0 = off), free_page_hint=on|off (off),
-    /// free_page_reporting=on|off (off), page_poison=on|off (off),
-    /// hint_discard=on|off (off). Example: --balloon deflate_on_oom=on,stats_interval=1
+    /// Add a virtio balloon. Optional comma-separated switches; a bare
+    /// switch means =on: deflate_on_oom[=on|off] (default off),
+    /// must_tell_host[=on|off] (on), stats_interval=SECS (0 = off),
+    /// free_page_hint[=on|off] (off), free_page_reporting[=on|off] (off),
+    /// page_poison[=on|off] (off), hint_discard[=on|off] (off),
+    /// floor=SIZE (memory every balloon target must leave the guest;
+    /// default 64M, at most a quarter of guest memory; 0 = none).
+    /// Example: --balloon deflate_on_oom,free_page_hint,stats_interval=1
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<String>,
     /// Initial balloon size: memory taken from the guest at boot (like
-    /// Firecracker's amount_mib), e.g. 256M. Implies --balloon.
-    #[arg(long, value_name = "SIZE")]
+    /// Firecracker's amount_mib), e.g. 256M or 1.5G; it must leave the
+    /// guest its floor (see --balloon floor=SIZE). Implies --balloon.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     balloon_target: Option<String>,
     /// Serve the REST API (HTTP/1.1 + JSON) on this unix socket, e.g.
     /// /tmp/blimp.sock; try `curl --unix-socket /tmp/blimp.sock http://localhost/vm`.
@@ -203,7 +212,8 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     if let Some(initrd) = &args.initrd {
         check_readable("initrd", initrd)?;
     }
-    let memory = size::parse_size(&args.memory).map_err(|e| Usage(format!("--memory: {e}")))?;
+    let memory =
+        api::size::parse_page_bytes(&args.memory).map_err(|e| Usage(format!("--memory: {e}")))?;
     if memory == 0 {
         return Err(Usage("--memory: guest memory cannot be 0".into()));
     }
@@ -212,12 +222,6 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             "--memory {}: at least {} MiB is needed",
             args.memory,
             arch::layout::MIN_MEMORY >> 20
-        )));
-    }
-    if memory % 4096 != 0 {
-        return Err(Usage(format!(
-            "--memory {}: must be a multiple of 4 KiB",
-            args.memory
         )));
     }
     if let Some(host) = vmm::memory::host_ram_bytes()
@@ -245,15 +249,22 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     cfg.memory_backend = args.memory_backend.clone();
     cfg.serial_input = !args.no_stdin;
     if args.balloon.is_some() || args.balloon_target.is_some() {
-        let mut b = balloon_opts::parse(args.balloon.as_deref().unwrap_or("")).map_err(Usage)?;
+        let opts =
+            balloon_opts::parse_opts(args.balloon.as_deref().unwrap_or("")).map_err(Usage)?;
+        let mut b = opts.device;
+        cfg.balloon_floor_bytes = opts.floor_bytes;
         if let Some(t) = &args.balloon_target {
-            let bytes = size::parse_size(t).map_err(|e| Usage(format!("--balloon-target: {e}")))?;
+            let bytes = api::size::parse_page_bytes(t)
+                .map_err(|e| Usage(format!("--balloon-target: {e}")))?;
             if bytes > memory {
                 return Err(Usage(format!(
                     "--balloon-target {t}: larger than guest memory ({} MiB)",
                     memory >> 20
                 )));
             }
+            let floor = api::types::balloon_floor_bytes(memory, opts.floor_bytes);
+            api::types::check_balloon_floor(bytes, memory, floor)
+                .map_err(|msg| Usage(format!("--balloon-target {t}: {msg}")))?;
             b.initial_target_pages = u32::try_from(bytes / 4096)
                 .map_err(|_| Usage(format!("--balloon-target {t}: too large")))?;
         }
@@ -421,7 +432,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {
                     eprintln!("blimp: error: {msg}");
-                    ExitCode::from(EXIT_RUNTIME)
+                    // A request the API refused as invalid (400) is a usage
+                    // error, like a bad argument.
+                    ExitCode::from(if client::refused_as_invalid() {
+                        EXIT_USAGE
+                    } else {
+                        EXIT_RUNTIME
+                    })
                 }
             }
         }
@@ -434,5 +451,31 @@ fn watch_interrupts() {
     match vmm::signals::TerminationSignals::new() {
         Ok(signals) => client::set_interrupt_check(Box::new(move || signals.read().is_some())),
         Err(e) => log::warn!("Ctrl-C will not cancel the migration: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `blimp run --help` lists every `--balloon` key the parser takes (one
+    /// vocabulary with README, which a test of README checks too).
+    #[test]
+    fn run_help_lists_every_balloon_key() {
+        let mut cmd = super::Cli::command();
+        let run = cmd.find_subcommand_mut("run").expect("run");
+        let help = run.render_long_help().to_string();
+        for (k, v) in crate::balloon_opts::KEYS {
+            let form = if v.starts_with('[') {
+                format!("{k}[=on|off]")
+            } else {
+                format!("{k}=")
+            };
+            assert!(help.contains(&form), "--help lacks {form}: {help}");
+        }
+        let readme = include_str!("../README.md");
+        for (k, _) in crate::balloon_opts::KEYS {
+            assert!(readme.contains(&format!("`{k}")), "README lacks `{k}`");
+        }
     }
 }

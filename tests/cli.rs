@@ -59,7 +59,7 @@ fn bad_memory_sizes() {
         &["run", "--kernel", k, "--memory", "100T"],
         "larger than this host's RAM",
     );
-    assert_usage(&["run", "--kernel", k, "--memory", "12X"], "'12X'");
+    assert_usage(&["run", "--kernel", k, "--memory", "12X"], "\"12X\"");
     assert_usage(&["run", "--kernel", k, "--memory", "1M"], "at least 16 MiB");
 }
 

@@ -115,6 +115,12 @@ enum Probe {
     Ptrace,
     IoctlTiocsti,
     MmapExec,
+    /// `clone(SIGCHLD)`: fork, a new process.
+    ForkClone,
+    /// `clone3` asking for a new process: must fail with ENOSYS.
+    Clone3,
+    /// `std::thread::spawn` and join: must work where threads are started.
+    Thread,
 }
 
 impl Probe {
@@ -125,6 +131,9 @@ impl Probe {
             Probe::Ptrace => "ptrace",
             Probe::IoctlTiocsti => "ioctl-tiocsti",
             Probe::MmapExec => "mmap-exec",
+            Probe::ForkClone => "fork-clone",
+            Probe::Clone3 => "clone3",
+            Probe::Thread => "thread",
         }
     }
 
@@ -135,6 +144,9 @@ impl Probe {
             Probe::Ptrace,
             Probe::IoctlTiocsti,
             Probe::MmapExec,
+            Probe::ForkClone,
+            Probe::Clone3,
+            Probe::Thread,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -167,6 +179,40 @@ impl Probe {
                     -1,
                     0,
                 ),
+                Probe::ForkClone => {
+                    let rc = libc::syscall(
+                        libc::SYS_clone,
+                        libc::SIGCHLD,
+                        0usize,
+                        0usize,
+                        0usize,
+                        0usize,
+                    );
+                    if rc == 0 {
+                        libc::_exit(0); // the new process, had it been allowed
+                    }
+                    rc
+                }
+                Probe::Clone3 => {
+                    // struct clone_args: flags, pidfd, child_tid, parent_tid,
+                    // exit_signal, stack, stack_size, tls (u64 each).
+                    let mut args = [0u64; 8];
+                    args[4] = libc::SIGCHLD as u64;
+                    let rc = libc::syscall(
+                        libc::SYS_clone3,
+                        args.as_mut_ptr(),
+                        std::mem::size_of_val(&args),
+                    );
+                    if rc == 0 {
+                        libc::_exit(0);
+                    }
+                    if rc < 0 {
+                        -i64::from(*libc::__errno_location())
+                    } else {
+                        rc
+                    }
+                }
+                Probe::Thread => std::thread::spawn(|| 7).join().unwrap_or(-1),
             }
         }
     }
@@ -263,6 +309,28 @@ fn vcpu_event_loop_and_api_threads_cannot_open_network_sockets() {
     let (status, out, _) = probe(ThreadKind::Migration, "kill", Probe::SocketInet);
     assert!(status.success(), "{status:?} {out}");
     assert!(out.contains("PROBE-SURVIVED"), "{out}");
+}
+
+/// Issue #17: `clone3` cannot be argument-filtered, so it fails with ENOSYS
+/// everywhere (glibc falls back to `clone`); `clone` is allowed only with a
+/// thread's flags, so no thread can fork, and threads still start.
+#[test]
+fn clone3_is_enosys_and_clone_only_makes_threads() {
+    let _serial = probes_serialised();
+    for kind in ThreadKind::ALL {
+        assert_killed(kind, Probe::ForkClone);
+        let (status, out, _) = probe(kind, "kill", Probe::Clone3);
+        assert!(status.success(), "{kind:?}: {status:?} {out}");
+        assert!(
+            out.contains(&format!("PROBE-SURVIVED rc=-{}", libc::ENOSYS)),
+            "{kind:?}: clone3 did not fail with ENOSYS: {out}"
+        );
+    }
+    for kind in [ThreadKind::Main, ThreadKind::Spawner, ThreadKind::Migration] {
+        let (status, out, _) = probe(kind, "kill", Probe::Thread);
+        assert!(status.success(), "{kind:?}: {status:?} {out}");
+        assert!(out.contains("PROBE-SURVIVED rc=7"), "{kind:?}: {out}");
+    }
 }
 
 #[test]

@@ -1,22 +1,64 @@
-//! Human memory sizes for the CLI: `512M`, `1G`, `256MiB`, `1.5GiB`, `0`.
+//! The one parser of human memory sizes in Blimp: `--memory`,
+//! `--balloon-target`, `blimp balloon set`, the `balloon_floor` switch of
+//! `--balloon` and the API's `target_mib` given as a string all go through
+//! [`parse`]: `512M`, `1G`, `256MiB`, `1.5G`, `0`.
 //!
 //! A plain number means MiB. Units are binary and case-insensitive:
-//! `B`, `K`/`KB`/`KiB`, `M`/`MB`/`MiB`, `G`/`GB`/`GiB`, `T`/`TB`/`TiB`.
-//! The result is in MiB and must be a whole number of MiB.
+//! `B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB`; `KB`, `MB`, `GB`, `TB`
+//! are accepted as the same binary units (as QEMU's `-m 512M`, Cloud
+//! Hypervisor's `size=512M` and most users mean them: nobody sizes guest
+//! RAM in powers of ten). A decimal fraction is fine when the result is a
+//! whole number of the unit the caller counts in (`1.5G` = 1536 MiB; `1.3M`
+//! is not a whole number of 4 KiB pages). Negative sizes are refused with
+//! their own message.
 
-/// Why a size did not parse.
+/// Why a size did not parse. Every message names the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
-    #[error("empty size")]
+    #[error("empty size: expected a number with an optional unit, e.g. 512M, 1G, 256MiB")]
     Empty,
+    #[error("invalid size {0:?}: a size cannot be negative")]
+    Negative(String),
     #[error("invalid size {0:?}: expected a number with an optional unit, e.g. 512M, 1G, 256MiB")]
     Syntax(String),
-    #[error("invalid size {0:?}: unknown unit (use B, K, M, G or T, optionally with iB)")]
+    #[error(
+        "invalid size {0:?}: unknown unit (use B, K, M, G or T; KiB/MiB/GiB/TiB and KB/MB/GB/TB mean the same binary units)"
+    )]
     Unit(String),
-    #[error("size {0:?} is not a whole number of MiB")]
-    NotWholeMib(String),
-    #[error("size {0:?} is too large")]
+    #[error("invalid size {input:?}: not a whole number of {granule}")]
+    NotWhole {
+        input: String,
+        granule: &'static str,
+    },
+    #[error("invalid size {0:?}: too large")]
     TooLarge(String),
+}
+
+/// What a size must be a whole number of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granule {
+    Byte,
+    /// 4 KiB, the page the balloon and guest RAM count in.
+    Page,
+    Mib,
+}
+
+impl Granule {
+    fn bytes(self) -> u128 {
+        match self {
+            Granule::Byte => 1,
+            Granule::Page => 4096,
+            Granule::Mib => 1 << 20,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Granule::Byte => "bytes",
+            Granule::Page => "4 KiB pages",
+            Granule::Mib => "MiB",
+        }
+    }
 }
 
 fn unit_bytes(unit: &str) -> Option<u128> {
@@ -32,17 +74,25 @@ fn unit_bytes(unit: &str) -> Option<u128> {
     Some(1u128 << shift)
 }
 
-/// Parse a size into MiB.
-pub fn parse_size(input: &str) -> Result<u64, SizeError> {
+/// Parse a size into bytes, which must be a whole number of `granule`.
+pub fn parse(input: &str, granule: Granule) -> Result<u64, SizeError> {
     let s = input.trim();
     if s.is_empty() {
         return Err(SizeError::Empty);
+    }
+    if let Some(rest) = s.strip_prefix('-')
+        && rest.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+    {
+        return Err(SizeError::Negative(input.to_string()));
     }
     let num_end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(num_end);
     let unit = unit.trim_start();
+    if num.is_empty() {
+        return Err(SizeError::Syntax(input.to_string()));
+    }
     let mult = unit_bytes(unit).ok_or_else(|| SizeError::Unit(input.to_string()))?;
     let (int_part, frac_part) = match num.split_once('.') {
         Some((i, f)) => (i, f),
@@ -52,11 +102,20 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         || !int_part.bytes().all(|b| b.is_ascii_digit())
         || !frac_part.bytes().all(|b| b.is_ascii_digit())
         || num.ends_with('.')
-        || frac_part.len() > 9
     {
         return Err(SizeError::Syntax(input.to_string()));
     }
     let too_large = || SizeError::TooLarge(input.to_string());
+    let not_whole = || SizeError::NotWhole {
+        input: input.to_string(),
+        granule: granule.name(),
+    };
+    // Exact arithmetic in u128, bounded: trailing zeros say nothing, and
+    // more than 12 decimals is no whole number of pages or MiB.
+    let frac_part = frac_part.trim_end_matches('0');
+    if frac_part.len() > 12 {
+        return Err(not_whole());
+    }
     let int: u128 = if int_part.is_empty() {
         0
     } else {
@@ -78,13 +137,51 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         .and_then(|v| v.checked_mul(mult))
         .ok_or_else(too_large)?;
     if !scaled.is_multiple_of(scale) {
-        return Err(SizeError::NotWholeMib(input.to_string()));
+        return Err(not_whole());
     }
     let bytes = scaled / scale;
-    if !bytes.is_multiple_of(1 << 20) {
-        return Err(SizeError::NotWholeMib(input.to_string()));
+    if !bytes.is_multiple_of(granule.bytes()) {
+        return Err(not_whole());
     }
-    u64::try_from(bytes >> 20).map_err(|_| too_large())
+    u64::try_from(bytes).map_err(|_| too_large())
+}
+
+/// Parse a size into MiB (a whole number of MiB).
+pub fn parse_size(input: &str) -> Result<u64, SizeError> {
+    parse(input, Granule::Mib).map(|b| b >> 20)
+}
+
+/// Parse a size into bytes (a whole number of 4 KiB pages): guest RAM and
+/// the balloon count in pages.
+pub fn parse_page_bytes(input: &str) -> Result<u64, SizeError> {
+    parse(input, Granule::Page)
+}
+
+/// serde: a size in MiB given as a JSON integer, or as a string in the
+/// syntax of [`parse`] (`"1.5G"`, `"512MB"`). A negative or fractional
+/// number gets the parser's message instead of serde's type error.
+pub fn deserialize_mib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    use serde::de::Error;
+    match <serde_json::Value as serde::Deserialize>::deserialize(d)? {
+        serde_json::Value::Number(n) => {
+            let input = n.to_string();
+            let f = n.as_f64().unwrap_or(0.0);
+            match n.as_u64() {
+                Some(v) => Ok(v),
+                None if n.as_i64().is_some() || f < 0.0 => Err(SizeError::Negative(input)),
+                None if f.fract() != 0.0 => Err(SizeError::NotWhole {
+                    input,
+                    granule: "MiB (give a string with a unit, e.g. \"1.5G\")",
+                }),
+                None => Err(SizeError::TooLarge(input)),
+            }
+            .map_err(D::Error::custom)
+        }
+        serde_json::Value::String(s) => parse_size(&s).map_err(D::Error::custom),
+        other => Err(D::Error::custom(format!(
+            "invalid size {other}: expected a number of MiB or a string like \"1.5G\""
+        ))),
+    }
 }
 
 /// `1536` → `"1.5 GiB"`, `512` → `"512 MiB"`.
@@ -93,6 +190,15 @@ pub fn format_mib(mib: u64) -> String {
         return "0 MiB".into();
     }
     format_bytes(mib.saturating_mul(1 << 20))
+}
+
+/// [`format_bytes`], with `0` as `0 MiB`.
+pub fn format_bytes_or_zero(bytes: u64) -> String {
+    if bytes == 0 {
+        "0 MiB".into()
+    } else {
+        format_bytes(bytes)
+    }
 }
 
 /// Bytes with a binary unit and at most two decimals (trailing zeros dropped).
@@ -144,7 +250,9 @@ mod tests {
     fn bad_sizes() {
         assert_eq!(parse_size(""), Err(SizeError::Empty));
         assert_eq!(parse_size("  "), Err(SizeError::Empty));
-        for s in ["abc", "-1", "1..5G", "1.", ".", "1.2.3M", "M", "+5"] {
+        for s in [
+            "abc", "1..5G", "1.", ".", "1.2.3M", "M", "+5", "5 M B", "0x10",
+        ] {
             assert!(
                 matches!(
                     parse_size(s),
@@ -156,9 +264,18 @@ mod tests {
         }
         assert!(matches!(parse_size("5X"), Err(SizeError::Unit(_))));
         assert!(matches!(parse_size("512Mi"), Err(SizeError::Unit(_))));
-        assert!(matches!(parse_size("1K"), Err(SizeError::NotWholeMib(_))));
-        assert!(matches!(parse_size("1.3M"), Err(SizeError::NotWholeMib(_))));
-        assert!(matches!(parse_size("100B"), Err(SizeError::NotWholeMib(_))));
+        assert!(matches!(parse_size("1K"), Err(SizeError::NotWhole { .. })));
+        assert!(matches!(
+            parse_size("1.3M"),
+            Err(SizeError::NotWhole { .. })
+        ));
+        assert!(matches!(
+            parse_size("100B"),
+            Err(SizeError::NotWhole { .. })
+        ));
+        for s in ["-5", "-1", "-1.5G", " -0", "-.5M"] {
+            assert_eq!(parse_size(s), Err(SizeError::Negative(s.into())), "{s}");
+        }
         assert!(matches!(
             parse_size("99999999999999999999999"),
             Err(SizeError::TooLarge(_))
@@ -167,6 +284,80 @@ mod tests {
             parse_size("18446744073709551615T"),
             Err(SizeError::TooLarge(_))
         ));
+    }
+
+    /// The table of issue #16: what `--memory`, `--balloon-target`,
+    /// `balloon set` and the API all get, with the message a user sees.
+    #[test]
+    fn table() {
+        for (input, granule, want) in [
+            ("1.5G", Granule::Mib, Ok(1536 << 20)),
+            ("1.5G", Granule::Page, Ok(1536 << 20)),
+            ("512MB", Granule::Mib, Ok(512 << 20)),
+            ("512mb", Granule::Page, Ok(512 << 20)),
+            ("2GB", Granule::Mib, Ok(2 << 30)),
+            ("0", Granule::Mib, Ok(0)),
+            ("0", Granule::Page, Ok(0)),
+            ("8K", Granule::Page, Ok(8192)),
+            ("1.50G", Granule::Mib, Ok(1536 << 20)),
+            (
+                "1.3M",
+                Granule::Page,
+                Err("not a whole number of 4 KiB pages"),
+            ),
+            ("1.3M", Granule::Mib, Err("not a whole number of MiB")),
+            ("6K", Granule::Mib, Err("not a whole number of MiB")),
+            ("-5", Granule::Mib, Err("cannot be negative")),
+            ("-5", Granule::Page, Err("cannot be negative")),
+            ("99999999999999999999", Granule::Mib, Err("too large")),
+            ("16777216T", Granule::Mib, Err("too large")),
+            ("garbage", Granule::Mib, Err("expected a number")),
+            ("12X", Granule::Mib, Err("unknown unit")),
+            ("", Granule::Mib, Err("empty size")),
+        ] {
+            let got = parse(input, granule);
+            match want {
+                Ok(bytes) => assert_eq!(got, Ok(bytes), "{input}"),
+                Err(msg) => {
+                    let e = got.expect_err(input).to_string();
+                    assert!(e.contains(msg), "{input}: {e}");
+                    if !input.is_empty() {
+                        assert!(e.contains(&format!("{input:?}")), "{input}: {e}");
+                    }
+                }
+            }
+        }
+        assert_eq!(parse_size("1.5G"), Ok(1536));
+        assert_eq!(parse_page_bytes("512M"), Ok(512 << 20));
+    }
+
+    #[test]
+    fn api_sizes_deserialize() {
+        #[derive(serde::Deserialize, Debug)]
+        struct P {
+            #[serde(deserialize_with = "deserialize_mib")]
+            m: u64,
+        }
+        let p = |j: &str| {
+            serde_json::from_str::<P>(j)
+                .map(|p| p.m)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(p(r#"{"m": 1536}"#), Ok(1536));
+        assert_eq!(p(r#"{"m": "1.5G"}"#), Ok(1536));
+        assert_eq!(p(r#"{"m": "512MB"}"#), Ok(512));
+        assert_eq!(p(r#"{"m": 0}"#), Ok(0));
+        for (j, msg) in [
+            (r#"{"m": -5}"#, "cannot be negative"),
+            (r#"{"m": 1.5}"#, "not a whole number of MiB"),
+            (r#"{"m": "1K"}"#, "not a whole number of MiB"),
+            (r#"{"m": 1e30}"#, "too large"),
+            (r#"{"m": "garbage"}"#, "expected a number"),
+            (r#"{"m": true}"#, "expected a number of MiB"),
+        ] {
+            let e = p(j).unwrap_err();
+            assert!(e.contains(msg), "{j}: {e}");
+        }
     }
 
     #[test]
@@ -183,6 +374,7 @@ mod tests {
                 s.push(alphabet[idx]);
             }
             let _ = parse_size(&s);
+            let _ = parse(&s, Granule::Page);
         }
     }
 

@@ -144,6 +144,9 @@ pub struct BalloonInfo {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(try_from = "BalloonPatchBody")]
 pub struct BalloonPatch {
+    /// MiB. On the wire `target_mib` is a JSON integer or a size string
+    /// (`"1.5G"`, `"512MB"`) read by the CLI's parser
+    /// ([`crate::size::parse`]); Firecracker's `amount_mib` is an integer.
     pub target_mib: u64,
 }
 
@@ -151,10 +154,15 @@ pub struct BalloonPatch {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BalloonPatchBody {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_size")]
     target_mib: Option<u64>,
     #[serde(default, deserialize_with = "present")]
     amount_mib: Option<u64>,
+}
+
+/// `target_mib`, when given: a number of MiB or a size string.
+fn present_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    crate::size::deserialize_mib(d).map(Some)
 }
 
 /// A field that, when given, must be a number (`null` is a type error).
@@ -252,6 +260,42 @@ impl BalloonPatch {
     pub fn target_pages(&self) -> u64 {
         mib_to_pages(self.target_mib)
     }
+}
+
+/// The balloon floor when none is configured: 64 MiB, but at most a
+/// quarter of guest memory (a 128 MiB guest can still give 96 MiB).
+pub const DEFAULT_BALLOON_FLOOR_MIB: u64 = 64;
+
+/// The memory a balloon target must leave the guest, in bytes: the
+/// configured floor (`--balloon floor=SIZE`), or
+/// [`DEFAULT_BALLOON_FLOOR_MIB`] capped at a quarter of guest memory
+/// (rounded down to 4 KiB pages).
+pub fn balloon_floor_bytes(guest_bytes: u64, configured: Option<u64>) -> u64 {
+    configured.unwrap_or_else(|| {
+        (DEFAULT_BALLOON_FLOOR_MIB << 20).min(guest_bytes / 4 / PAGE_SIZE * PAGE_SIZE)
+    })
+}
+
+/// Refuse a balloon target (bytes) that would leave the guest less than
+/// `floor_bytes` of its `guest_bytes`; the message names the target, what
+/// it would leave, the floor and the guest's size.
+pub fn check_balloon_floor(
+    target_bytes: u64,
+    guest_bytes: u64,
+    floor_bytes: u64,
+) -> Result<(), String> {
+    let left = guest_bytes.saturating_sub(target_bytes);
+    if target_bytes > 0 && left < floor_bytes {
+        return Err(format!(
+            "a balloon of {} would leave the guest {} of its {}, below the balloon floor of {} (at most {}; the floor is set with --balloon floor=SIZE)",
+            crate::size::format_bytes_or_zero(target_bytes),
+            crate::size::format_bytes_or_zero(left),
+            crate::size::format_bytes_or_zero(guest_bytes),
+            crate::size::format_bytes_or_zero(floor_bytes),
+            crate::size::format_bytes_or_zero(guest_bytes.saturating_sub(floor_bytes)),
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /balloon/statistics`. Field names follow Firecracker; guest-reported
@@ -703,6 +747,9 @@ pub struct VmmMetrics {
     pub counters: BTreeMap<String, u64>,
     #[serde(default)]
     pub gauges: BTreeMap<String, f64>,
+    /// The `# HELP` text of each counter or gauge, by the same name.
+    #[serde(default)]
+    pub help: BTreeMap<String, String>,
 }
 
 /// Body of every error response.

@@ -70,6 +70,15 @@ fn fmt_f64(v: f64) -> String {
     }
 }
 
+/// HELP text as the exposition format wants it: one line, `\` and
+/// newlines escaped.
+fn escape_help(h: &str) -> String {
+    h.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('\\', "\\\\")
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -155,14 +164,23 @@ pub(crate) fn render(vmm: Option<&VmmMetrics>, stats: &ServerStats, g: &Gauges) 
         let _ = writeln!(out, "{name} {v}");
     }
     if let Some(m) = vmm {
+        // Every family gets a HELP line: the VMM's text, or a plain one.
+        let help = |name: &str| {
+            m.help
+                .get(name)
+                .map(|h| escape_help(h))
+                .unwrap_or_else(|| format!("VMM metric {name}."))
+        };
         for (name, v) in &m.counters {
+            let h = help(name);
             let name = sanitize_name(name);
-            let _ = writeln!(out, "# TYPE {name} counter");
+            family(&mut out, &name, "counter", &h);
             let _ = writeln!(out, "{name} {v}");
         }
         for (name, v) in &m.gauges {
+            let h = help(name);
             let name = sanitize_name(name);
-            let _ = writeln!(out, "# TYPE {name} gauge");
+            family(&mut out, &name, "gauge", &h);
             let _ = writeln!(out, "{name} {}", fmt_f64(*v));
         }
     }
@@ -204,6 +222,8 @@ mod tests {
         assert!(text.contains("blimp_api_requests_total{status=\"200\"} 2\n"));
         assert!(text.contains("blimp_api_requests_total{status=\"404\"} 1\n"));
         assert!(text.contains("# TYPE blimp_balloon_inflate_pages_total counter\n"));
+        assert!(text.contains("# HELP blimp_balloon_inflate_pages_total VMM metric"));
+        assert!(text.contains("# HELP blimp_guest_free VMM metric"));
         assert!(text.contains("blimp_balloon_inflate_pages_total 7\n"));
         assert!(text.contains("blimp_guest_free +Inf\n"));
         assert!(text.contains("blimp_vmm_up 1\n"));

@@ -614,10 +614,9 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
     let head = method == hyper::Method::HEAD;
     let lookup = if head { "GET" } else { method.as_str() };
     let resp = match routes::route(lookup, &path) {
-        _ if unsupported_transfer_encoding(req.headers()) => closing_error(
-            501,
-            "unsupported Transfer-Encoding (only chunked is implemented)",
-        ),
+        _ if unsupported_transfer_encoding(req.headers()) => {
+            closing_error(501, crate::parse_errors::UNSUPPORTED_TE)
+        }
         Match::NotFound => error_response(404, format!("no such endpoint: {path}")),
         Match::MethodNotAllowed(allow) => {
             let allow = with_head(allow);
@@ -651,7 +650,8 @@ async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Res
 }
 
 /// A `Transfer-Encoding` with any coding but `chunked` (hyper itself
-/// refuses a list that does not end in `chunked`).
+/// refuses a list that does not end in `chunked`, with a 400 that
+/// [`JsonErrors`] turns into the same 501).
 fn unsupported_transfer_encoding(headers: &hyper::HeaderMap) -> bool {
     headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
         v.to_str().map_or(true, |v| {

@@ -32,9 +32,20 @@ pub struct ApiContext {
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub exit: Arc<VmExit>,
     pub memory_bytes: u64,
+    /// What a balloon target must leave the guest (bytes).
+    pub balloon_floor_bytes: u64,
     pub vcpu_count: u8,
     pub started: Instant,
     pub vcpu_stats: Arc<crate::vcpu::VcpuStats>,
+}
+
+impl ApiContext {
+    fn guest_size(&self) -> GuestSize {
+        GuestSize {
+            bytes: self.memory_bytes,
+            floor_bytes: self.balloon_floor_bytes,
+        }
+    }
 }
 
 /// The event-loop subscriber that drains API requests.
@@ -59,7 +70,7 @@ pub struct ApiHandler {
 /// [`ApiHandler::refuse`].
 struct DirectBalloon {
     balloon: Arc<Mutex<Balloon>>,
-    memory_bytes: u64,
+    memory: GuestSize,
     off: Arc<RwLock<bool>>,
 }
 
@@ -74,7 +85,7 @@ impl DirectBalloon {
         match req {
             ApiRequest::GetBalloon => Some(balloon_info(&self.balloon)),
             ApiRequest::PatchBalloon(p) => Some(
-                set_target(&self.balloon, self.memory_bytes, p.target_mib).unwrap_or_else(|e| e),
+                set_target(&self.balloon, self.memory, p.target_mib).unwrap_or_else(|e| e),
             ),
             _ => None,
         }
@@ -102,17 +113,27 @@ fn balloon_info(b: &Mutex<Balloon>) -> ApiResponse {
     })
 }
 
+/// What a balloon target is checked against: the guest's RAM and the
+/// floor it keeps (`--balloon floor=`).
+#[derive(Clone, Copy)]
+struct GuestSize {
+    bytes: u64,
+    floor_bytes: u64,
+}
+
 fn set_target(
     b: &Mutex<Balloon>,
-    memory_bytes: u64,
+    memory: GuestSize,
     target_mib: u64,
 ) -> Result<ApiResponse, ApiResponse> {
-    let guest_mib = memory_bytes >> 20;
+    let guest_mib = memory.bytes >> 20;
     if target_mib > guest_mib {
         return Err(ApiResponse::target_too_large(target_mib, guest_mib));
     }
     let pages = u32::try_from(target_mib * PAGES_PER_MIB)
         .map_err(|_| ApiResponse::target_too_large(target_mib, guest_mib))?;
+    types::check_balloon_floor(target_mib << 20, memory.bytes, memory.floor_bytes)
+        .map_err(|msg| ApiResponse::bad_request(format!("target_mib {target_mib}: {msg}")))?;
     lock(b).set_target_pages(pages).map_err(balloon_error)?;
     Ok(ApiResponse::no_content())
 }
@@ -122,7 +143,7 @@ fn set_target(
 /// 400 that names the first field that differs.
 fn put_balloon(
     b: &Mutex<Balloon>,
-    memory_bytes: u64,
+    memory: GuestSize,
     put: &BalloonPut,
 ) -> Result<ApiResponse, ApiResponse> {
     {
@@ -156,7 +177,7 @@ fn put_balloon(
             )));
         }
     }
-    set_target(b, memory_bytes, put.amount_mib)
+    set_target(b, memory, put.amount_mib)
 }
 
 fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
@@ -170,6 +191,62 @@ pub fn balloon_event(target_pages: u64, actual_pages: u64) -> ApiEvent {
         actual_mib: actual_pages / PAGES_PER_MIB,
         target_pages,
         actual_pages,
+    }
+}
+
+/// `GET /balloon/statistics` (and the `BalloonStatistics` event): sizes,
+/// the device's hinting/reporting counters and the guest's last report.
+pub fn stats_view(
+    target_pages: u64,
+    actual_pages: u64,
+    m: &balloon::BalloonMetricsSnapshot,
+    latest: Option<&balloon::BalloonStats>,
+) -> types::BalloonStats {
+    let mut s = types::BalloonStats {
+        target_pages,
+        actual_pages,
+        target_mib: target_pages / PAGES_PER_MIB,
+        actual_mib: actual_pages / PAGES_PER_MIB,
+        hint_rounds: m.hint_rounds,
+        hinted_pages: m.hinted_pages,
+        reported_pages: m.reported_pages,
+        discarded_bytes: m.discard_released_bytes,
+        ..Default::default()
+    };
+    if let Some(st) = latest {
+        let v = |name| st.by_name(name);
+        s.swap_in = v("swap_in");
+        s.swap_out = v("swap_out");
+        s.major_faults = v("major_faults");
+        s.minor_faults = v("minor_faults");
+        s.free_memory = v("free_memory");
+        s.total_memory = v("total_memory");
+        s.available_memory = v("available_memory");
+        s.disk_caches = v("disk_caches");
+        s.hugetlb_allocations = v("hugetlb_allocations");
+        s.hugetlb_failures = v("hugetlb_failures");
+        s.oom_kill = v("oom_kill");
+        s.alloc_stall = v("alloc_stall");
+        s.async_scan = v("async_scan");
+        s.direct_scan = v("direct_scan");
+        s.async_reclaim = v("async_reclaim");
+        s.direct_reclaim = v("direct_reclaim");
+        s.last_update = st
+            .updated
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+    }
+    s
+}
+
+/// The `HintingChanged` event / `GET /balloon/hinting/status` body.
+pub fn hinting_view(s: balloon::HintingStatus) -> types::HintingStatus {
+    types::HintingStatus {
+        host_cmd_id: s.host_cmd_id,
+        guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
+        state: s.state,
+        hinted_pages: s.hinted_pages,
     }
 }
 
@@ -190,7 +267,7 @@ impl ApiHandler {
         if let Some(balloon) = &ctx.balloon {
             let direct = DirectBalloon {
                 balloon: balloon.clone(),
-                memory_bytes: ctx.memory_bytes,
+                memory: ctx.guest_size(),
                 off: direct_off.clone(),
             };
             if !rx.set_direct(Box::new(move |req| direct.handle(req))) {
@@ -316,9 +393,9 @@ impl ApiHandler {
             ApiRequest::GetBalloon => self.balloon().map(|b| balloon_info(b)),
             ApiRequest::PatchBalloon(p) => self
                 .balloon()
-                .and_then(|b| set_target(b, self.ctx.memory_bytes, p.target_mib)),
+                .and_then(|b| set_target(b, self.ctx.guest_size(), p.target_mib)),
             ApiRequest::PutBalloon(p) => match self.balloon() {
-                Ok(b) => put_balloon(b, self.ctx.memory_bytes, &p),
+                Ok(b) => put_balloon(b, self.ctx.guest_size(), &p),
                 Err(_) => Err(ApiResponse::bad_request(
                     "the VM has no balloon device, and PUT /balloon cannot add one after boot (a Blimp VM boots at `blimp run`: start it with --balloon)",
                 )),
@@ -344,14 +421,8 @@ impl ApiHandler {
                 if !b.config().free_page_hint {
                     return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
                 }
-                let s = b.hinting_status();
                 Ok(ApiResponse::ok(&types::HintingStatusReply::from(
-                    types::HintingStatus {
-                        host_cmd_id: s.host_cmd_id,
-                        guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
-                        state: s.state,
-                        hinted_pages: s.hinted_pages,
-                    },
+                    hinting_view(b.hinting_status()),
                 )))
             }),
             ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
@@ -449,43 +520,12 @@ impl ApiHandler {
     fn balloon_stats(&self) -> Result<ApiResponse, ApiResponse> {
         let b = lock(self.balloon()?);
         let (target, actual) = (u64::from(b.target_pages()), u64::from(b.actual_pages()));
-        let m = b.metrics().snapshot();
-        let mut s = types::BalloonStats {
-            target_pages: target,
-            actual_pages: actual,
-            target_mib: target / PAGES_PER_MIB,
-            actual_mib: actual / PAGES_PER_MIB,
-            hint_rounds: m.hint_rounds,
-            hinted_pages: m.hinted_pages,
-            reported_pages: m.reported_pages,
-            discarded_bytes: m.discard_released_bytes,
-            ..Default::default()
-        };
-        if let Some(st) = b.latest_stats() {
-            let v = |name| st.by_name(name);
-            s.swap_in = v("swap_in");
-            s.swap_out = v("swap_out");
-            s.major_faults = v("major_faults");
-            s.minor_faults = v("minor_faults");
-            s.free_memory = v("free_memory");
-            s.total_memory = v("total_memory");
-            s.available_memory = v("available_memory");
-            s.disk_caches = v("disk_caches");
-            s.hugetlb_allocations = v("hugetlb_allocations");
-            s.hugetlb_failures = v("hugetlb_failures");
-            s.oom_kill = v("oom_kill");
-            s.alloc_stall = v("alloc_stall");
-            s.async_scan = v("async_scan");
-            s.direct_scan = v("direct_scan");
-            s.async_reclaim = v("async_reclaim");
-            s.direct_reclaim = v("direct_reclaim");
-            s.last_update = st
-                .updated
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs());
-        }
-        Ok(ApiResponse::ok(&s))
+        Ok(ApiResponse::ok(&stats_view(
+            target,
+            actual,
+            &b.metrics().snapshot(),
+            b.latest_stats(),
+        )))
     }
 
     fn patch_stats(&self, p: StatsPatch) -> Result<ApiResponse, ApiResponse> {
@@ -506,6 +546,10 @@ impl ApiHandler {
                     }
                 }
             }
+            for (k, help) in balloon::BALLOON_METRICS_HELP {
+                m.help
+                    .insert(format!("balloon_{k}"), format!("Balloon: {}", help.trim()));
+            }
         }
         let st = &self.ctx.vcpu_stats;
         m.counters.insert(
@@ -520,6 +564,19 @@ impl ApiHandler {
             "uptime_seconds".into(),
             self.ctx.started.elapsed().as_secs_f64(),
         );
+        for (k, help) in [
+            (
+                "vcpu_io_exits",
+                "Port I/O exits of all vCPUs handled by the VMM.",
+            ),
+            (
+                "vcpu_mmio_exits",
+                "MMIO exits of all vCPUs handled by the VMM.",
+            ),
+            ("uptime_seconds", "Seconds since the VM was built."),
+        ] {
+            m.help.insert(k.into(), help.into());
+        }
         m
     }
 }

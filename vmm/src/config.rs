@@ -32,6 +32,9 @@ pub struct VmConfig {
     pub debug_exit: bool,
     /// The virtio balloon, if any (its initial target is in pages).
     pub balloon: Option<BalloonConfig>,
+    /// What a balloon target must leave the guest, in bytes (`None`: the
+    /// default for the guest's size, [`api_types::types::balloon_floor_bytes`]).
+    pub balloon_floor_bytes: Option<u64>,
     /// Serve the REST API on this unix socket.
     pub api_socket: Option<PathBuf>,
     /// Forward stdin to the serial console (off in tests and daemons).
@@ -49,6 +52,7 @@ impl VmConfig {
             memory_backend: MemoryBackend::Anon,
             debug_exit: false,
             balloon: None,
+            balloon_floor_bytes: None,
             api_socket: None,
             serial_input: true,
         }

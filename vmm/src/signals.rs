@@ -20,6 +20,8 @@ fn sigset() -> libc::sigset_t {
 
 /// A signalfd for the terminating signals. Create it on the main thread
 /// before any other thread is spawned, so every thread inherits the mask.
+/// The signals stay blocked after it is dropped (see below), so no exit
+/// path of blimp skips its cleanup.
 pub struct TerminationSignals {
     fd: OwnedFd,
 }
@@ -64,13 +66,11 @@ fn unsafe_zeroed_siginfo() -> libc::signalfd_siginfo {
     unsafe { std::mem::zeroed() }
 }
 
-impl Drop for TerminationSignals {
-    fn drop(&mut self) {
-        let set = sigset();
-        // SAFETY: unblocking the signals we blocked; `set` is valid.
-        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
-    }
-}
+// No Drop that unblocks the signals: a SIGTERM that arrives after the event
+// loop read the first one (two quick SIGTERMs, as `timeout` sends) would
+// then be delivered with its default action while the VM is torn down,
+// killing blimp before the API server removed its socket. The signals stay
+// blocked until the process exits; later ones are simply not read.
 
 impl AsRawFd for TerminationSignals {
     fn as_raw_fd(&self) -> RawFd {

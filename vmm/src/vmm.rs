@@ -13,7 +13,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api_handler::{ApiContext, ApiHandler, balloon_event};
+use crate::api_handler::{ApiContext, ApiHandler, balloon_event, hinting_view, stats_view};
 use crate::boot;
 use crate::bus::Bus;
 use crate::config::VmConfig;
@@ -28,6 +28,7 @@ use crate::pvm::KvmBackend;
 use crate::signals::TerminationSignals;
 use crate::vcpu::{self, VcpuContext, Vcpus};
 use crate::vm::Vm;
+use api_types::ApiEvent;
 
 pub use crate::error::Error;
 use crate::error::io;
@@ -221,20 +222,39 @@ impl Vmm {
             if let Some(b) = &self.balloon {
                 let hub = hub.clone();
                 let mut balloon = lock_balloon(b);
-                // The observer runs with the balloon locked: it keeps its own copy of `actual`.
+                // The observer runs with the balloon locked: it keeps its own
+                // copies of `target` and `actual`, and reads the counters
+                // through their own handle.
                 let mut actual = balloon.actual_pages();
+                let mut target = balloon.target_pages();
+                let metrics = balloon.metrics_handle();
                 balloon.set_observer(Box::new(move |e| {
-                    let target = match e {
-                        BalloonEvent::TargetChanged { target_pages } => target_pages,
+                    let ev = match e {
+                        BalloonEvent::TargetChanged { target_pages } => {
+                            target = target_pages;
+                            balloon_event(u64::from(target), u64::from(actual))
+                        }
                         BalloonEvent::ActualChanged {
                             actual_pages,
                             target_pages,
                         } => {
                             actual = actual_pages;
-                            target_pages
+                            target = target_pages;
+                            balloon_event(u64::from(target), u64::from(actual))
+                        }
+                        BalloonEvent::StatisticsUpdated(st) => {
+                            ApiEvent::BalloonStatistics(stats_view(
+                                u64::from(target),
+                                u64::from(actual),
+                                &metrics.snapshot(),
+                                Some(&st),
+                            ))
+                        }
+                        BalloonEvent::HintingChanged(h) => {
+                            ApiEvent::HintingChanged(hinting_view(h))
                         }
                     };
-                    hub.publish(balloon_event(u64::from(target), u64::from(actual)));
+                    hub.publish(ev);
                 }));
             }
             let handler = ApiHandler::new(
@@ -255,6 +275,10 @@ impl Vmm {
                     balloon: self.balloon.clone(),
                     exit: self.exit.clone(),
                     memory_bytes: self.config.memory_bytes,
+                    balloon_floor_bytes: api_types::types::balloon_floor_bytes(
+                        self.config.memory_bytes,
+                        self.config.balloon_floor_bytes,
+                    ),
                     vcpu_count: self.config.vcpus,
                     started: self.started,
                     vcpu_stats: vcpus.stats.clone(),

@@ -268,21 +268,32 @@ fn thread_basics() -> Allowed {
     a
 }
 
+/// The `clone` flags glibc's `pthread_create` passes (what
+/// `std::thread::spawn` ends in): a thread sharing memory, files and signal
+/// handlers with this process. Firecracker allows `clone` with exactly
+/// these flags, too.
+pub const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
 /// Starting threads: only for the threads that do.
+///
+/// `clone3` is not on any list: its flags sit in a struct BPF cannot read,
+/// so every filter answers it with ENOSYS (see [`super::compile`]) and
+/// glibc falls back to `clone`, whose flags are checked here: a thread,
+/// never a new process (no fork, vfork or namespaces).
 fn thread_spawning() -> Allowed {
     let mut a = Allowed::default();
-    a.allow(
-        libc::SYS_clone3,
-        "std::thread::spawn (glibc's pthread_create); its flags sit in a struct BPF cannot read",
-    )
-    .allow_if(
+    a.allow_if(
         libc::SYS_clone,
-        vec![vec![masked(
-            0,
-            libc::CLONE_THREAD as u64,
-            libc::CLONE_THREAD as u64,
-        )]],
-        "pthread_create on a kernel without clone3: threads only, no new process",
+        vec![vec![eq(0, THREAD_CLONE_FLAGS)]],
+        "std::thread::spawn (glibc's pthread_create, after clone3 said ENOSYS): exactly a thread's flags",
     )
     .allow(libc::SYS_set_robust_list, "new thread setup")
     .allow(libc::SYS_rseq, "new thread setup");

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::sync::mpsc;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch, sock_filter};
 
 pub use filters::{Allowed, allowed};
 
@@ -154,10 +154,48 @@ pub fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
         kind: kind.name(),
         source,
     })?;
-    filter.try_into().map_err(|source| Error::Compile {
+    let prog: BpfProgram = filter.try_into().map_err(|source| Error::Compile {
         kind: kind.name(),
         source,
-    })
+    })?;
+    Ok(with_clone3_enosys(prog))
+}
+
+/// `clone3` fails with ENOSYS under every filter, in every mode: its flags
+/// are in a struct BPF cannot read, so it cannot be limited to threads;
+/// glibc then falls back to `clone`, whose flags the lists check (as
+/// Firecracker does). Three instructions in front of `prog`: load the
+/// syscall number, skip the return unless it is `clone3`, return ENOSYS.
+/// `prog`'s own jumps are relative, so they are unchanged; it checks the
+/// architecture itself. (`clone3` is 435 on x86_64 and i386 alike, and an
+/// x32 number has bit 30 set, so no other syscall matches.)
+fn with_clone3_enosys(prog: BpfProgram) -> BpfProgram {
+    const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
+    const BPF_JMP_JEQ_K: u16 = 0x15; // BPF_JMP (5) | BPF_JEQ (0x10) | BPF_K (0)
+    const BPF_RET_K: u16 = 0x06;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const NR_OFFSET: u32 = 0; // seccomp_data.nr
+    let mut out = Vec::with_capacity(prog.len() + 3);
+    out.push(sock_filter {
+        code: BPF_LD_W_ABS,
+        jt: 0,
+        jf: 0,
+        k: NR_OFFSET,
+    });
+    out.push(sock_filter {
+        code: BPF_JMP_JEQ_K,
+        jt: 0,
+        jf: 1,
+        k: libc::SYS_clone3 as u32,
+    });
+    out.push(sock_filter {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+    });
+    out.extend(prog);
+    out
 }
 
 /// Choose the mode for this process and compile every filter. Call once, on

@@ -84,6 +84,28 @@ fn main_holds_what_every_thread_it_starts_needs() {
     }
 }
 
+/// `clone3` is on no list (its flags cannot be read by BPF): every
+/// compiled filter starts by answering it with ENOSYS, and `clone` is
+/// allowed only with exactly a thread's flags.
+#[test]
+fn clone3_is_enosys_and_clone_is_thread_only() {
+    for kind in ThreadKind::ALL {
+        assert!(!allowed(kind).contains(libc::SYS_clone3), "{kind:?}");
+        for mode in [Mode::Kill, Mode::Log] {
+            let prog = compile(kind, mode).unwrap();
+            assert_eq!(prog[1].k, libc::SYS_clone3 as u32, "{kind:?}");
+            assert_eq!(prog[2].k, 0x0005_0000 | libc::ENOSYS as u32, "{kind:?}");
+        }
+    }
+    for kind in [ThreadKind::Main, ThreadKind::Spawner, ThreadKind::Migration] {
+        assert!(allowed(kind).contains(libc::SYS_clone), "{kind:?}");
+    }
+    for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Api] {
+        assert!(!allowed(kind).contains(libc::SYS_clone), "{kind:?}");
+    }
+    assert_eq!(filters::THREAD_CLONE_FLAGS, 0x3d0f00);
+}
+
 #[test]
 fn modes_parse() {
     assert_eq!("kill".parse::<Mode>().unwrap(), Mode::Kill);

@@ -7,6 +7,7 @@
 //! methods (`set_target_pages`, ...). All hold the device mutex, so the
 //! device itself is single-threaded.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -18,7 +19,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::{BalloonConfig, ConfigSpace};
 use super::discard::discard_all;
-use super::hinting::{HintSink, HintState};
+use super::hinting::{HintSink, HintState, HintingStatus};
 use super::metrics::BalloonMetrics;
 use super::pfn_runs::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
@@ -109,6 +110,11 @@ pub struct Balloon {
     /// Answer the guest's STOP of the current round with DONE (set by
     /// `start_hinting_with`).
     pub(super) hint_ack_on_stop: bool,
+    /// The lowest target the guest may still be acting on: the lowest
+    /// `num_pages` set since the device last saw the bitmap at the target.
+    /// A deflate down to it follows a lowered target (the guest read it
+    /// before a later raise); only a deflate below it is unsolicited.
+    pub(super) deflate_floor: u32,
 
     // Event-loop plumbing (see event_handler.rs).
     pub(crate) ctl_evt: EventFd,
@@ -198,6 +204,7 @@ impl Balloon {
             hint: HintState::new(),
             hint_sink: None,
             hint_ack_on_stop: false,
+            deflate_floor: cfg.initial_target_pages,
             ctl_evt: EventFd::new(EFD_NONBLOCK).map_err(io("control eventfd"))?,
             stats_timer: TimerFd::new().map_err(errno("stats timerfd"))?,
             timer_dirty: false,
@@ -221,6 +228,7 @@ impl Balloon {
             });
         }
         self.config.num_pages = pages;
+        self.deflate_floor = self.deflate_floor.min(pages);
         self.config_generation = self.config_generation.wrapping_add(1);
         info!("balloon: target set to {pages} pages");
         self.signal_config();
@@ -300,7 +308,7 @@ impl Balloon {
 
     // ----- helpers ---------------------------------------------------------
 
-    fn emit(&mut self, ev: BalloonEvent) {
+    pub(super) fn emit(&mut self, ev: BalloonEvent) {
         if let Some(f) = self.observer.as_mut() {
             f(ev);
         }
@@ -382,6 +390,8 @@ impl Balloon {
             return LateDiscards::default();
         };
         let mut inflated = Vec::new();
+        let stats_before = self.metrics.stats_updates.load(Ordering::Relaxed);
+        let hint_before = self.hint.status();
         let drain = match kind {
             QueueKind::Inflate => self.drain_pfn_queue(idx, true, &mut inflated),
             QueueKind::Deflate => self.drain_pfn_queue(idx, false, &mut inflated),
@@ -405,7 +415,24 @@ impl Balloon {
             LateDiscards::default()
         };
         self.finish_drain(idx, kind, drain);
+        if self.metrics.stats_updates.load(Ordering::Relaxed) != stats_before
+            && let Some(st) = self.latest_stats
+        {
+            self.emit(BalloonEvent::StatisticsUpdated(st));
+        }
+        self.emit_hinting_change(hint_before);
         late
+    }
+
+    /// Tell the observer if the hinting round's state or ids changed since
+    /// `before` (hinted page counts alone do not count).
+    pub(super) fn emit_hinting_change(&mut self, before: HintingStatus) {
+        let now = self.hint.status();
+        if (now.state, now.host_cmd_id, now.guest_cmd_id)
+            != (before.state, before.host_cmd_id, before.guest_cmd_id)
+        {
+            self.emit(BalloonEvent::HintingChanged(now));
+        }
     }
 
     /// Held while deferred discards run outside the device lock: taken
@@ -431,8 +458,8 @@ impl Balloon {
         if let Some(why) = drain.broken {
             self.mark_broken(&format!("{} queue ({idx}): {why}", kind.name()));
         }
-        if kind == QueueKind::Deflate {
-            self.check_deflate_below_target();
+        if matches!(kind, QueueKind::Inflate | QueueKind::Deflate) {
+            self.check_deflate_below_target(kind);
         }
     }
 
@@ -454,14 +481,25 @@ impl Balloon {
         }
     }
 
-    fn check_deflate_below_target(&mut self) {
-        if self.bitmap.count() < u64::from(self.config.num_pages) {
+    /// After an inflate or deflate: once the balloon holds the target (or
+    /// more), the guest has caught up with every target set so far; a
+    /// deflate below every target it may still be acting on (see
+    /// `deflate_floor`) is unsolicited: counted, and a warning without
+    /// DEFLATE_ON_OOM. A deflate that follows a lowered target is not,
+    /// even when a raise came meanwhile (rapid target changes).
+    fn check_deflate_below_target(&mut self, kind: QueueKind) {
+        let count = self.bitmap.count();
+        let target = self.config.num_pages;
+        if count >= u64::from(target) {
+            self.deflate_floor = target;
+            return;
+        }
+        if kind == QueueKind::Deflate && count < u64::from(self.deflate_floor) {
             BalloonMetrics::inc(&self.metrics.deflate_below_target);
             if !self.has_acked(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) {
                 warn_limited!(
-                    "balloon: guest deflated below the target ({} < {} pages) without DEFLATE_ON_OOM",
-                    self.bitmap.count(),
-                    self.config.num_pages
+                    "balloon: guest deflated below the target ({count} < {target} pages, lowest recent target {}) without DEFLATE_ON_OOM",
+                    self.deflate_floor
                 );
             }
         }

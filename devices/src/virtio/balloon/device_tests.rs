@@ -448,6 +448,46 @@ fn deflate_below_target_is_counted() {
     assert_eq!(fx.balloon.metrics().snapshot().deflate_below_target, 1);
 }
 
+/// Issue #16: the target goes 256 -> 64 -> 200 faster than the guest
+/// follows; the guest deflates to the 64 it read: that follows a lowered
+/// target and is not an unsolicited deflate. Once it is back at 200, a
+/// deflate below 200 is.
+#[test]
+fn deflate_after_a_lowered_target_is_not_unsolicited() {
+    let cfg = BalloonConfig {
+        initial_target_pages: 256,
+        ..BalloonConfig::default()
+    };
+    let mut fx = fixture_with(cfg, features(&[VIRTIO_BALLOON_F_MUST_TELL_HOST]));
+    let below = |fx: &Fx| fx.balloon.metrics().snapshot().deflate_below_target;
+    fx.send_pfns(0, &(0x800..0x900).collect::<Vec<_>>());
+    fx.balloon.set_target_pages(64).unwrap();
+    fx.balloon.set_target_pages(200).unwrap();
+    // Deflate in two steps down to 64 while the target is already 200.
+    fx.send_pfns(1, &(0x840..0x8c0).collect::<Vec<_>>());
+    fx.send_pfns(1, &(0x8c0..0x900).collect::<Vec<_>>());
+    assert_eq!(fx.balloon.inflated_pages(), 64);
+    assert_eq!(below(&fx), 0, "a deflate to a target the guest read");
+    // It reads 200 and inflates back: caught up.
+    fx.send_pfns(0, &(0x900..0x988).collect::<Vec<_>>());
+    assert_eq!(fx.balloon.inflated_pages(), 200);
+    assert_eq!(below(&fx), 0);
+    // Now a deflate below 200 with no target change is unsolicited.
+    fx.send_pfns(1, &(0x900..0x910).collect::<Vec<_>>());
+    assert_eq!(below(&fx), 1, "an unsolicited deflate is still counted");
+    // A lowered target makes a deflate down to it fine again...
+    fx.balloon.set_target_pages(100).unwrap();
+    fx.send_pfns(1, &(0x910..0x94c).collect::<Vec<_>>());
+    assert_eq!(fx.balloon.inflated_pages(), 124);
+    assert_eq!(below(&fx), 1);
+    fx.send_pfns(1, &(0x94c..0x964).collect::<Vec<_>>());
+    assert_eq!(fx.balloon.inflated_pages(), 100);
+    assert_eq!(below(&fx), 1);
+    // ...but not below it.
+    fx.send_pfns(1, &(0x964..0x965).collect::<Vec<_>>());
+    assert_eq!(below(&fx), 2);
+}
+
 #[test]
 fn discard_failure_is_counted_not_fatal() {
     let mut fx = fixture();

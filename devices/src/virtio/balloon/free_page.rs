@@ -46,10 +46,12 @@ impl Balloon {
     pub fn start_hinting_with(&mut self, ack_on_stop: bool) -> Result<u32, Error> {
         self.hinting_usable()?;
         self.hint_ack_on_stop = ack_on_stop;
+        let before = self.hint.status();
         let id = self.hint.start();
         BalloonMetrics::inc(&self.metrics.hint_rounds);
         info!("balloon: free page hinting round {id} started");
         self.publish_hint_cmd();
+        self.emit_hinting_change(before);
         Ok(id)
     }
 
@@ -57,9 +59,11 @@ impl Balloon {
     /// host's sink until [`hinting_done`](Self::hinting_done).
     pub fn stop_hinting(&mut self) -> Result<(), Error> {
         self.hinting_usable()?;
+        let before = self.hint.status();
         self.hint.stop();
         info!("balloon: free page hinting stopped by the host");
         self.publish_hint_cmd();
+        self.emit_hinting_change(before);
         Ok(())
     }
 
@@ -67,9 +71,11 @@ impl Balloon {
     /// hinted pages for reuse.
     pub fn hinting_done(&mut self) -> Result<(), Error> {
         self.hinting_usable()?;
+        let before = self.hint.status();
         self.hint.done();
         info!("balloon: free page hinting done");
         self.publish_hint_cmd();
+        self.emit_hinting_change(before);
         Ok(())
     }
 

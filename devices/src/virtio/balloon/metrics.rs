@@ -6,19 +6,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 macro_rules! balloon_metrics {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// Live counters of one balloon device.
         #[derive(Debug, Default)]
         pub struct BalloonMetrics {
-            $($(#[$doc])* pub $name: AtomicU64,)*
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
         }
+
+        /// Each counter's name and its doc comment (the Prometheus `# HELP`
+        /// of `GET /metrics`).
+        pub const BALLOON_METRICS_HELP: &[(&str, &str)] = &[
+            $((stringify!($name), concat!($($doc),*)),)*
+        ];
 
         /// A point-in-time copy of [`BalloonMetrics`]. Deserializable
         /// (missing counters read as 0) so saved device state can carry it.
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(default)]
         pub struct BalloonMetricsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
         }
 
         impl BalloonMetrics {
@@ -116,5 +122,29 @@ mod tests {
         assert_eq!(s.inflate_pages, 256);
         assert_eq!(s.deflate_pages, 0);
         assert_eq!(BalloonMetrics::from_snapshot(&s).snapshot(), s);
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_help() {
+        let names: Vec<String> = serde_json::to_value(BalloonMetricsSnapshot::default())
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(names.len(), BALLOON_METRICS_HELP.len());
+        for n in names {
+            let help = BALLOON_METRICS_HELP
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, h)| h.trim());
+            assert!(help.is_some_and(|h| !h.is_empty()), "{n}");
+        }
     }
 }

@@ -62,7 +62,7 @@ pub use config::BalloonConfig;
 pub use device::Balloon;
 pub use event_handler::BalloonEvents;
 pub use hinting::{HintSink, HintingState, HintingStatus};
-pub use metrics::{BalloonMetrics, BalloonMetricsSnapshot};
+pub use metrics::{BALLOON_METRICS_HELP, BalloonMetrics, BalloonMetricsSnapshot};
 pub use persist::BalloonState;
 pub use stats::BalloonStats;
 
@@ -179,6 +179,9 @@ pub enum Error {
 /// Something the API's `/events` stream reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
+// Rare and short-lived (handed straight to the observer): boxing the
+// statistics would only add an allocation per report.
+#[allow(clippy::large_enum_variant)]
 pub enum BalloonEvent {
     /// The host changed the target (`num_pages`).
     TargetChanged { target_pages: u32 },
@@ -187,6 +190,11 @@ pub enum BalloonEvent {
         actual_pages: u32,
         target_pages: u32,
     },
+    /// The guest sent a statistics report (with at least one value).
+    StatisticsUpdated(BalloonStats),
+    /// A free page hinting round changed state or command id (host
+    /// start/stop/done, the guest's ack or stop); not for each hint.
+    HintingChanged(HintingStatus),
 }
 
 #[cfg(test)]

@@ -274,6 +274,12 @@ impl Balloon {
         self.config_generation = state.config_generation;
         self.stats_interval_s = state.stats_polling_interval_s;
         self.latest_stats = latest_stats;
+        // The guest may have been deflating after a lowered target: no
+        // warning for what it holds now or a deflate to the target.
+        self.deflate_floor = self
+            .config
+            .num_pages
+            .min(u32::try_from(self.bitmap.count()).unwrap_or(u32::MAX));
         self.hint = HintState::from_parts(
             HintingStatus {
                 host_cmd_id: h.host_cmd_id,

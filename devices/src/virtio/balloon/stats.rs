@@ -39,7 +39,7 @@ pub fn stat_tag(name: &str) -> Option<u16> {
 }
 
 /// The last statistics the guest sent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct BalloonStats {
     /// Value of each known tag, `None` if the guest did not send it.
     pub values: [Option<u64>; NUM_STAT_TAGS],
