@@ -143,3 +143,109 @@ fn a_driver_without_the_bit_keeps_pfn_arrays() {
     vm.send("exit 0");
     assert_eq!(vm.wait(T).code(), Some(0));
 }
+
+/// `hostile sg-ranges`: 10 bad inflate ranges and 2 bad deflate ranges
+/// are refused, both buffers come back, the device does not need a reset,
+/// and it keeps inflating and deflating correctly afterwards.
+#[test]
+fn hostile_ranges_are_refused_and_the_device_keeps_working() {
+    let (mut vm, mut api) =
+        common::start_with_api("sg-hostile", "512M", "sg=on", "balloon;echo READY");
+    vm.expect_line("READY", T);
+    vm.send("hostile sg-ranges");
+    vm.expect_line("hostile sg-ranges sent", T);
+    assert_eq!(m(&mut api, "invalid_ranges"), 12);
+    // The one real page the case inflated for its duplicates.
+    assert_eq!(m(&mut api, "inflate_pages"), 1);
+    assert_eq!(m(&mut api, "deflate_pages"), 0);
+    assert_eq!(m(&mut api, "queue_errors"), 0, "no NEEDS_RESET");
+    // Still serving: 32 MiB in ranges, then back to 0.
+    set_target(&mut api, 32);
+    wait_balloon(&mut api, 32, T);
+    assert_eq!(m(&mut api, "inflate_pages"), 32 * MIB / 4096);
+    set_target(&mut api, 0);
+    wait_balloon(&mut api, 0, T);
+    assert_eq!(m(&mut api, "deflate_pages"), 32 * MIB / 4096);
+    assert_eq!(m(&mut api, "invalid_ranges"), 12);
+    vm.send("fill 256 3");
+    vm.expect_line("fill done 256 MiB", T);
+    vm.send("verify");
+    vm.expect_line("verify ok", T);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(T).code(), Some(0));
+}
+
+/// Inflate 64 MiB in ranges, then migrate (to a file and restore, or live
+/// over a unix socket): the destination's device has the bit negotiated
+/// (it serves the guest's deflate ranges; none refused), with the
+/// inflated pages and counters carried over.
+fn sg_survives(live: bool) {
+    let name = if live { "sg-live" } else { "sg-file" };
+    let file = std::env::temp_dir().join(format!("blimp-{name}-{}", std::process::id()));
+    let url = if live {
+        format!("unix://{}", file.display())
+    } else {
+        format!("file://{}", file.display())
+    };
+    let dsock = common::sock_path(&format!("{name}-dst"));
+    let dsock_s = dsock.to_str().unwrap().to_string();
+    let mut dst = live.then(|| Vm::start_cmd("run", &["--incoming", &url, "--api-sock", &dsock_s]));
+    if live {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "destination did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let (mut vm, mut api) =
+        common::start_with_api(name, "512M", "sg=on", "balloon;fill 128 3;echo MIGRATE NOW");
+    vm.expect_line("MIGRATE NOW", T);
+    set_target(&mut api, 64);
+    wait_balloon(&mut api, 64, T);
+    let ranges = m(&mut api, "inflate_ranges");
+    assert!(ranges >= 1);
+    let st = common::migrate(&api, &serde_json::json!({"destination": url}), T);
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(T).code(), Some(0));
+    let mut dst = match dst.take() {
+        Some(d) => d,
+        None => Vm::start_cmd(
+            "restore",
+            &["--from", file.to_str().unwrap(), "--api-sock", &dsock_s],
+        ),
+    };
+    common::wait_for_socket(&dsock);
+    let mut dapi = ApiClient::new(&dsock).unwrap();
+    assert_eq!(
+        m(&mut dapi, "inflate_ranges"),
+        ranges,
+        "counters carried over"
+    );
+    assert_eq!(m(&mut dapi, "inflate_pages"), 64 * MIB / 4096);
+    set_target(&mut dapi, 0);
+    wait_balloon(&mut dapi, 0, T);
+    assert!(m(&mut dapi, "deflate_ranges") >= 1, "deflated in ranges");
+    assert_eq!(m(&mut dapi, "deflate_pages"), 64 * MIB / 4096);
+    assert_eq!(m(&mut dapi, "invalid_ranges"), 0);
+    assert_eq!(m(&mut dapi, "invalid_buffers"), 0);
+    dst.send("fill 256 4");
+    dst.expect_line("fill done 256 MiB", T);
+    dst.send("verify");
+    dst.expect_line("verify ok", T);
+    dst.send("exit 0");
+    assert_eq!(dst.wait(T).code(), Some(0));
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn restore_keeps_the_chunked_protocol() {
+    sg_survives(false);
+}
+
+#[test]
+fn live_migration_keeps_the_chunked_protocol() {
+    sg_survives(true);
+}

@@ -1494,6 +1494,7 @@ impl Balloon {
             HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => {
                 return self.hostile_report(mem, case);
             }
+            HostileCase::SgRanges => return self.hostile_sg(mem),
             _ => {}
         }
         let scratch = self.data + HOSTILE_OFFSET;
@@ -1508,7 +1509,8 @@ impl Balloon {
             | HostileCase::HintOutsideRam
             | HostileCase::HintWrongDirection
             | HostileCase::ReportOutsideRam
-            | HostileCase::ReportTooLong => return Err("handled above"),
+            | HostileCase::ReportTooLong
+            | HostileCase::SgRanges => return Err("handled above"),
             HostileCase::PfnOutsideRam => {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
@@ -1632,6 +1634,7 @@ impl Balloon {
             HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => {
                 self.live.reporting.is_some()
             }
+            HostileCase::SgRanges => self.has(VIRTIO_BALLOON_F_BLIMP_SG),
             _ => true,
         }
     }
@@ -1654,6 +1657,56 @@ impl Balloon {
         };
         self.kick(q);
         Ok(self.wait_used(q, head, Some(clock::now_ns() + HOSTILE_WAIT_NS)))
+    }
+
+    /// `hostile sg-ranges` (VIRTIO_BALLOON_F_BLIMP_SG): one inflate chain
+    /// of 10 bad ranges (unaligned start, unaligned length, zero length,
+    /// overflowing, past the end of RAM, in the MMIO hole on this device's
+    /// registers, across the end of RAM, a device-readable descriptor, a
+    /// page already in the balloon, and a range half in the balloon), then
+    /// one deflate chain of 2 ranges not in the balloon. The device must
+    /// refuse all 12, return both buffers and keep working; the one page
+    /// inflated for the duplicate cases stays in the balloon (and is
+    /// counted in `actual`). A range longer than 4 GiB − 4 KiB cannot be
+    /// written: a descriptor's length is 32 bits.
+    fn hostile_sg(&mut self, mem: &mut Memory) -> Result<bool, &'static str> {
+        if !self.has(VIRTIO_BALLOON_F_BLIMP_SG) {
+            return Err("VIRTIO_BALLOON_F_BLIMP_SG not negotiated");
+        }
+        // A real one-page inflate first, for the "already inflated" cases.
+        let (got, _) = self.sg_fill(mem, 1);
+        let inflated = mem.balloon_peek().filter(|_| got == 1).ok_or("out of memory")?;
+        let page = inflated * PAGE_SIZE;
+        let free = mem.frames.alloc().ok_or("out of memory")?;
+        // Freed again below: never in the balloon, never sent for real.
+        let _ = mem.frames.free(free);
+        let free = free * PAGE_SIZE;
+        let end = mem.nframes() * PAGE_SIZE;
+        let w = |addr: u64, len: u32| Buf {
+            addr,
+            len,
+            writable: true,
+        };
+        let inflate = [
+            w(free + 0x800, 0x1000),
+            w(free, 0x1800),
+            w(free, 0),
+            w(u64::MAX - 0xfff, 0x2000),
+            w(Self::past_ram(mem, PAGE_SIZE), 0x1000),
+            w(self.dev.base, 0x1000),
+            w(end - PAGE_SIZE, 0x2000),
+            Buf {
+                addr: free,
+                len: 0x1000,
+                writable: false,
+            },
+            w(page, 0x1000),
+            w(page.saturating_sub(PAGE_SIZE), 0x2000),
+        ];
+        let deflate = [w(free, 0x1000), w(page, 0x2000)];
+        let a = self.send_chains(Queue::Inflate, &[&inflate])?;
+        let b = self.send_chains(Queue::Deflate, &[&deflate])?;
+        Ok(a && b)
     }
 
     /// First guest-physical address past RAM, rounded up to `align`.
