@@ -118,6 +118,11 @@ pub(super) enum Notify {
 /// Longest a drain keeps polling for more buffers (see [`Notify::Poll`]).
 pub(super) const MAX_POLLED_DRAIN: Duration = Duration::from_millis(10);
 
+/// How often [`poll_avail`] looks at the ring. It sleeps in between rather
+/// than spin: on a host with fewer cores than busy threads a spinning
+/// event loop takes the CPU the guest needs to add the next buffer.
+const POLL_STEP: Duration = Duration::from_micros(20);
+
 /// Wait up to `window` for the driver to add a buffer to `q`; true if it
 /// did. Reads only the available index (guest memory, bounds-checked).
 fn poll_avail(q: &Queue, mem: &GuestMemory, window: Duration) -> bool {
@@ -131,7 +136,7 @@ fn poll_avail(q: &Queue, mem: &GuestMemory, window: Duration) -> bool {
         if Instant::now() >= until {
             return false;
         }
-        std::hint::spin_loop();
+        std::thread::sleep(POLL_STEP);
     }
 }
 
