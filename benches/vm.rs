@@ -353,10 +353,18 @@ fn sg() {
     println!(
         "sg: 8 GiB test guest, 7.5 GiB touched, inflate 0 -> 7168 MiB then deflate to 0, PFN arrays vs chunks (--balloon sg=on)"
     );
-    let mut backends = vec!["anon", "memfd"];
+    // BLIMP_BENCH_SG_BACKENDS=memfd (comma-separated) picks backings.
+    let only = std::env::var("BLIMP_BENCH_SG_BACKENDS").ok();
+    let picked = |b: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == b));
+    let mut backends: Vec<&str> = ["anon", "memfd"]
+        .into_iter()
+        .filter(|b| picked(b))
+        .collect();
     let huge = free_huge_pages();
     if huge >= 4096 {
-        backends.push("hugetlb");
+        if picked("hugetlb") {
+            backends.push("hugetlb");
+        }
     } else {
         println!(
             "  hugetlb skipped: {huge} free 2 MiB huge pages on this host (HugePages_Free in /proc/meminfo), 4096 needed for an 8 GiB guest"
