@@ -21,6 +21,14 @@ pub const KEYS: &[(&str, &str)] = &[
     ("page_poison", "[=on|off] (default off)"),
     ("hint_discard", "[=on|off] (default off)"),
     (
+        "sg",
+        "[=on|off] (default off; chunked inflate/deflate ranges, Blimp-experimental feature bit 23)",
+    ),
+    (
+        "notify_suppression",
+        "[=on|off] (default on; VRING_USED_F_NO_NOTIFY while a queue is served)",
+    ),
+    (
         "floor",
         "=SIZE (default 64M, at most a quarter of guest memory; 0 = none)",
     ),
@@ -96,6 +104,8 @@ pub fn parse_opts(s: &str) -> Result<BalloonOpts, String> {
             "free_page_reporting" => d.free_page_reporting = on_off(k, v)?,
             "page_poison" => d.page_poison = on_off(k, v)?,
             "hint_discard" => d.hint_discard = on_off(k, v)?,
+            "sg" => d.sg = on_off(k, v)?,
+            "notify_suppression" => d.notify_suppression = on_off(k, v)?,
             "stats_interval" | "stats_polling_interval_s" => {
                 d.stats_polling_interval_s = stats_interval(k, v)?
             }
@@ -127,6 +137,10 @@ mod tests {
         assert!(o.deflate_on_oom && !o.must_tell_host && o.free_page_hint && o.free_page_reporting);
         assert!(o.page_poison && o.hint_discard);
         assert_eq!(o.stats_polling_interval_s, 2);
+        assert!(!d.sg && d.notify_suppression);
+        let o = parse("sg=on,notify_suppression=off").unwrap();
+        assert!(o.sg && !o.notify_suppression);
+        assert!(parse("sg=2").unwrap_err().contains("sg=2"));
     }
 
     /// Issue #16: README's bare switches mean `=on`; both forms work.

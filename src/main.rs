@@ -156,6 +156,8 @@ struct RunArgs {
     /// must_tell_host[=on|off] (on), stats_interval=SECS (0 = off),
     /// free_page_hint[=on|off] (off), free_page_reporting[=on|off] (off),
     /// page_poison[=on|off] (off), hint_discard[=on|off] (off),
+    /// sg[=on|off] (off; chunked inflate/deflate ranges, Blimp-experimental
+    /// feature bit 23), notify_suppression[=on|off] (on),
     /// floor=SIZE (memory every balloon target must leave the guest;
     /// default 64M, at most a quarter of guest memory; 0 = none).
     /// Example: --balloon deflate_on_oom,free_page_hint,stats_interval=1
