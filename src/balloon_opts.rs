@@ -4,7 +4,8 @@ use api::types::MAX_STATS_INTERVAL_S;
 use vmm::BalloonConfig;
 
 pub const BALLOON_HELP: &str = "deflate_on_oom=on|off, must_tell_host=on|off, stats_interval=SECS, \
-free_page_hint=on|off, free_page_reporting=on|off, page_poison=on|off, hint_discard=on|off";
+free_page_hint=on|off, free_page_reporting=on|off, page_poison=on|off, hint_discard=on|off, \
+sg=on|off (chunked inflate/deflate, Blimp-experimental feature bit 23), notify_suppression=on|off";
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {
@@ -44,6 +45,8 @@ pub fn parse(s: &str) -> Result<BalloonConfig, String> {
             "free_page_reporting" => o.free_page_reporting = on_off(k, v)?,
             "page_poison" => o.page_poison = on_off(k, v)?,
             "hint_discard" => o.hint_discard = on_off(k, v)?,
+            "sg" => o.sg = on_off(k, v)?,
+            "notify_suppression" => o.notify_suppression = on_off(k, v)?,
             "stats_interval" | "stats_polling_interval_s" => {
                 o.stats_polling_interval_s = stats_interval(k, v)?
             }
@@ -69,6 +72,10 @@ mod tests {
         assert!(o.deflate_on_oom && !o.must_tell_host && o.free_page_hint && o.free_page_reporting);
         assert!(o.page_poison && o.hint_discard);
         assert_eq!(o.stats_polling_interval_s, 2);
+        assert!(!d.sg && d.notify_suppression);
+        let o = parse("sg=on,notify_suppression=off").unwrap();
+        assert!(o.sg && !o.notify_suppression);
+        assert!(parse("sg=2").unwrap_err().contains("sg=2"));
     }
 
     #[test]

@@ -142,7 +142,9 @@ struct RunArgs {
     /// deflate_on_oom=on|off (default off), must_tell_host=on|off (on),
     /// stats_interval=SECS (0 = off), free_page_hint=on|off (off),
     /// free_page_reporting=on|off (off), page_poison=on|off (off),
-    /// hint_discard=on|off (off). Example: --balloon deflate_on_oom=on,stats_interval=1
+    /// hint_discard=on|off (off), sg=on|off (off; chunked inflate/deflate
+    /// ranges, Blimp-experimental feature bit 23), notify_suppression=on|off
+    /// (on). Example: --balloon deflate_on_oom=on,stats_interval=1
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<String>,
     /// Initial balloon size: memory taken from the guest at boot (like

@@ -98,6 +98,8 @@ fuzz_target!(|data: &[u8]| {
         page_poison: flags & 32 != 0,
         hint_discard: flags & 64 != 0,
         initial_target_pages: u32::from(data[1]),
+        sg: flags & 128 != 0,
+        notify_suppression: data[1] & 1 != 0,
     };
     let ranges: Vec<GpaRange> = RAM.iter().map(|&(s, l)| GpaRange::new(s, l)).collect();
     let total_pages: u64 = RAM.iter().map(|&(_, l)| l / 4096).sum();

@@ -24,6 +24,14 @@ pub struct BalloonConfig {
     pub hint_discard: bool,
     /// Initial target (`num_pages`), in 4 KiB pages.
     pub initial_target_pages: u32,
+    /// Offer VIRTIO_BALLOON_F_BLIMP_SG (chunked inflate/deflate ranges;
+    /// Blimp-experimental, off by default).
+    pub sg: bool,
+    /// Suppress guest notifications (VRING_USED_F_NO_NOTIFY) while the
+    /// device is serving a queue, and on the free page queue for a short
+    /// poll window after it ran dry. `false` gives the old behaviour: the
+    /// driver may kick for every buffer.
+    pub notify_suppression: bool,
 }
 
 impl Default for BalloonConfig {
@@ -37,6 +45,8 @@ impl Default for BalloonConfig {
             page_poison: false,
             hint_discard: false,
             initial_target_pages: 0,
+            sg: false,
+            notify_suppression: true,
         }
     }
 }

@@ -22,7 +22,8 @@ use super::hinting::{HintSink, HintState};
 use super::metrics::BalloonMetrics;
 use super::pfn_runs::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
-use super::queue::{Descs, Drain, drain_chains};
+use super::queue::{Descs, Drain, Notify, drain_chains};
+use super::ranges::check_range;
 use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
 use super::*;
 use crate::virtio::{
@@ -34,6 +35,11 @@ use crate::{GpaRange, GuestMemory, RamDiscard, error_limited, warn_limited};
 /// Most bytes of PFNs one inflate/deflate buffer may carry (16384 PFNs;
 /// Linux sends at most 1 KiB).
 pub const MAX_PFN_BUFFER_BYTES: u64 = 64 * 1024;
+
+/// How long the free page queue is polled, without notifications, after it
+/// ran dry (see `Notify::Poll`): a hinting driver adds a 4 MiB block every
+/// few microseconds, so it is served without a kick per block.
+pub const HINT_POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// A queue the device is serving.
 pub(crate) struct ActiveQueue {
@@ -161,6 +167,7 @@ impl Balloon {
             (cfg.free_page_hint, VIRTIO_BALLOON_F_FREE_PAGE_HINT),
             (cfg.page_poison, VIRTIO_BALLOON_F_PAGE_POISON),
             (cfg.free_page_reporting, VIRTIO_BALLOON_F_REPORTING),
+            (cfg.sg, VIRTIO_BALLOON_F_BLIMP_SG),
         ] {
             if on {
                 avail_features |= bit(b);
@@ -378,7 +385,10 @@ impl Balloon {
             return LateDiscards::default();
         };
         let mut inflated = Vec::new();
+        let sg = self.has_acked(VIRTIO_BALLOON_F_BLIMP_SG);
         let drain = match kind {
+            QueueKind::Inflate if sg => self.drain_range_queue(idx, true, &mut inflated),
+            QueueKind::Deflate if sg => self.drain_range_queue(idx, false, &mut inflated),
             QueueKind::Inflate => self.drain_pfn_queue(idx, true, &mut inflated),
             QueueKind::Deflate => self.drain_pfn_queue(idx, false, &mut inflated),
             QueueKind::Stats => self.drain_stats_queue(idx),
@@ -463,6 +473,99 @@ impl Balloon {
         }
     }
 
+    /// How queue `kind` treats guest notifications while it is served.
+    pub(super) fn notify_mode(&self, kind: QueueKind) -> Notify {
+        if !self.cfg.notify_suppression {
+            return Notify::Always;
+        }
+        match kind {
+            // The device holds the stats buffer; nothing to suppress.
+            QueueKind::Stats => Notify::Always,
+            QueueKind::FreePage => Notify::Poll(HINT_POLL_WINDOW),
+            _ => Notify::WhileBusy,
+        }
+    }
+
+    /// Count `n` guest notifications of queue `kind`.
+    pub(super) fn count_kicks(&self, kind: QueueKind, n: u64) {
+        let m = &self.metrics;
+        match kind {
+            QueueKind::Inflate => BalloonMetrics::add(&m.inflate_kicks, n),
+            QueueKind::Deflate => BalloonMetrics::add(&m.deflate_kicks, n),
+            QueueKind::FreePage => BalloonMetrics::add(&m.free_page_kicks, n),
+            QueueKind::Stats | QueueKind::Reporting => {}
+        }
+    }
+
+    /// Inflate (`inflate`) or deflate queue with VIRTIO_BALLOON_F_BLIMP_SG:
+    /// each descriptor is one guest-physical range (see `ranges.rs`).
+    /// A refused range is logged and counted and the others of the buffer
+    /// still apply (as invalid PFNs are skipped); a malformed chain makes
+    /// the device need a reset (in `drain_chains`). Nothing is read from or
+    /// written to guest memory but the rings.
+    fn drain_range_queue(
+        &mut self,
+        idx: usize,
+        inflate: bool,
+        inflated: &mut Vec<GpaRange>,
+    ) -> Drain {
+        let notify = self.notify_mode(if inflate {
+            QueueKind::Inflate
+        } else {
+            QueueKind::Deflate
+        });
+        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
+            return Drain::default();
+        };
+        let name = if inflate { "inflate" } else { "deflate" };
+        let metrics = &*self.metrics;
+        let (layout, bitmap, discard) = (&self.layout, &mut self.bitmap, &*self.discard);
+        drain_chains(
+            q,
+            mem,
+            Some(&metrics.pfn_buffer_ns),
+            notify,
+            |head, descs| {
+                BalloonMetrics::inc(if inflate {
+                    &metrics.inflate_requests
+                } else {
+                    &metrics.deflate_requests
+                });
+                if descs.too_many {
+                    BalloonMetrics::inc(&metrics.invalid_buffers);
+                    warn_limited!(
+                        "balloon: {name} queue ({idx}): buffer {head} rejected: more than {MAX_CHAIN_DESCS} ranges"
+                    );
+                    return Some(head);
+                }
+                for d in descs.iter() {
+                    let range = GpaRange::new(d.addr().0, u64::from(d.len()));
+                    let run = match check_range(range, d.is_write_only(), inflate, layout, bitmap) {
+                        Ok(run) => run,
+                        Err(why) => {
+                            BalloonMetrics::inc(&metrics.invalid_ranges);
+                            warn_limited!(
+                                "balloon: {name} queue ({idx}): buffer {head}: refused: {why}"
+                            );
+                            continue;
+                        }
+                    };
+                    bitmap.update(run.bit, run.npages, inflate);
+                    if inflate {
+                        BalloonMetrics::inc(&metrics.inflate_ranges);
+                        BalloonMetrics::add(&metrics.inflate_pages, run.npages);
+                        layout.backing_runs(run, |r| inflated.push(r.range()));
+                    } else {
+                        BalloonMetrics::inc(&metrics.deflate_ranges);
+                        BalloonMetrics::add(&metrics.deflate_pages, run.npages);
+                        layout.backing_runs(run, |r| discard.will_need(r.range()));
+                    }
+                }
+                Some(head)
+            },
+        )
+    }
+
     /// Inflate (`inflate`) or deflate queue: each buffer is an array of
     /// le32 PFNs.
     fn drain_pfn_queue(
@@ -471,57 +574,71 @@ impl Balloon {
         inflate: bool,
         inflated: &mut Vec<GpaRange>,
     ) -> Drain {
+        let notify = self.notify_mode(if inflate {
+            QueueKind::Inflate
+        } else {
+            QueueKind::Deflate
+        });
         let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
         let name = if inflate { "inflate" } else { "deflate" };
         let metrics = &*self.metrics;
         let mut buf = [0u8; BATCH_BYTES];
-        drain_chains(q, mem, Some(&metrics.pfn_buffer_ns), |head, descs| {
-            BalloonMetrics::inc(if inflate {
-                &metrics.inflate_requests
-            } else {
-                &metrics.deflate_requests
-            });
-            match check_pfn_buffer(mem, &descs) {
-                Err(why) => {
-                    BalloonMetrics::inc(&metrics.invalid_buffers);
-                    warn_limited!("balloon: {name} queue ({idx}): buffer {head} rejected: {why}");
-                }
-                Ok(()) => {
-                    for d in descs.iter() {
-                        let mut off = 0u64;
-                        while off < u64::from(d.len()) {
-                            let n = (u64::from(d.len()) - off).min(BATCH_BYTES as u64) as usize;
-                            let Some(addr) = d.addr().0.checked_add(off).map(GuestAddress) else {
-                                break;
-                            };
-                            if let Err(e) = mem.read_slice(&mut buf[..n], addr) {
-                                // Checked above; only a concurrent hot-unplug could do this.
-                                warn_limited!(
-                                    "balloon: {name} queue ({idx}): reading {:#x}+{n}: {e}",
-                                    addr.0
+        drain_chains(
+            q,
+            mem,
+            Some(&metrics.pfn_buffer_ns),
+            notify,
+            |head, descs| {
+                BalloonMetrics::inc(if inflate {
+                    &metrics.inflate_requests
+                } else {
+                    &metrics.deflate_requests
+                });
+                match check_pfn_buffer(mem, &descs) {
+                    Err(why) => {
+                        BalloonMetrics::inc(&metrics.invalid_buffers);
+                        warn_limited!(
+                            "balloon: {name} queue ({idx}): buffer {head} rejected: {why}"
+                        );
+                    }
+                    Ok(()) => {
+                        for d in descs.iter() {
+                            let mut off = 0u64;
+                            while off < u64::from(d.len()) {
+                                let n = (u64::from(d.len()) - off).min(BATCH_BYTES as u64) as usize;
+                                let Some(addr) = d.addr().0.checked_add(off).map(GuestAddress)
+                                else {
+                                    break;
+                                };
+                                if let Err(e) = mem.read_slice(&mut buf[..n], addr) {
+                                    // Checked above; only a concurrent hot-unplug could do this.
+                                    warn_limited!(
+                                        "balloon: {name} queue ({idx}): reading {:#x}+{n}: {e}",
+                                        addr.0
+                                    );
+                                    break;
+                                }
+                                apply_pfn_batch(
+                                    &buf[..n],
+                                    inflate,
+                                    idx,
+                                    &self.layout,
+                                    &mut self.batch,
+                                    &mut self.bitmap,
+                                    &*self.discard,
+                                    inflated,
+                                    metrics,
                                 );
-                                break;
+                                off += n as u64;
                             }
-                            apply_pfn_batch(
-                                &buf[..n],
-                                inflate,
-                                idx,
-                                &self.layout,
-                                &mut self.batch,
-                                &mut self.bitmap,
-                                &*self.discard,
-                                inflated,
-                                metrics,
-                            );
-                            off += n as u64;
                         }
                     }
                 }
-            }
-            Some(head)
-        })
+                Some(head)
+            },
+        )
     }
 
     /// Stats queue: parse the buffer, keep it until new stats are wanted.
@@ -531,7 +648,7 @@ impl Balloon {
         };
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
-        drain_chains(q, mem, None, |head, descs| {
+        drain_chains(q, mem, None, Notify::Always, |head, descs| {
             let mut len = 0usize;
             let mut bad = false;
             for d in descs.iter() {

@@ -1455,3 +1455,190 @@ fn balloon_is_send_for_the_event_loop() {
     let _as_subscriber: Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>> =
         Arc::new(Mutex::new(BalloonEvents::new(b)));
 }
+
+// ----- chunked ranges (VIRTIO_BALLOON_F_BLIMP_SG) --------------------------------
+
+mod sg {
+    use super::*;
+
+    fn sg_fixture(must_tell_host: bool) -> Fx {
+        let cfg = BalloonConfig {
+            sg: true,
+            must_tell_host,
+            ..BalloonConfig::default()
+        };
+        let mut bits = vec![VIRTIO_BALLOON_F_BLIMP_SG];
+        if must_tell_host {
+            bits.push(VIRTIO_BALLOON_F_MUST_TELL_HOST);
+        }
+        fixture_with(cfg, features(&bits))
+    }
+
+    impl Fx {
+        /// One chain of device-writable ranges on queue `q`, processed.
+        fn send_ranges(&mut self, q: usize, ranges: &[(u64, u32)]) -> u16 {
+            let bufs: Vec<(u64, u32, bool)> = ranges.iter().map(|&(a, l)| (a, l, true)).collect();
+            let head = self.queues[q].add_chain(&self.mem, &bufs);
+            self.balloon.process_queue(q);
+            head
+        }
+        fn metric(&self, f: impl Fn(&BalloonMetricsSnapshot) -> u64) -> u64 {
+            f(&self.balloon.metrics().snapshot())
+        }
+    }
+
+    #[test]
+    fn the_bit_is_offered_only_with_sg_on() {
+        let d = Arc::new(RecordingDiscard::default());
+        let off = Balloon::new(BalloonConfig::default(), ram(), d.clone()).unwrap();
+        assert_eq!(off.avail_features() & (1 << VIRTIO_BALLOON_F_BLIMP_SG), 0);
+        let cfg = BalloonConfig {
+            sg: true,
+            ..BalloonConfig::default()
+        };
+        let on = Balloon::new(cfg, ram(), d).unwrap();
+        assert_ne!(on.avail_features() & (1 << VIRTIO_BALLOON_F_BLIMP_SG), 0);
+        assert_eq!(on.max_queues(), 2, "no queue of its own");
+    }
+
+    #[test]
+    fn ranges_inflate_and_deflate_with_one_discard_each() {
+        let mut fx = sg_fixture(false);
+        // Two ranges in one chain, one of them in high RAM, and a second
+        // buffer: 1 MiB at 2 MiB, 4 MiB at 4 GiB + 4 MiB, 64 KiB at 8 MiB.
+        let head = fx.send_ranges(
+            0,
+            &[(2 * MIB, MIB as u32), (HIGH + 4 * MIB, 4 * MIB as u32)],
+        );
+        fx.send_ranges(0, &[(8 * MIB, 0x10000)]);
+        assert_eq!(fx.used(0), 2);
+        assert_eq!(fx.queues[0].used_elem(&fx.mem, 0), (u32::from(head), 0));
+        assert_eq!(
+            fx.discard.discarded(),
+            vec![
+                GpaRange::new(2 * MIB, MIB),
+                GpaRange::new(HIGH + 4 * MIB, 4 * MIB),
+                GpaRange::new(8 * MIB, 0x10000)
+            ]
+        );
+        assert_eq!(fx.balloon.inflated_pages(), 256 + 1024 + 16);
+        assert!(fx.balloon.is_inflated((HIGH + 4 * MIB) >> 12));
+        assert!(!fx.balloon.is_inflated((HIGH + 8 * MIB) >> 12));
+        assert_eq!(fx.metric(|m| m.inflate_ranges), 3);
+        assert_eq!(fx.metric(|m| m.inflate_pages), 1296);
+        assert_eq!(fx.metric(|m| m.inflate_requests), 2);
+        // Deflate part of one range: the rest stays in the balloon.
+        fx.send_ranges(1, &[(HIGH + 4 * MIB, 2 * MIB as u32)]);
+        assert_eq!(fx.used(1), 1);
+        assert_eq!(
+            fx.discard.needed(),
+            vec![GpaRange::new(HIGH + 4 * MIB, 2 * MIB)]
+        );
+        assert_eq!(fx.balloon.inflated_pages(), 1296 - 512);
+        assert!(!fx.balloon.is_inflated((HIGH + 4 * MIB) >> 12));
+        assert!(fx.balloon.is_inflated((HIGH + 6 * MIB) >> 12));
+        assert_eq!(fx.metric(|m| m.deflate_ranges), 1);
+        assert_eq!(fx.metric(|m| m.invalid_ranges), 0);
+        assert!(!fx.balloon.needs_reset());
+    }
+
+    #[test]
+    fn with_must_tell_host_the_discard_follows_the_used_buffer() {
+        let mut fx = sg_fixture(true);
+        fx.discard.watch.lock().unwrap().replace(fx.irq.clone());
+        fx.send_ranges(0, &[(4 * MIB, 4 * MIB as u32)]);
+        assert_eq!(
+            fx.discard.discarded(),
+            vec![GpaRange::new(4 * MIB, 4 * MIB)]
+        );
+        assert_eq!(*fx.discard.vring_at_discard.lock().unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn hostile_ranges_are_refused_and_the_device_survives() {
+        let mut fx = sg_fixture(false);
+        fx.send_ranges(0, &[(MIB, 0x4000)]); // pages 0x100..0x104 inflated
+        fx.discard.discards.lock().unwrap().clear();
+        let cases: &[(u64, u32)] = &[
+            (MIB + 0x800 + 0x10000, 0x1000), // unaligned start
+            (2 * MIB, 0x1800),               // unaligned length
+            (2 * MIB, 0),                    // empty
+            (LOW_END, 0x1000),               // just past low RAM (hole)
+            (0xd000_0000, 0x1000),           // MMIO hole
+            (LOW_END - 0x1000, 0x2000),      // spanning into the hole
+            (HIGH + 16 * MIB, 0x1000),       // beyond the end of RAM
+            (u64::MAX - 0xfff, 0x1000),      // overflowing
+            (MIB + 0x2000, 0x4000),          // partly already inflated
+        ];
+        fx.send_ranges(0, cases);
+        // A good range in the same chain still applies.
+        fx.send_ranges(0, &[(3 * MIB, 0x1000), (MIB, 0x1000)]);
+        assert_eq!(fx.discard.discarded(), vec![GpaRange::new(3 * MIB, 0x1000)]);
+        assert_eq!(fx.metric(|m| m.invalid_ranges), cases.len() as u64 + 1);
+        assert_eq!(fx.balloon.inflated_pages(), 5);
+        // Deflates of pages not in the balloon, and a device-readable range.
+        fx.send_ranges(1, &[(5 * MIB, 0x1000), (MIB, 0x8000)]);
+        fx.queues[1].add_chain(&fx.mem, &[(MIB, 0x1000, false)]);
+        fx.balloon.process_queue(1);
+        assert!(fx.discard.needed().is_empty());
+        assert_eq!(fx.metric(|m| m.invalid_ranges), cases.len() as u64 + 4);
+        assert_eq!(fx.balloon.inflated_pages(), 5);
+        assert_eq!((fx.used(0), fx.used(1)), (3, 2), "every buffer is returned");
+        assert!(!fx.balloon.needs_reset());
+        // The device still works.
+        fx.send_ranges(1, &[(MIB, 0x4000)]);
+        assert_eq!(fx.balloon.inflated_pages(), 1);
+    }
+
+    #[test]
+    fn a_malformed_chain_needs_a_reset() {
+        let mut fx = sg_fixture(false);
+        // Descriptor 0 chains to itself: a loop.
+        fx.queues[0].write_desc(&fx.mem, 0, MIB, 0x1000, (VRING_DESC_F_NEXT | 2) as u16, 0);
+        fx.queues[0].publish(&fx.mem, 0);
+        fx.balloon.process_queue(0);
+        assert!(fx.balloon.needs_reset());
+        assert_eq!(fx.balloon.inflated_pages(), 0);
+        assert!(fx.discard.discarded().is_empty());
+    }
+
+    #[test]
+    fn pfn_arrays_still_work_without_the_bit() {
+        // Offered but not acked: buffers are PFN arrays as before.
+        let cfg = BalloonConfig {
+            sg: true,
+            ..BalloonConfig::default()
+        };
+        let mut fx = fixture_with(cfg, features(&[]));
+        fx.send_pfns(0, &[0x200, 0x201]);
+        assert_eq!(fx.balloon.inflated_pages(), 2);
+        assert_eq!(fx.metric(|m| m.inflate_ranges), 0);
+    }
+
+    #[test]
+    fn notifications_are_off_only_while_the_device_serves_a_queue() {
+        let mut fx = sg_fixture(false);
+        let used_flags = |fx: &Fx, q: usize| -> u16 {
+            fx.mem.read_obj(GuestAddress(fx.queues[q].used)).unwrap()
+        };
+        fx.send_ranges(0, &[(MIB, 0x1000)]);
+        assert_eq!(
+            used_flags(&fx, 0),
+            0,
+            "notifications are on again after a drain"
+        );
+        // The old behaviour never touches the flags.
+        let cfg = BalloonConfig {
+            sg: true,
+            notify_suppression: false,
+            ..BalloonConfig::default()
+        };
+        let mut fx = fixture_with(cfg, features(&[VIRTIO_BALLOON_F_BLIMP_SG]));
+        fx.send_ranges(0, &[(MIB, 0x1000)]);
+        assert_eq!(used_flags(&fx, 0), 0);
+        assert_eq!(
+            fx.balloon.notify_mode(QueueKind::FreePage),
+            super::super::queue::Notify::Always
+        );
+    }
+}

@@ -110,12 +110,15 @@ impl Balloon {
                     .active
                     .as_ref()
                     .and_then(|a| a.queues.get(idx))
-                    .map(|q| q.evt.read());
-                if evt.is_none() {
+                    .map(|q| (q.kind, q.evt.read()));
+                let Some((kind, kicks)) = evt else {
                     // An eventfd parked by a reset; the pending control
                     // event unregisters it.
                     return LateDiscards::default();
-                }
+                };
+                // The eventfd counts the QueueNotify writes since the last
+                // read (a spurious wake-up reads EAGAIN: none).
+                self.count_kicks(kind, kicks.unwrap_or(0));
                 return self.serve_queue(idx);
             }
             data => error!("balloon: unexpected event data {data}"),

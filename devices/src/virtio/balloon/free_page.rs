@@ -78,11 +78,12 @@ impl Balloon {
     /// buffers (writable, one free block each).
     pub(super) fn drain_free_page_queue(&mut self, idx: usize) -> Drain {
         let poison = self.poison_active();
+        let notify = self.notify_mode(QueueKind::FreePage);
         let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
         let metrics = &*self.metrics;
-        drain_chains(q, mem, None, |head, descs| {
+        drain_chains(q, mem, None, notify, |head, descs| {
             let readable = descs.iter().filter(|d| !d.is_write_only()).count();
             let writable = descs.n - readable;
             if descs.too_many || (readable > 0 && writable > 0) {

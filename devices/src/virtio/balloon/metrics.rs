@@ -91,6 +91,18 @@ balloon_metrics! {
     reported_pages,
     /// Bytes discarded because of reports or hints.
     reported_discard_bytes,
+    /// Chunked ranges (VIRTIO_BALLOON_F_BLIMP_SG) inflated.
+    inflate_ranges,
+    /// Chunked ranges deflated.
+    deflate_ranges,
+    /// Chunked ranges refused (shape, outside RAM, balloon state).
+    invalid_ranges,
+    /// Guest notifications (QueueNotify writes) of the inflate queue.
+    inflate_kicks,
+    /// Guest notifications of the deflate queue.
+    deflate_kicks,
+    /// Guest notifications of the free page (hinting) queue.
+    free_page_kicks,
 }
 
 impl BalloonMetrics {

@@ -35,6 +35,10 @@ struct Span {
 pub struct RamLayout {
     spans: Vec<Span>,
     total_pages: u64,
+    /// First PFNs of input regions that were coalesced into the span
+    /// before them (ascending): backing boundaries inside a span, where a
+    /// discard must be split (see [`RamLayout::backing_runs`]).
+    cuts: Vec<u64>,
 }
 
 impl RamLayout {
@@ -45,6 +49,7 @@ impl RamLayout {
             return Err(Error::NoRam);
         }
         let mut spans: Vec<Span> = Vec::with_capacity(ram.len());
+        let mut cuts = Vec::new();
         let mut total = 0u64;
         for r in ram {
             let end = r.end().ok_or(Error::RamOverflow(*r))?;
@@ -54,7 +59,10 @@ impl RamLayout {
             let (s, e) = (r.start >> PAGE_SHIFT, end >> PAGE_SHIFT);
             match spans.last_mut() {
                 Some(last) if s < last.end_pfn => return Err(Error::RamUnordered(*r)),
-                Some(last) if s == last.end_pfn => last.end_pfn = e,
+                Some(last) if s == last.end_pfn => {
+                    last.end_pfn = e;
+                    cuts.push(s);
+                }
                 _ => spans.push(Span {
                     start_pfn: s,
                     end_pfn: e,
@@ -66,7 +74,27 @@ impl RamLayout {
         Ok(Self {
             spans,
             total_pages: total,
+            cuts,
         })
+    }
+
+    /// Split `run` (inside one span) at the backing boundaries it crosses
+    /// (where two contiguous RAM regions meet) and call `f` for each part,
+    /// in ascending order: one discard call per part.
+    pub fn backing_runs(&self, run: PageRun, mut f: impl FnMut(PageRun)) {
+        let end = run.start_pfn + run.npages;
+        let mut cur = run;
+        let first = self.cuts.partition_point(|&c| c <= run.start_pfn);
+        for &cut in self.cuts[first..].iter().take_while(|&&c| c < end) {
+            let n = cut - cur.start_pfn;
+            f(PageRun { npages: n, ..cur });
+            cur = PageRun {
+                start_pfn: cut,
+                npages: cur.npages - n,
+                bit: cur.bit + n,
+            };
+        }
+        f(cur);
     }
 
     /// 4 KiB pages of guest RAM.
@@ -317,6 +345,12 @@ impl PageBitmap {
             f(first, last - first);
             bit = last;
         }
+    }
+
+    /// The first bit in `[start, start + n)` that is set (`value`) or
+    /// clear, if any (clipped to the bitmap).
+    pub fn first_with(&self, start: u64, n: u64, value: bool) -> Option<u64> {
+        self.next_with(start, start.saturating_add(n).min(self.bits), value)
     }
 
     /// The first bit in `[from, end)` whose value is `value`.

@@ -2,8 +2,8 @@
 //! off a queue, copy its descriptors out (detecting a corrupt ring), and
 //! the drain loop that serves each chain and returns it to the guest.
 
-use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -95,18 +95,82 @@ pub(super) struct Drain {
 /// or none when it keeps the buffer). Stops at a corrupt ring or a failed
 /// hand-back, reported in [`Drain::broken`]. With `timer`, the time from
 /// popping each chain to handing it back is added to that counter (ns).
+/// `notify` says whether the driver's notifications are suppressed
+/// meanwhile; every drain ends with them on.
+/// How a drain treats guest notifications (see [`drain_chains`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Notify {
+    /// Leave them on: the driver may kick for every buffer.
+    Always,
+    /// Off (VRING_USED_F_NO_NOTIFY) while the drain runs; before it ends
+    /// they are turned on again and the ring checked once more, so no
+    /// buffer added meanwhile is missed.
+    WhileBusy,
+    /// As `WhileBusy`, and when the ring runs dry keep polling it, still
+    /// without notifications, for up to this long before turning them on:
+    /// a driver that streams buffers (free page hinting) is served without
+    /// a kick per buffer.
+    Poll(Duration),
+}
+
+/// Wait up to `window` for the driver to add a buffer to `q`; true if it
+/// did. Reads only the available index (guest memory, bounds-checked).
+fn poll_avail(q: &Queue, mem: &GuestMemory, window: Duration) -> bool {
+    let until = Instant::now() + window;
+    loop {
+        match q.avail_idx(mem, Ordering::Acquire) {
+            Ok(i) if i.0 != q.next_avail() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 pub(super) fn drain_chains(
     q: &mut Queue,
     mem: &GuestMemory,
     timer: Option<&AtomicU64>,
+    notify: Notify,
     mut serve: impl FnMut(u16, Descs) -> Option<u16>,
 ) -> Drain {
     let mut drain = Drain::default();
+    let suppress = notify != Notify::Always;
+    if suppress && let Err(e) = q.disable_notification(mem) {
+        drain.broken = Some(format!("suppressing notifications: {e}"));
+        return drain;
+    }
     loop {
         let started = timer.map(|_| Instant::now());
         let (head, descs) = match next_chain(q, mem) {
             Ok(Some(c)) => c,
-            Ok(None) => break,
+            Ok(None) if !suppress => break,
+            Ok(None) => {
+                if let Notify::Poll(window) = notify
+                    && poll_avail(q, mem, window)
+                {
+                    continue;
+                }
+                // Notifications back on; a buffer added before they were
+                // is served now (and they go off again meanwhile).
+                match q.enable_notification(mem) {
+                    Ok(false) => break,
+                    Ok(true) => match q.disable_notification(mem) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            drain.broken = Some(format!("suppressing notifications: {e}"));
+                            break;
+                        }
+                    },
+                    Err(e) => {
+                        drain.broken = Some(format!("enabling notifications: {e}"));
+                        break;
+                    }
+                }
+            }
             Err(why) => {
                 drain.broken = Some(why);
                 break;

@@ -26,11 +26,12 @@ impl Balloon {
 
     pub(super) fn drain_reporting_queue(&mut self, idx: usize) -> Drain {
         let poison = self.poison_active();
+        let notify = self.notify_mode(QueueKind::Reporting);
         let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
         let metrics = &*self.metrics;
-        drain_chains(q, mem, None, |head, descs| {
+        drain_chains(q, mem, None, notify, |head, descs| {
             if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
                 BalloonMetrics::inc(&metrics.invalid_buffers);
                 warn_limited!(
