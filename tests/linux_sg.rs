@@ -139,8 +139,9 @@ fn round_32_mib(vm: &mut LinuxVm) -> Round {
 #[test]
 fn sg_inflate_deflate_32_mib_with_far_fewer_notifications_than_pfn_arrays() {
     let t = Instant::now();
-    // The PFN twin runs alongside (the host has two cores to share).
-    let pfn = std::thread::spawn(|| {
+    // The PFN twin boots alongside; the two rounds then run one after the
+    // other, so their times compare (the host has two cores to share).
+    let twin = std::thread::spawn(|| {
         let mut vm = LinuxVm::boot(&LinuxVmConfig {
             name: "sg-twin-pfn",
             balloon: Some("stats_interval=1"),
@@ -152,13 +153,11 @@ fn sg_inflate_deflate_32_mib_with_far_fewer_notifications_than_pfn_arrays() {
             0,
             "bit 23 negotiated without sg=on"
         );
-        let r = round_32_mib(&mut vm);
-        assert_eq!(counter(&vm, "inflate_ranges"), 0, "ranges without sg=on");
-        vm.poweroff();
-        r
+        vm
     });
-
     let mut vm = boot_sg("sg-inflate", "sg=on,stats_interval=1", "");
+    let mut twin = twin.join().expect("the PFN-array twin did not boot");
+
     let (pages0, discards0) = (counter(&vm, "inflate_pages"), counter(&vm, "discard_calls"));
     let r = round_32_mib(&mut vm);
     let pages = counter(&vm, "inflate_pages") - pages0;
@@ -239,7 +238,9 @@ fn sg_inflate_deflate_32_mib_with_far_fewer_notifications_than_pfn_arrays() {
     }
     vm.poweroff();
 
-    let p = pfn.join().expect("the PFN-array twin failed");
+    let p = round_32_mib(&mut twin);
+    assert_eq!(counter(&twin, "inflate_ranges"), 0, "ranges without sg=on");
+    twin.poweroff();
     eprintln!(
         "linux sg: inflate-queue notifications for 32 MiB: PFN arrays {} (in {:.2} s), \
          ranges {} (in {:.2} s); deflate: PFN arrays {}, ranges {}; PFN twin MemTotal -{} KiB, \
