@@ -140,7 +140,8 @@ fn round_32_mib(vm: &mut LinuxVm) -> Round {
 fn sg_inflate_deflate_32_mib_with_far_fewer_notifications_than_pfn_arrays() {
     let t = Instant::now();
     // The PFN twin boots alongside; the two rounds then run one after the
-    // other, so their times compare (the host has two cores to share).
+    // other (PFN arrays first, with the chunked guest idle), so their times
+    // compare (the host has two cores to share).
     let twin = std::thread::spawn(|| {
         let mut vm = LinuxVm::boot(&LinuxVmConfig {
             name: "sg-twin-pfn",
@@ -157,6 +158,9 @@ fn sg_inflate_deflate_32_mib_with_far_fewer_notifications_than_pfn_arrays() {
     });
     let mut vm = boot_sg("sg-inflate", "sg=on,stats_interval=1", "");
     let mut twin = twin.join().expect("the PFN-array twin did not boot");
+    let p = round_32_mib(&mut twin);
+    assert_eq!(counter(&twin, "inflate_ranges"), 0, "ranges without sg=on");
+    twin.poweroff();
 
     let (pages0, discards0) = (counter(&vm, "inflate_pages"), counter(&vm, "discard_calls"));
     let r = round_32_mib(&mut vm);
@@ -238,9 +242,6 @@ fn sg_inflate_deflate_32_mib_with_far_fewer_notifications_than_pfn_arrays() {
     }
     vm.poweroff();
 
-    let p = round_32_mib(&mut twin);
-    assert_eq!(counter(&twin, "inflate_ranges"), 0, "ranges without sg=on");
-    twin.poweroff();
     eprintln!(
         "linux sg: inflate-queue notifications for 32 MiB: PFN arrays {} (in {:.2} s), \
          ranges {} (in {:.2} s); deflate: PFN arrays {}, ranges {}; PFN twin MemTotal -{} KiB, \
