@@ -33,6 +33,18 @@ const DRIVER_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_BALLOON_F_PAGE_POISON)
     | bit(VIRTIO_BALLOON_F_REPORTING);
 
+/// VIRTIO_BALLOON_F_BLIMP_SG is taken when offered unless the command
+/// line says `testguest.sg=0` (see [`set_sg_allowed`]).
+static SG_ALLOWED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
+
+/// `testguest.sg=0` turns the chunked protocol off (set once at boot).
+pub fn set_sg_allowed(on: bool) {
+    SG_ALLOWED.store(on, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Longest range of one chunked descriptor: 4 GiB − 4 KiB, in pages.
+const MAX_RANGE_PAGES: u64 = ((1 << 32) - PAGE_SIZE) / PAGE_SIZE;
+
 /// Linux VIRTIO_BALLOON_HINT_BLOCK_ORDER: hinted blocks are 4 MiB.
 const HINT_BLOCK_ORDER: u32 = 10;
 /// Linux PAGE_REPORTING_MIN_ORDER on x86 (pageblock order): 2 MiB ranges.
@@ -118,6 +130,10 @@ pub struct Balloon {
     broken: bool,
     /// Whether the current service() call may answer stats requests.
     answer_stats: bool,
+    /// Chunked (VIRTIO_BALLOON_F_BLIMP_SG) requests made (one kick each
+    /// unless suppressed) and the ranges they carried.
+    sg_requests: u64,
+    sg_ranges: u64,
 }
 
 #[derive(Debug)]
@@ -242,6 +258,9 @@ fn init_device(dev: &Mmio, areas: &Areas, poison: Option<u8>) -> Result<Live, St
         return Err(fail(StartError::Legacy));
     }
     let mut features = offered & DRIVER_FEATURES;
+    if SG_ALLOWED.load(core::sync::atomic::Ordering::Relaxed) {
+        features |= offered & bit(VIRTIO_BALLOON_F_BLIMP_SG);
+    }
     // Linux virtballoon_validate(): PAGE_POISON only when the guest
     // poisons; a poisoning guest whose device cannot keep poison must not
     // report free pages (they might come back zeroed).
@@ -356,6 +375,8 @@ impl Balloon {
             handoff_next: false,
             broken: false,
             answer_stats: true,
+            sg_requests: 0,
+            sg_ranges: 0,
         };
         b.go_live(mem);
         Ok(b)
@@ -484,6 +505,30 @@ impl Balloon {
                 self.adjust = false;
                 self.retry_at_ns = 0;
                 return;
+            }
+            if self.has(VIRTIO_BALLOON_F_BLIMP_SG) {
+                let (got, next) = if diff > 0 {
+                    self.sg_fill(mem, diff.unsigned_abs())
+                } else {
+                    self.sg_leak(mem, diff.unsigned_abs(), false)
+                };
+                if self.broken {
+                    return;
+                }
+                if diff > 0 && got < diff.unsigned_abs() {
+                    // Out of puff, as in fill().
+                    self.alloc_stalls += 1;
+                    self.retry_at_ns = clock::now_ns() + OUT_OF_PUFF_RETRY_NS;
+                    return;
+                }
+                if got == 0 {
+                    self.adjust = false;
+                    return;
+                }
+                target = next.unwrap_or_else(|| self.num_pages());
+                self.collect_isr();
+                self.service_stats(mem);
+                continue;
             }
             if let Some(next) = self.burst(mem, target) {
                 if self.broken {
@@ -790,6 +835,155 @@ impl Balloon {
         (n as u64, told.target)
     }
 
+    /// Chunked inflate (VIRTIO_BALLOON_F_BLIMP_SG), as the series'
+    /// fill_balloon() + tell_host_sgs(): takes up to `want` frames a
+    /// contiguous run at a time (the lowest free first, so the balloon
+    /// list stays sorted), puts one device-writable range per run on the
+    /// inflate queue until the queue is full, kicks once (unless the device
+    /// suppressed notifications) and waits for all of them; again until
+    /// `want` pages are in the balloon or memory runs out. Then `actual`
+    /// is written and `num_pages` read. Returns the pages inflated and the
+    /// target read.
+    fn sg_fill(&mut self, mem: &mut Memory, want: u64) -> (u64, Option<u32>) {
+        let mut total = 0u64;
+        while total < want {
+            let mut sent = 0;
+            while total < want && self.live.inflate.num_free() > 0 {
+                let Some((pfn, n)) = mem.frames.alloc_run((want - total).min(MAX_RANGE_PAGES))
+                else {
+                    // Like fill(): hinted blocks go back first.
+                    if self.hinted > 0 {
+                        self.return_free_pages(mem);
+                        continue;
+                    }
+                    break;
+                };
+                if mem.poison.is_some() {
+                    for p in pfn..pfn + n {
+                        mem.check_poison(p);
+                    }
+                }
+                let head = self.live.inflate.add(&[Buf {
+                    addr: pfn * PAGE_SIZE,
+                    len: (n * PAGE_SIZE) as u32,
+                    writable: true,
+                }]);
+                if head.is_none() {
+                    let _ = mem.frames.free_run(pfn, n);
+                    break;
+                }
+                // In the balloon once handed to the device, as fill() does.
+                mem.balloon_push_run(pfn, n);
+                total += n;
+                sent += 1;
+            }
+            if sent == 0 {
+                break;
+            }
+            self.sg_requests += 1;
+            self.sg_ranges += sent;
+            self.kick(Queue::Inflate);
+            if !self.wait_all_used(Queue::Inflate) {
+                break;
+            }
+        }
+        if total > 0 {
+            self.update_size(mem);
+        }
+        (total, (total > 0).then(|| self.num_pages()))
+    }
+
+    /// Chunked deflate, as the series' leak_balloon() + tell_host_sgs():
+    /// takes up to `want` pages off the (sorted) balloon list, each
+    /// contiguous stretch as one range (or, with `single_pages`, each page
+    /// as a 4 KiB range: the series' leak_balloon_sg_oom()), fills the
+    /// deflate queue, kicks once and waits for the device to acknowledge
+    /// all of them before the frames are reused (MUST_TELL_HOST).
+    fn sg_leak(&mut self, mem: &mut Memory, want: u64, single_pages: bool) -> (u64, Option<u32>) {
+        mem.sort_balloon();
+        let mut total = 0u64;
+        let mut ranges = [(0u64, 0u64); MAX_QUEUE_SIZE as usize];
+        while total < want {
+            let mut nr = 0;
+            while total < want && self.live.deflate.num_free() > 0 && nr < ranges.len() {
+                let Some(top) = mem.balloon_pop() else { break };
+                let (mut lo, mut n) = (top, 1u64);
+                while !single_pages
+                    && n < MAX_RANGE_PAGES
+                    && total + n < want
+                    && lo > 0
+                    && mem.balloon_peek() == Some(lo - 1)
+                {
+                    let _ = mem.balloon_pop();
+                    lo -= 1;
+                    n += 1;
+                }
+                if self
+                    .live
+                    .deflate
+                    .add(&[Buf {
+                        addr: lo * PAGE_SIZE,
+                        len: (n * PAGE_SIZE) as u32,
+                        writable: true,
+                    }])
+                    .is_none()
+                {
+                    mem.balloon_push_run(lo, n);
+                    break;
+                }
+                ranges[nr] = (lo, n);
+                nr += 1;
+                total += n;
+            }
+            if nr == 0 {
+                break;
+            }
+            self.sg_requests += 1;
+            self.sg_ranges += nr as u64;
+            self.kick(Queue::Deflate);
+            if !self.wait_all_used(Queue::Deflate) {
+                // Not acknowledged: not reusable (MUST_TELL_HOST); back on
+                // the list in ascending order.
+                for &(lo, n) in ranges[..nr].iter().rev() {
+                    mem.balloon_push_run(lo, n);
+                }
+                total -= ranges[..nr].iter().map(|r| r.1).sum::<u64>();
+                break;
+            }
+            for &(lo, n) in &ranges[..nr] {
+                for p in lo..lo + n {
+                    // The host may have discarded the page: poison it again.
+                    mem.poison_page(p);
+                }
+                // Ballooned frames are allocated, so this cannot fail.
+                let _ = mem.frames.free_run(lo, n);
+            }
+        }
+        if total > 0 {
+            self.update_size(mem);
+        }
+        (total, (total > 0).then(|| self.num_pages()))
+    }
+
+    /// Waits until the device has returned every buffer of `q` (or reports
+    /// DEVICE_NEEDS_RESET: false).
+    fn wait_all_used(&mut self, q: Queue) -> bool {
+        loop {
+            let seen = events::snapshot();
+            let (queue, _) = self.queue(q);
+            while queue.pop_used().is_some() {}
+            if queue.in_flight() == 0 {
+                return true;
+            }
+            self.collect_isr();
+            if self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0 && self.dev.needs_reset() {
+                self.broken = true;
+                return false;
+            }
+            idle::wait(seen, None);
+        }
+    }
+
     /// Linux update_balloon_size(): `actual` = pages in the balloon.
     fn update_size(&self, mem: &Memory) {
         self.dev
@@ -997,7 +1191,15 @@ impl Balloon {
             out,
             "{} requests in {} bursts, {} finished in ring 3",
             self.burst_requests, self.bursts, self.burst_handoffs
-        )
+        )?;
+        if self.has(VIRTIO_BALLOON_F_BLIMP_SG) {
+            write!(
+                out,
+                "; chunked: {} requests, {} ranges",
+                self.sg_requests, self.sg_ranges
+            )?;
+        }
+        Ok(())
     }
 
     /// `balloon-wait`: moves towards the target until actual == num_pages.
@@ -1028,8 +1230,14 @@ impl Balloon {
         let mut want = mib.saturating_mul(1 << 20) / PAGE_SIZE;
         let mut freed = 0;
         while want > 0 {
-            // leak_balloon(OOM_NR_PAGES) + update_balloon_size().
-            let (n, _) = self.leak(mem, want.min(OOM_NR_PAGES), 0);
+            // leak_balloon(OOM_NR_PAGES) + update_balloon_size(); with
+            // the chunked protocol one 4 KiB range per page
+            // (leak_balloon_sg_oom()).
+            let (n, _) = if self.has(VIRTIO_BALLOON_F_BLIMP_SG) {
+                self.sg_leak(mem, want.min(OOM_NR_PAGES), true)
+            } else {
+                self.leak(mem, want.min(OOM_NR_PAGES), 0)
+            };
             if n == 0 {
                 self.update_size(mem);
                 break;
@@ -1286,6 +1494,7 @@ impl Balloon {
             HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => {
                 return self.hostile_report(mem, case);
             }
+            HostileCase::SgRanges => return self.hostile_sg(mem),
             _ => {}
         }
         let scratch = self.data + HOSTILE_OFFSET;
@@ -1300,7 +1509,8 @@ impl Balloon {
             | HostileCase::HintOutsideRam
             | HostileCase::HintWrongDirection
             | HostileCase::ReportOutsideRam
-            | HostileCase::ReportTooLong => return Err("handled above"),
+            | HostileCase::ReportTooLong
+            | HostileCase::SgRanges => return Err("handled above"),
             HostileCase::PfnOutsideRam => {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
@@ -1424,6 +1634,7 @@ impl Balloon {
             HostileCase::ReportOutsideRam | HostileCase::ReportTooLong => {
                 self.live.reporting.is_some()
             }
+            HostileCase::SgRanges => self.has(VIRTIO_BALLOON_F_BLIMP_SG),
             _ => true,
         }
     }
@@ -1446,6 +1657,56 @@ impl Balloon {
         };
         self.kick(q);
         Ok(self.wait_used(q, head, Some(clock::now_ns() + HOSTILE_WAIT_NS)))
+    }
+
+    /// `hostile sg-ranges` (VIRTIO_BALLOON_F_BLIMP_SG): one inflate chain
+    /// of 10 bad ranges (unaligned start, unaligned length, zero length,
+    /// overflowing, past the end of RAM, in the MMIO hole on this device's
+    /// registers, across the end of RAM, a device-readable descriptor, a
+    /// page already in the balloon, and a range half in the balloon), then
+    /// one deflate chain of 2 ranges not in the balloon. The device must
+    /// refuse all 12, return both buffers and keep working; the one page
+    /// inflated for the duplicate cases stays in the balloon (and is
+    /// counted in `actual`). A range longer than 4 GiB − 4 KiB cannot be
+    /// written: a descriptor's length is 32 bits.
+    fn hostile_sg(&mut self, mem: &mut Memory) -> Result<bool, &'static str> {
+        if !self.has(VIRTIO_BALLOON_F_BLIMP_SG) {
+            return Err("VIRTIO_BALLOON_F_BLIMP_SG not negotiated");
+        }
+        // A real one-page inflate first, for the "already inflated" cases.
+        let (got, _) = self.sg_fill(mem, 1);
+        let inflated = mem.balloon_peek().filter(|_| got == 1).ok_or("out of memory")?;
+        let page = inflated * PAGE_SIZE;
+        let free = mem.frames.alloc().ok_or("out of memory")?;
+        // Freed again below: never in the balloon, never sent for real.
+        let _ = mem.frames.free(free);
+        let free = free * PAGE_SIZE;
+        let end = mem.nframes() * PAGE_SIZE;
+        let w = |addr: u64, len: u32| Buf {
+            addr,
+            len,
+            writable: true,
+        };
+        let inflate = [
+            w(free + 0x800, 0x1000),
+            w(free, 0x1800),
+            w(free, 0),
+            w(u64::MAX - 0xfff, 0x2000),
+            w(Self::past_ram(mem, PAGE_SIZE), 0x1000),
+            w(self.dev.base, 0x1000),
+            w(end - PAGE_SIZE, 0x2000),
+            Buf {
+                addr: free,
+                len: 0x1000,
+                writable: false,
+            },
+            w(page, 0x1000),
+            w(page.saturating_sub(PAGE_SIZE), 0x2000),
+        ];
+        let deflate = [w(free, 0x1000), w(page, 0x2000)];
+        let a = self.send_chains(Queue::Inflate, &[&inflate])?;
+        let b = self.send_chains(Queue::Deflate, &[&deflate])?;
+        Ok(a && b)
     }
 
     /// First guest-physical address past RAM, rounded up to `align`.
@@ -1683,6 +1944,9 @@ impl Balloon {
         }
         if let Some(q) = &self.live.reporting {
             write!(out, " reporting {}", q.size())?;
+        }
+        if self.has(VIRTIO_BALLOON_F_BLIMP_SG) {
+            write!(out, " sg")?;
         }
         write!(
             out,

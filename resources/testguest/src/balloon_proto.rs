@@ -12,6 +12,10 @@ pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
 pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u32 = 3;
 pub const VIRTIO_BALLOON_F_PAGE_POISON: u32 = 4;
 pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
+/// Blimp-experimental chunked inflate/deflate: one guest-physical range per
+/// device-writable descriptor instead of a PFN array (Blimp's
+/// `devices::virtio::balloon::VIRTIO_BALLOON_F_BLIMP_SG`).
+pub const VIRTIO_BALLOON_F_BLIMP_SG: u32 = 23;
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
 /// Feature bit as a mask.

@@ -120,6 +120,9 @@ pub struct GuestArgs<'a> {
     pub run: Option<&'a str>,
     /// `testguest.poll=1`: poll devices instead of waiting for interrupts.
     pub poll: bool,
+    /// `testguest.sg=0`: the balloon driver does not take the chunked
+    /// protocol (VIRTIO_BALLOON_F_BLIMP_SG) even when offered.
+    pub no_sg: bool,
     /// `virtio_mmio.device=` entries, in command-line order.
     pub devices: [Option<MmioDevice>; MAX_MMIO_DEVICES],
     /// Entries that did not parse or did not fit (reported at boot).
@@ -134,6 +137,7 @@ impl<'a> GuestArgs<'a> {
             match (param, val) {
                 ("testguest.run", Some(v)) => args.run = Some(v),
                 ("testguest.poll", v) => args.poll = !matches!(v, Some("0") | Some("")),
+                ("testguest.sg", v) => args.no_sg = matches!(v, Some("0") | Some("off")),
                 ("virtio_mmio.device", Some(v)) => match parse_mmio_device(v) {
                     Some(d) if ndev < MAX_MMIO_DEVICES => {
                         args.devices[ndev] = Some(d);
@@ -216,6 +220,9 @@ mod tests {
         assert_eq!(a.devices().count(), 0);
         assert_eq!(a.bad_devices, 2);
         assert!(!GuestArgs::parse("testguest.poll=0").poll);
+        assert!(GuestArgs::parse("testguest.sg=0").no_sg);
+        assert!(!GuestArgs::parse("testguest.sg=1").no_sg);
+        assert!(!GuestArgs::parse("").no_sg);
     }
 
     #[test]

@@ -21,12 +21,14 @@ pub enum HostileCase {
     HintWrongDirection,
     ReportOutsideRam,
     ReportTooLong,
+    /// Every bad chunked range (VIRTIO_BALLOON_F_BLIMP_SG negotiated).
+    SgRanges,
     All,
 }
 
 impl HostileCase {
     /// Every single case, in the order `hostile all` sends them.
-    pub const EACH: [HostileCase; 13] = [
+    pub const EACH: [HostileCase; 14] = [
         HostileCase::PfnOutsideRam,
         HostileCase::PfnInMmioHole,
         HostileCase::DescLoop,
@@ -40,6 +42,7 @@ impl HostileCase {
         HostileCase::HintWrongDirection,
         HostileCase::ReportOutsideRam,
         HostileCase::ReportTooLong,
+        HostileCase::SgRanges,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl HostileCase {
             HostileCase::HintWrongDirection => "hint-wrong-direction",
             HostileCase::ReportOutsideRam => "report-outside-ram",
             HostileCase::ReportTooLong => "report-too-long",
+            HostileCase::SgRanges => "sg-ranges",
             HostileCase::All => "all",
         }
     }

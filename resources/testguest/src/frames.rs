@@ -107,6 +107,45 @@ impl<'a> FrameAllocator<'a> {
         None
     }
 
+    /// Allocates the lowest run of contiguous free frames (from the same
+    /// moving hint as [`alloc`](Self::alloc)), at most `max` long: the
+    /// chunked balloon takes its pages a run at a time. Returns the first
+    /// frame and the run's length.
+    pub fn alloc_run(&mut self, max: u64) -> Option<(u64, u64)> {
+        let first = self.alloc()?;
+        let mut n = 1;
+        while n < max {
+            let pfn = first + n;
+            if pfn >= self.nframes {
+                break;
+            }
+            let (w, b) = ((pfn / 64) as usize, pfn % 64);
+            let word = self.bits[w];
+            if b == 0 && word == u64::MAX && max - n >= 64 && pfn + 64 <= self.nframes {
+                // A whole free word at once.
+                self.bits[w] = 0;
+                n += 64;
+                continue;
+            }
+            if word & (1 << b) == 0 {
+                break;
+            }
+            self.bits[w] &= !(1 << b);
+            n += 1;
+        }
+        self.free -= n - 1;
+        self.next = (((first + n) / 64) as usize).min(self.bits.len().saturating_sub(1));
+        Some((first, n))
+    }
+
+    /// Returns `n` frames from `first` to the pool (see [`free`](Self::free)).
+    pub fn free_run(&mut self, first: u64, n: u64) -> Result<(), FreeError> {
+        for pfn in first..first.saturating_add(n) {
+            self.free(pfn)?;
+        }
+        Ok(())
+    }
+
     /// Returns one frame to the pool. Its contents are left as they are.
     pub fn free(&mut self, pfn: u64) -> Result<(), FreeError> {
         if pfn >= self.nframes {
@@ -271,6 +310,27 @@ mod tests {
         }
         assert_eq!(got, 13);
         assert_eq!(a.free_frames(), 0);
+    }
+
+    #[test]
+    fn runs_are_contiguous_lowest_first_and_bounded() {
+        let n = 1024;
+        let mut bits = vec![0; bitmap_words(n)];
+        let mut a = FrameAllocator::new(&mut bits, n);
+        a.add_free(0, n);
+        a.reserve(100, 101);
+        a.reserve(500, 501);
+        assert_eq!(a.alloc_run(1000), Some((0, 100)));
+        assert_eq!(a.alloc_run(10), Some((101, 10)));
+        assert_eq!(a.alloc_run(1000), Some((111, 389)));
+        assert_eq!(a.alloc_run(1000), Some((501, 523)));
+        assert_eq!(a.alloc_run(1000), None);
+        assert_eq!(a.free_frames(), 0);
+        assert!((0..n).all(|f| !a.is_free(f)));
+        assert_eq!(a.free_run(120, 200), Ok(()));
+        assert_eq!(a.free_frames(), 200);
+        assert_eq!(a.alloc_run(1000), Some((120, 200)));
+        assert_eq!(a.free_run(1020, 8), Err(FreeError::OutOfRange(1024)));
     }
 
     #[test]

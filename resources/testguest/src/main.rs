@@ -62,6 +62,7 @@ pub extern "C" fn user_main(boot_params: u64) -> ! {
     clock::calibrate();
     let args = GuestArgs::parse(cmdline(boot_params));
     idle::set_poll(args.poll);
+    balloon::set_sg_allowed(!args.no_sg);
     let mem = match memory::Memory::init(boot_params) {
         Ok(m) => m,
         Err(e) => {

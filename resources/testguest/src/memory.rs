@@ -191,6 +191,29 @@ impl Memory {
         Some(u64::from(self.balloon[self.balloon_len]))
     }
 
+    /// Records the `n` frames from `first` as given to the balloon
+    /// (ascending, so a list built from ascending runs stays sorted).
+    pub fn balloon_push_run(&mut self, first: u64, n: u64) {
+        for p in first..first + n {
+            self.balloon_push(p);
+        }
+    }
+
+    /// The most recently ballooned PFN, left in the balloon.
+    pub fn balloon_peek(&self) -> Option<u64> {
+        let i = self.balloon_len.checked_sub(1)?;
+        Some(u64::from(self.balloon[i]))
+    }
+
+    /// Sorts the balloon list (ascending) unless it already is: the
+    /// chunked deflate then finds contiguous stretches at its top.
+    pub fn sort_balloon(&mut self) {
+        let list = &mut self.balloon[..self.balloon_len];
+        if !list.is_sorted() {
+            list.sort_unstable();
+        }
+    }
+
     /// Pages currently in the balloon.
     pub fn balloon_pages(&self) -> u64 {
         self.balloon_len as u64

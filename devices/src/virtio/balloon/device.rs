@@ -39,7 +39,7 @@ pub const MAX_PFN_BUFFER_BYTES: u64 = 64 * 1024;
 /// How long the free page queue is polled, without notifications, after it
 /// ran dry (see `Notify::Poll`): a hinting driver adds a 4 MiB block every
 /// few microseconds, so it is served without a kick per block.
-pub const HINT_POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(200);
+pub const HINT_POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// A queue the device is serving.
 pub(crate) struct ActiveQueue {

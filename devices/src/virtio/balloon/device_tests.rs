@@ -1615,6 +1615,70 @@ mod sg {
         assert_eq!(fx.metric(|m| m.inflate_ranges), 0);
     }
 
+    /// A driver that adds a buffer just inside every poll window cannot
+    /// keep the event loop polling: the drain ends within its budget.
+    #[test]
+    fn a_trickling_driver_cannot_keep_the_device_polling() {
+        use super::super::queue::{MAX_POLLED_DRAIN, Notify, drain_chains};
+        use std::time::{Duration, Instant};
+        let cfg = BalloonConfig {
+            free_page_hint: true,
+            ..BalloonConfig::default()
+        };
+        let fx = fixture_with(cfg, features(&[VIRTIO_BALLOON_F_FREE_PAGE_HINT]));
+        assert_eq!(
+            fx.balloon.notify_mode(QueueKind::FreePage),
+            Notify::Poll(super::super::device::HINT_POLL_WINDOW)
+        );
+        let mut dq = DriverQueue::new(&fx.mem, QUEUE_BASE + 0x40000, 256);
+        let mut q = dq.queue();
+        let used_ring = dq.used;
+        let mem = fx.mem.clone();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        // A buffer every millisecond for up to 2 s, against a 1 s window.
+        let trickle = std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut sent = 0u32;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed)
+                && t.elapsed() < Duration::from_secs(2)
+            {
+                if sent.wrapping_sub(u32::from(dq.used_idx(&mem))) < 64 {
+                    dq.add_chain(&mem, &[(BUF_BASE, 4, false)]);
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let t = Instant::now();
+        let mut served = 0;
+        let drain = drain_chains(
+            &mut q,
+            &fx.mem,
+            None,
+            Notify::Poll(Duration::from_secs(1)),
+            |head, _| {
+                served += 1;
+                Some(head)
+            },
+        );
+        let took = t.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = trickle.join().unwrap();
+        assert!(drain.broken.is_none());
+        assert!(served >= 1 && sent >= served);
+        // The trickle alone would keep it going for 2 s.
+        assert!(MAX_POLLED_DRAIN <= Duration::from_millis(100));
+        assert!(
+            took < Duration::from_millis(600),
+            "the drain polled for {took:?}"
+        );
+        let flags: u16 = fx.mem.read_obj(GuestAddress(used_ring)).unwrap();
+        assert_eq!(flags, 0, "notifications are on again");
+    }
+
     #[test]
     fn notifications_are_off_only_while_the_device_serves_a_queue() {
         let mut fx = sg_fixture(false);

@@ -109,9 +109,19 @@ pub(super) enum Notify {
     /// As `WhileBusy`, and when the ring runs dry keep polling it, still
     /// without notifications, for up to this long before turning them on:
     /// a driver that streams buffers (free page hinting) is served without
-    /// a kick per buffer.
+    /// a kick per buffer. Polling stops once the drain has run for
+    /// [`MAX_POLLED_DRAIN`], so a driver that trickles buffers cannot keep
+    /// the event loop (and the API behind it) to itself.
     Poll(Duration),
 }
+
+/// Longest a drain keeps polling for more buffers (see [`Notify::Poll`]).
+pub(super) const MAX_POLLED_DRAIN: Duration = Duration::from_millis(10);
+
+/// How often [`poll_avail`] looks at the ring. It sleeps in between rather
+/// than spin: on a host with fewer cores than busy threads a spinning
+/// event loop takes the CPU the guest needs to add the next buffer.
+const POLL_STEP: Duration = Duration::from_micros(20);
 
 /// Wait up to `window` for the driver to add a buffer to `q`; true if it
 /// did. Reads only the available index (guest memory, bounds-checked).
@@ -126,7 +136,7 @@ fn poll_avail(q: &Queue, mem: &GuestMemory, window: Duration) -> bool {
         if Instant::now() >= until {
             return false;
         }
-        std::hint::spin_loop();
+        std::thread::sleep(POLL_STEP);
     }
 }
 
@@ -138,6 +148,7 @@ pub(super) fn drain_chains(
     mut serve: impl FnMut(u16, Descs) -> Option<u16>,
 ) -> Drain {
     let mut drain = Drain::default();
+    let began = Instant::now();
     let suppress = notify != Notify::Always;
     if suppress && let Err(e) = q.disable_notification(mem) {
         drain.broken = Some(format!("suppressing notifications: {e}"));
@@ -150,6 +161,7 @@ pub(super) fn drain_chains(
             Ok(None) if !suppress => break,
             Ok(None) => {
                 if let Notify::Poll(window) = notify
+                    && began.elapsed() < MAX_POLLED_DRAIN
                     && poll_avail(q, mem, window)
                 {
                     continue;

@@ -1,0 +1,251 @@
+//! The chunked balloon (`--balloon sg=on`, VIRTIO_BALLOON_F_BLIMP_SG)
+//! against a running test guest: the guest negotiates the bit, inflates and
+//! deflates in ranges with a handful of kicks, the host gets the memory
+//! back, deflate on OOM sends single pages, `testguest.sg=0` keeps PFN
+//! arrays, hostile ranges are refused, and a snapshot/restore and a
+//! migration carry the negotiated bit.
+
+mod common;
+
+use std::time::Duration;
+
+use api::client::ApiClient;
+use common::{Vm, set_target, wait_balloon};
+
+const MIB: u64 = 1 << 20;
+/// Generous: several guests share a loaded 2-core host in CI.
+const T: Duration = Duration::from_secs(180);
+
+fn m(api: &mut ApiClient, key: &str) -> u64 {
+    common::metric(&common::metrics(api), key) as u64
+}
+
+/// 1 GiB guest, 768 MiB touched; inflate 512 MiB in ranges, then deflate.
+fn chunked_inflate_and_deflate(backend: &str) {
+    let (mut vm, mut api, _) = common::boot_with_api(
+        &format!("sg-{backend}"),
+        "balloon;fill 768 1;free 512;touch 4096;echo TOUCHED",
+        &[
+            "--memory",
+            "1G",
+            "--memory-backend",
+            backend,
+            "--balloon",
+            "sg=on",
+        ],
+    );
+    let started = vm.expect_line("balloon started", T);
+    assert!(
+        started.contains(" sg "),
+        "the guest took the bit: {started}"
+    );
+    vm.expect_line("TOUCHED", T);
+    let before = vm.rss_bytes();
+    set_target(&mut api, 512);
+    wait_balloon(&mut api, 512, T);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = vm.rss_bytes();
+    let pages = 512 * MIB / 4096;
+    assert_eq!(m(&mut api, "inflate_pages"), pages);
+    let ranges = m(&mut api, "inflate_ranges");
+    let kicks = m(&mut api, "inflate_kicks");
+    assert!(ranges >= 1, "inflated in ranges");
+    assert!(
+        kicks <= pages / 256 / 100 + 2,
+        "{kicks} kicks for {pages} pages: PFN arrays would need {}",
+        pages / 256
+    );
+    assert_eq!(m(&mut api, "invalid_ranges"), 0);
+    let dropped = before.saturating_sub(after);
+    eprintln!(
+        "[{backend}] sg inflate 512 MiB: {ranges} ranges, {kicks} kicks, host RSS dropped {} MiB",
+        dropped / MIB
+    );
+    assert!(
+        dropped >= 512 * MIB * 95 / 100,
+        "[{backend}] host memory dropped by only {} MiB",
+        dropped / MIB
+    );
+    set_target(&mut api, 0);
+    wait_balloon(&mut api, 0, T);
+    assert_eq!(m(&mut api, "deflate_pages"), pages);
+    assert!(m(&mut api, "deflate_kicks") <= pages / 256 / 100 + 2);
+    vm.send("fill 512 2");
+    vm.expect_line("fill done 512 MiB", T);
+    vm.send("verify");
+    vm.expect_line("verify ok", T);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(T).code(), Some(0));
+}
+
+#[test]
+fn chunked_inflate_releases_anon_memory() {
+    chunked_inflate_and_deflate("anon");
+}
+
+#[test]
+fn chunked_inflate_releases_memfd_memory() {
+    chunked_inflate_and_deflate("memfd");
+}
+
+/// Deflate on OOM with the bit: one 4 KiB range per page
+/// (leak_balloon_sg_oom()); `actual` and the device's count agree.
+#[test]
+fn deflate_on_oom_sends_single_pages() {
+    let (mut vm, mut api) = common::start_with_api(
+        "sg-oom",
+        "512M",
+        "sg=on,deflate_on_oom=on",
+        "balloon;echo READY",
+    );
+    vm.expect_line("READY", T);
+    set_target(&mut api, 64);
+    wait_balloon(&mut api, 64, T);
+    let ranges0 = m(&mut api, "deflate_ranges");
+    vm.send("oom 1");
+    let line = vm.expect_line("oom deflated", T);
+    assert!(line.starts_with("oom deflated 256 pages"), "{line}");
+    assert_eq!(m(&mut api, "deflate_ranges") - ranges0, 256);
+    assert_eq!(m(&mut api, "deflate_pages"), 256);
+    assert_eq!(
+        m(&mut api, "inflate_pages") - m(&mut api, "deflate_pages"),
+        63 * MIB / 4096
+    );
+    vm.send("exit 0");
+    assert_eq!(vm.wait(T).code(), Some(0));
+}
+
+/// `testguest.sg=0`: offered but not taken, the guest sends PFN arrays.
+#[test]
+fn a_driver_without_the_bit_keeps_pfn_arrays() {
+    let sock = common::sock_path("sg-off");
+    let mut vm = Vm::start(&[
+        "--memory",
+        "512M",
+        "--debug-exit",
+        "--balloon",
+        "sg=on",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "testguest.sg=0 testguest.run=\"balloon;echo READY\"",
+    ]);
+    common::wait_for_socket(&sock);
+    let mut api = ApiClient::new(&sock).expect("API client");
+    let started = vm.expect_line("balloon started", T);
+    assert!(!started.contains(" sg "), "{started}");
+    vm.expect_line("READY", T);
+    set_target(&mut api, 32);
+    wait_balloon(&mut api, 32, T);
+    assert_eq!(m(&mut api, "inflate_pages"), 32 * MIB / 4096);
+    assert_eq!(m(&mut api, "inflate_ranges"), 0);
+    assert_eq!(m(&mut api, "inflate_requests"), 32 * MIB / 4096 / 256);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(T).code(), Some(0));
+}
+
+/// `hostile sg-ranges`: 10 bad inflate ranges and 2 bad deflate ranges
+/// are refused, both buffers come back, the device does not need a reset,
+/// and it keeps inflating and deflating correctly afterwards.
+#[test]
+fn hostile_ranges_are_refused_and_the_device_keeps_working() {
+    let (mut vm, mut api) =
+        common::start_with_api("sg-hostile", "512M", "sg=on", "balloon;echo READY");
+    vm.expect_line("READY", T);
+    vm.send("hostile sg-ranges");
+    vm.expect_line("hostile sg-ranges sent", T);
+    assert_eq!(m(&mut api, "invalid_ranges"), 12);
+    // The one real page the case inflated for its duplicates.
+    assert_eq!(m(&mut api, "inflate_pages"), 1);
+    assert_eq!(m(&mut api, "deflate_pages"), 0);
+    assert_eq!(m(&mut api, "queue_errors"), 0, "no NEEDS_RESET");
+    // Still serving: 32 MiB in ranges, then back to 0.
+    set_target(&mut api, 32);
+    wait_balloon(&mut api, 32, T);
+    assert_eq!(m(&mut api, "inflate_pages"), 32 * MIB / 4096);
+    set_target(&mut api, 0);
+    wait_balloon(&mut api, 0, T);
+    assert_eq!(m(&mut api, "deflate_pages"), 32 * MIB / 4096);
+    assert_eq!(m(&mut api, "invalid_ranges"), 12);
+    vm.send("fill 256 3");
+    vm.expect_line("fill done 256 MiB", T);
+    vm.send("verify");
+    vm.expect_line("verify ok", T);
+    vm.send("exit 0");
+    assert_eq!(vm.wait(T).code(), Some(0));
+}
+
+/// Inflate 64 MiB in ranges, then migrate (to a file and restore, or live
+/// over a unix socket): the destination's device has the bit negotiated
+/// (it serves the guest's deflate ranges; none refused), with the
+/// inflated pages and counters carried over.
+fn sg_survives(live: bool) {
+    let name = if live { "sg-live" } else { "sg-file" };
+    let file = std::env::temp_dir().join(format!("blimp-{name}-{}", std::process::id()));
+    let url = if live {
+        format!("unix://{}", file.display())
+    } else {
+        format!("file://{}", file.display())
+    };
+    let dsock = common::sock_path(&format!("{name}-dst"));
+    let dsock_s = dsock.to_str().unwrap().to_string();
+    let mut dst = live.then(|| Vm::start_cmd("run", &["--incoming", &url, "--api-sock", &dsock_s]));
+    if live {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "destination did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let (mut vm, mut api) =
+        common::start_with_api(name, "512M", "sg=on", "balloon;fill 128 3;echo MIGRATE NOW");
+    vm.expect_line("MIGRATE NOW", T);
+    set_target(&mut api, 64);
+    wait_balloon(&mut api, 64, T);
+    let ranges = m(&mut api, "inflate_ranges");
+    assert!(ranges >= 1);
+    let st = common::migrate(&api, &serde_json::json!({"destination": url}), T);
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(T).code(), Some(0));
+    let mut dst = match dst.take() {
+        Some(d) => d,
+        None => Vm::start_cmd(
+            "restore",
+            &["--from", file.to_str().unwrap(), "--api-sock", &dsock_s],
+        ),
+    };
+    common::wait_for_socket(&dsock);
+    let mut dapi = ApiClient::new(&dsock).unwrap();
+    assert_eq!(
+        m(&mut dapi, "inflate_ranges"),
+        ranges,
+        "counters carried over"
+    );
+    assert_eq!(m(&mut dapi, "inflate_pages"), 64 * MIB / 4096);
+    set_target(&mut dapi, 0);
+    wait_balloon(&mut dapi, 0, T);
+    assert!(m(&mut dapi, "deflate_ranges") >= 1, "deflated in ranges");
+    assert_eq!(m(&mut dapi, "deflate_pages"), 64 * MIB / 4096);
+    assert_eq!(m(&mut dapi, "invalid_ranges"), 0);
+    assert_eq!(m(&mut dapi, "invalid_buffers"), 0);
+    dst.send("fill 256 4");
+    dst.expect_line("fill done 256 MiB", T);
+    dst.send("verify");
+    dst.expect_line("verify ok", T);
+    dst.send("exit 0");
+    assert_eq!(dst.wait(T).code(), Some(0));
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn restore_keeps_the_chunked_protocol() {
+    sg_survives(false);
+}
+
+#[test]
+fn live_migration_keeps_the_chunked_protocol() {
+    sg_survives(true);
+}
