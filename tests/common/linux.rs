@@ -415,6 +415,8 @@ pub const F_DEFLATE_ON_OOM: u32 = 2;
 pub const F_FREE_PAGE_HINT: u32 = 3;
 pub const F_PAGE_POISON: u32 = 4;
 pub const F_REPORTING: u32 = 5;
+/// Blimp-experimental chunked inflate/deflate (`--balloon sg=on`).
+pub const F_BLIMP_SG: u32 = 23;
 
 /// Name of a balloon feature bit, for messages.
 pub fn feature_name(bit: u32) -> String {
@@ -425,6 +427,7 @@ pub fn feature_name(bit: u32) -> String {
         F_FREE_PAGE_HINT => "FREE_PAGE_HINT".into(),
         F_PAGE_POISON => "PAGE_POISON".into(),
         F_REPORTING => "REPORTING".into(),
+        F_BLIMP_SG => "BLIMP_SG".into(),
         VIRTIO_F_VERSION_1 => "VERSION_1".into(),
         b => format!("bit {b}"),
     }
