@@ -84,9 +84,9 @@ impl DirectBalloon {
         }
         match req {
             ApiRequest::GetBalloon => Some(balloon_info(&self.balloon)),
-            ApiRequest::PatchBalloon(p) => Some(
-                set_target(&self.balloon, self.memory, p.target_mib).unwrap_or_else(|e| e),
-            ),
+            ApiRequest::PatchBalloon(p) => {
+                Some(set_target(&self.balloon, self.memory, p.target_mib).unwrap_or_else(|e| e))
+            }
             _ => None,
         }
     }
