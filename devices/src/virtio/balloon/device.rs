@@ -21,7 +21,7 @@ use super::config::{BalloonConfig, ConfigSpace};
 use super::discard::discard_all;
 use super::hinting::{HintSink, HintState, HintingStatus};
 use super::metrics::BalloonMetrics;
-use super::pfn_runs::{BATCH_BYTES, PageBitmap, PfnBatch, RamLayout};
+use super::pfn_runs::{BATCH_BYTES, PageBitmap, PageRun, PfnBatch, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
 use super::queue::{Descs, Drain, Notify, drain_chains};
 use super::ranges::check_range;
@@ -401,10 +401,8 @@ impl Balloon {
         let hint_before = self.hint.status();
         let sg = self.has_acked(VIRTIO_BALLOON_F_BLIMP_SG);
         let drain = match kind {
-            QueueKind::Inflate if sg => self.drain_range_queue(idx, true, &mut inflated),
-            QueueKind::Deflate if sg => self.drain_range_queue(idx, false, &mut inflated),
-            QueueKind::Inflate => self.drain_pfn_queue(idx, true, &mut inflated),
-            QueueKind::Deflate => self.drain_pfn_queue(idx, false, &mut inflated),
+            QueueKind::Inflate => self.drain_balloon_queue(idx, true, sg, &mut inflated),
+            QueueKind::Deflate => self.drain_balloon_queue(idx, false, sg, &mut inflated),
             QueueKind::Stats => self.drain_stats_queue(idx),
             QueueKind::FreePage => self.drain_free_page_queue(idx),
             QueueKind::Reporting => self.drain_reporting_queue(idx),
@@ -539,16 +537,19 @@ impl Balloon {
         }
     }
 
-    /// Inflate (`inflate`) or deflate queue with VIRTIO_BALLOON_F_BLIMP_SG:
-    /// each descriptor is one guest-physical range (see `ranges.rs`).
-    /// A refused range is logged and counted and the others of the buffer
-    /// still apply (as invalid PFNs are skipped); a malformed chain makes
-    /// the device need a reset (in `drain_chains`). Nothing is read from or
-    /// written to guest memory but the rings.
-    fn drain_range_queue(
+    /// Inflate (`inflate`) or deflate queue. Each buffer is an array of
+    /// le32 PFNs or, with VIRTIO_BALLOON_F_BLIMP_SG (`sg`), a chain whose
+    /// every descriptor is one guest-physical range (see `ranges.rs`).
+    /// Invalid PFNs and refused ranges are logged and counted and the rest
+    /// of the buffer still applies; a malformed chain makes the device need
+    /// a reset (in `drain_chains`). Pages to discard are pushed to
+    /// `inflated`; nothing is read from guest memory but the rings and the
+    /// PFN arrays.
+    fn drain_balloon_queue(
         &mut self,
         idx: usize,
         inflate: bool,
+        sg: bool,
         inflated: &mut Vec<GpaRange>,
     ) -> Drain {
         let notify = self.notify_mode(if inflate {
@@ -559,9 +560,18 @@ impl Balloon {
         let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
             return Drain::default();
         };
-        let name = if inflate { "inflate" } else { "deflate" };
         let metrics = &*self.metrics;
-        let (layout, bitmap, discard) = (&self.layout, &mut self.bitmap, &*self.discard);
+        let batch = &mut self.batch;
+        let mut work = BalloonWork {
+            idx,
+            inflate,
+            name: if inflate { "inflate" } else { "deflate" },
+            layout: &self.layout,
+            bitmap: &mut self.bitmap,
+            discard: &*self.discard,
+            metrics,
+            inflated,
+        };
         drain_chains(
             q,
             mem,
@@ -573,110 +583,10 @@ impl Balloon {
                 } else {
                     &metrics.deflate_requests
                 });
-                if descs.too_many {
-                    BalloonMetrics::inc(&metrics.invalid_buffers);
-                    warn_limited!(
-                        "balloon: {name} queue ({idx}): buffer {head} rejected: more than {MAX_CHAIN_DESCS} ranges"
-                    );
-                    return Some(head);
-                }
-                for d in descs.iter() {
-                    let range = GpaRange::new(d.addr().0, u64::from(d.len()));
-                    let run = match check_range(range, d.is_write_only(), inflate, layout, bitmap) {
-                        Ok(run) => run,
-                        Err(why) => {
-                            BalloonMetrics::inc(&metrics.invalid_ranges);
-                            warn_limited!(
-                                "balloon: {name} queue ({idx}): buffer {head}: refused: {why}"
-                            );
-                            continue;
-                        }
-                    };
-                    bitmap.update(run.bit, run.npages, inflate);
-                    if inflate {
-                        BalloonMetrics::inc(&metrics.inflate_ranges);
-                        BalloonMetrics::add(&metrics.inflate_pages, run.npages);
-                        layout.backing_runs(run, |r| inflated.push(r.range()));
-                    } else {
-                        BalloonMetrics::inc(&metrics.deflate_ranges);
-                        BalloonMetrics::add(&metrics.deflate_pages, run.npages);
-                        layout.backing_runs(run, |r| discard.will_need(r.range()));
-                    }
-                }
-                Some(head)
-            },
-        )
-    }
-
-    /// Inflate (`inflate`) or deflate queue: each buffer is an array of
-    /// le32 PFNs.
-    fn drain_pfn_queue(
-        &mut self,
-        idx: usize,
-        inflate: bool,
-        inflated: &mut Vec<GpaRange>,
-    ) -> Drain {
-        let notify = self.notify_mode(if inflate {
-            QueueKind::Inflate
-        } else {
-            QueueKind::Deflate
-        });
-        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
-            return Drain::default();
-        };
-        let name = if inflate { "inflate" } else { "deflate" };
-        let metrics = &*self.metrics;
-        let mut buf = [0u8; BATCH_BYTES];
-        drain_chains(
-            q,
-            mem,
-            Some(&metrics.pfn_buffer_ns),
-            notify,
-            |head, descs| {
-                BalloonMetrics::inc(if inflate {
-                    &metrics.inflate_requests
+                if sg {
+                    work.apply_ranges(head, &descs);
                 } else {
-                    &metrics.deflate_requests
-                });
-                match check_pfn_buffer(mem, &descs) {
-                    Err(why) => {
-                        BalloonMetrics::inc(&metrics.invalid_buffers);
-                        warn_limited!(
-                            "balloon: {name} queue ({idx}): buffer {head} rejected: {why}"
-                        );
-                    }
-                    Ok(()) => {
-                        for d in descs.iter() {
-                            let mut off = 0u64;
-                            while off < u64::from(d.len()) {
-                                let n = (u64::from(d.len()) - off).min(BATCH_BYTES as u64) as usize;
-                                let Some(addr) = d.addr().0.checked_add(off).map(GuestAddress)
-                                else {
-                                    break;
-                                };
-                                if let Err(e) = mem.read_slice(&mut buf[..n], addr) {
-                                    // Checked above; only a concurrent hot-unplug could do this.
-                                    warn_limited!(
-                                        "balloon: {name} queue ({idx}): reading {:#x}+{n}: {e}",
-                                        addr.0
-                                    );
-                                    break;
-                                }
-                                apply_pfn_batch(
-                                    &buf[..n],
-                                    inflate,
-                                    idx,
-                                    &self.layout,
-                                    &mut self.batch,
-                                    &mut self.bitmap,
-                                    &*self.discard,
-                                    inflated,
-                                    metrics,
-                                );
-                                off += n as u64;
-                            }
-                        }
-                    }
+                    work.apply_pfn_buffer(mem, head, &descs, batch);
                 }
                 Some(head)
             },
@@ -803,43 +713,121 @@ fn check_pfn_buffer(mem: &GuestMemory, descs: &Descs) -> Result<(), String> {
     Ok(())
 }
 
-/// Validate, merge and act on one batch of PFNs.
-#[allow(clippy::too_many_arguments)]
-fn apply_pfn_batch(
-    raw: &[u8],
-    inflate: bool,
+/// What one inflate or deflate buffer works on: the device's page
+/// bookkeeping, borrowed for one drain of the queue.
+struct BalloonWork<'a> {
     idx: usize,
-    layout: &RamLayout,
-    batch: &mut PfnBatch,
-    bitmap: &mut PageBitmap,
-    discard: &dyn RamDiscard,
-    inflated: &mut Vec<GpaRange>,
-    metrics: &BalloonMetrics,
-) {
-    let name = if inflate { "inflate" } else { "deflate" };
-    let out = batch.process(raw, layout);
-    if out.invalid > 0 {
-        BalloonMetrics::add(&metrics.invalid_pfns, out.invalid);
-        warn_limited!(
-            "balloon: {name} queue ({idx}): {} PFNs outside guest RAM skipped (first {:#x})",
-            out.invalid,
-            out.first_invalid.unwrap_or(0)
-        );
+    inflate: bool,
+    name: &'static str,
+    layout: &'a RamLayout,
+    bitmap: &'a mut PageBitmap,
+    discard: &'a dyn RamDiscard,
+    metrics: &'a BalloonMetrics,
+    /// Ranges inflated by this drain, discarded by the caller.
+    inflated: &'a mut Vec<GpaRange>,
+}
+
+impl BalloonWork<'_> {
+    /// A buffer of guest-physical ranges (VIRTIO_BALLOON_F_BLIMP_SG): each
+    /// range is checked on its own; a refused one does not stop the others.
+    fn apply_ranges(&mut self, head: u16, descs: &Descs) {
+        let (name, idx, m) = (self.name, self.idx, self.metrics);
+        if descs.too_many {
+            BalloonMetrics::inc(&m.invalid_buffers);
+            warn_limited!(
+                "balloon: {name} queue ({idx}): buffer {head} rejected: more than {MAX_CHAIN_DESCS} ranges"
+            );
+            return;
+        }
+        for d in descs.iter() {
+            let range = GpaRange::new(d.addr().0, u64::from(d.len()));
+            let writable = d.is_write_only();
+            let run = match check_range(range, writable, self.inflate, self.layout, self.bitmap) {
+                Ok(run) => run,
+                Err(why) => {
+                    BalloonMetrics::inc(&m.invalid_ranges);
+                    warn_limited!("balloon: {name} queue ({idx}): buffer {head}: refused: {why}");
+                    continue;
+                }
+            };
+            BalloonMetrics::inc(if self.inflate {
+                &m.inflate_ranges
+            } else {
+                &m.deflate_ranges
+            });
+            self.apply_run(run);
+        }
     }
-    BalloonMetrics::add(&metrics.duplicate_pfns, out.duplicates);
-    if inflate {
-        BalloonMetrics::add(&metrics.inflate_pages, out.valid);
-    } else {
-        BalloonMetrics::add(&metrics.deflate_pages, out.valid);
+
+    /// A buffer of le32 PFN arrays: shape-checked as a whole, then read
+    /// and applied a batch at a time.
+    fn apply_pfn_buffer(
+        &mut self,
+        mem: &GuestMemory,
+        head: u16,
+        descs: &Descs,
+        batch: &mut PfnBatch,
+    ) {
+        let (name, idx) = (self.name, self.idx);
+        if let Err(why) = check_pfn_buffer(mem, descs) {
+            BalloonMetrics::inc(&self.metrics.invalid_buffers);
+            warn_limited!("balloon: {name} queue ({idx}): buffer {head} rejected: {why}");
+            return;
+        }
+        let mut buf = [0u8; BATCH_BYTES];
+        for d in descs.iter() {
+            let mut off = 0u64;
+            while off < u64::from(d.len()) {
+                let n = (u64::from(d.len()) - off).min(BATCH_BYTES as u64) as usize;
+                let Some(addr) = d.addr().0.checked_add(off).map(GuestAddress) else {
+                    break;
+                };
+                if let Err(e) = mem.read_slice(&mut buf[..n], addr) {
+                    // Checked above; only a concurrent hot-unplug could do this.
+                    warn_limited!(
+                        "balloon: {name} queue ({idx}): reading {:#x}+{n}: {e}",
+                        addr.0
+                    );
+                    break;
+                }
+                self.apply_pfn_batch(&buf[..n], batch);
+                off += n as u64;
+            }
+        }
     }
-    for run in batch.runs() {
-        let range = run.range();
-        if inflate {
-            bitmap.update(run.bit, run.npages, true);
-            inflated.push(range);
+
+    /// Validate, merge and act on one batch of PFNs.
+    fn apply_pfn_batch(&mut self, raw: &[u8], batch: &mut PfnBatch) {
+        let (name, idx, m) = (self.name, self.idx, self.metrics);
+        let out = batch.process(raw, self.layout);
+        if out.invalid > 0 {
+            BalloonMetrics::add(&m.invalid_pfns, out.invalid);
+            warn_limited!(
+                "balloon: {name} queue ({idx}): {} PFNs outside guest RAM skipped (first {:#x})",
+                out.invalid,
+                out.first_invalid.unwrap_or(0)
+            );
+        }
+        BalloonMetrics::add(&m.duplicate_pfns, out.duplicates);
+        for &run in batch.runs() {
+            self.apply_run(run);
+        }
+    }
+
+    /// One run of valid pages: into or out of the balloon's bitmap; an
+    /// inflated run goes to the discard list, a deflated one is announced
+    /// to the backing (`will_need`) per backing run.
+    fn apply_run(&mut self, run: PageRun) {
+        self.bitmap.update(run.bit, run.npages, self.inflate);
+        if self.inflate {
+            BalloonMetrics::add(&self.metrics.inflate_pages, run.npages);
+            let inflated = &mut *self.inflated;
+            self.layout.backing_runs(run, |r| inflated.push(r.range()));
         } else {
-            bitmap.update(run.bit, run.npages, false);
-            discard.will_need(range);
+            BalloonMetrics::add(&self.metrics.deflate_pages, run.npages);
+            let discard = self.discard;
+            self.layout
+                .backing_runs(run, |r| discard.will_need(r.range()));
         }
     }
 }
