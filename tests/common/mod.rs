@@ -12,9 +12,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The `blimp` binary under test.
+/// The `blimp` binary under test: this build's, or the one named by
+/// `BLIMP_UNDER_TEST` (how `.ci/bench-compare` runs the benchmarks against
+/// another commit's build with this tree's harness and test guest).
 pub fn blimp() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_blimp"))
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var_os("BLIMP_UNDER_TEST") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_blimp")),
+    })
 }
 
 pub fn repo_root() -> &'static Path {
