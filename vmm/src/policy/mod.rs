@@ -530,6 +530,23 @@ impl PolicyEvents {
                 Err(e) => log::warn!("balloon policy: target {mib} MiB refused: {e}"),
             }
         }
+        self.record(s, &d, target, new_target, guest, host_psi);
+    }
+}
+
+impl PolicyEvents {
+    /// Count, publish (a hold only when its reason changes) and keep the
+    /// decision.
+    fn record(
+        &self,
+        s: &mut State,
+        d: &Decision,
+        target: u64,
+        new_target: u64,
+        guest: Option<(Instant, GuestSample)>,
+        host_psi: Option<f64>,
+    ) {
+        let guest_ram = self.shared.guest_bytes;
         let action = match new_target.cmp(&target) {
             std::cmp::Ordering::Greater => "inflate",
             std::cmp::Ordering::Less => "deflate",
