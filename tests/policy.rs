@@ -28,14 +28,21 @@ fn tmp(name: &str) -> PathBuf {
 /// Boot a 1 GiB test guest that fills 100 MiB, with a balloon (statistics
 /// every second) and `--balloon-policy POLICY` (unless empty).
 fn boot(name: &str, policy: &str, extra: &[&str]) -> (Vm, ApiClient, PathBuf) {
+    let (vm, api, sock, _) = boot_events(name, policy, extra);
+    (vm, api, sock)
+}
+
+/// [`boot`], with the events followed from before the guest's driver is up.
+fn boot_events(name: &str, policy: &str, extra: &[&str]) -> (Vm, ApiClient, PathBuf, EventLog) {
     let mut args = vec!["--memory", "1G", "--balloon", "stats_interval=1"];
     if !policy.is_empty() {
         args.extend_from_slice(&["--balloon-policy", policy]);
     }
     args.extend_from_slice(extra);
     let (mut vm, api, sock) = common::boot_with_api(name, "fill 100 1;echo READY", &args);
+    let events = EventLog::start(&sock);
     vm.expect_line("READY", BOOT);
-    (vm, api, sock)
+    (vm, api, sock, events)
 }
 
 /// Every event of a VM, read on a thread of its own.
@@ -161,8 +168,7 @@ fn settled(p: &Value) -> bool {
 
 #[test]
 fn policy_on_via_cli_reclaims_down_to_the_headroom_and_says_why() {
-    let (mut vm, api, sock) = boot("cli", "settle=1s", &[]);
-    let mut events = EventLog::start(&sock);
+    let (mut vm, api, sock, mut events) = boot_events("cli", "settle=1s", &[]);
     let p = wait_policy(&api, "policy settles", SETTLE, settled);
     assert_eq!(p["enabled"], true, "{p}");
     assert_eq!(p["paused"], false, "{p}");
@@ -240,8 +246,7 @@ fn policy_on_via_cli_reclaims_down_to_the_headroom_and_says_why() {
 
 #[test]
 fn guest_pressure_deflates_at_once() {
-    let (mut vm, api, sock) = boot("pressure", "settle=1s,cooldown=60s", &[]);
-    let mut events = EventLog::start(&sock);
+    let (mut vm, api, _sock, mut events) = boot_events("pressure", "settle=1s,cooldown=60s", &[]);
     wait_policy(&api, "policy settles", SETTLE, settled);
     let before = balloon(&api)["target_mib"].as_u64().unwrap();
     let available = policy(&api)["last_decision"]["available_mib"]
@@ -524,8 +529,7 @@ fn the_policy_is_refused_without_a_balloon_or_statistics() {
 
 #[test]
 fn balloon_settled_for_a_manual_target_reached_or_not() {
-    let (mut vm, mut api, sock) = boot("settled", "", &[]);
-    let mut events = EventLog::start(&sock);
+    let (mut vm, mut api, sock, mut events) = boot_events("settled", "", &[]);
     let (code, out, err) = run_blimp(&[
         "balloon",
         "set",
