@@ -12,7 +12,8 @@
 //!    faster than [`PolicyConfig::major_faults_per_s`], or an OOM kill:
 //!    deflate **at once**, by enough to bring available memory back to the
 //!    headroom plus the band (at least [`PolicyConfig::pressure_step`]), then
-//!    hold inflation off for [`PolicyConfig::cooldown`].
+//!    hold inflation off for [`PolicyConfig::cooldown`] (only after a
+//!    deflate: pressure with an empty balloon starts no cool-down).
 //! 3. Excess: available memory above headroom + band for
 //!    [`PolicyConfig::settle`] (halved under host pressure): inflate by the
 //!    excess, at most [`PolicyConfig::max_step`], never leaving the guest
@@ -190,10 +191,15 @@ impl Policy {
         let band = headroom / 4;
         if let Some(reason) = self.pressure(previous, at, &sample, headroom) {
             self.excess_since = None;
-            self.cooldown_until = Some(now + self.config.cooldown);
             let want = (headroom + band).saturating_sub(sample.available);
             let by = want.max(self.config.pressure_step);
             let new = input.target.saturating_sub(by);
+            // The cool-down follows a deflate: pressure with an empty
+            // balloon (the guest's own load) does not delay reclaiming once
+            // the guest frees its memory.
+            if new != input.target {
+                self.cooldown_until = Some(now + self.config.cooldown);
+            }
             return decision((new != input.target).then_some(new), reason);
         }
         let Some(excess) = sample
@@ -434,6 +440,19 @@ mod tests {
                 "{field}: deflated at least a step"
             );
         }
+    }
+
+    /// The guest's own load with no balloon to deflate: once it frees the
+    /// memory, reclaim starts after the settle time, not a cool-down.
+    #[test]
+    fn pressure_with_an_empty_balloon_starts_no_cool_down() {
+        let mut s = Sim::new(1800 * MIB);
+        let d = s.tick();
+        assert!(matches!(d.reason, Reason::BelowHeadroom { .. }), "{d:?}");
+        assert_eq!(d.new_target, None);
+        s.sample.available += 1500 * MIB;
+        let first = (1..60).find(|_| s.tick().new_target.is_some()).unwrap();
+        assert!(first <= 11, "first inflate after {first} s");
     }
 
     #[test]

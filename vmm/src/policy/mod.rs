@@ -592,8 +592,12 @@ impl PolicyEvents {
             std::cmp::Ordering::Equal => "hold",
         };
         let (kind, detail) = if d.new_target.is_some() && new_target == target {
-            // Less than the API's MiB to move.
-            describe(&Reason::NothingToGive)
+            // Less than the API's MiB to move: at rest, in the band.
+            (
+                "within_band",
+                "the guest's available memory is within a MiB of the headroom band: at rest"
+                    .to_string(),
+            )
         } else {
             describe(&d.reason)
         };
