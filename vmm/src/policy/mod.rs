@@ -37,6 +37,8 @@ pub use engine::{Decision, GuestSample, Inputs, Policy, PolicyConfig, Reason};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
+/// Reports closer together than this do not each get a decision.
+pub const MIN_DECISION_GAP: Duration = Duration::from_millis(100);
 /// `actual` that has not moved for this long short of the target is
 /// settled (`reached: false`).
 pub const SETTLE_STILL: Duration = Duration::from_secs(3);
@@ -504,10 +506,12 @@ impl PolicyEvents {
             s.guest = Some((now.checked_sub(age).unwrap_or(now), sample));
         }
         let interval = Duration::from_millis(s.settings.interval_ms);
-        let due = s.last_decided.is_none_or(|t| {
-            now.saturating_duration_since(t) + Duration::from_millis(50) >= interval
-        });
-        if fresh.is_none() && !due {
+        let since = s.last_decided.map(|t| now.saturating_duration_since(t));
+        let due = since.is_none_or(|d| d + Duration::from_millis(50) >= interval);
+        // A report decides at once, but not more often than MIN_DECISION_GAP
+        // (a guest cannot make the policy read PSI at its own rate).
+        let report_due = fresh.is_some() && since.is_none_or(|d| d >= MIN_DECISION_GAP);
+        if !due && !report_due {
             return;
         }
         s.last_decided = Some(now);
