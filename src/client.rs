@@ -397,7 +397,15 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
                     return Err(format!("balloon policy set: '{kv}' is not KEY=VALUE"));
                 };
                 if k == "enabled" {
-                    patch.enabled = Some(matches!(v, "on" | "true" | "1" | "yes"));
+                    patch.enabled = Some(match v {
+                        "on" | "true" | "1" | "yes" => true,
+                        "off" | "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(format!(
+                                "balloon policy set enabled={v}: expected on or off"
+                            ));
+                        }
+                    });
                     continue;
                 }
                 check.set_str(k, v)?;
