@@ -298,7 +298,6 @@ fn a_manual_target_pauses_the_policy_until_it_is_enabled_again() {
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(balloon(&api)["target_mib"], 100, "the policy kept off");
     assert_eq!(policy(&api)["target_changes"].as_u64().unwrap(), changes);
-    // Firecracker's PUT /balloon pauses too (a paused policy stays paused).
     // Re-enable: the policy takes over again.
     let (code, out, err) = run_blimp(&[
         "balloon",
@@ -312,6 +311,24 @@ fn a_manual_target_pauses_the_policy_until_it_is_enabled_again() {
         p["paused"] == false && p["target_changes"].as_u64().unwrap() > changes
     });
     assert!(balloon(&api)["target_mib"].as_u64().unwrap() > 100, "{p}");
+    // Firecracker's PUT /balloon, restating the device, pauses it too.
+    let (status, b) = api
+        .put(
+            "/balloon",
+            &json!({"amount_mib": 120, "deflate_on_oom": false, "stats_polling_interval_s": 1}),
+        )
+        .unwrap();
+    assert_eq!(status, 204, "{b}");
+    let p = policy(&api);
+    assert_eq!(p["paused"], true, "{p}");
+    assert!(
+        p["paused_reason"]
+            .as_str()
+            .unwrap()
+            .contains("PUT /balloon"),
+        "{p}"
+    );
+    assert_eq!(balloon(&api)["target_mib"], 120);
     // Off: a manual target no longer reports a pause, and nothing moves it.
     let (code, _, err) = run_blimp(&[
         "balloon",

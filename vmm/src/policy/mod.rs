@@ -223,7 +223,8 @@ impl PolicyShared {
             s.settings = settings;
             s.psi_warned = false;
         }
-        if enabled == Some(true) {
+        if enabled.is_some() {
+            // On resumes a paused policy; off forgets the pause.
             s.paused = None;
         }
         if on != s.enabled {
