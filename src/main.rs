@@ -174,7 +174,7 @@ struct RunArgs {
     /// (implies on; enabled=off keeps it off until the API turns it on).
     /// Needs --balloon; turns statistics on at the policy's interval (also
     /// with enabled=off, so that the API can turn the policy on later).
-    /// Keys (sizes as 256M, durations as 10, 10s or 500ms):
+    /// Keys (sizes as 256M, durations as 10, 10s, 500ms or 10m):
     /// floor=SIZE (256M; the guest never keeps less), headroom=SIZE (192M)
     /// plus headroom_fraction=F (8% of RAM; 0..1 or N%): available memory
     /// the guest keeps; min_headroom=SIZE (64M; under host pressure);

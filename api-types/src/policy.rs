@@ -222,7 +222,8 @@ fn find(key: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == key || k.json == key)
 }
 
-/// A duration: `10` or `10s` (seconds, decimals allowed: `1.5s`), `500ms`.
+/// A duration: `10` or `10s` (seconds, decimals allowed: `1.5s`), `500ms`,
+/// `10m`, `1h`.
 pub fn parse_duration_ms(v: &str) -> Result<u64, String> {
     let t = v.trim();
     if t.starts_with('-') {
@@ -232,6 +233,10 @@ pub fn parse_duration_ms(v: &str) -> Result<u64, String> {
         (n, 1.0)
     } else if let Some(n) = t.strip_suffix('s') {
         (n, 1000.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000.0)
     } else {
         (t, 1000.0)
     };
@@ -240,7 +245,7 @@ pub fn parse_duration_ms(v: &str) -> Result<u64, String> {
         .parse()
         .ok()
         .filter(|n: &f64| n.is_finite() && !num.trim().is_empty())
-        .ok_or("expected a duration such as 10, 10s or 500ms")?;
+        .ok_or("expected a duration such as 10, 10s, 500ms or 10m")?;
     let ms = n * scale;
     if ms > MAX_DURATION_MS as f64 {
         return Err(format!("too long (at most {} s)", MAX_DURATION_MS / 1000));

@@ -564,17 +564,20 @@ impl PolicyEvents {
         if before_move && !shrinks && !matches!(d.reason, Reason::StaleStatistics { .. }) {
             return;
         }
-        let mut new_target = target;
-        if let Some(t) = d.new_target {
-            // The API counts in MiB: round an inflate down, a deflate down too
-            // (a little more back to the guest).
-            let mib = t / MIB;
-            match (self.apply)(mib) {
-                Ok(()) => new_target = mib * MIB,
-                Err(e) => log::warn!("balloon policy: target {mib} MiB refused: {e}"),
-            }
-        }
+        // The API counts in MiB: round an inflate down, a deflate down too
+        // (a little more back to the guest).
+        let new_target = d.new_target.map_or(target, |t| t / MIB * MIB);
+        // The decision is published before its target is applied, so that
+        // its reason comes before the BalloonChanged it causes.
         self.record(s, &d, target, new_target, guest, host_psi);
+        if new_target != target
+            && let Err(e) = (self.apply)(new_target / MIB)
+        {
+            log::warn!(
+                "balloon policy: target {} MiB refused: {e}",
+                new_target / MIB
+            );
+        }
     }
 }
 
