@@ -1,6 +1,6 @@
 //! The one size parser (`--memory`, `--balloon-target`, `balloon set`, the
-//! API's size strings) and the `--balloon` option parser, fed arbitrary
-//! strings.
+//! API's size strings), the `--balloon` option parser and the
+//! `--balloon-policy` parser, fed arbitrary strings.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -31,5 +31,13 @@ fuzz_target!(|data: &[u8]| {
             cfg.stats_polling_interval_s <= api::types::MAX_STATS_INTERVAL_S,
             "{s:?}: {cfg:?}"
         );
+    }
+    if let Ok((_, p)) = api::policy::PolicySettings::parse_cli(s) {
+        // Values within the documented bounds; the guest check never panics.
+        assert!((0.0..=1.0).contains(&p.headroom_fraction), "{s:?}: {p:?}");
+        assert!(p.floor_mib <= api::policy::MAX_SIZE_MIB, "{s:?}: {p:?}");
+        assert!(p.settle_ms <= api::policy::MAX_DURATION_MS, "{s:?}: {p:?}");
+        assert!(p.host_psi_high >= 0.0 && p.major_faults_per_s >= 0.0);
+        let _ = p.check(1 << 30);
     }
 });

@@ -12,7 +12,11 @@
 //!    faster than [`PolicyConfig::major_faults_per_s`], or an OOM kill:
 //!    deflate **at once**, by enough to bring available memory back to the
 //!    headroom plus the band (at least [`PolicyConfig::pressure_step`]), then
-//!    hold inflation off for [`PolicyConfig::cooldown`].
+//!    hold inflation off for [`PolicyConfig::cooldown`] (only after a
+//!    deflate: pressure with an empty balloon starts no cool-down; a deflate
+//!    for pressure within four cool-downs of the previous one doubles it,
+//!    up to eight times, so a slowly ramping guest is not re-inflated after
+//!    each cool-down).
 //! 3. Excess: available memory above headroom + band for
 //!    [`PolicyConfig::settle`] (halved under host pressure): inflate by the
 //!    excess, at most [`PolicyConfig::max_step`], never leaving the guest
@@ -134,7 +138,17 @@ pub struct Policy {
     last: Option<(Instant, GuestSample)>,
     excess_since: Option<Instant>,
     cooldown_until: Option<Instant>,
+    /// The last deflate for pressure and the cool-down's multiplier: a
+    /// deflate for pressure within [`REPEAT_WINDOW`] cool-downs of the
+    /// previous one doubles it (up to [`MAX_COOLDOWN_FACTOR`]), so that a
+    /// slowly ramping guest is not re-inflated after every cool-down.
+    last_pressure: Option<Instant>,
+    cooldown_factor: u32,
 }
+
+/// See [`Policy`]'s `last_pressure`.
+pub const REPEAT_WINDOW: u32 = 4;
+pub const MAX_COOLDOWN_FACTOR: u32 = 8;
 
 impl Policy {
     pub fn new(config: PolicyConfig) -> Self {
@@ -190,10 +204,15 @@ impl Policy {
         let band = headroom / 4;
         if let Some(reason) = self.pressure(previous, at, &sample, headroom) {
             self.excess_since = None;
-            self.cooldown_until = Some(now + self.config.cooldown);
             let want = (headroom + band).saturating_sub(sample.available);
             let by = want.max(self.config.pressure_step);
             let new = input.target.saturating_sub(by);
+            // The cool-down follows a deflate: pressure with an empty
+            // balloon (the guest's own load) does not delay reclaiming once
+            // the guest frees its memory.
+            if new != input.target {
+                self.start_cooldown(now);
+            }
             return decision((new != input.target).then_some(new), reason);
         }
         let Some(excess) = sample
@@ -245,6 +264,20 @@ impl Policy {
                 headroom,
             },
         )
+    }
+
+    fn start_cooldown(&mut self, now: Instant) {
+        let base = self.config.cooldown;
+        let repeated = self
+            .last_pressure
+            .is_some_and(|t| now.saturating_duration_since(t) < base * REPEAT_WINDOW);
+        self.cooldown_factor = if repeated {
+            (self.cooldown_factor * 2).clamp(1, MAX_COOLDOWN_FACTOR)
+        } else {
+            1
+        };
+        self.last_pressure = Some(now);
+        self.cooldown_until = Some(now + base * self.cooldown_factor);
     }
 
     /// The guest's pressure signals between `previous` and `now`.
@@ -434,6 +467,42 @@ mod tests {
                 "{field}: deflated at least a step"
             );
         }
+    }
+
+    #[test]
+    fn repeated_pressure_lengthens_the_cool_down() {
+        let mut s = Sim::new(300 * MIB);
+        for _ in 0..40 {
+            s.tick();
+        }
+        let mut lefts = Vec::new();
+        for _ in 0..3 {
+            s.sample.alloc_stall += 1;
+            let d = s.tick();
+            assert!(matches!(d.reason, Reason::Rising { .. }), "{d:?}");
+            s.sample.available += 200 * MIB;
+            match s.tick().reason {
+                Reason::CoolingDown { left_ms } => lefts.push(left_ms),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            lefts[1] > lefts[0] * 3 / 2 && lefts[2] > lefts[1] * 3 / 2,
+            "{lefts:?}"
+        );
+    }
+
+    /// The guest's own load with no balloon to deflate: once it frees the
+    /// memory, reclaim starts after the settle time, not a cool-down.
+    #[test]
+    fn pressure_with_an_empty_balloon_starts_no_cool_down() {
+        let mut s = Sim::new(1800 * MIB);
+        let d = s.tick();
+        assert!(matches!(d.reason, Reason::BelowHeadroom { .. }), "{d:?}");
+        assert_eq!(d.new_target, None);
+        s.sample.available += 1500 * MIB;
+        let first = (1..60).find(|_| s.tick().new_target.is_some()).unwrap();
+        assert!(first <= 11, "first inflate after {first} s");
     }
 
     #[test]
