@@ -422,7 +422,9 @@ impl PolicySettings {
                         "on" | "true" | "1" | "yes" => true,
                         "off" | "false" | "0" | "no" => false,
                         v => {
-                            return Err(format!("--balloon-policy enabled={v}: expected on or off"));
+                            return Err(format!(
+                                "--balloon-policy enabled={v}: expected on or off"
+                            ));
                         }
                     }
                 }

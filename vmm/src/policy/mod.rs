@@ -416,7 +416,10 @@ impl PolicyEvents {
         let shared = self.shared.clone();
         let mut s = shared.lock();
         if s.enabled && s.paused.is_none() {
-            self.maybe_decide(&mut s, now, &look);
+            let last_move = (!self.settle.done)
+                .then_some(now)
+                .unwrap_or(self.settle.moved_at);
+            self.maybe_decide(&mut s, now, &look, last_move);
         }
         let want = ((s.enabled && s.paused.is_none()) || !self.settle.done)
             .then(|| Duration::from_millis(s.settings.interval_ms));
@@ -437,7 +440,9 @@ impl PolicyEvents {
         self.rearmed = true;
     }
 
-    fn maybe_decide(&self, s: &mut State, now: Instant, look: &Look) {
+    /// `last_move`: when the balloon last moved (now while it moves); a
+    /// report from before it does not yet show what the balloon took.
+    fn maybe_decide(&self, s: &mut State, now: Instant, look: &Look, last_move: Instant) {
         s.waiting = if !look.active {
             Some("waiting for the guest's balloon driver".to_string())
         } else if !look.stats_acked {
@@ -467,10 +472,15 @@ impl PolicyEvents {
             return;
         }
         s.last_decided = Some(now);
-        self.decide(s, now, look);
+        let before_move = s.guest.is_some_and(|(at, _)| at <= last_move);
+        self.decide(s, now, look, before_move);
     }
 
-    fn decide(&self, s: &mut State, now: Instant, look: &Look) {
+    /// `before_move`: the sample predates the balloon's last movement: it
+    /// may deflate (pressure is pressure) or report stale statistics, but
+    /// not inflate, and its holds are not published (the next report
+    /// decides).
+    fn decide(&self, s: &mut State, now: Instant, look: &Look, before_move: bool) {
         let guest_ram = self.shared.guest_bytes;
         let target = look.target_pages * PAGE;
         let actual = look.actual_pages * PAGE;
@@ -506,6 +516,10 @@ impl PolicyEvents {
                 host_psi,
             },
         );
+        let shrinks = d.new_target.is_some_and(|t| t < target);
+        if before_move && !shrinks && !matches!(d.reason, Reason::StaleStatistics { .. }) {
+            return;
+        }
         let mut new_target = target;
         if let Some(t) = d.new_target {
             // The API counts in MiB: round an inflate down, a deflate down too
