@@ -470,54 +470,16 @@ impl ApiHandler {
                 )),
             },
             ApiRequest::GetBalloonStats => self.balloon_stats(),
-            ApiRequest::GetBalloonPolicy => {
-                self.policy().map(|(_, p)| ApiResponse::ok(&p.status()))
-            }
-            ApiRequest::PutBalloonPolicy(put) => self.policy().and_then(|(b, p)| {
-                p.configure(b, Some(put.enabled), Some(put.settings))
-                    .map(|_| ApiResponse::no_content())
-                    .map_err(ApiResponse::bad_request)
-            }),
-            ApiRequest::PatchBalloonPolicy(patch) => self.policy().and_then(|(b, p)| {
-                let mut settings = p.status().config;
-                patch
-                    .apply(&mut settings)
-                    .and_then(|_| p.configure(b, patch.enabled, Some(settings)))
-                    .map(|_| ApiResponse::no_content())
-                    .map_err(ApiResponse::bad_request)
-            }),
             ApiRequest::PatchBalloonStats(p) => self.patch_stats(p),
             ApiRequest::GetMetrics => Ok(ApiResponse::ok(&self.metrics())),
-            ApiRequest::HintingStart => self.balloon().map(|b| match lock(b).start_hinting() {
-                Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
-                Err(e) => balloon_error(e),
-            }),
-            ApiRequest::FcHintingStart(cmd) => {
-                self.balloon().map(
-                    |b| match lock(b).start_hinting_with(cmd.acknowledge_on_stop) {
-                        Ok(_) => ApiResponse::no_content(),
-                        Err(e) => balloon_error(e),
-                    },
-                )
-            }
-            ApiRequest::HintingStatus => self.balloon().and_then(|b| {
-                let b = lock(b);
-                // Firecracker: 400 when hinting was not enabled at configuration.
-                if !b.config().free_page_hint {
-                    return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
-                }
-                Ok(ApiResponse::ok(&types::HintingStatusReply::from(
-                    hinting_view(b.hinting_status()),
-                )))
-            }),
-            ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
-                Ok(()) => ApiResponse::no_content(),
-                Err(e) => balloon_error(e),
-            }),
-            ApiRequest::HintingDone => self.balloon().map(|b| match lock(b).hinting_done() {
-                Ok(()) => ApiResponse::no_content(),
-                Err(e) => balloon_error(e),
-            }),
+            ApiRequest::GetBalloonPolicy
+            | ApiRequest::PutBalloonPolicy(_)
+            | ApiRequest::PatchBalloonPolicy(_)
+            | ApiRequest::HintingStart
+            | ApiRequest::FcHintingStart(_)
+            | ApiRequest::HintingStatus
+            | ApiRequest::HintingStop
+            | ApiRequest::HintingDone => self.balloon_request(req),
             ApiRequest::PutMigration(m) => self.start_job(MigrationOptions {
                 destination: m.destination,
                 downtime: Duration::from_millis(m.downtime_ms),
@@ -551,6 +513,61 @@ impl ApiHandler {
             },
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    /// The policy and hinting requests.
+    fn balloon_request(&self, req: ApiRequest) -> Result<ApiResponse, ApiResponse> {
+        match req {
+            ApiRequest::GetBalloonPolicy => {
+                self.policy().map(|(_, p)| ApiResponse::ok(&p.status()))
+            }
+            ApiRequest::PutBalloonPolicy(put) => self.policy().and_then(|(b, p)| {
+                p.configure(b, Some(put.enabled), Some(put.settings))
+                    .map(|_| ApiResponse::no_content())
+                    .map_err(ApiResponse::bad_request)
+            }),
+            ApiRequest::PatchBalloonPolicy(patch) => self.policy().and_then(|(b, p)| {
+                let mut settings = p.status().config;
+                patch
+                    .apply(&mut settings)
+                    .and_then(|_| p.configure(b, patch.enabled, Some(settings)))
+                    .map(|_| ApiResponse::no_content())
+                    .map_err(ApiResponse::bad_request)
+            }),
+            ApiRequest::HintingStart => self.balloon().map(|b| match lock(b).start_hinting() {
+                Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::FcHintingStart(cmd) => {
+                self.balloon().map(
+                    |b| match lock(b).start_hinting_with(cmd.acknowledge_on_stop) {
+                        Ok(_) => ApiResponse::no_content(),
+                        Err(e) => balloon_error(e),
+                    },
+                )
+            }
+            ApiRequest::HintingStatus => self.balloon().and_then(|b| {
+                let b = lock(b);
+                // Firecracker: 400 when hinting was not enabled at configuration.
+                if !b.config().free_page_hint {
+                    return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
+                }
+                Ok(ApiResponse::ok(&types::HintingStatusReply::from(
+                    hinting_view(b.hinting_status()),
+                )))
+            }),
+            ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::HintingDone => self.balloon().map(|b| match lock(b).hinting_done() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => balloon_error(e),
+            }),
+            other => Err(ApiResponse::internal(format!(
+                "not a balloon policy or hinting request: {other:?}"
+            ))),
+        }
     }
 
     fn start_job(&mut self, opts: MigrationOptions) -> Result<ApiResponse, ApiResponse> {

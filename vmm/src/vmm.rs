@@ -143,12 +143,15 @@ impl Vmm {
             .balloon
             .as_ref()
             .and_then(|_| self.virtio.devices().first().map(|d| d.transport.clone()));
+        let policy = self.policy.clone();
         Arc::new(move |balloon: Option<&Balloon>| {
             let b = match (balloon, &transport) {
                 (Some(dev), Some(t)) => Some((dev, &**t)),
                 _ => None,
             };
-            crate::device_state::capture(debug_exit, &serial, b)
+            // The policy's saved copy is a leaf lock: safe under the device's.
+            let saved = policy.as_ref().and_then(|p| p.saved());
+            crate::device_state::capture(debug_exit, &serial, b, saved)
         })
     }
 

@@ -90,6 +90,10 @@ pub struct PolicyShared {
     state: Mutex<State>,
     /// Wakes the subscriber (configuration change, a balloon event).
     kick: EventFd,
+    /// What a snapshot saves, kept apart (a leaf lock): migration reads
+    /// it under the balloon's device lock, where the state's lock must not
+    /// be taken (see the lock order above).
+    saved: Mutex<Option<PolicyPersist>>,
     guest_bytes: u64,
     /// `--balloon floor`: the policy never goes below it either.
     balloon_floor_bytes: u64,
@@ -103,7 +107,7 @@ impl PolicyShared {
         balloon_floor_bytes: u64,
     ) -> std::io::Result<Arc<Self>> {
         let engine = Policy::new(engine_config(&settings, guest_bytes, balloon_floor_bytes));
-        Ok(Arc::new(Self {
+        let shared = Arc::new(Self {
             state: Mutex::new(State {
                 enabled,
                 paused: None,
@@ -120,13 +124,35 @@ impl PolicyShared {
                 timer_dirty: true,
             }),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            saved: Mutex::new(None),
             guest_bytes,
             balloon_floor_bytes,
-        }))
+        });
+        shared.save(&shared.lock());
+        Ok(shared)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The saved copy (`None`: the policy was never on nor configured).
+    pub fn saved(&self) -> Option<PolicyPersist> {
+        self.saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Refresh the saved copy after a change of `s`.
+    fn save(&self, s: &State) {
+        let used = s.enabled || s.settings != PolicySettings::default();
+        let copy = used.then(|| PolicyPersist {
+            enabled: s.enabled,
+            paused: s.paused.clone(),
+            settings: s.settings.clone(),
+        });
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = copy;
     }
 
     /// Wake the subscriber (never blocks).
@@ -204,6 +230,7 @@ impl PolicyShared {
         }
         s.enabled = on;
         s.timer_dirty = true;
+        self.save(&s);
         drop(s);
         self.kick();
         Ok(())
@@ -219,6 +246,7 @@ impl PolicyShared {
                 "paused by a manual target ({why}); PATCH /balloon/policy {{\"enabled\":true}} or `blimp balloon policy on` resumes it"
             ));
             s.timer_dirty = true;
+            self.save(&s);
             drop(s);
             self.kick();
         }
@@ -246,6 +274,7 @@ impl PolicyShared {
         s.paused = p.paused;
         s.settings = p.settings;
         s.timer_dirty = true;
+        self.save(&s);
         drop(s);
         self.kick();
     }
@@ -416,9 +445,11 @@ impl PolicyEvents {
         let shared = self.shared.clone();
         let mut s = shared.lock();
         if s.enabled && s.paused.is_none() {
-            let last_move = (!self.settle.done)
-                .then_some(now)
-                .unwrap_or(self.settle.moved_at);
+            let last_move = if self.settle.done {
+                self.settle.moved_at
+            } else {
+                now
+            };
             self.maybe_decide(&mut s, now, &look, last_move);
         }
         let want = ((s.enabled && s.paused.is_none()) || !self.settle.done)
@@ -461,8 +492,13 @@ impl PolicyEvents {
                 s.seen = Some(st.updated);
                 sample_of(st)
             });
-        if let Some(sample) = fresh {
-            s.guest = Some((now, sample));
+        if let (Some(sample), Some(st)) = (fresh, &look.stats) {
+            // When the report arrived, not when the policy first looked: a
+            // policy turned on later must see an old report as old.
+            let age = SystemTime::now()
+                .duration_since(st.updated)
+                .unwrap_or_default();
+            s.guest = Some((now.checked_sub(age).unwrap_or(now), sample));
         }
         let interval = Duration::from_millis(s.settings.interval_ms);
         let due = s.last_decided.is_none_or(|t| {
@@ -530,6 +566,23 @@ impl PolicyEvents {
                 Err(e) => log::warn!("balloon policy: target {mib} MiB refused: {e}"),
             }
         }
+        self.record(s, &d, target, new_target, guest, host_psi);
+    }
+}
+
+impl PolicyEvents {
+    /// Count, publish (a hold only when its reason changes) and keep the
+    /// decision.
+    fn record(
+        &self,
+        s: &mut State,
+        d: &Decision,
+        target: u64,
+        new_target: u64,
+        guest: Option<(Instant, GuestSample)>,
+        host_psi: Option<f64>,
+    ) {
+        let guest_ram = self.shared.guest_bytes;
         let action = match new_target.cmp(&target) {
             std::cmp::Ordering::Greater => "inflate",
             std::cmp::Ordering::Less => "deflate",
