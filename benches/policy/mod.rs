@@ -71,6 +71,10 @@ impl Decision {
     /// `action:old->new (reason)`, without commas (a CSV field).
     fn label(&self) -> String {
         let mib = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.0}"));
+        if self.action == "settled" {
+            return format!("settled:{} ({})", mib(self.new_target_mib), self.reason)
+                .replace([',', '\n', '"'], ";");
+        }
         format!(
             "{}:{}->{} ({})",
             self.action,
@@ -252,9 +256,10 @@ impl Bench {
         self.policy()["target_changes"].as_u64()
     }
 
-    /// Waits until the target has not changed for `quiet` and actual has
-    /// reached it, at most `limit`. Returns the target.
-    fn wait_settled(&self, quiet: Duration, limit: Duration) -> u64 {
+    /// Waits until the target is at least `min_target` MiB, has not
+    /// changed for `quiet` and actual has reached it, at most `limit`.
+    /// Returns the target.
+    fn wait_settled(&self, min_target: u64, quiet: Duration, limit: Duration) -> u64 {
         let end = Instant::now() + limit;
         let mut last = self.balloon();
         let mut since = Instant::now();
@@ -264,7 +269,7 @@ impl Bench {
             if b != last {
                 last = b;
                 since = Instant::now();
-            } else if b.0 == b.1 && since.elapsed() >= quiet {
+            } else if b.0 == b.1 && b.0 >= min_target && since.elapsed() >= quiet {
                 break;
             }
         }
@@ -380,7 +385,22 @@ pub fn policy() {
             rss0 / MIB
         ),
     }
-    let settled = b.wait_settled(Duration::from_secs(15), Duration::from_secs(60));
+    {
+        // What the policy did before its first inflate (holds included).
+        let s = series.lock().unwrap();
+        let first: Vec<String> = s
+            .decisions
+            .iter()
+            .take_while(|d| d.action != "inflate")
+            .map(|d| format!("{:.1}s {} ({})", d.t, d.action, d.reason))
+            .collect();
+        println!(
+            "policy: idle: decisions before the first inflate: {}",
+            first.join(", ")
+        );
+    }
+    let idle_target = b.wait_settled(0, Duration::from_secs(15), Duration::from_secs(60));
+    let settled = idle_target;
     println!(
         "policy: idle: settled at target {settled} MiB (guest keeps {} MiB), host RSS {} MiB",
         GUEST_MIB.saturating_sub(settled),
@@ -419,11 +439,18 @@ pub fn policy() {
             f.get("elapsed_ms").copied().unwrap_or(0),
             f.get("allocated").copied().unwrap_or(0) as f64 / alloc_s.max(1e-3)
         );
+        // The ramp freed its 1.5 GiB: wait for the policy to take it back
+        // (cool-down, settle, steps) before the next phase.
         b.phase("reclaim");
-        let settled = b.wait_settled(Duration::from_secs(15), Duration::from_secs(150));
+        let from = b.now();
+        let settled = b.wait_settled(
+            idle_target.saturating_sub(128),
+            Duration::from_secs(5),
+            Duration::from_secs(180),
+        );
         println!(
-            "policy: after the ramp: settled again at target {settled} MiB ({:.0} s)",
-            b.now()
+            "policy: after the ramp: reclaimed again to target {settled} MiB in {:.0} s",
+            b.now() - from
         );
     }
 
@@ -458,7 +485,7 @@ pub fn policy() {
 
     // ------------------------------------------------------------ phase 4
     b.phase("host-psi");
-    let settled = b.wait_settled(Duration::from_secs(15), Duration::from_secs(90));
+    let settled = b.wait_settled(0, Duration::from_secs(15), Duration::from_secs(90));
     let hr = |from: f64| {
         let s = series.lock().unwrap();
         s.decisions
@@ -589,7 +616,8 @@ pub fn chart_svg(samples: &[Sample], decisions: &[Decision]) -> Result<String, S
             .y_desc("MiB")
             .draw()
             .map_err(|e| e.to_string())?;
-        let lines: [(&str, RGBColor, fn(&Sample) -> Option<f64>); 4] = [
+        type Get = fn(&Sample) -> Option<f64>;
+        let lines: [(&str, RGBColor, Get); 4] = [
             ("guest used", BLUE, |s| s.guest_used_mib),
             ("balloon", RGBColor(230, 120, 0), |s| s.balloon_mib),
             ("guest available", RGBColor(0, 150, 0), |s| {
