@@ -92,6 +92,14 @@ fn ramp_paces_its_allocations_and_frees_them() {
     vm.expect_line("error: bad argument '0'", T);
     vm.send("ramp 64");
     vm.expect_line("error: usage: ramp MIB RATE", T);
+    // CYCLES 0 repeats until Ctrl-C arrives on the console.
+    vm.send("ramp 8 64 0.2 0");
+    std::thread::sleep(Duration::from_millis(1500));
+    vm.send("\u{3}");
+    let line = vm.expect_line("ramp done", T);
+    let f = figures(&line);
+    assert_eq!(f.get("interrupted"), Some(&1), "{line}");
+    assert!(f["cycles"] >= 2, "several 0.33 s cycles in 1.5 s: {line}");
     // Without a balloon holding pages, running dry is a plain failure.
     vm.send("ramp 4096 2048");
     let line = vm.expect_line("error: ramp: out of memory", T);
