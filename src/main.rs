@@ -172,7 +172,8 @@ struct RunArgs {
     /// host, return it when the guest needs it (from the guest's statistics
     /// and host memory pressure). `on` for the defaults, or KEY=VALUE,...
     /// (implies on; enabled=off keeps it off until the API turns it on).
-    /// Needs --balloon; turns statistics on at the policy's interval.
+    /// Needs --balloon; turns statistics on at the policy's interval (also
+    /// with enabled=off, so that the API can turn the policy on later).
     /// Keys (sizes as 256M, durations as 10, 10s or 500ms):
     /// floor=SIZE (256M; the guest never keeps less), headroom=SIZE (192M)
     /// plus headroom_fraction=F (8% of RAM; 0..1 or N%): available memory
@@ -298,10 +299,10 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             settings
                 .check(memory)
                 .map_err(|e| Usage(format!("--balloon-policy: {e}")))?;
-            if enabled {
-                // The policy decides from the guest's statistics.
-                b.stats_polling_interval_s = settings.stats_interval_s();
-            }
+            // The policy decides from the guest's statistics: the queue is
+            // offered (and polled) even with enabled=off, so that the API
+            // can turn the policy on later.
+            b.stats_polling_interval_s = settings.stats_interval_s();
             cfg.balloon_policy = Some((enabled, settings));
         }
         cfg.balloon = Some(b);

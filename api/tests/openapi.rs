@@ -194,6 +194,32 @@ fn schemas_match_types() {
         &HintingStatusReply::from(hs.clone()),
         &HintingStatusReply::from(hs_min.clone()),
     );
+    let settings = api::policy::PolicySettings::default();
+    check(&spec, "PolicySettings", &settings, &settings);
+    let d = api::policy::PolicyDecision {
+        action: "hold".into(),
+        reason: "within_band".into(),
+        detail: "x".into(),
+        old_target_mib: 1,
+        new_target_mib: 1,
+        available_mib: None,
+        headroom_mib: 1,
+        host_psi: None,
+        host_pressure: false,
+        guest_ram_mib: 1,
+        host_available_mib: None,
+    };
+    check(&spec, "PolicyDecision", &d, &d);
+    let st = api::policy::PolicyStatus {
+        enabled: true,
+        paused: false,
+        paused_reason: None,
+        config: settings,
+        last_decision: Some(d),
+        decisions: 1,
+        target_changes: 1,
+    };
+    check(&spec, "PolicyStatus", &st, &st);
     let put = BalloonPut {
         amount_mib: 1,
         deflate_on_oom: true,
@@ -310,6 +336,24 @@ fn enums_match_types() {
             hinted_pages: 0,
         }),
         E::MigrationProgress(MigrationStatus::idle()),
+        E::PolicyDecision(api::policy::PolicyDecision {
+            action: "hold".into(),
+            reason: "within_band".into(),
+            detail: "x".into(),
+            old_target_mib: 1,
+            new_target_mib: 1,
+            available_mib: None,
+            headroom_mib: 1,
+            host_psi: None,
+            host_pressure: false,
+            guest_ram_mib: 1,
+            host_available_mib: None,
+        }),
+        E::BalloonSettled {
+            target_mib: 1,
+            actual_mib: 1,
+            reached: true,
+        },
         E::ShuttingDown { reason: "x".into() },
         E::Lagged { missed: 1 },
     ];

@@ -78,6 +78,8 @@ struct State {
     /// The reason of the last published hold (holds are published only
     /// when it changes).
     last_hold: Option<String>,
+    /// When a hold was last published.
+    last_hold_at: Option<Instant>,
     counts: PolicyCounts,
     psi_warned: bool,
     /// The timer period wanted changed: the subscriber re-arms.
@@ -119,6 +121,7 @@ impl PolicyShared {
                 last_decided: None,
                 last_decision: None,
                 last_hold: None,
+                last_hold_at: None,
                 counts: PolicyCounts::default(),
                 psi_warned: false,
                 timer_dirty: true,
@@ -615,9 +618,7 @@ impl PolicyEvents {
         s.counts.headroom_bytes = d.headroom;
         s.counts.host_psi = host_psi;
         let publish = if action == "hold" {
-            let changed = s.last_hold.as_deref() != Some(kind);
-            s.last_hold = Some(kind.to_string());
-            changed
+            hold_news(s, kind, Instant::now())
         } else {
             s.counts.target_changes += 1;
             s.last_hold = None;
@@ -635,6 +636,27 @@ impl PolicyEvents {
         }
         s.last_decision = Some(decision);
     }
+}
+
+/// Holds closer together than this are not published (unless the first
+/// since a target change): a guest hovering at the band's edge would flip
+/// `within_band`/`settling` every interval.
+pub const HOLD_EVENT_GAP: Duration = Duration::from_secs(10);
+
+/// Whether a hold for `kind` is news: its reason differs from the last
+/// published hold's, and it is the first since a target change or the last
+/// hold event is [`HOLD_EVENT_GAP`] old. Records it when it is.
+fn hold_news(s: &mut State, kind: &str, now: Instant) -> bool {
+    let changed = s.last_hold.as_deref() != Some(kind);
+    let quiet = s.last_hold.is_none()
+        || s.last_hold_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= HOLD_EVENT_GAP);
+    if changed && quiet {
+        s.last_hold = Some(kind.to_string());
+        s.last_hold_at = Some(now);
+        return true;
+    }
+    false
 }
 
 /// A reason's machine-readable kind and a sentence.
@@ -733,5 +755,135 @@ impl MutEventSubscriber for PolicyEvents {
             }
         }
         self.tick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<PolicyShared> {
+        PolicyShared::new(true, PolicySettings::default(), 2 << 30, 64 * MIB).unwrap()
+    }
+
+    #[test]
+    fn holds_are_news_when_their_reason_changes_and_not_more_often_than_the_gap() {
+        let p = shared();
+        let mut s = p.lock();
+        let t0 = Instant::now();
+        assert!(hold_news(&mut s, "settling", t0), "first hold");
+        assert!(!hold_news(&mut s, "settling", t0 + Duration::from_secs(1)));
+        // Flipping at the band's edge: not before the gap.
+        assert!(!hold_news(
+            &mut s,
+            "within_band",
+            t0 + Duration::from_secs(2)
+        ));
+        assert!(hold_news(&mut s, "within_band", t0 + HOLD_EVENT_GAP));
+        // After a target change the first hold is news at once.
+        s.last_hold = None;
+        assert!(hold_news(
+            &mut s,
+            "within_band",
+            t0 + HOLD_EVENT_GAP + Duration::from_secs(1)
+        ));
+    }
+
+    #[test]
+    fn a_report_becomes_a_sample() {
+        let mut values = [None; devices::virtio::balloon::stats::NUM_STAT_TAGS];
+        let tag = |n| devices::virtio::balloon::stats::stat_tag(n).unwrap() as usize;
+        values[tag("free_memory")] = Some(100 * MIB);
+        values[tag("alloc_stall")] = Some(3);
+        let st = BalloonStats {
+            values,
+            updated: SystemTime::now(),
+        };
+        let s = sample_of(&st).unwrap();
+        assert_eq!((s.available, s.alloc_stall, s.oom_kill), (100 * MIB, 3, 0));
+        values[tag("available_memory")] = Some(200 * MIB);
+        let s = sample_of(&BalloonStats { values, ..st }).unwrap();
+        assert_eq!(s.available, 200 * MIB, "available preferred to free");
+        let none = BalloonStats {
+            values: [None; devices::virtio::balloon::stats::NUM_STAT_TAGS],
+            ..st
+        };
+        assert_eq!(sample_of(&none), None);
+    }
+
+    #[test]
+    fn the_floor_is_never_below_the_balloon_floor() {
+        let s = PolicySettings {
+            floor_mib: 16,
+            ..Default::default()
+        };
+        assert_eq!(engine_config(&s, 1 << 30, 64 * MIB).floor, 64 * MIB);
+        assert_eq!(
+            engine_config(&PolicySettings::default(), 1 << 30, 64 * MIB).floor,
+            256 * MIB
+        );
+    }
+
+    #[test]
+    fn pause_resume_and_saved_copy() {
+        let p = shared();
+        assert!(p.saved().is_some_and(|s| s.enabled && s.paused.is_none()));
+        p.pause_for("PATCH /balloon target 5 MiB");
+        let st = p.status();
+        assert!(st.paused && st.paused_reason.unwrap().contains("PATCH /balloon"));
+        assert!(p.saved().unwrap().paused.is_some());
+        p.restore(PolicyPersist {
+            enabled: false,
+            paused: None,
+            settings: PolicySettings::default(),
+        });
+        assert_eq!(p.saved(), None, "off with the defaults: nothing to carry");
+        p.pause_for("PATCH /balloon");
+        assert!(!p.status().paused, "an off policy is not paused");
+    }
+
+    #[test]
+    fn every_reason_has_a_kind_from_the_contract() {
+        let kinds = [
+            "below_headroom",
+            "rising",
+            "oom_kill",
+            "excess",
+            "settling",
+            "cooling_down",
+            "at_floor",
+            "within_band",
+            "stale_statistics",
+            "no_statistics",
+            "nothing_to_give",
+        ];
+        for r in [
+            Reason::NoStatistics,
+            Reason::StaleStatistics { age_ms: 1 },
+            Reason::BelowHeadroom {
+                available: 1,
+                headroom: 2,
+            },
+            Reason::Rising {
+                counter: "alloc_stall",
+                delta: 1,
+            },
+            Reason::OomKill { delta: 1 },
+            Reason::Excess {
+                available: 2,
+                headroom: 1,
+            },
+            Reason::Settling {
+                excess: 1,
+                left_ms: 1,
+            },
+            Reason::CoolingDown { left_ms: 1 },
+            Reason::AtFloor,
+            Reason::WithinBand,
+            Reason::NothingToGive,
+        ] {
+            let (k, detail) = describe(&r);
+            assert!(kinds.contains(&k) && !detail.is_empty(), "{r:?}");
+        }
     }
 }
