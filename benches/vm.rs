@@ -4,10 +4,13 @@
 //! without hints.
 //!
 //! `cargo bench --bench vm` runs all; `cargo bench --bench vm -- inflate sg
-//! api api-inflate hinting reporting migration` picks sections.
+//! api api-inflate hinting reporting migration policy` picks sections
+//! (`policy`: the automatic balloon policy, see benches/policy/mod.rs).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "policy/mod.rs"]
+mod policy;
 
 use std::time::{Duration, Instant};
 
@@ -618,5 +621,8 @@ fn main() {
     }
     if want("migration") {
         migration();
+    }
+    if want("policy") {
+        policy::policy();
     }
 }

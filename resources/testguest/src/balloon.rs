@@ -118,6 +118,10 @@ pub struct Balloon {
     retry_at_ns: u64,
     config_generation: u32,
     alloc_stalls: u64,
+    /// Pages scanned and reclaimed by allocations that waited for memory
+    /// (the `ramp` workload), as Linux's pgscan_direct / pgsteal_direct.
+    direct_scans: u64,
+    direct_reclaims: u64,
     /// Bursts made, requests they made, and requests a burst left
     /// in flight (stopped by a configuration change) for ring 3 to finish.
     bursts: u64,
@@ -369,6 +373,8 @@ impl Balloon {
             retry_at_ns: 0,
             config_generation: 0,
             alloc_stalls: 0,
+            direct_scans: 0,
+            direct_reclaims: 0,
             bursts: 0,
             burst_requests: 0,
             burst_handoffs: 0,
@@ -1117,6 +1123,21 @@ impl Balloon {
         v[S_MEMTOT as usize] = total;
         v[S_AVAIL as usize] = free;
         v[S_ALLOC_STALL as usize] = self.alloc_stalls;
+        v[S_DIRECT_SCAN as usize] = self.direct_scans;
+        v[S_DIRECT_RECLAIM as usize] = self.direct_reclaims;
+    }
+
+    /// An allocation found no free memory and tries direct reclaim:
+    /// counts one allocation stall that scanned `scanned` pages (Linux
+    /// __alloc_pages_direct_reclaim(): allocstall, pgscan_direct).
+    pub fn note_alloc_stall(&mut self, scanned: u64) {
+        self.alloc_stalls += 1;
+        self.direct_scans = self.direct_scans.saturating_add(scanned);
+    }
+
+    /// A waiting allocation got `pages` back (pgsteal_direct).
+    pub fn note_direct_reclaim(&mut self, pages: u64) {
+        self.direct_reclaims = self.direct_reclaims.saturating_add(pages);
     }
 
     /// Fills the stats buffer with fresh values and hands it to the device
@@ -1675,7 +1696,10 @@ impl Balloon {
         }
         // A real one-page inflate first, for the "already inflated" cases.
         let (got, _) = self.sg_fill(mem, 1);
-        let inflated = mem.balloon_peek().filter(|_| got == 1).ok_or("out of memory")?;
+        let inflated = mem
+            .balloon_peek()
+            .filter(|_| got == 1)
+            .ok_or("out of memory")?;
         let page = inflated * PAGE_SIZE;
         let free = mem.frames.alloc().ok_or("out of memory")?;
         // Freed again below: never in the balloon, never sent for real.

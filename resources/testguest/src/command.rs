@@ -4,6 +4,7 @@
 //! prints as an `error: …` line.
 
 use crate::num::{parse_seconds_ns, parse_u64, parse_u64_dec_or_hex};
+use crate::ramp::{DEFAULT_SEED, DEFAULT_WAIT_S};
 
 /// Bad inputs the balloon driver can deliberately send (`hostile CASE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +116,18 @@ pub enum Command<'a> {
     Hints,
     /// `poison BYTE`
     Poison { byte: u8 },
+    /// `ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]`: allocate MIB MiB at
+    /// RATE MiB/s, hold HOLD seconds, free them; CYCLES times (0: until
+    /// Ctrl-C). An allocation that finds no memory while the balloon holds
+    /// pages waits up to WAIT seconds for it.
+    Ramp {
+        mib: u64,
+        rate: u64,
+        hold_ns: u64,
+        cycles: u64,
+        seed: u64,
+        wait_ns: u64,
+    },
     /// `mmio-rtt N`: time N reads of the first virtio-mmio slot's MagicValue
     /// (each a full exit to the VMM and back).
     MmioRtt { n: u64 },
@@ -149,6 +162,7 @@ pub const USAGE: &[&str] = &[
     "touch MIB",
     "free MIB",
     "dirty MIB RATE",
+    "ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]",
     "sleep SECS",
     "exit CODE",
     "balloon",
@@ -175,7 +189,7 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
         return Ok(Command::Echo(rest));
     }
     let mut args = rest.split_ascii_whitespace();
-    let mut argv: [&str; 3] = [""; 3];
+    let mut argv: [&str; 6] = [""; 6];
     let mut argc = 0;
     for a in args.by_ref() {
         if argc == argv.len() {
@@ -230,6 +244,32 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
             Command::Dirty {
                 mib: num(argv[0])?,
                 rate: num(argv[1])?,
+            }
+        }
+        "ramp" => {
+            const USAGE: &str = "ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]";
+            if !(2..=6).contains(&argc) {
+                return Err(ParseError::Usage(USAGE));
+            }
+            let secs = |s: &'a str| parse_seconds_ns(s).ok_or(ParseError::BadArg(s));
+            let opt = |i: usize| (i < argc).then(|| argv[i]);
+            let rate = num(argv[1])?;
+            if rate == 0 {
+                return Err(ParseError::BadArg(argv[1]));
+            }
+            let wait_ns = opt(5).map_or(Ok(DEFAULT_WAIT_S * 1_000_000_000), secs)?;
+            if wait_ns == 0 {
+                return Err(ParseError::BadArg(argv[5]));
+            }
+            Command::Ramp {
+                mib: num(argv[0])?,
+                rate,
+                hold_ns: opt(2).map_or(Ok(0), secs)?,
+                cycles: opt(3).map_or(Ok(1), num)?,
+                seed: opt(4).map_or(Ok(DEFAULT_SEED), |s| {
+                    parse_u64_dec_or_hex(s).ok_or(ParseError::BadArg(s))
+                })?,
+                wait_ns,
             }
         }
         "sleep" => {
@@ -316,6 +356,28 @@ mod tests {
             Ok(Command::Dirty { mib: 64, rate: 10 })
         );
         assert_eq!(parse("sleep 0.5"), Ok(Command::Sleep { ns: 500_000_000 }));
+        assert_eq!(
+            parse("ramp 1536 200"),
+            Ok(Command::Ramp {
+                mib: 1536,
+                rate: 200,
+                hold_ns: 0,
+                cycles: 1,
+                seed: DEFAULT_SEED,
+                wait_ns: DEFAULT_WAIT_S * 1_000_000_000,
+            })
+        );
+        assert_eq!(
+            parse("ramp 64 32 1.5 0 0x9 2"),
+            Ok(Command::Ramp {
+                mib: 64,
+                rate: 32,
+                hold_ns: 1_500_000_000,
+                cycles: 0,
+                seed: 9,
+                wait_ns: 2_000_000_000,
+            })
+        );
         assert_eq!(parse("exit 3"), Ok(Command::Exit { code: 3 }));
         assert_eq!(parse("balloon"), Ok(Command::Balloon));
         assert_eq!(parse("balloon-wait"), Ok(Command::BalloonWait));
@@ -353,6 +415,21 @@ mod tests {
         assert_eq!(parse("sleep abc"), Err(ParseError::BadArg("abc")));
         assert_eq!(parse("hostile nope"), Err(ParseError::BadArg("nope")));
         assert_eq!(parse("verify now"), Err(ParseError::Usage("verify")));
+        let ramp_usage = ParseError::Usage("ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]");
+        assert_eq!(parse("ramp 64"), Err(ramp_usage));
+        assert_eq!(parse("ramp 1 2 3 4 5 6 7"), Err(ramp_usage));
+        assert_eq!(
+            parse("ramp 64 0"),
+            Err(ParseError::BadArg("0")),
+            "zero rate"
+        );
+        assert_eq!(
+            parse("ramp 64 8 0 1 1 0"),
+            Err(ParseError::BadArg("0")),
+            "zero wait bound"
+        );
+        assert_eq!(parse("ramp 64 8 soon"), Err(ParseError::BadArg("soon")));
+        assert_eq!(parse("ramp 64 8 1 x"), Err(ParseError::BadArg("x")));
         assert_eq!(
             parse("touch 99999999999999999999999"),
             Err(ParseError::BadArg("99999999999999999999999"))

@@ -10,4 +10,5 @@ pub mod frames;
 pub mod lineedit;
 pub mod num;
 pub mod pattern;
+pub mod ramp;
 pub mod virtq;

@@ -2,6 +2,7 @@
 //! commands from the serial console. Each command prints exactly one result
 //! line (or an `error: …` line).
 
+use testguest::balloon_proto::VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
 use testguest::cmdline::{GuestArgs, program};
 use testguest::command::{self, Command, HostileCase, USAGE};
 use testguest::frames::FRAMES_PER_MIB;
@@ -76,16 +77,12 @@ impl Guest {
     /// Halts until an interrupt, `deadline_ns` or a background driver's
     /// own deadline, unless an event arrived after `seen` was read.
     fn idle(&mut self, seen: u64, deadline_ns: Option<u64>) {
-        let mut driver = self.balloon.as_ref().and_then(Balloon::next_wake_ns);
-        if self.dirtier.is_some() {
-            let t = clock::now_ns() + workload::DIRTY_TICK_NS;
-            driver = Some(driver.map_or(t, |d| d.min(t)));
-        }
-        let wake = match (deadline_ns, driver) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        idle::wait(seen, wake);
+        idle_until(
+            self.balloon.as_ref(),
+            self.dirtier.is_some(),
+            seen,
+            deadline_ns,
+        );
     }
 
     fn read_line(&mut self) -> LineBuf {
@@ -285,6 +282,44 @@ impl Guest {
                 }
                 crate::println!();
             }
+            Command::Ramp {
+                mib,
+                rate,
+                hold_ns,
+                cycles,
+                seed,
+                wait_ns,
+            } => {
+                let args = workload::RampArgs {
+                    mib,
+                    rate_mib_s: rate,
+                    hold_ns,
+                    cycles,
+                    seed,
+                    wait_ns,
+                };
+                let mut ctx = RampCtx {
+                    balloon: &mut self.balloon,
+                    dirtier: &mut self.dirtier,
+                    watch_ctrl_c: cycles == 0,
+                };
+                let r = workload::ramp(&mut self.mem, args, &mut ctx);
+                match r.error {
+                    None => {
+                        crate::print!("ramp done ");
+                        let _ = r.stats.write_figures(&mut serial::Console, r.elapsed_ns);
+                        if r.interrupted {
+                            crate::print!(" interrupted=1");
+                        }
+                        crate::println!();
+                    }
+                    Some(e) => {
+                        crate::print!("error: ramp: {e}: ");
+                        let _ = r.stats.write_figures(&mut serial::Console, r.elapsed_ns);
+                        crate::println!();
+                    }
+                }
+            }
             Command::Dirty { mib, rate } => {
                 if mib == 0 || rate == 0 {
                     match self.dirtier.take() {
@@ -374,6 +409,83 @@ impl Guest {
         if case == HostileCase::All {
             crate::println!("hostile all sent");
         }
+    }
+}
+
+/// Halts until an interrupt, `deadline_ns` or the balloon's or the
+/// dirtier's own deadline, unless an event arrived after `seen` was read.
+fn idle_until(balloon: Option<&Balloon>, dirtier: bool, seen: u64, deadline_ns: Option<u64>) {
+    let mut driver = balloon.and_then(Balloon::next_wake_ns);
+    if dirtier {
+        let t = clock::now_ns() + workload::DIRTY_TICK_NS;
+        driver = Some(driver.map_or(t, |d| d.min(t)));
+    }
+    let wake = match (deadline_ns, driver) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    idle::wait(seen, wake);
+}
+
+/// Ctrl-C on the console.
+const CTRL_C: u8 = 0x03;
+
+/// The rest of the guest as a ramp sees it.
+struct RampCtx<'a> {
+    balloon: &'a mut Option<Balloon>,
+    dirtier: &'a mut Option<workload::Dirtier>,
+    /// `ramp … CYCLES=0`: read the console for Ctrl-C.
+    watch_ctrl_c: bool,
+}
+
+impl workload::RampEnv for RampCtx<'_> {
+    fn service(&mut self, mem: &mut Memory) {
+        if let Some(b) = self.balloon.as_mut() {
+            b.service(mem, true);
+        }
+        if let Some(d) = self.dirtier.as_mut() {
+            d.tick(mem, clock::now_ns());
+        }
+    }
+
+    fn idle(&mut self, seen: u64, deadline_ns: u64) {
+        idle_until(
+            self.balloon.as_ref(),
+            self.dirtier.is_some(),
+            seen,
+            Some(deadline_ns),
+        );
+    }
+
+    fn oom_deflate(&mut self, mem: &mut Memory) -> u64 {
+        match self.balloon.as_mut() {
+            Some(b) if b.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) => b.oom(mem, 1).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn note_stall(&mut self, scanned: u64) {
+        if let Some(b) = self.balloon.as_mut() {
+            b.note_alloc_stall(scanned);
+        }
+    }
+
+    fn note_reclaim(&mut self, pages: u64) {
+        if let Some(b) = self.balloon.as_mut() {
+            b.note_direct_reclaim(pages);
+        }
+    }
+
+    /// Other bytes typed during an endless ramp are dropped.
+    fn interrupted(&mut self) -> bool {
+        if !self.watch_ctrl_c {
+            return false;
+        }
+        let mut stop = false;
+        while let Some(b) = serial::try_read() {
+            stop |= b == CTRL_C;
+        }
+        stop
     }
 }
 
