@@ -25,11 +25,11 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use arch::MemoryLayout;
-use devices::GuestMemory;
+use devices::{GuestMemory, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::dirty::{PAGE_SIZE, PageBitmap, PageRun};
+use super::dirty::{AtomicPageBitmap, GpaRun};
 use super::limits::max_state_bytes;
 use super::zero::is_zero_page;
 
@@ -458,7 +458,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         mem: &GuestMemory,
         round: u32,
-        run: PageRun,
+        run: GpaRun,
     ) -> Result<(), WriteError> {
         if run.pages == 0 && self.phase == Phase::Pages {
             return Ok(());
@@ -477,7 +477,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         mem: &GuestMemory,
         round: u32,
-        run: PageRun,
+        run: GpaRun,
         buf: &mut [u8],
     ) -> Result<(), WriteError> {
         let mut done = 0;
@@ -521,7 +521,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         mem: &GuestMemory,
         round: u32,
-        pages: &PageBitmap,
+        pages: &AtomicPageBitmap,
     ) -> Result<u64, WriteError> {
         let mut sent = 0;
         for run in pages.take_runs(MAX_RECORD_PAGES) {
@@ -1001,7 +1001,7 @@ impl<R: Read> StreamReader<R> {
             max_state: max_state_bytes(layout),
             memory_mib: layout.size() >> 20,
             ours,
-            written: (dest == Destination::Fresh).then(|| PageBitmap::new(layout)),
+            written: (dest == Destination::Fresh).then(|| AtomicPageBitmap::new(layout)),
             dest,
             stats: StreamStats::default(),
             last_round: 0,
@@ -1117,7 +1117,7 @@ struct RecordWalk {
     memory_mib: u64,
     dest: Destination,
     /// Pages written so far (a fresh destination only).
-    written: Option<PageBitmap>,
+    written: Option<AtomicPageBitmap>,
     stats: StreamStats,
     last_round: u32,
     /// The state section, once read.
@@ -1269,7 +1269,7 @@ fn zero_fill(
     mem: &GuestMemory,
     gpa: u64,
     pages: u64,
-    written: Option<&PageBitmap>,
+    written: Option<&AtomicPageBitmap>,
     buf: &mut [u8],
 ) -> Result<(), StreamErrorKind> {
     let clear = |at: u64| {
@@ -1347,7 +1347,7 @@ mod tests {
     }
 
     fn send_all(w: &mut StreamWriter<Vec<u8>>, mem: &GuestMemory, l: &MemoryLayout, round: u32) {
-        let bm = PageBitmap::new(l);
+        let bm = AtomicPageBitmap::new(l);
         bm.set_all();
         for run in bm.take_runs(256) {
             w.send_ram(mem, round, run).unwrap();
@@ -1381,7 +1381,7 @@ mod tests {
             .unwrap();
         fill(&src, 0x5000, 1, 40);
         for gpa in [0x1000, 0x5000, 0x10_0000] {
-            w.send_ram(&src, 2, PageRun { gpa, pages: 1 }).unwrap();
+            w.send_ram(&src, 2, GpaRun { gpa, pages: 1 }).unwrap();
         }
         w.state(b"{\"hello\":\"state\"}").unwrap();
         let (out, stats) = w.finish().unwrap();
@@ -1984,7 +1984,7 @@ mod tests {
         let l = layout(16 * MIB);
         let src = guest(&l);
         fill(&src, 0x2000, 3, 9);
-        let bm = PageBitmap::new(&l);
+        let bm = AtomicPageBitmap::new(&l);
         bm.set_range(devices::GpaRange::new(0x1000, 0x5000));
         let mut w = StreamWriter::new(Vec::new());
         w.header(&layout_ranges(&l), 0).unwrap();

@@ -30,7 +30,7 @@ use super::config::{BalloonConfig, ConfigSpace};
 use super::device::{Balloon, RestoredActive};
 use super::hinting::{HintState, HintingState, HintingStatus};
 use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
-use super::pfn_runs::{PageBitmap, RamLayout};
+use super::pfn_runs::{InflatedBitmap, RamLayout};
 use super::stats::{BalloonStats, NUM_STAT_TAGS};
 use super::{STATS_QUEUE_SIZE, VIRTIO_BALLOON_F_STATS_VQ};
 use crate::persist::{Persist, PersistError, Versioned};
@@ -260,7 +260,7 @@ impl Balloon {
         mut self,
         state: &BalloonState,
         latest_stats: Option<BalloonStats>,
-        bitmap: PageBitmap,
+        bitmap: InflatedBitmap,
     ) -> Self {
         let h = &state.hinting;
         self.bitmap = bitmap;
@@ -405,7 +405,7 @@ impl BalloonState {
 
     /// The inflated runs as a bitmap over `layout`: sorted, disjoint, in
     /// guest RAM, and as many pages as the state says.
-    fn inflated_bitmap(&self, layout: &RamLayout) -> Result<PageBitmap, PersistError> {
+    fn inflated_bitmap(&self, layout: &RamLayout) -> Result<InflatedBitmap, PersistError> {
         let state = self;
         let invalid = |reason: String| PersistError::invalid(NAME, reason);
         let total = layout.total_pages();
@@ -415,7 +415,7 @@ impl BalloonState {
                 state.inflated.len()
             )));
         }
-        let mut bitmap = PageBitmap::new(total);
+        let mut bitmap = InflatedBitmap::new(total);
         let mut prev_end = 0u64;
         for r in &state.inflated {
             if r.start_pfn < prev_end {
