@@ -463,8 +463,8 @@ mod tests {
     use super::*;
     use crate::GuestMemory;
     use crate::persist::{from_json, to_json};
-    use crate::virtio::mmio::{MmioTransport, MmioTransportState};
     use crate::virtio::VirtioDevice;
+    use crate::virtio::mmio::{MmioTransport, MmioTransportState};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
