@@ -72,16 +72,18 @@ fn families(text: &str) -> BTreeMap<String, (String, String)> {
         .collect()
 }
 
+/// A guest of `memory` with `--balloon balloon` whose balloon driver is up
+/// (it printed READY after starting it), and its API.
+fn ready_vm(name: &str, memory: &str, balloon: &str) -> (common::Vm, api::client::ApiClient) {
+    let (mut vm, api) = start_with_api(name, memory, balloon, "balloon;echo READY");
+    vm.expect_line("READY", BOOT);
+    (vm, api)
+}
+
 #[test]
 fn every_metric_family_has_help_and_type() {
     common::require_kvm();
-    let (mut vm, api) = start_with_api(
-        "events-metrics",
-        "256M",
-        "stats_interval=1,free_page_hint",
-        "balloon;echo READY",
-    );
-    vm.expect_line("READY", BOOT);
+    let (mut vm, api) = ready_vm("events-metrics", "256M", "stats_interval=1,free_page_hint");
     let text = api.metrics().expect("GET /metrics");
     let fams = families(&text);
     for (name, (help, _)) in &fams {
@@ -106,8 +108,7 @@ fn every_metric_family_has_help_and_type() {
             .contains("below the target"),
         "{fams:?}"
     );
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 /// Read events until `pred` holds for one (or panic after `timeout`).
@@ -138,13 +139,7 @@ fn wait_event(
 #[test]
 fn statistics_and_hinting_events_are_published() {
     common::require_kvm();
-    let (mut vm, api) = start_with_api(
-        "events-sse",
-        "512M",
-        "stats_interval=1,free_page_hint",
-        "balloon;echo READY",
-    );
-    vm.expect_line("READY", BOOT);
+    let (mut vm, api) = ready_vm("events-sse", "512M", "stats_interval=1,free_page_hint");
     let mut events = api.events().expect("GET /events");
     // Statistics arrive every second: an event carries the guest's values.
     let ev = wait_event(
@@ -195,8 +190,7 @@ fn statistics_and_hinting_events_are_published() {
         |e| matches!(e, ApiEvent::HintingChanged(h) if format!("{:?}", h.state) == "Done"),
     );
     drop(events);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 const WARNING: &str = "deflated below the target";
@@ -207,8 +201,7 @@ const WARNING: &str = "deflated below the target";
 #[test]
 fn rapid_target_changes_do_not_warn() {
     common::require_kvm();
-    let (mut vm, mut api) = start_with_api("events-rapid", "512M", "", "balloon;echo READY");
-    vm.expect_line("READY", BOOT);
+    let (mut vm, mut api) = ready_vm("events-rapid", "512M", "");
     set_target(&mut api, 200);
     wait_balloon(&mut api, 200, BOOT);
     let mut below_seen = 0;
@@ -241,8 +234,7 @@ fn rapid_target_changes_do_not_warn() {
         .filter(|l| l.contains(WARNING))
         .collect();
     assert!(warnings.is_empty(), "false warnings: {warnings:?}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 /// A deflate the host did not ask for (the guest's OOM path) is still
@@ -250,9 +242,7 @@ fn rapid_target_changes_do_not_warn() {
 #[test]
 fn unsolicited_deflate_is_still_detected() {
     common::require_kvm();
-    let (mut vm, mut api) =
-        start_with_api("events-oom", "512M", "deflate_on_oom", "balloon;echo READY");
-    vm.expect_line("READY", BOOT);
+    let (mut vm, mut api) = ready_vm("events-oom", "512M", "deflate_on_oom");
     set_target(&mut api, 100);
     wait_balloon(&mut api, 100, BOOT);
     assert_eq!(
@@ -269,6 +259,5 @@ fn unsolicited_deflate_is_still_detected() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }

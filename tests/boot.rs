@@ -11,14 +11,7 @@ const BOOT: Duration = Duration::from_secs(30);
 
 #[test]
 fn fill_verify_and_exit_status_512m() {
-    let mut vm = Vm::start(&[
-        "--memory",
-        "512M",
-        "--debug-exit",
-        "--no-stdin",
-        "--cmdline",
-        "testguest.run=\"fill 256 7;verify;exit 0\"",
-    ]);
+    let mut vm = common::run_program("fill 256 7;verify;exit 0", &["--memory", "512M"]);
     vm.expect_line("fill done 256 MiB", BOOT);
     vm.expect_line("verify ok 65536 pages", BOOT);
     assert_eq!(vm.wait(BOOT).code(), Some(0));
@@ -26,28 +19,14 @@ fn fill_verify_and_exit_status_512m() {
 
 #[test]
 fn debug_exit_status_is_passed_through() {
-    let mut vm = Vm::start(&[
-        "--memory",
-        "512M",
-        "--debug-exit",
-        "--no-stdin",
-        "--cmdline",
-        "testguest.run=\"echo about to exit;exit 3\"",
-    ]);
+    let mut vm = common::run_program("echo about to exit;exit 3", &["--memory", "512M"]);
     vm.expect_line("about to exit", BOOT);
     assert_eq!(vm.wait(BOOT).code(), Some(3));
 }
 
 #[test]
 fn eight_gib_guest_uses_memory_above_the_hole() {
-    let mut vm = Vm::start(&[
-        "--memory",
-        "8G",
-        "--debug-exit",
-        "--no-stdin",
-        "--cmdline",
-        "testguest.run=\"meminfo;fill 7168 1;verify;exit 0\"",
-    ]);
+    let mut vm = common::run_program("meminfo;fill 7168 1;verify;exit 0", &["--memory", "8G"]);
     let meminfo = vm.expect_line("meminfo", BOOT);
     assert!(meminfo.contains("regions"), "{meminfo}");
     vm.expect_line("fill done 7168 MiB", Duration::from_secs(180));
@@ -61,8 +40,7 @@ fn serial_console_takes_commands_from_stdin() {
     vm.expect_line("ready", BOOT);
     vm.send("echo hello over serial");
     vm.expect_line("hello over serial", BOOT);
-    vm.send("exit 5");
-    assert_eq!(vm.wait(BOOT).code(), Some(5));
+    vm.exit_with(5, BOOT);
 }
 
 #[test]

@@ -36,6 +36,24 @@ fn case(method: Method, path: &'static str, body: Value, status: u16, expect: Va
     }
 }
 
+/// `method path body` answers 204, no body.
+fn accepted(api: &ApiClient, method: Method, path: &'static str, body: Value) {
+    replay(api, &case(method, path, body, 204, json!({})));
+}
+
+/// `GET path` answers 200 with at least the fields of `expect`.
+fn get(api: &ApiClient, path: &'static str, expect: Value) {
+    replay(api, &case(Method::GET, path, Value::Null, 200, expect));
+}
+
+/// `method path body` answers 400 with a `fault_message` that says `fault`.
+fn refused(api: &ApiClient, method: Method, path: &'static str, body: Value, fault: &str) {
+    replay(
+        api,
+        &case(method, path, body, 400, json!({ "fault_message": fault })),
+    );
+}
+
 fn replay(api: &ApiClient, c: &Case) -> Value {
     let (status, answer) = api
         .request(c.method.clone(), c.path, &c.body)
@@ -123,22 +141,17 @@ fn firecracker_balloon_requests_on_a_configured_balloon() {
     use Method as M;
 
     // GET /balloon: Firecracker's Balloon fields next to Blimp's.
-    replay(
+    get(
         &api,
-        &case(
-            M::GET,
-            "/balloon",
-            Value::Null,
-            200,
-            json!({"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1,
-                   "free_page_hinting": true, "free_page_reporting": false, "target_mib": 0}),
-        ),
+        "/balloon",
+        json!({"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1,
+               "free_page_hinting": true, "free_page_reporting": false, "target_mib": 0}),
     );
 
     // PUT /balloon restating the device sets the size; the guest gives it.
     let device = json!({"amount_mib": 64, "deflate_on_oom": true,
                         "stats_polling_interval_s": 1, "free_page_hinting": true});
-    replay(&api, &case(M::PUT, "/balloon", device, 204, json!({})));
+    accepted(&api, M::PUT, "/balloon", device);
     wait_actual(&api, 64);
     // A different device cannot be made after boot (Firecracker: 400).
     for (body, field) in [
@@ -161,112 +174,51 @@ fn firecracker_balloon_requests_on_a_configured_balloon() {
             "bogus",
         ),
     ] {
-        replay(
-            &api,
-            &case(
-                M::PUT,
-                "/balloon",
-                body,
-                400,
-                json!({"fault_message": field}),
-            ),
-        );
+        refused(&api, M::PUT, "/balloon", body, field);
     }
     // The refused PUTs changed nothing.
-    replay(
-        &api,
-        &case(
-            M::GET,
-            "/balloon",
-            Value::Null,
-            200,
-            json!({"amount_mib": 64}),
-        ),
-    );
+    get(&api, "/balloon", json!({"amount_mib": 64}));
 
     // PATCH /balloon {"amount_mib"} (BalloonUpdate).
-    replay(
-        &api,
-        &case(
-            M::PATCH,
-            "/balloon",
-            json!({"amount_mib": 128}),
-            204,
-            json!({}),
-        ),
-    );
+    accepted(&api, M::PATCH, "/balloon", json!({"amount_mib": 128}));
     wait_actual(&api, 128);
     for (body, what) in [
         (json!({"amount_mib": 4096}), "larger than guest memory"),
         (json!({"amount_mib": "128"}), "invalid"),
         (json!({}), "missing field"),
     ] {
-        replay(
-            &api,
-            &case(
-                M::PATCH,
-                "/balloon",
-                body,
-                400,
-                json!({"fault_message": what}),
-            ),
-        );
+        refused(&api, M::PATCH, "/balloon", body, what);
     }
 
     // GET/PATCH /balloon/statistics.
-    replay(
+    get(
         &api,
-        &case(
-            M::GET,
-            "/balloon/statistics",
-            Value::Null,
-            200,
-            json!({"target_mib": 128, "actual_mib": 128, "target_pages": 32768,
-                   "actual_pages": 32768}),
-        ),
+        "/balloon/statistics",
+        json!({"target_mib": 128, "actual_mib": 128, "target_pages": 32768,
+               "actual_pages": 32768}),
     );
-    replay(
+    accepted(
         &api,
-        &case(
-            M::PATCH,
-            "/balloon/statistics",
-            json!({"stats_polling_interval_s": 2}),
-            204,
-            json!({}),
-        ),
+        M::PATCH,
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": 2}),
     );
-    replay(
+    get(&api, "/balloon", json!({"stats_polling_interval_s": 2}));
+    refused(
         &api,
-        &case(
-            M::GET,
-            "/balloon",
-            Value::Null,
-            200,
-            json!({"stats_polling_interval_s": 2}),
-        ),
-    );
-    replay(
-        &api,
-        &case(
-            M::PATCH,
-            "/balloon/statistics",
-            json!({"stats_polling_interval_s": "2"}),
-            400,
-            json!({"fault_message": "invalid"}),
-        ),
+        M::PATCH,
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": "2"}),
+        "invalid",
     );
 
     // Hinting without acknowledge_on_stop: the guest stops, keeps its hinted
     // blocks until PATCH /balloon/hinting/stop sends DONE.
-    replay(
+    accepted(
         &api,
-        &case(
-            M::PATCH,
-            "/balloon/hinting/start",
-            json!({"acknowledge_on_stop": false}),
-            204,
-            json!({}),
-        ),
+        M::PATCH,
+        "/balloon/hinting/start",
+        json!({"acknowledge_on_stop": false}),
     );
     let st = wait_hinting(&api, "Stopped");
     let host = st["host_cmd"].as_u64().expect("host_cmd");
@@ -277,41 +229,18 @@ fn firecracker_balloon_requests_on_a_configured_balloon() {
         held_blocks(&mut vm) > 0,
         "hinted blocks are held until DONE"
     );
-    replay(
+    accepted(&api, M::PATCH, "/balloon/hinting/stop", Value::Null);
+    get(
         &api,
-        &case(
-            M::PATCH,
-            "/balloon/hinting/stop",
-            Value::Null,
-            204,
-            json!({}),
-        ),
-    );
-    replay(
-        &api,
-        &case(
-            M::GET,
-            "/balloon/hinting/status",
-            Value::Null,
-            200,
-            json!({"host_cmd": 1, "state": "Done"}),
-        ),
+        "/balloon/hinting/status",
+        json!({"host_cmd": 1, "state": "Done"}),
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(held_blocks(&mut vm), 0, "DONE gave the blocks back");
 
     // No body: acknowledge_on_stop defaults to true, the device sends DONE
     // itself when the guest stops.
-    replay(
-        &api,
-        &case(
-            M::PATCH,
-            "/balloon/hinting/start",
-            Value::Null,
-            204,
-            json!({}),
-        ),
-    );
+    accepted(&api, M::PATCH, "/balloon/hinting/start", Value::Null);
     let st = wait_hinting(&api, "Done");
     assert_eq!(st["host_cmd"], 1, "DONE: {st}");
     assert!(
@@ -320,15 +249,12 @@ fn firecracker_balloon_requests_on_a_configured_balloon() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(held_blocks(&mut vm), 0, "acknowledged on stop");
-    replay(
+    refused(
         &api,
-        &case(
-            M::PATCH,
-            "/balloon/hinting/start",
-            json!({"acknowledge_on_stop": "not valid"}),
-            400,
-            json!({"fault_message": "invalid"}),
-        ),
+        M::PATCH,
+        "/balloon/hinting/start",
+        json!({"acknowledge_on_stop": "not valid"}),
+        "invalid",
     );
 
     // Blimp's own routes still answer as before, on the same paths.
@@ -338,8 +264,7 @@ fn firecracker_balloon_requests_on_a_configured_balloon() {
     let (s, b) = api.patch("/balloon", &json!({"target_mib": 0})).unwrap();
     assert_eq!(s, 204, "{b}");
     wait_actual(&api, 0);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -388,8 +313,7 @@ fn firecracker_balloon_requests_without_a_balloon_or_hinting() {
         replay(&api, &c);
     }
     drop(api);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 
     let (mut vm, api, _) = common::boot_with_api(
         "fcapi-nohint",
@@ -422,6 +346,5 @@ fn firecracker_balloon_requests_without_a_balloon_or_hinting() {
     ] {
         replay(&api, &c);
     }
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }

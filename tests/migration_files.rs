@@ -110,6 +110,31 @@ impl Job {
         let (s, b) = self.start(api, path);
         assert_eq!(s, 200, "{self:?} to {}: {b}", path.display());
     }
+
+    /// Start the job, wait for it to complete; `path` now holds the whole
+    /// stream of the 32 MiB the guest filled.
+    fn run_to_completion(self, api: &ApiClient, path: &Path) {
+        self.start_ok(api, path);
+        let st = wait_job(api);
+        assert_eq!(st["state"], "Completed", "{self:?}: {st}");
+        let new = std::fs::read(path).unwrap();
+        assert!(
+            new.starts_with(MAGIC),
+            "{self:?}: a migration stream replaced the old file"
+        );
+        assert!(new.len() > 32 << 20, "{self:?}: {} bytes", new.len());
+    }
+}
+
+/// After a failed or cancelled `job`: `file` still holds `old` and `dir`
+/// has no temporary file left.
+fn assert_untouched(job: Job, file: &Path, old: &[u8], dir: &Path) {
+    assert_eq!(
+        std::fs::read(file).unwrap(),
+        old,
+        "{job:?}: the old file is byte-identical"
+    );
+    assert!(temp_files(dir).is_empty(), "{job:?}: {:?}", temp_files(dir));
 }
 
 /// Poll `GET /migration` until the job finished; returns its status.
@@ -138,6 +163,13 @@ fn boot(name: &str, extra: &[&str]) -> (Vm, ApiClient) {
     (vm, api)
 }
 
+/// The guest still holds the 32 MiB it filled; then it exits with `code`.
+fn verify_and_exit(vm: &mut Vm, code: i32) {
+    vm.send("verify");
+    vm.expect_line("verify ok 8192 pages", BOOT);
+    vm.exit_with(code, BOOT);
+}
+
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -149,15 +181,7 @@ fn a_snapshot_replaces_an_existing_file_with_one_that_restores() {
     std::fs::write(&file, old_contents()).unwrap();
     let old_ino = std::fs::metadata(&file).unwrap().ino();
     let (mut vm, api) = boot("files-snap-ok", &[]);
-    Job::Snapshot.start_ok(&api, &file);
-    let st = wait_job(&api);
-    assert_eq!(st["state"], "Completed", "{st}");
-    let new = std::fs::read(&file).unwrap();
-    assert!(
-        new.starts_with(MAGIC),
-        "a migration stream replaced the old file"
-    );
-    assert!(new.len() > 32 << 20, "{} bytes", new.len());
+    Job::Snapshot.run_to_completion(&api, &file);
     let meta = std::fs::metadata(&file).unwrap();
     assert_ne!(
         meta.ino(),
@@ -168,14 +192,10 @@ fn a_snapshot_replaces_an_existing_file_with_one_that_restores() {
     assert!(temp_files(&dir.0).is_empty(), "{:?}", temp_files(&dir.0));
     // A snapshot leaves the source running.
     assert_running(&api);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 
     let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap()]);
-    dst.send("verify");
-    dst.expect_line("verify ok 8192 pages", BOOT);
-    dst.send("exit 3");
-    assert_eq!(dst.wait(BOOT).code(), Some(3));
+    verify_and_exit(&mut dst, 3);
 }
 
 #[test]
@@ -184,15 +204,7 @@ fn a_migration_to_file_replaces_an_existing_file() {
     let file = dir.join("vm.mig");
     std::fs::write(&file, old_contents()).unwrap();
     let (mut vm, api) = boot("files-mig-ok", &[]);
-    Job::Migration.start_ok(&api, &file);
-    let st = wait_job(&api);
-    assert_eq!(st["state"], "Completed", "{st}");
-    let new = std::fs::read(&file).unwrap();
-    assert!(
-        new.starts_with(MAGIC),
-        "a migration stream replaced the old file"
-    );
-    assert!(new.len() > 32 << 20, "{} bytes", new.len());
+    Job::Migration.run_to_completion(&api, &file);
     assert!(temp_files(&dir.0).is_empty(), "{:?}", temp_files(&dir.0));
     // A completed live migration ends the source.
     assert_eq!(vm.wait(BOOT).code(), Some(0));
@@ -212,18 +224,10 @@ fn a_failed_job_leaves_the_old_file_untouched() {
         assert_eq!(st["state"], "Failed", "{job:?}: {st}");
         let err = st["error"].as_str().unwrap_or("");
         assert!(err.contains("No space left"), "{job:?}: {err}");
-        assert_eq!(
-            std::fs::read(&file).unwrap(),
-            old,
-            "{job:?}: the old file is byte-identical"
-        );
-        assert!(temp_files(dir).is_empty(), "{job:?}: {:?}", temp_files(dir));
+        assert_untouched(job, &file, &old, dir);
         assert_running(&api);
     }
-    vm.send("verify");
-    vm.expect_line("verify ok 8192 pages", BOOT);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    verify_and_exit(&mut vm, 0);
 }
 
 /// Cancelling deterministically: with the VM paused, the job's first free
@@ -260,23 +264,11 @@ fn a_cancelled_job_leaves_the_old_file_untouched() {
         assert_eq!(s, 204, "{job:?}: {b}");
         let st = wait_job(&api);
         assert_eq!(st["state"], "Cancelled", "{job:?}: {st}");
-        assert_eq!(
-            std::fs::read(&file).unwrap(),
-            old,
-            "{job:?}: the old file is byte-identical"
-        );
-        assert!(
-            temp_files(&dir.0).is_empty(),
-            "{job:?}: {:?}",
-            temp_files(&dir.0)
-        );
+        assert_untouched(job, &file, &old, &dir.0);
         set_state(&api, "Running");
         assert_running(&api);
     }
-    vm.send("verify");
-    vm.expect_line("verify ok 8192 pages", BOOT);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    verify_and_exit(&mut vm, 0);
 }
 
 #[test]
@@ -360,8 +352,7 @@ fn non_regular_destinations_are_refused_and_left_unchanged() {
     assert_eq!(std::fs::read(&real).unwrap(), b"the symlink's target");
     assert!(std::fs::read_dir(&sub).unwrap().next().is_none());
     assert!(temp_files(&dir.0).is_empty());
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]

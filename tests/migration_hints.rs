@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::{Vm, sock_path, wait_for_socket};
+use common::{Vm, boot_with_api, sock_path, wait_for_socket};
 use serde_json::{Value, json};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -22,29 +22,25 @@ fn migrate(api: &mut ApiClient, body: Value) -> Value {
     common::migrate(api, &body, Duration::from_secs(600))
 }
 
+/// `--memory memory`, free page hinting on, no console input.
+fn hint_args(memory: &str) -> [&str; 5] {
+    [
+        "--memory",
+        memory,
+        "--no-stdin",
+        "--balloon",
+        "free_page_hint=on",
+    ]
+}
+
 /// One integrity run: the guest rewrites pages (versions recorded in its own
 /// memory) while hint rounds race the writes; after the migration the
 /// restored guest verifies every page.
 fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     let name = format!("int{run}");
-    let sock = sock_path(&name);
     let program =
         "fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 5;dirty 0 0;verify;hints;exit 0";
-    let cmdline = format!("testguest.run=\"{program}\"");
-    let mut src = Vm::start(&[
-        "--memory",
-        "1G",
-        "--debug-exit",
-        "--no-stdin",
-        "--balloon",
-        "free_page_hint=on",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ]);
-    wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).unwrap();
+    let (mut src, mut api, _) = boot_with_api(&name, program, &hint_args("1G"));
     src.expect_line("MIGRATE NOW", BOOT);
     let (dest, mut dst) = if via_socket {
         let p = tmp(&format!("{name}.sock"));
@@ -114,21 +110,8 @@ fn twenty_migrations_under_a_dirtying_workload_lose_nothing() {
 /// free memory keeps its garbage, as a real guest's does) to a file.
 fn eight_gib_migration(hints: bool) -> (Value, PathBuf) {
     let name = if hints { "8g-hints" } else { "8g-nohints" };
-    let sock = sock_path(name);
-    let mut vm = Vm::start(&[
-        "--memory",
-        "8G",
-        "--debug-exit",
-        "--no-stdin",
-        "--balloon",
-        "free_page_hint=on",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"fill 7168 1;free 6144;echo MIGRATE NOW\"",
-    ]);
-    wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).unwrap();
+    let program = "fill 7168 1;free 6144;echo MIGRATE NOW";
+    let (mut vm, mut api, _) = boot_with_api(name, program, &hint_args("8G"));
     vm.expect_line("MIGRATE NOW", Duration::from_secs(300));
     let file = tmp(name);
     let t = Instant::now();
@@ -167,8 +150,7 @@ fn hints_skip_free_memory_of_an_eight_gib_guest() {
     dst.send("meminfo");
     let m = dst.expect_line("meminfo ram", BOOT);
     eprintln!("after restore: {m}");
-    dst.send("exit 0");
-    assert_eq!(dst.wait(BOOT).code(), Some(0));
+    dst.exit_with(0, BOOT);
     let _ = std::fs::remove_file(&file);
 
     let (without, file) = eight_gib_migration(false);

@@ -41,14 +41,23 @@ fn not_a_kernel() -> std::path::PathBuf {
 
 const NOT_A_KERNEL: &str = "neither an ELF vmlinux nor a bzImage";
 
+/// `blimp run --kernel KERNEL --no-stdin ARGS` must refuse to start (exit
+/// status 2); returns its stderr.
+fn refused_run(kernel: &str, args: &[&str]) -> String {
+    let mut all = vec!["run", "--kernel", kernel, "--no-stdin"];
+    all.extend_from_slice(args);
+    let (code, _, err) = run_blimp(&all);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    err
+}
+
 #[test]
 fn cli_sizes_all_go_through_one_parser() {
     let k = not_a_kernel();
     let k = k.to_str().unwrap();
     for (input, want) in TABLE {
         // --memory (0 has its own message: a guest needs memory).
-        let (code, _, err) = run_blimp(&["run", "--kernel", k, "--no-stdin", "--memory", input]);
-        assert_eq!(code, 2, "--memory {input}: {err}");
+        let err = refused_run(k, &["--memory", input]);
         match want {
             Want::Mib(0) => assert!(err.contains("cannot be 0"), "--memory {input}: {err}"),
             Want::Mib(_) => assert!(err.contains(NOT_A_KERNEL), "--memory {input}: {err}"),
@@ -61,17 +70,7 @@ fn cli_sizes_all_go_through_one_parser() {
             }
         }
         // --balloon-target on a 2 GiB guest.
-        let (code, _, err) = run_blimp(&[
-            "run",
-            "--kernel",
-            k,
-            "--no-stdin",
-            "--memory",
-            "2G",
-            "--balloon-target",
-            input,
-        ]);
-        assert_eq!(code, 2, "--balloon-target {input}: {err}");
+        let err = refused_run(k, &["--memory", "2G", "--balloon-target", input]);
         match want {
             Want::Mib(_) => assert!(
                 err.contains(NOT_A_KERNEL),
@@ -163,8 +162,7 @@ fn api_sizes_match_the_cli() {
         assert_eq!(s, status, "{n}: {b}");
         assert!(err(&b).contains(msg), "{n}: {b}");
     }
-    vm.send("exit 0");
-    assert_eq!(vm.wait(Duration::from_secs(30)).code(), Some(0));
+    vm.exit_with(0, Duration::from_secs(30));
 }
 
 /// The floor (default: 64 MiB on a 2 GiB guest): a target that would leave
@@ -207,8 +205,7 @@ fn balloon_floor_is_enforced_on_api_and_cli() {
     let (_, b) = api.get("/balloon").unwrap();
     assert_eq!(b["target_mib"], 1536, "{b}");
     set_target(&mut api, 0);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(Duration::from_secs(30)).code(), Some(0));
+    vm.exit_with(0, Duration::from_secs(30));
 }
 
 /// `--balloon floor=SIZE` overrides the default (and `floor=0` removes it);
@@ -217,36 +214,24 @@ fn balloon_floor_is_enforced_on_api_and_cli() {
 fn balloon_floor_is_configurable() {
     common::require_kvm();
     let k = testguest().to_str().unwrap();
-    let (code, _, e) = run_blimp(&[
-        "run",
-        "--kernel",
-        k,
-        "--no-stdin",
-        "--memory",
-        "256M",
-        "--balloon-target",
-        "256M",
-    ]);
-    assert_eq!(code, 2, "{e}");
+    let e = refused_run(k, &["--memory", "256M", "--balloon-target", "256M"]);
     assert!(
         e.contains("--balloon-target 256M")
             && e.contains("floor of 64 MiB")
             && e.contains("256 MiB"),
         "{e}"
     );
-    let (code, _, e) = run_blimp(&[
-        "run",
-        "--kernel",
+    let e = refused_run(
         k,
-        "--no-stdin",
-        "--memory",
-        "256M",
-        "--balloon",
-        "floor=100M",
-        "--balloon-target",
-        "157M",
-    ]);
-    assert_eq!(code, 2, "{e}");
+        &[
+            "--memory",
+            "256M",
+            "--balloon",
+            "floor=100M",
+            "--balloon-target",
+            "157M",
+        ],
+    );
     assert!(e.contains("floor of 100 MiB"), "{e}");
 
     let (mut vm, api, _) = boot_with_api(
@@ -268,8 +253,7 @@ fn balloon_floor_is_configurable() {
         .unwrap();
     assert_eq!(s, 400, "{b}");
     assert!(err(&b).contains("floor of 1 GiB"), "{b}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(Duration::from_secs(30)).code(), Some(0));
+    vm.exit_with(0, Duration::from_secs(30));
 
     let (mut vm, mut api, _) = boot_with_api(
         "sizes-floor-0",
@@ -278,8 +262,7 @@ fn balloon_floor_is_configurable() {
     );
     set_target(&mut api, 256);
     set_target(&mut api, 0);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(Duration::from_secs(30)).code(), Some(0));
+    vm.exit_with(0, Duration::from_secs(30));
 }
 
 /// README's bare switches: `--balloon deflate_on_oom,free_page_hint` turns
@@ -304,6 +287,5 @@ fn bare_balloon_switches_mean_on() {
     assert_eq!(b["free_page_reporting"], true, "{b}");
     assert_eq!(b["must_tell_host"], false, "{b}");
     assert_eq!(b["page_poison"], false, "{b}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(Duration::from_secs(30)).code(), Some(0));
+    vm.exit_with(0, Duration::from_secs(30));
 }

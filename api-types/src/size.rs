@@ -47,7 +47,7 @@ impl Granule {
     fn bytes(self) -> u128 {
         match self {
             Granule::Byte => 1,
-            Granule::Page => 4096,
+            Granule::Page => u128::from(devices::PAGE_SIZE),
             Granule::Mib => 1 << 20,
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::balloon::pfn_runs::{PfnBatch, RamLayout};
 use devices::virtio::balloon::{Balloon, BalloonConfig, VIRTIO_BALLOON_F_MUST_TELL_HOST};
 use devices::virtio::{Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
-use devices::{DiscardError, DiscardOutcome, GpaRange, GuestMemory, RamDiscard};
+use devices::{DiscardError, DiscardOutcome, GpaRange, GuestMemory, PAGE_SIZE, RamDiscard};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -156,7 +156,7 @@ fn main() {
     // A 6 GiB guest with the 3–4 GiB MMIO hole.
     let ram = vec![GpaRange::new(0, 3 * GIB), GpaRange::new(4 * GIB, 3 * GIB)];
     let layout = RamLayout::new(&ram).unwrap();
-    let max_pfn = (7 * GIB / 4096) as u32;
+    let max_pfn = (7 * GIB / PAGE_SIZE) as u32;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
 
     let contiguous = bytes(&(0x1_0000..0x1_0100).collect::<Vec<u32>>());

@@ -22,9 +22,13 @@ pub type DirtyBitmap = vm_memory::bitmap::AtomicBitmap;
 /// Guest memory as every device sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
-/// Guest page size used by the balloon protocol (virtio spec: balloon PFNs are
-/// always in 4 KiB units, whatever the host page size).
-pub const PAGE_SIZE: u64 = 4096;
+/// The guest page: the unit of balloon PFNs (virtio spec: always 4 KiB,
+/// whatever the host page size), of KVM's dirty log on x86_64, of the VMM's
+/// own dirty bitmap and of the migration stream. The one definition every
+/// crate above `devices` uses.
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// `log2(PAGE_SIZE)`: a PFN is a guest-physical address shifted right by it.
+pub const PAGE_SHIFT: u32 = 12;
 
 /// A half-open range of guest-physical addresses `[start, start + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

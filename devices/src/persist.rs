@@ -158,20 +158,20 @@ pub fn to_json<S: Serialize + Versioned>(state: &S) -> Result<serde_json::Value,
 pub fn from_json<S: DeserializeOwned + Versioned>(
     value: &serde_json::Value,
 ) -> Result<S, PersistError> {
-    let found = value
-        .get("version")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or(PersistError::MissingVersion { what: S::NAME })?;
-    let found = u32::try_from(found).map_err(|_| PersistError::UnsupportedVersion {
-        what: S::NAME,
-        found: u32::MAX,
-        supported: S::VERSION,
-    })?;
-    check_version(S::NAME, found, S::VERSION)?;
+    check_stored_version::<S>(value.get("version").and_then(serde_json::Value::as_u64))?;
     S::deserialize(value).map_err(|source| PersistError::Deserialize {
         what: S::NAME,
         source,
     })
+}
+
+/// The `version` field of a stored `S` (as JSON read it, if present) must
+/// be the one this build supports; one too large for `u32` is reported as
+/// `u32::MAX`.
+fn check_stored_version<S: Versioned>(found: Option<u64>) -> Result<(), PersistError> {
+    let found = found.ok_or(PersistError::MissingVersion { what: S::NAME })?;
+    let found = u32::try_from(found).unwrap_or(u32::MAX);
+    check_version(S::NAME, found, S::VERSION)
 }
 
 #[derive(Deserialize)]
@@ -189,15 +189,7 @@ pub fn from_json_str<S: DeserializeOwned + Versioned>(text: &str) -> Result<S, P
             what: S::NAME,
             source,
         })?;
-    let found = probe
-        .version
-        .ok_or(PersistError::MissingVersion { what: S::NAME })?;
-    let found = u32::try_from(found).map_err(|_| PersistError::UnsupportedVersion {
-        what: S::NAME,
-        found: u32::MAX,
-        supported: S::VERSION,
-    })?;
-    check_version(S::NAME, found, S::VERSION)?;
+    check_stored_version::<S>(probe.version)?;
     serde_json::from_str(text).map_err(|source| PersistError::Deserialize {
         what: S::NAME,
         source,

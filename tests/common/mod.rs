@@ -236,6 +236,13 @@ impl Vm {
         }
     }
 
+    /// Ask the test guest to exit with `code` (`exit CODE` on its console,
+    /// which needs `--debug-exit`); blimp must exit with the same status.
+    pub fn exit_with(&mut self, code: i32, timeout: Duration) {
+        self.send(&format!("exit {code}"));
+        assert_eq!(self.wait(timeout).code(), Some(code), "blimp's exit status");
+    }
+
     /// Send a signal to blimp.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
@@ -376,6 +383,15 @@ pub fn set_target(client: &mut api::client::ApiClient, mib: u64) {
         .patch("/balloon", &serde_json::json!({ "target_mib": mib }))
         .expect("PATCH /balloon");
     assert_eq!(status, 204, "PATCH /balloon {mib}: {body}");
+}
+
+/// Runs the test guest with `--debug-exit`, no console input, `program`
+/// as its `testguest.run` and `args` (memory, ...).
+pub fn run_program(program: &str, args: &[&str]) -> Vm {
+    let cmdline = format!("testguest.run=\"{program}\"");
+    let mut all = vec!["--debug-exit", "--no-stdin", "--cmdline", &cmdline];
+    all.extend_from_slice(args);
+    Vm::start(&all)
 }
 
 /// Boots the test guest with `--debug-exit`, an API socket named after

@@ -7,11 +7,11 @@
 use std::time::{Duration, Instant};
 
 use arch::MemoryLayout;
-use devices::GuestMemory;
+use devices::{GuestMemory, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::migration::AtomicPageBitmap;
 use vmm::migration::stream::{Destination, StreamReader, StreamWriter, layout_ranges};
 use vmm::migration::zero::is_zero_page;
-use vmm::migration::{PAGE_SIZE, PageBitmap};
 
 const SIZE: u64 = 1 << 30;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -35,7 +35,7 @@ fn write_stream<W: std::io::Write>(
     out: W,
 ) -> (W, u64, Duration) {
     let start = Instant::now();
-    let bm = PageBitmap::new(layout);
+    let bm = AtomicPageBitmap::new(layout);
     bm.set_all();
     let mut w = StreamWriter::new(out);
     w.header(&layout_ranges(layout), 0).expect("header");

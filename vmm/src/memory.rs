@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arch::MemoryLayout;
-use devices::{DirtyBitmap, DiscardError, DiscardOutcome, GpaRange, GuestMemory, RamDiscard};
+use devices::{
+    DirtyBitmap, DiscardError, DiscardOutcome, GpaRange, GuestMemory, PAGE_SIZE, RamDiscard,
+};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
@@ -18,7 +20,6 @@ use crate::config::MemoryBackend;
 
 /// Size of a huge page for the hugetlb backing.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
-const SMALL_PAGE: u64 = 4096;
 /// Most bytes one `fallocate(PUNCH_HOLE)` of a shared backing covers.
 const MAX_PUNCH: u64 = 16 << 20;
 
@@ -75,7 +76,7 @@ type HugePageBits = [u64; 8];
 /// Mark pages `[lo, hi)` (byte offsets inside the huge page) in `bits`;
 /// returns true once every page of the huge page is marked.
 fn mark_small_pages(bits: &mut HugePageBits, lo: u64, hi: u64) -> bool {
-    for page in lo / SMALL_PAGE..hi / SMALL_PAGE {
+    for page in lo / PAGE_SIZE..hi / PAGE_SIZE {
         bits[(page / 64) as usize] |= 1 << (page % 64);
     }
     bits.iter().all(|w| *w == u64::MAX)
@@ -201,8 +202,8 @@ impl GuestRam {
         let mut offset = 0u64;
         for r in layout.regions() {
             let size = r.size as usize;
-            let bitmap =
-                DirtyBitmap::new(size, std::num::NonZeroUsize::new(4096).expect("4096 > 0"));
+            let page = std::num::NonZeroUsize::new(PAGE_SIZE as usize).expect("PAGE_SIZE > 0");
+            let bitmap = DirtyBitmap::new(size, page);
             let mut builder = MmapRegionBuilder::new_with_bitmap(size, bitmap)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             builder = match &file {
@@ -406,8 +407,8 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
 impl RamDiscard for GuestRam {
     fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
         if range.len == 0
-            || !range.start.is_multiple_of(SMALL_PAGE)
-            || !range.len.is_multiple_of(SMALL_PAGE)
+            || !range.start.is_multiple_of(PAGE_SIZE)
+            || !range.len.is_multiple_of(PAGE_SIZE)
         {
             return Err(DiscardError::OutOfRange(range));
         }
@@ -475,8 +476,8 @@ impl RamDiscard for GuestRam {
         for h in start / HUGE_PAGE_SIZE..=(end - 1) / HUGE_PAGE_SIZE {
             let hs = h * HUGE_PAGE_SIZE;
             if let Some(bits) = partial.get_mut(&h) {
-                for page in (start.max(hs) - hs) / SMALL_PAGE
-                    ..(end.min(hs + HUGE_PAGE_SIZE) - hs) / SMALL_PAGE
+                for page in (start.max(hs) - hs) / PAGE_SIZE
+                    ..(end.min(hs + HUGE_PAGE_SIZE) - hs) / PAGE_SIZE
                 {
                     bits[(page / 64) as usize] &= !(1 << (page % 64));
                 }
@@ -494,13 +495,13 @@ mod tests {
         // Resident bytes of our mappings, from mincore.
         let mut total = 0;
         for r in &ram.regions {
-            let pages = (r.size / SMALL_PAGE) as usize;
+            let pages = (r.size / PAGE_SIZE) as usize;
             let mut vec = vec![0u8; pages];
             // SAFETY: host/size describe a live mapping owned by `ram`; vec has one
             // byte per page as mincore requires.
             let rc = unsafe { libc::mincore(r.host.cast(), r.size as usize, vec.as_mut_ptr()) };
             assert_eq!(rc, 0);
-            total += vec.iter().filter(|b| *b & 1 != 0).count() as u64 * SMALL_PAGE;
+            total += vec.iter().filter(|b| *b & 1 != 0).count() as u64 * PAGE_SIZE;
         }
         total
     }
@@ -509,7 +510,7 @@ mod tests {
         let mut a = start;
         while a < start + len {
             ram.memory().write_obj(0xabu8, GuestAddress(a)).unwrap();
-            a += SMALL_PAGE;
+            a += PAGE_SIZE;
         }
     }
 

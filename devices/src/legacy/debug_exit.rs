@@ -35,15 +35,7 @@ impl BusDevice for DebugExit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Record(Mutex<Vec<ExitRequest>>);
-    impl ExitSignal for Record {
-        fn request_exit(&self, why: ExitRequest) {
-            self.0.lock().unwrap().push(why);
-        }
-    }
+    use crate::legacy::RecordedExits as Record;
 
     #[test]
     fn write_requests_exit_with_low_byte() {

@@ -38,15 +38,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Record(Mutex<Vec<ExitRequest>>);
-    impl ExitSignal for Record {
-        fn request_exit(&self, why: ExitRequest) {
-            self.0.lock().unwrap().push(why);
-        }
-    }
+    use crate::legacy::RecordedExits as Record;
 
     #[test]
     fn reset_only_on_fe_to_command_port() {

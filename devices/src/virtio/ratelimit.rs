@@ -65,36 +65,37 @@ impl LogLimiter {
     }
 }
 
-/// `log::warn!` with a per-call-site rate limit.
+/// `log::log!` at `level` with a per-call-site rate limit (each expansion
+/// has its own limiter); see [`warn_limited!`] and [`error_limited!`].
 #[macro_export]
-macro_rules! warn_limited {
-    ($($arg:tt)+) => {{
+macro_rules! log_limited {
+    ($level:expr, $($arg:tt)+) => {{
         static LIMITER: $crate::virtio::ratelimit::LogLimiter =
             $crate::virtio::ratelimit::LogLimiter::new();
         if let Some(dropped) = LIMITER.check() {
             if dropped > 0 {
-                log::warn!("({} similar messages suppressed) {}", dropped, format_args!($($arg)+));
+                log::log!($level, "({} similar messages suppressed) {}", dropped, format_args!($($arg)+));
             } else {
-                log::warn!($($arg)+);
+                log::log!($level, $($arg)+);
             }
         }
     }};
 }
 
+/// `log::warn!` with a per-call-site rate limit.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {
+        $crate::log_limited!(log::Level::Warn, $($arg)+)
+    };
+}
+
 /// `log::error!` with a per-call-site rate limit.
 #[macro_export]
 macro_rules! error_limited {
-    ($($arg:tt)+) => {{
-        static LIMITER: $crate::virtio::ratelimit::LogLimiter =
-            $crate::virtio::ratelimit::LogLimiter::new();
-        if let Some(dropped) = LIMITER.check() {
-            if dropped > 0 {
-                log::error!("({} similar messages suppressed) {}", dropped, format_args!($($arg)+));
-            } else {
-                log::error!($($arg)+);
-            }
-        }
-    }};
+    ($($arg:tt)+) => {
+        $crate::log_limited!(log::Level::Error, $($arg)+)
+    };
 }
 
 #[cfg(test)]

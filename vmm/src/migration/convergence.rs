@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::dirty::PAGE_SIZE;
+use devices::PAGE_SIZE;
 
 /// Default `--downtime-ms`.
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(300);

@@ -3,11 +3,11 @@
 //! A page is dirty when KVM's dirty log (guest writes, `KVM_MEM_LOG_DIRTY_PAGES`)
 //! or the VMM's own bitmap (writes the VMM makes through vm-memory: used
 //! rings, stats buffers, ...) says so. [`sync`] reads and clears both and ORs
-//! them into a [`PageBitmap`], the per-round "to send" set.
+//! them into an [`AtomicPageBitmap`], the per-round "to send" set.
 //!
-//! The [`PageBitmap`] is shared: the sender thread walks it ([`PageBitmap::take_runs`])
-//! while the balloon's free-page hints clear ranges in it
-//! ([`PageBitmap::clear_range`]). Every bit operation is a single atomic
+//! The [`AtomicPageBitmap`] is shared: the sender thread walks it
+//! ([`AtomicPageBitmap::take_runs`]) while the balloon's free-page hints clear ranges in it
+//! ([`AtomicPageBitmap::clear_range`]). Every bit operation is a single atomic
 //! read-modify-write on a `u64` word, so a page is claimed by the sender at
 //! most once, and a hint that lands before the sender reaches a page keeps it
 //! from being sent. A hint that lands just after the sender claimed a page
@@ -16,17 +16,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arch::MemoryLayout;
-use devices::{DirtyBitmap, GpaRange};
+use devices::{DirtyBitmap, GpaRange, PAGE_SHIFT, PAGE_SIZE};
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use crate::memory::GuestRam;
 use crate::vm::{Vm, VmError};
-
-/// Page size of every dirty bitmap (KVM's log on x86_64, the VMM's bitmap,
-/// the stream's granularity).
-pub const PAGE_SIZE: u64 = 4096;
-const PAGE_SHIFT: u32 = 12;
 
 /// Errors enabling or reading dirty logs.
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +49,14 @@ pub enum DirtyError {
     NotInBitmap { gpa: u64, size: u64 },
 }
 
-/// One RAM region of a [`PageBitmap`]. Each region's bits start on a word
+/// One RAM region of a [`AtomicPageBitmap`]. Each region's bits start on a word
 /// boundary so that KVM's and vm-memory's per-slot bitmaps (one `u64` per 64
 /// pages, bit `i` = page `i`) can be ORed in word by word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Region {
     gpa: u64,
     pages: u64,
-    /// First word of this region in `PageBitmap::words`.
+    /// First word of this region in `AtomicPageBitmap::words`.
     first_word: usize,
 }
 
@@ -84,21 +79,28 @@ impl Region {
     }
 }
 
-/// A contiguous run of set pages, in guest-physical terms.
+/// A contiguous run of set pages of an [`AtomicPageBitmap`], by
+/// guest-physical address (the balloon's `PfnRun` is a run of page frame
+/// numbers with their index in the balloon's own bitmap).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRun {
+pub struct GpaRun {
     pub gpa: u64,
     pub pages: u64,
 }
 
-impl PageRun {
+impl GpaRun {
     pub fn len_bytes(&self) -> u64 {
         self.pages << PAGE_SHIFT
     }
 }
 
-/// One bit per 4 KiB page of guest RAM, across all regions of the layout.
-pub struct PageBitmap {
+/// One bit per 4 KiB page of guest RAM, across all regions of the layout,
+/// addressed by guest-physical address; every bit operation is one atomic
+/// read-modify-write, so several threads may update it at once (see the
+/// module docs). The balloon's `InflatedBitmap` is the single-owner,
+/// densely indexed set of inflated pages; this one is the per-round to-send
+/// set and the destination's written-pages set.
+pub struct AtomicPageBitmap {
     regions: Vec<Region>,
     words: Box<[AtomicU64]>,
 }
@@ -112,7 +114,7 @@ fn bit_mask(lo: u64, hi: u64) -> u64 {
     upper & !((1u64 << lo) - 1)
 }
 
-impl PageBitmap {
+impl AtomicPageBitmap {
     /// An all-clear bitmap over `layout`'s RAM.
     pub fn new(layout: &MemoryLayout) -> Self {
         Self::from_regions(layout.regions().iter().map(|r| (r.start, r.size)))
@@ -227,8 +229,8 @@ impl PageBitmap {
 
     /// Clear every page wholly inside `range` and return the runs of those
     /// that were set, in ascending order.
-    pub fn take_range(&self, range: GpaRange) -> Vec<PageRun> {
-        let mut runs: Vec<PageRun> = Vec::new();
+    pub fn take_range(&self, range: GpaRange) -> Vec<GpaRun> {
+        let mut runs: Vec<GpaRun> = Vec::new();
         self.apply(range, |w, m, base| {
             let mut bits = w.fetch_and(!m, Ordering::AcqRel) & m;
             let taken = bits.count_ones();
@@ -239,7 +241,7 @@ impl PageBitmap {
                 let gpa = base + (u64::from(tz) << PAGE_SHIFT);
                 match runs.last_mut() {
                     Some(last) if last.gpa + last.len_bytes() == gpa => last.pages += u64::from(n),
-                    _ => runs.push(PageRun {
+                    _ => runs.push(GpaRun {
                         gpa,
                         pages: u64::from(n),
                     }),
@@ -318,19 +320,19 @@ impl PageBitmap {
     }
 }
 
-impl std::fmt::Debug for PageBitmap {
+impl std::fmt::Debug for AtomicPageBitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageBitmap")
+        f.debug_struct("AtomicPageBitmap")
             .field("regions", &self.regions)
             .field("set", &self.count())
             .finish()
     }
 }
 
-/// Iterator over runs of set pages; see [`PageBitmap::runs`] and
-/// [`PageBitmap::take_runs`].
+/// Iterator over runs of set pages; see [`AtomicPageBitmap::runs`] and
+/// [`AtomicPageBitmap::take_runs`].
 pub struct Runs<'a> {
-    bm: &'a PageBitmap,
+    bm: &'a AtomicPageBitmap,
     claim: bool,
     max: u64,
     region: usize,
@@ -343,7 +345,7 @@ pub struct Runs<'a> {
 }
 
 impl<'a> Runs<'a> {
-    fn new(bm: &'a PageBitmap, max_pages: u64, claim: bool) -> Self {
+    fn new(bm: &'a AtomicPageBitmap, max_pages: u64, claim: bool) -> Self {
         let next_word = bm.regions.first().map_or(0, |r| r.first_word);
         Self {
             bm,
@@ -385,9 +387,9 @@ impl<'a> Runs<'a> {
 }
 
 impl Iterator for Runs<'_> {
-    type Item = PageRun;
+    type Item = GpaRun;
 
-    fn next(&mut self) -> Option<PageRun> {
+    fn next(&mut self) -> Option<GpaRun> {
         loop {
             if self.pending == 0 {
                 match self.fetch() {
@@ -413,7 +415,7 @@ impl Iterator for Runs<'_> {
                 len += n;
                 at_word_end = n == 64;
             }
-            return Some(PageRun {
+            return Some(GpaRun {
                 gpa: r.gpa + (start << PAGE_SHIFT),
                 pages: len,
             });
@@ -471,7 +473,7 @@ fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<DirtyBitmap>) -> &DirtyBitmap 
 /// bitmap of every RAM region, and OR both into `into`. A page is dirty iff
 /// it was written (by the guest or the VMM) since the previous sync (or since
 /// [`start_dirty_logging`]).
-pub fn sync(vm: &Vm, ram: &GuestRam, into: &PageBitmap) -> Result<SyncStats, DirtyError> {
+pub fn sync(vm: &Vm, ram: &GuestRam, into: &AtomicPageBitmap) -> Result<SyncStats, DirtyError> {
     let mut stats = SyncStats::default();
     for region in ram.memory().iter() {
         let gpa = region.start_addr().0;
@@ -514,8 +516,8 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    fn gib8() -> PageBitmap {
-        PageBitmap::new(&MemoryLayout::new(8 << 30).unwrap())
+    fn gib8() -> AtomicPageBitmap {
+        AtomicPageBitmap::new(&MemoryLayout::new(8 << 30).unwrap())
     }
 
     #[test]
@@ -537,7 +539,7 @@ mod tests {
     #[test]
     fn unaligned_region_sizes_get_word_aligned_regions() {
         // 100 pages then 3 pages: the second region starts at word 2.
-        let bm = PageBitmap::from_regions([(0, 100 * PAGE_SIZE), (1 << 32, 3 * PAGE_SIZE)]);
+        let bm = AtomicPageBitmap::from_regions([(0, 100 * PAGE_SIZE), (1 << 32, 3 * PAGE_SIZE)]);
         assert_eq!(bm.index_of(1 << 32), Some(128));
         assert_eq!(bm.gpa_of(100), None, "padding bits are no page");
         bm.set_all();
@@ -546,8 +548,8 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                PageRun { gpa: 0, pages: 100 },
-                PageRun {
+                GpaRun { gpa: 0, pages: 100 },
+                GpaRun {
                     gpa: 1 << 32,
                     pages: 3
                 }
@@ -591,7 +593,7 @@ mod tests {
 
     #[test]
     fn runs_are_split_at_max_and_cross_words() {
-        let bm = PageBitmap::from_regions([(0, 1024 * PAGE_SIZE)]);
+        let bm = AtomicPageBitmap::from_regions([(0, 1024 * PAGE_SIZE)]);
         bm.set_range(GpaRange::new(60 * PAGE_SIZE, 200 * PAGE_SIZE)); // pages 60..260
         bm.set_range(GpaRange::new(300 * PAGE_SIZE, PAGE_SIZE));
         bm.set_range(GpaRange::new(1023 * PAGE_SIZE, PAGE_SIZE));
@@ -612,11 +614,11 @@ mod tests {
 
     #[test]
     fn dropping_a_take_iterator_puts_unyielded_bits_back() {
-        let bm = PageBitmap::from_regions([(0, 256 * PAGE_SIZE)]);
+        let bm = AtomicPageBitmap::from_regions([(0, 256 * PAGE_SIZE)]);
         bm.set_range(GpaRange::new(0, 10 * PAGE_SIZE));
         bm.set_range(GpaRange::new(20 * PAGE_SIZE, 10 * PAGE_SIZE));
         let mut it = bm.take_runs(4);
-        assert_eq!(it.next(), Some(PageRun { gpa: 0, pages: 4 }));
+        assert_eq!(it.next(), Some(GpaRun { gpa: 0, pages: 4 }));
         drop(it);
         assert_eq!(bm.count(), 16);
         assert!(!bm.is_set(0) && bm.is_set(4 * PAGE_SIZE));
@@ -624,10 +626,10 @@ mod tests {
 
     #[test]
     fn clearing_ahead_of_the_walk_keeps_pages_from_being_yielded() {
-        let bm = PageBitmap::from_regions([(0, 4096 * PAGE_SIZE)]);
+        let bm = AtomicPageBitmap::from_regions([(0, 4096 * PAGE_SIZE)]);
         bm.set_all();
         let mut it = bm.take_runs(64);
-        assert_eq!(it.next(), Some(PageRun { gpa: 0, pages: 64 }));
+        assert_eq!(it.next(), Some(GpaRun { gpa: 0, pages: 64 }));
         // A hint for pages far ahead, while the walk is underway.
         assert_eq!(
             bm.clear_range(GpaRange::new(1000 * PAGE_SIZE, 1000 * PAGE_SIZE)),
@@ -644,7 +646,9 @@ mod tests {
 
     #[test]
     fn concurrent_clear_during_take_walk_loses_and_duplicates_nothing() {
-        let bm = Arc::new(PageBitmap::new(&MemoryLayout::new(256 << 20).unwrap()));
+        let bm = Arc::new(AtomicPageBitmap::new(
+            &MemoryLayout::new(256 << 20).unwrap(),
+        ));
         let pages = bm.pages();
         bm.set_all();
         let clearer = {
@@ -692,11 +696,11 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                PageRun {
+                GpaRun {
                     gpa: 0x4000,
                     pages: 1
                 },
-                PageRun {
+                GpaRun {
                     gpa: 0x40000,
                     pages: 65
                 }
@@ -708,11 +712,11 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                PageRun {
+                GpaRun {
                     gpa: (3 << 30) - 0x1000,
                     pages: 1
                 },
-                PageRun {
+                GpaRun {
                     gpa: 1 << 32,
                     pages: 1
                 }
@@ -723,7 +727,7 @@ mod tests {
 
     #[test]
     fn or_region_masks_bits_beyond_the_region() {
-        let bm = PageBitmap::from_regions([(0, 10 * PAGE_SIZE)]);
+        let bm = AtomicPageBitmap::from_regions([(0, 10 * PAGE_SIZE)]);
         assert_eq!(bm.or_region(0, [u64::MAX].into_iter()), Some(10));
         assert_eq!(bm.count(), 10);
         assert_eq!(bm.or_region(0x1000, [1].into_iter()), None);
@@ -735,7 +739,7 @@ mod tests {
         let ram = GuestRam::new(&layout, &crate::MemoryBackend::Anon).unwrap();
         let mut vm = Vm::new(1).unwrap();
         vm.register_memory(&ram, false).unwrap();
-        let bm = PageBitmap::new(&layout);
+        let bm = AtomicPageBitmap::new(&layout);
         let e = sync(&vm, &ram, &bm).unwrap_err();
         assert!(matches!(e, DirtyError::NotLogging { slot: 0, .. }), "{e}");
     }

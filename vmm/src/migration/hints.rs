@@ -13,7 +13,7 @@ use devices::GpaRange;
 use devices::virtio::VirtioDevice;
 use devices::virtio::balloon::{Balloon, HintSink, HintingState, VIRTIO_BALLOON_F_FREE_PAGE_HINT};
 
-use super::dirty::PageBitmap;
+use super::dirty::AtomicPageBitmap;
 use super::link;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,7 +72,7 @@ impl HintSource for Mutex<Balloon> {
 /// The sink of one migration: clears hinted ranges from the current
 /// round's bitmap and records the rounds the guest ended.
 pub struct RoundHints {
-    current: Mutex<Option<(u32, Arc<PageBitmap>)>>,
+    current: Mutex<Option<(u32, Arc<AtomicPageBitmap>)>>,
     /// The last round id the guest stopped (0: none yet).
     stopped: Mutex<u32>,
     stopped_cv: Condvar,
@@ -96,7 +96,7 @@ impl RoundHints {
     }
 
     /// Hints carrying `id` clear pages of `bitmap` from now on.
-    pub fn begin(&self, id: u32, bitmap: Arc<PageBitmap>) {
+    pub fn begin(&self, id: u32, bitmap: Arc<AtomicPageBitmap>) {
         *lock(&self.current) = Some((id, bitmap));
     }
 

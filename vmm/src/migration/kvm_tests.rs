@@ -6,7 +6,7 @@
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::dirty::{PageBitmap, start_dirty_logging, stop_dirty_logging, sync};
+use super::dirty::{AtomicPageBitmap, start_dirty_logging, stop_dirty_logging, sync};
 use super::state::{self, MSR_IA32_TSC, StateError, StateSupport, VmState};
 use super::stream::{Destination, StreamReader, StreamWriter, layout_ranges};
 use crate::memory::GuestRam;
@@ -104,7 +104,7 @@ fn run_to_out(fd: &mut VcpuFd) -> u8 {
 fn sync_reports_guest_and_vmm_writes_then_clears() {
     let mut t = test_vm();
     start_dirty_logging(&mut t.vm, &t.ram).unwrap();
-    let bm = PageBitmap::new(&t.layout);
+    let bm = AtomicPageBitmap::new(&t.layout);
     run_to_in(&mut t.vcpu, 7);
     // The VMM writes a page too (as a device would).
     t.ram
@@ -121,7 +121,7 @@ fn sync_reports_guest_and_vmm_writes_then_clears() {
     assert!(bm.is_set(0x40_0000), "VMM write not logged");
     assert!(stats.kvm_pages >= 2 && stats.vmm_pages == 1, "{stats:?}");
     // Nothing written since: the next sync adds nothing new of ours.
-    let next = PageBitmap::new(&t.layout);
+    let next = AtomicPageBitmap::new(&t.layout);
     sync(&t.vm, &t.ram, &next).unwrap();
     for gpa in [WRITE_A, WRITE_B, 0x40_0000] {
         assert!(!next.is_set(gpa), "{gpa:#x} reported twice");
@@ -289,7 +289,7 @@ fn live_migration_of_a_running_guest_through_a_stream() {
     let mut w = StreamWriter::new(Vec::new());
     w.header(&layout_ranges(&src.layout), super::stream::FLAG_LIVE)
         .unwrap();
-    let all = PageBitmap::new(&src.layout);
+    let all = AtomicPageBitmap::new(&src.layout);
     all.set_all();
     assert_eq!(w.send_bitmap(src.ram.memory(), 1, &all).unwrap(), 4096);
     let round1_bytes = w.stats().page_bytes;
@@ -300,7 +300,7 @@ fn live_migration_of_a_running_guest_through_a_stream() {
 
     // The guest runs (writes two pages) while round 1 is "on the wire".
     run_to_in(&mut src.vcpu, 0x77);
-    let dirty = PageBitmap::new(&src.layout);
+    let dirty = AtomicPageBitmap::new(&src.layout);
     sync(&src.vm, &src.ram, &dirty).unwrap();
     assert!(dirty.is_set(WRITE_A) && dirty.is_set(WRITE_B));
     let sent = w.send_bitmap(src.ram.memory(), 2, &dirty).unwrap();

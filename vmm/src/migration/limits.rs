@@ -4,7 +4,7 @@
 
 use arch::MemoryLayout;
 
-use super::PAGE_SIZE;
+use devices::PAGE_SIZE;
 
 /// Largest state section written or accepted; the reader accepts at most
 /// what the stream's guest can have ([`max_state_bytes`]).

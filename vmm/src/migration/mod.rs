@@ -5,10 +5,10 @@
 //!
 //! The integrator drives them:
 //! 1. [`dirty::start_dirty_logging`], then round 1 sends every page
-//!    ([`dirty::PageBitmap::set_all`]), zero pages as markers only
+//!    ([`dirty::AtomicPageBitmap::set_all`]), zero pages as markers only
 //!    ([`stream::StreamWriter::send_bitmap`]).
 //! 2. Each further round: [`dirty::sync`] into a fresh to-send bitmap (hints
-//!    clear ranges in it with [`dirty::PageBitmap::clear_range`] while
+//!    clear ranges in it with [`dirty::AtomicPageBitmap::clear_range`] while
 //!    the sender walks it with [`stream::StreamWriter::send_bitmap`]); [`convergence::Convergence::decide`]
 //!    says whether to go on or stop and copy.
 //! 3. Stop and copy: pause the vCPUs, last sync and send, capture
@@ -34,4 +34,4 @@ pub mod state;
 pub mod stream;
 pub mod zero;
 
-pub use dirty::{PAGE_SIZE, PageBitmap, PageRun, SyncStats};
+pub use dirty::{AtomicPageBitmap, GpaRun, SyncStats};

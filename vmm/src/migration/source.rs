@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use api_types::types::{MigrationDestination, MigrationState, MigrationStatus};
 use api_types::{ApiEvent, EventHub};
+use devices::PAGE_SIZE;
 use devices::virtio::balloon::Balloon;
 
 use super::convergence::{Convergence, ConvergenceConfig, Decision};
-use super::dirty::{self, PageBitmap};
+use super::dirty::{self, AtomicPageBitmap};
 use super::file_dest::{self, AtomicFile};
 use super::handshake::{self, HandshakeError, Message, Waiter};
 use super::hints::{HintSource, RoundHints};
@@ -179,7 +180,7 @@ impl Migration {
         let mut st = MigrationStatus::idle();
         st.state = MigrationState::Setup;
         st.destination = Some(opts.destination.to_string());
-        st.total_pages = ctx.ram.layout().size() / 4096;
+        st.total_pages = ctx.ram.layout().size() / PAGE_SIZE;
         st.remaining_pages = st.total_pages;
         let status = Arc::new(Mutex::new(st));
         let cancel = Arc::new(AtomicBool::new(false));
@@ -404,7 +405,7 @@ impl Sender<'_> {
     /// Start a hint round for `bitmap` and wait (at most `timeout`, woken
     /// by the guest's end of the round) until the guest finished it; hints
     /// arriving later still clear unsent pages.
-    fn hint_round(&self, bitmap: &Arc<PageBitmap>, timeout: Duration) -> Option<u32> {
+    fn hint_round(&self, bitmap: &Arc<AtomicPageBitmap>, timeout: Duration) -> Option<u32> {
         let source = self.source.as_ref()?;
         let id = source.start_round(&mut |id| self.hints.begin(id, bitmap.clone()))?;
         if !self.hints.wait_stopped(id, timeout, self.cancel) {
@@ -498,7 +499,7 @@ impl Sender<'_> {
         let layout = self.ctx.ram.layout();
         w.header(&layout_ranges(layout), FLAG_LIVE)
             .map_err(MigrationError::from_write)?;
-        let bitmap = Arc::new(PageBitmap::new(layout));
+        let bitmap = Arc::new(AtomicPageBitmap::new(layout));
         dirty::start_dirty_logging(&mut lock(&self.ctx.vm), &self.ctx.ram)?;
         let hints = self.hints_available();
         if hints && let Some(source) = &self.source {
@@ -527,7 +528,7 @@ impl Sender<'_> {
     fn precopy(
         &self,
         w: &mut Writer,
-        bitmap: &Arc<PageBitmap>,
+        bitmap: &Arc<AtomicPageBitmap>,
         hints: bool,
     ) -> Result<u32, MigrationError> {
         let ram = &self.ctx.ram;
@@ -606,7 +607,7 @@ impl Sender<'_> {
     fn final_round(
         &self,
         mut w: Writer,
-        bitmap: &PageBitmap,
+        bitmap: &AtomicPageBitmap,
         round: u32,
     ) -> Result<Sink, MigrationError> {
         let ram = &self.ctx.ram;

@@ -146,38 +146,27 @@ pub struct FpuState {
     pub mxcsr: u32,
 }
 
-impl From<&kvm_fpu> for FpuState {
-    fn from(f: &kvm_fpu) -> Self {
-        Self {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
+/// `From` both ways between a serde mirror and the KVM struct it mirrors,
+/// copying the listed fields (the KVM struct's others, padding, are zero).
+macro_rules! mirror_kvm_struct {
+    ($ours:ident <=> $kvm:ident { $($field:ident),+ $(,)? }) => {
+        impl From<&$kvm> for $ours {
+            fn from(k: &$kvm) -> Self {
+                Self { $($field: k.$field),+ }
+            }
         }
-    }
+
+        impl From<&$ours> for $kvm {
+            fn from(o: &$ours) -> Self {
+                $kvm { $($field: o.$field,)+ ..Default::default() }
+            }
+        }
+    };
 }
 
-impl From<&FpuState> for kvm_fpu {
-    fn from(f: &FpuState) -> Self {
-        kvm_fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        }
-    }
-}
+mirror_kvm_struct!(FpuState <=> kvm_fpu {
+    fpr, fcw, fsw, ftwx, last_opcode, last_ip, last_dp, xmm, mxcsr
+});
 
 /// One MSR's value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +315,16 @@ fn exit_name(exit: &VcpuExit) -> String {
     }
 }
 
+/// The `kvm_msrs` list for one KVM_GET_MSRS/KVM_SET_MSRS of vCPU `id`
+/// (at most `MSR_CHUNK` entries, so it is never too long).
+fn msr_list(id: u8, entries: &[kvm_msr_entry], what: &'static str) -> Result<Msrs, StateError> {
+    Msrs::from_entries(entries).map_err(|_| StateError::Ioctl {
+        vcpu: Some(id),
+        what,
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })
+}
+
 /// Read every MSR of `indices` KVM lets this vCPU read, in chunks. KVM
 /// stops a KVM_GET_MSRS at the first MSR it refuses; that one is skipped.
 fn read_msrs(id: u8, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>, StateError> {
@@ -340,11 +339,7 @@ fn read_msrs(id: u8, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>, Stat
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::Ioctl {
-            vcpu: Some(id),
-            what: "building the KVM_GET_MSRS list",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
+        let mut msrs = msr_list(id, &entries, "building the KVM_GET_MSRS list")?;
         let n = fd
             .get_msrs(&mut msrs)
             .map_err(vcpu_ioctl(id, "KVM_GET_MSRS"))?;
@@ -379,11 +374,7 @@ fn write_msrs(id: u8, fd: &VcpuFd, msrs: &[MsrValue]) -> Result<Vec<u32>, StateE
                 ..Default::default()
             })
             .collect();
-        let list = Msrs::from_entries(&entries).map_err(|_| StateError::Ioctl {
-            vcpu: Some(id),
-            what: "building the KVM_SET_MSRS list",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
+        let list = msr_list(id, &entries, "building the KVM_SET_MSRS list")?;
         let n = fd.set_msrs(&list).map_err(vcpu_ioctl(id, "KVM_SET_MSRS"))?;
         if n < chunk.len() {
             refused.push(chunk[n].index);

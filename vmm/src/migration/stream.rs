@@ -25,11 +25,11 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 use arch::MemoryLayout;
-use devices::GuestMemory;
+use devices::{GuestMemory, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::dirty::{PAGE_SIZE, PageBitmap, PageRun};
+use super::dirty::{AtomicPageBitmap, GpaRun};
 use super::limits::max_state_bytes;
 use super::zero::is_zero_page;
 
@@ -458,7 +458,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         mem: &GuestMemory,
         round: u32,
-        run: PageRun,
+        run: GpaRun,
     ) -> Result<(), WriteError> {
         if run.pages == 0 && self.phase == Phase::Pages {
             return Ok(());
@@ -477,7 +477,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         mem: &GuestMemory,
         round: u32,
-        run: PageRun,
+        run: GpaRun,
         buf: &mut [u8],
     ) -> Result<(), WriteError> {
         let mut done = 0;
@@ -521,7 +521,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         mem: &GuestMemory,
         round: u32,
-        pages: &PageBitmap,
+        pages: &AtomicPageBitmap,
     ) -> Result<u64, WriteError> {
         let mut sent = 0;
         for run in pages.take_runs(MAX_RECORD_PAGES) {
@@ -565,9 +565,18 @@ impl<W: Write> StreamWriter<W> {
             });
         }
         self.flush_zero()?;
+        self.blob_record(TAG_STATE, blob)?;
+        self.stats.state_bytes = blob.len() as u64;
+        self.phase = Phase::StateWritten;
+        Ok(())
+    }
+
+    /// A record of the last round that carries `blob` instead of pages
+    /// (the state, the trailer).
+    fn blob_record(&mut self, tag: u32, blob: &[u8]) -> Result<(), WriteError> {
         self.record(
             RecordHeader {
-                tag: TAG_STATE,
+                tag,
                 seq: 0,
                 round: self.last_round,
                 pages: 0,
@@ -576,10 +585,7 @@ impl<W: Write> StreamWriter<W> {
                 payload_crc: 0,
             },
             blob,
-        )?;
-        self.stats.state_bytes = blob.len() as u64;
-        self.phase = Phase::StateWritten;
-        Ok(())
+        )
     }
 
     /// Write the trailer and flush; returns the output and the counts.
@@ -595,18 +601,7 @@ impl<W: Write> StreamWriter<W> {
         t.extend_from_slice(&self.stats.page_bytes.to_le_bytes());
         t.extend_from_slice(&self.stats.zero_pages.to_le_bytes());
         let records = self.stats.records;
-        self.record(
-            RecordHeader {
-                tag: TAG_TRAILER,
-                seq: 0,
-                round: self.last_round,
-                pages: 0,
-                gpa: 0,
-                payload_len: 0,
-                payload_crc: 0,
-            },
-            &t,
-        )?;
+        self.blob_record(TAG_TRAILER, &t)?;
         self.stats.records = records;
         let offset = self.stats.stream_bytes;
         let out = self.out.into_inner().map_err(|e| WriteError::Io {
@@ -1001,7 +996,7 @@ impl<R: Read> StreamReader<R> {
             max_state: max_state_bytes(layout),
             memory_mib: layout.size() >> 20,
             ours,
-            written: (dest == Destination::Fresh).then(|| PageBitmap::new(layout)),
+            written: (dest == Destination::Fresh).then(|| AtomicPageBitmap::new(layout)),
             dest,
             stats: StreamStats::default(),
             last_round: 0,
@@ -1117,7 +1112,7 @@ struct RecordWalk {
     memory_mib: u64,
     dest: Destination,
     /// Pages written so far (a fresh destination only).
-    written: Option<PageBitmap>,
+    written: Option<AtomicPageBitmap>,
     stats: StreamStats,
     last_round: u32,
     /// The state section, once read.
@@ -1269,7 +1264,7 @@ fn zero_fill(
     mem: &GuestMemory,
     gpa: u64,
     pages: u64,
-    written: Option<&PageBitmap>,
+    written: Option<&AtomicPageBitmap>,
     buf: &mut [u8],
 ) -> Result<(), StreamErrorKind> {
     let clear = |at: u64| {
@@ -1347,7 +1342,7 @@ mod tests {
     }
 
     fn send_all(w: &mut StreamWriter<Vec<u8>>, mem: &GuestMemory, l: &MemoryLayout, round: u32) {
-        let bm = PageBitmap::new(l);
+        let bm = AtomicPageBitmap::new(l);
         bm.set_all();
         for run in bm.take_runs(256) {
             w.send_ram(mem, round, run).unwrap();
@@ -1381,7 +1376,7 @@ mod tests {
             .unwrap();
         fill(&src, 0x5000, 1, 40);
         for gpa in [0x1000, 0x5000, 0x10_0000] {
-            w.send_ram(&src, 2, PageRun { gpa, pages: 1 }).unwrap();
+            w.send_ram(&src, 2, GpaRun { gpa, pages: 1 }).unwrap();
         }
         w.state(b"{\"hello\":\"state\"}").unwrap();
         let (out, stats) = w.finish().unwrap();
@@ -1687,6 +1682,21 @@ mod tests {
         restore(&raw.bytes, l, Destination::Fresh).unwrap_err()
     }
 
+    /// Restoring `raw` into `l` fails with an error of kind `$kind`
+    /// (`$context` says which case, in the failure message); evaluates to
+    /// the error.
+    macro_rules! assert_refused {
+        ($raw:expr, $l:expr, $kind:pat $(if $guard:expr)? $(, $context:literal)?) => {{
+            let e = refused($raw, $l);
+            assert!(
+                matches!(e.kind, $kind $(if $guard)?),
+                "{}{e}",
+                concat!($($context, ": ")?)
+            );
+            e
+        }};
+    }
+
     #[test]
     fn well_formed_but_wrong_streams_are_refused() {
         let l = layout(16 * MIB);
@@ -1701,94 +1711,82 @@ mod tests {
             b"s"
         );
 
-        let e = refused(Raw::new(&l).rec(TAG_DATA, 1, 16 * MIB, 1, &page), &l);
-        assert!(
-            matches!(
-                e.kind,
-                StreamErrorKind::RangeOutsideRam {
-                    gpa: 0x100_0000,
-                    pages: 1,
-                    ..
-                }
-            ),
-            "{e}"
+        let e = assert_refused!(
+            Raw::new(&l).rec(TAG_DATA, 1, 16 * MIB, 1, &page),
+            &l,
+            StreamErrorKind::RangeOutsideRam {
+                gpa: 0x100_0000,
+                pages: 1,
+                ..
+            }
         );
         assert!(
             e.to_string().contains("not inside the destination's RAM"),
             "{e}"
         );
-        let e = refused(Raw::new(&l).rec(TAG_ZERO, 1, 16 * MIB - 4096, 2, &[]), &l);
-        assert!(
-            matches!(e.kind, StreamErrorKind::RangeOutsideRam { .. }),
-            "{e}"
+        assert_refused!(
+            Raw::new(&l).rec(TAG_ZERO, 1, 16 * MIB - 4096, 2, &[]),
+            &l,
+            StreamErrorKind::RangeOutsideRam { .. }
         );
-        let e = refused(Raw::new(&l).rec(TAG_ZERO, 1, 0x800, 1, &[]), &l);
-        assert!(
-            matches!(e.kind, StreamErrorKind::RangeOutsideRam { .. }),
-            "unaligned: {e}"
+        assert_refused!(
+            Raw::new(&l).rec(TAG_ZERO, 1, 0x800, 1, &[]),
+            &l,
+            StreamErrorKind::RangeOutsideRam { .. },
+            "unaligned"
         );
-        let e = refused(
+        assert_refused!(
             Raw::new(&l).rec(TAG_ZERO, 1, u64::MAX - 4095, u32::MAX, &[]),
             &l,
+            StreamErrorKind::RangeOutsideRam { .. },
+            "overflow"
         );
-        assert!(
-            matches!(e.kind, StreamErrorKind::RangeOutsideRam { .. }),
-            "overflow: {e}"
+        assert_refused!(
+            Raw::new(&l).rec(TAG_DATA, 1, 0, 2, &page),
+            &l,
+            StreamErrorKind::BadPayloadLength { .. }
         );
-        let e = refused(Raw::new(&l).rec(TAG_DATA, 1, 0, 2, &page), &l);
-        assert!(
-            matches!(e.kind, StreamErrorKind::BadPayloadLength { .. }),
-            "{e}"
-        );
-        let e = refused(Raw::new(&l).rec(TAG_DATA, 1, 0, 257, &[]), &l);
-        assert!(
-            matches!(e.kind, StreamErrorKind::RecordTooLarge { .. }),
-            "{e}"
+        assert_refused!(
+            Raw::new(&l).rec(TAG_DATA, 1, 0, 257, &[]),
+            &l,
+            StreamErrorKind::RecordTooLarge { .. }
         );
         let e = refused(
             Raw::new(&l).rec(u32::from_le_bytes(*b"WHAT"), 1, 0, 0, &[]),
             &l,
         );
         assert!(e.to_string().contains("unknown record tag WHAT"), "{e}");
-        let e = refused(
+        let e = assert_refused!(
             Raw::new(&l)
                 .rec(TAG_ZERO, 2, 0, 1, &[])
                 .rec(TAG_ZERO, 1, 0, 1, &[]),
             &l,
-        );
-        assert!(
-            matches!(
-                e.kind,
-                StreamErrorKind::RoundBackwards {
-                    round: 1,
-                    previous: 2
-                }
-            ),
-            "{e}"
+            StreamErrorKind::RoundBackwards {
+                round: 1,
+                previous: 2
+            }
         );
         assert_eq!(e.record, Some(1));
-        let e = refused(
+        assert_refused!(
             Raw::new(&l)
                 .rec(TAG_STATE, 1, 0, 0, b"s")
                 .rec(TAG_ZERO, 1, 0, 1, &[]),
             &l,
+            StreamErrorKind::AfterState { .. }
         );
-        assert!(matches!(e.kind, StreamErrorKind::AfterState { .. }), "{e}");
-        let e = refused(
+        assert_refused!(
             Raw::new(&l)
                 .rec(TAG_STATE, 1, 0, 0, b"s")
                 .rec(TAG_STATE, 1, 0, 0, b"s"),
             &l,
+            StreamErrorKind::AfterState { .. },
+            "duplicate state"
         );
-        assert!(
-            matches!(e.kind, StreamErrorKind::AfterState { .. }),
-            "duplicate state: {e}"
-        );
-        let e = refused(
+        assert_refused!(
             Raw::new(&l).rec(TAG_ZERO, 1, 0, 1, &[]).trailer(1, 0, 1),
             &l,
+            StreamErrorKind::MissingState
         );
-        assert!(matches!(e.kind, StreamErrorKind::MissingState), "{e}");
         // Trailer counts that disagree with the stream.
         let base = || {
             Raw::new(&l)
@@ -1801,33 +1799,26 @@ mod tests {
             (base().trailer(3, 8192, 3), "page byte count"),
             (base().trailer(3, 4096, 2), "zero page count"),
         ] {
-            let e = refused(raw, &l);
-            assert!(
-                matches!(e.kind, StreamErrorKind::TrailerMismatch { what: w, .. } if w == what),
-                "{e}"
-            );
+            assert_refused!(raw, &l, StreamErrorKind::TrailerMismatch { what: w, .. } if w == what);
         }
         assert!(restore(&base().trailer(3, 4096, 3).bytes, &l, Destination::Fresh).is_ok());
         // A record repeated (spliced stream) breaks the numbering.
         let mut raw = Raw::new(&l).rec(TAG_ZERO, 1, 0, 1, &[]);
         let rec = raw.bytes[raw.bytes.len() - RECORD_HEADER_LEN..].to_vec();
         raw.bytes.extend_from_slice(&rec);
-        let e = refused(raw, &l);
-        assert!(
-            matches!(
-                e.kind,
-                StreamErrorKind::OutOfSequence {
-                    expected: 1,
-                    found: 0
-                }
-            ),
-            "{e}"
+        assert_refused!(
+            raw,
+            &l,
+            StreamErrorKind::OutOfSequence {
+                expected: 1,
+                found: 0
+            }
         );
         // A trailer whose claimed payload length is wrong.
-        let e = refused(base().rec(TAG_TRAILER, 1, 0, 0, &[0; 8]), &l);
-        assert!(
-            matches!(e.kind, StreamErrorKind::BadPayloadLength { .. }),
-            "{e}"
+        assert_refused!(
+            base().rec(TAG_TRAILER, 1, 0, 0, &[0; 8]),
+            &l,
+            StreamErrorKind::BadPayloadLength { .. }
         );
     }
 
@@ -1984,7 +1975,7 @@ mod tests {
         let l = layout(16 * MIB);
         let src = guest(&l);
         fill(&src, 0x2000, 3, 9);
-        let bm = PageBitmap::new(&l);
+        let bm = AtomicPageBitmap::new(&l);
         bm.set_range(devices::GpaRange::new(0x1000, 0x5000));
         let mut w = StreamWriter::new(Vec::new());
         w.header(&layout_ranges(&l), 0).unwrap();

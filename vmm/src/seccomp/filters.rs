@@ -83,6 +83,16 @@ impl Allowed {
         self
     }
 
+    /// Allow each of `calls`, whatever its arguments: variants of one
+    /// operation (`rename`/`renameat`/`renameat2`) that libc may pick from,
+    /// which a thread needs for the same reason.
+    fn allow_each(&mut self, calls: &[i64], why: &'static str) -> &mut Self {
+        for sys in calls {
+            self.allow(*sys, why);
+        }
+        self
+    }
+
     /// Allow `sys` when its arguments pass one of `rules` (added to the
     /// rules it may already have).
     fn allow_if(&mut self, sys: i64, rules: Vec<Vec<Cond>>, why: &'static str) -> &mut Self {
@@ -319,13 +329,58 @@ fn ram_discard() -> Allowed {
 /// Waiting on several descriptors (event-manager, tokio).
 fn epoll() -> Allowed {
     let mut a = Allowed::default();
-    a.allow(libc::SYS_epoll_wait, "event loop / tokio reactor")
-        .allow(libc::SYS_epoll_pwait, "event loop / tokio reactor")
-        .allow(libc::SYS_epoll_ctl, "adding and removing descriptors")
-        .allow(
-            libc::SYS_timerfd_settime,
-            "balloon statistics timer, tokio timers",
-        );
+    a.allow_each(
+        &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait],
+        "event loop / tokio reactor",
+    )
+    .allow(libc::SYS_epoll_ctl, "adding and removing descriptors")
+    .allow(
+        libc::SYS_timerfd_settime,
+        "balloon statistics timer, tokio timers",
+    );
+    a
+}
+
+/// Talking over a connected socket (the API's connections, the migration
+/// stream and its handshake).
+fn socket_io() -> Allowed {
+    let mut a = Allowed::default();
+    a.allow_each(
+        &[libc::SYS_recvfrom, libc::SYS_recvmsg],
+        "reading API requests, migration handshake replies",
+    )
+    .allow_each(
+        &[libc::SYS_sendto, libc::SYS_sendmsg],
+        "writing API responses, the migration stream and handshake",
+    )
+    .allow(
+        libc::SYS_shutdown,
+        "closing a connection, ending the stream",
+    )
+    .allow(
+        libc::SYS_getsockopt,
+        "SO_ERROR after a non-blocking connect, peer credentials",
+    )
+    .allow(
+        libc::SYS_setsockopt,
+        "per-connection options: timeouts (SO_SNDTIMEO/SO_RCVTIMEO), TCP_NODELAY",
+    )
+    .allow_each(
+        &[libc::SYS_getsockname, libc::SYS_getpeername],
+        "std::net and tokio addresses",
+    );
+    a
+}
+
+/// Looking at files through std::fs metadata (the target of a snapshot or
+/// of a file:// migration, the open temporary file).
+fn file_metadata() -> Allowed {
+    let mut a = Allowed::default();
+    a.allow_each(
+        &[libc::SYS_newfstatat, libc::SYS_statx],
+        "std::fs (l)stat checks of a target path",
+    )
+    .allow(libc::SYS_fstat, "std::fs metadata of an open file");
     a
 }
 
@@ -386,6 +441,7 @@ fn event_loop() -> Allowed {
             ]),
             "interrupt lines; dirty-log sync for hinting; the console's terminal mode",
         )
+        .merge(&file_metadata())
         .allow(libc::SYS_lseek, "reading the console")
         .allow_if(
             libc::SYS_openat,
@@ -396,26 +452,23 @@ fn event_loop() -> Allowed {
             )]],
             "read-only, no create: the balloon policy reads host PSI (psi_path) and /proc/meminfo",
         )
-        .allow(libc::SYS_unlink, "removing the API socket at exit")
-        .allow(libc::SYS_unlinkat, "removing the API socket at exit")
+        .allow_each(
+            &[libc::SYS_unlink, libc::SYS_unlinkat],
+            "removing the API socket at exit",
+        )
         .allow(
             libc::SYS_sendto,
             "answering on an API channel pipe/socketpair",
         )
         .allow(libc::SYS_recvfrom, "API channel")
-        .allow(libc::SYS_shutdown, "API channel")
-        .allow(
-            libc::SYS_newfstatat,
-            "std::fs metadata (snapshot target checks)",
-        )
-        .allow(libc::SYS_statx, "std::fs metadata")
-        .allow(libc::SYS_fstat, "std::fs metadata");
+        .allow(libc::SYS_shutdown, "API channel");
     a
 }
 
 fn api() -> Allowed {
     let mut a = thread_basics();
     a.merge(&epoll())
+        .merge(&socket_io())
         .allow(
             libc::SYS_accept4,
             "accepting API connections on the bound socket",
@@ -430,15 +483,6 @@ fn api() -> Allowed {
             "read-only, no create: std::thread::available_parallelism reads the cgroup \
              CPU quota (seen under --seccomp log)",
         )
-        .allow(libc::SYS_recvfrom, "reading requests")
-        .allow(libc::SYS_sendto, "writing responses")
-        .allow(libc::SYS_sendmsg, "writing responses")
-        .allow(libc::SYS_recvmsg, "reading requests")
-        .allow(libc::SYS_shutdown, "closing a connection")
-        .allow(libc::SYS_getsockopt, "SO_ERROR / peer credentials")
-        .allow(libc::SYS_setsockopt, "per-connection socket options")
-        .allow(libc::SYS_getsockname, "tokio")
-        .allow(libc::SYS_getpeername, "tokio")
         .allow_if(
             libc::SYS_ioctl,
             ioctls(&[libc::FIONBIO]),
@@ -461,27 +505,14 @@ fn migration() -> Allowed {
     a.merge(&thread_spawning())
         .merge(&ram_discard())
         .merge(&epoll())
+        .merge(&socket_io())
+        .merge(&file_metadata())
         .allow_if(
             libc::SYS_socket,
             socket_families(),
             "unix:// and tcp:// destinations (AF_UNIX, AF_INET, AF_INET6)",
         )
         .allow(libc::SYS_connect, "connecting to the destination")
-        .allow(libc::SYS_sendto, "the stream and the handshake")
-        .allow(libc::SYS_recvfrom, "the handshake replies")
-        .allow(libc::SYS_sendmsg, "the stream")
-        .allow(libc::SYS_recvmsg, "the handshake")
-        .allow(
-            libc::SYS_setsockopt,
-            "timeouts (SO_SNDTIMEO/SO_RCVTIMEO), TCP_NODELAY",
-        )
-        .allow(
-            libc::SYS_getsockopt,
-            "SO_ERROR after a non-blocking connect",
-        )
-        .allow(libc::SYS_getsockname, "std::net")
-        .allow(libc::SYS_getpeername, "std::net")
-        .allow(libc::SYS_shutdown, "ending the stream")
         .allow(libc::SYS_pread64, "reading back the stream / files")
         .allow(libc::SYS_pwrite64, "writing files")
         .allow(libc::SYS_lseek, "files")
@@ -490,26 +521,17 @@ fn migration() -> Allowed {
             "file:// destinations: the temporary file, the directory",
         )
         .allow(libc::SYS_open, "file:// destinations")
-        .allow(libc::SYS_newfstatat, "lstat checks of the target")
-        .allow(libc::SYS_statx, "lstat checks of the target")
-        .allow(libc::SYS_fstat, "checks of the open temporary file")
         .allow(libc::SYS_fsync, "committing the file and its directory")
         .allow(libc::SYS_fdatasync, "committing the file")
         .allow(libc::SYS_ftruncate, "files")
-        .allow(
-            libc::SYS_rename,
+        .allow_each(
+            &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2],
             "renaming the complete file over the target",
         )
-        .allow(
-            libc::SYS_renameat,
-            "renaming the complete file over the target",
+        .allow_each(
+            &[libc::SYS_unlink, libc::SYS_unlinkat],
+            "removing an aborted temporary file",
         )
-        .allow(
-            libc::SYS_renameat2,
-            "renaming the complete file over the target",
-        )
-        .allow(libc::SYS_unlink, "removing an aborted temporary file")
-        .allow(libc::SYS_unlinkat, "removing an aborted temporary file")
         .allow_if(
             libc::SYS_ioctl,
             ioctls(&[
@@ -589,30 +611,22 @@ fn main_thread() -> Allowed {
             libc::SYS_getpgrp,
             "whether blimp is the terminal's foreground job (job control)",
         )
-        .allow(
-            libc::SYS_bind,
+        .allow_each(
+            &[libc::SYS_bind, libc::SYS_listen],
             "the API socket, the incoming migration listener",
         )
-        .allow(
-            libc::SYS_listen,
-            "the API socket, the incoming migration listener",
+        .allow_each(
+            &[libc::SYS_accept4, libc::SYS_accept],
+            "the incoming migration connection",
         )
-        .allow(libc::SYS_accept4, "the incoming migration connection")
-        .allow(libc::SYS_accept, "the incoming migration connection")
-        .allow(
-            libc::SYS_mkdir,
+        .allow_each(
+            &[libc::SYS_mkdir, libc::SYS_mkdirat, libc::SYS_rmdir],
             "the private directory the API socket is bound in",
         )
-        .allow(
-            libc::SYS_mkdirat,
-            "the private directory the API socket is bound in",
+        .allow_each(
+            &[libc::SYS_chmod, libc::SYS_fchmodat],
+            "the API socket's mode (0600)",
         )
-        .allow(
-            libc::SYS_rmdir,
-            "the private directory the API socket is bound in",
-        )
-        .allow(libc::SYS_chmod, "the API socket's mode (0600)")
-        .allow(libc::SYS_fchmodat, "the API socket's mode (0600)")
         .allow(libc::SYS_memfd_create, "memfd and hugetlb guest RAM")
         .allow(libc::SYS_ftruncate, "sizing memfd/file guest RAM")
         .allow(
@@ -628,12 +642,8 @@ fn main_thread() -> Allowed {
         .allow(libc::SYS_pipe2, "internal wakeups")
         .allow(libc::SYS_prlimit64, "reading limits")
         .allow(libc::SYS_sysinfo, "host RAM")
-        .allow(
-            libc::SYS_sched_getattr,
-            "the API thread's short scheduler slice (vmm::sched), before its own filter",
-        )
-        .allow(
-            libc::SYS_sched_setattr,
+        .allow_each(
+            &[libc::SYS_sched_getattr, libc::SYS_sched_setattr],
             "the API thread's short scheduler slice (vmm::sched), before its own filter",
         );
     a

@@ -21,7 +21,7 @@ use super::config::{BalloonConfig, ConfigSpace};
 use super::discard::discard_all;
 use super::hinting::{HintSink, HintState, HintingStatus};
 use super::metrics::BalloonMetrics;
-use super::pfn_runs::{BATCH_BYTES, PageBitmap, PageRun, PfnBatch, RamLayout};
+use super::pfn_runs::{BATCH_BYTES, InflatedBitmap, PfnBatch, PfnRun, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
 use super::queue::{Descs, Drain, Notify, drain_chains};
 use super::ranges::check_range;
@@ -98,7 +98,7 @@ pub struct Balloon {
     pub(super) avail_features: u64,
     pub(super) acked_features: u64,
     pub(super) layout: RamLayout,
-    pub(super) bitmap: PageBitmap,
+    pub(super) bitmap: InflatedBitmap,
     pub(super) discard: Arc<dyn RamDiscard>,
     pub(super) config: ConfigSpace,
     pub(super) config_generation: u32,
@@ -192,7 +192,7 @@ impl Balloon {
         Ok(Self {
             avail_features,
             acked_features: 0,
-            bitmap: PageBitmap::new(layout.total_pages()),
+            bitmap: InflatedBitmap::new(layout.total_pages()),
             layout,
             discard,
             config: ConfigSpace {
@@ -720,7 +720,7 @@ struct BalloonWork<'a> {
     inflate: bool,
     name: &'static str,
     layout: &'a RamLayout,
-    bitmap: &'a mut PageBitmap,
+    bitmap: &'a mut InflatedBitmap,
     discard: &'a dyn RamDiscard,
     metrics: &'a BalloonMetrics,
     /// Ranges inflated by this drain, discarded by the caller.
@@ -817,7 +817,7 @@ impl BalloonWork<'_> {
     /// One run of valid pages: into or out of the balloon's bitmap; an
     /// inflated run goes to the discard list, a deflated one is announced
     /// to the backing (`will_need`) per backing run.
-    fn apply_run(&mut self, run: PageRun) {
+    fn apply_run(&mut self, run: PfnRun) {
         self.bitmap.update(run.bit, run.npages, self.inflate);
         if self.inflate {
             BalloonMetrics::add(&self.metrics.inflate_pages, run.npages);

@@ -7,9 +7,11 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::test_utils::{CountingIrq, DriverQueue, RecordingDiscard};
+use super::test_utils::{
+    CountingIrq, DriverQueue, RecordingDiscard, features, linux_probe, r32, stat, w32, write_pfns,
+};
 use super::*;
-use crate::virtio::{ActivateError, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::virtio::{ActivateError, VirtioDevice};
 use crate::{GpaRange, GuestMemory};
 
 const MIB: u64 = 1 << 20;
@@ -22,11 +24,6 @@ const BUF_BASE: u64 = 0x10_0000;
 
 fn ram() -> Vec<GpaRange> {
     vec![GpaRange::new(0, LOW_END), GpaRange::new(HIGH, 16 * MIB)]
-}
-
-fn features(bits: &[u32]) -> u64 {
-    bits.iter()
-        .fold(1u64 << VIRTIO_F_VERSION_1, |a, b| a | (1u64 << b))
 }
 
 struct Fx {
@@ -98,10 +95,17 @@ fn stats_fixture() -> Fx {
     fixture_with(cfg, features(&[VIRTIO_BALLOON_F_STATS_VQ]))
 }
 
-fn write_pfns(mem: &GuestMemory, addr: u64, pfns: &[u32]) -> u32 {
-    let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-    mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
-    bytes.len() as u32
+/// Every queue: stats (2), free page (3), reporting (4), with page poison.
+fn all_fixture(cfg: BalloonConfig) -> Fx {
+    fixture_with(
+        cfg,
+        features(&[
+            VIRTIO_BALLOON_F_STATS_VQ,
+            VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+            VIRTIO_BALLOON_F_PAGE_POISON,
+            VIRTIO_BALLOON_F_REPORTING,
+        ]),
+    )
 }
 
 impl Fx {
@@ -113,6 +117,24 @@ impl Fx {
     }
     fn used(&self, q: usize) -> u16 {
         self.queues[q].used_idx(&self.mem)
+    }
+    /// Make the chain at `head` of queue `q` available and process it: the
+    /// chain is malformed, so the device must mark itself broken.
+    fn publish_expecting_reset(&mut self, q: usize, head: u16) {
+        self.queues[q].publish(&self.mem, head);
+        self.balloon.process_queue(q);
+        assert!(self.balloon.needs_reset());
+    }
+    /// After processing queue `q`: its `n` buffers were refused (returned,
+    /// counted as invalid, nothing discarded) and the device still works.
+    fn assert_refused(&self, q: usize, n: u16) {
+        assert!(self.discard.discarded().is_empty());
+        assert_eq!(self.used(q), n);
+        assert_eq!(
+            self.balloon.metrics().snapshot().invalid_buffers,
+            u64::from(n)
+        );
+        assert!(!self.balloon.needs_reset());
     }
 }
 
@@ -515,12 +537,6 @@ fn several_buffers_in_one_kick_one_interrupt() {
 
 // ----- stats ---------------------------------------------------------------------------
 
-fn stat(tag: u16, val: u64) -> Vec<u8> {
-    let mut v = tag.to_le_bytes().to_vec();
-    v.extend_from_slice(&val.to_le_bytes());
-    v
-}
-
 fn send_stats(fx: &mut Fx, addr: u64, bytes: &[u8]) {
     fx.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     fx.queues[2].add_chain(&fx.mem, &[(addr, bytes.len() as u32, false)]);
@@ -599,10 +615,7 @@ fn writable_inflate_buffer_is_rejected() {
     let len = write_pfns(&fx.mem, BUF_BASE, &[1, 2, 3]);
     fx.queues[0].add_chain(&fx.mem, &[(BUF_BASE, len, true)]);
     fx.balloon.process_queue(0);
-    assert!(fx.discard.discarded().is_empty());
-    assert_eq!(fx.used(0), 1);
-    assert_eq!(fx.balloon.metrics().snapshot().invalid_buffers, 1);
-    assert!(!fx.balloon.needs_reset());
+    fx.assert_refused(0, 1);
 }
 
 #[test]
@@ -612,9 +625,7 @@ fn odd_and_zero_length_buffers_are_rejected() {
     fx.queues[0].add_chain(&fx.mem, &[(BUF_BASE, 6, false)]);
     fx.queues[0].add_chain(&fx.mem, &[(BUF_BASE, 0, false)]);
     fx.balloon.process_queue(0);
-    assert!(fx.discard.discarded().is_empty());
-    assert_eq!(fx.used(0), 2);
-    assert_eq!(fx.balloon.metrics().snapshot().invalid_buffers, 2);
+    fx.assert_refused(0, 2);
 }
 
 #[test]
@@ -627,10 +638,7 @@ fn oversized_and_out_of_memory_buffers_are_rejected() {
     // Wrapping around the address space.
     fx.queues[0].add_chain(&fx.mem, &[(u64::MAX - 3, 8, false)]);
     fx.balloon.process_queue(0);
-    assert!(fx.discard.discarded().is_empty());
-    assert_eq!(fx.used(0), 3);
-    assert_eq!(fx.balloon.metrics().snapshot().invalid_buffers, 3);
-    assert!(!fx.balloon.needs_reset());
+    fx.assert_refused(0, 3);
 }
 
 #[test]
@@ -640,9 +648,7 @@ fn descriptor_loop_breaks_the_device() {
     let next = VRING_DESC_F_NEXT as u16;
     fx.queues[0].write_desc(&fx.mem, 0, BUF_BASE, len, next, 1);
     fx.queues[0].write_desc(&fx.mem, 1, BUF_BASE, len, next, 0);
-    fx.queues[0].publish(&fx.mem, 0);
-    fx.balloon.process_queue(0);
-    assert!(fx.balloon.needs_reset());
+    fx.publish_expecting_reset(0, 0);
     assert!(fx.discard.discarded().is_empty());
     assert_eq!(fx.irq.config(), 1);
     assert_eq!(fx.balloon.metrics().snapshot().queue_errors, 1);
@@ -662,9 +668,7 @@ fn chain_longer_than_queue_breaks_the_device() {
     for i in 0..256u16 {
         fx.queues[0].write_desc(&fx.mem, i, BUF_BASE, len, next, (i + 1) % 256);
     }
-    fx.queues[0].publish(&fx.mem, 0);
-    fx.balloon.process_queue(0);
-    assert!(fx.balloon.needs_reset());
+    fx.publish_expecting_reset(0, 0);
 }
 
 #[test]
@@ -672,17 +676,13 @@ fn next_index_out_of_range_breaks_the_device() {
     let mut fx = fixture();
     let len = write_pfns(&fx.mem, BUF_BASE, &[1]);
     fx.queues[0].write_desc(&fx.mem, 0, BUF_BASE, len, VRING_DESC_F_NEXT as u16, 300);
-    fx.queues[0].publish(&fx.mem, 0);
-    fx.balloon.process_queue(0);
-    assert!(fx.balloon.needs_reset());
+    fx.publish_expecting_reset(0, 0);
 }
 
 #[test]
 fn head_index_out_of_range_breaks_the_device() {
     let mut fx = fixture();
-    fx.queues[0].publish(&fx.mem, 999);
-    fx.balloon.process_queue(0);
-    assert!(fx.balloon.needs_reset());
+    fx.publish_expecting_reset(0, 999);
 }
 
 #[test]
@@ -729,58 +729,6 @@ mod event_loop {
 
     type Mgr = EventManager<Arc<Mutex<BalloonEvents>>>;
 
-    fn w32(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-    fn r32(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    /// Probe the device the way Linux's virtio_mmio + virtio_balloon do.
-    fn linux_probe(t: &mut MmioTransport, mem: &GuestMemory, feats: u64) -> Vec<DriverQueue> {
-        assert_eq!(r32(t, 0), 0x7472_6976);
-        assert_eq!(r32(t, 4), 2);
-        assert_eq!(r32(t, 8), 5);
-        w32(t, 0x70, 0);
-        w32(t, 0x70, 1);
-        w32(t, 0x70, 3);
-        w32(t, 0x14, 1);
-        let hi = r32(t, 0x10);
-        w32(t, 0x14, 0);
-        let lo = r32(t, 0x10);
-        let offered = (u64::from(hi) << 32) | u64::from(lo);
-        let acked = offered & feats;
-        w32(t, 0x24, 1);
-        w32(t, 0x20, (acked >> 32) as u32);
-        w32(t, 0x24, 0);
-        w32(t, 0x20, acked as u32);
-        w32(t, 0x70, 0xb);
-        assert_eq!(r32(t, 0x70) & 8, 8, "FEATURES_OK accepted");
-        let mut qs = Vec::new();
-        for i in 0.. {
-            w32(t, 0x30, i);
-            assert_eq!(r32(t, 0x44), 0);
-            let max = r32(t, 0x34);
-            if max == 0 {
-                break;
-            }
-            let q = DriverQueue::new(mem, QUEUE_BASE + 0x10000 * u64::from(i), max as u16);
-            w32(t, 0x38, max);
-            w32(t, 0x80, q.desc as u32);
-            w32(t, 0x84, (q.desc >> 32) as u32);
-            w32(t, 0x90, q.avail as u32);
-            w32(t, 0x94, (q.avail >> 32) as u32);
-            w32(t, 0xa0, q.used as u32);
-            w32(t, 0xa4, (q.used >> 32) as u32);
-            w32(t, 0x44, 1);
-            qs.push(q);
-        }
-        w32(t, 0x70, 0xf);
-        qs
-    }
-
     struct World {
         mem: GuestMemory,
         balloon: Arc<Mutex<Balloon>>,
@@ -824,7 +772,7 @@ mod event_loop {
     #[test]
     fn kick_via_ioeventfd_is_served_by_the_event_loop() {
         let mut w = world(BalloonConfig::default());
-        let mut qs = linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        let mut qs = linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
         assert_eq!(qs.len(), 2);
         assert!(w.balloon.lock().unwrap().is_activated());
         // The activation is finished by the event loop.
@@ -864,7 +812,7 @@ mod event_loop {
         assert_eq!(w.discard.discarded().len(), 1);
 
         // And the device can be brought up again.
-        let mut qs = linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        let mut qs = linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
         w.mgr.run_with_timeout(10).unwrap();
         qs[0].add_chain(&w.mem, &[(BUF_BASE, len, false)]);
         w.transport.queue_evts()[0].write(1).unwrap();
@@ -885,7 +833,7 @@ mod event_loop {
         let mut w = world(BalloonConfig::default());
         let (release, hold) = std::sync::mpsc::channel::<()>();
         *w.discard.hold.lock().unwrap() = Some(hold);
-        let mut qs = linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        let mut qs = linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
         w.mgr.run_with_timeout(10).unwrap();
         let len = write_pfns(&w.mem, BUF_BASE, &(0x800..0x900).collect::<Vec<_>>());
         qs[0].add_chain(&w.mem, &[(BUF_BASE, len, false)]);
@@ -936,7 +884,7 @@ mod event_loop {
     #[test]
     fn config_change_interrupt_through_the_transport() {
         let mut w = world(BalloonConfig::default());
-        linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
         w.balloon.lock().unwrap().set_target_pages(512).unwrap();
         assert_eq!(w.irq.config(), 1);
         assert_eq!(r32(&mut w.transport, 0x60) & 2, 2);
@@ -949,7 +897,7 @@ mod event_loop {
     #[test]
     fn broken_queue_shows_needs_reset_in_status() {
         let mut w = world(BalloonConfig::default());
-        let mut qs = linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        let mut qs = linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
         w.mgr.run_with_timeout(10).unwrap();
         qs[0].set_avail_idx(&w.mem, 1000);
         w.transport.queue_evts()[0].write(1).unwrap();
@@ -971,7 +919,7 @@ mod event_loop {
             ..BalloonConfig::default()
         };
         let mut w = world(cfg);
-        let mut qs = linux_probe(&mut w.transport, &w.mem, u64::MAX);
+        let mut qs = linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
         assert_eq!(qs.len(), 3);
         w.mgr.run_with_timeout(10).unwrap();
         let buf = stat(4, 1234);
@@ -1030,19 +978,6 @@ mod free_pages {
             page_poison: true,
             ..BalloonConfig::default()
         }
-    }
-
-    /// Stats (2), free page (3), reporting (4).
-    fn all_fixture(cfg: BalloonConfig) -> Fx {
-        fixture_with(
-            cfg,
-            features(&[
-                VIRTIO_BALLOON_F_STATS_VQ,
-                VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-                VIRTIO_BALLOON_F_PAGE_POISON,
-                VIRTIO_BALLOON_F_REPORTING,
-            ]),
-        )
     }
 
     const FP: usize = 3;
@@ -1180,10 +1115,16 @@ mod free_pages {
         for i in 0..32u16 {
             fx.queues[REP].write_desc(&fx.mem, i, 0, MIB2 as u32, flags, (i + 1) % 32);
         }
-        fx.queues[REP].publish(&fx.mem, 0);
-        fx.balloon.process_queue(REP);
-        assert!(fx.balloon.needs_reset());
+        fx.publish_expecting_reset(REP, 0);
         assert!(fx.discard.discarded().is_empty());
+    }
+
+    /// Every queue, hinting on, and a sink that records what reaches it.
+    fn fixture_with_sink() -> (Fx, Arc<Sink>) {
+        let mut fx = all_fixture(all_cfg());
+        let sink = Arc::new(Sink::default());
+        fx.balloon.set_hint_sink(Some(sink.clone()));
+        (fx, sink)
     }
 
     fn send_cmd(fx: &mut Fx, id: u32, writable: bool) {
@@ -1207,9 +1148,7 @@ mod free_pages {
 
     #[test]
     fn hinting_round_reaches_the_sink() {
-        let mut fx = all_fixture(all_cfg());
-        let sink = Arc::new(Sink::default());
-        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let (mut fx, sink) = fixture_with_sink();
         let id = fx.balloon.start_hinting().unwrap();
         assert_eq!(id, 2);
         assert_eq!(cfg_cmd_id(&fx), 2);
@@ -1249,9 +1188,7 @@ mod free_pages {
 
     #[test]
     fn hints_before_ack_or_under_a_stale_id_are_ignored() {
-        let mut fx = all_fixture(all_cfg());
-        let sink = Arc::new(Sink::default());
-        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let (mut fx, sink) = fixture_with_sink();
         // Before any round.
         send_hint(&mut fx, MIB4, MIB4);
         let old = fx.balloon.start_hinting().unwrap();
@@ -1278,9 +1215,7 @@ mod free_pages {
 
     #[test]
     fn hinting_buffers_in_the_wrong_direction() {
-        let mut fx = all_fixture(all_cfg());
-        let sink = Arc::new(Sink::default());
-        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let (mut fx, sink) = fixture_with_sink();
         let id = fx.balloon.start_hinting().unwrap();
         // The ack as a writable buffer: a 4-byte "hint", not RAM-aligned.
         send_cmd(&mut fx, id, true);
@@ -1301,9 +1236,7 @@ mod free_pages {
 
     #[test]
     fn hint_ranges_outside_ram_are_ignored() {
-        let mut fx = all_fixture(all_cfg());
-        let sink = Arc::new(Sink::default());
-        fx.balloon.set_hint_sink(Some(sink.clone()));
+        let (mut fx, sink) = fixture_with_sink();
         let id = fx.balloon.start_hinting().unwrap();
         send_cmd(&mut fx, id, false);
         send_hint(&mut fx, 3 * GIB, MIB4);
@@ -1403,15 +1336,7 @@ fn random_ring_contents_never_panic() {
             hint_discard: round % 2 == 0,
             ..BalloonConfig::default()
         };
-        let mut fx = fixture_with(
-            cfg,
-            features(&[
-                VIRTIO_BALLOON_F_STATS_VQ,
-                VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-                VIRTIO_BALLOON_F_PAGE_POISON,
-                VIRTIO_BALLOON_F_REPORTING,
-            ]),
-        );
+        let mut fx = all_fixture(cfg);
         if round % 3 == 0 {
             let _ = fx.balloon.start_hinting();
         }
@@ -1635,9 +1560,7 @@ mod sg {
         let mut fx = sg_fixture(false);
         // Descriptor 0 chains to itself: a loop.
         fx.queues[0].write_desc(&fx.mem, 0, MIB, 0x1000, (VRING_DESC_F_NEXT | 2) as u16, 0);
-        fx.queues[0].publish(&fx.mem, 0);
-        fx.balloon.process_queue(0);
-        assert!(fx.balloon.needs_reset());
+        fx.publish_expecting_reset(0, 0);
         assert_eq!(fx.balloon.inflated_pages(), 0);
         assert!(fx.discard.discarded().is_empty());
     }

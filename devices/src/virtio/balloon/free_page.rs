@@ -10,7 +10,7 @@ use vm_memory::Bytes;
 
 use super::device::Balloon;
 use super::discard::discard_free_range;
-use super::hinting::{GuestCmd, HintSink, HintingState, HintingStatus};
+use super::hinting::{GuestCmd, HintSink, HintState, HintingState, HintingStatus};
 use super::metrics::BalloonMetrics;
 use super::queue::{Drain, drain_chains};
 use super::*;
@@ -44,39 +44,47 @@ impl Balloon {
     /// (Firecracker's `acknowledge_on_stop`), so the guest gets its hinted
     /// pages back without a [`hinting_done`](Self::hinting_done) call.
     pub fn start_hinting_with(&mut self, ack_on_stop: bool) -> Result<u32, Error> {
-        self.hinting_usable()?;
+        let id = self.host_hint_command(|hint| {
+            let id = hint.start();
+            info!("balloon: free page hinting round {id} started");
+            id
+        })?;
         self.hint_ack_on_stop = ack_on_stop;
-        let before = self.hint.status();
-        let id = self.hint.start();
         BalloonMetrics::inc(&self.metrics.hint_rounds);
-        info!("balloon: free page hinting round {id} started");
-        self.publish_hint_cmd();
-        self.emit_hinting_change(before);
         Ok(id)
     }
 
     /// Ask the guest to stop hinting (STOP). Hinted pages stay with the
     /// host's sink until [`hinting_done`](Self::hinting_done).
     pub fn stop_hinting(&mut self) -> Result<(), Error> {
-        self.hinting_usable()?;
-        let before = self.hint.status();
-        self.hint.stop();
-        info!("balloon: free page hinting stopped by the host");
-        self.publish_hint_cmd();
-        self.emit_hinting_change(before);
-        Ok(())
+        self.host_hint_command(|hint| {
+            hint.stop();
+            info!("balloon: free page hinting stopped by the host");
+        })
     }
 
     /// Tell the guest the host is done with the hints (DONE): it frees the
     /// hinted pages for reuse.
     pub fn hinting_done(&mut self) -> Result<(), Error> {
+        self.host_hint_command(|hint| {
+            hint.done();
+            info!("balloon: free page hinting done");
+        })
+    }
+
+    /// A host command (start, stop, done) when hinting is usable: `apply`
+    /// it to the hinting state, publish the new command id to the guest and
+    /// report the change.
+    fn host_hint_command<T>(
+        &mut self,
+        apply: impl FnOnce(&mut HintState) -> T,
+    ) -> Result<T, Error> {
         self.hinting_usable()?;
         let before = self.hint.status();
-        self.hint.done();
-        info!("balloon: free page hinting done");
+        let out = apply(&mut self.hint);
         self.publish_hint_cmd();
         self.emit_hinting_change(before);
-        Ok(())
+        Ok(out)
     }
 
     /// Host id, guest-acked id, state and pages hinted in this round.

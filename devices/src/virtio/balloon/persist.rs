@@ -30,7 +30,7 @@ use super::config::{BalloonConfig, ConfigSpace};
 use super::device::{Balloon, RestoredActive};
 use super::hinting::{HintState, HintingState, HintingStatus};
 use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
-use super::pfn_runs::{PageBitmap, RamLayout};
+use super::pfn_runs::{InflatedBitmap, RamLayout};
 use super::stats::{BalloonStats, NUM_STAT_TAGS};
 use super::{STATS_QUEUE_SIZE, VIRTIO_BALLOON_F_STATS_VQ};
 use crate::persist::{Persist, PersistError, Versioned};
@@ -260,7 +260,7 @@ impl Balloon {
         mut self,
         state: &BalloonState,
         latest_stats: Option<BalloonStats>,
-        bitmap: PageBitmap,
+        bitmap: InflatedBitmap,
     ) -> Self {
         let h = &state.hinting;
         self.bitmap = bitmap;
@@ -405,7 +405,7 @@ impl BalloonState {
 
     /// The inflated runs as a bitmap over `layout`: sorted, disjoint, in
     /// guest RAM, and as many pages as the state says.
-    fn inflated_bitmap(&self, layout: &RamLayout) -> Result<PageBitmap, PersistError> {
+    fn inflated_bitmap(&self, layout: &RamLayout) -> Result<InflatedBitmap, PersistError> {
         let state = self;
         let invalid = |reason: String| PersistError::invalid(NAME, reason);
         let total = layout.total_pages();
@@ -415,7 +415,7 @@ impl BalloonState {
                 state.inflated.len()
             )));
         }
-        let mut bitmap = PageBitmap::new(total);
+        let mut bitmap = InflatedBitmap::new(total);
         let mut prev_end = 0u64;
         for r in &state.inflated {
             if r.start_pfn < prev_end {
@@ -455,13 +455,16 @@ mod tests {
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-    use super::super::test_utils::{CountingIrq, DriverQueue, RecordingDiscard};
+    use super::super::test_utils::{
+        CountingIrq, DriverQueue, RecordingDiscard, features, linux_probe, r32, stat, w32,
+        write_pfns,
+    };
     use super::super::*;
     use super::*;
     use crate::GuestMemory;
     use crate::persist::{from_json, to_json};
+    use crate::virtio::VirtioDevice;
     use crate::virtio::mmio::{MmioTransport, MmioTransportState};
-    use crate::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
@@ -492,65 +495,6 @@ mod tests {
             dst.write_slice(&buf, r.start_addr()).unwrap();
         }
         dst
-    }
-
-    fn features(bits: &[u32]) -> u64 {
-        bits.iter()
-            .fold(1u64 << VIRTIO_F_VERSION_1, |a, b| a | (1u64 << b))
-    }
-
-    fn w32(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    fn r32(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    /// The driver's side of bring-up through the transport's registers
-    /// (virtio-mmio offsets, spec 4.2.2); returns the rings it set up.
-    fn bring_up(t: &mut MmioTransport, mem: &GuestMemory, features: u64) -> Vec<DriverQueue> {
-        w32(t, 0x70, 1);
-        w32(t, 0x70, 1 | 2);
-        w32(t, 0x24, 1);
-        w32(t, 0x20, (features >> 32) as u32);
-        w32(t, 0x24, 0);
-        w32(t, 0x20, features as u32);
-        w32(t, 0x70, 1 | 2 | 8);
-        assert_eq!(r32(t, 0x70), 1 | 2 | 8);
-        let mut queues = Vec::new();
-        for i in 0..t.queue_evts().len() as u32 {
-            w32(t, 0x30, i);
-            let max = r32(t, 0x34);
-            if max == 0 {
-                break;
-            }
-            let q = DriverQueue::new(mem, QUEUE_BASE + 0x1_0000 * u64::from(i), max as u16);
-            w32(t, 0x38, max);
-            for (off, addr) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
-                w32(t, off, addr as u32);
-                w32(t, off + 4, (addr >> 32) as u32);
-            }
-            w32(t, 0x44, 1);
-            queues.push(q);
-        }
-        w32(t, 0x70, 1 | 2 | 8 | 4);
-        assert_eq!(r32(t, 0x70), 1 | 2 | 8 | 4);
-        queues
-    }
-
-    fn write_pfns(mem: &GuestMemory, addr: u64, pfns: &[u32]) -> u32 {
-        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-        mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
-        bytes.len() as u32
-    }
-
-    fn stat(tag: u16, val: u64) -> Vec<u8> {
-        let mut v = tag.to_le_bytes().to_vec();
-        v.extend_from_slice(&val.to_le_bytes());
-        v
     }
 
     struct Side {
@@ -595,7 +539,7 @@ mod tests {
         ));
         let irq = Arc::new(CountingIrq::default());
         let mut transport = MmioTransport::new(balloon.clone(), mem.clone(), irq.clone()).unwrap();
-        let mut q = bring_up(&mut transport, &mem, features(FULL_FEATURES));
+        let mut q = linux_probe(&mut transport, &mem, QUEUE_BASE, features(FULL_FEATURES));
         assert_eq!(q.len(), 4);
         let src = Side {
             mem,
@@ -813,7 +757,12 @@ mod tests {
         assert!(!dst.balloon.lock().unwrap().is_activated());
         assert_eq!(dst.balloon.lock().unwrap().inflated_pages(), 0);
         let mem = dst.mem.clone();
-        let mut q = bring_up(&mut dst.transport, &mem, features(FULL_FEATURES));
+        let mut q = linux_probe(
+            &mut dst.transport,
+            &mem,
+            QUEUE_BASE,
+            features(FULL_FEATURES),
+        );
         dst.send_pfns(&mut q[0], 0, &[7], BUF_BASE);
         assert_eq!(q[0].used_idx(&mem), 1);
         assert!(dst.balloon.lock().unwrap().is_inflated(7));

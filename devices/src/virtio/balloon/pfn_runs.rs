@@ -4,13 +4,11 @@
 //! Everything here is pure bookkeeping (no guest memory, no syscalls) so it
 //! can be tested and benchmarked on its own: [`PfnBatch::process`] turns the
 //! raw little-endian PFN array of one buffer into validated, deduplicated,
-//! merged [`PageRun`]s, each of which the device releases with one
+//! merged [`PfnRun`]s, each of which the device releases with one
 //! `RamDiscard::discard` call.
 
 use super::Error;
-use crate::{GpaRange, PAGE_SIZE};
-
-const PAGE_SHIFT: u32 = 12;
+use crate::{GpaRange, PAGE_SHIFT, PAGE_SIZE};
 
 /// PFNs one batch handles (Linux sends at most 256 per buffer:
 /// `VIRTIO_BALLOON_ARRAY_PFNS_MAX`). Longer buffers are processed in
@@ -81,14 +79,14 @@ impl RamLayout {
     /// Split `run` (inside one span) at the backing boundaries it crosses
     /// (where two contiguous RAM regions meet) and call `f` for each part,
     /// in ascending order: one discard call per part.
-    pub fn backing_runs(&self, run: PageRun, mut f: impl FnMut(PageRun)) {
+    pub fn backing_runs(&self, run: PfnRun, mut f: impl FnMut(PfnRun)) {
         let end = run.start_pfn + run.npages;
         let mut cur = run;
         let first = self.cuts.partition_point(|&c| c <= run.start_pfn);
         for &cut in self.cuts[first..].iter().take_while(|&&c| c < end) {
             let n = cut - cur.start_pfn;
-            f(PageRun { npages: n, ..cur });
-            cur = PageRun {
+            f(PfnRun { npages: n, ..cur });
+            cur = PfnRun {
                 start_pfn: cut,
                 npages: cur.npages - n,
                 bit: cur.bit + n,
@@ -118,12 +116,12 @@ impl RamLayout {
 
     /// The pages set in `bitmap`, as runs of contiguous guest page frames
     /// (ascending; a run never crosses a hole).
-    pub fn set_runs(&self, bitmap: &PageBitmap) -> Vec<PageRun> {
+    pub fn set_runs(&self, bitmap: &InflatedBitmap) -> Vec<PfnRun> {
         let mut out = Vec::new();
         for s in &self.spans {
             let end = s.bit_base + (s.end_pfn - s.start_pfn);
             bitmap.for_each_set_run(s.bit_base, end, |bit, npages| {
-                out.push(PageRun {
+                out.push(PfnRun {
                     start_pfn: s.start_pfn + (bit - s.bit_base),
                     npages,
                     bit,
@@ -154,7 +152,7 @@ impl RamLayout {
 
     /// Split a byte range (already known to be page aligned) into the runs
     /// of guest RAM it covers; `None` if any part of it is not RAM.
-    pub fn run_of_range(&self, range: GpaRange) -> Option<PageRun> {
+    pub fn run_of_range(&self, range: GpaRange) -> Option<PfnRun> {
         if !range.start.is_multiple_of(PAGE_SIZE) || !range.len.is_multiple_of(PAGE_SIZE) {
             return None;
         }
@@ -163,7 +161,7 @@ impl RamLayout {
         let end_pfn = start_pfn.checked_add(npages)?;
         let i = self.spans.partition_point(|s| s.end_pfn <= start_pfn);
         let s = self.spans.get(i)?;
-        (npages > 0 && start_pfn >= s.start_pfn && end_pfn <= s.end_pfn).then(|| PageRun {
+        (npages > 0 && start_pfn >= s.start_pfn && end_pfn <= s.end_pfn).then(|| PfnRun {
             start_pfn,
             npages,
             bit: s.bit_base + (start_pfn - s.start_pfn),
@@ -171,16 +169,21 @@ impl RamLayout {
     }
 }
 
-/// Contiguous valid pages inside one span of guest RAM.
+/// Contiguous valid pages inside one span of guest RAM, as page frame
+/// numbers plus their index in the [`InflatedBitmap`].
+///
+/// Not the migration's `GpaRun` (`vmm/src/migration/dirty.rs`): that one is
+/// a run of to-send pages by guest-physical address and carries no index
+/// into a dense bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRun {
+pub struct PfnRun {
     pub start_pfn: u64,
     pub npages: u64,
     /// Bitmap index of `start_pfn`.
     pub bit: u64,
 }
 
-impl PageRun {
+impl PfnRun {
     /// The run as guest-physical bytes (cannot overflow: PFNs are < 2^52).
     pub fn range(&self) -> GpaRange {
         GpaRange::new(self.start_pfn << PAGE_SHIFT, self.npages << PAGE_SHIFT)
@@ -205,7 +208,7 @@ pub struct BatchOutcome {
 #[derive(Debug, Default)]
 pub struct PfnBatch {
     pfns: Vec<u32>,
-    runs: Vec<PageRun>,
+    runs: Vec<PfnRun>,
 }
 
 impl PfnBatch {
@@ -257,7 +260,7 @@ impl PfnBatch {
                 {
                     r.npages += 1
                 }
-                _ => self.runs.push(PageRun {
+                _ => self.runs.push(PfnRun {
                     start_pfn: pfn,
                     npages: 1,
                     bit: span.bit_base + (pfn - span.start_pfn),
@@ -268,20 +271,27 @@ impl PfnBatch {
     }
 
     /// Runs produced by the last [`process`](Self::process).
-    pub fn runs(&self) -> &[PageRun] {
+    pub fn runs(&self) -> &[PfnRun] {
         &self.runs
     }
 }
 
 /// One bit per 4 KiB page of guest RAM: set while the page is in the balloon.
+///
+/// Indexed densely by [`RamLayout`]'s bit index (holes take no bits), owned
+/// by the device behind its lock and kept with a running count of set bits.
+/// The migration's `AtomicPageBitmap` (`vmm/src/migration/dirty.rs`) is a
+/// different thing on purpose: addressed by guest-physical address, laid
+/// out per region on word boundaries so KVM's dirty logs OR in word by word,
+/// and updated lock-free from several threads.
 #[derive(Clone, Debug)]
-pub struct PageBitmap {
+pub struct InflatedBitmap {
     words: Vec<u64>,
     bits: u64,
     set: u64,
 }
 
-impl PageBitmap {
+impl InflatedBitmap {
     pub fn new(bits: u64) -> Self {
         let words = usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX);
         Self {
@@ -507,7 +517,7 @@ mod tests {
         assert_eq!(r, vec![(0, 1)]);
         assert_eq!(out.invalid, 3);
         // The largest PFN turns into a byte address without overflow.
-        let run = PageRun {
+        let run = PfnRun {
             start_pfn: u64::from(u32::MAX),
             npages: 1,
             bit: 0,
@@ -530,7 +540,7 @@ mod tests {
         let l = holey();
         assert_eq!(
             l.run_of_range(GpaRange::new(0x1000, 0x4000)),
-            Some(PageRun {
+            Some(PfnRun {
                 start_pfn: 1,
                 npages: 4,
                 bit: 1
@@ -552,7 +562,7 @@ mod tests {
 
     #[test]
     fn bitmap_update_counts_changes() {
-        let mut bm = PageBitmap::new(200);
+        let mut bm = InflatedBitmap::new(200);
         assert_eq!(bm.update(3, 130, true), 130);
         assert_eq!(bm.count(), 130);
         assert_eq!(bm.update(0, 10, true), 3);
@@ -567,7 +577,7 @@ mod tests {
         assert_eq!(bm.count(), 0);
     }
 
-    fn set_runs(bm: &PageBitmap, start: u64, end: u64) -> Vec<(u64, u64)> {
+    fn set_runs(bm: &InflatedBitmap, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut v = Vec::new();
         bm.for_each_set_run(start, end, |b, n| v.push((b, n)));
         v
@@ -575,7 +585,7 @@ mod tests {
 
     #[test]
     fn bitmap_set_runs() {
-        let mut bm = PageBitmap::new(300);
+        let mut bm = InflatedBitmap::new(300);
         assert!(set_runs(&bm, 0, 300).is_empty());
         bm.update(0, 1, true);
         bm.update(63, 2, true); // across a word boundary
@@ -592,7 +602,7 @@ mod tests {
         bm.update(0, 300, true);
         assert_eq!(set_runs(&bm, 0, 300), vec![(0, 300)]);
         // Random pattern against a bit-by-bit reference.
-        let mut bm = PageBitmap::new(1000);
+        let mut bm = InflatedBitmap::new(1000);
         let mut x = 12345u64;
         for _ in 0..200 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -623,7 +633,7 @@ mod tests {
             l.ranges(),
             vec![GpaRange::new(0, 3 * GIB), GpaRange::new(4 * GIB, 2 * GIB)]
         );
-        let mut bm = PageBitmap::new(l.total_pages());
+        let mut bm = InflatedBitmap::new(l.total_pages());
         // A bit run that crosses from the first span into the second
         // splits into two PFN runs on either side of the hole.
         bm.update(3 * PAGES_PER_GIB - 2, 4, true);

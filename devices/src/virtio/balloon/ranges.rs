@@ -9,7 +9,7 @@
 //! RAM inside it. Pure bookkeeping, like `pfn_runs`: no guest memory is
 //! read, nothing is discarded here.
 
-use super::pfn_runs::{PageBitmap, PageRun, RamLayout};
+use super::pfn_runs::{InflatedBitmap, PfnRun, RamLayout};
 use crate::{GpaRange, PAGE_SIZE};
 
 /// Longest range one descriptor may carry: 4 GiB − 4 KiB (the largest
@@ -46,8 +46,8 @@ pub fn check_range(
     writable: bool,
     inflate: bool,
     layout: &RamLayout,
-    bitmap: &PageBitmap,
-) -> Result<PageRun, RangeError> {
+    bitmap: &InflatedBitmap,
+) -> Result<PfnRun, RangeError> {
     if !writable {
         return Err(RangeError::Readable(range));
     }
@@ -102,18 +102,18 @@ mod tests {
 
     fn check(
         l: &RamLayout,
-        b: &PageBitmap,
+        b: &InflatedBitmap,
         start: u64,
         len: u64,
         inflate: bool,
-    ) -> Result<PageRun, RangeError> {
+    ) -> Result<PfnRun, RangeError> {
         check_range(GpaRange::new(start, len), true, inflate, l, b)
     }
 
     #[test]
     fn hostile_ranges_are_refused_with_their_reason() {
         let l = layout();
-        let b = PageBitmap::new(l.total_pages());
+        let b = InflatedBitmap::new(l.total_pages());
         let r = |s, n| GpaRange::new(s, n);
         assert_eq!(
             check_range(r(0x1000, 0x1000), false, true, &l, &b),
@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn inflate_needs_pages_outside_and_deflate_inside_the_balloon() {
         let l = layout();
-        let mut b = PageBitmap::new(l.total_pages());
+        let mut b = InflatedBitmap::new(l.total_pages());
         // Pages 0x100..0x110 are in the balloon.
         b.update(0x100, 0x10, true);
         assert_eq!(
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn a_range_is_split_only_at_backing_boundaries() {
         let l = layout();
-        let b = PageBitmap::new(l.total_pages());
+        let b = InflatedBitmap::new(l.total_pages());
         let run = check(&l, &b, 4 * GIB, GIB, true).unwrap();
         let mut parts = Vec::new();
         l.backing_runs(run, |r| parts.push(r.range()));

@@ -1,5 +1,7 @@
 //! Test helpers: a driver-side split virtqueue written straight into guest
-//! memory, a recording `RamDiscard` and a counting `Interrupt`.
+//! memory, the driver's bring-up through the virtio-mmio registers, the
+//! buffers a balloon driver sends, a recording `RamDiscard` and a counting
+//! `Interrupt`.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,7 +10,8 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::virtio::Interrupt;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::{Interrupt, VIRTIO_F_VERSION_1};
 use crate::{DiscardError, DiscardOutcome, GpaRange, GuestMemory, RamDiscard};
 
 /// A split virtqueue as the guest driver sees it.
@@ -195,4 +198,87 @@ impl Interrupt for CountingIrq {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+}
+
+/// Feature bits `bits` plus `VIRTIO_F_VERSION_1`.
+pub fn features(bits: &[u32]) -> u64 {
+    bits.iter()
+        .fold(1u64 << VIRTIO_F_VERSION_1, |a, b| a | (1u64 << b))
+}
+
+/// An inflate/deflate buffer: `pfns` as little-endian u32s at `addr`;
+/// returns its length.
+pub fn write_pfns(mem: &GuestMemory, addr: u64, pfns: &[u32]) -> u32 {
+    let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+    bytes.len() as u32
+}
+
+/// One statistics entry (`struct virtio_balloon_stat`: le16 tag, le64 value).
+pub fn stat(tag: u16, val: u64) -> Vec<u8> {
+    let mut v = tag.to_le_bytes().to_vec();
+    v.extend_from_slice(&val.to_le_bytes());
+    v
+}
+
+/// Write the 32-bit virtio-mmio register at `off`.
+pub fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Read the 32-bit virtio-mmio register at `off`.
+pub fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Probe the device the way Linux's virtio_mmio + virtio_balloon do: reset,
+/// ACKNOWLEDGE and DRIVER, ack the offered features that are in `feats`,
+/// FEATURES_OK, then set up every queue the device has (queue `i`'s rings
+/// at `queue_base + i * 64 KiB`) and DRIVER_OK. Returns the rings.
+pub fn linux_probe(
+    t: &mut MmioTransport,
+    mem: &GuestMemory,
+    queue_base: u64,
+    feats: u64,
+) -> Vec<DriverQueue> {
+    assert_eq!(r32(t, 0), 0x7472_6976);
+    assert_eq!(r32(t, 4), 2);
+    assert_eq!(r32(t, 8), 5);
+    w32(t, 0x70, 0);
+    w32(t, 0x70, 1);
+    w32(t, 0x70, 3);
+    w32(t, 0x14, 1);
+    let hi = r32(t, 0x10);
+    w32(t, 0x14, 0);
+    let lo = r32(t, 0x10);
+    let offered = (u64::from(hi) << 32) | u64::from(lo);
+    let acked = offered & feats;
+    w32(t, 0x24, 1);
+    w32(t, 0x20, (acked >> 32) as u32);
+    w32(t, 0x24, 0);
+    w32(t, 0x20, acked as u32);
+    w32(t, 0x70, 0xb);
+    assert_eq!(r32(t, 0x70) & 8, 8, "FEATURES_OK accepted");
+    let mut qs = Vec::new();
+    for i in 0.. {
+        w32(t, 0x30, i);
+        assert_eq!(r32(t, 0x44), 0);
+        let max = r32(t, 0x34);
+        if max == 0 {
+            break;
+        }
+        let q = DriverQueue::new(mem, queue_base + 0x1_0000 * u64::from(i), max as u16);
+        w32(t, 0x38, max);
+        for (off, addr) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
+            w32(t, off, addr as u32);
+            w32(t, off + 4, (addr >> 32) as u32);
+        }
+        w32(t, 0x44, 1);
+        qs.push(q);
+    }
+    w32(t, 0x70, 0xf);
+    assert_eq!(r32(t, 0x70), 0xf, "DRIVER_OK accepted");
+    qs
 }

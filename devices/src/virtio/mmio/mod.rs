@@ -783,6 +783,16 @@ mod tests {
         r32(t, REG_STATUS)
     }
 
+    /// Negotiate `features`, set up queue `i` as `queues[i]` (size, ring
+    /// base) and write DRIVER_OK.
+    fn bring_up(t: &mut MmioTransport, features: u64, queues: &[(u32, u64)]) {
+        negotiate(t, features);
+        for (q, &(size, base)) in (0..).zip(queues) {
+            setup_queue(t, q, size, base);
+        }
+        w32(t, REG_STATUS, ACK | DRV | FOK | DOK);
+    }
+
     fn setup_queue(t: &mut MmioTransport, q: u32, size: u32, base: u64) {
         w32(t, REG_QUEUE_SEL, q);
         assert_eq!(r32(t, REG_QUEUE_READY), 0);
@@ -902,11 +912,11 @@ mod tests {
     #[test]
     fn activation_passes_queues_and_eventfds() {
         let mut f = fixture();
-        negotiate(&mut f.t, V1 | F_B);
-        setup_queue(&mut f.t, 0, 128, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        setup_queue(&mut f.t, 2, 2, 0x3_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(
+            &mut f.t,
+            V1 | F_B,
+            &[(128, 0x1_0000), (256, 0x2_0000), (2, 0x3_0000)],
+        );
         assert_eq!(r32(&mut f.t, REG_STATUS), ACK | DRV | FOK | DOK);
         let dev = f.dev.lock().unwrap();
         let a = dev.active.as_ref().expect("activated");
@@ -918,10 +928,7 @@ mod tests {
     #[test]
     fn queue_outside_memory_fails_activation_with_needs_reset() {
         let mut f = fixture();
-        negotiate(&mut f.t, V1);
-        setup_queue(&mut f.t, 0, 256, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0xffff_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(&mut f.t, V1, &[(256, 0x1_0000), (256, 0xffff_0000)]);
         let s = r32(&mut f.t, REG_STATUS);
         assert_ne!(s & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         assert!(f.dev.lock().unwrap().active.is_none());
@@ -931,17 +938,12 @@ mod tests {
     #[test]
     fn bad_queue_size_fails_activation() {
         let mut f = fixture();
-        negotiate(&mut f.t, V1);
-        setup_queue(&mut f.t, 0, 100, 0x1_0000); // not a power of two
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        // Queue 0 of a size that is not a power of two.
+        bring_up(&mut f.t, V1, &[(100, 0x1_0000), (256, 0x2_0000)]);
         assert_ne!(r32(&mut f.t, REG_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         // Misaligned ring.
         let mut f = fixture();
-        negotiate(&mut f.t, V1);
-        setup_queue(&mut f.t, 0, 256, 0x1_0001);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(&mut f.t, V1, &[(256, 0x1_0001), (256, 0x2_0000)]);
         assert_ne!(r32(&mut f.t, REG_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     }
 
@@ -967,11 +969,11 @@ mod tests {
     #[test]
     fn queue_ready_zero_after_reset_is_a_quiet_no_op() {
         let mut f = fixture();
-        negotiate(&mut f.t, V1 | F_B);
-        setup_queue(&mut f.t, 0, 256, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        setup_queue(&mut f.t, 2, 2, 0x3_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(
+            &mut f.t,
+            V1 | F_B,
+            &[(256, 0x1_0000), (256, 0x2_0000), (2, 0x3_0000)],
+        );
         w32(&mut f.t, REG_STATUS, 0);
         for q in 0..3 {
             w32(&mut f.t, REG_QUEUE_SEL, q);
@@ -983,10 +985,7 @@ mod tests {
         assert!(!f.t.write_queue_ready(1));
         assert_eq!(r32(&mut f.t, REG_QUEUE_READY), 0);
         // ...and so is un-readying a live queue (no VIRTIO_F_RING_RESET).
-        negotiate(&mut f.t, V1);
-        setup_queue(&mut f.t, 0, 256, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(&mut f.t, V1, &[(256, 0x1_0000), (256, 0x2_0000)]);
         w32(&mut f.t, REG_QUEUE_SEL, 1);
         assert!(!f.t.write_queue_ready(0));
         assert_eq!(r32(&mut f.t, REG_QUEUE_READY), 1);
@@ -996,11 +995,11 @@ mod tests {
     #[test]
     fn reset_clears_state() {
         let mut f = fixture();
-        negotiate(&mut f.t, V1 | F_B);
-        setup_queue(&mut f.t, 0, 256, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        setup_queue(&mut f.t, 2, 2, 0x3_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(
+            &mut f.t,
+            V1 | F_B,
+            &[(256, 0x1_0000), (256, 0x2_0000), (2, 0x3_0000)],
+        );
         f.irq.trigger(VIRTIO_MMIO_INT_VRING).unwrap();
         w32(&mut f.t, REG_STATUS, 0);
         assert_eq!(r32(&mut f.t, REG_STATUS), 0);
@@ -1013,10 +1012,7 @@ mod tests {
         w32(&mut f.t, REG_QUEUE_SEL, 2);
         assert_eq!(r32(&mut f.t, REG_QUEUE_NUM_MAX), 0);
         // And the device can be driven again.
-        negotiate(&mut f.t, V1);
-        setup_queue(&mut f.t, 0, 256, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(&mut f.t, V1, &[(256, 0x1_0000), (256, 0x2_0000)]);
         assert!(f.dev.lock().unwrap().active.is_some());
     }
 
@@ -1113,11 +1109,11 @@ mod tests {
 
     fn activated() -> Fixture {
         let mut f = fixture();
-        negotiate(&mut f.t, V1 | F_B);
-        setup_queue(&mut f.t, 0, 128, 0x1_0000);
-        setup_queue(&mut f.t, 1, 256, 0x2_0000);
-        setup_queue(&mut f.t, 2, 2, 0x3_0000);
-        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        bring_up(
+            &mut f.t,
+            V1 | F_B,
+            &[(128, 0x1_0000), (256, 0x2_0000), (2, 0x3_0000)],
+        );
         // The device made progress on its rings.
         {
             let mut d = f.dev.lock().unwrap();
