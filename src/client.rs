@@ -79,11 +79,29 @@ pub enum BalloonCommand {
         /// Seconds between requests; 0 turns polling off
         seconds: u32,
     },
+    /// The automatic balloon policy: show it (default), turn it on (also
+    /// resumes it after a manual target paused it) or off, or set keys
+    ///
+    /// `blimp balloon policy set headroom=256M settle=5s`; the keys are
+    /// those of `blimp run --balloon-policy`.
+    Policy(PolicyArgs),
     /// Free page hinting: start a round, show it, stop it or release the pages
     Hint {
         #[command(subcommand)]
         cmd: HintCommand,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// show, on, off or set
+    #[arg(value_name = "ACTION", default_value = "show", value_parser = ["show", "on", "off", "set"])]
+    pub action: String,
+    /// With set: KEY=VALUE pairs (floor=512M settle=5s ...)
+    #[arg(value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,8 +373,74 @@ fn balloon(cmd: BalloonCommand) -> Result<(), String> {
             }
             Ok(())
         }
+        BalloonCommand::Policy(args) => policy(args),
         BalloonCommand::Hint { cmd } => hint(cmd),
     }
+}
+
+fn policy(args: PolicyArgs) -> Result<(), String> {
+    let c = client(&args.conn)?;
+    let mut patch = api::policy::PolicyPatch::default();
+    match args.action.as_str() {
+        "on" => patch.enabled = Some(true),
+        "off" => patch.enabled = Some(false),
+        "set" => {
+            if args.settings.is_empty() {
+                return Err(format!(
+                    "balloon policy set: give KEY=VALUE pairs (keys: {})",
+                    api::policy::known_keys()
+                ));
+            }
+            let mut check = api::policy::PolicySettings::default();
+            for kv in &args.settings {
+                let Some((k, v)) = kv.split_once('=') else {
+                    return Err(format!("balloon policy set: '{kv}' is not KEY=VALUE"));
+                };
+                if k == "enabled" {
+                    patch.enabled = Some(matches!(v, "on" | "true" | "1" | "yes"));
+                    continue;
+                }
+                check.set_str(k, v)?;
+                patch
+                    .changes
+                    .insert(k.to_string(), serde_json::Value::String(v.to_string()));
+            }
+        }
+        _ => {}
+    }
+    if args.action != "show" {
+        c.patch_balloon_policy(&patch).map_err(err_invalid)?;
+    }
+    let st = c.balloon_policy().map_err(err)?;
+    if args.conn.json {
+        return print_json(&st);
+    }
+    let state = match (st.enabled, st.paused) {
+        (false, _) => "off",
+        (true, false) => "on",
+        (true, true) => "on, paused",
+    };
+    println!("policy:        {state}");
+    if let Some(r) = &st.paused_reason {
+        println!("paused:        {r}");
+    }
+    let cfg = serde_json::to_value(&st.config).map_err(|e| e.to_string())?;
+    if let serde_json::Value::Object(m) = cfg {
+        for (k, v) in m {
+            println!("  {k:<20} {v}");
+        }
+    }
+    println!(
+        "decisions:     {} ({} target changes)",
+        st.decisions, st.target_changes
+    );
+    if let Some(d) = &st.last_decision {
+        println!(
+            "last decision: {} {} -> {} MiB, {}: {}",
+            d.action, d.old_target_mib, d.new_target_mib, d.reason, d.detail
+        );
+    }
+    Ok(())
 }
 
 fn hint(cmd: HintCommand) -> Result<(), String> {

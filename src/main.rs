@@ -111,7 +111,7 @@ struct RunArgs {
         value_name = "URL",
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "memory", "vcpus", "debug_exit",
-            "balloon", "balloon_target",
+            "balloon", "balloon_target", "balloon_policy",
         ]
     )]
     incoming: Option<String>,
@@ -168,6 +168,29 @@ struct RunArgs {
     /// guest its floor (see --balloon floor=SIZE). Implies --balloon.
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     balloon_target: Option<String>,
+    /// The automatic balloon policy: give idle guest memory back to the
+    /// host, return it when the guest needs it (from the guest's statistics
+    /// and host memory pressure). `on` for the defaults, or KEY=VALUE,...
+    /// (implies on; enabled=off keeps it off until the API turns it on).
+    /// Needs --balloon; turns statistics on at the policy's interval.
+    /// Keys (sizes as 256M, durations as 10, 10s or 500ms):
+    /// floor=SIZE (256M; the guest never keeps less), headroom=SIZE (192M)
+    /// plus headroom_fraction=F (8% of RAM; 0..1 or N%): available memory
+    /// the guest keeps; min_headroom=SIZE (64M; under host pressure);
+    /// settle=DUR (10s; how long an excess lasts before inflating);
+    /// max_step=SIZE (256M; largest inflate per decision);
+    /// pressure_step=SIZE (64M; smallest deflate on pressure);
+    /// cooldown=DUR (30s; no inflate after a deflate for pressure);
+    /// stale_after=DUR (5s; older statistics never inflate);
+    /// major_faults_per_s=N (50); host_psi_high=N (10; PSI some avg10
+    /// percent that halves the headroom and settle time);
+    /// psi_path=PATH (/proc/pressure/memory, or a cgroup's memory.pressure);
+    /// interval=DUR (1s; decision and statistics interval).
+    /// A manual target (PATCH /balloon, `blimp balloon set`) pauses it
+    /// until `blimp balloon policy on`.
+    /// Example: --balloon-policy headroom=256M,settle=5s
+    #[arg(long, value_name = "on|KEY=VALUE,...")]
+    balloon_policy: Option<String>,
     /// Serve the REST API (HTTP/1.1 + JSON) on this unix socket, e.g.
     /// /tmp/blimp.sock; try `curl --unix-socket /tmp/blimp.sock http://localhost/vm`.
     #[arg(long, value_name = "PATH")]
@@ -270,7 +293,22 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             b.initial_target_pages = u32::try_from(bytes / 4096)
                 .map_err(|_| Usage(format!("--balloon-target {t}: too large")))?;
         }
+        if let Some(p) = &args.balloon_policy {
+            let (enabled, settings) = api::policy::PolicySettings::parse_cli(p).map_err(Usage)?;
+            settings
+                .check(memory)
+                .map_err(|e| Usage(format!("--balloon-policy: {e}")))?;
+            if enabled {
+                // The policy decides from the guest's statistics.
+                b.stats_polling_interval_s = settings.stats_interval_s();
+            }
+            cfg.balloon_policy = Some((enabled, settings));
+        }
         cfg.balloon = Some(b);
+    } else if args.balloon_policy.is_some() {
+        return Err(Usage(
+            "--balloon-policy needs a balloon: add --balloon (the policy sizes the balloon from the guest's statistics)".into(),
+        ));
     }
     cfg.api_socket = args.api_sock.clone();
     Ok(cfg)
@@ -478,6 +516,33 @@ mod tests {
         let readme = include_str!("../README.md");
         for (k, _) in crate::balloon_opts::KEYS {
             assert!(readme.contains(&format!("`{k}")), "README lacks `{k}`");
+        }
+    }
+
+    /// `blimp run --help` and README list every `--balloon-policy` key of
+    /// the one table (api_types::policy::KEYS).
+    #[test]
+    fn run_help_lists_every_policy_key() {
+        let mut cmd = super::Cli::command();
+        let run = cmd.find_subcommand_mut("run").expect("run");
+        let help = run.render_long_help().to_string();
+        let readme = include_str!("../README.md");
+        for k in api::policy::KEYS {
+            assert!(
+                help.contains(&format!("{}=", k.name)),
+                "--help lacks {}: {help}",
+                k.name
+            );
+            assert!(
+                help.contains(&format!("({}", k.default)),
+                "--help lacks the default of {}",
+                k.name
+            );
+            assert!(
+                readme.contains(&format!("`{}`", k.name)),
+                "README lacks `{}`",
+                k.name
+            );
         }
     }
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::events::EventHub;
+use crate::policy::{PolicyPatch, PolicyPut};
 use crate::types::{
     BalloonPatch, BalloonPut, HintingStartCmd, MigrationRequest, SnapshotRequest, StatsPatch,
     VmState, VmStatePatch,
@@ -41,6 +42,12 @@ pub enum ApiRequest {
     GetBalloonStats,
     /// `PATCH /balloon/statistics` → 204.
     PatchBalloonStats(StatsPatch),
+    /// `GET /balloon/policy` → [`crate::policy::PolicyStatus`].
+    GetBalloonPolicy,
+    /// `PUT /balloon/policy` → 204 (bad value, no balloon or no statistics → 400).
+    PutBalloonPolicy(PolicyPut),
+    /// `PATCH /balloon/policy` → 204.
+    PatchBalloonPolicy(PolicyPatch),
     /// `GET /metrics` → [`crate::types::VmmMetrics`] (the server renders it).
     GetMetrics,
     /// `PUT /balloon/hinting/start` → [`crate::types::HintingStarted`].

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::PolicyDecision;
 use crate::types::{BalloonStats, HintingStatus, MigrationStatus, VmState};
 
 /// Events buffered for slow readers.
@@ -39,6 +40,17 @@ pub enum ApiEvent {
     HintingChanged(HintingStatus),
     /// Migration progress (at most a few per second) or state change.
     MigrationProgress(MigrationStatus),
+    /// The balloon policy decided (every target change; a hold only when
+    /// its reason changes).
+    PolicyDecision(PolicyDecision),
+    /// Once per target change: `actual` reached the target (`reached`), or
+    /// stopped moving short of it for a few seconds (the guest cannot give
+    /// more, or take back).
+    BalloonSettled {
+        target_mib: u64,
+        actual_mib: u64,
+        reached: bool,
+    },
     /// The VMM is shutting down (guest or API request).
     ShuttingDown {
         reason: String,
@@ -58,6 +70,8 @@ impl ApiEvent {
             ApiEvent::BalloonStatistics(_) => "BalloonStatistics",
             ApiEvent::HintingChanged(_) => "HintingChanged",
             ApiEvent::MigrationProgress(_) => "MigrationProgress",
+            ApiEvent::PolicyDecision(_) => "PolicyDecision",
+            ApiEvent::BalloonSettled { .. } => "BalloonSettled",
             ApiEvent::ShuttingDown { .. } => "ShuttingDown",
             ApiEvent::Lagged { .. } => "Lagged",
         }

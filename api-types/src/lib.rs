@@ -15,6 +15,7 @@
 
 pub mod channel;
 pub mod events;
+pub mod policy;
 pub mod routes;
 pub mod size;
 pub mod types;

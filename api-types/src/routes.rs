@@ -13,6 +13,9 @@ pub enum Endpoint {
     PutBalloon,
     GetBalloonStats,
     PatchBalloonStats,
+    GetBalloonPolicy,
+    PutBalloonPolicy,
+    PatchBalloonPolicy,
     HintingStart,
     HintingStatus,
     HintingStop,
@@ -40,6 +43,9 @@ impl Endpoint {
                 | Endpoint::PutBalloon
                 | Endpoint::GetBalloonStats
                 | Endpoint::PatchBalloonStats
+                | Endpoint::GetBalloonPolicy
+                | Endpoint::PutBalloonPolicy
+                | Endpoint::PatchBalloonPolicy
                 | Endpoint::HintingStart
                 | Endpoint::HintingStatus
                 | Endpoint::HintingStop
@@ -80,6 +86,9 @@ pub const ROUTES: &[Route] = &[
     r("PUT", "/balloon", Endpoint::PutBalloon),
     r("GET", "/balloon/statistics", Endpoint::GetBalloonStats),
     r("PATCH", "/balloon/statistics", Endpoint::PatchBalloonStats),
+    r("GET", "/balloon/policy", Endpoint::GetBalloonPolicy),
+    r("PUT", "/balloon/policy", Endpoint::PutBalloonPolicy),
+    r("PATCH", "/balloon/policy", Endpoint::PatchBalloonPolicy),
     r("PUT", "/balloon/hinting/start", Endpoint::HintingStart),
     r("GET", "/balloon/hinting/status", Endpoint::HintingStatus),
     r("PUT", "/balloon/hinting/stop", Endpoint::HintingStop),

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::net::UnixStream;
 
 use crate::events::EventEnvelope;
+use crate::policy::{PolicyPatch, PolicyPut, PolicyStatus};
 use crate::types::{
     BalloonInfo, BalloonStats, HintingStarted, HintingStatus, MigrationRequest, MigrationStatus,
     SnapshotRequest, VmInfo, VmState,
@@ -363,6 +364,20 @@ impl ApiClient {
             "/balloon",
             &json!({ "target_mib": target_mib }),
         )
+    }
+    /// `GET /balloon/policy`.
+    pub fn balloon_policy(&self) -> Result<PolicyStatus, ClientError> {
+        self.call(Method::GET, "/balloon/policy", &Value::Null)
+    }
+    /// `PUT /balloon/policy`: the whole configuration.
+    pub fn put_balloon_policy(&self, put: &PolicyPut) -> Result<(), ClientError> {
+        let body = serde_json::to_value(put).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call_ok(Method::PUT, "/balloon/policy", &body)
+    }
+    /// `PATCH /balloon/policy`: some keys and/or `enabled`.
+    pub fn patch_balloon_policy(&self, patch: &PolicyPatch) -> Result<(), ClientError> {
+        let body = serde_json::to_value(patch).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call_ok(Method::PATCH, "/balloon/policy", &body)
     }
     pub fn balloon_stats(&self) -> Result<BalloonStats, ClientError> {
         self.call(Method::GET, "/balloon/statistics", &Value::Null)

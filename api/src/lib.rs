@@ -34,7 +34,7 @@ mod sse;
 
 // The vocabulary lives in `api-types` (the VMM depends on it alone); it is
 // re-exported so that clients of the HTTP side need one crate.
-pub use api_types::{channel, events, routes, size, types};
+pub use api_types::{channel, events, policy, routes, size, types};
 
 pub use channel::{ApiReceiver, ApiRequest, ApiResponse, Responder, VmmChannel};
 pub use events::{ApiEvent, EventEnvelope, EventHub, EventSink};

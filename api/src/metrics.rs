@@ -164,27 +164,32 @@ pub(crate) fn render(vmm: Option<&VmmMetrics>, stats: &ServerStats, g: &Gauges) 
         let _ = writeln!(out, "{name} {v}");
     }
     if let Some(m) = vmm {
-        // Every family gets a HELP line: the VMM's text, or a plain one.
-        let help = |name: &str| {
-            m.help
-                .get(name)
-                .map(|h| escape_help(h))
-                .unwrap_or_else(|| format!("VMM metric {name}."))
-        };
-        for (name, v) in &m.counters {
-            let h = help(name);
-            let name = sanitize_name(name);
-            family(&mut out, &name, "counter", &h);
-            let _ = writeln!(out, "{name} {v}");
-        }
-        for (name, v) in &m.gauges {
-            let h = help(name);
-            let name = sanitize_name(name);
-            family(&mut out, &name, "gauge", &h);
-            let _ = writeln!(out, "{name} {}", fmt_f64(*v));
-        }
+        render_vmm(&mut out, m);
     }
     out
+}
+
+/// The VMM's counters and gauges.
+fn render_vmm(out: &mut String, m: &VmmMetrics) {
+    // Every family gets a HELP line: the VMM's text, or a plain one.
+    let help = |name: &str| {
+        m.help
+            .get(name)
+            .map(|h| escape_help(h))
+            .unwrap_or_else(|| format!("VMM metric {name}."))
+    };
+    for (name, v) in &m.counters {
+        let h = help(name);
+        let name = sanitize_name(name);
+        family(out, &name, "counter", &h);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    for (name, v) in &m.gauges {
+        let h = help(name);
+        let name = sanitize_name(name);
+        family(out, &name, "gauge", &h);
+        let _ = writeln!(out, "{name} {}", fmt_f64(*v));
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::channel::{ApiRequest, ApiResponse, Responder, SendError, VmmChannel};
 use crate::events::{ApiEvent, EventEnvelope, now_ms};
 use crate::metrics::{self, Gauges, ServerStats};
 use crate::parse_errors::JsonErrors;
+use crate::policy::{PolicyPatch, PolicyPut};
 use crate::routes::{self, Endpoint, Match};
 use crate::sse::{SseRing, sse_frame};
 use crate::types::{
@@ -776,6 +777,11 @@ async fn dispatch(
         Endpoint::GetBalloonStats => Ok(ApiRequest::GetBalloonStats),
         Endpoint::PatchBalloonStats => {
             parse::<StatsPatch>(&body).map(ApiRequest::PatchBalloonStats)
+        }
+        Endpoint::GetBalloonPolicy => Ok(ApiRequest::GetBalloonPolicy),
+        Endpoint::PutBalloonPolicy => parse::<PolicyPut>(&body).map(ApiRequest::PutBalloonPolicy),
+        Endpoint::PatchBalloonPolicy => {
+            parse::<PolicyPatch>(&body).map(ApiRequest::PatchBalloonPolicy)
         }
         Endpoint::HintingStart => parse_empty(&body).map(|_| ApiRequest::HintingStart),
         Endpoint::HintingStatus => Ok(ApiRequest::HintingStatus),

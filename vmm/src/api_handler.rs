@@ -20,6 +20,7 @@ use crate::exit::{ExitReason, VmExit};
 use crate::migration::convergence::DEFAULT_MAX_ROUNDS;
 use crate::migration::file_dest;
 use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext};
+use crate::policy::{ApplyTarget, PolicyShared};
 use crate::vcpu::Vcpus;
 
 const PAGES_PER_MIB: u64 = 256;
@@ -30,6 +31,8 @@ pub struct ApiContext {
     pub migration: Option<SourceContext>,
     pub vcpus: Arc<Vcpus>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// The balloon policy's state (with the balloon).
+    pub policy: Option<Arc<PolicyShared>>,
     pub exit: Arc<VmExit>,
     pub memory_bytes: u64,
     /// What a balloon target must leave the guest (bytes).
@@ -70,6 +73,7 @@ pub struct ApiHandler {
 /// [`ApiHandler::refuse`].
 struct DirectBalloon {
     balloon: Arc<Mutex<Balloon>>,
+    policy: Option<Arc<PolicyShared>>,
     memory: GuestSize,
     off: Arc<RwLock<bool>>,
 }
@@ -84,9 +88,15 @@ impl DirectBalloon {
         }
         match req {
             ApiRequest::GetBalloon => Some(balloon_info(&self.balloon)),
-            ApiRequest::PatchBalloon(p) => {
-                Some(set_target(&self.balloon, self.memory, p.target_mib).unwrap_or_else(|e| e))
-            }
+            ApiRequest::PatchBalloon(p) => Some(
+                set_target(
+                    &self.balloon,
+                    self.memory,
+                    p.target_mib,
+                    manual(&self.policy, "PATCH /balloon"),
+                )
+                .unwrap_or_else(|e| e),
+            ),
             _ => None,
         }
     }
@@ -116,15 +126,44 @@ fn balloon_info(b: &Mutex<Balloon>) -> ApiResponse {
 /// What a balloon target is checked against: the guest's RAM and the
 /// floor it keeps (`--balloon floor=`).
 #[derive(Clone, Copy)]
-struct GuestSize {
+pub(crate) struct GuestSize {
     bytes: u64,
     floor_bytes: u64,
 }
 
+/// A manual target: the policy to pause (if any) and the request's name.
+type Manual<'a> = Option<(&'a PolicyShared, &'a str)>;
+
+fn manual<'a>(policy: &'a Option<Arc<PolicyShared>>, why: &'a str) -> Manual<'a> {
+    policy.as_deref().map(|p| (p, why))
+}
+
+/// How the policy applies its targets: the same checks as the API's,
+/// without pausing it.
+pub(crate) fn policy_apply(
+    b: Arc<Mutex<Balloon>>,
+    memory_bytes: u64,
+    floor_bytes: u64,
+) -> ApplyTarget {
+    let memory = GuestSize {
+        bytes: memory_bytes,
+        floor_bytes,
+    };
+    Box::new(move |mib| {
+        set_target(&b, memory, mib, None)
+            .map(|_| ())
+            .map_err(|r| r.body.to_string())
+    })
+}
+
+/// Set the balloon's target after the checks (guest size, floor); a
+/// manual one first pauses the policy, so that the policy cannot
+/// overwrite it.
 fn set_target(
     b: &Mutex<Balloon>,
     memory: GuestSize,
     target_mib: u64,
+    manual: Manual<'_>,
 ) -> Result<ApiResponse, ApiResponse> {
     let guest_mib = memory.bytes >> 20;
     if target_mib > guest_mib {
@@ -134,6 +173,9 @@ fn set_target(
         .map_err(|_| ApiResponse::target_too_large(target_mib, guest_mib))?;
     types::check_balloon_floor(target_mib << 20, memory.bytes, memory.floor_bytes)
         .map_err(|msg| ApiResponse::bad_request(format!("target_mib {target_mib}: {msg}")))?;
+    if let Some((policy, why)) = manual {
+        policy.pause_for(&format!("{why} target {target_mib} MiB"));
+    }
     lock(b).set_target_pages(pages).map_err(balloon_error)?;
     Ok(ApiResponse::no_content())
 }
@@ -145,6 +187,7 @@ fn put_balloon(
     b: &Mutex<Balloon>,
     memory: GuestSize,
     put: &BalloonPut,
+    manual: Manual<'_>,
 ) -> Result<ApiResponse, ApiResponse> {
     {
         let dev = lock(b);
@@ -177,7 +220,7 @@ fn put_balloon(
             )));
         }
     }
-    set_target(b, memory, put.amount_mib)
+    set_target(b, memory, put.amount_mib, manual)
 }
 
 fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
@@ -267,6 +310,7 @@ impl ApiHandler {
         if let Some(balloon) = &ctx.balloon {
             let direct = DirectBalloon {
                 balloon: balloon.clone(),
+                policy: ctx.policy.clone(),
                 memory: ctx.guest_size(),
                 off: direct_off.clone(),
             };
@@ -311,6 +355,20 @@ impl ApiHandler {
             .ok_or_else(ApiResponse::no_balloon)
     }
 
+    fn policy(&self) -> Result<(&Arc<Mutex<Balloon>>, &Arc<PolicyShared>), ApiResponse> {
+        let b = self.ctx.balloon.as_ref().ok_or_else(|| {
+            ApiResponse::bad_request(
+                "the balloon policy needs a balloon device, and the VM has none (start it with --balloon and --balloon-policy)",
+            )
+        })?;
+        let p = self
+            .ctx
+            .policy
+            .as_ref()
+            .ok_or_else(|| ApiResponse::internal("the balloon policy is not set up"))?;
+        Ok((b, p))
+    }
+
     /// The VM was migrated away: it must never run here again.
     fn migrated(&self) -> bool {
         self.job.as_ref().is_some_and(Migration::migrated)
@@ -328,6 +386,7 @@ impl ApiHandler {
             ApiRequest::GetVm
                 | ApiRequest::GetBalloon
                 | ApiRequest::GetBalloonStats
+                | ApiRequest::GetBalloonPolicy
                 | ApiRequest::GetMetrics
                 | ApiRequest::HintingStatus
                 | ApiRequest::GetMigration
@@ -391,11 +450,21 @@ impl ApiHandler {
                 Ok(ApiResponse::no_content())
             }
             ApiRequest::GetBalloon => self.balloon().map(|b| balloon_info(b)),
-            ApiRequest::PatchBalloon(p) => self
-                .balloon()
-                .and_then(|b| set_target(b, self.ctx.guest_size(), p.target_mib)),
+            ApiRequest::PatchBalloon(p) => self.balloon().and_then(|b| {
+                set_target(
+                    b,
+                    self.ctx.guest_size(),
+                    p.target_mib,
+                    manual(&self.ctx.policy, "PATCH /balloon"),
+                )
+            }),
             ApiRequest::PutBalloon(p) => match self.balloon() {
-                Ok(b) => put_balloon(b, self.ctx.guest_size(), &p),
+                Ok(b) => put_balloon(
+                    b,
+                    self.ctx.guest_size(),
+                    &p,
+                    manual(&self.ctx.policy, "PUT /balloon"),
+                ),
                 Err(_) => Err(ApiResponse::bad_request(
                     "the VM has no balloon device, and PUT /balloon cannot add one after boot (a Blimp VM boots at `blimp run`: start it with --balloon)",
                 )),
@@ -403,36 +472,14 @@ impl ApiHandler {
             ApiRequest::GetBalloonStats => self.balloon_stats(),
             ApiRequest::PatchBalloonStats(p) => self.patch_stats(p),
             ApiRequest::GetMetrics => Ok(ApiResponse::ok(&self.metrics())),
-            ApiRequest::HintingStart => self.balloon().map(|b| match lock(b).start_hinting() {
-                Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
-                Err(e) => balloon_error(e),
-            }),
-            ApiRequest::FcHintingStart(cmd) => {
-                self.balloon().map(
-                    |b| match lock(b).start_hinting_with(cmd.acknowledge_on_stop) {
-                        Ok(_) => ApiResponse::no_content(),
-                        Err(e) => balloon_error(e),
-                    },
-                )
-            }
-            ApiRequest::HintingStatus => self.balloon().and_then(|b| {
-                let b = lock(b);
-                // Firecracker: 400 when hinting was not enabled at configuration.
-                if !b.config().free_page_hint {
-                    return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
-                }
-                Ok(ApiResponse::ok(&types::HintingStatusReply::from(
-                    hinting_view(b.hinting_status()),
-                )))
-            }),
-            ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
-                Ok(()) => ApiResponse::no_content(),
-                Err(e) => balloon_error(e),
-            }),
-            ApiRequest::HintingDone => self.balloon().map(|b| match lock(b).hinting_done() {
-                Ok(()) => ApiResponse::no_content(),
-                Err(e) => balloon_error(e),
-            }),
+            ApiRequest::GetBalloonPolicy
+            | ApiRequest::PutBalloonPolicy(_)
+            | ApiRequest::PatchBalloonPolicy(_)
+            | ApiRequest::HintingStart
+            | ApiRequest::FcHintingStart(_)
+            | ApiRequest::HintingStatus
+            | ApiRequest::HintingStop
+            | ApiRequest::HintingDone => self.balloon_request(req),
             ApiRequest::PutMigration(m) => self.start_job(MigrationOptions {
                 destination: m.destination,
                 downtime: Duration::from_millis(m.downtime_ms),
@@ -466,6 +513,61 @@ impl ApiHandler {
             },
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    /// The policy and hinting requests.
+    fn balloon_request(&self, req: ApiRequest) -> Result<ApiResponse, ApiResponse> {
+        match req {
+            ApiRequest::GetBalloonPolicy => {
+                self.policy().map(|(_, p)| ApiResponse::ok(&p.status()))
+            }
+            ApiRequest::PutBalloonPolicy(put) => self.policy().and_then(|(b, p)| {
+                p.configure(b, Some(put.enabled), Some(put.settings))
+                    .map(|_| ApiResponse::no_content())
+                    .map_err(ApiResponse::bad_request)
+            }),
+            ApiRequest::PatchBalloonPolicy(patch) => self.policy().and_then(|(b, p)| {
+                let mut settings = p.status().config;
+                patch
+                    .apply(&mut settings)
+                    .and_then(|_| p.configure(b, patch.enabled, Some(settings)))
+                    .map(|_| ApiResponse::no_content())
+                    .map_err(ApiResponse::bad_request)
+            }),
+            ApiRequest::HintingStart => self.balloon().map(|b| match lock(b).start_hinting() {
+                Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::FcHintingStart(cmd) => {
+                self.balloon().map(
+                    |b| match lock(b).start_hinting_with(cmd.acknowledge_on_stop) {
+                        Ok(_) => ApiResponse::no_content(),
+                        Err(e) => balloon_error(e),
+                    },
+                )
+            }
+            ApiRequest::HintingStatus => self.balloon().and_then(|b| {
+                let b = lock(b);
+                // Firecracker: 400 when hinting was not enabled at configuration.
+                if !b.config().free_page_hint {
+                    return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
+                }
+                Ok(ApiResponse::ok(&types::HintingStatusReply::from(
+                    hinting_view(b.hinting_status()),
+                )))
+            }),
+            ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => balloon_error(e),
+            }),
+            ApiRequest::HintingDone => self.balloon().map(|b| match lock(b).hinting_done() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => balloon_error(e),
+            }),
+            other => Err(ApiResponse::internal(format!(
+                "not a balloon policy or hinting request: {other:?}"
+            ))),
+        }
     }
 
     fn start_job(&mut self, opts: MigrationOptions) -> Result<ApiResponse, ApiResponse> {
@@ -551,6 +653,9 @@ impl ApiHandler {
                     .insert(format!("balloon_{k}"), format!("Balloon: {}", help.trim()));
             }
         }
+        if let Some(p) = &self.ctx.policy {
+            policy_metrics(&mut m, &p.counts());
+        }
         let st = &self.ctx.vcpu_stats;
         m.counters.insert(
             "vcpu_io_exits".into(),
@@ -578,6 +683,58 @@ impl ApiHandler {
             m.help.insert(k.into(), help.into());
         }
         m
+    }
+}
+
+/// The policy's counters and gauges for `/metrics`.
+fn policy_metrics(m: &mut VmmMetrics, c: &crate::policy::PolicyCounts) {
+    for (k, v, help) in [
+        (
+            "balloon_policy_inflate_decisions",
+            c.inflate,
+            "Balloon policy: decisions that inflated the balloon.",
+        ),
+        (
+            "balloon_policy_deflate_decisions",
+            c.deflate,
+            "Balloon policy: decisions that deflated the balloon.",
+        ),
+        (
+            "balloon_policy_hold_decisions",
+            c.hold,
+            "Balloon policy: decisions that kept the target.",
+        ),
+        (
+            "balloon_policy_target_changes",
+            c.target_changes,
+            "Balloon policy: targets it set.",
+        ),
+    ] {
+        m.counters.insert(k.into(), v);
+        m.help.insert(k.into(), help.into());
+    }
+    let gauges = [
+        (
+            "balloon_policy_enabled",
+            Some(if c.enabled { 1.0 } else { 0.0 }),
+            "Balloon policy: 1 when on and not paused.",
+        ),
+        (
+            "balloon_policy_headroom_bytes",
+            Some(c.headroom_bytes as f64),
+            "Balloon policy: the headroom in force at the last decision (after host pressure).",
+        ),
+        (
+            "balloon_policy_host_psi",
+            c.host_psi,
+            "Balloon policy: host PSI memory some avg10 (percent) at the last decision; absent when unknown.",
+        ),
+    ];
+    for (k, v, help) in gauges {
+        if let Some(v) = v {
+            m.gauges.insert(k.into(), v);
+            m.help.insert(k.into(), help.into());
+        }
     }
 }
 

@@ -35,6 +35,9 @@ pub struct VmConfig {
     /// What a balloon target must leave the guest, in bytes (`None`: the
     /// default for the guest's size, [`api_types::types::balloon_floor_bytes`]).
     pub balloon_floor_bytes: Option<u64>,
+    /// The automatic balloon policy (`--balloon-policy`): on or off, and
+    /// its settings (`None`: off, with the defaults).
+    pub balloon_policy: Option<(bool, api_types::policy::PolicySettings)>,
     /// Serve the REST API on this unix socket.
     pub api_socket: Option<PathBuf>,
     /// Forward stdin to the serial console (off in tests and daemons).
@@ -53,6 +56,7 @@ impl VmConfig {
             debug_exit: false,
             balloon: None,
             balloon_floor_bytes: None,
+            balloon_policy: None,
             api_socket: None,
             serial_input: true,
         }

@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use crate::error::{Error, RestoreError};
 use crate::machine::Machine;
 use crate::migration::checked::required;
+use crate::policy::PolicyPersist;
 
 /// Version of [`DevicesState`].
 pub const DEVICES_STATE_VERSION: u32 = 1;
@@ -38,6 +39,21 @@ pub struct DevicesState {
 pub struct BalloonSlot {
     pub device: Box<RawValue>,
     pub transport: Box<RawValue>,
+    /// The balloon policy (issue #18), when it was on or configured; a
+    /// stream without it (older, or a VM that never used the policy)
+    /// restores with the policy off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySlot>,
+}
+
+/// The balloon policy's state in the stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySlot {
+    pub enabled: bool,
+    /// Why a manual target paused it, if it did.
+    pub paused: Option<String>,
+    pub config: api_types::policy::PolicySettings,
 }
 
 fn persist_err(e: PersistError) -> String {
@@ -52,10 +68,12 @@ fn raw(v: serde_json::Value) -> Result<Box<RawValue>, String> {
 /// balloon locked by the caller (passed in as `balloon`), so no device
 /// writes guest memory meanwhile. Taking the transport lock after the
 /// device's is safe here: the only other holders are vCPU threads, paused.
+/// `policy` is the balloon policy's saved copy (`None`: never used).
 pub fn capture(
     debug_exit: bool,
     serial: &Mutex<Serial>,
     balloon: Option<(&Balloon, &Mutex<MmioTransport>)>,
+    policy: Option<PolicyPersist>,
 ) -> Result<serde_json::Value, String> {
     let serial_state = serial
         .lock()
@@ -71,6 +89,11 @@ pub fn capture(
                 transport: raw(
                     to_json(&t.save_with(dev).map_err(persist_err)?).map_err(persist_err)?
                 )?,
+                policy: policy.map(|p| PolicySlot {
+                    enabled: p.enabled,
+                    paused: p.paused,
+                    config: p.settings,
+                }),
             })
         }
     };
@@ -89,6 +112,25 @@ pub(crate) struct SavedDevices {
     debug_exit: bool,
     serial: SerialState,
     balloon: Option<(BalloonState, MmioTransportState)>,
+    policy: Option<PolicyPersist>,
+}
+
+impl SavedDevices {
+    /// The balloon policy's saved state, if the stream has one.
+    pub(crate) fn policy(&self) -> Option<&PolicyPersist> {
+        self.policy.as_ref()
+    }
+
+    /// Check the policy's settings against the restored guest's size.
+    pub(crate) fn check_policy(&self, guest_bytes: u64) -> Result<(), RestoreError> {
+        match &self.policy {
+            Some(p) => p
+                .settings
+                .check(guest_bytes)
+                .map_err(|e| RestoreError::Devices(format!("balloon policy: {e}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 fn bad(what: &str, e: PersistError) -> RestoreError {
@@ -114,10 +156,20 @@ pub(crate) fn parse(raw: &RawValue) -> Result<SavedDevices, RestoreError> {
             from_json_str(slot.transport.get()).map_err(|e| bad("balloon transport", e))?,
         )),
     };
+    let policy = st
+        .balloon
+        .as_ref()
+        .and_then(|slot| slot.policy.clone())
+        .map(|p| PolicyPersist {
+            enabled: p.enabled,
+            paused: p.paused,
+            settings: p.config,
+        });
     Ok(SavedDevices {
         debug_exit: st.debug_exit,
         serial,
         balloon,
+        policy,
     })
 }
 
@@ -190,6 +242,35 @@ mod tests {
         mutate(&mut v);
         let raw = serde_json::value::to_raw_value(&v).unwrap();
         parse(&raw)
+    }
+
+    /// A balloon slot without `policy` (an older stream) restores with
+    /// the policy off; one with it carries enabled, paused and the config.
+    #[test]
+    fn the_policy_rides_in_the_balloon_slot() {
+        let slot = BalloonSlot {
+            device: raw(json!({})).unwrap(),
+            transport: raw(json!({})).unwrap(),
+            policy: None,
+        };
+        let v = serde_json::to_value(&slot).unwrap();
+        assert!(v.get("policy").is_none(), "{v}");
+        let old: BalloonSlot =
+            serde_json::from_value(json!({"device": {}, "transport": {}})).unwrap();
+        assert!(old.policy.is_none());
+        let p = PolicySlot {
+            enabled: true,
+            paused: Some("manual".into()),
+            config: api_types::policy::PolicySettings {
+                floor_mib: 300,
+                ..Default::default()
+            },
+        };
+        let v = json!({"device": {}, "transport": {}, "policy": p});
+        let back: BalloonSlot = serde_json::from_value(v).unwrap();
+        assert_eq!(back.policy, Some(p));
+        let bad = json!({"device": {}, "transport": {}, "policy": {"enabled": true}});
+        assert!(serde_json::from_value::<BalloonSlot>(bad).is_err());
     }
 
     #[test]

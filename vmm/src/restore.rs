@@ -296,6 +296,7 @@ impl Vmm {
             .check_destination(&layout, usize::from(count))
             .map_err(RestoreError::from)?;
         let devices = crate::device_state::parse(&state.devices)?;
+        devices.check_policy(size)?;
         let balloon = crate::device_state::restore(&mut m, &devices)?;
         let mut fds = Vec::new();
         for id in 0..count {
@@ -321,7 +322,11 @@ impl Vmm {
         config.balloon = balloon
             .as_ref()
             .map(|b| *crate::vmm::lock_balloon(b).config());
+        config.balloon_policy = devices.policy().map(|p| (p.enabled, p.settings.clone()));
         let mut vmm = m.into_vmm(config, fds, balloon)?;
+        if let (Some(saved), Some(policy)) = (devices.policy(), vmm.policy()) {
+            policy.restore(saved.clone());
+        }
         vmm.tell_balloon_done_on_start();
         vmm.reprint_prompt_on_start();
         Ok(vmm)

@@ -13,7 +13,9 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api_handler::{ApiContext, ApiHandler, balloon_event, hinting_view, stats_view};
+use crate::api_handler::{
+    ApiContext, ApiHandler, balloon_event, hinting_view, policy_apply, stats_view,
+};
 use crate::boot;
 use crate::bus::Bus;
 use crate::config::VmConfig;
@@ -24,6 +26,7 @@ use crate::machine::{Machine, Subscriber};
 use crate::memory::GuestRam;
 use crate::migration::source::{DeviceCapture, SourceContext};
 use crate::migration::state::StateSupport;
+use crate::policy::{PolicyEvents, PolicyShared};
 use crate::pvm::KvmBackend;
 use crate::signals::TerminationSignals;
 use crate::vcpu::{self, VcpuContext, Vcpus};
@@ -53,6 +56,8 @@ pub struct Vmm {
     mmio: Arc<Bus>,
     virtio: DeviceManager,
     balloon: Option<Arc<Mutex<Balloon>>>,
+    /// The balloon policy's state (with a balloon).
+    policy: Option<Arc<PolicyShared>>,
     api: Option<(EventFd, api_types::ApiReceiver)>,
     debug_exit: bool,
     /// Run once the vCPUs run (a restored VM tells its balloon DONE).
@@ -138,12 +143,15 @@ impl Vmm {
             .balloon
             .as_ref()
             .and_then(|_| self.virtio.devices().first().map(|d| d.transport.clone()));
+        let policy = self.policy.clone();
         Arc::new(move |balloon: Option<&Balloon>| {
             let b = match (balloon, &transport) {
                 (Some(dev), Some(t)) => Some((dev, &**t)),
                 _ => None,
             };
-            crate::device_state::capture(debug_exit, &serial, b)
+            // The policy's saved copy is a leaf lock: safe under the device's.
+            let saved = policy.as_ref().and_then(|p| p.saved());
+            crate::device_state::capture(debug_exit, &serial, b, saved)
         })
     }
 
@@ -176,6 +184,76 @@ impl Vmm {
                 }
             }
         }));
+    }
+
+    /// The balloon policy's state, if the VM has a balloon.
+    pub fn policy(&self) -> Option<&Arc<PolicyShared>> {
+        self.policy.as_ref()
+    }
+
+    fn floor_bytes(&self) -> u64 {
+        api_types::types::balloon_floor_bytes(
+            self.config.memory_bytes,
+            self.config.balloon_floor_bytes,
+        )
+    }
+
+    /// The balloon's observer: API events (with a server) and a kick for
+    /// the policy's subscriber, which then runs with its own timer.
+    fn watch_balloon(&mut self, hub: Option<&api_types::EventHub>) -> Result<(), Error> {
+        let (Some(b), Some(policy)) = (&self.balloon, &self.policy) else {
+            return Ok(());
+        };
+        let events = hub.cloned().unwrap_or_default();
+        {
+            let hub = hub.cloned();
+            let policy = policy.clone();
+            let mut balloon = lock_balloon(b);
+            // The observer runs with the balloon locked: it keeps its own
+            // copies of `target` and `actual`, and reads the counters
+            // through their own handle.
+            let mut actual = balloon.actual_pages();
+            let mut target = balloon.target_pages();
+            let metrics = balloon.metrics_handle();
+            balloon.set_observer(Box::new(move |e| {
+                policy.kick();
+                let Some(hub) = &hub else {
+                    return;
+                };
+                let ev = match e {
+                    BalloonEvent::TargetChanged { target_pages } => {
+                        target = target_pages;
+                        balloon_event(u64::from(target), u64::from(actual))
+                    }
+                    BalloonEvent::ActualChanged {
+                        actual_pages,
+                        target_pages,
+                    } => {
+                        actual = actual_pages;
+                        target = target_pages;
+                        balloon_event(u64::from(target), u64::from(actual))
+                    }
+                    BalloonEvent::StatisticsUpdated(st) => ApiEvent::BalloonStatistics(stats_view(
+                        u64::from(target),
+                        u64::from(actual),
+                        &metrics.snapshot(),
+                        Some(&st),
+                    )),
+                    BalloonEvent::HintingChanged(h) => ApiEvent::HintingChanged(hinting_view(h)),
+                };
+                hub.publish(ev);
+            }));
+        }
+        let sub = PolicyEvents::new(
+            policy.clone(),
+            b.clone(),
+            policy_apply(b.clone(), self.config.memory_bytes, self.floor_bytes()),
+            events,
+        )
+        .map_err(io("creating the balloon policy timer"))?;
+        let sub: Subscriber = Arc::new(Mutex::new(sub));
+        self.events.add_subscriber(sub);
+        Ok(())
     }
 
     /// The balloon device, if the VM has one.
@@ -217,46 +295,10 @@ impl Vmm {
         };
         let vcpus = Arc::new(Vcpus::start(std::mem::take(&mut self.vcpu_fds), ctx)?);
         self.vcpus = Some(vcpus.clone());
-        if let Some((wake, rx)) = self.api.take() {
+        let api = self.api.take();
+        self.watch_balloon(api.as_ref().map(|(_, rx)| rx.event_hub()).as_ref())?;
+        if let Some((wake, rx)) = api {
             let hub = rx.event_hub();
-            if let Some(b) = &self.balloon {
-                let hub = hub.clone();
-                let mut balloon = lock_balloon(b);
-                // The observer runs with the balloon locked: it keeps its own
-                // copies of `target` and `actual`, and reads the counters
-                // through their own handle.
-                let mut actual = balloon.actual_pages();
-                let mut target = balloon.target_pages();
-                let metrics = balloon.metrics_handle();
-                balloon.set_observer(Box::new(move |e| {
-                    let ev = match e {
-                        BalloonEvent::TargetChanged { target_pages } => {
-                            target = target_pages;
-                            balloon_event(u64::from(target), u64::from(actual))
-                        }
-                        BalloonEvent::ActualChanged {
-                            actual_pages,
-                            target_pages,
-                        } => {
-                            actual = actual_pages;
-                            target = target_pages;
-                            balloon_event(u64::from(target), u64::from(actual))
-                        }
-                        BalloonEvent::StatisticsUpdated(st) => {
-                            ApiEvent::BalloonStatistics(stats_view(
-                                u64::from(target),
-                                u64::from(actual),
-                                &metrics.snapshot(),
-                                Some(&st),
-                            ))
-                        }
-                        BalloonEvent::HintingChanged(h) => {
-                            ApiEvent::HintingChanged(hinting_view(h))
-                        }
-                    };
-                    hub.publish(ev);
-                }));
-            }
             let handler = ApiHandler::new(
                 wake,
                 rx,
@@ -273,12 +315,10 @@ impl Vmm {
                     }),
                     vcpus: vcpus.clone(),
                     balloon: self.balloon.clone(),
+                    policy: self.policy.clone(),
                     exit: self.exit.clone(),
                     memory_bytes: self.config.memory_bytes,
-                    balloon_floor_bytes: api_types::types::balloon_floor_bytes(
-                        self.config.memory_bytes,
-                        self.config.balloon_floor_bytes,
-                    ),
+                    balloon_floor_bytes: self.floor_bytes(),
                     vcpu_count: self.config.vcpus,
                     started: self.started,
                     vcpu_stats: vcpus.stats.clone(),
@@ -339,6 +379,20 @@ impl Machine {
         vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
         balloon: Option<Arc<Mutex<Balloon>>>,
     ) -> Result<Vmm, Error> {
+        let policy = match &balloon {
+            None => None,
+            Some(_) => {
+                let (enabled, settings) = config.balloon_policy.clone().unwrap_or_default();
+                let floor = api_types::types::balloon_floor_bytes(
+                    config.memory_bytes,
+                    config.balloon_floor_bytes,
+                );
+                Some(
+                    PolicyShared::new(enabled, settings, config.memory_bytes, floor)
+                        .map_err(io("creating the balloon policy eventfd"))?,
+                )
+            }
+        };
         let state_support = StateSupport::probe(self.vm.kvm())
             .map_err(|e| Error::EventLoop(format!("probing KVM state support: {e}")))?;
         let mut vmm = Vmm {
@@ -358,6 +412,7 @@ impl Machine {
             mmio: Arc::new(self.mmio),
             virtio: self.virtio,
             balloon,
+            policy,
             api: None,
             debug_exit: self.debug_exit,
             on_start: Vec::new(),

@@ -154,6 +154,18 @@ pub fn answer(st: &mut FakeState, hub: &EventHub, req: ApiRequest) -> ApiRespons
             hinted_pages: 1000,
             ..Default::default()
         }),
+        ApiRequest::GetBalloonPolicy => ApiResponse::ok(&api::policy::PolicyStatus {
+            enabled: false,
+            paused: false,
+            paused_reason: None,
+            config: api::policy::PolicySettings::default(),
+            last_decision: None,
+            decisions: 0,
+            target_changes: 0,
+        }),
+        ApiRequest::PutBalloonPolicy(_) | ApiRequest::PatchBalloonPolicy(_) => {
+            ApiResponse::no_content()
+        }
         ApiRequest::PatchBalloonStats(p) => {
             st.balloon.stats_polling_interval_s = p.stats_polling_interval_s;
             ApiResponse::no_content()

@@ -387,6 +387,15 @@ fn event_loop() -> Allowed {
             "interrupt lines; dirty-log sync for hinting; the console's terminal mode",
         )
         .allow(libc::SYS_lseek, "reading the console")
+        .allow_if(
+            libc::SYS_openat,
+            vec![vec![masked(
+                2,
+                (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
+                libc::O_RDONLY as u64,
+            )]],
+            "read-only, no create: the balloon policy reads host PSI (psi_path) and /proc/meminfo",
+        )
         .allow(libc::SYS_unlink, "removing the API socket at exit")
         .allow(libc::SYS_unlinkat, "removing the API socket at exit")
         .allow(
