@@ -13,7 +13,7 @@
 //! ~150 MiB of the ~233 MiB an idle guest has available, in one step
 //! (`max_step=192M`, `settle=2s`: the idle guest's excess is there from the
 //! first sample). The floor (64 MiB) does not bind: the guest keeps ~100
-//! MiB. `cooldown=10m`: the emulated allocation takes minutes here, and
+//! MiB. `cooldown=600s`: the emulated allocation takes minutes here, and
 //! with the default 30 s the policy re-inflated into it between its
 //! deflates for pressure (17 target changes in one `alloc 100`, each more
 //! emulated work); the test is about the deflates, not the return. Emulated ring-0 work on PVM: the 150 MiB inflate (~0.1-0.6 s/MiB
@@ -145,7 +145,7 @@ fn policy_reclaims_an_idle_linux_guest_and_deflates_for_a_100_mib_allocation() {
     let t = Instant::now();
     let policy = format!(
         "enabled=off,floor={FLOOR_MIB}M,headroom={HEADROOM_MIB}M,headroom_fraction=0,\
-         max_step=192M,settle=2s,cooldown=10m,interval=1s"
+         max_step=192M,settle=2s,cooldown=600s,interval=1s"
     );
     let mut vm = LinuxVm::start(&LinuxVmConfig {
         name: "policy",
