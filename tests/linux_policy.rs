@@ -153,7 +153,6 @@ fn policy_reclaims_an_idle_linux_guest_and_deflates_for_a_100_mib_allocation() {
         balloon: Some("stats_interval=1"),
         cmdline_extra: "sysctl.vm.overcommit_memory=1",
         args: &["--balloon-policy", &policy],
-        ..Default::default()
     });
     // Watch from before the guest is up; the policy starts (PATCH below)
     // once the stream is open, so no decision is missed.

@@ -49,8 +49,9 @@ load_avg() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?"; }
 load_at_start="$(load_avg)"
 phase_summary() {
   phase
-  local IFS=","
-  log "phases: ${phases[*]}; total $((SECONDS - t0)) s on $(nproc) CPUs (load average $load_at_start at the start, $(load_avg) at the end)"
+  local list
+  list="$(printf '%s, ' "${phases[@]}")"
+  log "phases: ${list%, }; total $((SECONDS - t0)) s on $(nproc) CPUs (load average $load_at_start at the start, $(load_avg) at the end)"
 }
 die() { echo "linux: error: $*" >&2; exit 1; }
 
