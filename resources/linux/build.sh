@@ -34,6 +34,25 @@ KEEP_TREES=3
 KEEP_OUTPUTS=10
 
 log() { echo "linux: $*" >&2; }
+# Phase timer: `phase NAME` ends the running phase (recording its seconds)
+# and starts NAME; `phase` alone ends it. The summary line names each phase
+# this run went through, and the load average at the start and the end.
+phases=()
+cur_phase=""
+phase_start=$SECONDS
+phase() {
+  if [ -n "$cur_phase" ]; then phases+=("$cur_phase $((SECONDS - phase_start)) s"); fi
+  cur_phase="${1:-}"
+  phase_start=$SECONDS
+}
+load_avg() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?"; }
+load_at_start="$(load_avg)"
+phase_summary() {
+  phase
+  local list
+  list="$(printf '%s, ' "${phases[@]}")"
+  log "phases: ${list%, }; total $((SECONDS - t0)) s on $(nproc) CPUs (load average $load_at_start at the start, $(load_avg) at the end)"
+}
 die() { echo "linux: error: $*" >&2; exit 1; }
 
 # --- dependencies ------------------------------------------------------------
@@ -144,8 +163,10 @@ if [ ! -f "$ktree/.blimp-built" ]; then
   if [ ! -f "$ktree/.blimp-unpacked" ]; then
     rm -rf "$ktree"
     mkdir -p "$ktree"
+    phase unpack
     log "unpacking linux-source-6.12 $ksrc_ver into $ktree"
     tar -xJf /usr/src/linux-source-6.12.tar.xz -C "$ktree" --strip-components=1
+    phase patch
     for p in "${patches[@]}"; do
       log "applying $(basename "$p")"
       patch -d "$ktree" -p1 --forward --batch --quiet <"$p" >&2 || die "patch $p does not apply"
@@ -153,6 +174,7 @@ if [ ! -f "$ktree/.blimp-built" ]; then
     touch "$ktree/.blimp-unpacked"
   fi
   export KBUILD_BUILD_TIMESTAMP="2026-01-01" KBUILD_BUILD_USER=blimp KBUILD_BUILD_HOST=blimp
+  phase configure
   log "configuring (tinyconfig + $(basename "$config"))"
   make -C "$ktree" -s tinyconfig >&2
   "$ktree/scripts/kconfig/merge_config.sh" -m -O "$ktree" "$ktree/.config" "$config" \
@@ -177,7 +199,11 @@ diff = [(k, v, got.get(k, 'n')) for k, v in want.items()
 for k, v, g in diff:
     print(f'linux: note: {k}: config asks {v}, Kconfig gave {g}')
 EOF
+  # Only the vmlinux target: no modules (CONFIG_MODULES is off), no
+  # bzImage (Blimp loads the ELF), no headers or tools beyond what it needs.
+  # One job per CPU this process may use.
   nproc="$(nproc)"
+  phase compile
   log "building vmlinux with -j$nproc (log: $ktree/.blimp-make.log); takes minutes"
   tk=$SECONDS
   if ! make -C "$ktree" -j"$nproc" vmlinux >"$ktree/.blimp-make.log" 2>&1; then
@@ -201,6 +227,7 @@ check_config "$ktree/.config" || die "kernel tree $ktree has a bad .config; dele
 # --- initramfs ---------------------------------------------------------------
 work="$(mktemp -d "$cache/.linux-work.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+phase initramfs
 log "building initramfs"
 gcc -O2 -Wall -Werror -o "$work/gen_init_cpio" "$ktree/usr/gen_init_cpio.c"
 # The agent's helper: static, no dynamic loader in the initramfs.
@@ -239,5 +266,6 @@ mv "$work/out" "$out"
 ls -1dt "$cache"/linux-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]/ 2>/dev/null |
   tail -n +$((KEEP_OUTPUTS + 1)) | while read -r old; do rm -rf "$old"; done
 log "done in $((SECONDS - t0)) s: vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio" | cut -f1)"
+phase_summary
 echo "$out/vmlinux"
 echo "$out/initramfs.cpio"

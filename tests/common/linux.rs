@@ -15,9 +15,57 @@ use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
 
-use super::{Vm, repo_root, sock_path, wait_for_socket};
+use super::{
+    Step, Vm, balloon_progress, load_average, repo_root, sock_path, wait_for_socket, wait_progress,
+};
 
 pub const MIB: u64 = 1 << 20;
+
+/// A minute: the unit of the Linux tests' time limits, which are only there
+/// to end a hang (a failed limit prints how far the guest got and the load).
+pub const MIN: Duration = Duration::from_secs(60);
+
+/// Bytes as MiB, for messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+/// Relative difference of `a` from `b`.
+pub fn rel_diff(a: u64, b: u64) -> f64 {
+    (a as f64 - b as f64).abs() / b as f64
+}
+
+/// Print a finished test's wall time and the binary's so far (`FILE: TEST
+/// took ...`), the figure the suite's summary and README quote.
+pub fn done(file: &str, test: &str, started: Instant) {
+    eprintln!(
+        "{file}: {test} took {:.1} s (suite wall clock so far {:.1} s, host {})",
+        started.elapsed().as_secs_f64(),
+        suite_clock().elapsed().as_secs_f64(),
+        load_average()
+    );
+}
+
+/// The deflate-on-OOM tests' guest (`linux_e2e`, `linux_sg`): 64 MiB with
+/// a 32 MiB balloon (the default floor, a quarter of guest memory, allows
+/// 48), and an allocation [`OOM_EXCESS_MIB`] over what the guest has
+/// available after the inflate. Every MiB faulted in or given back by the
+/// OOM notifier is emulated kernel work on PVM, so both stay small; see
+/// `linux_e2e::deflate_on_oom_lets_an_allocation_beyond_memavailable_succeed`.
+pub const OOM_GUEST_MEMORY: &str = "64M";
+pub const OOM_BALLOON_MIB: u64 = 32;
+/// How far the allocation exceeds MemAvailable.
+pub const OOM_EXCESS_MIB: u64 = 4;
+/// What the balloon must give back at least: the excess less what Linux
+/// can find beyond MemAvailable's estimate (free pages between its high
+/// and min watermarks: under 1 MiB at 64 MiB), with a margin.
+pub const OOM_MIN_DEFLATE_MIB: u64 = OOM_EXCESS_MIB - 2;
+
+/// The deflate-on-OOM allocation in MiB: [`OOM_EXCESS_MIB`] over
+/// `mem_available_kib`.
+pub fn oom_alloc_mib(mem_available_kib: u64) -> u64 {
+    mem_available_kib / 1024 + OOM_EXCESS_MIB
+}
 
 /// What every Linux test boot gets on the kernel command line. Blimp adds
 /// what the PVM hosts need (`noxsave clearcpuid=...`, see `arch::pvm`) and
@@ -150,6 +198,8 @@ pub struct LinuxVmConfig<'a> {
     pub balloon: Option<&'a str>,
     /// Appended to [`BASE_CMDLINE`].
     pub cmdline_extra: &'a str,
+    /// More `blimp run` arguments (e.g. `--balloon-policy ...`).
+    pub args: &'a [&'a str],
 }
 
 impl Default for LinuxVmConfig<'_> {
@@ -159,6 +209,7 @@ impl Default for LinuxVmConfig<'_> {
             memory: "256M",
             balloon: None,
             cmdline_extra: "",
+            args: &[],
         }
     }
 }
@@ -178,6 +229,15 @@ impl LinuxVm {
     /// the guest panics, blimp exits, or the agent is not ready in
     /// [`BOOT_TIMEOUT`].
     pub fn boot(cfg: &LinuxVmConfig) -> LinuxVm {
+        let mut lvm = LinuxVm::start(cfg);
+        lvm.wait_ready();
+        lvm
+    }
+
+    /// Start blimp and return once its API socket answers, before the
+    /// guest is up (to watch `GET /events` from the start); then
+    /// [`LinuxVm::wait_ready`].
+    pub fn start(cfg: &LinuxVmConfig) -> LinuxVm {
         suite_clock();
         let guest = linux_guest();
         let sock = sock_path(cfg.name);
@@ -201,11 +261,15 @@ impl LinuxVm {
             args.push("--balloon");
             args.push(b);
         }
+        args.extend_from_slice(cfg.args);
         let vm = Vm::start(&args);
-        let mut lvm = LinuxVm::attach(vm, cfg.name, sock);
-        lvm.wait_for("BLIMP-AGENT READY", BOOT_TIMEOUT);
-        lvm.ready_after = lvm.vm.started.elapsed();
-        lvm
+        LinuxVm::attach(vm, cfg.name, sock)
+    }
+
+    /// Wait for the agent's ready line (see [`LinuxVm::boot`]).
+    pub fn wait_ready(&mut self) {
+        self.wait_for("BLIMP-AGENT READY", BOOT_TIMEOUT);
+        self.ready_after = self.vm.started.elapsed();
     }
 
     /// Wrap a started blimp (e.g. a restore) whose API socket is `sock`.
@@ -230,7 +294,10 @@ impl LinuxVm {
                 } else {
                     "timed out"
                 };
-                self.fail(&format!("{why} after {timeout:?} waiting for `{wanted}`"));
+                self.fail(&format!(
+                    "{why} after {timeout:?} waiting for `{wanted}`{}",
+                    self.balloon_note()
+                ));
             };
             let line = raw.trim_end_matches('\r');
             eprintln!("[{}] {line}", self.name);
@@ -247,7 +314,20 @@ impl LinuxVm {
         }
     }
 
-    /// Panic with the console transcript.
+    /// `; balloon: actual ... (pages moved)` for a timeout message, when
+    /// blimp still answers (empty when it does not).
+    fn balloon_note(&self) -> String {
+        if self.vm.output_ended() {
+            return String::new();
+        }
+        match self.api.get("/balloon") {
+            Ok((200, b)) => format!("; balloon: {}", balloon_progress(&self.api, &b)),
+            _ => String::new(),
+        }
+    }
+
+    /// Panic with the console transcript, the host's load and how long the
+    /// guest has run.
     pub fn fail(&self, why: &str) -> ! {
         let tail: Vec<&str> = self
             .vm
@@ -261,8 +341,11 @@ impl LinuxVm {
             .rev()
             .collect();
         panic!(
-            "[{}] {why}; last console lines:\n{}",
+            "[{}] {why}\n(host {}; {} s since boot; last console line: {:?})\nlast console lines:\n{}",
             self.name,
+            load_average(),
+            self.vm.started.elapsed().as_secs(),
+            tail.last().copied().unwrap_or(""),
             tail.join("\n")
         );
     }
@@ -290,7 +373,8 @@ impl LinuxVm {
                     "timed out"
                 };
                 self.fail(&format!(
-                    "{why} after {timeout:?} waiting for the answer to `{line}`"
+                    "{why} after {timeout:?} waiting for the answer to `{line}`{}",
+                    self.balloon_note()
                 ));
             };
             let l = raw.trim_end_matches('\r');
@@ -339,27 +423,60 @@ impl LinuxVm {
         assert_eq!(status, 204, "PATCH /balloon {mib}: {body}");
     }
 
-    /// Poll `GET /balloon` until `pred(actual_mib)`; returns the time it took.
+    /// Poll `GET /balloon` until `pred(actual_mib)`; returns the time it
+    /// took. A timeout fails with how far the balloon got (actual, target,
+    /// pages the device saw move), the load and the console.
     pub fn wait_actual(
         &self,
         what: &str,
         timeout: Duration,
         pred: impl Fn(u64) -> bool,
     ) -> Duration {
-        let t = Instant::now();
-        loop {
-            let b = self.balloon();
-            let actual = b["actual_mib"].as_u64().expect("actual_mib");
-            if pred(actual) {
-                return t.elapsed();
-            }
-            if t.elapsed() > timeout {
-                self.fail(&format!(
-                    "the balloon's actual size did not become {what} within {timeout:?}: {b}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        self.wait(
+            &format!("the balloon's actual size becoming {what}"),
+            timeout,
+            Duration::from_millis(50),
+            || {
+                let b = self.balloon();
+                let actual = b["actual_mib"].as_u64().expect("actual_mib");
+                if pred(actual) {
+                    Step::Done(())
+                } else {
+                    Step::Pending(balloon_progress(&self.api, &b))
+                }
+            },
+        )
+        .1
+    }
+
+    /// [`wait_progress`] for this guest: on a timeout, fail with how far it
+    /// got, the load and the console.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        every: Duration,
+        probe: impl FnMut() -> Step<T>,
+    ) -> (T, Duration) {
+        match wait_progress(what, timeout, every, probe) {
+            Ok(r) => r,
+            Err(stalled) => self.fail(&stalled.to_string()),
         }
+    }
+
+    /// A `balloon_NAME` counter of the device from `GET /metrics`; panics
+    /// if there is none.
+    pub fn counter(&self, name: &str) -> u64 {
+        let m = self.api.metrics().expect("GET /metrics");
+        let key = format!("balloon_{name}");
+        m.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(key.as_str())).then(|| w.next())?
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("[{}] no counter {key} in GET /metrics:\n{m}", self.name))
     }
 
     /// End the guest with the agent's `poweroff` (a keyboard-controller

@@ -323,46 +323,170 @@ pub fn wait_for_socket(path: &Path) {
     }
 }
 
+/// One look at something a test waits for: done (with the value the wait
+/// returns), or not yet, with how far it got in words (e.g. `actual 96 of
+/// 160 MiB, 24576 pages inflated`).
+pub enum Step<T> {
+    Done(T),
+    Pending(String),
+}
+
+/// A wait that ran out of time, with what tells a slow machine from a hang:
+/// how far the guest got, how long ago that last changed, and the load.
+#[derive(Debug)]
+pub struct Stalled {
+    pub what: String,
+    pub timeout: Duration,
+    /// The last [`Step::Pending`] description.
+    pub progress: String,
+    /// How long before the deadline the description last changed: close to
+    /// zero means still moving (a slow or busy machine), close to the
+    /// timeout means stuck from the start (a hang).
+    pub unchanged_for: Duration,
+    /// [`load_average`] at the deadline.
+    pub load: String,
+}
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let moving = if self.unchanged_for < Duration::from_secs(5) {
+            "still moving at the deadline: slow, not stuck"
+        } else {
+            "not moving: looks stuck"
+        };
+        write!(
+            f,
+            "{} not within {:?}; got as far as: {}; unchanged for the last {:.1} s ({moving}); host {}",
+            self.what,
+            self.timeout,
+            self.progress,
+            self.unchanged_for.as_secs_f64(),
+            self.load
+        )
+    }
+}
+
+/// Poll `probe` every `every` until it says [`Step::Done`]; returns its value
+/// and the time it took, or, after `timeout`, a [`Stalled`] that says how far
+/// it got. The one wait loop of the tests whose waits can be long.
+pub fn wait_progress<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Step<T>,
+) -> Result<(T, Duration), Stalled> {
+    let start = Instant::now();
+    let mut last = String::new();
+    let mut changed = start;
+    loop {
+        match probe() {
+            Step::Done(v) => return Ok((v, start.elapsed())),
+            Step::Pending(p) => {
+                if p != last {
+                    last = p;
+                    changed = Instant::now();
+                }
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Err(Stalled {
+                what: what.to_string(),
+                timeout,
+                progress: last,
+                unchanged_for: changed.elapsed(),
+                load: load_average(),
+            });
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`wait_progress`] that panics with the [`Stalled`] report.
+pub fn wait_or_panic<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    probe: impl FnMut() -> Step<T>,
+) -> (T, Duration) {
+    wait_progress(what, timeout, every, probe).unwrap_or_else(|s| panic!("{s}"))
+}
+
+/// The value of the `NAME VALUE` line of `GET /metrics` (a name without
+/// labels); `None` if blimp does not answer or has no such line.
+pub fn counter(client: &api::client::ApiClient, name: &str) -> Option<u64> {
+    let m = client.metrics().ok()?;
+    m.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(name)).then(|| w.next())?
+        })
+        .and_then(|v| v.parse().ok())
+}
+
+/// The balloon's progress in words, for [`Step::Pending`] and timeout
+/// messages: `GET /balloon`'s actual and target sizes and the device's
+/// page counters.
+pub fn balloon_progress(client: &api::client::ApiClient, body: &serde_json::Value) -> String {
+    let c = |n: &str| counter(client, n).map_or("?".to_string(), |v| v.to_string());
+    format!(
+        "actual {} MiB of target {} MiB ({} pages inflated, {} deflated so far)",
+        body["actual_mib"],
+        body["target_mib"],
+        c("balloon_inflate_pages"),
+        c("balloon_deflate_pages")
+    )
+}
+
 /// Poll `GET /balloon` until `actual_mib` equals `target_mib`.
 pub fn wait_balloon(
     client: &mut api::client::ApiClient,
     target_mib: u64,
     timeout: Duration,
 ) -> Duration {
-    let start = Instant::now();
-    loop {
-        let (status, body) = client.get("/balloon").expect("GET /balloon");
-        assert_eq!(status, 200, "{body}");
-        if body["actual_mib"].as_u64() == Some(target_mib)
-            && body["target_mib"].as_u64() == Some(target_mib)
-        {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "balloon did not reach {target_mib} MiB within {timeout:?}: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let client = &*client;
+    wait_or_panic(
+        &format!("the balloon reaching {target_mib} MiB"),
+        timeout,
+        Duration::from_millis(20),
+        || {
+            let (status, body) = client.get("/balloon").expect("GET /balloon");
+            assert_eq!(status, 200, "{body}");
+            if body["actual_mib"].as_u64() == Some(target_mib)
+                && body["target_mib"].as_u64() == Some(target_mib)
+            {
+                Step::Done(())
+            } else {
+                Step::Pending(balloon_progress(client, &body))
+            }
+        },
+    )
+    .1
 }
 
 /// Poll `GET /migration` until the job (migration or snapshot) ended;
 /// returns its final status.
 pub fn wait_migration_end(client: &api::client::ApiClient, timeout: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (status, st) = client.get("/migration").expect("GET /migration");
-        assert_eq!(status, 200, "{st}");
-        if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration did not finish within {timeout:?} (host {}): {st}",
-            load_average()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_or_panic(
+        "the migration ending",
+        timeout,
+        Duration::from_millis(20),
+        || {
+            let (status, st) = client.get("/migration").expect("GET /migration");
+            assert_eq!(status, 200, "{st}");
+            if ["Completed", "Failed", "Cancelled"].contains(&st["state"].as_str().unwrap_or("")) {
+                Step::Done(st)
+            } else {
+                // Everything but the clock, so a stuck job reads as stuck.
+                let mut p = st.clone();
+                if let Some(o) = p.as_object_mut() {
+                    o.remove("elapsed_ms");
+                }
+                Step::Pending(p.to_string())
+            }
+        },
+    )
+    .0
 }
 
 /// `PUT /migration` with `body` (expecting 200), then
