@@ -286,9 +286,11 @@ mod tests {
 
     #[test]
     fn stats_accumulate_and_print() {
-        let mut s = RampStats::default();
-        s.allocated_pages = 1536 * FRAMES_PER_MIB;
-        s.cycles = 1;
+        let mut s = RampStats {
+            allocated_pages: 1536 * FRAMES_PER_MIB,
+            cycles: 1,
+            ..Default::default()
+        };
         s.wait_ended(250_000_000);
         s.wait_ended(1_500_000_000);
         s.stall_attempts = 17;
