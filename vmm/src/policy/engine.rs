@@ -14,9 +14,9 @@
 //!    headroom plus the band (at least [`PolicyConfig::pressure_step`]), then
 //!    hold inflation off for [`PolicyConfig::cooldown`] (only after a
 //!    deflate: pressure with an empty balloon starts no cool-down; a deflate
-//!    for pressure within four cool-downs of the previous one doubles it,
-//!    up to eight times, so a slowly ramping guest is not re-inflated after
-//!    each cool-down).
+//!    for pressure within four cool-downs of the previous one, after an
+//!    inflate in between, doubles it, up to eight times, so a slowly
+//!    ramping guest is not re-inflated after each cool-down).
 //! 3. Excess: available memory above headroom + band for
 //!    [`PolicyConfig::settle`] (halved under host pressure): inflate by the
 //!    excess, at most [`PolicyConfig::max_step`], never leaving the guest
@@ -140,10 +140,14 @@ pub struct Policy {
     cooldown_until: Option<Instant>,
     /// The last deflate for pressure and the cool-down's multiplier: a
     /// deflate for pressure within [`REPEAT_WINDOW`] cool-downs of the
-    /// previous one doubles it (up to [`MAX_COOLDOWN_FACTOR`]), so that a
-    /// slowly ramping guest is not re-inflated after every cool-down.
+    /// previous one, *after the policy inflated again in between* (it gave
+    /// back too early), doubles it (up to [`MAX_COOLDOWN_FACTOR`]), so that
+    /// a slowly ramping guest is not re-inflated after every cool-down.
+    /// More deflates of one pressure episode (no inflate between them)
+    /// keep the multiplier: one fast ramp is not a misjudgement.
     last_pressure: Option<Instant>,
     cooldown_factor: u32,
+    inflated_since_pressure: bool,
 }
 
 /// See [`Policy`]'s `last_pressure`.
@@ -257,6 +261,7 @@ impl Policy {
         if new <= input.target {
             return decision(None, Reason::NothingToGive);
         }
+        self.inflated_since_pressure = true;
         decision(
             Some(new),
             Reason::Excess {
@@ -271,11 +276,12 @@ impl Policy {
         let repeated = self
             .last_pressure
             .is_some_and(|t| now.saturating_duration_since(t) < base * REPEAT_WINDOW);
-        self.cooldown_factor = if repeated {
-            (self.cooldown_factor * 2).clamp(1, MAX_COOLDOWN_FACTOR)
-        } else {
-            1
+        self.cooldown_factor = match (repeated, self.inflated_since_pressure) {
+            (false, _) => 1,
+            (true, true) => (self.cooldown_factor * 2).clamp(1, MAX_COOLDOWN_FACTOR),
+            (true, false) => self.cooldown_factor.max(1),
         };
+        self.inflated_since_pressure = false;
         self.last_pressure = Some(now);
         self.cooldown_until = Some(now + base * self.cooldown_factor);
     }
@@ -485,11 +491,37 @@ mod tests {
                 Reason::CoolingDown { left_ms } => lefts.push(left_ms),
                 other => panic!("{other:?}"),
             }
+            // The policy gives memory back again after the cool-down...
+            let inflated = (0..300).any(|_| s.tick().new_target.is_some());
+            assert!(inflated, "no inflate after the cool-down");
+            // ...and the guest needs it once more: a misjudgement.
         }
         assert!(
             lefts[1] > lefts[0] * 3 / 2 && lefts[2] > lefts[1] * 3 / 2,
             "{lefts:?}"
         );
+    }
+
+    /// A guest ramping up fast meets pressure several times in a row with
+    /// no inflate in between: one episode, the cool-down stays as it was.
+    #[test]
+    fn pressure_of_one_episode_keeps_the_cool_down() {
+        let mut s = Sim::new(300 * MIB);
+        for _ in 0..40 {
+            s.tick();
+        }
+        let mut lefts = Vec::new();
+        for _ in 0..3 {
+            s.sample.alloc_stall += 1;
+            let d = s.tick();
+            assert!(matches!(d.reason, Reason::Rising { .. }), "{d:?}");
+            match s.tick().reason {
+                Reason::CoolingDown { left_ms } => lefts.push(left_ms),
+                other => panic!("{other:?}"),
+            }
+        }
+        let base = PolicyConfig::default().cooldown.as_millis() as u64;
+        assert!(lefts.iter().all(|&l| l <= base), "{lefts:?}");
     }
 
     /// The guest's own load with no balloon to deflate: once it frees the
