@@ -196,19 +196,7 @@ fn schemas_match_types() {
     );
     let settings = api::policy::PolicySettings::default();
     check(&spec, "PolicySettings", &settings, &settings);
-    let d = api::policy::PolicyDecision {
-        action: "hold".into(),
-        reason: "within_band".into(),
-        detail: "x".into(),
-        old_target_mib: 1,
-        new_target_mib: 1,
-        available_mib: None,
-        headroom_mib: 1,
-        host_psi: None,
-        host_pressure: false,
-        guest_ram_mib: 1,
-        host_available_mib: None,
-    };
+    let d = sample_decision();
     check(&spec, "PolicyDecision", &d, &d);
     let st = api::policy::PolicyStatus {
         enabled: true,
@@ -336,19 +324,7 @@ fn enums_match_types() {
             hinted_pages: 0,
         }),
         E::MigrationProgress(MigrationStatus::idle()),
-        E::PolicyDecision(api::policy::PolicyDecision {
-            action: "hold".into(),
-            reason: "within_band".into(),
-            detail: "x".into(),
-            old_target_mib: 1,
-            new_target_mib: 1,
-            available_mib: None,
-            headroom_mib: 1,
-            host_psi: None,
-            host_pressure: false,
-            guest_ram_mib: 1,
-            host_available_mib: None,
-        }),
+        E::PolicyDecision(sample_decision()),
         E::BalloonSettled {
             target_mib: 1,
             actual_mib: 1,
@@ -366,4 +342,21 @@ fn enums_match_types() {
         })
         .collect();
     assert_eq!(event_types, kinds);
+}
+
+/// A decision with every optional field empty, for the schema checks.
+fn sample_decision() -> api::policy::PolicyDecision {
+    api::policy::PolicyDecision {
+        action: "hold".into(),
+        reason: "within_band".into(),
+        detail: "x".into(),
+        old_target_mib: 1,
+        new_target_mib: 1,
+        available_mib: None,
+        headroom_mib: 1,
+        host_psi: None,
+        host_pressure: false,
+        guest_ram_mib: 1,
+        host_available_mib: None,
+    }
 }

@@ -475,8 +475,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn repeated_pressure_lengthens_the_cool_down() {
+    /// An idle, reclaimed guest stalls three times; `between` runs after
+    /// each stall's cool-down has started (the available memory it frees
+    /// is the caller's choice). Returns each cool-down's length.
+    fn cool_downs_after_three_stalls(mut between: impl FnMut(&mut Sim)) -> Vec<u64> {
         let mut s = Sim::new(300 * MIB);
         for _ in 0..40 {
             s.tick();
@@ -486,16 +488,24 @@ mod tests {
             s.sample.alloc_stall += 1;
             let d = s.tick();
             assert!(matches!(d.reason, Reason::Rising { .. }), "{d:?}");
-            s.sample.available += 200 * MIB;
             match s.tick().reason {
                 Reason::CoolingDown { left_ms } => lefts.push(left_ms),
                 other => panic!("{other:?}"),
             }
+            between(&mut s);
+        }
+        lefts
+    }
+
+    #[test]
+    fn repeated_pressure_lengthens_the_cool_down() {
+        let lefts = cool_downs_after_three_stalls(|s| {
+            s.sample.available += 200 * MIB;
             // The policy gives memory back again after the cool-down...
             let inflated = (0..300).any(|_| s.tick().new_target.is_some());
             assert!(inflated, "no inflate after the cool-down");
             // ...and the guest needs it once more: a misjudgement.
-        }
+        });
         assert!(
             lefts[1] > lefts[0] * 3 / 2 && lefts[2] > lefts[1] * 3 / 2,
             "{lefts:?}"
@@ -506,20 +516,7 @@ mod tests {
     /// no inflate in between: one episode, the cool-down stays as it was.
     #[test]
     fn pressure_of_one_episode_keeps_the_cool_down() {
-        let mut s = Sim::new(300 * MIB);
-        for _ in 0..40 {
-            s.tick();
-        }
-        let mut lefts = Vec::new();
-        for _ in 0..3 {
-            s.sample.alloc_stall += 1;
-            let d = s.tick();
-            assert!(matches!(d.reason, Reason::Rising { .. }), "{d:?}");
-            match s.tick().reason {
-                Reason::CoolingDown { left_ms } => lefts.push(left_ms),
-                other => panic!("{other:?}"),
-            }
-        }
+        let lefts = cool_downs_after_three_stalls(|_| {});
         let base = PolicyConfig::default().cooldown.as_millis() as u64;
         assert!(lefts.iter().all(|&l| l <= base), "{lefts:?}");
     }
