@@ -6,7 +6,7 @@
 //! subcommands and calls [`run`].
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use api::client::{ApiClient, ClientError};
 use api::indicatif::{ProgressBar, ProgressStyle};
@@ -289,13 +289,14 @@ fn print_stats(s: &BalloonStats) {
         "balloon actual:      {}",
         mib_pages(s.actual_mib, s.actual_pages)
     );
+    let v = |name| s.guest.as_ref().and_then(|g| g.by_name(name));
     let bytes = [
-        ("total memory", s.total_memory),
-        ("free memory", s.free_memory),
-        ("available memory", s.available_memory),
-        ("disk caches", s.disk_caches),
-        ("swapped in", s.swap_in),
-        ("swapped out", s.swap_out),
+        ("total memory", v("total_memory")),
+        ("free memory", v("free_memory")),
+        ("available memory", v("available_memory")),
+        ("disk caches", v("disk_caches")),
+        ("swapped in", v("swap_in")),
+        ("swapped out", v("swap_out")),
     ];
     for (name, v) in bytes {
         if let Some(v) = v {
@@ -303,29 +304,28 @@ fn print_stats(s: &BalloonStats) {
         }
     }
     let counts = [
-        ("major faults", s.major_faults),
-        ("minor faults", s.minor_faults),
-        ("hugetlb allocations", s.hugetlb_allocations),
-        ("hugetlb failures", s.hugetlb_failures),
-        ("OOM kills", s.oom_kill),
-        ("alloc stalls", s.alloc_stall),
-        ("async scans", s.async_scan),
-        ("direct scans", s.direct_scan),
-        ("async reclaims", s.async_reclaim),
-        ("direct reclaims", s.direct_reclaim),
+        ("major faults", v("major_faults")),
+        ("minor faults", v("minor_faults")),
+        ("hugetlb allocations", v("hugetlb_allocations")),
+        ("hugetlb failures", v("hugetlb_failures")),
+        ("OOM kills", v("oom_kill")),
+        ("alloc stalls", v("alloc_stall")),
+        ("async scans", v("async_scan")),
+        ("direct scans", v("direct_scan")),
+        ("async reclaims", v("async_reclaim")),
+        ("direct reclaims", v("direct_reclaim")),
     ];
     for (name, v) in counts {
         if let Some(v) = v {
             println!("{:<20} {v}", format!("{name}:"));
         }
     }
-    match s.last_update {
-        Some(t) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(t);
-            println!("last update:         {} s ago", now.saturating_sub(t));
+    match &s.guest {
+        Some(g) => {
+            let ago = SystemTime::now()
+                .duration_since(g.updated)
+                .map_or(0, |d| d.as_secs());
+            println!("last update:         {ago} s ago");
         }
         None => println!("last update:         never (statistics not reported yet)"),
     }

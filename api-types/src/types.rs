@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Guest page size the balloon counts in (virtio-balloon always uses 4 KiB pages).
-pub const PAGE_SIZE: u64 = 4096;
+pub use devices::PAGE_SIZE;
 /// 4 KiB pages per MiB.
 pub const PAGES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
 /// Largest balloon target accepted from a client (16 TiB), so that
@@ -298,6 +298,9 @@ pub fn check_balloon_floor(
     Ok(())
 }
 
+/// The guest's memory statistics: the balloon device's own type.
+pub use devices::virtio::balloon::GuestStats;
+
 /// `GET /balloon/statistics`. Field names follow Firecracker; guest-reported
 /// values are omitted until the guest has reported them. Memory values are in
 /// bytes, as the virtio-balloon statistics are.
@@ -307,42 +310,11 @@ pub struct BalloonStats {
     pub actual_pages: u64,
     pub target_mib: u64,
     pub actual_mib: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub swap_in: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub swap_out: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub major_faults: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub minor_faults: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub free_memory: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total_memory: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub available_memory: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_caches: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hugetlb_allocations: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hugetlb_failures: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oom_kill: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alloc_stall: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub async_scan: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct_scan: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub async_reclaim: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct_reclaim: Option<u64>,
-    /// Unix time (seconds) of the guest's last statistics report; absent if
-    /// it never reported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_update: Option<u64>,
+    /// The guest's last report, flattened: one field per name in
+    /// `STAT_NAMES` for the values it sent, then `last_update` (Unix
+    /// seconds); absent if it never reported.
+    #[serde(flatten)]
+    pub guest: Option<GuestStats>,
     /// Free page hinting rounds started by the host.
     #[serde(default)]
     pub hint_rounds: u64,
@@ -388,17 +360,8 @@ pub struct HintingStarted {
     pub cmd_id: u32,
 }
 
-/// `GET /balloon/hinting/status`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct HintingStatus {
-    pub host_cmd_id: u32,
-    /// Last command id the guest sent back (absent before its first answer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_cmd_id: Option<u32>,
-    pub state: HintingState,
-    /// Pages hinted during the current (or last) round.
-    pub hinted_pages: u64,
-}
+/// `GET /balloon/hinting/status`: the balloon device's own type.
+pub use devices::virtio::balloon::HintingStatus;
 
 /// `GET /balloon/hinting/status`: [`HintingStatus`] with Firecracker's
 /// names (its `BalloonHintingStatus`) next to Blimp's.
@@ -862,15 +825,29 @@ mod tests {
 
     #[test]
     fn stats_omit_unreported_fields() {
+        let none = serde_json::to_value(BalloonStats::default()).unwrap();
+        assert!(none.get("free_memory").is_none());
+        assert!(none.get("last_update").is_none());
+        let mut values = [None; devices::virtio::balloon::stats::NUM_STAT_TAGS];
+        values[4] = Some(5);
         let s = BalloonStats {
-            free_memory: Some(5),
+            target_pages: 1,
+            guest: Some(GuestStats {
+                values,
+                updated: std::time::UNIX_EPOCH + std::time::Duration::from_secs(7),
+            }),
             ..Default::default()
         };
-        let j = serde_json::to_value(&s).unwrap();
-        assert_eq!(j["free_memory"], 5);
-        assert!(j.get("swap_in").is_none());
-        assert!(j.get("last_update").is_none());
-        assert_eq!(j["hinted_pages"], 0);
+        let text = serde_json::to_string(&s).unwrap();
+        // Flattened between the sizes and the counters, by name.
+        assert_eq!(
+            text,
+            r#"{"target_pages":1,"actual_pages":0,"target_mib":0,"actual_mib":0,"free_memory":5,"last_update":7,"hint_rounds":0,"hinted_pages":0,"reported_pages":0,"discarded_bytes":0}"#
+        );
+        let back: BalloonStats = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        let back: BalloonStats = serde_json::from_value(none).unwrap();
+        assert_eq!(back, BalloonStats::default());
     }
 
     #[test]

@@ -149,23 +149,10 @@ fn schemas_match_types() {
         assert_eq!(p.target_mib, 1);
     }
     let full = BalloonStats {
-        swap_in: Some(1),
-        swap_out: Some(1),
-        major_faults: Some(1),
-        minor_faults: Some(1),
-        free_memory: Some(1),
-        total_memory: Some(1),
-        available_memory: Some(1),
-        disk_caches: Some(1),
-        hugetlb_allocations: Some(1),
-        hugetlb_failures: Some(1),
-        oom_kill: Some(1),
-        alloc_stall: Some(1),
-        async_scan: Some(1),
-        direct_scan: Some(1),
-        async_reclaim: Some(1),
-        direct_reclaim: Some(1),
-        last_update: Some(1),
+        guest: Some(GuestStats {
+            values: [Some(1); _],
+            updated: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1),
+        }),
         ..Default::default()
     };
     // Counters are always sent but may be absent (serde default) for old VMMs.

@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use api_types::types::{
     self, BalloonInfo, BalloonPut, HintingStarted, MigrationDestination, MigrationStarted,
@@ -243,53 +243,18 @@ pub fn stats_view(
     target_pages: u64,
     actual_pages: u64,
     m: &balloon::BalloonMetricsSnapshot,
-    latest: Option<&balloon::BalloonStats>,
+    latest: Option<&balloon::GuestStats>,
 ) -> types::BalloonStats {
-    let mut s = types::BalloonStats {
+    types::BalloonStats {
         target_pages,
         actual_pages,
         target_mib: target_pages / PAGES_PER_MIB,
         actual_mib: actual_pages / PAGES_PER_MIB,
+        guest: latest.copied(),
         hint_rounds: m.hint_rounds,
         hinted_pages: m.hinted_pages,
         reported_pages: m.reported_pages,
         discarded_bytes: m.discard_released_bytes,
-        ..Default::default()
-    };
-    if let Some(st) = latest {
-        let v = |name| st.by_name(name);
-        s.swap_in = v("swap_in");
-        s.swap_out = v("swap_out");
-        s.major_faults = v("major_faults");
-        s.minor_faults = v("minor_faults");
-        s.free_memory = v("free_memory");
-        s.total_memory = v("total_memory");
-        s.available_memory = v("available_memory");
-        s.disk_caches = v("disk_caches");
-        s.hugetlb_allocations = v("hugetlb_allocations");
-        s.hugetlb_failures = v("hugetlb_failures");
-        s.oom_kill = v("oom_kill");
-        s.alloc_stall = v("alloc_stall");
-        s.async_scan = v("async_scan");
-        s.direct_scan = v("direct_scan");
-        s.async_reclaim = v("async_reclaim");
-        s.direct_reclaim = v("direct_reclaim");
-        s.last_update = st
-            .updated
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs());
-    }
-    s
-}
-
-/// The `HintingChanged` event / `GET /balloon/hinting/status` body.
-pub fn hinting_view(s: balloon::HintingStatus) -> types::HintingStatus {
-    types::HintingStatus {
-        host_cmd_id: s.host_cmd_id,
-        guest_cmd_id: (s.guest_cmd_id != 0).then_some(s.guest_cmd_id),
-        state: s.state,
-        hinted_pages: s.hinted_pages,
     }
 }
 
@@ -553,7 +518,7 @@ impl ApiHandler {
                     return Err(ApiResponse::feature_not_negotiated("free_page_hint"));
                 }
                 Ok(ApiResponse::ok(&types::HintingStatusReply::from(
-                    hinting_view(b.hinting_status()),
+                    b.hinting_status(),
                 )))
             }),
             ApiRequest::HintingStop => self.balloon().map(|b| match lock(b).stop_hinting() {

@@ -13,9 +13,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api_handler::{
-    ApiContext, ApiHandler, balloon_event, hinting_view, policy_apply, stats_view,
-};
+use crate::api_handler::{ApiContext, ApiHandler, balloon_event, policy_apply, stats_view};
 use crate::boot;
 use crate::bus::Bus;
 use crate::config::VmConfig;
@@ -239,7 +237,7 @@ impl Vmm {
                         &metrics.snapshot(),
                         Some(&st),
                     )),
-                    BalloonEvent::HintingChanged(h) => ApiEvent::HintingChanged(hinting_view(h)),
+                    BalloonEvent::HintingChanged(h) => ApiEvent::HintingChanged(h),
                 };
                 hub.publish(ev);
             }));

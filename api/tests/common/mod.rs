@@ -145,11 +145,16 @@ pub fn answer(st: &mut FakeState, hub: &EventHub, req: ApiRequest) -> ApiRespons
             actual_pages: st.balloon.actual_pages,
             target_mib: st.balloon.target_mib,
             actual_mib: st.balloon.actual_mib,
-            free_memory: Some(300 << 20),
-            total_memory: Some(1000 << 20),
-            available_memory: Some(500 << 20),
-            major_faults: Some(7),
-            last_update: Some(1_700_000_000),
+            guest: Some(
+                serde_json::from_value(serde_json::json!({
+                    "free_memory": 300 << 20,
+                    "total_memory": 1000 << 20,
+                    "available_memory": 500 << 20,
+                    "major_faults": 7,
+                    "last_update": 1_700_000_000,
+                }))
+                .expect("guest statistics by name"),
+            ),
             hint_rounds: 1,
             hinted_pages: 1000,
             ..Default::default()

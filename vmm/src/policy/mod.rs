@@ -26,8 +26,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use api_types::policy::{PolicyDecision, PolicySettings, PolicyStatus};
 use api_types::{ApiEvent, EventHub};
+use devices::PAGE_SIZE;
 use devices::virtio::VirtioDevice;
-use devices::virtio::balloon::{Balloon, BalloonStats, VIRTIO_BALLOON_F_STATS_VQ};
+use devices::virtio::balloon::{Balloon, GuestStats, VIRTIO_BALLOON_F_STATS_VQ};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -36,7 +37,6 @@ use vmm_sys_util::timerfd::TimerFd;
 pub use engine::{Decision, GuestSample, Inputs, Policy, PolicyConfig, Reason};
 
 const MIB: u64 = 1 << 20;
-const PAGE: u64 = 4096;
 /// Reports closer together than this do not each get a decision.
 pub const MIN_DECISION_GAP: Duration = Duration::from_millis(100);
 /// `actual` that has not moved for this long short of the target is
@@ -324,7 +324,7 @@ fn lock_balloon(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
 
 /// A statistics report as the engine reads it (`None`: it carries neither
 /// available nor free memory).
-fn sample_of(st: &BalloonStats) -> Option<GuestSample> {
+fn sample_of(st: &GuestStats) -> Option<GuestSample> {
     let v = |n| st.by_name(n).unwrap_or(0);
     let available = st
         .by_name("available_memory")
@@ -350,7 +350,7 @@ struct Look {
     actual_pages: u64,
     active: bool,
     stats_acked: bool,
-    stats: Option<BalloonStats>,
+    stats: Option<GuestStats>,
 }
 
 /// Tracks one target change until `actual` settles.
@@ -436,8 +436,8 @@ impl PolicyEvents {
         if reached || now.saturating_duration_since(s.moved_at) >= SETTLE_STILL {
             s.done = true;
             self.events.publish(ApiEvent::BalloonSettled {
-                target_mib: s.target_pages * PAGE / MIB,
-                actual_mib: s.actual_pages * PAGE / MIB,
+                target_mib: s.target_pages * PAGE_SIZE / MIB,
+                actual_mib: s.actual_pages * PAGE_SIZE / MIB,
                 reached,
             });
         }
@@ -526,8 +526,8 @@ impl PolicyEvents {
     /// decides).
     fn decide(&self, s: &mut State, now: Instant, look: &Look, before_move: bool) {
         let guest_ram = self.shared.guest_bytes;
-        let target = look.target_pages * PAGE;
-        let actual = look.actual_pages * PAGE;
+        let target = look.target_pages * PAGE_SIZE;
+        let actual = look.actual_pages * PAGE_SIZE;
         // What the balloon has still to take (or give back) is not yet
         // out of (or in) the guest's report.
         let guest = s.guest.map(|(at, mut g)| {
@@ -807,16 +807,16 @@ mod tests {
         let tag = |n| devices::virtio::balloon::stats::stat_tag(n).unwrap() as usize;
         values[tag("free_memory")] = Some(100 * MIB);
         values[tag("alloc_stall")] = Some(3);
-        let st = BalloonStats {
+        let st = GuestStats {
             values,
             updated: SystemTime::now(),
         };
         let s = sample_of(&st).unwrap();
         assert_eq!((s.available, s.alloc_stall, s.oom_kill), (100 * MIB, 3, 0));
         values[tag("available_memory")] = Some(200 * MIB);
-        let s = sample_of(&BalloonStats { values, ..st }).unwrap();
+        let s = sample_of(&GuestStats { values, ..st }).unwrap();
         assert_eq!(s.available, 200 * MIB, "available preferred to free");
-        let none = BalloonStats {
+        let none = GuestStats {
             values: [None; devices::virtio::balloon::stats::NUM_STAT_TAGS],
             ..st
         };

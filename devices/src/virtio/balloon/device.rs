@@ -25,7 +25,7 @@ use super::pfn_runs::{BATCH_BYTES, InflatedBitmap, PfnBatch, PfnRun, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
 use super::queue::{Descs, Drain, Notify, drain_chains};
 use super::ranges::check_range;
-use super::stats::{BalloonStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
+use super::stats::{GuestStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
 use super::*;
 use crate::virtio::{
     ActivateError, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
@@ -103,7 +103,7 @@ pub struct Balloon {
     pub(super) config: ConfigSpace,
     pub(super) config_generation: u32,
     pub(super) stats_interval_s: u32,
-    pub(super) latest_stats: Option<BalloonStats>,
+    pub(super) latest_stats: Option<GuestStats>,
     /// Head of the stats buffer the device holds until it wants new stats.
     pub(super) held_stats: Option<u16>,
     pub(super) metrics: Arc<BalloonMetrics>,
@@ -266,7 +266,7 @@ impl Balloon {
     }
 
     /// The last statistics the guest sent, if any.
-    pub fn latest_stats(&self) -> Option<&BalloonStats> {
+    pub fn latest_stats(&self) -> Option<&GuestStats> {
         self.latest_stats.as_ref()
     }
 
@@ -640,7 +640,7 @@ impl Balloon {
                 );
             }
             if out.entries > 0 {
-                self.latest_stats = Some(BalloonStats {
+                self.latest_stats = Some(GuestStats {
                     values,
                     updated: SystemTime::now(),
                 });

@@ -1156,7 +1156,7 @@ mod free_pages {
         assert_eq!(fx.balloon.hinting_status().state, HintingState::Requested);
         send_cmd(&mut fx, id, false);
         assert_eq!(fx.balloon.hinting_status().state, HintingState::Running);
-        assert_eq!(fx.balloon.hinting_status().guest_cmd_id, id);
+        assert_eq!(fx.balloon.hinting_status().guest_cmd_id, Some(id));
         send_hint(&mut fx, MIB4, MIB4);
         send_hint(&mut fx, HIGH, MIB4);
         assert!(sink.1.lock().unwrap().is_empty(), "not stopped yet");

@@ -140,7 +140,7 @@ impl Balloon {
                             if status.state == HintingState::Stopped
                                 && let Some(sink) = &self.hint_sink
                             {
-                                sink.round_stopped(status.guest_cmd_id);
+                                sink.round_stopped(status.guest_cmd_id.unwrap_or(0));
                             }
                             auto_done |= ack_on_stop && status.state == HintingState::Stopped;
                         }

@@ -48,15 +48,18 @@ pub enum HintingState {
     Done,
 }
 
-/// A snapshot for the API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Where hinting stands: the one definition, used by the device, its saved
+/// state and the API (`GET /balloon/hinting/status`, the `HintingChanged`
+/// event), which serialises it as is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HintingStatus {
     /// The id in the config space (0 = STOP, 1 = DONE, >= 2 a round).
     pub host_cmd_id: u32,
-    /// The last round id the guest acked (0 if none).
-    pub guest_cmd_id: u32,
+    /// The last round id the guest acked (absent before its first ack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cmd_id: Option<u32>,
     pub state: HintingState,
-    /// 4 KiB pages hinted in the current round.
+    /// 4 KiB pages hinted during the current (or last) round.
     pub hinted_pages: u64,
 }
 
@@ -162,7 +165,7 @@ impl HintState {
     pub fn status(&self) -> HintingStatus {
         HintingStatus {
             host_cmd_id: self.host_cmd_id,
-            guest_cmd_id: self.guest_cmd_id,
+            guest_cmd_id: (self.guest_cmd_id != 0).then_some(self.guest_cmd_id),
             state: self.state,
             hinted_pages: self.hinted_pages,
         }
@@ -177,7 +180,7 @@ impl HintState {
     pub(crate) fn from_parts(status: HintingStatus, last_id: u32) -> Self {
         Self {
             host_cmd_id: status.host_cmd_id,
-            guest_cmd_id: status.guest_cmd_id,
+            guest_cmd_id: status.guest_cmd_id.unwrap_or(0),
             state: status.state,
             hinted_pages: status.hinted_pages,
             last_id,
@@ -220,7 +223,7 @@ mod tests {
         let s = h.status();
         assert_eq!(s.state, HintingState::Stopped);
         assert_eq!(s.hinted_pages, 1024);
-        assert_eq!(s.guest_cmd_id, id);
+        assert_eq!(s.guest_cmd_id, Some(id));
         h.done();
         assert_eq!(h.host_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
         assert_eq!(h.status().state, HintingState::Done);

@@ -67,7 +67,7 @@ pub use event_handler::BalloonEvents;
 pub use hinting::{HintSink, HintingState, HintingStatus};
 pub use metrics::{BALLOON_METRICS_HELP, BalloonMetrics, BalloonMetricsSnapshot};
 pub use persist::BalloonState;
-pub use stats::BalloonStats;
+pub use stats::GuestStats;
 
 use crate::GpaRange;
 
@@ -188,7 +188,7 @@ pub enum Error {
 }
 
 /// Something the API's `/events` stream reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 // Rare and short-lived (handed straight to the observer): boxing the
 // statistics would only add an allocation per report.
@@ -202,7 +202,7 @@ pub enum BalloonEvent {
         target_pages: u32,
     },
     /// The guest sent a statistics report (with at least one value).
-    StatisticsUpdated(BalloonStats),
+    StatisticsUpdated(GuestStats),
     /// A free page hinting round changed state or command id (host
     /// start/stop/done, the guest's ack or stop); not for each hint.
     HintingChanged(HintingStatus),

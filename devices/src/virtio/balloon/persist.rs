@@ -31,7 +31,7 @@ use super::device::{Balloon, RestoredActive};
 use super::hinting::{HintState, HintingState, HintingStatus};
 use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
 use super::pfn_runs::{InflatedBitmap, RamLayout};
-use super::stats::{BalloonStats, NUM_STAT_TAGS};
+use super::stats::{GuestStats, NUM_STAT_TAGS};
 use super::{STATS_QUEUE_SIZE, VIRTIO_BALLOON_F_STATS_VQ};
 use crate::persist::{Persist, PersistError, Versioned};
 use crate::{GpaRange, PAGE_SIZE, RamDiscard};
@@ -202,7 +202,7 @@ impl Persist for Balloon {
             held_stats_head: self.held_stats,
             hinting: HintingSaved {
                 host_cmd_id: h.host_cmd_id,
-                guest_cmd_id: h.guest_cmd_id,
+                guest_cmd_id: h.guest_cmd_id.unwrap_or(0),
                 phase: h.state,
                 hinted_pages: h.hinted_pages,
                 last_id: self.hint.last_id(),
@@ -259,7 +259,7 @@ impl Balloon {
     fn apply_restored(
         mut self,
         state: &BalloonState,
-        latest_stats: Option<BalloonStats>,
+        latest_stats: Option<GuestStats>,
         bitmap: InflatedBitmap,
     ) -> Self {
         let h = &state.hinting;
@@ -283,7 +283,7 @@ impl Balloon {
         self.hint = HintState::from_parts(
             HintingStatus {
                 host_cmd_id: h.host_cmd_id,
-                guest_cmd_id: h.guest_cmd_id,
+                guest_cmd_id: (h.guest_cmd_id != 0).then_some(h.guest_cmd_id),
                 state: h.phase,
                 hinted_pages: h.hinted_pages,
             },
@@ -380,7 +380,7 @@ impl BalloonState {
 
     /// The saved statistics, with their exact number of values and a
     /// representable timestamp.
-    fn restored_stats(&self) -> Result<Option<BalloonStats>, PersistError> {
+    fn restored_stats(&self) -> Result<Option<GuestStats>, PersistError> {
         let invalid = |reason: String| PersistError::invalid(NAME, reason);
         let Some(s) = &self.latest_stats else {
             return Ok(None);
@@ -400,7 +400,7 @@ impl BalloonState {
                     s.updated_unix_ms
                 ))
             })?;
-        Ok(Some(BalloonStats { values, updated }))
+        Ok(Some(GuestStats { values, updated }))
     }
 
     /// The inflated runs as a bitmap over `layout`: sorted, disjoint, in

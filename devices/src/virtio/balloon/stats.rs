@@ -1,9 +1,12 @@
 //! Memory statistics from the stats queue: `struct virtio_balloon_stat
 //! { le16 tag; le64 val; } __packed`, tags as Linux 6.12 defines them.
 
-use std::time::SystemTime;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Bytes of one packed entry.
 pub const STAT_ENTRY_SIZE: usize = 10;
@@ -38,16 +41,72 @@ pub fn stat_tag(name: &str) -> Option<u16> {
     STAT_NAMES.iter().position(|n| *n == name).map(|i| i as u16)
 }
 
-/// The last statistics the guest sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct BalloonStats {
+/// The last statistics the guest sent: the one definition, used by the
+/// device, its saved state, the policy and the API. Serialised (flattened
+/// into `GET /balloon/statistics`) as one field per name in [`STAT_NAMES`]
+/// for the tags the guest sent, then `last_update` (Unix seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestStats {
     /// Value of each known tag, `None` if the guest did not send it.
     pub values: [Option<u64>; NUM_STAT_TAGS],
     /// When the buffer was received.
     pub updated: SystemTime,
 }
 
-impl BalloonStats {
+/// The API's name for [`GuestStats::updated`].
+const LAST_UPDATE: &str = "last_update";
+
+impl Serialize for GuestStats {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let last_update = self
+            .updated
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        let mut map = ser.serialize_map(None)?;
+        for (name, v) in self.iter() {
+            map.serialize_entry(name, &v)?;
+        }
+        if let Some(secs) = last_update {
+            map.serialize_entry(LAST_UPDATE, &secs)?;
+        }
+        map.end()
+    }
+}
+
+/// Reads the fields [`Serialize`] writes and ignores any other (they belong
+/// to the reply it is flattened into). Without `last_update` it is an
+/// error, which a flattened `Option<GuestStats>` reads as absent.
+impl<'de> Deserialize<'de> for GuestStats {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GuestStats;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("guest statistics by name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GuestStats, A::Error> {
+                let mut values = [None; NUM_STAT_TAGS];
+                let mut updated = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == LAST_UPDATE {
+                        let secs: u64 = map.next_value()?;
+                        updated = UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+                    } else if let Some(tag) = stat_tag(&key) {
+                        values[usize::from(tag)] = map.next_value()?;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                let updated = updated.ok_or_else(|| A::Error::missing_field(LAST_UPDATE))?;
+                Ok(GuestStats { values, updated })
+            }
+        }
+        de.deserialize_map(V)
+    }
+}
+
+impl GuestStats {
     /// Value for a tag number.
     pub fn get(&self, tag: u16) -> Option<u64> {
         self.values.get(usize::from(tag)).copied().flatten()
@@ -113,7 +172,7 @@ mod tests {
         let mut values = [None; NUM_STAT_TAGS];
         let out = parse_stats(&buf, &mut values);
         assert_eq!(out.entries, 3);
-        let s = BalloonStats {
+        let s = GuestStats {
             values,
             updated: SystemTime::now(),
         };
