@@ -7,7 +7,7 @@
 //! methods (`set_target_pages`, ...). All hold the device mutex, so the
 //! device itself is single-threaded.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -58,11 +58,23 @@ pub(crate) struct Active {
     pub(crate) registered: bool,
 }
 
-impl Active {
-    /// Guest memory and queue `idx`, borrowed apart for a drain.
-    pub(super) fn queue_mut(&mut self, idx: usize) -> (&GuestMemory, &mut Queue) {
-        (&self.mem, &mut self.queues[idx].queue)
-    }
+/// The preamble every queue handler shares: serve each chain pending on
+/// queue `idx` with [`drain_chains`], `serve` getting guest memory too;
+/// nothing to do before activation. Takes the `active` field alone so that
+/// `serve` may borrow the rest of the device.
+pub(super) fn drain_active(
+    active: &mut Option<Active>,
+    idx: usize,
+    timer: Option<&AtomicU64>,
+    notify: Notify,
+    mut serve: impl FnMut(&GuestMemory, u16, Descs) -> Option<u16>,
+) -> Drain {
+    let Some(a) = active else {
+        return Drain::default();
+    };
+    let mem = &a.mem;
+    let q = &mut a.queues[idx].queue;
+    drain_chains(q, mem, timer, notify, |head, descs| serve(mem, head, descs))
 }
 
 /// Inflated ranges that [`Balloon::serve_queue`] leaves to discard: with
@@ -557,9 +569,6 @@ impl Balloon {
         } else {
             QueueKind::Deflate
         });
-        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
-            return Drain::default();
-        };
         let metrics = &*self.metrics;
         let batch = &mut self.batch;
         let mut work = BalloonWork {
@@ -572,12 +581,12 @@ impl Balloon {
             metrics,
             inflated,
         };
-        drain_chains(
-            q,
-            mem,
+        drain_active(
+            &mut self.active,
+            idx,
             Some(&metrics.pfn_buffer_ns),
             notify,
-            |head, descs| {
+            |mem, head, descs| {
                 BalloonMetrics::inc(if inflate {
                     &metrics.inflate_requests
                 } else {
@@ -595,12 +604,10 @@ impl Balloon {
 
     /// Stats queue: parse the buffer, keep it until new stats are wanted.
     fn drain_stats_queue(&mut self, idx: usize) -> Drain {
-        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
-            return Drain::default();
-        };
+        let notify = self.notify_mode(QueueKind::Stats);
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
-        drain_chains(q, mem, None, Notify::Always, |head, descs| {
+        drain_active(&mut self.active, idx, None, notify, |mem, head, descs| {
             let mut len = 0usize;
             let mut bad = false;
             for d in descs.iter() {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use log::{debug, info};
 use vm_memory::Bytes;
 
-use super::device::Balloon;
+use super::device::{Balloon, drain_active};
 use super::discard::discard_free_range;
 use super::hinting::{GuestCmd, HintSink, HintState, HintingState, HintingStatus};
 use super::metrics::BalloonMetrics;
-use super::queue::{Drain, drain_chains};
+use super::queue::Drain;
 use super::*;
 use crate::{GpaRange, warn_limited};
 
@@ -102,13 +102,10 @@ impl Balloon {
     pub(super) fn drain_free_page_queue(&mut self, idx: usize) -> Drain {
         let poison = self.poison_active();
         let notify = self.notify_mode(QueueKind::FreePage);
-        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
-            return Drain::default();
-        };
         let metrics = &*self.metrics;
         let ack_on_stop = self.hint_ack_on_stop;
         let mut auto_done = false;
-        let drain = drain_chains(q, mem, None, notify, |head, descs| {
+        let drain = drain_active(&mut self.active, idx, None, notify, |mem, head, descs| {
             let readable = descs.iter().filter(|d| !d.is_write_only()).count();
             let writable = descs.n - readable;
             if descs.too_many || (readable > 0 && writable > 0) {

@@ -8,10 +8,10 @@
 
 use log::debug;
 
-use super::device::Balloon;
+use super::device::{Balloon, drain_active};
 use super::discard::discard_free_range;
 use super::metrics::BalloonMetrics;
-use super::queue::{Drain, drain_chains};
+use super::queue::Drain;
 use super::*;
 use crate::{GpaRange, warn_limited};
 
@@ -27,11 +27,8 @@ impl Balloon {
     pub(super) fn drain_reporting_queue(&mut self, idx: usize) -> Drain {
         let poison = self.poison_active();
         let notify = self.notify_mode(QueueKind::Reporting);
-        let Some((mem, q)) = self.active.as_mut().map(|a| a.queue_mut(idx)) else {
-            return Drain::default();
-        };
         let metrics = &*self.metrics;
-        drain_chains(q, mem, None, notify, |head, descs| {
+        drain_active(&mut self.active, idx, None, notify, |_, head, descs| {
             if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
                 BalloonMetrics::inc(&metrics.invalid_buffers);
                 warn_limited!(
