@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -339,13 +340,11 @@ pub struct StatsPatch {
 
 impl Validate for StatsPatch {
     fn validate(&self) -> Result<(), String> {
-        if self.stats_polling_interval_s > MAX_STATS_INTERVAL_S {
-            return Err(format!(
-                "stats_polling_interval_s {} is out of range (0 to {MAX_STATS_INTERVAL_S})",
-                self.stats_polling_interval_s
-            ));
-        }
-        Ok(())
+        in_range(
+            "stats_polling_interval_s",
+            self.stats_polling_interval_s,
+            0..=MAX_STATS_INTERVAL_S,
+        )
     }
 }
 
@@ -556,37 +555,39 @@ impl MigrationRequest {
 
 impl Validate for MigrationRequest {
     fn validate(&self) -> Result<(), String> {
-        if !(MIN_DOWNTIME_MS..=MAX_DOWNTIME_MS).contains(&self.downtime_ms) {
-            return Err(format!(
-                "downtime_ms {} is out of range ({MIN_DOWNTIME_MS} to {MAX_DOWNTIME_MS})",
-                self.downtime_ms
-            ));
-        }
-        if let Some(r) = self.max_rounds
-            && !(1..=MAX_MIGRATION_ROUNDS).contains(&r)
-        {
-            return Err(format!(
-                "max_rounds {r} is out of range (1 to {MAX_MIGRATION_ROUNDS})"
-            ));
+        in_range(
+            "downtime_ms",
+            self.downtime_ms,
+            MIN_DOWNTIME_MS..=MAX_DOWNTIME_MS,
+        )?;
+        if let Some(r) = self.max_rounds {
+            in_range("max_rounds", r, 1..=MAX_MIGRATION_ROUNDS)?;
         }
         for (name, v) in [
             ("ack_timeout_ms", self.ack_timeout_ms),
             ("write_timeout_ms", self.write_timeout_ms),
         ] {
-            if !(MIN_MIGRATION_TIMEOUT_MS..=MAX_MIGRATION_TIMEOUT_MS).contains(&v) {
-                return Err(format!(
-                    "{name} {v} is out of range ({MIN_MIGRATION_TIMEOUT_MS} to {MAX_MIGRATION_TIMEOUT_MS})"
-                ));
-            }
+            in_range(name, v, MIN_MIGRATION_TIMEOUT_MS..=MAX_MIGRATION_TIMEOUT_MS)?;
         }
-        if self.source_exit_delay_ms > MAX_MIGRATION_TIMEOUT_MS {
-            return Err(format!(
-                "source_exit_delay_ms {} is out of range (0 to {MAX_MIGRATION_TIMEOUT_MS})",
-                self.source_exit_delay_ms
-            ));
-        }
-        Ok(())
+        in_range(
+            "source_exit_delay_ms",
+            self.source_exit_delay_ms,
+            0..=MAX_MIGRATION_TIMEOUT_MS,
+        )
     }
+}
+
+/// `name` = `v` lies in `range`, or the error that says it does not.
+fn in_range<T: PartialOrd + fmt::Display>(
+    name: &str,
+    v: T,
+    range: RangeInclusive<T>,
+) -> Result<(), String> {
+    if !range.contains(&v) {
+        let (lo, hi) = range.into_inner();
+        return Err(format!("{name} {v} is out of range ({lo} to {hi})"));
+    }
+    Ok(())
 }
 
 /// Phase of the current (or last) migration.
