@@ -7,7 +7,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::dirty::{AtomicPageBitmap, start_dirty_logging, stop_dirty_logging, sync};
-use super::state::{self, MSR_IA32_TSC, StateError, StateSupport, VmState};
+use super::state::{self, MSR_IA32_TSC, StateError, StateSupport, VcpuRestoreReport, VmState};
 use super::stream::{Destination, StreamReader, StreamWriter, layout_ranges};
 use crate::memory::GuestRam;
 use crate::pvm::KvmBackend;
@@ -36,6 +36,21 @@ struct TestVm {
     ram: GuestRam,
     layout: MemoryLayout,
     vcpu: VcpuFd,
+}
+
+impl TestVm {
+    /// The VM's state as a source captures it (vCPU, then VM), with `devices`.
+    fn capture(&self, support: &StateSupport, devices: serde_json::Value) -> VmState {
+        let vcpus = vec![state::capture_vcpu(support, 0, &self.vcpu).unwrap()];
+        let vm = state::capture_vm(self.vm.fd()).unwrap();
+        VmState::new(&self.layout, vcpus, vm, devices)
+    }
+
+    /// Restore `s` into this VM, as a destination does.
+    fn restore(&self, support: &StateSupport, s: &VmState) -> Vec<VcpuRestoreReport> {
+        let vcpus = std::slice::from_ref(&self.vcpu);
+        state::restore(self.vm.fd(), support, vcpus, &self.layout, s).unwrap()
+    }
 }
 
 /// A VM with one vCPU and empty RAM (a migration destination).
@@ -195,14 +210,7 @@ fn vcpu_and_vm_state_round_trip_into_a_fresh_vm() {
         .read_slice(&mut buf, GuestAddress(0))
         .unwrap();
     dst.ram.memory().write_slice(&buf, GuestAddress(0)).unwrap();
-    let reports = state::restore(
-        dst.vm.fd(),
-        &support,
-        std::slice::from_ref(&dst.vcpu),
-        &dst.layout,
-        &back,
-    )
-    .unwrap();
+    let reports = dst.restore(&support, &back);
     assert_eq!(reports.len(), 1);
     eprintln!(
         "restore report: {:x?}, {} MSRs saved",
@@ -248,12 +256,7 @@ fn vcpu_and_vm_state_round_trip_into_a_fresh_vm() {
 fn state_refuses_other_layout_vcpu_count_and_version() {
     let t = test_vm();
     let support = StateSupport::probe(t.vm.kvm()).unwrap();
-    let s = VmState::new(
-        &t.layout,
-        vec![state::capture_vcpu(&support, 0, &t.vcpu).unwrap()],
-        state::capture_vm(t.vm.fd()).unwrap(),
-        serde_json::Value::Null,
-    );
+    let s = t.capture(&support, serde_json::Value::Null);
     let bigger = MemoryLayout::new(32 << 20).unwrap();
     let e = s.check_destination(&bigger, 1).unwrap_err();
     assert!(matches!(e, StateError::LayoutMismatch { .. }), "{e}");
@@ -310,9 +313,8 @@ fn live_migration_of_a_running_guest_through_a_stream() {
     state::flush_pending_exit(0, &mut src.vcpu).unwrap();
     sync(&src.vm, &src.ram, &dirty).unwrap();
     w.send_bitmap(src.ram.memory(), 3, &dirty).unwrap();
-    let vcpus = vec![state::capture_vcpu(&support, 0, &src.vcpu).unwrap()];
-    let vm_state = state::capture_vm(src.vm.fd()).unwrap();
-    let blob = VmState::new(&src.layout, vcpus, vm_state, serde_json::json!({}))
+    let blob = src
+        .capture(&support, serde_json::json!({}))
         .to_bytes()
         .unwrap();
     w.state(&blob).unwrap();
@@ -327,14 +329,7 @@ fn live_migration_of_a_running_guest_through_a_stream() {
         "round 3 may have had nothing to send"
     );
     let state = VmState::from_bytes(&restored.state).unwrap();
-    state::restore(
-        dst.vm.fd(),
-        &support,
-        std::slice::from_ref(&dst.vcpu),
-        &dst.layout,
-        &state,
-    )
-    .unwrap();
+    dst.restore(&support, &state);
     let byte = |t: &TestVm, gpa| t.ram.memory().read_obj::<u8>(GuestAddress(gpa)).unwrap();
     assert_eq!((byte(&dst, WRITE_A), byte(&dst, WRITE_B)), (1, 2));
     assert_eq!(
