@@ -317,17 +317,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
 
 /// Print an error with its chain of causes.
 fn report(e: &dyn std::error::Error) {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let s_msg = s.to_string();
-        if !msg.contains(&s_msg) {
-            msg.push_str(": ");
-            msg.push_str(&s_msg);
-        }
-        src = s.source();
-    }
-    eprintln!("blimp: error: {msg}");
+    eprintln!("blimp: error: {}", vmm::error_chain(e));
 }
 
 fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String> {

@@ -95,3 +95,19 @@ pub enum RestoreError {
     #[error("cannot prepare guest memory for the restore: {0}")]
     Memory(#[from] crate::memory::MemoryError),
 }
+
+/// `e` and its causes, each once (a cause whose text `e` already shows is
+/// left out): what the user reads, and what a destination sends its source.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        src = s.source();
+    }
+    msg
+}

@@ -25,5 +25,6 @@ pub mod vm;
 mod vmm;
 
 pub use config::{BalloonConfig, MemoryBackend, VmConfig};
+pub use error::error_chain;
 pub use exit::ExitReason;
 pub use vmm::{Error, Vmm};

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use api_types::types::MigrationDestination;
 
 use crate::config::{MemoryBackend, VmConfig};
-use crate::error::Error;
 pub use crate::error::RestoreError;
+use crate::error::{Error, error_chain};
 use crate::machine::Machine;
 use crate::migration::file_dest::FileKind;
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
@@ -166,21 +166,6 @@ pub fn open_file(path: &std::path::Path) -> Result<Box<dyn Read + Send>, Restore
         return Err(open_err(std::io::Error::last_os_error()));
     }
     Ok(Box::new(f))
-}
-
-/// `e` and its causes, each once, for the source's user.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let s_msg = s.to_string();
-        if !msg.contains(&s_msg) {
-            msg.push_str(": ");
-            msg.push_str(&s_msg);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 /// What must follow the stream's trailer.
