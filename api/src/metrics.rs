@@ -84,6 +84,14 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// A family of one unlabelled sample for each `(name, help, value)`.
+fn samples(out: &mut String, kind: &str, rows: &[(&str, &str, u64)]) {
+    for (name, help, v) in rows {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+}
+
 pub(crate) fn render(vmm: Option<&VmmMetrics>, stats: &ServerStats, g: &Gauges) -> String {
     let mut out = String::with_capacity(2048);
     family(
@@ -95,7 +103,7 @@ pub(crate) fn render(vmm: Option<&VmmMetrics>, stats: &ServerStats, g: &Gauges) 
     for (status, n) in stats.requests() {
         let _ = writeln!(out, "blimp_api_requests_total{{status=\"{status}\"}} {n}");
     }
-    let counters: [(&str, &str, u64); 6] = [
+    let counters: [(&str, &str, u64); 7] = [
         (
             "blimp_api_connections_total",
             "Connections accepted.",
@@ -126,22 +134,13 @@ pub(crate) fn render(vmm: Option<&VmmMetrics>, stats: &ServerStats, g: &Gauges) 
             "Events slow readers missed.",
             stats.events_dropped.load(Ordering::Relaxed),
         ),
+        (
+            "blimp_api_events_published_total",
+            "Events the VMM published.",
+            g.events_published,
+        ),
     ];
-    for (name, help, v) in counters {
-        family(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
-    }
-    family(
-        &mut out,
-        "blimp_api_events_published_total",
-        "counter",
-        "Events the VMM published.",
-    );
-    let _ = writeln!(
-        out,
-        "blimp_api_events_published_total {}",
-        g.events_published
-    );
+    samples(&mut out, "counter", &counters);
     let gauges: [(&str, &str, u64); 3] = [
         (
             "blimp_api_connections_active",
@@ -159,10 +158,7 @@ pub(crate) fn render(vmm: Option<&VmmMetrics>, stats: &ServerStats, g: &Gauges) 
             g.vmm_up as u64,
         ),
     ];
-    for (name, help, v) in gauges {
-        family(&mut out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {v}");
-    }
+    samples(&mut out, "gauge", &gauges);
     if let Some(m) = vmm {
         render_vmm(&mut out, m);
     }
