@@ -85,21 +85,28 @@ impl Peer {
     }
 }
 
+/// Either kind of socket, as a byte stream.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+impl Peer {
+    fn stream(&mut self) -> &mut dyn Stream {
+        match self {
+            Peer::Unix(s) => s,
+            Peer::Tcp(s) => s,
+        }
+    }
+}
+
 impl Read for Peer {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Peer::Unix(s) => s.read(buf),
-            Peer::Tcp(s) => s.read(buf),
-        }
+        self.stream().read(buf)
     }
 }
 
 impl Write for Peer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Peer::Unix(s) => s.write(buf),
-            Peer::Tcp(s) => s.write(buf),
-        }
+        self.stream().write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
