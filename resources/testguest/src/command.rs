@@ -282,85 +282,106 @@ mod tests {
 
     #[test]
     fn parses_each_command() {
-        let ramp_defaults = Command::Ramp {
-            mib: 1536,
-            rate: 200,
-            hold_ns: 0,
-            cycles: 1,
-            seed: DEFAULT_SEED,
-            wait_ns: DEFAULT_WAIT_S * 1_000_000_000,
-        };
-        let ramp_all = Command::Ramp {
-            mib: 64,
-            rate: 32,
-            hold_ns: 1_500_000_000,
-            cycles: 0,
-            seed: 9,
-            wait_ns: 2_000_000_000,
-        };
-        let cases = [
-            ("echo  hello  world ", Command::Echo("hello  world")),
-            ("echo", Command::Echo("")),
-            ("meminfo", Command::Meminfo),
-            (" fill 256 7 ", Command::Fill { mib: 256, seed: 7 }),
-            ("fill 1 0xff", Command::Fill { mib: 1, seed: 255 }),
-            ("verify", Command::Verify),
-            ("touch 3", Command::Touch { mib: 3 }),
-            ("free 3", Command::Free { mib: 3 }),
-            ("dirty 64 10", Command::Dirty { mib: 64, rate: 10 }),
-            ("sleep 0.5", Command::Sleep { ns: 500_000_000 }),
-            ("ramp 1536 200", ramp_defaults),
-            ("ramp 64 32 1.5 0 0x9 2", ramp_all),
-            ("exit 3", Command::Exit { code: 3 }),
-            ("balloon", Command::Balloon),
-            ("balloon-wait", Command::BalloonWait),
-            ("balloon-handoff", Command::BalloonHandoff),
-            ("stats", Command::Stats),
-            ("oom 4", Command::Oom { mib: 4 }),
-            ("hostile desc-loop", Command::Hostile(HostileCase::DescLoop)),
-            ("hostile all", Command::Hostile(HostileCase::All)),
-            ("report", Command::Report),
-            ("hints", Command::Hints),
-            ("mmio-rtt 100", Command::MmioRtt { n: 100 }),
-            ("poison 0xaa", Command::Poison { byte: 0xaa }),
-            ("help", Command::Help),
-        ];
-        for (line, want) in cases {
-            assert_eq!(parse(line), Ok(want), "{line:?}");
-        }
+        assert_eq!(
+            parse("echo  hello  world "),
+            Ok(Command::Echo("hello  world"))
+        );
+        assert_eq!(parse("echo"), Ok(Command::Echo("")));
+        assert_eq!(parse("meminfo"), Ok(Command::Meminfo));
+        assert_eq!(
+            parse(" fill 256 7 "),
+            Ok(Command::Fill { mib: 256, seed: 7 })
+        );
+        assert_eq!(
+            parse("fill 1 0xff"),
+            Ok(Command::Fill { mib: 1, seed: 255 })
+        );
+        assert_eq!(parse("verify"), Ok(Command::Verify));
+        assert_eq!(parse("touch 3"), Ok(Command::Touch { mib: 3 }));
+        assert_eq!(parse("free 3"), Ok(Command::Free { mib: 3 }));
+        assert_eq!(
+            parse("dirty 64 10"),
+            Ok(Command::Dirty { mib: 64, rate: 10 })
+        );
+        assert_eq!(parse("sleep 0.5"), Ok(Command::Sleep { ns: 500_000_000 }));
+        assert_eq!(
+            parse("ramp 1536 200"),
+            Ok(Command::Ramp {
+                mib: 1536,
+                rate: 200,
+                hold_ns: 0,
+                cycles: 1,
+                seed: DEFAULT_SEED,
+                wait_ns: DEFAULT_WAIT_S * 1_000_000_000,
+            })
+        );
+        assert_eq!(
+            parse("ramp 64 32 1.5 0 0x9 2"),
+            Ok(Command::Ramp {
+                mib: 64,
+                rate: 32,
+                hold_ns: 1_500_000_000,
+                cycles: 0,
+                seed: 9,
+                wait_ns: 2_000_000_000,
+            })
+        );
+        assert_eq!(parse("exit 3"), Ok(Command::Exit { code: 3 }));
+        assert_eq!(parse("balloon"), Ok(Command::Balloon));
+        assert_eq!(parse("balloon-wait"), Ok(Command::BalloonWait));
+        assert_eq!(parse("balloon-handoff"), Ok(Command::BalloonHandoff));
+        assert_eq!(parse("stats"), Ok(Command::Stats));
+        assert_eq!(parse("oom 4"), Ok(Command::Oom { mib: 4 }));
+        assert_eq!(
+            parse("hostile desc-loop"),
+            Ok(Command::Hostile(HostileCase::DescLoop))
+        );
+        assert_eq!(parse("hostile all"), Ok(Command::Hostile(HostileCase::All)));
+        assert_eq!(parse("report"), Ok(Command::Report));
+        assert_eq!(parse("hints"), Ok(Command::Hints));
+        assert_eq!(parse("mmio-rtt 100"), Ok(Command::MmioRtt { n: 100 }));
+        assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
+        assert_eq!(parse("help"), Ok(Command::Help));
     }
 
     #[test]
     fn rejects_bad_input() {
-        let fill_usage = ParseError::Usage("fill MIB SEED");
+        assert_eq!(
+            parse("frobnicate 1"),
+            Err(ParseError::Unknown("frobnicate"))
+        );
+        assert_eq!(parse(""), Err(ParseError::Unknown("")));
+        assert_eq!(parse("fill 1"), Err(ParseError::Usage("fill MIB SEED")));
+        assert_eq!(parse("fill 1 2 3"), Err(ParseError::Usage("fill MIB SEED")));
+        assert_eq!(
+            parse("fill 1 2 3 4 5 6"),
+            Err(ParseError::Usage("fill MIB SEED"))
+        );
+        assert_eq!(parse("fill x 2"), Err(ParseError::BadArg("x")));
+        assert_eq!(parse("fill -1 2"), Err(ParseError::BadArg("-1")));
+        assert_eq!(parse("exit 256"), Err(ParseError::BadArg("256")));
+        assert_eq!(parse("sleep abc"), Err(ParseError::BadArg("abc")));
+        assert_eq!(parse("hostile nope"), Err(ParseError::BadArg("nope")));
+        assert_eq!(parse("verify now"), Err(ParseError::Usage("verify")));
         let ramp_usage = ParseError::Usage("ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]");
-        let cases = [
-            ("frobnicate 1", ParseError::Unknown("frobnicate")),
-            ("", ParseError::Unknown("")),
-            ("fill 1", fill_usage),
-            ("fill 1 2 3", fill_usage),
-            ("fill 1 2 3 4 5 6", fill_usage),
-            ("fill x 2", ParseError::BadArg("x")),
-            ("fill -1 2", ParseError::BadArg("-1")),
-            ("exit 256", ParseError::BadArg("256")),
-            ("sleep abc", ParseError::BadArg("abc")),
-            ("hostile nope", ParseError::BadArg("nope")),
-            ("verify now", ParseError::Usage("verify")),
-            ("ramp 64", ramp_usage),
-            ("ramp 1 2 3 4 5 6 7", ramp_usage),
-            // A zero rate, a zero wait bound.
-            ("ramp 64 0", ParseError::BadArg("0")),
-            ("ramp 64 8 0 1 1 0", ParseError::BadArg("0")),
-            ("ramp 64 8 soon", ParseError::BadArg("soon")),
-            ("ramp 64 8 1 x", ParseError::BadArg("x")),
-            (
-                "touch 99999999999999999999999",
-                ParseError::BadArg("99999999999999999999999"),
-            ),
-        ];
-        for (line, want) in cases {
-            assert_eq!(parse(line), Err(want), "{line:?}");
-        }
+        assert_eq!(parse("ramp 64"), Err(ramp_usage));
+        assert_eq!(parse("ramp 1 2 3 4 5 6 7"), Err(ramp_usage));
+        assert_eq!(
+            parse("ramp 64 0"),
+            Err(ParseError::BadArg("0")),
+            "zero rate"
+        );
+        assert_eq!(
+            parse("ramp 64 8 0 1 1 0"),
+            Err(ParseError::BadArg("0")),
+            "zero wait bound"
+        );
+        assert_eq!(parse("ramp 64 8 soon"), Err(ParseError::BadArg("soon")));
+        assert_eq!(parse("ramp 64 8 1 x"), Err(ParseError::BadArg("x")));
+        assert_eq!(
+            parse("touch 99999999999999999999999"),
+            Err(ParseError::BadArg("99999999999999999999999"))
+        );
     }
 
     #[test]
