@@ -659,13 +659,7 @@ impl Balloon {
                 write_pfn(array(j), got, pfn as u32);
                 got += 1;
             }
-            let head = (got == n).then(|| {
-                queue.prepare(&[Buf {
-                    addr: array(j),
-                    len: 4 * n as u32,
-                    writable: false,
-                }])
-            });
+            let head = (got == n).then(|| queue.prepare(&[Buf::readable(array(j), 4 * n as u32)]));
             let Some(Some(head)) = head else {
                 // Short of frames: fill() and its "out of puff" take over.
                 give_back(mem, inflate, array(j), got);
@@ -869,11 +863,10 @@ impl Balloon {
                         mem.check_poison(p);
                     }
                 }
-                let head = self.live.inflate.add(&[Buf {
-                    addr: pfn * PAGE_SIZE,
-                    len: (n * PAGE_SIZE) as u32,
-                    writable: true,
-                }]);
+                let head = self
+                    .live
+                    .inflate
+                    .add(&[Buf::writable(pfn * PAGE_SIZE, (n * PAGE_SIZE) as u32)]);
                 if head.is_none() {
                     let _ = mem.frames.free_run(pfn, n);
                     break;
@@ -927,11 +920,7 @@ impl Balloon {
                 if self
                     .live
                     .deflate
-                    .add(&[Buf {
-                        addr: lo * PAGE_SIZE,
-                        len: (n * PAGE_SIZE) as u32,
-                        writable: true,
-                    }])
+                    .add(&[Buf::writable(lo * PAGE_SIZE, (n * PAGE_SIZE) as u32)])
                     .is_none()
                 {
                     mem.balloon_push_run(lo, n);
@@ -974,20 +963,10 @@ impl Balloon {
     /// Waits until the device has returned every buffer of `q` (or reports
     /// DEVICE_NEEDS_RESET: false).
     fn wait_all_used(&mut self, q: Queue) -> bool {
-        loop {
-            let seen = events::snapshot();
-            let (queue, _) = self.queue(q);
+        self.wait_queue(q, None, |queue| {
             while queue.pop_used().is_some() {}
-            if queue.in_flight() == 0 {
-                return true;
-            }
-            self.collect_isr();
-            if self.pending_isr & mmio::VIRTIO_MMIO_INT_CONFIG != 0 && self.dev.needs_reset() {
-                self.broken = true;
-                return false;
-            }
-            idle::wait(seen, None);
-        }
+            queue.in_flight() == 0
+        })
     }
 
     /// Linux update_balloon_size(): `actual` = pages in the balloon.
@@ -1037,11 +1016,7 @@ impl Balloon {
         let dev = self.dev;
         let (queue, idx) = self.queue(q);
         let before = queue.used_idx();
-        let Some(head) = queue.add(&[Buf {
-            addr,
-            len,
-            writable: false,
-        }]) else {
+        let Some(head) = queue.add(&[Buf::readable(addr, len)]) else {
             // Only possible if hostile buffers were never returned.
             return Told::default();
         };
@@ -1086,13 +1061,30 @@ impl Balloon {
     /// Waits until the device returns `head` on `q` (or the deadline, or
     /// the device reports DEVICE_NEEDS_RESET). Returns whether it came back.
     fn wait_used(&mut self, q: Queue, head: u16, deadline_ns: Option<u64>) -> bool {
-        loop {
-            let seen = events::snapshot();
-            let (queue, _) = self.queue(q);
+        self.wait_queue(q, deadline_ns, |queue| {
             while let Some(u) = queue.pop_used() {
                 if u.known && u.id == u32::from(head) {
                     return true;
                 }
+            }
+            false
+        })
+    }
+
+    /// Waits until `done` (given `q` each time the guest wakes) says what
+    /// the caller waits for is back, or the deadline, or the device
+    /// reports DEVICE_NEEDS_RESET. Returns whether `done` said so.
+    fn wait_queue(
+        &mut self,
+        q: Queue,
+        deadline_ns: Option<u64>,
+        mut done: impl FnMut(&mut SplitQueue) -> bool,
+    ) -> bool {
+        loop {
+            let seen = events::snapshot();
+            let (queue, _) = self.queue(q);
+            if done(queue) {
+                return true;
             }
             if deadline_ns.is_some_and(|d| clock::now_ns() >= d) {
                 return false;
@@ -1156,11 +1148,7 @@ impl Balloon {
         let Some(q) = self.live.stats.as_mut() else {
             return;
         };
-        self.stats_head = q.add(&[Buf {
-            addr,
-            len: STATS_BYTES as u32,
-            writable: false,
-        }]);
+        self.stats_head = q.add(&[Buf::readable(addr, STATS_BYTES as u32)]);
         if self.stats_head.is_some() {
             self.stats_sent += 1;
             self.kick(Queue::Stats);
@@ -1315,32 +1303,44 @@ impl Balloon {
         self.hinted = 0;
     }
 
+    /// Makes `id` the active hinting round and writes the command ids the
+    /// driver sends back: returns the addresses of the active id and of
+    /// the stop id (4 bytes each, in the data page).
+    fn begin_hint_round(&mut self, id: u32) -> (u64, u64) {
+        self.hint_active = id;
+        self.hint_rounds += 1;
+        self.write_data_u32(CMD_ID_ACTIVE_OFFSET, id);
+        self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
+        (
+            self.data + CMD_ID_ACTIVE_OFFSET,
+            self.data + CMD_ID_STOP_OFFSET,
+        )
+    }
+
+    /// Adds `buf` to the free page queue, after taking back what the
+    /// device used, and kicks. False without the queue or without room.
+    fn send_free_page(&mut self, buf: Buf) -> bool {
+        let Some(q) = self.live.free_page.as_mut() else {
+            return false;
+        };
+        while q.pop_used().is_some() {}
+        if q.add(&[buf]).is_none() {
+            return false;
+        }
+        self.kick(Queue::FreePage);
+        true
+    }
+
     /// Linux virtio_balloon_report_free_page(): ack the command id with an
     /// out-buffer, hint free 4 MiB blocks one in-buffer per kick (always
     /// leaving a ring slot for the stop id) until none is left or the host
     /// changes the id, then send STOP. Hinted blocks stay allocated until
     /// the host writes DONE.
     fn report_free_pages(&mut self, mem: &mut Memory, id: u32) {
-        self.hint_active = id;
-        self.hint_rounds += 1;
-        self.write_data_u32(CMD_ID_ACTIVE_OFFSET, id);
-        self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
-        let active = self.data + CMD_ID_ACTIVE_OFFSET;
-        let stop = self.data + CMD_ID_STOP_OFFSET;
-        let Some(q) = self.live.free_page.as_mut() else {
-            return;
-        };
-        while q.pop_used().is_some() {}
-        if q.add(&[Buf {
-            addr: active,
-            len: 4,
-            writable: false,
-        }])
-        .is_none()
-        {
+        let (active, stop) = self.begin_hint_round(id);
+        if !self.send_free_page(Buf::readable(active, 4)) {
             return;
         }
-        self.kick(Queue::FreePage);
         // Linux's cmd_id_received_cache: the id is read again only when a
         // configuration change arrives (virtballoon_changed()), not per
         // block.
@@ -1384,33 +1384,14 @@ impl Balloon {
                 break;
             };
             let len = (PAGE_SIZE << HINT_BLOCK_ORDER) as u32;
-            if q.add(&[Buf {
-                addr: pfn * PAGE_SIZE,
-                len,
-                writable: true,
-            }])
-            .is_none()
-            {
+            if !self.send_free_page(Buf::writable(pfn * PAGE_SIZE, len)) {
                 let _ = mem.frames.free_block(pfn, HINT_BLOCK_ORDER);
                 break;
             }
             self.push_hint(pfn);
             self.hinted_total += 1;
-            self.kick(Queue::FreePage);
         }
-        let Some(q) = self.live.free_page.as_mut() else {
-            return;
-        };
-        while q.pop_used().is_some() {}
-        if q.add(&[Buf {
-            addr: stop,
-            len: 4,
-            writable: false,
-        }])
-        .is_some()
-        {
-            self.kick(Queue::FreePage);
-        }
+        self.send_free_page(Buf::readable(stop, 4));
     }
 
     /// Free page hinting counters: (rounds, blocks hinted in all, blocks
@@ -1453,11 +1434,7 @@ impl Balloon {
                 return Ok(total);
             }
             let len = (PAGE_SIZE << REPORT_ORDER) as u32;
-            let mut bufs = [Buf {
-                addr: 0,
-                len,
-                writable: true,
-            }; REPORT_CAPACITY];
+            let mut bufs = [Buf::writable(0, len); REPORT_CAPACITY];
             for (b, &pfn) in bufs.iter_mut().zip(blocks.iter()).take(n) {
                 b.addr = pfn * PAGE_SIZE;
             }
@@ -1536,22 +1513,14 @@ impl Balloon {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
                 self.write_scratch_u32(1, u32::MAX);
-                self.live.inflate.add(&[Buf {
-                    addr: scratch,
-                    len: 8,
-                    writable: false,
-                }])
+                self.live.inflate.add(&[Buf::readable(scratch, 8)])
             }
             HostileCase::PfnInMmioHole => {
                 // Start of the hole, this device's own registers, the LAPIC.
                 self.write_scratch_u32(0, 0xc0000);
                 self.write_scratch_u32(1, (self.dev.base >> 12) as u32);
                 self.write_scratch_u32(2, (apic::LAPIC_BASE >> 12) as u32);
-                self.live.inflate.add(&[Buf {
-                    addr: scratch,
-                    len: 12,
-                    writable: false,
-                }])
+                self.live.inflate.add(&[Buf::readable(scratch, 12)])
             }
             HostileCase::DescLoop => {
                 let p = self.sacrificial_pfn(mem);
@@ -1586,30 +1555,18 @@ impl Balloon {
             HostileCase::ZeroLen => {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
-                self.live.inflate.add(&[Buf {
-                    addr: scratch,
-                    len: 0,
-                    writable: false,
-                }])
+                self.live.inflate.add(&[Buf::readable(scratch, 0)])
             }
             HostileCase::OddLen => {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
                 self.write_scratch_u32(1, 0);
-                self.live.inflate.add(&[Buf {
-                    addr: scratch,
-                    len: 6,
-                    writable: false,
-                }])
+                self.live.inflate.add(&[Buf::readable(scratch, 6)])
             }
             HostileCase::WritableInflate => {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
-                self.live.inflate.add(&[Buf {
-                    addr: scratch,
-                    len: 4,
-                    writable: true,
-                }])
+                self.live.inflate.add(&[Buf::writable(scratch, 4)])
             }
             HostileCase::StatsTruncated => {
                 if self.live.stats.is_none() {
@@ -1622,13 +1579,10 @@ impl Balloon {
                     // SAFETY: scratch area of the data page.
                     unsafe { core::ptr::write_volatile((scratch + i as u64) as *mut u8, *b) };
                 }
-                self.live.stats.as_mut().and_then(|s| {
-                    s.add(&[Buf {
-                        addr: scratch,
-                        len: 15,
-                        writable: false,
-                    }])
-                })
+                self.live
+                    .stats
+                    .as_mut()
+                    .and_then(|s| s.add(&[Buf::readable(scratch, 15)]))
             }
         };
         let Some(head) = head else {
@@ -1706,11 +1660,7 @@ impl Balloon {
         let _ = mem.frames.free(free);
         let free = free * PAGE_SIZE;
         let end = mem.nframes() * PAGE_SIZE;
-        let w = |addr: u64, len: u32| Buf {
-            addr,
-            len,
-            writable: true,
-        };
+        let w = Buf::writable;
         let inflate = [
             w(free + 0x800, 0x1000),
             w(free, 0x1800),
@@ -1719,11 +1669,7 @@ impl Balloon {
             w(Self::past_ram(mem, PAGE_SIZE), 0x1000),
             w(self.dev.base, 0x1000),
             w(end - PAGE_SIZE, 0x2000),
-            Buf {
-                addr: free,
-                len: 0x1000,
-                writable: false,
-            },
+            Buf::readable(free, 0x1000),
             w(page, 0x1000),
             w(page.saturating_sub(PAGE_SIZE), 0x2000),
         ];
@@ -1760,16 +1706,7 @@ impl Balloon {
         }
         let scratch = self.data + HOSTILE_OFFSET;
         let block = PAGE_SIZE << HINT_BLOCK_ORDER;
-        let out = |addr, len| Buf {
-            addr,
-            len,
-            writable: false,
-        };
-        let hint = |addr| Buf {
-            addr,
-            len: block as u32,
-            writable: true,
-        };
+        let hint = |addr| Buf::writable(addr, block as u32);
         match case {
             HostileCase::HintStaleId => {
                 // A command id that is not the host's, then a hint of a block
@@ -1777,7 +1714,10 @@ impl Balloon {
                 let id = self.dev.config_read32(CONFIG_FREE_PAGE_HINT_CMD_ID);
                 self.write_scratch_u32(0, id.wrapping_add(7));
                 let live = self.in_use_hint_block(mem);
-                self.send_chains(Queue::FreePage, &[&[out(scratch, 4)], &[hint(live)]])
+                self.send_chains(
+                    Queue::FreePage,
+                    &[&[Buf::readable(scratch, 4)], &[hint(live)]],
+                )
             }
             HostileCase::HintWrongDirection => {
                 // A hint range (le64 address, le32 length) in a 12-byte
@@ -1786,25 +1726,20 @@ impl Balloon {
                 self.write_scratch_u32(0, addr as u32);
                 self.write_scratch_u32(1, (addr >> 32) as u32);
                 self.write_scratch_u32(2, block as u32);
-                self.send_chains(Queue::FreePage, &[&[out(scratch, 12)]])
+                self.send_chains(Queue::FreePage, &[&[Buf::readable(scratch, 12)]])
             }
             _ => {
                 // hint-outside-ram: serve the next round the host requests
                 // with hints outside RAM only.
                 let id = self.wait_hint_round(in_all)?;
-                self.hint_active = id;
-                self.hint_rounds += 1;
-                self.write_data_u32(CMD_ID_ACTIVE_OFFSET, id);
-                self.write_data_u32(CMD_ID_STOP_OFFSET, FREE_PAGE_HINT_CMD_ID_STOP);
-                let active = self.data + CMD_ID_ACTIVE_OFFSET;
-                let stop = self.data + CMD_ID_STOP_OFFSET;
-                if !self.send_chains(Queue::FreePage, &[&[out(active, 4)]])? {
+                let (active, stop) = self.begin_hint_round(id);
+                if !self.send_chains(Queue::FreePage, &[&[Buf::readable(active, 4)]])? {
                     return Ok(false);
                 }
                 let past = Self::past_ram(mem, block);
                 let back =
                     self.send_chains(Queue::FreePage, &[&[hint(past)], &[hint(MMIO_HOLE_ADDR)]])?;
-                let stopped = self.send_chains(Queue::FreePage, &[&[out(stop, 4)]])?;
+                let stopped = self.send_chains(Queue::FreePage, &[&[Buf::readable(stop, 4)]])?;
                 Ok(back && stopped)
             }
         }
@@ -1852,11 +1787,7 @@ impl Balloon {
         }
         let range = PAGE_SIZE << REPORT_ORDER;
         let past = Self::past_ram(mem, range);
-        let report = |addr| Buf {
-            addr,
-            len: range as u32,
-            writable: true,
-        };
+        let report = |addr| Buf::writable(addr, range as u32);
         if case == HostileCase::ReportOutsideRam {
             let bufs = [report(past), report(MMIO_HOLE_ADDR), report(1 << 40)];
             return self.send_chains(Queue::Reporting, &[&bufs]);
@@ -1868,11 +1799,7 @@ impl Balloon {
             .frames
             .alloc_block(REPORT_ORDER)
             .map_or(past, |pfn| pfn * PAGE_SIZE);
-        let readable = Buf {
-            addr: given_up,
-            len: range as u32,
-            writable: false,
-        };
+        let readable = Buf::readable(given_up, range as u32);
         let wrong = self.send_chains(Queue::Reporting, &[&[readable]])?;
         let addr = |i: usize| {
             if i == 0 {

@@ -199,133 +199,81 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
         argv[argc] = a;
         argc += 1;
     }
-    let want = |n: usize, usage: &'static str| {
-        if argc == n {
-            Ok(())
-        } else {
-            Err(ParseError::Usage(usage))
-        }
+    let Some(usage) = USAGE
+        .iter()
+        .copied()
+        .find(|u| u.split(' ').next() == Some(verb))
+    else {
+        return Err(ParseError::Unknown(verb));
     };
-    let num = |s: &'a str| parse_u64(s).ok_or(ParseError::BadArg(s));
+    if !arity(usage).contains(&argc) {
+        return Err(ParseError::Usage(usage));
+    }
+    let bad = ParseError::BadArg;
+    let num = |s: &'a str| parse_u64(s).ok_or(bad(s));
+    let hex = |s: &'a str| parse_u64_dec_or_hex(s).ok_or(bad(s));
+    let secs = |s: &'a str| parse_seconds_ns(s).ok_or(bad(s));
+    let byte = |s: &'a str, v: u64| u8::try_from(v).map_err(|_| bad(s));
     Ok(match verb {
-        "help" => {
-            want(0, "help")?;
-            Command::Help
-        }
-        "meminfo" => {
-            want(0, "meminfo")?;
-            Command::Meminfo
-        }
-        "fill" => {
-            want(2, "fill MIB SEED")?;
-            Command::Fill {
-                mib: num(argv[0])?,
-                seed: parse_u64_dec_or_hex(argv[1]).ok_or(ParseError::BadArg(argv[1]))?,
-            }
-        }
-        "verify" => {
-            want(0, "verify")?;
-            Command::Verify
-        }
-        "touch" => {
-            want(1, "touch MIB")?;
-            Command::Touch { mib: num(argv[0])? }
-        }
-        "mmio-rtt" => {
-            want(1, "mmio-rtt N")?;
-            Command::MmioRtt { n: num(argv[0])? }
-        }
-        "free" => {
-            want(1, "free MIB")?;
-            Command::Free { mib: num(argv[0])? }
-        }
-        "dirty" => {
-            want(2, "dirty MIB RATE")?;
-            Command::Dirty {
-                mib: num(argv[0])?,
-                rate: num(argv[1])?,
-            }
-        }
+        "help" => Command::Help,
+        "meminfo" => Command::Meminfo,
+        "fill" => Command::Fill {
+            mib: num(argv[0])?,
+            seed: hex(argv[1])?,
+        },
+        "verify" => Command::Verify,
+        "touch" => Command::Touch { mib: num(argv[0])? },
+        "mmio-rtt" => Command::MmioRtt { n: num(argv[0])? },
+        "free" => Command::Free { mib: num(argv[0])? },
+        "dirty" => Command::Dirty {
+            mib: num(argv[0])?,
+            rate: num(argv[1])?,
+        },
         "ramp" => {
-            const USAGE: &str = "ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]";
-            if !(2..=6).contains(&argc) {
-                return Err(ParseError::Usage(USAGE));
-            }
-            let secs = |s: &'a str| parse_seconds_ns(s).ok_or(ParseError::BadArg(s));
             let opt = |i: usize| (i < argc).then(|| argv[i]);
             let rate = num(argv[1])?;
             if rate == 0 {
-                return Err(ParseError::BadArg(argv[1]));
+                return Err(bad(argv[1]));
             }
             let wait_ns = opt(5).map_or(Ok(DEFAULT_WAIT_S * 1_000_000_000), secs)?;
             if wait_ns == 0 {
-                return Err(ParseError::BadArg(argv[5]));
+                return Err(bad(argv[5]));
             }
             Command::Ramp {
                 mib: num(argv[0])?,
                 rate,
                 hold_ns: opt(2).map_or(Ok(0), secs)?,
                 cycles: opt(3).map_or(Ok(1), num)?,
-                seed: opt(4).map_or(Ok(DEFAULT_SEED), |s| {
-                    parse_u64_dec_or_hex(s).ok_or(ParseError::BadArg(s))
-                })?,
+                seed: opt(4).map_or(Ok(DEFAULT_SEED), hex)?,
                 wait_ns,
             }
         }
-        "sleep" => {
-            want(1, "sleep SECS")?;
-            Command::Sleep {
-                ns: parse_seconds_ns(argv[0]).ok_or(ParseError::BadArg(argv[0]))?,
-            }
-        }
-        "exit" => {
-            want(1, "exit CODE")?;
-            let code = num(argv[0])?;
-            Command::Exit {
-                code: u8::try_from(code).map_err(|_| ParseError::BadArg(argv[0]))?,
-            }
-        }
-        "balloon" => {
-            want(0, "balloon")?;
-            Command::Balloon
-        }
-        "balloon-wait" => {
-            want(0, "balloon-wait")?;
-            Command::BalloonWait
-        }
-        "balloon-handoff" => {
-            want(0, "balloon-handoff")?;
-            Command::BalloonHandoff
-        }
-        "stats" => {
-            want(0, "stats")?;
-            Command::Stats
-        }
-        "oom" => {
-            want(1, "oom MIB")?;
-            Command::Oom { mib: num(argv[0])? }
-        }
-        "hostile" => {
-            want(1, "hostile CASE")?;
-            Command::Hostile(HostileCase::from_name(argv[0]).ok_or(ParseError::BadArg(argv[0]))?)
-        }
-        "report" => {
-            want(0, "report")?;
-            Command::Report
-        }
-        "hints" => {
-            want(0, "hints")?;
-            Command::Hints
-        }
-        "poison" => {
-            want(1, "poison BYTE")?;
-            let b = parse_u64_dec_or_hex(argv[0]).ok_or(ParseError::BadArg(argv[0]))?;
-            Command::Poison {
-                byte: u8::try_from(b).map_err(|_| ParseError::BadArg(argv[0]))?,
-            }
-        }
+        "sleep" => Command::Sleep { ns: secs(argv[0])? },
+        "exit" => Command::Exit {
+            code: byte(argv[0], num(argv[0])?)?,
+        },
+        "balloon" => Command::Balloon,
+        "balloon-wait" => Command::BalloonWait,
+        "balloon-handoff" => Command::BalloonHandoff,
+        "stats" => Command::Stats,
+        "oom" => Command::Oom { mib: num(argv[0])? },
+        "hostile" => Command::Hostile(HostileCase::from_name(argv[0]).ok_or(bad(argv[0]))?),
+        "report" => Command::Report,
+        "hints" => Command::Hints,
+        "poison" => Command::Poison {
+            byte: byte(argv[0], hex(argv[0])?)?,
+        },
         _ => return Err(ParseError::Unknown(verb)),
     })
+}
+
+/// How many arguments a [`USAGE`] line takes: its words after the verb,
+/// those from the first `[` on optional.
+fn arity(usage: &str) -> core::ops::RangeInclusive<usize> {
+    let mut words = usage.split(' ').skip(1);
+    let required = words.by_ref().take_while(|w| !w.starts_with('[')).count();
+    let optional = usage.matches('[').count();
+    required..=required + optional
 }
 
 #[cfg(test)]
@@ -440,6 +388,24 @@ mod tests {
     fn hostile_names_round_trip() {
         for c in HostileCase::EACH {
             assert_eq!(HostileCase::from_name(c.name()), Some(c));
+        }
+    }
+
+    /// Each verb refuses one argument more than its usage line allows,
+    /// and (if it takes any) one fewer than it needs.
+    #[test]
+    fn usage_lines_set_the_arity() {
+        assert_eq!(arity("help"), 0..=0);
+        assert_eq!(arity("fill MIB SEED"), 2..=2);
+        assert_eq!(arity("ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]"), 2..=6);
+        for u in USAGE.iter().copied().filter(|u| !u.starts_with("echo ")) {
+            let (verb, max) = (u.split(' ').next().unwrap(), *arity(u).end());
+            let too_many = [verb].into_iter().chain(["1"; 7].into_iter().take(max + 1));
+            let line = too_many.collect::<Vec<_>>().join(" ");
+            assert_eq!(parse(&line), Err(ParseError::Usage(u)), "{line}");
+            if *arity(u).start() > 0 {
+                assert_eq!(parse(verb), Err(ParseError::Usage(u)), "{verb}");
+            }
         }
     }
 

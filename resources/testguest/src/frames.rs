@@ -286,6 +286,17 @@ mod tests {
         (vec![0xdead_beef; words], nframes)
     }
 
+    /// An allocator of `n` frames, all free but the frames in `taken`
+    /// (its bitmap is leaked: the test owns it until the process ends).
+    fn all_free_but(n: u64, taken: &[u64]) -> FrameAllocator<'static> {
+        let mut a = FrameAllocator::new(vec![0; bitmap_words(n)].leak(), n);
+        a.add_free(0, n);
+        for &f in taken {
+            a.reserve(f, f + 1);
+        }
+        a
+    }
+
     #[test]
     fn add_reserve_alloc_free() {
         let (mut bits, n) = alloc_with(4, 256);
@@ -315,11 +326,7 @@ mod tests {
     #[test]
     fn runs_are_contiguous_lowest_first_and_bounded() {
         let n = 1024;
-        let mut bits = vec![0; bitmap_words(n)];
-        let mut a = FrameAllocator::new(&mut bits, n);
-        a.add_free(0, n);
-        a.reserve(100, 101);
-        a.reserve(500, 501);
+        let mut a = all_free_but(n, &[100, 500]);
         assert_eq!(a.alloc_run(1000), Some((0, 100)));
         assert_eq!(a.alloc_run(10), Some((101, 10)));
         assert_eq!(a.alloc_run(1000), Some((111, 389)));
@@ -384,11 +391,7 @@ mod tests {
 
     #[test]
     fn two_mib_ranges_found_without_allocating() {
-        let n = 2048;
-        let mut bits = vec![0; bitmap_words(n)];
-        let mut a = FrameAllocator::new(&mut bits, n);
-        a.add_free(0, n);
-        a.reserve(600, 601);
+        let mut a = all_free_but(2048, &[600]);
         assert_eq!(a.find_free_block(9, 0), Some(0));
         assert_eq!(a.find_free_block(9, 1), Some(1024));
         assert_eq!(a.find_free_block(9, 1025), Some(1536));

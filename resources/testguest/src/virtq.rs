@@ -62,6 +62,26 @@ pub struct Buf {
     pub writable: bool,
 }
 
+impl Buf {
+    /// A buffer the device reads (driver to device).
+    pub const fn readable(addr: u64, len: u32) -> Buf {
+        Buf {
+            addr,
+            len,
+            writable: false,
+        }
+    }
+
+    /// A buffer the device writes (VIRTQ_DESC_F_WRITE).
+    pub const fn writable(addr: u64, len: u32) -> Buf {
+        Buf {
+            addr,
+            len,
+            writable: true,
+        }
+    }
+}
+
 /// A raw descriptor for [`SplitQueue::add_raw`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawDesc {
@@ -409,13 +429,7 @@ mod tests {
     fn add_and_reclaim() {
         let (_m, mut q) = setup(4);
         assert_eq!(q.num_free(), 4);
-        let h = q
-            .add(&[Buf {
-                addr: 0x1000,
-                len: 8,
-                writable: false,
-            }])
-            .unwrap();
+        let h = q.add(&[Buf::readable(0x1000, 8)]).unwrap();
         assert_eq!(avail_idx(&q), 1);
         assert_eq!(avail_ring(&q, 0), h);
         assert_eq!(
@@ -445,21 +459,9 @@ mod tests {
     fn chains_link_and_free_whole() {
         let (_m, mut q) = setup(4);
         let bufs = [
-            Buf {
-                addr: 1,
-                len: 1,
-                writable: false,
-            },
-            Buf {
-                addr: 2,
-                len: 2,
-                writable: true,
-            },
-            Buf {
-                addr: 3,
-                len: 3,
-                writable: true,
-            },
+            Buf::readable(1, 1),
+            Buf::writable(2, 2),
+            Buf::writable(3, 3),
         ];
         let h = q.add(&bufs).unwrap();
         assert_eq!(q.num_free(), 1);
@@ -478,13 +480,7 @@ mod tests {
         assert_eq!(q.num_free(), 4);
         // All four descriptors usable again, ring index wraps past size.
         for i in 0..10u16 {
-            let h = q
-                .add(&[Buf {
-                    addr: 9,
-                    len: 4,
-                    writable: false,
-                }])
-                .unwrap();
+            let h = q.add(&[Buf::readable(9, 4)]).unwrap();
             device_use(&q, 1 + i, u32::from(h), 0);
             assert!(q.pop_used().unwrap().known);
         }
@@ -497,13 +493,7 @@ mod tests {
     #[test]
     fn prepared_chains_published_elsewhere() {
         let (_m, mut q) = setup(4);
-        let buf = |addr| {
-            [Buf {
-                addr,
-                len: 1024,
-                writable: false,
-            }]
-        };
+        let buf = |addr| [Buf::readable(addr, 1024)];
         let a = q.prepare(&buf(0x1000)).unwrap();
         let b = q.prepare(&buf(0x2000)).unwrap();
         let c = q.prepare(&buf(0x3000)).unwrap();
@@ -536,13 +526,7 @@ mod tests {
     #[test]
     fn bogus_used_ids_are_ignored() {
         let (_m, mut q) = setup(4);
-        let h = q
-            .add(&[Buf {
-                addr: 1,
-                len: 4,
-                writable: false,
-            }])
-            .unwrap();
+        let h = q.add(&[Buf::readable(1, 4)]).unwrap();
         device_use(&q, 0, 99, 0);
         assert_eq!(
             q.pop_used(),
