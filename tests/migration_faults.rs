@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::Vm;
+use common::{Step, Vm};
 use serde_json::{Value, json};
 use vmm::migration::handshake::{Message, Waiter};
 
@@ -375,7 +375,7 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
     let url_path = tmp("real.sock");
     let url = format!("unix://{}", url_path.display());
     let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    wait_for_path(&url_path);
+    common::wait_for_path(&url_path);
     dst.signal(libc::SIGSTOP);
     put_migration(
         &mut api,
@@ -406,8 +406,8 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
             "hugetlb",
         ],
     );
-    wait_for_path(&url_path);
-    if huge_pages_free() >= 128 {
+    common::wait_for_path(&url_path);
+    if common::free_huge_pages() >= 128 {
         eprintln!("this host has huge pages: the refusing destination would not refuse");
         return;
     }
@@ -425,23 +425,6 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
         Some(0),
         "the refusing destination fails"
     );
-}
-
-fn huge_pages_free() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("HugePages_Free:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wait_for_path(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", p.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Wait until the migration's byte count stops growing: the destination
@@ -472,17 +455,20 @@ fn cancel_and_time(api: &mut ApiClient) -> Duration {
     let t = Instant::now();
     let (s, b) = api.delete("/migration").expect("DELETE /migration");
     assert_eq!(s, 204, "{b}");
-    loop {
-        let (_, st) = api.get("/migration").unwrap();
-        if st["state"] == "Cancelled" && vm_state(api) == "Running" {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "cancel did not take effect: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_or_panic(
+        "the cancel taking effect",
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            let (_, st) = api.get("/migration").unwrap();
+            if st["state"] == "Cancelled" && vm_state(api) == "Running" {
+                Step::Done(())
+            } else {
+                Step::Pending(st.to_string())
+            }
+        },
+    );
+    t.elapsed()
 }
 
 #[test]
@@ -648,7 +634,7 @@ fn a_destination_refuses_a_source_without_the_handshake() {
     let url_path = tmp("v1.sock");
     let url = format!("unix://{}", url_path.display());
     let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    wait_for_path(&url_path);
+    common::wait_for_path(&url_path);
     let layout = arch::MemoryLayout::new(256 << 20).unwrap();
     let mut w = vmm::migration::stream::StreamWriter::new(Vec::new());
     w.header(&vmm::migration::stream::layout_ranges(&layout), 0)
