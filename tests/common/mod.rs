@@ -364,6 +364,18 @@ pub fn wait_for_path(p: &Path) {
     }
 }
 
+/// Start `blimp run --incoming unix://PATH --no-stdin EXTRA...` (a
+/// destination waiting for a live migration) and wait until it listens on
+/// `path`; returns it and the URL a source sends to.
+pub fn start_incoming(path: &Path, extra: &[&str]) -> (Vm, String) {
+    let url = format!("unix://{}", path.display());
+    let mut args = vec!["--incoming", &url, "--no-stdin"];
+    args.extend_from_slice(extra);
+    let vm = Vm::start(&args);
+    wait_for_path(path);
+    (vm, url)
+}
+
 /// Wait until the API socket accepts connections (the file can exist a
 /// moment before the server listens).
 pub fn wait_for_socket(path: &Path) {
