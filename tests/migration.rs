@@ -105,10 +105,7 @@ fn migrate_to_file_and_restore_continues_the_guest() {
 
 #[test]
 fn live_migration_over_a_unix_socket() {
-    let url_path = tmp("live.sock");
-    let url = format!("unix://{}", url_path.display());
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    common::wait_for_path(&url_path);
+    let (mut dst, url) = common::start_incoming(&tmp("live.sock"), &[]);
     hand_over("live", "512M", 128, 5, &url, &mut dst, 9);
 }
 

@@ -373,9 +373,7 @@ fn a_destination_that_takes_over_then_goes_silent_leaves_the_source_paused() {
 fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
     let (mut vm, mut api) = source("real");
     let url_path = tmp("real.sock");
-    let url = format!("unix://{}", url_path.display());
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    common::wait_for_path(&url_path);
+    let (mut dst, url) = common::start_incoming(&url_path, &[]);
     dst.signal(libc::SIGSTOP);
     put_migration(
         &mut api,
@@ -396,17 +394,7 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
     let _ = dst.wait(BOOT);
 
     // A destination that cannot build the VM says why; the source resumes.
-    let mut dst = Vm::start_cmd(
-        "run",
-        &[
-            "--incoming",
-            &url,
-            "--no-stdin",
-            "--memory-backend",
-            "hugetlb",
-        ],
-    );
-    common::wait_for_path(&url_path);
+    let (mut dst, _) = common::start_incoming(&url_path, &["--memory-backend", "hugetlb"]);
     if common::free_huge_pages() >= 128 {
         eprintln!("this host has huge pages: the refusing destination would not refuse");
         return;
@@ -632,9 +620,7 @@ fn a_migrated_to_file_source_refuses_changes_then_exits_on_its_own() {
 #[test]
 fn a_destination_refuses_a_source_without_the_handshake() {
     let url_path = tmp("v1.sock");
-    let url = format!("unix://{}", url_path.display());
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    common::wait_for_path(&url_path);
+    let (mut dst, _) = common::start_incoming(&url_path, &[]);
     let layout = arch::MemoryLayout::new(256 << 20).unwrap();
     let mut w = vmm::migration::stream::StreamWriter::new(Vec::new());
     w.header(&vmm::migration::stream::layout_ranges(&layout), 0)

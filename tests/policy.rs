@@ -608,19 +608,8 @@ fn a_snapshot_keeps_the_policy_state() {
 #[test]
 fn a_live_migration_keeps_the_policy_running() {
     let url_path = tmp("live.sock");
-    let url = format!("unix://{}", url_path.display());
     let sock = sock_path("mig-dst");
-    let mut dst = Vm::start_cmd(
-        "run",
-        &[
-            "--incoming",
-            &url,
-            "--no-stdin",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    common::wait_for_path(&url_path);
+    let (mut dst, url) = common::start_incoming(&url_path, &["--api-sock", sock.to_str().unwrap()]);
     let (mut vm, api, _) = boot("mig", "settle=1s,floor=300M", &[]);
     let before = wait_policy(&api, "policy settles", SETTLE, settled);
     let st = common::migrate(&api, &json!({"destination": url}), Duration::from_secs(300));
