@@ -240,6 +240,18 @@ fn wait_end(api: &mut ApiClient, timeout: Duration) -> Value {
     common::wait_migration_end(api, timeout)
 }
 
+/// Wait up to `timeout` for the migration to end: it must have failed with
+/// an error that says each of `says`.
+fn assert_failed_saying(api: &mut ApiClient, timeout: Duration, says: &[&str]) {
+    let st = wait_end(api, timeout);
+    assert_eq!(st["state"], "Failed", "{st}");
+    let err = st["error"].as_str().unwrap();
+    assert!(
+        says.iter().all(|w| err.contains(w)),
+        "the error should say all of {says:?}: {st}"
+    );
+}
+
 fn vm_state(api: &mut ApiClient) -> String {
     let (s, v) = api.get("/vm").expect("GET /vm");
     assert_eq!(s, 200, "{v}");
@@ -351,12 +363,10 @@ fn a_destination_that_takes_over_then_goes_silent_leaves_the_source_paused() {
     let (mut vm, mut api) = source("silent");
     let dest = FakeDest::start("silent", At::Trailer, Then::AckThenSilent);
     put_migration(&mut api, base_request(&dest.url()));
-    let st = wait_end(&mut api, Duration::from_secs(60));
-    assert_eq!(st["state"], "Failed", "{st}");
-    let err = st["error"].as_str().unwrap();
-    assert!(
-        err.contains("no RUN message") && err.contains("stays paused"),
-        "{err}"
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(60),
+        &["no RUN message", "stays paused"],
     );
     assert_eq!(vm_state(&mut api), "Paused");
     // The user, knowing the destination does not run it, resumes it.
@@ -381,14 +391,10 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
     );
     wait_stream_blocked(&mut api);
     dst.signal(libc::SIGKILL);
-    let st = wait_end(&mut api, Duration::from_secs(30));
-    assert_eq!(st["state"], "Failed", "{st}");
-    assert!(
-        st["error"]
-            .as_str()
-            .unwrap()
-            .contains("writing the migration stream"),
-        "{st}"
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(30),
+        &["writing the migration stream"],
     );
     assert_source_runs_and_verifies(&mut vm, &mut api, "killed destination");
     let _ = dst.wait(BOOT);
@@ -400,12 +406,10 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
         return;
     }
     put_migration(&mut api, base_request(&url));
-    let st = wait_end(&mut api, Duration::from_secs(60));
-    assert_eq!(st["state"], "Failed", "{st}");
-    let err = st["error"].as_str().unwrap();
-    assert!(
-        err.contains("the destination refused the VM") && err.contains("huge"),
-        "{err}"
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(60),
+        &["the destination refused the VM", "huge"],
     );
     assert_source_runs_and_verifies(&mut vm, &mut api, "refusing destination");
     assert_ne!(
