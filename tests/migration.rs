@@ -21,6 +21,17 @@ fn migrate(api: &mut ApiClient, body: Value) -> Value {
     common::migrate(api, &body, Duration::from_secs(300))
 }
 
+/// Migrate to the file `file` and wait for the end: the migration must
+/// complete. Returns its final status.
+fn migrate_to_file(api: &mut ApiClient, file: &Path) -> Value {
+    let st = migrate(
+        api,
+        json!({"destination": format!("file://{}", file.display())}),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    st
+}
+
 fn start_source(
     name: &str,
     program: &str,
@@ -71,11 +82,7 @@ fn migrate_to_file_and_restore_continues_the_guest() {
         &[],
     );
     vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(
-        &mut api,
-        json!({"destination": format!("file://{}", file.display())}),
-    );
-    assert_eq!(st["state"], "Completed", "{st}");
+    let st = migrate_to_file(&mut api, &file);
     eprintln!("migration status: {st}");
     let data = st["bytes_sent"].as_u64().unwrap();
     assert!(
@@ -119,11 +126,7 @@ fn damaged_streams_are_refused_with_a_clear_error() {
         &["--no-stdin"],
     );
     vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(
-        &mut api,
-        json!({"destination": format!("file://{}", file.display())}),
-    );
-    assert_eq!(st["state"], "Completed", "{st}");
+    migrate_to_file(&mut api, &file);
     vm.wait(BOOT);
     let good = std::fs::read(&file).unwrap();
     let len = good.len();
@@ -217,11 +220,7 @@ fn restore_resumes_the_balloon_where_it_was() {
         assert!(Instant::now() < deadline, "no statistics");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let st = migrate(
-        &mut api,
-        json!({"destination": format!("file://{}", file.display())}),
-    );
-    assert_eq!(st["state"], "Completed", "{st}");
+    migrate_to_file(&mut api, &file);
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 
     let dsock = sock_path("mig-balloon-dst");
