@@ -633,7 +633,7 @@ pub fn boot_with_api_cmdline(
     start_with_sock(name, &all)
 }
 
-/// `blimp run ARGS... --api-sock SOCK` with a socket named after `name`
+/// `blimp run --api-sock SOCK ARGS...` with a socket named after `name`
 /// (nothing else added); returns once the socket accepts connections.
 pub fn start_with_sock(name: &str, args: &[&str]) -> (Vm, api::client::ApiClient, PathBuf) {
     let sock = sock_path(name);
