@@ -476,16 +476,6 @@ fn migration() {
     }
 }
 
-/// Free 2 MiB huge pages on this host (`HugePages_Free` in /proc/meminfo).
-fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("HugePages_Free:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One inflate of 7 GiB and its deflate on an 8 GiB test guest that
 /// touched 7.5 GiB (the VIRTIO_BALLOON_F_SG series' workload), with PFN
 /// arrays (`sg=off`) or chunks (`sg=on`). Returns (inflate ms, inflate
@@ -564,7 +554,7 @@ fn sg() {
         .into_iter()
         .filter(|b| picked(b))
         .collect();
-    let huge = free_huge_pages();
+    let huge = common::free_huge_pages();
     if huge >= 4096 {
         if picked("hugetlb") {
             backends.push("hugetlb");

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::{Vm, set_target, sock_path, wait_balloon, wait_for_socket};
+use common::{Vm, set_target, wait_balloon};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -185,18 +185,16 @@ fn every_error_class_has_its_status_and_message() {
     drop(api);
     vm.signal(libc::SIGTERM);
     vm.wait(BOOT);
-    let sock2 = sock_path("errors-noballoon");
-    let mut vm2 = Vm::start(&[
-        "--memory",
-        "256M",
-        "--no-stdin",
-        "--api-sock",
-        sock2.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"sleep 60\"",
-    ]);
-    wait_for_socket(&sock2);
-    let api2 = ApiClient::new(&sock2).unwrap();
+    let (mut vm2, api2, sock2) = common::start_with_sock(
+        "errors-noballoon",
+        &[
+            "--memory",
+            "256M",
+            "--no-stdin",
+            "--cmdline",
+            "testguest.run=\"sleep 60\"",
+        ],
+    );
     let (s, b) = api2.get("/balloon").unwrap();
     assert_eq!(s, 400, "{b}");
     assert!(err(&b).contains("no balloon"), "{b}");

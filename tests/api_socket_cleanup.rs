@@ -8,7 +8,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Vm;
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -56,16 +55,7 @@ fn double_sigterm_during_restore_never_leaves_the_socket() {
     let dir = tmp_dir("sock-cleanup");
     let sock = dir.join("api.sock");
     let t0 = Instant::now();
-    let mut probe = Vm::spawn(
-        "restore",
-        &[
-            "--from",
-            snap.to_str().unwrap(),
-            "--no-stdin",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
+    let mut probe = common::spawn_restore(&snap, &sock, &["--no-stdin"]);
     common::wait_for_socket(&sock);
     let restore_time = t0.elapsed();
     probe.signal(libc::SIGTERM);
@@ -80,16 +70,7 @@ fn double_sigterm_during_restore_never_leaves_the_socket() {
     let mut signalled_with_socket = 0;
     let runs = 12u32;
     for i in 0..runs {
-        let mut r = Vm::spawn(
-            "restore",
-            &[
-                "--from",
-                snap.to_str().unwrap(),
-                "--no-stdin",
-                "--api-sock",
-                sock.to_str().unwrap(),
-            ],
-        );
+        let mut r = common::spawn_restore(&snap, &sock, &["--no-stdin"]);
         let (first, gap) = if i < 4 {
             std::thread::sleep(restore_time * i / 4);
             ("during the restore", Duration::from_millis(5))

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use api::client::ApiClient;
-use common::{Vm, set_target, sock_path, wait_balloon, wait_for_socket};
+use common::{Vm, resize_balloon, set_target, wait_balloon};
 
 const MIB: u64 = 1 << 20;
 const BOOT: Duration = Duration::from_secs(30);
@@ -17,28 +17,23 @@ const BOOT: Duration = Duration::from_secs(30);
 /// inflate 1 GiB and check the host got it back; then deflate and check the
 /// guest can fill and verify that memory again.
 fn inflate_returns_memory(backend: &str, rss: impl Fn(&Vm) -> u64) {
-    let sock = sock_path(&format!("inflate-{backend}"));
-    let mut vm = Vm::start(&[
-        "--memory",
-        "2G",
-        "--memory-backend",
-        backend,
-        "--debug-exit",
-        "--balloon",
-        "",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"fill 1536 1;free 1024;touch 4096;echo touched\"",
-    ]);
+    let (mut vm, mut api, _) = common::boot_with_api(
+        &format!("inflate-{backend}"),
+        "fill 1536 1;free 1024;touch 4096;echo touched",
+        &[
+            "--memory",
+            "2G",
+            "--memory-backend",
+            backend,
+            "--balloon",
+            "",
+        ],
+    );
     // First touches of 1.5 GiB cost ~30 µs a page under PVM; with the 2
     // cores shared by other builds (load 8) that took over 60 s.
     vm.expect_line("touched", Duration::from_secs(180));
-    wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).expect("API client");
     let before = rss(&vm);
-    set_target(&mut api, 1024);
-    let took = wait_balloon(&mut api, 1024, Duration::from_secs(60));
+    let took = resize_balloon(&mut api, 1024, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(200));
     let after = rss(&vm);
     let dropped = before.saturating_sub(after);
@@ -54,14 +49,10 @@ fn inflate_returns_memory(backend: &str, rss: impl Fn(&Vm) -> u64) {
         dropped / MIB
     );
     // The guest's MemTotal-equivalent: its allocator no longer has those pages.
-    set_target(&mut api, 0);
-    wait_balloon(&mut api, 0, Duration::from_secs(60));
-    vm.send("fill 1024 2");
-    vm.expect_line("fill done 1024 MiB", Duration::from_secs(60));
-    vm.send("verify");
-    vm.expect_line("verify ok", Duration::from_secs(60));
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    resize_balloon(&mut api, 0, Duration::from_secs(60));
+    vm.fill(1024, 2, Duration::from_secs(60));
+    vm.verify("verify ok", Duration::from_secs(60));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -186,35 +177,30 @@ fn target_changes_in_the_middle_of_bursts_are_followed() {
         set_target(&mut api, 0);
         check(&mut vm, &mut api, 0);
     }
-    vm.send("fill 900 8");
-    vm.expect_line("fill done 900 MiB", Duration::from_secs(60));
-    vm.send("verify");
-    vm.expect_line("verify ok", Duration::from_secs(60));
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.fill(900, 8, Duration::from_secs(60));
+    vm.verify("verify ok", Duration::from_secs(60));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
 fn statistics_arrive_with_sane_values() {
-    let sock = sock_path("stats");
-    let mut vm = Vm::start(&[
-        "--memory",
-        "1G",
-        "--no-stdin",
-        "--balloon",
-        "stats_interval=1",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"fill 256 3;sleep 60\"",
-    ]);
+    let (mut vm, api, _) = common::start_with_sock(
+        "stats",
+        &[
+            "--memory",
+            "1G",
+            "--no-stdin",
+            "--balloon",
+            "stats_interval=1",
+            "--cmdline",
+            "testguest.run=\"fill 256 3;sleep 60\"",
+        ],
+    );
     vm.expect_line("fill done 256 MiB", BOOT);
     let filled_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    wait_for_socket(&sock);
-    let api = ApiClient::new(&sock).expect("API client");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     // The buffer queued when the driver started holds pre-fill values; wait
     // for one the guest refilled after the fill (stats come every second).
@@ -278,13 +264,9 @@ fn hostile_guest_input_is_refused_and_the_device_keeps_working() {
     // Depending on the case, the device may have been marked NEEDS_RESET; the
     // guest driver resets it and a well-behaved inflate works afterwards.
     vm.send("balloon");
-    set_target(&mut api, 64);
-    wait_balloon(&mut api, 64, Duration::from_secs(30));
-    set_target(&mut api, 0);
-    wait_balloon(&mut api, 0, Duration::from_secs(30));
+    resize_balloon(&mut api, 64, Duration::from_secs(30));
+    resize_balloon(&mut api, 0, Duration::from_secs(30));
     vm.send("fill 128 9");
-    vm.send("verify");
-    vm.expect_line("verify ok", BOOT);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.verify("verify ok", BOOT);
+    vm.exit_with(0, BOOT);
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use api::events::ApiEvent;
-use common::{set_target, start_with_api, wait_balloon};
+use common::{resize_balloon, set_target, start_with_api, wait_balloon};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -204,8 +204,7 @@ const WARNING: &str = "deflated below the target";
 fn rapid_target_changes_do_not_warn() {
     common::require_kvm();
     let (mut vm, mut api) = ready_vm("events-rapid", "512M", "");
-    set_target(&mut api, 200);
-    wait_balloon(&mut api, 200, BOOT);
+    resize_balloon(&mut api, 200, BOOT);
     let mut below_seen = 0;
     for i in 0..30u64 {
         set_target(&mut api, 8);
@@ -217,8 +216,7 @@ fn rapid_target_changes_do_not_warn() {
             below_seen += 1;
         }
         wait_balloon(&mut api, 192, BOOT);
-        set_target(&mut api, 200);
-        wait_balloon(&mut api, 200, BOOT);
+        resize_balloon(&mut api, 200, BOOT);
     }
     let ms = common::metrics(&mut api);
     let deflates = common::metric(&ms, "balloon_deflate_requests");
@@ -245,8 +243,7 @@ fn rapid_target_changes_do_not_warn() {
 fn unsolicited_deflate_is_still_detected() {
     common::require_kvm();
     let (mut vm, mut api) = ready_vm("events-oom", "512M", "deflate_on_oom");
-    set_target(&mut api, 100);
-    wait_balloon(&mut api, 100, BOOT);
+    resize_balloon(&mut api, 100, BOOT);
     assert_eq!(
         common::metric(&common::metrics(&mut api), "balloon_deflate_below_target"),
         0.0

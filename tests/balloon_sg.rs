@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use api::client::ApiClient;
-use common::{Vm, set_target, wait_balloon};
+use common::{Vm, resize_balloon};
 
 const MIB: u64 = 1 << 20;
 /// Generous: several guests share a loaded 2-core host in CI.
@@ -41,8 +41,7 @@ fn chunked_inflate_and_deflate(backend: &str) {
     );
     vm.expect_line("TOUCHED", T);
     let before = vm.rss_bytes();
-    set_target(&mut api, 512);
-    wait_balloon(&mut api, 512, T);
+    resize_balloon(&mut api, 512, T);
     std::thread::sleep(Duration::from_millis(200));
     let after = vm.rss_bytes();
     let pages = 512 * MIB / 4096;
@@ -66,16 +65,12 @@ fn chunked_inflate_and_deflate(backend: &str) {
         "[{backend}] host memory dropped by only {} MiB",
         dropped / MIB
     );
-    set_target(&mut api, 0);
-    wait_balloon(&mut api, 0, T);
+    resize_balloon(&mut api, 0, T);
     assert_eq!(m(&mut api, "deflate_pages"), pages);
     assert!(m(&mut api, "deflate_kicks") <= pages / 256 / 100 + 2);
-    vm.send("fill 512 2");
-    vm.expect_line("fill done 512 MiB", T);
-    vm.send("verify");
-    vm.expect_line("verify ok", T);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(T).code(), Some(0));
+    vm.fill(512, 2, T);
+    vm.verify("verify ok", T);
+    vm.exit_with(0, T);
 }
 
 #[test]
@@ -99,8 +94,7 @@ fn deflate_on_oom_sends_single_pages() {
         "balloon;echo READY",
     );
     vm.expect_line("READY", T);
-    set_target(&mut api, 64);
-    wait_balloon(&mut api, 64, T);
+    resize_balloon(&mut api, 64, T);
     let ranges0 = m(&mut api, "deflate_ranges");
     vm.send("oom 1");
     let line = vm.expect_line("oom deflated", T);
@@ -111,37 +105,25 @@ fn deflate_on_oom_sends_single_pages() {
         m(&mut api, "inflate_pages") - m(&mut api, "deflate_pages"),
         63 * MIB / 4096
     );
-    vm.send("exit 0");
-    assert_eq!(vm.wait(T).code(), Some(0));
+    vm.exit_with(0, T);
 }
 
 /// `testguest.sg=0`: offered but not taken, the guest sends PFN arrays.
 #[test]
 fn a_driver_without_the_bit_keeps_pfn_arrays() {
-    let sock = common::sock_path("sg-off");
-    let mut vm = Vm::start(&[
-        "--memory",
-        "512M",
-        "--debug-exit",
-        "--balloon",
-        "sg=on",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
+    let (mut vm, mut api, _) = common::boot_with_api_cmdline(
+        "sg-off",
         "testguest.sg=0 testguest.run=\"balloon;echo READY\"",
-    ]);
-    common::wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).expect("API client");
+        &["--memory", "512M", "--balloon", "sg=on"],
+    );
     let started = vm.expect_line("balloon started", T);
     assert!(!started.contains(" sg "), "{started}");
     vm.expect_line("READY", T);
-    set_target(&mut api, 32);
-    wait_balloon(&mut api, 32, T);
+    resize_balloon(&mut api, 32, T);
     assert_eq!(m(&mut api, "inflate_pages"), 32 * MIB / 4096);
     assert_eq!(m(&mut api, "inflate_ranges"), 0);
     assert_eq!(m(&mut api, "inflate_requests"), 32 * MIB / 4096 / 256);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(T).code(), Some(0));
+    vm.exit_with(0, T);
 }
 
 /// `hostile sg-ranges`: 10 bad inflate ranges and 2 bad deflate ranges
@@ -160,19 +142,14 @@ fn hostile_ranges_are_refused_and_the_device_keeps_working() {
     assert_eq!(m(&mut api, "deflate_pages"), 0);
     assert_eq!(m(&mut api, "queue_errors"), 0, "no NEEDS_RESET");
     // Still serving: 32 MiB in ranges, then back to 0.
-    set_target(&mut api, 32);
-    wait_balloon(&mut api, 32, T);
+    resize_balloon(&mut api, 32, T);
     assert_eq!(m(&mut api, "inflate_pages"), 32 * MIB / 4096);
-    set_target(&mut api, 0);
-    wait_balloon(&mut api, 0, T);
+    resize_balloon(&mut api, 0, T);
     assert_eq!(m(&mut api, "deflate_pages"), 32 * MIB / 4096);
     assert_eq!(m(&mut api, "invalid_ranges"), 12);
-    vm.send("fill 256 3");
-    vm.expect_line("fill done 256 MiB", T);
-    vm.send("verify");
-    vm.expect_line("verify ok", T);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(T).code(), Some(0));
+    vm.fill(256, 3, T);
+    vm.verify("verify ok", T);
+    vm.exit_with(0, T);
 }
 
 /// Inflate 64 MiB in ranges, then migrate (to a file and restore, or live
@@ -191,20 +168,12 @@ fn sg_survives(live: bool) {
     let dsock_s = dsock.to_str().unwrap().to_string();
     let mut dst = live.then(|| Vm::start_cmd("run", &["--incoming", &url, "--api-sock", &dsock_s]));
     if live {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !file.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "destination did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_for_path(&file);
     }
     let (mut vm, mut api) =
         common::start_with_api(name, "512M", "sg=on", "balloon;fill 128 3;echo MIGRATE NOW");
     vm.expect_line("MIGRATE NOW", T);
-    set_target(&mut api, 64);
-    wait_balloon(&mut api, 64, T);
+    resize_balloon(&mut api, 64, T);
     let ranges = m(&mut api, "inflate_ranges");
     assert!(ranges >= 1);
     let st = common::migrate(&api, &serde_json::json!({"destination": url}), T);
@@ -225,18 +194,14 @@ fn sg_survives(live: bool) {
         "counters carried over"
     );
     assert_eq!(m(&mut dapi, "inflate_pages"), 64 * MIB / 4096);
-    set_target(&mut dapi, 0);
-    wait_balloon(&mut dapi, 0, T);
+    resize_balloon(&mut dapi, 0, T);
     assert!(m(&mut dapi, "deflate_ranges") >= 1, "deflated in ranges");
     assert_eq!(m(&mut dapi, "deflate_pages"), 64 * MIB / 4096);
     assert_eq!(m(&mut dapi, "invalid_ranges"), 0);
     assert_eq!(m(&mut dapi, "invalid_buffers"), 0);
-    dst.send("fill 256 4");
-    dst.expect_line("fill done 256 MiB", T);
-    dst.send("verify");
-    dst.expect_line("verify ok", T);
-    dst.send("exit 0");
-    assert_eq!(dst.wait(T).code(), Some(0));
+    dst.fill(256, 4, T);
+    dst.verify("verify ok", T);
+    dst.exit_with(0, T);
     let _ = std::fs::remove_file(&file);
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::pty::{Pty, same_termios, wait_exit};
@@ -37,6 +37,23 @@ fn assert_raw(pty: &Pty, orig: &libc::termios) {
     assert_eq!(now.c_lflag | raw, orig.c_lflag | raw);
 }
 
+/// Wait for blimp on `pty` to exit with `code`; the terminal must then be
+/// exactly as it was (`orig`). `after` names the exit path for messages.
+fn assert_exits_restored(
+    pty: &Pty,
+    orig: &libc::termios,
+    child: &mut Child,
+    code: i32,
+    after: &str,
+) {
+    let st = wait_exit(child, BOOT);
+    assert_eq!(st.code(), Some(code), "{after}: {st:?}\n{}", pty.screen());
+    assert!(
+        same_termios(orig, &pty.termios()),
+        "the terminal was not restored after {after}"
+    );
+}
+
 #[test]
 fn ctrl_a_x_quits_and_the_terminal_is_restored() {
     let pty = Pty::new();
@@ -55,12 +72,7 @@ fn ctrl_a_x_quits_and_the_terminal_is_restored() {
     let at = pty.wait_for(at, "\non-the-pty", BOOT);
     pty.wait_for(at, "testguest> ", BOOT);
     pty.type_bytes(b"\x01x");
-    let st = wait_exit(&mut child, BOOT);
-    assert_eq!(st.code(), Some(0), "Ctrl-A x: {st:?}\n{}", pty.screen());
-    assert!(
-        same_termios(&orig, &pty.termios()),
-        "the terminal was not restored after Ctrl-A x"
-    );
+    assert_exits_restored(&pty, &orig, &mut child, 0, "Ctrl-A x");
 }
 
 #[test]
@@ -77,12 +89,7 @@ fn the_terminal_is_restored_on_debug_exit_and_on_a_signal() {
     ]));
     pty.wait_for(0, "running", BOOT);
     assert_raw(&pty, &orig);
-    let st = wait_exit(&mut child, BOOT);
-    assert_eq!(st.code(), Some(7), "{st:?}\n{}", pty.screen());
-    assert!(
-        same_termios(&orig, &pty.termios()),
-        "not restored after a debug-exit"
-    );
+    assert_exits_restored(&pty, &orig, &mut child, 7, "a debug-exit");
 
     // SIGTERM: a clean shutdown with status 128 + 15.
     let pty = Pty::new();
@@ -92,20 +99,13 @@ fn the_terminal_is_restored_on_debug_exit_and_on_a_signal() {
     assert_raw(&pty, &orig);
     // SAFETY: a signal to our own child, which has not been reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = wait_exit(&mut child, BOOT);
-    assert_eq!(st.code(), Some(128 + 15), "{st:?}\n{}", pty.screen());
-    assert!(
-        same_termios(&orig, &pty.termios()),
-        "not restored after SIGTERM"
-    );
+    assert_exits_restored(&pty, &orig, &mut child, 128 + 15, "SIGTERM");
 
     // A usage error never touches the terminal.
     let pty = Pty::new();
     let orig = pty.termios();
     let mut child = pty.spawn(&mut blimp_run(&["--memory", "1.5.5G"]));
-    let st = wait_exit(&mut child, BOOT);
-    assert_eq!(st.code(), Some(2), "{st:?}\n{}", pty.screen());
-    assert!(same_termios(&orig, &pty.termios()));
+    assert_exits_restored(&pty, &orig, &mut child, 2, "a usage error");
 }
 
 /// A blimp started with `&` from a job-control shell is not the terminal's
@@ -195,8 +195,6 @@ fn a_restored_console_shows_its_prompt() {
     pty.type_bytes(b"verify\r");
     pty.wait_for(at, "verify ok 4096 pages", BOOT);
     pty.type_bytes(b"\x01x");
-    let st = wait_exit(&mut child, BOOT);
-    assert_eq!(st.code(), Some(0), "{st:?}\n{}", pty.screen());
-    assert!(same_termios(&orig, &pty.termios()));
+    assert_exits_restored(&pty, &orig, &mut child, 0, "Ctrl-A x on a restored VM");
     let _ = std::fs::remove_file(&file);
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::Vm;
+use common::{Step, Vm};
 use serde_json::{Value, json};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -23,18 +23,19 @@ fn hint_status(api: &mut ApiClient) -> Value {
 }
 
 fn wait_state(api: &mut ApiClient, state: &str) -> (Value, Duration) {
-    let t = Instant::now();
-    loop {
-        let st = hint_status(api);
-        if st["state"] == state {
-            return (st, t.elapsed());
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "hinting never reached {state}: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_or_panic(
+        &format!("hinting reaching {state}"),
+        Duration::from_secs(30),
+        Duration::from_millis(2),
+        || {
+            let st = hint_status(api);
+            if st["state"] == state {
+                Step::Done(st)
+            } else {
+                Step::Pending(st.to_string())
+            }
+        },
+    )
 }
 
 #[test]
@@ -75,8 +76,7 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
         "hinted blocks are held until DONE: {h}"
     );
     // None of the filled 300 MiB was hinted (they would have been discarded).
-    vm.send("verify");
-    vm.expect_line("verify ok 76800 pages", BOOT);
+    vm.verify("verify ok 76800 pages", BOOT);
     // A new round, stopped by the host, then DONE: the guest frees its blocks.
     let (s, b) = api.put("/balloon/hinting/start", &json!({})).unwrap();
     assert_eq!(s, 200, "{b}");
@@ -94,15 +94,12 @@ fn hinting_round_reports_free_memory_and_never_live_pages() {
         "after DONE the guest freed its hinted blocks: {h}"
     );
     // The freed memory is usable again.
-    vm.send("fill 1024 6");
-    vm.expect_line("fill done 1024 MiB", BOOT);
-    vm.send("verify");
-    vm.expect_line("verify ok", BOOT);
+    vm.fill(1024, 6, BOOT);
+    vm.verify("verify ok", BOOT);
     let (_, m) = api.get("/balloon/statistics").unwrap();
     assert!(m["hint_rounds"].as_u64().unwrap() >= 2, "{m}");
     assert!(m["hinted_pages"].as_u64().unwrap() >= hinted, "{m}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -153,12 +150,9 @@ fn report_round(poison: Option<u8>) -> (u64, u64, Vec<String>) {
     let (_, b) = api.get("/balloon").unwrap();
     assert_eq!(b["target_mib"], 0, "no target change");
     // The guest reuses the memory (and checks its poison when it does).
-    vm.send("fill 1024 4");
-    vm.expect_line("fill done 1024 MiB", BOOT);
-    vm.send("verify");
-    vm.expect_line("verify ok", BOOT);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.fill(1024, 4, BOOT);
+    vm.verify("verify ok", BOOT);
+    vm.exit_with(0, BOOT);
     (before, dropped, vm.transcript.clone())
 }
 

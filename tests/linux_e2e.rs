@@ -628,14 +628,7 @@ fn hint_aware_migration_skips_freed_memory_and_restores() {
             let keep = vm.cmd("tmpfs-write keep 4 7", 5 * MIN).ok();
             let sha = keep.value("sha256").unwrap().to_string();
             let path = dir.join(format!("{name}.mig"));
-            let m = common::migrate(
-                &vm.api,
-                &serde_json::json!({
-                    "destination": format!("file://{}", path.display()),
-                    "free_page_hints": hints,
-                }),
-                5 * MIN,
-            );
+            let m = vm.migrate_to_file(&path, hints);
             assert_eq!(m["state"], "Completed", "[{name}] migration: {m}");
             let file = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             eprintln!(
@@ -666,18 +659,7 @@ fn hint_aware_migration_skips_freed_memory_and_restores() {
     );
 
     // Restore the hinted stream into a new blimp.
-    let sock = common::sock_path("e2e-mig-restored");
-    let _ = std::fs::remove_file(&sock);
-    let restored = common::Vm::spawn(
-        "restore",
-        &[
-            "--from",
-            path.to_str().unwrap(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    let mut vm = LinuxVm::attach(restored, "e2e-mig-restored", sock);
+    let mut vm = LinuxVm::restore("e2e-mig-restored", &path);
     let s = vm.cmd("sha256 keep", 5 * MIN).ok();
     assert_eq!(s.value("sha256"), Some(sha.as_str()), "{:?}", s.lines);
     vm.cmd("uptime", MIN).ok();

@@ -370,14 +370,7 @@ fn sg_hint_aware_migration_restores_with_ranges() {
     let keep = vm.cmd("tmpfs-write keep 4 7", 5 * MIN).ok();
     let sha = keep.value("sha256").expect("sha256").to_string();
     let path = dir.join("sg.mig");
-    let m = common::migrate(
-        &vm.api,
-        &serde_json::json!({
-            "destination": format!("file://{}", path.display()),
-            "free_page_hints": true,
-        }),
-        5 * MIN,
-    );
+    let m = vm.migrate_to_file(&path, true);
     assert_eq!(m["state"], "Completed", "{m}");
     let sent = m["bytes_sent"].as_u64().unwrap_or(u64::MAX);
     let hinted = m["pages_hinted"].as_u64().unwrap_or(0);
@@ -396,18 +389,7 @@ fn sg_hint_aware_migration_restores_with_ranges() {
     );
     drop(vm);
 
-    let sock = common::sock_path("sg-mig-restored");
-    let _ = std::fs::remove_file(&sock);
-    let restored = common::Vm::spawn(
-        "restore",
-        &[
-            "--from",
-            path.to_str().unwrap(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    let mut vm = LinuxVm::attach(restored, "sg-mig-restored", sock);
+    let mut vm = LinuxVm::restore("sg-mig-restored", &path);
     let s = vm.cmd("sha256 keep", 5 * MIN).ok();
     assert_eq!(s.value("sha256"), Some(sha.as_str()), "{:?}", s.lines);
     let b = vm.balloon();

@@ -21,6 +21,17 @@ fn migrate(api: &mut ApiClient, body: Value) -> Value {
     common::migrate(api, &body, Duration::from_secs(300))
 }
 
+/// Migrate to the file `file` and wait for the end: the migration must
+/// complete. Returns its final status.
+fn migrate_to_file(api: &mut ApiClient, file: &Path) -> Value {
+    let st = migrate(
+        api,
+        json!({"destination": format!("file://{}", file.display())}),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    st
+}
+
 fn start_source(
     name: &str,
     program: &str,
@@ -38,6 +49,29 @@ fn restore(file: &Path, extra: &[&str]) -> Vm {
     Vm::start_cmd("restore", &args)
 }
 
+/// A live migration to `dst` (a `blimp run --incoming URL`) of a source
+/// with `memory` whose guest filled `fill_mib` MiB from `seed`: it completes,
+/// the source ends, and the guest, now on `dst`, verifies every filled page
+/// and exits there with `code`.
+fn hand_over(
+    name: &str,
+    memory: &str,
+    fill_mib: u64,
+    seed: u64,
+    url: &str,
+    dst: &mut Vm,
+    code: i32,
+) {
+    let program = format!("fill {fill_mib} {seed};echo MIGRATE NOW;sleep 2;verify;exit {code}");
+    let (mut vm, mut api, _) = start_source(name, &program, memory, &[]);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, json!({"destination": url}));
+    assert_eq!(st["state"], "Completed", "{st}");
+    dst.expect_line(&format!("verify ok {} pages", fill_mib * 256), BOOT);
+    assert_eq!(dst.wait(BOOT).code(), Some(code));
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+}
+
 #[test]
 fn migrate_to_file_and_restore_continues_the_guest() {
     let file = tmp("basic");
@@ -48,11 +82,7 @@ fn migrate_to_file_and_restore_continues_the_guest() {
         &[],
     );
     vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(
-        &mut api,
-        json!({"destination": format!("file://{}", file.display())}),
-    );
-    assert_eq!(st["state"], "Completed", "{st}");
+    let st = migrate_to_file(&mut api, &file);
     eprintln!("migration status: {st}");
     let data = st["bytes_sent"].as_u64().unwrap();
     assert!(
@@ -82,26 +112,8 @@ fn migrate_to_file_and_restore_continues_the_guest() {
 
 #[test]
 fn live_migration_over_a_unix_socket() {
-    let url_path = tmp("live.sock");
-    let url = format!("unix://{}", url_path.display());
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !url_path.exists() {
-        assert!(Instant::now() < deadline, "destination did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let (mut vm, mut api, _) = start_source(
-        "live",
-        "fill 128 5;echo MIGRATE NOW;sleep 2;verify;exit 9",
-        "512M",
-        &[],
-    );
-    vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(&mut api, json!({"destination": url}));
-    assert_eq!(st["state"], "Completed", "{st}");
-    dst.expect_line("verify ok 32768 pages", BOOT);
-    assert_eq!(dst.wait(BOOT).code(), Some(9));
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let (mut dst, url) = common::start_incoming(&tmp("live.sock"), &[]);
+    hand_over("live", "512M", 128, 5, &url, &mut dst, 9);
 }
 
 #[test]
@@ -114,11 +126,7 @@ fn damaged_streams_are_refused_with_a_clear_error() {
         &["--no-stdin"],
     );
     vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(
-        &mut api,
-        json!({"destination": format!("file://{}", file.display())}),
-    );
-    assert_eq!(st["state"], "Completed", "{st}");
+    migrate_to_file(&mut api, &file);
     vm.wait(BOOT);
     let good = std::fs::read(&file).unwrap();
     let len = good.len();
@@ -191,43 +199,28 @@ fn cancel_leaves_the_source_running() {
     let (_, info) = api.get("/vm").unwrap();
     assert_eq!(info["state"], "Running");
     // The guest still runs correctly.
-    vm.send("verify");
-    vm.expect_line("verify ok", Duration::from_secs(120));
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.verify("verify ok", Duration::from_secs(120));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
 fn restore_resumes_the_balloon_where_it_was() {
     let file = tmp("balloon");
-    let sock = sock_path("mig-balloon-src");
-    let mut vm = Vm::start(&[
-        "--memory",
+    let (mut vm, mut api, _) = start_source(
+        "mig-balloon-src",
+        "fill 128 3;echo MIGRATE NOW",
         "1G",
-        "--debug-exit",
-        "--balloon",
-        "stats_interval=1,free_page_hint=on",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"fill 128 3;echo MIGRATE NOW\"",
-    ]);
-    wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).unwrap();
+        &["--balloon", "stats_interval=1,free_page_hint=on"],
+    );
     vm.expect_line("MIGRATE NOW", BOOT);
-    common::set_target(&mut api, 200);
-    common::wait_balloon(&mut api, 200, Duration::from_secs(30));
+    common::resize_balloon(&mut api, 200, Duration::from_secs(30));
     // Wait for a statistics report.
     let deadline = Instant::now() + Duration::from_secs(10);
     while api.get("/balloon/statistics").unwrap().1["free_memory"].is_null() {
         assert!(Instant::now() < deadline, "no statistics");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let st = migrate(
-        &mut api,
-        json!({"destination": format!("file://{}", file.display())}),
-    );
-    assert_eq!(st["state"], "Completed", "{st}");
+    migrate_to_file(&mut api, &file);
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 
     let dsock = sock_path("mig-balloon-dst");
@@ -244,14 +237,10 @@ fn restore_resumes_the_balloon_where_it_was() {
         "statistics carried over: {s}"
     );
     // The restored balloon keeps working: deflate, then the guest reuses the memory.
-    common::set_target(&mut dapi, 0);
-    common::wait_balloon(&mut dapi, 0, Duration::from_secs(30));
-    dst.send("fill 512 4");
-    dst.expect_line("fill done 512 MiB", BOOT);
-    dst.send("verify");
-    dst.expect_line("verify ok 163840 pages", BOOT);
-    dst.send("exit 0");
-    assert_eq!(dst.wait(BOOT).code(), Some(0));
+    common::resize_balloon(&mut dapi, 0, Duration::from_secs(30));
+    dst.fill(512, 4, BOOT);
+    dst.verify("verify ok 163840 pages", BOOT);
+    dst.exit_with(0, BOOT);
     let _ = std::fs::remove_file(&file);
 }
 
@@ -266,16 +255,5 @@ fn live_migration_over_tcp_hands_the_vm_over() {
     let url = format!("tcp://127.0.0.1:{port}");
     // The source retries a refused connection for 3 s while this one starts.
     let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    let (mut vm, mut api, _) = start_source(
-        "tcp",
-        "fill 64 6;echo MIGRATE NOW;sleep 2;verify;exit 11",
-        "256M",
-        &[],
-    );
-    vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(&mut api, json!({"destination": url}));
-    assert_eq!(st["state"], "Completed", "{st}");
-    dst.expect_line("verify ok 16384 pages", BOOT);
-    assert_eq!(dst.wait(BOOT).code(), Some(11));
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    hand_over("tcp", "256M", 64, 6, &url, &mut dst, 11);
 }

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::Vm;
+use common::{Step, Vm};
 use serde_json::{Value, json};
 use vmm::migration::handshake::{Message, Waiter};
 
@@ -240,6 +240,18 @@ fn wait_end(api: &mut ApiClient, timeout: Duration) -> Value {
     common::wait_migration_end(api, timeout)
 }
 
+/// Wait up to `timeout` for the migration to end: it must have failed with
+/// an error that says each of `says`.
+fn assert_failed_saying(api: &mut ApiClient, timeout: Duration, says: &[&str]) {
+    let st = wait_end(api, timeout);
+    assert_eq!(st["state"], "Failed", "{st}");
+    let err = st["error"].as_str().unwrap();
+    assert!(
+        says.iter().all(|w| err.contains(w)),
+        "the error should say all of {says:?}: {st}"
+    );
+}
+
 fn vm_state(api: &mut ApiClient) -> String {
     let (s, v) = api.get("/vm").expect("GET /vm");
     assert_eq!(s, 200, "{v}");
@@ -351,12 +363,10 @@ fn a_destination_that_takes_over_then_goes_silent_leaves_the_source_paused() {
     let (mut vm, mut api) = source("silent");
     let dest = FakeDest::start("silent", At::Trailer, Then::AckThenSilent);
     put_migration(&mut api, base_request(&dest.url()));
-    let st = wait_end(&mut api, Duration::from_secs(60));
-    assert_eq!(st["state"], "Failed", "{st}");
-    let err = st["error"].as_str().unwrap();
-    assert!(
-        err.contains("no RUN message") && err.contains("stays paused"),
-        "{err}"
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(60),
+        &["no RUN message", "stays paused"],
     );
     assert_eq!(vm_state(&mut api), "Paused");
     // The user, knowing the destination does not run it, resumes it.
@@ -373,9 +383,7 @@ fn a_destination_that_takes_over_then_goes_silent_leaves_the_source_paused() {
 fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
     let (mut vm, mut api) = source("real");
     let url_path = tmp("real.sock");
-    let url = format!("unix://{}", url_path.display());
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    wait_for_path(&url_path);
+    let (mut dst, url) = common::start_incoming(&url_path, &[]);
     dst.signal(libc::SIGSTOP);
     put_migration(
         &mut api,
@@ -383,41 +391,25 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
     );
     wait_stream_blocked(&mut api);
     dst.signal(libc::SIGKILL);
-    let st = wait_end(&mut api, Duration::from_secs(30));
-    assert_eq!(st["state"], "Failed", "{st}");
-    assert!(
-        st["error"]
-            .as_str()
-            .unwrap()
-            .contains("writing the migration stream"),
-        "{st}"
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(30),
+        &["writing the migration stream"],
     );
     assert_source_runs_and_verifies(&mut vm, &mut api, "killed destination");
     let _ = dst.wait(BOOT);
 
     // A destination that cannot build the VM says why; the source resumes.
-    let mut dst = Vm::start_cmd(
-        "run",
-        &[
-            "--incoming",
-            &url,
-            "--no-stdin",
-            "--memory-backend",
-            "hugetlb",
-        ],
-    );
-    wait_for_path(&url_path);
-    if huge_pages_free() >= 128 {
+    let (mut dst, _) = common::start_incoming(&url_path, &["--memory-backend", "hugetlb"]);
+    if common::free_huge_pages() >= 128 {
         eprintln!("this host has huge pages: the refusing destination would not refuse");
         return;
     }
     put_migration(&mut api, base_request(&url));
-    let st = wait_end(&mut api, Duration::from_secs(60));
-    assert_eq!(st["state"], "Failed", "{st}");
-    let err = st["error"].as_str().unwrap();
-    assert!(
-        err.contains("the destination refused the VM") && err.contains("huge"),
-        "{err}"
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(60),
+        &["the destination refused the VM", "huge"],
     );
     assert_source_runs_and_verifies(&mut vm, &mut api, "refusing destination");
     assert_ne!(
@@ -425,23 +417,6 @@ fn a_killed_or_refusing_real_destination_leaves_the_source_running() {
         Some(0),
         "the refusing destination fails"
     );
-}
-
-fn huge_pages_free() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("HugePages_Free:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wait_for_path(p: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", p.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Wait until the migration's byte count stops growing: the destination
@@ -472,17 +447,20 @@ fn cancel_and_time(api: &mut ApiClient) -> Duration {
     let t = Instant::now();
     let (s, b) = api.delete("/migration").expect("DELETE /migration");
     assert_eq!(s, 204, "{b}");
-    loop {
-        let (_, st) = api.get("/migration").unwrap();
-        if st["state"] == "Cancelled" && vm_state(api) == "Running" {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "cancel did not take effect: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_or_panic(
+        "the cancel taking effect",
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            let (_, st) = api.get("/migration").unwrap();
+            if st["state"] == "Cancelled" && vm_state(api) == "Running" {
+                Step::Done(())
+            } else {
+                Step::Pending(st.to_string())
+            }
+        },
+    );
+    t.elapsed()
 }
 
 #[test]
@@ -646,9 +624,7 @@ fn a_migrated_to_file_source_refuses_changes_then_exits_on_its_own() {
 #[test]
 fn a_destination_refuses_a_source_without_the_handshake() {
     let url_path = tmp("v1.sock");
-    let url = format!("unix://{}", url_path.display());
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-    wait_for_path(&url_path);
+    let (mut dst, _) = common::start_incoming(&url_path, &[]);
     let layout = arch::MemoryLayout::new(256 << 20).unwrap();
     let mut w = vmm::migration::stream::StreamWriter::new(Vec::new());
     w.header(&vmm::migration::stream::layout_ranges(&layout), 0)

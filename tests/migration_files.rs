@@ -165,8 +165,7 @@ fn boot(name: &str, extra: &[&str]) -> (Vm, ApiClient) {
 
 /// The guest still holds the 32 MiB it filled; then it exits with `code`.
 fn verify_and_exit(vm: &mut Vm, code: i32) {
-    vm.send("verify");
-    vm.expect_line("verify ok 8192 pages", BOOT);
+    vm.verify("verify ok 8192 pages", BOOT);
     vm.exit_with(code, BOOT);
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::{Vm, boot_with_api, sock_path, wait_for_socket};
+use common::{Vm, boot_with_api};
 use serde_json::{Value, json};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -164,18 +164,16 @@ fn hints_skip_free_memory_of_an_eight_gib_guest() {
 
 #[test]
 fn zero_pages_of_a_fresh_guest_are_never_data() {
-    let sock = sock_path("fresh");
-    let mut vm = Vm::start(&[
-        "--memory",
-        "2G",
-        "--no-stdin",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        "testguest.run=\"echo MIGRATE NOW;sleep 60\"",
-    ]);
-    wait_for_socket(&sock);
-    let mut api = ApiClient::new(&sock).unwrap();
+    let (mut vm, mut api, _) = common::start_with_sock(
+        "fresh",
+        &[
+            "--memory",
+            "2G",
+            "--no-stdin",
+            "--cmdline",
+            "testguest.run=\"echo MIGRATE NOW;sleep 60\"",
+        ],
+    );
     vm.expect_line("MIGRATE NOW", BOOT);
     let file = tmp("fresh");
     let st = migrate(

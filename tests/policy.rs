@@ -25,6 +25,15 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("blimp-policy-{name}-{}", std::process::id()))
 }
 
+/// `blimp balloon ARGS... --api-sock SOCK` to completion: exit code,
+/// stdout, stderr.
+fn balloon_cli(sock: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["balloon"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+    run_blimp(&all)
+}
+
 /// Boot a 1 GiB test guest that fills 100 MiB, with a balloon (statistics
 /// every second) and `--balloon-policy POLICY` (unless empty).
 fn boot(name: &str, policy: &str, extra: &[&str]) -> (Vm, ApiClient, PathBuf) {
@@ -128,6 +137,18 @@ fn policy(api: &ApiClient) -> Value {
     let (status, body) = api.get("/balloon/policy").expect("GET /balloon/policy");
     assert_eq!(status, 200, "{body}");
     body
+}
+
+/// `GET /balloon/policy`, which must say paused with a reason naming `cause`
+/// (the request that paused it).
+fn assert_paused_by(api: &ApiClient, cause: &str) -> Value {
+    let p = policy(api);
+    assert_eq!(p["paused"], true, "{p}");
+    assert!(
+        p["paused_reason"].as_str().unwrap().contains(cause),
+        "paused by {cause}: {p}"
+    );
+    p
 }
 
 /// Poll `GET /balloon/policy` until `pred` holds.
@@ -234,14 +255,13 @@ fn policy_on_via_cli_reclaims_down_to_the_headroom_and_says_why() {
         "{m:?}"
     );
     // The CLI shows it.
-    let (code, out, err) = run_blimp(&["balloon", "policy", "--api-sock", sock.to_str().unwrap()]);
+    let (code, out, err) = balloon_cli(&sock, &["policy"]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("policy:        on") && out.contains("last decision: hold"),
         "{out}"
     );
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -274,10 +294,8 @@ fn guest_pressure_deflates_at_once() {
             || p["last_decision"]["reason"] == "within_band"
     });
     assert_eq!(p["last_decision"]["action"], "hold", "{p}");
-    vm.send("verify");
-    vm.expect_line("verify ok", BOOT);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.verify("verify ok", BOOT);
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -286,26 +304,12 @@ fn a_manual_target_pauses_the_policy_until_it_is_enabled_again() {
     let p = wait_policy(&api, "policy settles", SETTLE, settled);
     let changes = p["target_changes"].as_u64().unwrap();
     set_target(&mut api, 100);
-    let p = policy(&api);
-    assert_eq!(p["paused"], true, "{p}");
-    assert!(
-        p["paused_reason"]
-            .as_str()
-            .unwrap()
-            .contains("PATCH /balloon"),
-        "{p}"
-    );
+    assert_paused_by(&api, "PATCH /balloon");
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(balloon(&api)["target_mib"], 100, "the policy kept off");
     assert_eq!(policy(&api)["target_changes"].as_u64().unwrap(), changes);
     // Re-enable: the policy takes over again.
-    let (code, out, err) = run_blimp(&[
-        "balloon",
-        "policy",
-        "on",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
+    let (code, out, err) = balloon_cli(&sock, &["policy", "on"]);
     assert_eq!(code, 0, "{out}{err}");
     let p = wait_policy(&api, "resumed and inflating", SETTLE, |p| {
         p["paused"] == false && p["target_changes"].as_u64().unwrap() > changes
@@ -319,24 +323,10 @@ fn a_manual_target_pauses_the_policy_until_it_is_enabled_again() {
         )
         .unwrap();
     assert_eq!(status, 204, "{b}");
-    let p = policy(&api);
-    assert_eq!(p["paused"], true, "{p}");
-    assert!(
-        p["paused_reason"]
-            .as_str()
-            .unwrap()
-            .contains("PUT /balloon"),
-        "{p}"
-    );
+    assert_paused_by(&api, "PUT /balloon");
     assert_eq!(balloon(&api)["target_mib"], 120);
     // Off: a manual target no longer reports a pause, and nothing moves it.
-    let (code, _, err) = run_blimp(&[
-        "balloon",
-        "policy",
-        "off",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
+    let (code, _, err) = balloon_cli(&sock, &["policy", "off"]);
     assert_eq!(code, 0, "{err}");
     set_target(&mut api, 50);
     let p = policy(&api);
@@ -348,22 +338,13 @@ fn a_manual_target_pauses_the_policy_until_it_is_enabled_again() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(balloon(&api)["target_mib"], 50);
     // Set through the CLI's KEY=VALUE.
-    let (code, out, err) = run_blimp(&[
-        "balloon",
-        "policy",
-        "set",
-        "headroom=300M",
-        "settle=2s",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
+    let (code, out, err) = balloon_cli(&sock, &["policy", "set", "headroom=300M", "settle=2s"]);
     assert_eq!(code, 0, "{out}{err}");
     let p = policy(&api);
     assert_eq!(p["config"]["headroom_mib"], 300, "{p}");
     assert_eq!(p["config"]["settle_ms"], 2000, "{p}");
     assert_eq!(p["enabled"], false, "set does not turn it on: {p}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -398,8 +379,7 @@ fn bad_policy_requests_are_refused_naming_the_value() {
     let p = policy(&api);
     assert_eq!(p["enabled"], false, "nothing applied: {p}");
     assert_eq!(p["config"]["floor_mib"], 256, "{p}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -427,8 +407,7 @@ fn host_pressure_from_a_psi_file_halves_the_headroom() {
         target >= calm_target + calm_headroom / 2 - 40,
         "reclaimed {target} MiB under pressure vs {calm_target} calm: {p}"
     );
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
     let _ = std::fs::remove_file(&psi);
 }
 
@@ -472,8 +451,7 @@ fn stale_statistics_never_inflate() {
         .filter(|l| l.contains("host memory pressure unknown"))
         .count();
     assert_eq!(warned, 1, "logged once");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
@@ -504,8 +482,7 @@ fn the_policy_is_refused_without_a_balloon_or_statistics() {
         b["error"].as_str().unwrap().contains("needs a balloon"),
         "{b}"
     );
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
     // API: a balloon without statistics.
     let (mut vm, api, _) =
         common::boot_with_api("nostats", "echo READY", &["--memory", "256M", "--balloon"]);
@@ -514,8 +491,7 @@ fn the_policy_is_refused_without_a_balloon_or_statistics() {
     assert_eq!(status, 400, "{b}");
     assert!(b["error"].as_str().unwrap().contains("statistics"), "{b}");
     assert_eq!(policy(&api)["enabled"], false);
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
     // The guest's driver not up yet: the policy waits and says why.
     let (mut vm, api, _) = common::boot_with_api_manual_balloon(
         "nodriver",
@@ -540,21 +516,13 @@ fn the_policy_is_refused_without_a_balloon_or_statistics() {
     wait_policy(&api, "acts once the driver is up", SETTLE, |p| {
         p["paused"] == false && p["target_changes"].as_u64().unwrap_or(0) > 0
     });
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 #[test]
 fn balloon_settled_for_a_manual_target_reached_or_not() {
     let (mut vm, mut api, sock, mut events) = boot_events("settled", "", &[]);
-    let (code, out, err) = run_blimp(&[
-        "balloon",
-        "set",
-        "200M",
-        "--wait",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
+    let (code, out, err) = balloon_cli(&sock, &["set", "200M", "--wait"]);
     assert_eq!(code, 0, "{out}{err}");
     events.wait("settled at 200 MiB", SETTLE, |e| {
         matches!(
@@ -599,8 +567,7 @@ fn balloon_settled_for_a_manual_target_reached_or_not() {
         unreachable!()
     };
     assert!(!reached && actual_mib < 900, "{e:?}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 }
 
 /// Enable, pause by a manual target, then save: the restored VM keeps
@@ -615,32 +582,14 @@ fn a_snapshot_keeps_the_policy_state() {
     assert_eq!(status, 200, "{b}");
     let st = common::wait_migration_end(&api, Duration::from_secs(120));
     assert_eq!(st["state"], "Completed", "{st}");
-    vm.send("exit 0");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    vm.exit_with(0, BOOT);
 
     let sock = sock_path("snap-dst");
-    let mut dst = Vm::start_cmd(
-        "restore",
-        &[
-            "--from",
-            file.to_str().unwrap(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--no-stdin",
-        ],
-    );
+    let mut dst = common::spawn_restore(&file, &sock, &["--no-stdin"]);
     wait_for_socket(&sock);
     let api = ApiClient::new(&sock).unwrap();
-    let p = policy(&api);
+    let p = assert_paused_by(&api, "PATCH /balloon");
     assert_eq!(p["enabled"], true, "{p}");
-    assert_eq!(p["paused"], true, "{p}");
-    assert!(
-        p["paused_reason"]
-            .as_str()
-            .unwrap()
-            .contains("PATCH /balloon"),
-        "{p}"
-    );
     assert_eq!(p["config"]["headroom_mib"], 150, "{p}");
     assert_eq!(p["config"]["settle_ms"], 1000, "{p}");
     // Resumed, it acts on the restored guest.
@@ -659,23 +608,8 @@ fn a_snapshot_keeps_the_policy_state() {
 #[test]
 fn a_live_migration_keeps_the_policy_running() {
     let url_path = tmp("live.sock");
-    let url = format!("unix://{}", url_path.display());
     let sock = sock_path("mig-dst");
-    let mut dst = Vm::start_cmd(
-        "run",
-        &[
-            "--incoming",
-            &url,
-            "--no-stdin",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !url_path.exists() {
-        assert!(Instant::now() < deadline, "destination did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut dst, url) = common::start_incoming(&url_path, &["--api-sock", sock.to_str().unwrap()]);
     let (mut vm, api, _) = boot("mig", "settle=1s,floor=300M", &[]);
     let before = wait_policy(&api, "policy settles", SETTLE, settled);
     let st = common::migrate(&api, &json!({"destination": url}), Duration::from_secs(300));

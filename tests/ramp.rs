@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use common::{set_target, wait_balloon};
+use common::{resize_balloon, set_target};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -116,8 +116,7 @@ fn ramp_waits_for_the_balloon_and_reports_stalls() {
         &["--memory", "512M", "--balloon", "stats_interval=1"],
     );
     vm.expect_line("READY", T);
-    set_target(&mut api, 400);
-    wait_balloon(&mut api, 400, T);
+    resize_balloon(&mut api, 400, T);
     let t0 = unix_now();
     let s0 = stats_after(&api, t0);
     let stalls0 = stat(&s0, "alloc_stall");
@@ -212,8 +211,7 @@ fn ramp_takes_pages_back_with_deflate_on_oom() {
         ],
     );
     vm.expect_line("READY", T);
-    set_target(&mut api, 400);
-    wait_balloon(&mut api, 400, T);
+    resize_balloon(&mut api, 400, T);
     vm.send("ramp 200 200");
     let line = vm.expect_line("ramp done", T);
     let f = figures(&line);

@@ -288,6 +288,14 @@ fn assert_killed(kind: ThreadKind, p: Probe) {
     assert!(!out.contains("PROBE-SURVIVED"), "{out}");
 }
 
+/// `p` under `kind`'s filter (kill mode) is allowed: the child exits
+/// cleanly and prints `want` (`PROBE-SURVIVED`, with the call's result).
+fn assert_survives(kind: ThreadKind, p: Probe, want: &str) {
+    let (status, out, _) = probe(kind, "kill", p);
+    assert!(status.success(), "{kind:?} {p:?}: {status:?} {out}");
+    assert!(out.contains(want), "{kind:?} {p:?}: want {want}: {out}");
+}
+
 /// Every thread kind: execve and ptrace end the process.
 #[test]
 fn every_thread_kind_dies_on_execve_and_ptrace() {
@@ -306,9 +314,7 @@ fn vcpu_event_loop_and_api_threads_cannot_open_network_sockets() {
         assert_killed(kind, Probe::SocketInet);
     }
     // The migration worker may: it connects to tcp:// destinations.
-    let (status, out, _) = probe(ThreadKind::Migration, "kill", Probe::SocketInet);
-    assert!(status.success(), "{status:?} {out}");
-    assert!(out.contains("PROBE-SURVIVED"), "{out}");
+    assert_survives(ThreadKind::Migration, Probe::SocketInet, "PROBE-SURVIVED");
 }
 
 /// Issue #17: `clone3` cannot be argument-filtered, so it fails with ENOSYS
@@ -319,17 +325,12 @@ fn clone3_is_enosys_and_clone_only_makes_threads() {
     let _serial = probes_serialised();
     for kind in ThreadKind::ALL {
         assert_killed(kind, Probe::ForkClone);
-        let (status, out, _) = probe(kind, "kill", Probe::Clone3);
-        assert!(status.success(), "{kind:?}: {status:?} {out}");
-        assert!(
-            out.contains(&format!("PROBE-SURVIVED rc=-{}", libc::ENOSYS)),
-            "{kind:?}: clone3 did not fail with ENOSYS: {out}"
-        );
+        // clone3 fails with ENOSYS.
+        let enosys = format!("PROBE-SURVIVED rc=-{}", libc::ENOSYS);
+        assert_survives(kind, Probe::Clone3, &enosys);
     }
     for kind in [ThreadKind::Main, ThreadKind::Spawner, ThreadKind::Migration] {
-        let (status, out, _) = probe(kind, "kill", Probe::Thread);
-        assert!(status.success(), "{kind:?}: {status:?} {out}");
-        assert!(out.contains("PROBE-SURVIVED rc=7"), "{kind:?}: {out}");
+        assert_survives(kind, Probe::Thread, "PROBE-SURVIVED rc=7");
     }
 }
 

@@ -189,10 +189,8 @@ fn balloon_floor_is_enforced_on_api_and_cli() {
         );
     }
     // Exactly the floor left is fine, and the guest gets there.
-    set_target(&mut api, 1984);
-    common::wait_balloon(&mut api, 1984, Duration::from_secs(120));
-    set_target(&mut api, 0);
-    common::wait_balloon(&mut api, 0, Duration::from_secs(120));
+    common::resize_balloon(&mut api, 1984, Duration::from_secs(120));
+    common::resize_balloon(&mut api, 0, Duration::from_secs(120));
 
     let (code, _, e) = run_blimp(&["balloon", "set", "--api-sock", sock, "2G"]);
     assert_eq!(code, 2, "{e}");

@@ -678,6 +678,18 @@ fn client_reports_missing_socket_clearly() {
     ));
 }
 
+/// The server still answers on `c`: `GET /vm` with 200 and a `PATCH
+/// /balloon` to `target_mib` with 204.
+fn assert_serves(c: &ApiClient, target_mib: u64) {
+    assert_eq!(c.get("/vm").unwrap().0, 200);
+    assert_eq!(
+        c.patch("/balloon", &json!({ "target_mib": target_mib }))
+            .unwrap()
+            .0,
+        204
+    );
+}
+
 #[test]
 fn client_reconnects_after_server_closes_idle_connection() {
     let vmm = FakeVmm::with_config(ServerConfig {
@@ -687,11 +699,7 @@ fn client_reconnects_after_server_closes_idle_connection() {
     let c = vmm.client();
     assert_eq!(c.get("/vm").unwrap().0, 200);
     std::thread::sleep(Duration::from_millis(500)); // the server drops the idle connection
-    assert_eq!(c.get("/vm").unwrap().0, 200);
-    assert_eq!(
-        c.patch("/balloon", &json!({"target_mib": 1})).unwrap().0,
-        204
-    );
+    assert_serves(&c, 1);
 }
 
 #[test]
@@ -882,12 +890,7 @@ fn random_garbage_never_hurts_the_server() {
         }
         let _ = raw_exchange(&vmm.sock, &msg, Duration::from_millis(300));
     }
-    let c = vmm.client();
-    assert_eq!(c.get("/vm").unwrap().0, 200);
-    assert_eq!(
-        c.patch("/balloon", &json!({"target_mib": 3})).unwrap().0,
-        204
-    );
+    assert_serves(&vmm.client(), 3);
 }
 
 #[test]

@@ -9,14 +9,14 @@
 //! are generous; on hardware KVM everything takes milliseconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
 
 use super::{
-    Step, Vm, balloon_progress, load_average, repo_root, sock_path, wait_for_socket, wait_progress,
+    Step, Vm, balloon_progress, build_sh, load_average, sock_path, spawn_restore, wait_for_socket,
+    wait_progress,
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -89,17 +89,7 @@ pub fn linux_guest() -> &'static LinuxGuest {
     static GUEST: OnceLock<LinuxGuest> = OnceLock::new();
     GUEST.get_or_init(|| {
         let t = Instant::now();
-        let out = Command::new(repo_root().join("resources/build.sh"))
-            .arg("linux")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running resources/build.sh linux");
-        assert!(
-            out.status.success(),
-            "resources/build.sh linux failed ({:?}); see its output above",
-            out.status
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = build_sh("linux");
         let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
         assert!(
             lines.len() >= 2,
@@ -283,24 +273,34 @@ impl LinuxVm {
         }
     }
 
+    /// `blimp restore` of the migration file or snapshot `from`, with an API
+    /// socket named after `name`.
+    pub fn restore(name: &str, from: &Path) -> LinuxVm {
+        let sock = sock_path(name);
+        let _ = std::fs::remove_file(&sock);
+        let restored = spawn_restore(from, &sock, &[]);
+        LinuxVm::attach(restored, name, sock)
+    }
+
+    /// Migrate to the file `path` (`PUT /migration`, free page hints as
+    /// `free_page_hints` says) and wait up to 5 minutes for the end; returns
+    /// the final `GET /migration`.
+    pub fn migrate_to_file(&self, path: &Path, free_page_hints: bool) -> serde_json::Value {
+        super::migrate(
+            &self.api,
+            &serde_json::json!({
+                "destination": format!("file://{}", path.display()),
+                "free_page_hints": free_page_hints,
+            }),
+            5 * MIN,
+        )
+    }
+
     /// Read console lines until one equals `wanted` (after stripping `\r`).
     fn wait_for(&mut self, wanted: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(raw) = self.vm.next_line(left) else {
-                let why = if self.vm.output_ended() {
-                    "blimp's output ended"
-                } else {
-                    "timed out"
-                };
-                self.fail(&format!(
-                    "{why} after {timeout:?} waiting for `{wanted}`{}",
-                    self.balloon_note()
-                ));
-            };
-            let line = raw.trim_end_matches('\r');
-            eprintln!("[{}] {line}", self.name);
+            let line = self.next_console_line(deadline, timeout, &format!("`{wanted}`"));
             if line.contains("Kernel panic") {
                 // Let the rest of the panic message arrive.
                 while let Some(l) = self.vm.next_line(Duration::from_secs(2)) {
@@ -309,9 +309,35 @@ impl LinuxVm {
                 self.fail("the guest kernel panicked");
             }
             if line == wanted {
-                return line.to_string();
+                return line;
             }
         }
+    }
+
+    /// The next console line before `deadline`, without its `\r` and echoed
+    /// to the test's output; fails the test (naming `waiting_for` and the
+    /// `timeout` it was given) when the time runs out or blimp's output ends.
+    fn next_console_line(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        waiting_for: &str,
+    ) -> String {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(raw) = self.vm.next_line(left) else {
+            let why = if self.vm.output_ended() {
+                "blimp's output ended"
+            } else {
+                "timed out"
+            };
+            self.fail(&format!(
+                "{why} after {timeout:?} waiting for {waiting_for}{}",
+                self.balloon_note()
+            ));
+        };
+        let line = raw.trim_end_matches('\r').to_string();
+        eprintln!("[{}] {line}", self.name);
+        line
     }
 
     /// `; balloon: actual ... (pages moved)` for a timeout message, when
@@ -365,20 +391,7 @@ impl LinuxVm {
         let deadline = since + timeout;
         let mut lines = Vec::new();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(raw) = self.vm.next_line(left) else {
-                let why = if self.vm.output_ended() {
-                    "blimp's output ended"
-                } else {
-                    "timed out"
-                };
-                self.fail(&format!(
-                    "{why} after {timeout:?} waiting for the answer to `{line}`{}",
-                    self.balloon_note()
-                ));
-            };
-            let l = raw.trim_end_matches('\r');
-            eprintln!("[{}] {l}", self.name);
+            let l = self.next_console_line(deadline, timeout, &format!("the answer to `{line}`"));
             if let Some(rc) = l.strip_prefix(&done_prefix) {
                 let rc = rc.trim().parse().unwrap_or(-1);
                 return Reply {

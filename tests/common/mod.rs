@@ -39,21 +39,27 @@ pub fn require_kvm() {
     }
 }
 
+/// Run `resources/build.sh WHAT` (its log passed on to the test's output)
+/// and return its standard output, whose last lines name what it built.
+pub fn build_sh(what: &str) -> String {
+    let out = Command::new(repo_root().join("resources/build.sh"))
+        .arg(what)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running resources/build.sh {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "resources/build.sh {what} failed ({:?}); see its output above",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Build (or reuse the cached) test guest and return its ELF path.
 pub fn testguest() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let out = Command::new(repo_root().join("resources/build.sh"))
-            .arg("testguest")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running resources/build.sh testguest");
-        assert!(
-            out.status.success(),
-            "resources/build.sh testguest failed: {:?}",
-            out.status
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = build_sh("testguest");
         let last = stdout
             .lines()
             .last()
@@ -236,6 +242,21 @@ impl Vm {
         }
     }
 
+    /// `fill MIB SEED` on the test guest's console (it writes `MIB` MiB
+    /// of a pattern made from `SEED`); waits for `fill done MIB MiB`.
+    pub fn fill(&mut self, mib: u64, seed: u64, timeout: Duration) {
+        self.send(&format!("fill {mib} {seed}"));
+        self.expect_line(&format!("fill done {mib} MiB"), timeout);
+    }
+
+    /// `verify` on the test guest's console (it checks every page it
+    /// filled); waits for a line containing `want` (`verify ok`, or with
+    /// the page count) and returns it.
+    pub fn verify(&mut self, want: &str, timeout: Duration) -> String {
+        self.send("verify");
+        self.expect_line(want, timeout)
+    }
+
     /// Ask the test guest to exit with `code` (`exit CODE` on its console,
     /// which needs `--debug-exit`); blimp must exit with the same status.
     pub fn exit_with(&mut self, code: i32, timeout: Duration) {
@@ -290,6 +311,17 @@ pub fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
+/// Free 2 MiB huge pages on this host (`HugePages_Free` in /proc/meminfo;
+/// 0 when it cannot be read).
+pub fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("HugePages_Free:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Run `blimp` with `args` to completion (for quick error-path checks).
 pub fn run_blimp(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(blimp())
@@ -304,9 +336,44 @@ pub fn run_blimp(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Start `blimp restore --from FROM --api-sock SOCK EXTRA...` with the
+/// console captured; returns at once (see [`wait_for_socket`]).
+pub fn spawn_restore(from: &Path, sock: &Path, extra: &[&str]) -> Vm {
+    let mut args = vec![
+        "--from",
+        from.to_str().expect("UTF-8 path"),
+        "--api-sock",
+        sock.to_str().expect("UTF-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    Vm::spawn("restore", &args)
+}
+
 /// A unique API socket path for a test.
 pub fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("blimp-test-{name}-{}.sock", std::process::id()))
+}
+
+/// Wait up to 10 s for `p` to exist (e.g. the Unix socket an incoming
+/// migration listens on).
+pub fn wait_for_path(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Start `blimp run --incoming unix://PATH --no-stdin EXTRA...` (a
+/// destination waiting for a live migration) and wait until it listens on
+/// `path`; returns it and the URL a source sends to.
+pub fn start_incoming(path: &Path, extra: &[&str]) -> (Vm, String) {
+    let url = format!("unix://{}", path.display());
+    let mut args = vec!["--incoming", &url, "--no-stdin"];
+    args.extend_from_slice(extra);
+    let vm = Vm::start(&args);
+    wait_for_path(path);
+    (vm, url)
 }
 
 /// Wait until the API socket accepts connections (the file can exist a
@@ -509,6 +576,17 @@ pub fn set_target(client: &mut api::client::ApiClient, mib: u64) {
     assert_eq!(status, 204, "PATCH /balloon {mib}: {body}");
 }
 
+/// [`set_target`] then [`wait_balloon`]: the balloon moved to `mib`;
+/// returns how long the wait took.
+pub fn resize_balloon(
+    client: &mut api::client::ApiClient,
+    mib: u64,
+    timeout: Duration,
+) -> Duration {
+    set_target(client, mib);
+    wait_balloon(client, mib, timeout)
+}
+
 /// Runs the test guest with `--debug-exit`, no console input, `program`
 /// as its `testguest.run` and `args` (memory, ...).
 pub fn run_program(program: &str, args: &[&str]) -> Vm {
@@ -550,14 +628,16 @@ pub fn boot_with_api_cmdline(
     cmdline: &str,
     args: &[&str],
 ) -> (Vm, api::client::ApiClient, PathBuf) {
+    let mut all = vec!["--debug-exit", "--cmdline", cmdline];
+    all.extend_from_slice(args);
+    start_with_sock(name, &all)
+}
+
+/// `blimp run --api-sock SOCK ARGS...` with a socket named after `name`
+/// (nothing else added); returns once the socket accepts connections.
+pub fn start_with_sock(name: &str, args: &[&str]) -> (Vm, api::client::ApiClient, PathBuf) {
     let sock = sock_path(name);
-    let mut all = vec![
-        "--debug-exit",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ];
+    let mut all = vec!["--api-sock", sock.to_str().unwrap()];
     all.extend_from_slice(args);
     let vm = Vm::start(&all);
     wait_for_socket(&sock);
