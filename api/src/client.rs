@@ -16,6 +16,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::UnixStream;
@@ -344,6 +345,17 @@ impl ApiClient {
         self.request_raw(method, path, bytes)?.check().map(|_| ())
     }
 
+    /// [`call_ok`](Self::call_ok) with a typed body.
+    fn send_ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_value(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call_ok(method, path, &body)
+    }
+
     // ------------------------------------------------------------ typed helpers
 
     pub fn vm_info(&self) -> Result<VmInfo, ClientError> {
@@ -371,13 +383,11 @@ impl ApiClient {
     }
     /// `PUT /balloon/policy`: the whole configuration.
     pub fn put_balloon_policy(&self, put: &PolicyPut) -> Result<(), ClientError> {
-        let body = serde_json::to_value(put).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.call_ok(Method::PUT, "/balloon/policy", &body)
+        self.send_ok(Method::PUT, "/balloon/policy", put)
     }
     /// `PATCH /balloon/policy`: some keys and/or `enabled`.
     pub fn patch_balloon_policy(&self, patch: &PolicyPatch) -> Result<(), ClientError> {
-        let body = serde_json::to_value(patch).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.call_ok(Method::PATCH, "/balloon/policy", &body)
+        self.send_ok(Method::PATCH, "/balloon/policy", patch)
     }
     pub fn balloon_stats(&self) -> Result<BalloonStats, ClientError> {
         self.call(Method::GET, "/balloon/statistics", &Value::Null)
@@ -402,8 +412,7 @@ impl ApiClient {
         self.call_ok(Method::PUT, "/balloon/hinting/done", &Value::Null)
     }
     pub fn start_migration(&self, req: &MigrationRequest) -> Result<(), ClientError> {
-        let body = serde_json::to_value(req).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.call_ok(Method::PUT, "/migration", &body)
+        self.send_ok(Method::PUT, "/migration", req)
     }
     pub fn migration(&self) -> Result<MigrationStatus, ClientError> {
         self.call(Method::GET, "/migration", &Value::Null)
@@ -412,8 +421,7 @@ impl ApiClient {
         self.call_ok(Method::DELETE, "/migration", &Value::Null)
     }
     pub fn snapshot(&self, req: &SnapshotRequest) -> Result<(), ClientError> {
-        let body = serde_json::to_value(req).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.call_ok(Method::PUT, "/snapshot", &body)
+        self.send_ok(Method::PUT, "/snapshot", req)
     }
     /// `GET /metrics` as Prometheus text.
     pub fn metrics(&self) -> Result<String, ClientError> {

@@ -63,6 +63,22 @@ pub trait Versioned {
     }
 }
 
+/// `versioned!(Type, "name", N)`: [`Versioned`] for a state struct whose
+/// `version` field records its version; `name` goes in error messages and
+/// `N` is the version this build writes and reads.
+macro_rules! versioned {
+    ($state:ty, $name:literal, $version:literal) => {
+        impl $crate::persist::Versioned for $state {
+            const NAME: &'static str = $name;
+            const VERSION: u32 = $version;
+            fn version(&self) -> u32 {
+                self.version
+            }
+        }
+    };
+}
+pub(crate) use versioned;
+
 pub(crate) fn check_version(
     what: &'static str,
     found: u32,
@@ -219,13 +235,7 @@ mod tests {
         x: u8,
     }
 
-    impl Versioned for S {
-        const NAME: &'static str = "test";
-        const VERSION: u32 = 3;
-        fn version(&self) -> u32 {
-            self.version
-        }
-    }
+    versioned!(S, "test", 3);
 
     #[test]
     fn json_round_trip_and_version_first() {

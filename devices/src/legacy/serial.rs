@@ -13,7 +13,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::persist::{Persist, PersistError, Versioned};
+use crate::persist::{Persist, PersistError, Versioned, versioned};
 
 pub const COM1_PORT_BASE: u16 = 0x3f8;
 pub const COM1_PORT_COUNT: u16 = 8;
@@ -134,13 +134,7 @@ pub struct SerialState {
     pub pending_input: Vec<u8>,
 }
 
-impl Versioned for SerialState {
-    const NAME: &'static str = "serial";
-    const VERSION: u32 = 1;
-    fn version(&self) -> u32 {
-        self.version
-    }
-}
+versioned!(SerialState, "serial", 1);
 
 impl Persist for Serial {
     type State = SerialState;

@@ -33,7 +33,7 @@ use super::metrics::{BalloonMetrics, BalloonMetricsSnapshot};
 use super::pfn_runs::{InflatedBitmap, RamLayout};
 use super::stats::{GuestStats, NUM_STAT_TAGS};
 use super::{STATS_QUEUE_SIZE, VIRTIO_BALLOON_F_STATS_VQ};
-use crate::persist::{Persist, PersistError, Versioned};
+use crate::persist::{Persist, PersistError, Versioned, versioned};
 use crate::{GpaRange, PAGE_SIZE, RamDiscard};
 
 const NAME: &str = BalloonState::NAME;
@@ -147,13 +147,7 @@ pub struct BalloonState {
     pub metrics: BalloonMetricsSnapshot,
 }
 
-impl Versioned for BalloonState {
-    const NAME: &'static str = "balloon";
-    const VERSION: u32 = 1;
-    fn version(&self) -> u32 {
-        self.version
-    }
-}
+versioned!(BalloonState, "balloon", 1);
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

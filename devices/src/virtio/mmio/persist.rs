@@ -10,7 +10,7 @@ use virtio_bindings::virtio_config::{
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::persist::{Persist, PersistError, QueueRingState, Versioned};
+use crate::persist::{Persist, PersistError, QueueRingState, Versioned, versioned};
 
 /// Saved registers of one queue, and where the device stood in its rings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,13 +57,7 @@ pub struct MmioTransportState {
     pub queues: Vec<QueueRegsState>,
 }
 
-impl Versioned for MmioTransportState {
-    const NAME: &'static str = "virtio-mmio transport";
-    const VERSION: u32 = 1;
-    fn version(&self) -> u32 {
-        self.version
-    }
-}
+versioned!(MmioTransportState, "virtio-mmio transport", 1);
 
 const TRANSPORT: &str = MmioTransportState::NAME;
 
