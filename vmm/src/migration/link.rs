@@ -275,24 +275,16 @@ mod tests {
         server.join().unwrap();
         let _ = std::fs::remove_file(&path);
         // Nobody ever listens: a clear error after the retry window.
+        let nowhere = MigrationDestination::Unix("/nonexistent/blimp.sock".into());
+        let refused = |cancel| connect(&nowhere, cancel).err().expect("no listener");
         let t = Instant::now();
-        let e = connect(
-            &MigrationDestination::Unix("/nonexistent/blimp.sock".into()),
-            &never,
-        )
-        .err()
-        .unwrap();
+        let e = refused(&never);
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
         assert!(t.elapsed() >= CONNECT_RETRY);
         // A cancel ends the retries at once.
         let cancel = AtomicBool::new(true);
         let t = Instant::now();
-        let e = connect(
-            &MigrationDestination::Unix("/nonexistent/blimp.sock".into()),
-            &cancel,
-        )
-        .err()
-        .unwrap();
+        let e = refused(&cancel);
         assert!(is_cancelled(&e), "{e}");
         assert!(t.elapsed() < Duration::from_secs(1));
     }
