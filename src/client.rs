@@ -240,6 +240,16 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
     Ok(())
 }
 
+/// `v` as JSON with `--json`, else as `human` prints it.
+fn show<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) -> Result<(), String> {
+    if json {
+        print_json(v)
+    } else {
+        human(v);
+        Ok(())
+    }
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
@@ -248,14 +258,22 @@ fn mib_pages(mib: u64, pages: u64) -> String {
     format!("{} ({pages} pages)", format_mib(mib))
 }
 
+/// The "target:" and "actual:" lines (with `prefix` before each label).
+fn print_target_actual(prefix: &str, target: (u64, u64), actual: (u64, u64)) {
+    for (label, (mib, pages)) in [("target", target), ("actual", actual)] {
+        println!(
+            "{:<20} {}",
+            format!("{prefix}{label}:"),
+            mib_pages(mib, pages)
+        );
+    }
+}
+
 fn print_balloon(b: &BalloonInfo) {
-    println!(
-        "target:              {}",
-        mib_pages(b.target_mib, b.target_pages)
-    );
-    println!(
-        "actual:              {}",
-        mib_pages(b.actual_mib, b.actual_pages)
+    print_target_actual(
+        "",
+        (b.target_mib, b.target_pages),
+        (b.actual_mib, b.actual_pages),
     );
     println!(
         "guest driver:        {}",
@@ -281,43 +299,39 @@ fn print_balloon(b: &BalloonInfo) {
 }
 
 fn print_stats(s: &BalloonStats) {
-    println!(
-        "balloon target:      {}",
-        mib_pages(s.target_mib, s.target_pages)
-    );
-    println!(
-        "balloon actual:      {}",
-        mib_pages(s.actual_mib, s.actual_pages)
+    print_target_actual(
+        "balloon ",
+        (s.target_mib, s.target_pages),
+        (s.actual_mib, s.actual_pages),
     );
     let v = |name| s.guest.as_ref().and_then(|g| g.by_name(name));
-    let bytes = [
-        ("total memory", v("total_memory")),
-        ("free memory", v("free_memory")),
-        ("available memory", v("available_memory")),
-        ("disk caches", v("disk_caches")),
-        ("swapped in", v("swap_in")),
-        ("swapped out", v("swap_out")),
+    // (label, statistic, whether the value is a byte count), in print order.
+    const SHOWN: [(&str, &str, bool); 16] = [
+        ("total memory", "total_memory", true),
+        ("free memory", "free_memory", true),
+        ("available memory", "available_memory", true),
+        ("disk caches", "disk_caches", true),
+        ("swapped in", "swap_in", true),
+        ("swapped out", "swap_out", true),
+        ("major faults", "major_faults", false),
+        ("minor faults", "minor_faults", false),
+        ("hugetlb allocations", "hugetlb_allocations", false),
+        ("hugetlb failures", "hugetlb_failures", false),
+        ("OOM kills", "oom_kill", false),
+        ("alloc stalls", "alloc_stall", false),
+        ("async scans", "async_scan", false),
+        ("direct scans", "direct_scan", false),
+        ("async reclaims", "async_reclaim", false),
+        ("direct reclaims", "direct_reclaim", false),
     ];
-    for (name, v) in bytes {
-        if let Some(v) = v {
-            println!("{:<20} {}", format!("{name}:"), format_bytes(v));
-        }
-    }
-    let counts = [
-        ("major faults", v("major_faults")),
-        ("minor faults", v("minor_faults")),
-        ("hugetlb allocations", v("hugetlb_allocations")),
-        ("hugetlb failures", v("hugetlb_failures")),
-        ("OOM kills", v("oom_kill")),
-        ("alloc stalls", v("alloc_stall")),
-        ("async scans", v("async_scan")),
-        ("direct scans", v("direct_scan")),
-        ("async reclaims", v("async_reclaim")),
-        ("direct reclaims", v("direct_reclaim")),
-    ];
-    for (name, v) in counts {
-        if let Some(v) = v {
-            println!("{:<20} {v}", format!("{name}:"));
+    for (label, name, is_bytes) in SHOWN {
+        if let Some(v) = v(name) {
+            let value = if is_bytes {
+                format_bytes(v)
+            } else {
+                v.to_string()
+            };
+            println!("{:<20} {value}", format!("{label}:"));
         }
     }
     match &s.guest {
@@ -346,21 +360,11 @@ fn balloon(cmd: BalloonCommand) -> Result<(), String> {
         BalloonCommand::Set(args) => balloon_set(args),
         BalloonCommand::Get(conn) => {
             let b = client(&conn)?.balloon().map_err(err)?;
-            if conn.json {
-                print_json(&b)
-            } else {
-                print_balloon(&b);
-                Ok(())
-            }
+            show(conn.json, &b, print_balloon)
         }
         BalloonCommand::Stats(conn) => {
             let s = client(&conn)?.balloon_stats().map_err(err)?;
-            if conn.json {
-                print_json(&s)
-            } else {
-                print_stats(&s);
-                Ok(())
-            }
+            show(conn.json, &s, print_stats)
         }
         BalloonCommand::StatsInterval { conn, seconds } => {
             client(&conn)?.set_stats_interval(seconds).map_err(err)?;
@@ -455,12 +459,9 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
     match cmd {
         HintCommand::Start(conn) => {
             let r = client(&conn)?.hinting_start().map_err(err)?;
-            if conn.json {
-                print_json(&r)
-            } else {
-                println!("free page hinting started (command id {})", r.cmd_id);
-                Ok(())
-            }
+            show(conn.json, &r, |r| {
+                println!("free page hinting started (command id {})", r.cmd_id)
+            })
         }
         HintCommand::Status(conn) => {
             let s = client(&conn)?.hinting_status().map_err(err)?;
@@ -630,12 +631,7 @@ fn vm(cmd: VmCommand) -> Result<(), String> {
     let (conn, state, done) = match cmd {
         VmCommand::Info(conn) => {
             let v = client(&conn)?.vm_info().map_err(err)?;
-            return if conn.json {
-                print_json(&v)
-            } else {
-                print_vm(&v);
-                Ok(())
-            };
+            return show(conn.json, &v, print_vm);
         }
         VmCommand::Shutdown(conn) => {
             client(&conn)?.shutdown_vm().map_err(err)?;
@@ -700,11 +696,7 @@ fn cancel_migration(args: &MigrateArgs) -> Result<(), String> {
     let c = client(&args.conn)?;
     c.cancel_migration().map_err(err)?;
     let status = wait_job_end(&c)?;
-    if args.conn.json {
-        print_json(&status)?;
-    } else {
-        print_migration(&status);
-    }
+    show(args.conn.json, &status, print_migration)?;
     match status.state {
         MigrationState::Cancelled => Ok(()),
         other => Err(format!(
@@ -783,11 +775,7 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
     } else {
         bar.abandon();
     }
-    if args.conn.json {
-        print_json(&status)?;
-    } else {
-        print_migration(&status);
-    }
+    show(args.conn.json, &status, print_migration)?;
     match status.state {
         MigrationState::Completed => Ok(()),
         MigrationState::Failed => Err(format!(
