@@ -252,6 +252,15 @@ fn assert_failed_saying(api: &mut ApiClient, timeout: Duration, says: &[&str]) {
     );
 }
 
+/// blimp logged a line that says each of `says`.
+fn assert_logged(vm: &Vm, says: &[&str]) {
+    let log = vm.log_lines();
+    assert!(
+        log.iter().any(|l| says.iter().all(|w| l.contains(w))),
+        "no log line says all of {says:?}: {log:?}"
+    );
+}
+
 fn vm_state(api: &mut ApiClient) -> String {
     let (s, v) = api.get("/vm").expect("GET /vm");
     assert_eq!(s, 200, "{v}");
@@ -573,13 +582,8 @@ fn a_migrated_source_refuses_every_change_and_exits_when_told() {
     let (s, b) = api.put("/vm/shutdown", &json!({})).unwrap();
     assert_eq!(s, 204, "{b}");
     assert_eq!(vm.wait(BOOT).code(), Some(0));
-    assert!(
-        vm.log_lines()
-            .iter()
-            .any(|l| l.contains("was migrated to") && l.contains("stays")),
-        "the console says what happened: {:?}",
-        vm.log_lines()
-    );
+    // The console says what happened.
+    assert_logged(&vm, &["was migrated to", "stays"]);
 }
 
 #[test]
@@ -601,13 +605,7 @@ fn a_migrated_to_file_source_refuses_changes_then_exits_on_its_own() {
     let t = Instant::now();
     assert_eq!(vm.wait(BOOT).code(), Some(0));
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
-    assert!(
-        vm.log_lines()
-            .iter()
-            .any(|l| l.contains("was migrated to") && l.contains("exits in 3000 ms")),
-        "{:?}",
-        vm.log_lines()
-    );
+    assert_logged(&vm, &["was migrated to", "exits in 3000 ms"]);
     // The file is a complete stream: it restores and the guest verifies.
     let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap()]);
     let line = verify(&mut dst);
