@@ -39,7 +39,11 @@ fn hint_args(memory: &str) -> [&str; 5] {
 fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     let name = format!("int{run}");
     let program =
-        "fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 5;dirty 0 0;verify;hints;exit 0";
+        // The guest dirties for 10 s after MIGRATE NOW and then finishes its
+        // program; the migration must end before that (it takes 1-2 s; 5 s
+        // was once too short at load 5, with the 8 GiB test writing its
+        // file beside it, and the source ended with the guest's exit).
+        "fill 384 7;free 128;dirty 192 200;echo MIGRATE NOW;sleep 10;dirty 0 0;verify;hints;exit 0";
     let (mut src, mut api, _) = boot_with_api(&name, program, &hint_args("1G"));
     src.expect_line("MIGRATE NOW", BOOT);
     let (dest, mut dst) = if via_socket {
