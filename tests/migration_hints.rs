@@ -47,14 +47,7 @@ fn integrity_run(run: usize, via_socket: bool, hints: bool) {
     let (mut src, mut api, _) = boot_with_api(&name, program, &hint_args("1G"));
     src.expect_line("MIGRATE NOW", BOOT);
     let (dest, mut dst) = if via_socket {
-        let p = tmp(&format!("{name}.sock"));
-        let url = format!("unix://{}", p.display());
-        let dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !p.exists() {
-            assert!(Instant::now() < deadline, "destination not listening");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (dst, url) = common::start_incoming(&tmp(&format!("{name}.sock")), &[]);
         (url, Some(dst))
     } else {
         (format!("file://{}", tmp(&name).display()), None)
