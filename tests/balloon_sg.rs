@@ -55,6 +55,19 @@ fn chunked_inflate_and_deflate(backend: &str) {
         pages / 256
     );
     assert_eq!(m(&mut api, "invalid_ranges"), 0);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if backend == "anon" && cpus > 1 {
+        // Ranges of 32 MiB and more are shared by the discard workers
+        // (vmm/src/discard_workers.rs): more madvise calls than discards.
+        let (calls, syscalls) = (
+            m(&mut api, "discard_calls"),
+            m(&mut api, "discard_syscalls"),
+        );
+        assert!(
+            syscalls > calls,
+            "{syscalls} madvise calls for {calls} discards of 512 MiB on {cpus} CPUs"
+        );
+    }
     let dropped = before.saturating_sub(after);
     eprintln!(
         "[{backend}] sg inflate 512 MiB: {ranges} ranges, {kicks} kicks, host RSS dropped {} MiB",

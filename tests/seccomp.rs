@@ -245,6 +245,7 @@ fn child_probe() {
         "api" => ThreadKind::Api,
         "migration" => ThreadKind::Migration,
         "spawner" => ThreadKind::Spawner,
+        "discard" => ThreadKind::Discard,
         k => panic!("unknown kind {k}"),
     };
     let mode: Mode = parts.next().unwrap().parse().unwrap();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod device_state;
+pub mod discard_workers;
 pub mod emulation;
 mod error;
 pub mod exit;

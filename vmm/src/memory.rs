@@ -17,6 +17,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::config::MemoryBackend;
+use crate::discard_workers::{self, DiscardWorkers};
 
 /// Size of a huge page for the hugetlb backing.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
@@ -111,6 +112,8 @@ pub struct GuestRam {
     /// For hugetlb: which 4 KiB pages of each partially discarded huge page
     /// (indexed by huge page number in the backing file) were discarded so far.
     partial_huge: Mutex<HashMap<u64, HugePageBits>>,
+    /// Threads that share long anonymous discards (none for shared backings).
+    workers: Option<DiscardWorkers>,
 }
 
 fn memfd(name: &str, flags: libc::c_uint) -> std::io::Result<File> {
@@ -245,6 +248,7 @@ impl GuestRam {
             file,
             opened_with_data: AtomicBool::new(opened_with_data),
             partial_huge: Mutex::new(HashMap::new()),
+            workers: (kind == DiscardKind::PrivateAnon).then(DiscardWorkers::start),
         })
     }
 
@@ -417,27 +421,23 @@ impl RamDiscard for GuestRam {
             .ok_or(DiscardError::OutOfRange(range))?;
         match self.kind {
             DiscardKind::PrivateAnon => {
-                let offset = range.start - region.gpa;
-                // SAFETY: [host + offset, +len) lies inside this region's mapping
-                // (checked by region_of); MADV_DONTNEED on private anonymous
-                // memory only replaces its pages with zero pages, which is what
-                // the guest agreed to by giving them up.
-                let rc = unsafe {
-                    libc::madvise(
-                        region.host.add(offset as usize).cast(),
-                        range.len as usize,
-                        libc::MADV_DONTNEED,
-                    )
+                let addr = region.host as usize + (range.start - region.gpa) as usize;
+                let len = range.len as usize;
+                // SAFETY: [addr, +len) lies inside this region's private
+                // anonymous mapping (checked by region_of), which lives as
+                // long as self; MADV_DONTNEED only replaces its pages with
+                // zero pages, which is what the guest agreed to by giving
+                // them up.
+                let (syscalls, r) = unsafe {
+                    match &self.workers {
+                        Some(w) => w.madvise_dontneed(addr, len),
+                        None => (1, discard_workers::dontneed(addr, len)),
+                    }
                 };
-                if rc != 0 {
-                    return Err(DiscardError::Syscall {
-                        range,
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
+                r.map_err(|source| DiscardError::Syscall { range, source })?;
                 Ok(DiscardOutcome {
                     bytes_released: range.len,
-                    syscalls: 1,
+                    syscalls,
                 })
             }
             DiscardKind::PunchHole => {
@@ -569,6 +569,58 @@ mod tests {
         assert!(before - rss_of(&ram) >= 8 << 20);
         let v: u8 = ram.memory().read_obj(GuestAddress(8 << 20)).unwrap();
         assert_eq!(v, 0);
+    }
+
+    /// A long anonymous discard is cut into one piece per discard thread;
+    /// every page of the range reads zero and is released, and the pages
+    /// either side (a length that does not divide evenly included) keep
+    /// their data.
+    #[test]
+    fn a_long_anon_discard_is_shared_by_the_workers_and_misses_no_page() {
+        let layout = MemoryLayout::new(128 << 20).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::Anon).unwrap();
+        let parts = ram.workers.as_ref().map_or(1, |w| w.parts()) as u64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        assert_eq!(
+            parts,
+            cpus.clamp(1, 4),
+            "one discard thread per CPU, at most 4"
+        );
+        // 32 MiB + 3 pages from 8 MiB - 1 page: odd pieces, odd ends.
+        let range = GpaRange::new(
+            (8 << 20) - PAGE_SIZE,
+            discard_workers::PARALLEL_MIN + 3 * PAGE_SIZE,
+        );
+        touch(&ram, 0, 64 << 20);
+        let before = rss_of(&ram);
+        let out = ram.discard(range).unwrap();
+        assert_eq!(out.bytes_released, range.len);
+        assert!(
+            (parts..=parts + 1).contains(&out.syscalls),
+            "{} madvise calls for {parts} threads",
+            out.syscalls
+        );
+        assert_eq!(
+            before - rss_of(&ram),
+            range.len,
+            "exactly the range released"
+        );
+        let mut buf = vec![1u8; range.len as usize];
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(range.start))
+            .unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "every page of the range reads zero"
+        );
+        for a in [range.start - PAGE_SIZE, range.start + range.len] {
+            let v: u8 = ram.memory().read_obj(GuestAddress(a)).unwrap();
+            assert_eq!(v, 0xab, "page at {a:#x} outside the range keeps its data");
+        }
+        // Shorter than PARALLEL_MIN: one call, here.
+        touch(&ram, 48 << 20, 1 << 20);
+        let out = ram.discard(GpaRange::new(48 << 20, 1 << 20)).unwrap();
+        assert_eq!(out.syscalls, 1);
     }
 
     #[test]

@@ -424,6 +424,12 @@ fn vcpu() -> Allowed {
     a
 }
 
+/// A discard worker: `madvise` on the part of a range it is handed (already
+/// in `thread_basics`), channels (futex) and nothing else.
+fn discard() -> Allowed {
+    thread_basics()
+}
+
 fn event_loop() -> Allowed {
     let mut a = thread_basics();
     a.merge(&epoll())
@@ -584,6 +590,7 @@ fn main_thread() -> Allowed {
         ThreadKind::Api,
         ThreadKind::Migration,
         ThreadKind::Spawner,
+        ThreadKind::Discard,
     ] {
         a.merge(&allowed(k));
     }
@@ -658,5 +665,6 @@ pub fn allowed(kind: ThreadKind) -> Allowed {
         ThreadKind::Api => api(),
         ThreadKind::Migration => migration(),
         ThreadKind::Spawner => spawner(),
+        ThreadKind::Discard => discard(),
     }
 }

@@ -18,6 +18,7 @@
 //! | `blimp-spawner` | `Spawner` | started by `Vmm::run` before the event loop narrows |
 //! | main, in `Vmm::run` | `EventLoop` | after the vCPUs and the spawner started |
 //! | `migration` | `Migration` | first thing in the migration worker |
+//! | `blimp-discardN` | `Discard` | first thing; started with anonymous guest RAM |
 //!
 //! The migration worker needs network syscalls the event loop must not have;
 //! since the event loop cannot hand out more than it holds, migration
@@ -74,16 +75,19 @@ pub enum ThreadKind {
     Migration,
     /// The thread that starts migration workers on behalf of the event loop.
     Spawner,
+    /// A thread sharing long anonymous RAM discards (`discard_workers`).
+    Discard,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::EventLoop,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::Migration,
         ThreadKind::Spawner,
+        ThreadKind::Discard,
     ];
 
     pub fn name(self) -> &'static str {
@@ -94,6 +98,7 @@ impl ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::Migration => "migration",
             ThreadKind::Spawner => "spawner",
+            ThreadKind::Discard => "discard",
         }
     }
 }
