@@ -525,24 +525,33 @@ fn balloon_actual(api: &ApiClient) -> Option<u64> {
     body["actual_mib"].as_u64()
 }
 
+/// `backend` is a `--memory-backend` kind, `+thp` adding `--memory-thp`.
 fn sg_round(backend: &str, sg: bool) -> SgRound {
     let name = format!("sg-{backend}-{sg}");
+    let (kind, thp) = match backend.strip_suffix("+thp") {
+        Some(k) => (k, true),
+        None => (backend, false),
+    };
+    let mut args = vec![
+        "--memory",
+        "8G",
+        "--memory-backend",
+        kind,
+        "--balloon",
+        if sg { "sg=on" } else { "sg=off" },
+    ];
+    if thp {
+        args.push("--memory-thp");
+    }
     let (mut vm, mut api, _) = common::boot_with_api(
         &format!("bench-{name}"),
         "balloon;touch 7680;echo READY",
-        &[
-            "--memory",
-            "8G",
-            "--memory-backend",
-            backend,
-            "--balloon",
-            if sg { "sg=on" } else { "sg=off" },
-        ],
+        &args,
     );
     let started = vm.expect_line("balloon started", T);
     assert_eq!(started.contains(" sg "), sg, "{started}");
     vm.expect_line("READY", T);
-    let held0 = guest_held(&vm, backend);
+    let held0 = guest_held(&vm, kind);
     let m0 = common::metrics(&mut api);
     let want = 7168 * MIB * 99 / 100;
     let t0 = Instant::now();
@@ -559,7 +568,7 @@ fn sg_round(backend: &str, sg: bool) -> SgRound {
         if guest_ms.is_none() && balloon_actual(&api) == Some(7168) {
             guest_ms = Some(now);
         }
-        let back = held0.saturating_sub(guest_held(&vm, backend));
+        let back = held0.saturating_sub(guest_held(&vm, kind));
         if first_ms.is_none() && back >= 64 * MIB {
             first_ms = Some(now);
         }
@@ -571,12 +580,12 @@ fn sg_round(backend: &str, sg: bool) -> SgRound {
     let (inflate_guest_ms, inflate_host_ms) = (guest_ms.unwrap(), host_ms.unwrap());
     // Both views are in; the last discard call may still be counting.
     std::thread::sleep(Duration::from_millis(100));
-    let held1 = guest_held(&vm, backend);
+    let held1 = guest_held(&vm, kind);
     let m1 = common::metrics(&mut api);
     let t1 = Instant::now();
     common::set_target(&mut api, 0);
     let deflate_ms = poll_ms(t1, "the deflate", || balloon_actual(&api) == Some(0));
-    let held2 = guest_held(&vm, backend);
+    let held2 = guest_held(&vm, kind);
     let m2 = common::metrics(&mut api);
     let d = |a: &std::collections::HashMap<String, f64>,
              b: &std::collections::HashMap<String, f64>,
@@ -633,6 +642,34 @@ fn sg() {
         println!(
             "  hugetlb skipped: {huge} free 2 MiB huge pages on this host (HugePages_Free in /proc/meminfo), 4096 needed for an 8 GiB guest"
         );
+    }
+    // With --memory-thp, where this host backs such a mapping with huge
+    // pages (anon: THP `enabled`; memfd: `shmem_enabled`).
+    for (thp, kind) in [("anon+thp", "anon"), ("memfd+thp", "memfd")] {
+        let setting = match kind {
+            "anon" => "enabled",
+            _ => "shmem_enabled",
+        };
+        let path = format!("/sys/kernel/mm/transparent_hugepage/{setting}");
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        let chosen = now
+            .split_whitespace()
+            .find(|w| w.starts_with('['))
+            .unwrap_or("?");
+        let honoured = match kind {
+            "anon" => ["[always]", "[madvise]"].contains(&chosen),
+            _ => ["[always]", "[within_size]", "[advise]", "[force]"].contains(&chosen),
+        };
+        if !picked(thp) {
+            continue;
+        }
+        if honoured {
+            backends.push(thp);
+        } else {
+            println!(
+                "  {thp} skipped: {path} is {chosen} on this host (no huge pages for a MADV_HUGEPAGE {kind} mapping)"
+            );
+        }
     }
     for backend in backends {
         let pfn = sg_round(backend, false);

@@ -62,6 +62,10 @@ struct HostArgs {
     /// How guest RAM is backed here (anon, memfd, hugetlb, file=PATH).
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
+    /// Back guest RAM with transparent huge pages where this host allows
+    /// them (see `blimp run --help`).
+    #[arg(long)]
+    memory_thp: bool,
     /// Serve the REST API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -144,6 +148,18 @@ struct RunArgs {
     /// /proc/sys/vm/nr_hugepages) or file=PATH (shared mapping of a file).
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
+    /// Back guest RAM with transparent huge pages (MADV_HUGEPAGE on its
+    /// mapping) where this host allows them: anon needs
+    /// /sys/kernel/mm/transparent_hugepage/enabled at madvise or always,
+    /// memfd needs .../shmem_enabled at advise, within_size or always
+    /// (blimp says at start when the host will not). Fewer, larger pages:
+    /// a chunked inflate (--balloon sg=on) frees 2 MiB at a time. A 4 KiB
+    /// balloon page splits its huge page: memfd frees it at once; anon
+    /// leaves it out of blimp's RSS at once but frees it when the host
+    /// kernel splits the huge page (its deferred-split shrinker, under
+    /// memory pressure). Not with hugetlb (already huge).
+    #[arg(long)]
+    memory_thp: bool,
     /// Do not read stdin: the serial console is output-only. Implied when
     /// stdin is a terminal and blimp is not its foreground job (started
     /// with `&`): blimp then neither reads nor reconfigures the terminal.
@@ -273,6 +289,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     cfg.vcpus = args.vcpus as u8;
     cfg.debug_exit = args.debug_exit;
     cfg.memory_backend = args.memory_backend.clone();
+    cfg.memory_thp = args.memory_thp;
     cfg.serial_input = !args.no_stdin;
     if args.balloon.is_some() || args.balloon_target.is_some() {
         let opts =
@@ -368,6 +385,7 @@ enum Source {
 fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
     let cfg = vmm::restore::RestoreConfig {
         memory_backend: host.memory_backend.clone(),
+        memory_thp: host.memory_thp,
         serial_input: !host.no_stdin,
     };
     let built = match source {
@@ -395,6 +413,7 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(url) = &args.incoming {
         let host = HostArgs {
             memory_backend: args.memory_backend.clone(),
+            memory_thp: args.memory_thp,
             api_sock: args.api_sock.clone(),
             no_stdin: args.no_stdin,
             seccomp: args.seccomp,

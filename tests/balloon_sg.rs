@@ -21,18 +21,27 @@ fn m(api: &mut ApiClient, key: &str) -> u64 {
 }
 
 /// 1 GiB guest, 768 MiB touched; inflate 512 MiB in ranges, then deflate.
+/// `backend` is a `--memory-backend` kind, `+thp` adding `--memory-thp`.
 fn chunked_inflate_and_deflate(backend: &str) {
+    let (kind, thp) = match backend.strip_suffix("+thp") {
+        Some(k) => (k, true),
+        None => (backend, false),
+    };
+    let mut args = vec![
+        "--memory",
+        "1G",
+        "--memory-backend",
+        kind,
+        "--balloon",
+        "sg=on",
+    ];
+    if thp {
+        args.push("--memory-thp");
+    }
     let (mut vm, mut api, _) = common::boot_with_api(
-        &format!("sg-{backend}"),
+        &format!("sg-{kind}-{thp}"),
         "balloon;fill 768 1;free 512;touch 4096;echo TOUCHED",
-        &[
-            "--memory",
-            "1G",
-            "--memory-backend",
-            backend,
-            "--balloon",
-            "sg=on",
-        ],
+        &args,
     );
     let started = vm.expect_line("balloon started", T);
     assert!(
@@ -56,7 +65,7 @@ fn chunked_inflate_and_deflate(backend: &str) {
     );
     assert_eq!(m(&mut api, "invalid_ranges"), 0);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if backend == "anon" && cpus > 1 {
+    if kind == "anon" && cpus > 1 {
         // Ranges of 32 MiB and more are shared by the discard workers
         // (vmm/src/discard_workers.rs): more madvise calls than discards.
         let (calls, syscalls) = (
@@ -94,6 +103,94 @@ fn chunked_inflate_releases_anon_memory() {
 #[test]
 fn chunked_inflate_releases_memfd_memory() {
     chunked_inflate_and_deflate("memfd");
+}
+
+#[test]
+fn chunked_inflate_releases_anon_thp_memory() {
+    chunked_inflate_and_deflate("anon+thp");
+}
+
+#[test]
+fn chunked_inflate_releases_memfd_thp_memory() {
+    chunked_inflate_and_deflate("memfd+thp");
+}
+
+/// `--memory-thp` with PFN arrays: the guest's data shares huge pages with
+/// 4 KiB balloon pages (`free 1` leaves the top half of the filled area's
+/// last 2 MiB free, and the balloon takes the lowest free frames first), so
+/// each discard splits a huge page. The data beside them survives, and the
+/// pages come back zero and usable after the deflate.
+fn thp_ram_around_4k_balloon_pages(kind: &str) {
+    let (mut vm, mut api, _) = common::boot_with_api(
+        &format!("thp-4k-{kind}"),
+        "balloon;fill 256 1;free 1;echo READY",
+        &[
+            "--memory",
+            "512M",
+            "--memory-backend",
+            kind,
+            "--memory-thp",
+            "--balloon",
+            "sg=off",
+        ],
+    );
+    vm.expect_line("READY", T);
+    let backend = match kind {
+        "anon" => vmm::MemoryBackend::Anon,
+        _ => vmm::MemoryBackend::Memfd,
+    };
+    if let Some((true, _)) = vmm::memory::thp_honoured(&backend) {
+        // The host did back the guest's data with huge pages.
+        let key = if kind == "anon" {
+            "AnonHugePages:"
+        } else {
+            "ShmemPmdMapped:"
+        };
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", vm.pid())).unwrap();
+        let kib: u64 = rollup
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+        assert!(kib >= 2048, "{key} {kib} kB with --memory-thp");
+    }
+    resize_balloon(&mut api, 64, T);
+    assert_eq!(m(&mut api, "inflate_pages"), 64 * MIB / 4096);
+    assert_eq!(m(&mut api, "discard_errors"), 0);
+    resize_balloon(&mut api, 0, T);
+    vm.verify("verify ok 65280 pages", T);
+    vm.fill(64, 2, T);
+    vm.verify("verify ok 81664 pages", T);
+    vm.exit_with(0, T);
+}
+
+#[test]
+fn thp_anon_ram_keeps_its_data_around_4k_balloon_pages() {
+    thp_ram_around_4k_balloon_pages("anon");
+}
+
+#[test]
+fn thp_memfd_ram_keeps_its_data_around_4k_balloon_pages() {
+    thp_ram_around_4k_balloon_pages("memfd");
+}
+
+/// `--memory-thp` on hugetlb RAM is refused, saying why.
+#[test]
+fn thp_on_hugetlb_is_refused() {
+    common::require_kvm();
+    let (code, _, err) = common::run_blimp(&[
+        "run",
+        "--kernel",
+        &common::testguest().to_string_lossy(),
+        "--memory-backend",
+        "hugetlb",
+        "--memory-thp",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--memory-thp does not apply to the hugetlb backing"),
+        "{err}"
+    );
 }
 
 /// Deflate on OOM with the bit: one 4 KiB range per page

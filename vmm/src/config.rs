@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub vcpus: u8,
     pub memory_backend: MemoryBackend,
+    /// Ask for transparent huge pages on guest RAM (`--memory-thp`).
+    pub memory_thp: bool,
     /// Enable the debug-exit port 0xf4.
     pub debug_exit: bool,
     /// The virtio balloon, if any (its initial target is in pages).
@@ -53,6 +55,7 @@ impl VmConfig {
             memory_bytes: 512 << 20,
             vcpus: 1,
             memory_backend: MemoryBackend::Anon,
+            memory_thp: false,
             debug_exit: false,
             balloon: None,
             balloon_floor_bytes: None,

@@ -45,13 +45,14 @@ impl Machine {
         layout: &MemoryLayout,
         vcpus: u8,
         backing: &crate::config::MemoryBackend,
+        thp: bool,
     ) -> Result<Self, Error> {
         let started = Instant::now();
         // Block terminating signals before any thread exists, so all inherit the mask.
         let signals = Arc::new(TerminationSignals::new().map_err(io("creating the signalfd"))?);
         let backend = KvmBackend::detect();
         let mut vm = Vm::new(usize::from(vcpus))?;
-        let ram = Arc::new(GuestRam::new(layout, backing)?);
+        let ram = Arc::new(GuestRam::with_thp(layout, backing, thp)?);
         vm.register_memory(&ram, false)?;
         let exit = Arc::new(VmExit::new().map_err(io("creating the exit eventfd"))?);
         let mut pio = Bus::new("pio");

@@ -58,6 +58,41 @@ pub enum MemoryError {
     },
     #[error("guest memory regions are invalid: {0}")]
     Regions(String),
+    #[error(
+        "--memory-thp does not apply to the hugetlb backing: its pages are 2 MiB already (use one or the other)"
+    )]
+    ThpOnHugetlb,
+    #[error("cannot ask for transparent huge pages on guest memory at {gpa:#x}: {source}")]
+    Thp {
+        gpa: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether this host backs a `MADV_HUGEPAGE` mapping of `backing` with
+/// transparent huge pages, and the sysfs file that says so: anonymous
+/// memory follows `enabled`, shared memory (memfd) `shmem_enabled`. A
+/// regular file's page cache follows its filesystem; `None` for it.
+pub fn thp_honoured(backing: &MemoryBackend) -> Option<(bool, &'static str)> {
+    let (file, ok): (&str, &[&str]) = match backing {
+        MemoryBackend::Anon => (
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+            &["always", "madvise"],
+        ),
+        MemoryBackend::Memfd => (
+            "/sys/kernel/mm/transparent_hugepage/shmem_enabled",
+            &["always", "within_size", "advise", "force"],
+        ),
+        _ => return None,
+    };
+    let s = std::fs::read_to_string(file).ok()?;
+    // The setting in force is the bracketed word: "always [madvise] never".
+    let chosen = s.split_whitespace().find(|w| w.starts_with('['))?;
+    Some((
+        ok.contains(&chosen.trim_matches(|c| c == '[' || c == ']')),
+        file,
+    ))
 }
 
 /// How one region's host memory is released.
@@ -155,6 +190,51 @@ fn free_huge_pages() -> u64 {
 impl GuestRam {
     /// Map guest RAM for `layout` over `backing`.
     pub fn new(layout: &MemoryLayout, backing: &MemoryBackend) -> Result<Self, MemoryError> {
+        Self::with_thp(layout, backing, false)
+    }
+
+    /// [`GuestRam::new`], with `MADV_HUGEPAGE` on every region when `thp`
+    /// (`--memory-thp`): the host then backs it with 2 MiB pages where its
+    /// THP settings allow (see [`thp_honoured`]; a warning says when not).
+    pub fn with_thp(
+        layout: &MemoryLayout,
+        backing: &MemoryBackend,
+        thp: bool,
+    ) -> Result<Self, MemoryError> {
+        if thp {
+            if *backing == MemoryBackend::Hugetlb {
+                return Err(MemoryError::ThpOnHugetlb);
+            }
+            match thp_honoured(backing) {
+                Some((false, file)) => log::warn!(
+                    "memory: --memory-thp asked for, but {file} rules transparent huge pages out on this host: guest RAM stays on 4 KiB pages"
+                ),
+                Some((true, _)) => log::info!("memory: transparent huge pages on guest RAM"),
+                None => log::info!(
+                    "memory: transparent huge pages asked for on {backing:?} (its filesystem decides)"
+                ),
+            }
+        }
+        let ram = Self::map(layout, backing)?;
+        if thp {
+            for r in &ram.regions {
+                // SAFETY: [host, +size) is this region's mapping, owned by
+                // `ram`; MADV_HUGEPAGE changes how the kernel backs it,
+                // never its contents.
+                let rc =
+                    unsafe { libc::madvise(r.host.cast(), r.size as usize, libc::MADV_HUGEPAGE) };
+                if rc != 0 {
+                    return Err(MemoryError::Thp {
+                        gpa: r.gpa,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
+        }
+        Ok(ram)
+    }
+
+    fn map(layout: &MemoryLayout, backing: &MemoryBackend) -> Result<Self, MemoryError> {
         let total = layout.size();
         let (kind, file) = match backing {
             MemoryBackend::Anon => (DiscardKind::PrivateAnon, None),
@@ -621,6 +701,66 @@ mod tests {
         touch(&ram, 48 << 20, 1 << 20);
         let out = ram.discard(GpaRange::new(48 << 20, 1 << 20)).unwrap();
         assert_eq!(out.syscalls, 1);
+    }
+
+    /// The `THPeligible:` line of the mapping holding `host` in
+    /// /proc/self/smaps (the kernel may have merged it with a neighbour).
+    fn thp_eligible(host: *mut u8) -> bool {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let addr = host as usize;
+        let holds = |l: &str| {
+            let Some((range, _)) = l.split_once(' ') else {
+                return false;
+            };
+            let Some((a, b)) = range.split_once('-') else {
+                return false;
+            };
+            match (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                (Ok(a), Ok(b)) => a <= addr && addr < b,
+                _ => false,
+            }
+        };
+        let mut lines = smaps.lines().skip_while(|l| !holds(l));
+        assert!(lines.next().is_some(), "mapping of {addr:#x} in smaps");
+        let line = lines
+            .find(|l| l.starts_with("THPeligible:"))
+            .expect("THPeligible in smaps");
+        line.split_whitespace().nth(1) == Some("1")
+    }
+
+    /// `--memory-thp`: every region of anon and memfd RAM is MADV_HUGEPAGE
+    /// and the kernel holds it eligible exactly where the host's THP
+    /// setting says it should; hugetlb refuses it.
+    #[test]
+    fn thp_is_asked_for_on_every_region_and_refused_on_hugetlb() {
+        // Above 4 GiB too: two regions.
+        let layout = MemoryLayout::new(5 << 30).unwrap();
+        for backing in [MemoryBackend::Anon, MemoryBackend::Memfd] {
+            let (honoured, file) = thp_honoured(&backing).expect("this host has THP sysfs");
+            let ram = GuestRam::with_thp(&layout, &backing, true).unwrap();
+            assert_eq!(ram.regions.len(), 2);
+            for r in &ram.regions {
+                assert_eq!(
+                    thp_eligible(r.host),
+                    honoured,
+                    "{backing:?} region at {:#x} with {file} honoured={honoured}",
+                    r.gpa
+                );
+            }
+            let plain = GuestRam::new(&layout, &backing).unwrap();
+            let setting = std::fs::read_to_string(file).unwrap();
+            if setting.contains("[madvise]") || setting.contains("[advise]") {
+                // Only asked-for mappings get huge pages on such a host.
+                assert!(
+                    !thp_eligible(plain.regions[0].host),
+                    "{backing:?} without --memory-thp"
+                );
+            }
+        }
+        assert!(matches!(
+            GuestRam::with_thp(&layout, &MemoryBackend::Hugetlb, true),
+            Err(MemoryError::ThpOnHugetlb)
+        ));
     }
 
     #[test]

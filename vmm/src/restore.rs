@@ -27,6 +27,8 @@ use crate::vmm::Vmm;
 #[derive(Clone, Debug, Default)]
 pub struct RestoreConfig {
     pub memory_backend: MemoryBackend,
+    /// Transparent huge pages on guest RAM here (`--memory-thp`).
+    pub memory_thp: bool,
     pub serial_input: bool,
 }
 
@@ -248,7 +250,7 @@ impl Vmm {
             .memory_layout(crate::memory::host_ram_bytes())
             .map_err(RestoreError::from)?;
         let size = layout.size();
-        let mut m = Machine::new(&layout, 1, &cfg.memory_backend)?;
+        let mut m = Machine::new(&layout, 1, &cfg.memory_backend, cfg.memory_thp)?;
         // The stream writes only the pages it carries: the rest must read
         // zero, also over an existing backing file.
         m.ram.ensure_zeroed().map_err(RestoreError::from)?;
@@ -302,6 +304,7 @@ impl Vmm {
         config.memory_bytes = size;
         config.vcpus = count;
         config.memory_backend = cfg.memory_backend;
+        config.memory_thp = cfg.memory_thp;
         config.serial_input = cfg.serial_input;
         config.debug_exit = m.debug_exit;
         config.balloon = balloon

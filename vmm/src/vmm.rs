@@ -71,7 +71,12 @@ impl Vmm {
     /// Create the VM, its memory and devices, and load the guest.
     pub fn build(config: VmConfig) -> Result<Self, Error> {
         let layout = MemoryLayout::new(config.memory_bytes)?;
-        let mut m = Machine::new(&layout, config.vcpus, &config.memory_backend)?;
+        let mut m = Machine::new(
+            &layout,
+            config.vcpus,
+            &config.memory_backend,
+            config.memory_thp,
+        )?;
         if config.debug_exit {
             m.add_debug_exit()?;
         }
