@@ -633,15 +633,19 @@ fn sg() {
         .into_iter()
         .filter(|b| picked(b))
         .collect();
-    let huge = common::free_huge_pages();
-    if huge >= 4096 {
-        if picked("hugetlb") {
+    // hugetlb: 4096 free huge pages for the 8 GiB guest, reserved here for
+    // the run (as root) when the host has fewer, and put back after.
+    let mut restore_huge = None;
+    if picked("hugetlb") {
+        let (huge, reserved) = reserve_huge_pages(4096);
+        restore_huge = reserved;
+        if huge >= 4096 {
             backends.push("hugetlb");
+        } else {
+            println!(
+                "  hugetlb skipped: {huge} free 2 MiB huge pages on this host (HugePages_Free in /proc/meminfo), 4096 needed for an 8 GiB guest, and /proc/sys/vm/nr_hugepages could not provide them"
+            );
         }
-    } else {
-        println!(
-            "  hugetlb skipped: {huge} free 2 MiB huge pages on this host (HugePages_Free in /proc/meminfo), 4096 needed for an 8 GiB guest"
-        );
     }
     // With --memory-thp, where this host backs such a mapping with huge
     // pages (anon: THP `enabled`; memfd: `shmem_enabled`).
@@ -685,6 +689,37 @@ fn sg() {
             pfn.returned
         );
     }
+    if let Some(old) = restore_huge {
+        let _ = std::fs::write(NR_HUGEPAGES, format!("{old}"));
+        println!("  (nr_hugepages put back to {old})");
+    }
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Have at least `want` free huge pages, raising nr_hugepages if needed
+/// (root). Returns the free count now and, if it was raised, the value to
+/// put back.
+fn reserve_huge_pages(want: u64) -> (u64, Option<u64>) {
+    let free = common::free_huge_pages();
+    if free >= want {
+        return (free, None);
+    }
+    let Some(old) = std::fs::read_to_string(NR_HUGEPAGES)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return (free, None);
+    };
+    if std::fs::write(NR_HUGEPAGES, format!("{}", old + want - free)).is_err() {
+        return (free, None);
+    }
+    let now = common::free_huge_pages();
+    println!(
+        "  hugetlb: nr_hugepages {old} -> {} for this run ({now} free)",
+        old + want - free
+    );
+    (now, Some(old))
 }
 
 fn main() {
