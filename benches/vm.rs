@@ -649,30 +649,19 @@ fn sg() {
     }
     // With --memory-thp, where this host backs such a mapping with huge
     // pages (anon: THP `enabled`; memfd: `shmem_enabled`).
-    for (thp, kind) in [("anon+thp", "anon"), ("memfd+thp", "memfd")] {
-        let setting = match kind {
-            "anon" => "enabled",
-            _ => "shmem_enabled",
-        };
-        let path = format!("/sys/kernel/mm/transparent_hugepage/{setting}");
-        let now = std::fs::read_to_string(&path).unwrap_or_default();
-        let chosen = now
-            .split_whitespace()
-            .find(|w| w.starts_with('['))
-            .unwrap_or("?");
-        let honoured = match kind {
-            "anon" => ["[always]", "[madvise]"].contains(&chosen),
-            _ => ["[always]", "[within_size]", "[advise]", "[force]"].contains(&chosen),
-        };
+    for (thp, kind) in [
+        ("anon+thp", vmm::MemoryBackend::Anon),
+        ("memfd+thp", vmm::MemoryBackend::Memfd),
+    ] {
         if !picked(thp) {
             continue;
         }
-        if honoured {
-            backends.push(thp);
-        } else {
-            println!(
-                "  {thp} skipped: {path} is {chosen} on this host (no huge pages for a MADV_HUGEPAGE {kind} mapping)"
-            );
+        match vmm::memory::thp_honoured(&kind) {
+            Some((true, _)) => backends.push(thp),
+            Some((false, file)) => println!(
+                "  {thp} skipped: {file} rules transparent huge pages out for a MADV_HUGEPAGE {kind:?} mapping on this host"
+            ),
+            None => println!("  {thp} skipped: no transparent huge page settings in sysfs"),
         }
     }
     for backend in backends {
