@@ -528,21 +528,13 @@ fn balloon_actual(api: &ApiClient) -> Option<u64> {
 /// `backend` is a `--memory-backend` kind, `+thp` adding `--memory-thp`.
 fn sg_round(backend: &str, sg: bool) -> SgRound {
     let name = format!("sg-{backend}-{sg}");
-    let (kind, thp) = match backend.strip_suffix("+thp") {
-        Some(k) => (k, true),
-        None => (backend, false),
-    };
-    let mut args = vec![
+    let (kind, mut args) = common::backend_args(backend);
+    args.extend([
         "--memory",
         "8G",
-        "--memory-backend",
-        kind,
         "--balloon",
         if sg { "sg=on" } else { "sg=off" },
-    ];
-    if thp {
-        args.push("--memory-thp");
-    }
+    ]);
     let (mut vm, mut api, _) = common::boot_with_api(
         &format!("bench-{name}"),
         "balloon;touch 7680;echo READY",
@@ -637,14 +629,17 @@ fn sg() {
     // the run (as root) when the host has fewer, and put back after.
     let mut restore_huge = None;
     if picked("hugetlb") {
-        let (huge, reserved) = reserve_huge_pages(4096);
-        restore_huge = reserved;
-        if huge >= 4096 {
-            backends.push("hugetlb");
-        } else {
-            println!(
-                "  hugetlb skipped: {huge} free 2 MiB huge pages on this host (HugePages_Free in /proc/meminfo), 4096 needed for an 8 GiB guest, and /proc/sys/vm/nr_hugepages could not provide them"
-            );
+        match common::reserve_huge_pages(4096) {
+            Ok(old) => {
+                if let Some(o) = old {
+                    println!("  hugetlb: nr_hugepages raised from {o} for this run");
+                }
+                restore_huge = old;
+                backends.push("hugetlb");
+            }
+            Err(why) => println!(
+                "  hugetlb skipped: 4096 free 2 MiB huge pages needed for an 8 GiB guest: {why}"
+            ),
         }
     }
     // With --memory-thp, where this host backs such a mapping with huge
@@ -678,37 +673,10 @@ fn sg() {
             pfn.returned
         );
     }
-    if let Some(old) = restore_huge {
-        let _ = std::fs::write(NR_HUGEPAGES, format!("{old}"));
-        println!("  (nr_hugepages put back to {old})");
+    if restore_huge.is_some() {
+        common::put_back_huge_pages(restore_huge);
+        println!("  (nr_hugepages put back)");
     }
-}
-
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
-/// Have at least `want` free huge pages, raising nr_hugepages if needed
-/// (root). Returns the free count now and, if it was raised, the value to
-/// put back.
-fn reserve_huge_pages(want: u64) -> (u64, Option<u64>) {
-    let free = common::free_huge_pages();
-    if free >= want {
-        return (free, None);
-    }
-    let Some(old) = std::fs::read_to_string(NR_HUGEPAGES)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-    else {
-        return (free, None);
-    };
-    if std::fs::write(NR_HUGEPAGES, format!("{}", old + want - free)).is_err() {
-        return (free, None);
-    }
-    let now = common::free_huge_pages();
-    println!(
-        "  hugetlb: nr_hugepages {old} -> {} for this run ({now} free)",
-        old + want - free
-    );
-    (now, Some(old))
 }
 
 fn main() {

@@ -65,40 +65,10 @@ fn inflate_releases_memfd_memory() {
     inflate_returns_memory("memfd", Vm::rss_bytes);
 }
 
-fn meminfo(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Try to have `pages` free 2 MiB huge pages; returns the previous
-/// nr_hugepages to restore, or why it could not.
-fn reserve_huge_pages(pages: u64) -> Result<u64, String> {
-    let path = "/proc/sys/vm/nr_hugepages";
-    let old: u64 = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {path}: {e}"))?
-        .trim()
-        .parse()
-        .map_err(|e| format!("bad {path}: {e}"))?;
-    std::fs::write(path, format!("{}", old + pages))
-        .map_err(|e| format!("cannot write {path}: {e}"))?;
-    let free = meminfo("HugePages_Free:");
-    if free < pages {
-        let _ = std::fs::write(path, format!("{old}"));
-        return Err(format!(
-            "asked the kernel for {pages} huge pages, only {free} are free"
-        ));
-    }
-    Ok(old)
-}
-
 #[test]
 fn inflate_releases_hugetlb_memory() {
     // 2 GiB of guest RAM = 1024 huge pages, plus slack.
-    let old = match reserve_huge_pages(1040) {
+    let old = match common::reserve_huge_pages(1040) {
         Ok(old) => old,
         Err(why) => {
             eprintln!("SKIPPED inflate_releases_hugetlb_memory: cannot reserve huge pages: {why}");
@@ -106,9 +76,11 @@ fn inflate_releases_hugetlb_memory() {
         }
     };
     // hugetlb pages are not in VmRSS: count the pool's free pages instead.
-    let in_use = |_: &Vm| (meminfo("HugePages_Total:") - meminfo("HugePages_Free:")) * 2 * MIB;
+    let in_use = |_: &Vm| {
+        (common::meminfo("HugePages_Total:") - common::meminfo("HugePages_Free:")) * 2 * MIB
+    };
     let result = std::panic::catch_unwind(|| inflate_returns_memory("hugetlb", in_use));
-    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{old}"));
+    common::put_back_huge_pages(old);
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }

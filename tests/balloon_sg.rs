@@ -23,23 +23,10 @@ fn m(api: &mut ApiClient, key: &str) -> u64 {
 /// 1 GiB guest, 768 MiB touched; inflate 512 MiB in ranges, then deflate.
 /// `backend` is a `--memory-backend` kind, `+thp` adding `--memory-thp`.
 fn chunked_inflate_and_deflate(backend: &str) {
-    let (kind, thp) = match backend.strip_suffix("+thp") {
-        Some(k) => (k, true),
-        None => (backend, false),
-    };
-    let mut args = vec![
-        "--memory",
-        "1G",
-        "--memory-backend",
-        kind,
-        "--balloon",
-        "sg=on",
-    ];
-    if thp {
-        args.push("--memory-thp");
-    }
+    let (kind, mut args) = common::backend_args(backend);
+    args.extend(["--memory", "1G", "--balloon", "sg=on"]);
     let (mut vm, mut api, _) = common::boot_with_api(
-        &format!("sg-{kind}-{thp}"),
+        &format!("sg-{}", backend.replace('+', "-")),
         "balloon;fill 768 1;free 512;touch 4096;echo TOUCHED",
         &args,
     );

@@ -319,15 +319,70 @@ pub fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Free 2 MiB huge pages on this host (`HugePages_Free` in /proc/meminfo;
-/// 0 when it cannot be read).
-pub fn free_huge_pages() -> u64 {
+/// The number after `key` (e.g. `HugePages_Free:`) in /proc/meminfo; 0
+/// when it cannot be read.
+pub fn meminfo(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("HugePages_Free:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Free 2 MiB huge pages on this host (`HugePages_Free` in /proc/meminfo;
+/// 0 when it cannot be read).
+pub fn free_huge_pages() -> u64 {
+    meminfo("HugePages_Free:")
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Have at least `want` free 2 MiB huge pages, raising nr_hugepages (as
+/// root) when there are fewer. `Ok(Some(old))` when it was raised: hand it
+/// to [`put_back_huge_pages`] afterwards; `Ok(None)` when they were there;
+/// `Err(why)` when the host could not provide them (nothing is changed).
+pub fn reserve_huge_pages(want: u64) -> Result<Option<u64>, String> {
+    let free = free_huge_pages();
+    if free >= want {
+        return Ok(None);
+    }
+    let old: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+        .map_err(|e| format!("cannot read {NR_HUGEPAGES}: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad {NR_HUGEPAGES}: {e}"))?;
+    std::fs::write(NR_HUGEPAGES, format!("{}", old + want - free))
+        .map_err(|e| format!("cannot write {NR_HUGEPAGES}: {e}"))?;
+    let now = free_huge_pages();
+    if now < want {
+        put_back_huge_pages(Some(old));
+        return Err(format!(
+            "asked the kernel for {want} free huge pages, only {now} are free"
+        ));
+    }
+    Ok(Some(old))
+}
+
+/// Undo [`reserve_huge_pages`].
+pub fn put_back_huge_pages(old: Option<u64>) {
+    if let Some(old) = old {
+        let _ = std::fs::write(NR_HUGEPAGES, format!("{old}"));
+    }
+}
+
+/// The `blimp run` arguments of a backing spec: `KIND` (`anon`, `memfd`,
+/// …) or `KIND+thp`, which adds `--memory-thp`; and the kind.
+pub fn backend_args(spec: &str) -> (&str, Vec<&str>) {
+    let (kind, thp) = match spec.strip_suffix("+thp") {
+        Some(k) => (k, true),
+        None => (spec, false),
+    };
+    let mut args = vec!["--memory-backend", kind];
+    if thp {
+        args.push("--memory-thp");
+    }
+    (kind, args)
 }
 
 /// Run `blimp` with `args` to completion (for quick error-path checks).
