@@ -478,9 +478,7 @@ fn migration() {
 
 /// One inflate of 7 GiB and its deflate on an 8 GiB test guest that
 /// touched 7.5 GiB (the VIRTIO_BALLOON_F_SG series' workload), with PFN
-/// arrays (`sg=off`) or chunks (`sg=on`). Returns (inflate ms, inflate
-/// kicks, % of 7 GiB returned, deflate ms, deflate kicks, inflate discard ms).
-/// One side of the chunked-balloon comparison (`sg_round`).
+/// arrays (`sg=off`) or chunks (`sg=on`): one side of the comparison.
 struct SgRound {
     /// PATCH to `actual` = target as the guest reports it (GET /balloon).
     inflate_guest_ms: f64,
@@ -499,13 +497,7 @@ struct SgRound {
 /// pages in use on the host (RSS does not count them).
 fn guest_held(vm: &Vm, backend: &str) -> u64 {
     if backend == "hugetlb" {
-        let total = std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("HugePages_Total:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0);
-        total.saturating_sub(common::free_huge_pages()) * (2 * MIB)
+        common::meminfo("HugePages_Total:").saturating_sub(common::free_huge_pages()) * (2 * MIB)
     } else {
         vm.rss_bytes()
     }

@@ -108,18 +108,13 @@ fn chunked_inflate_releases_memfd_thp_memory() {
 /// each discard splits a huge page. The data beside them survives, and the
 /// pages come back zero and usable after the deflate.
 fn thp_ram_around_4k_balloon_pages(kind: &str) {
+    let spec = format!("{kind}+thp");
+    let (_, mut args) = common::backend_args(&spec);
+    args.extend(["--memory", "512M", "--balloon", "sg=off"]);
     let (mut vm, mut api, _) = common::boot_with_api(
         &format!("thp-4k-{kind}"),
         "balloon;fill 256 1;free 1;echo READY",
-        &[
-            "--memory",
-            "512M",
-            "--memory-backend",
-            kind,
-            "--memory-thp",
-            "--balloon",
-            "sg=off",
-        ],
+        &args,
     );
     vm.expect_line("READY", T);
     let backend = match kind {

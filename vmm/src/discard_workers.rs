@@ -102,8 +102,9 @@ impl DiscardWorkers {
         } else {
             self.parts()
         };
-        // Equal pieces, page-aligned; the caller takes the first.
-        let piece = (len / parts).next_multiple_of(page);
+        // Equal pieces, page-aligned, `parts` of them covering `len` (the
+        // last one shorter); the caller takes the first.
+        let piece = len.div_ceil(parts).next_multiple_of(page);
         let (done_tx, done_rx) = mpsc::channel();
         let mut sent = 0;
         let mut off = piece.min(len);
@@ -129,16 +130,9 @@ impl DiscardWorkers {
             }
             off += n;
         }
-        // SAFETY: the first piece (and whatever no worker took) of the
-        // caller's range, under its contract.
+        // SAFETY: the first piece of the caller's range, under its contract.
         let mut result = unsafe { dontneed(addr, piece.min(len)) };
         let mut calls = 1;
-        if off < len {
-            // SAFETY: as above: the rest of the caller's range.
-            let r = unsafe { dontneed(addr + off, len - off) };
-            result = result.and(r);
-            calls += 1;
-        }
         // Only the jobs hold senders now: a worker that ended without
         // answering closes its job's, and `recv` fails instead of waiting.
         drop(done_tx);
