@@ -93,6 +93,10 @@ impl Memory {
             )
         };
         records.fill(0);
+        // Written at boot, like the records (and like Linux's memmap, where
+        // the balloon list lives in struct page): the host backs these pages
+        // now, not page by page in the middle of an inflate.
+        balloon.fill(0);
         let mut frames = FrameAllocator::new(bits, nframes);
         for e in e820[..n].iter().filter(|e| e.kind == bp::E820_RAM) {
             let s = e.addr.max(LOW_RESERVED).div_ceil(PAGE_SIZE);
