@@ -618,15 +618,16 @@ fn sg() {
         .filter(|b| picked(b))
         .collect();
     // hugetlb: 4096 free huge pages for the 8 GiB guest, reserved here for
-    // the run (as root) when the host has fewer, and put back after.
-    let mut restore_huge = None;
+    // the run (as root) when the host has fewer, and put back after (also
+    // if a round fails).
+    let mut huge = None;
     if picked("hugetlb") {
         match common::reserve_huge_pages(4096) {
-            Ok(old) => {
-                if let Some(o) = old {
+            Ok(guard) => {
+                if let Some(o) = guard.changed_from() {
                     println!("  hugetlb: nr_hugepages raised from {o} for this run");
                 }
-                restore_huge = old;
+                huge = Some(guard);
                 backends.push("hugetlb");
             }
             Err(why) => println!(
@@ -634,21 +635,29 @@ fn sg() {
             ),
         }
     }
-    // With --memory-thp, where this host backs such a mapping with huge
-    // pages (anon: THP `enabled`; memfd: `shmem_enabled`).
-    for (thp, kind) in [
-        ("anon+thp", vmm::MemoryBackend::Anon),
-        ("memfd+thp", vmm::MemoryBackend::Memfd),
-    ] {
-        if !picked(thp) {
-            continue;
-        }
-        match vmm::memory::thp_honoured(&kind) {
-            Some((true, _)) => backends.push(thp),
+    // With --memory-thp: anon where THP `enabled` allows MADV_HUGEPAGE;
+    // memfd with `shmem_enabled` set to `advise` for the run (as root) when
+    // the host rules it out, and put back after.
+    let mut shmem = None;
+    if picked("anon+thp") {
+        match vmm::memory::thp_honoured(&vmm::MemoryBackend::Anon) {
+            Some((true, _)) => backends.push("anon+thp"),
             Some((false, file)) => println!(
-                "  {thp} skipped: {file} rules transparent huge pages out for a MADV_HUGEPAGE {kind:?} mapping on this host"
+                "  anon+thp skipped: {file} rules transparent huge pages out for a MADV_HUGEPAGE mapping on this host"
             ),
-            None => println!("  {thp} skipped: no transparent huge page settings in sysfs"),
+            None => println!("  anon+thp skipped: no transparent huge page settings in sysfs"),
+        }
+    }
+    if picked("memfd+thp") {
+        match common::allow_shmem_thp() {
+            Ok(guard) => {
+                if let Some(o) = guard.changed_from() {
+                    println!("  memfd+thp: shmem_enabled set from {o} to advise for this run");
+                }
+                shmem = Some(guard);
+                backends.push("memfd+thp");
+            }
+            Err(why) => println!("  memfd+thp skipped: {why}"),
         }
     }
     for backend in backends {
@@ -665,9 +674,12 @@ fn sg() {
             pfn.returned
         );
     }
-    if restore_huge.is_some() {
-        common::put_back_huge_pages(restore_huge);
-        println!("  (nr_hugepages put back)");
+    let changed = [&huge, &shmem]
+        .iter()
+        .any(|g| g.as_ref().is_some_and(|g| g.changed_from().is_some()));
+    drop((huge, shmem));
+    if changed {
+        println!("  (host settings put back)");
     }
 }
 

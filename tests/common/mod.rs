@@ -337,15 +337,44 @@ pub fn free_huge_pages() -> u64 {
 }
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// A host setting a test or bench run changed (as root): dropping it, also
+/// while unwinding from a failed assertion, writes the old value back.
+#[must_use = "the setting is put back when this is dropped"]
+pub struct PutBack {
+    file: &'static str,
+    old: Option<String>,
+}
+
+impl PutBack {
+    /// The value this run replaced; `None` when the host already had what
+    /// the run needs and nothing was changed.
+    pub fn changed_from(&self) -> Option<&str> {
+        self.old.as_deref()
+    }
+}
+
+impl Drop for PutBack {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old
+            && let Err(e) = std::fs::write(self.file, old)
+        {
+            eprintln!("could not put {} back to {old}: {e}", self.file);
+        }
+    }
+}
 
 /// Have at least `want` free 2 MiB huge pages, raising nr_hugepages (as
-/// root) when there are fewer. `Ok(Some(old))` when it was raised: hand it
-/// to [`put_back_huge_pages`] afterwards; `Ok(None)` when they were there;
-/// `Err(why)` when the host could not provide them (nothing is changed).
-pub fn reserve_huge_pages(want: u64) -> Result<Option<u64>, String> {
+/// root) when there are fewer, until the guard is dropped. `Err(why)` when
+/// the host could not provide them (nothing is changed then).
+pub fn reserve_huge_pages(want: u64) -> Result<PutBack, String> {
     let free = free_huge_pages();
     if free >= want {
-        return Ok(None);
+        return Ok(PutBack {
+            file: NR_HUGEPAGES,
+            old: None,
+        });
     }
     let old: u64 = std::fs::read_to_string(NR_HUGEPAGES)
         .map_err(|e| format!("cannot read {NR_HUGEPAGES}: {e}"))?
@@ -354,20 +383,44 @@ pub fn reserve_huge_pages(want: u64) -> Result<Option<u64>, String> {
         .map_err(|e| format!("bad {NR_HUGEPAGES}: {e}"))?;
     std::fs::write(NR_HUGEPAGES, format!("{}", old + want - free))
         .map_err(|e| format!("cannot write {NR_HUGEPAGES}: {e}"))?;
+    let guard = PutBack {
+        file: NR_HUGEPAGES,
+        old: Some(old.to_string()),
+    };
     let now = free_huge_pages();
     if now < want {
-        put_back_huge_pages(Some(old));
         return Err(format!(
             "asked the kernel for {want} free huge pages, only {now} are free"
         ));
     }
-    Ok(Some(old))
+    Ok(guard)
 }
 
-/// Undo [`reserve_huge_pages`].
-pub fn put_back_huge_pages(old: Option<u64>) {
-    if let Some(old) = old {
-        let _ = std::fs::write(NR_HUGEPAGES, format!("{old}"));
+/// Have the host back `MADV_HUGEPAGE` shared memory (memfd) with
+/// transparent huge pages: `shmem_enabled` is set to `advise` (as root)
+/// when its setting rules them out, until the guard is dropped.
+pub fn allow_shmem_thp() -> Result<PutBack, String> {
+    if let Some((true, _)) = vmm::memory::thp_honoured(&vmm::MemoryBackend::Memfd) {
+        return Ok(PutBack {
+            file: SHMEM_THP,
+            old: None,
+        });
+    }
+    let s =
+        std::fs::read_to_string(SHMEM_THP).map_err(|e| format!("cannot read {SHMEM_THP}: {e}"))?;
+    let old = s
+        .split_whitespace()
+        .find(|w| w.starts_with('['))
+        .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string())
+        .ok_or_else(|| format!("no setting in force in {SHMEM_THP}: {s:?}"))?;
+    std::fs::write(SHMEM_THP, "advise").map_err(|e| format!("cannot write {SHMEM_THP}: {e}"))?;
+    let guard = PutBack {
+        file: SHMEM_THP,
+        old: Some(old),
+    };
+    match vmm::memory::thp_honoured(&vmm::MemoryBackend::Memfd) {
+        Some((true, _)) => Ok(guard),
+        _ => Err(format!("{SHMEM_THP} did not take `advise`")),
     }
 }
 
