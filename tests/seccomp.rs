@@ -66,8 +66,8 @@ fn every_thread_of_a_running_blimp_is_filtered() {
             "blimp-spawner",
             "migration",
         ];
-        // Anonymous RAM on a host with more than one CPU: the threads that
-        // share long discards (vmm/src/discard_workers.rs).
+        // Anon or memfd RAM on a host with more than one CPU: the threads
+        // that share long discards (vmm/src/discard_workers.rs).
         if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
             want.push("blimp-discard1");
         }
@@ -126,6 +126,10 @@ enum Probe {
     Clone3,
     /// `std::thread::spawn` and join: must work where threads are started.
     Thread,
+    /// `fallocate(PUNCH_HOLE|KEEP_SIZE)` on a bad fd: EBADF where allowed.
+    FallocatePunch,
+    /// `fallocate` that would allocate blocks (mode 0), on a bad fd.
+    FallocateAllocate,
 }
 
 impl Probe {
@@ -139,6 +143,8 @@ impl Probe {
             Probe::ForkClone => "fork-clone",
             Probe::Clone3 => "clone3",
             Probe::Thread => "thread",
+            Probe::FallocatePunch => "fallocate-punch",
+            Probe::FallocateAllocate => "fallocate-allocate",
         }
     }
 
@@ -152,6 +158,8 @@ impl Probe {
             Probe::ForkClone,
             Probe::Clone3,
             Probe::Thread,
+            Probe::FallocatePunch,
+            Probe::FallocateAllocate,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -218,6 +226,20 @@ impl Probe {
                     }
                 }
                 Probe::Thread => std::thread::spawn(|| 7).join().unwrap_or(-1),
+                Probe::FallocatePunch | Probe::FallocateAllocate => {
+                    let mode = match self {
+                        Probe::FallocatePunch => {
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                        }
+                        _ => 0,
+                    };
+                    let rc = libc::syscall(libc::SYS_fallocate, -1, mode, 0, 4096);
+                    if rc < 0 {
+                        -i64::from(*libc::__errno_location())
+                    } else {
+                        rc
+                    }
+                }
             }
         }
     }
@@ -338,6 +360,17 @@ fn clone3_is_enosys_and_clone_only_makes_threads() {
     for kind in [ThreadKind::Main, ThreadKind::Spawner, ThreadKind::Migration] {
         assert_survives(kind, Probe::Thread, "PROBE-SURVIVED rc=7");
     }
+}
+
+/// A discard thread may punch holes (its part of memfd RAM) and nothing
+/// else with `fallocate`: allocating blocks ends the process.
+#[test]
+fn discard_threads_may_only_punch_holes() {
+    let _serial = probes_serialised();
+    let ebadf = format!("PROBE-SURVIVED rc=-{}", libc::EBADF);
+    assert_survives(ThreadKind::Discard, Probe::FallocatePunch, &ebadf);
+    assert_killed(ThreadKind::Discard, Probe::FallocateAllocate);
+    assert_killed(ThreadKind::Api, Probe::FallocatePunch);
 }
 
 #[test]

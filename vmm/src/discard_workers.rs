@@ -1,17 +1,19 @@
-//! Threads that share one long discard of anonymous guest RAM.
+//! Threads that share one long discard of guest RAM.
 //!
 //! A chunked inflate hands the device a few multi-GiB ranges; freeing them
 //! is the host kernel zapping and freeing every page of them, about
-//! 35 ns per KiB here, on one CPU. `MADV_DONTNEED` on disjoint parts of a
-//! private mapping runs in parallel (it takes `mmap_lock` for reading), so
-//! a long range is cut into one part per CPU: the caller does one, the
-//! workers the rest, and the call returns when all are done, exactly as a
-//! single `madvise` would. Short ranges (every PFN-array batch, free page
-//! reports) never reach the workers: a hand-off costs more than it saves.
+//! 35 ns per KiB here, on one CPU. The work is cut into one part per CPU:
+//! the caller does one, the workers the rest, and the call returns when all
+//! are done, exactly as a single call would. Short ranges (every PFN-array
+//! batch, free page reports) never reach the workers: a hand-off costs more
+//! than it saves.
 //!
-//! A shared (memfd, file) backing is not split this way: its punches take
-//! the file's inode lock, and two threads punching one file measured slower
-//! than one.
+//! - Anonymous RAM: `MADV_DONTNEED` on disjoint parts of a private mapping
+//!   runs in parallel (it takes `mmap_lock` for reading).
+//! - memfd RAM: punches of one file take its inode lock, and two threads
+//!   punching one file measured slower than one; so memfd RAM is striped
+//!   over one file per thread (`crate::ram_stripes`) and each thread
+//!   punches its own file.
 
 use std::sync::mpsc;
 
@@ -23,12 +25,13 @@ pub const PARALLEL_MIN: u64 = 32 << 20;
 /// At most this many threads (the caller included) share one discard.
 const MAX_PARTS: usize = 4;
 
-/// A part of a discard: the host address and length of a page-aligned
-/// piece of one guest RAM mapping, and where to say how it went.
+/// One part of a discard: the syscalls it made and how it went.
+pub type Part = Box<dyn FnOnce() -> (u64, std::io::Result<()>) + Send>;
+
+/// A part and where to say how it went.
 struct Job {
-    addr: usize,
-    len: usize,
-    done: mpsc::Sender<std::io::Result<()>>,
+    part: Part,
+    done: mpsc::Sender<(u64, std::io::Result<()>)>,
 }
 
 /// `MADV_DONTNEED` on `[addr, addr + len)`.
@@ -45,6 +48,21 @@ pub(crate) unsafe fn dontneed(addr: usize, len: usize) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Runs `parts` one after another here: the syscalls made and the first
+/// error (the other parts are still done).
+pub fn run_here(parts: Vec<Part>) -> (u64, std::io::Result<()>) {
+    let mut calls = 0;
+    let mut result = Ok(());
+    for part in parts {
+        let (c, r) = part();
+        calls += c;
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    (calls, result)
 }
 
 /// The discard workers of one guest RAM.
@@ -66,11 +84,7 @@ impl DiscardWorkers {
                 .spawn(move || {
                     seccomp::enter_or_exit(ThreadKind::Discard);
                     for job in rx {
-                        // SAFETY: `DiscardWorkers::madvise_dontneed` sends
-                        // only parts of a range its caller vouched for, and
-                        // waits for this reply before it returns.
-                        let r = unsafe { dontneed(job.addr, job.len) };
-                        let _ = job.done.send(r);
+                        let _ = job.done.send((job.part)());
                     }
                 });
             match spawned {
@@ -84,6 +98,57 @@ impl DiscardWorkers {
     /// How many threads share a long discard (the caller included).
     pub fn parts(&self) -> usize {
         self.queues.len() + 1
+    }
+
+    /// Runs `parts` at once: the first here, the others on the workers (one
+    /// each; here, after the first, when there are more parts than workers
+    /// or a worker is gone), and returns only when every part is done.
+    /// Returns the syscalls made and the first error, if any (the other
+    /// parts are still done).
+    pub fn run(&self, parts: Vec<Part>) -> (u64, std::io::Result<()>) {
+        let mut parts = parts.into_iter();
+        let Some(first) = parts.next() else {
+            return (0, Ok(()));
+        };
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut sent = 0;
+        let mut queues = self.queues.iter();
+        let mut here = Vec::new();
+        for part in parts {
+            let job = Job {
+                part,
+                done: done_tx.clone(),
+            };
+            match queues.next() {
+                Some(q) => match q.send(job) {
+                    Ok(()) => sent += 1,
+                    // The worker is gone: its part is done here.
+                    Err(mpsc::SendError(job)) => here.push(job.part),
+                },
+                None => here.push(job.part),
+            }
+        }
+        let (mut calls, mut result) = first();
+        let (c, r) = run_here(here);
+        calls += c;
+        if result.is_ok() {
+            result = r;
+        }
+        // Only the jobs hold senders now: a worker that ended without
+        // answering closes its job's, and `recv` fails instead of waiting.
+        drop(done_tx);
+        // Wait for every part before returning: what they work on must
+        // outlive them, and the discard is complete only when all are done.
+        for _ in 0..sent {
+            let (c, r) = done_rx
+                .recv()
+                .unwrap_or_else(|_| (0, Err(std::io::Error::other("discard worker ended"))));
+            calls += c;
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        (calls, result)
     }
 
     /// `MADV_DONTNEED` on `[addr, addr + len)`: in `parts()` pieces on as
@@ -103,50 +168,14 @@ impl DiscardWorkers {
             self.parts()
         };
         // Equal pieces, page-aligned, `parts` of them covering `len` (the
-        // last one shorter); the caller takes the first.
+        // last one shorter).
         let piece = len.div_ceil(parts).next_multiple_of(page);
-        let (done_tx, done_rx) = mpsc::channel();
-        let mut sent = 0;
-        let mut off = piece.min(len);
-        for q in self.queues.iter().take(parts - 1) {
-            if off >= len {
-                break;
-            }
-            let n = piece.min(len - off);
-            let job = Job {
-                addr: addr + off,
-                len: n,
-                done: done_tx.clone(),
-            };
-            match q.send(job) {
-                Ok(()) => sent += 1,
-                Err(mpsc::SendError(job)) => {
-                    // The worker is gone: do its piece here.
-                    // SAFETY: a part of the caller's range (its contract).
-                    let r = unsafe { dontneed(job.addr, job.len) };
-                    let _ = done_tx.send(r);
-                    sent += 1;
-                }
-            }
-            off += n;
-        }
-        // SAFETY: the first piece of the caller's range, under its contract.
-        let mut result = unsafe { dontneed(addr, piece.min(len)) };
-        let mut calls = 1;
-        // Only the jobs hold senders now: a worker that ended without
-        // answering closes its job's, and `recv` fails instead of waiting.
-        drop(done_tx);
-        // Wait for every piece before returning: the mapping must outlive
-        // them, and the discard is complete only when all are done.
-        for _ in 0..sent {
-            let r = done_rx
-                .recv()
-                .unwrap_or_else(|_| Err(std::io::Error::other("discard worker ended")));
-            calls += 1;
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        (calls, result)
+        let pieces = (0..len).step_by(piece).map(|off| {
+            let (a, n) = (addr + off, piece.min(len - off));
+            // SAFETY: a part of the caller's range, under its contract;
+            // `run` returns only when this part is done.
+            Box::new(move || (1u64, unsafe { dontneed(a, n) })) as Part
+        });
+        self.run(pieces.collect())
     }
 }

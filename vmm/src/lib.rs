@@ -17,6 +17,7 @@ pub mod memory;
 pub mod migration;
 pub mod policy;
 pub mod pvm;
+pub mod ram_stripes;
 pub mod restore;
 pub mod sched;
 pub mod seccomp;

@@ -17,7 +17,8 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::config::MemoryBackend;
-use crate::discard_workers::{self, DiscardWorkers};
+use crate::discard_workers::{self, DiscardWorkers, Part};
+use crate::ram_stripes::Stripes;
 
 /// Size of a huge page for the hugetlb backing.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
@@ -55,6 +56,13 @@ pub enum MemoryError {
         size: u64,
         #[source]
         source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot map {size} bytes of memfd guest memory at {gpa:#x}: {source}")]
+    MapShared {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
     },
     #[error("guest memory regions are invalid: {0}")]
     Regions(String),
@@ -102,6 +110,8 @@ enum DiscardKind {
     PrivateAnon,
     /// fallocate(PUNCH_HOLE|KEEP_SIZE) at `file_offset` in the backing file.
     PunchHole,
+    /// The same, on memfd RAM striped over one file per discard thread.
+    StripedPunch,
     /// Punch whole huge pages only.
     HugePunch,
 }
@@ -123,7 +133,8 @@ struct RegionBacking {
     gpa: u64,
     size: u64,
     host: *mut u8,
-    /// Offset of this region in `GuestRam::file`, for shared backings.
+    /// Offset of this region in `GuestRam::file` (or in the striped RAM's
+    /// offsets), for shared backings.
     file_offset: u64,
 }
 
@@ -140,14 +151,16 @@ pub struct GuestRam {
     kind: DiscardKind,
     backing: MemoryBackend,
     regions: Vec<RegionBacking>,
-    /// The shared backing file (memfd or user file), if any.
+    /// The shared backing file (hugetlb memfd or user file), if any.
     file: Option<File>,
+    /// memfd RAM's files (see [`crate::ram_stripes`]).
+    stripes: Option<Stripes>,
     /// The backing was an existing file with data in it: RAM may not read zero.
     opened_with_data: AtomicBool,
     /// For hugetlb: which 4 KiB pages of each partially discarded huge page
     /// (indexed by huge page number in the backing file) were discarded so far.
     partial_huge: Mutex<HashMap<u64, HugePageBits>>,
-    /// Threads that share long anonymous discards (none for shared backings).
+    /// Threads that share long discards (anon and memfd RAM).
     workers: Option<DiscardWorkers>,
 }
 
@@ -236,31 +249,9 @@ impl GuestRam {
 
     fn map(layout: &MemoryLayout, backing: &MemoryBackend) -> Result<Self, MemoryError> {
         let total = layout.size();
-        let (kind, file) = match backing {
-            MemoryBackend::Anon => (DiscardKind::PrivateAnon, None),
-            MemoryBackend::Memfd => (
-                DiscardKind::PunchHole,
-                Some(memfd("blimp-guest-ram", libc::MFD_CLOEXEC).map_err(MemoryError::Memfd)?),
-            ),
-            MemoryBackend::Hugetlb => {
-                let needed = total.div_ceil(HUGE_PAGE_SIZE);
-                let free = free_huge_pages();
-                if free < needed || !total.is_multiple_of(HUGE_PAGE_SIZE) {
-                    return Err(MemoryError::NoHugePages {
-                        size_mib: total >> 20,
-                        free,
-                        needed,
-                    });
-                }
-                let f = memfd(
-                    "blimp-guest-ram",
-                    libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
-                )
-                .map_err(MemoryError::Memfd)?;
-                (DiscardKind::HugePunch, Some(f))
-            }
-            MemoryBackend::File(path) => (DiscardKind::PunchHole, Some(open_file(path)?)),
-        };
+        let workers = matches!(backing, MemoryBackend::Anon | MemoryBackend::Memfd)
+            .then(DiscardWorkers::start);
+        let (kind, file, stripes) = backing_files(backing, total, workers.as_ref())?;
         let opened_with_data = match (&file, backing) {
             (Some(f), MemoryBackend::File(path)) => {
                 f.metadata()
@@ -291,6 +282,7 @@ impl GuestRam {
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             builder = match &file {
                 None => builder
+                    // memfd RAM replaces this with its files below.
                     .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
                 Some(f) => {
                     let dup = f.try_clone().map_err(MemoryError::Memfd)?;
@@ -305,6 +297,17 @@ impl GuestRam {
                 size: r.size,
                 source,
             })?;
+            if let Some(st) = &stripes {
+                // SAFETY: `mapping` is this region's new mapping, owned by
+                // it and not yet used by anyone; its files replace it.
+                unsafe { st.map_at(mapping.as_ptr(), offset, r.size) }.map_err(|source| {
+                    MemoryError::MapShared {
+                        gpa: r.start,
+                        size: r.size,
+                        source,
+                    }
+                })?;
+            }
             backings.push(RegionBacking {
                 gpa: r.start,
                 size: r.size,
@@ -326,9 +329,10 @@ impl GuestRam {
             backing: backing.clone(),
             regions: backings,
             file,
+            stripes,
             opened_with_data: AtomicBool::new(opened_with_data),
             partial_huge: Mutex::new(HashMap::new()),
-            workers: (kind == DiscardKind::PrivateAnon).then(DiscardWorkers::start),
+            workers,
         })
     }
 
@@ -420,6 +424,42 @@ impl GuestRam {
         Ok(())
     }
 
+    /// A discard of memfd RAM: its pieces, grouped by file, are punched
+    /// one file per thread when the range is long, else here.
+    fn discard_striped(
+        &self,
+        region: &RegionBacking,
+        range: GpaRange,
+    ) -> Result<DiscardOutcome, DiscardError> {
+        let stripes = self
+            .stripes
+            .as_ref()
+            .ok_or(DiscardError::OutOfRange(range))?;
+        let offset = region.file_offset + (range.start - region.gpa);
+        let mut per_file = vec![Vec::new(); stripes.count()];
+        for p in stripes.pieces(offset, range.len) {
+            per_file[p.file].push((p.offset, p.len));
+        }
+        let parts: Vec<Part> = per_file
+            .into_iter()
+            .enumerate()
+            .filter(|(_, pieces)| !pieces.is_empty())
+            .map(|(i, pieces)| {
+                let fd = stripes.fd(i);
+                Box::new(move || punch_pieces(fd, &pieces)) as Part
+            })
+            .collect();
+        let (syscalls, r) = match &self.workers {
+            Some(w) if range.len >= discard_workers::PARALLEL_MIN => w.run(parts),
+            _ => discard_workers::run_here(parts),
+        };
+        r.map_err(|source| DiscardError::Syscall { range, source })?;
+        Ok(DiscardOutcome {
+            bytes_released: range.len,
+            syscalls,
+        })
+    }
+
     fn discard_huge(
         &self,
         region: &RegionBacking,
@@ -473,6 +513,85 @@ impl GuestRam {
         }
         Ok(out)
     }
+}
+
+/// How `backing` releases memory, and its file(s): a shared file for
+/// hugetlb and `file=PATH`, striped memfds (one per discard thread) for
+/// memfd, none for anon.
+fn backing_files(
+    backing: &MemoryBackend,
+    total: u64,
+    workers: Option<&DiscardWorkers>,
+) -> Result<(DiscardKind, Option<File>, Option<Stripes>), MemoryError> {
+    Ok(match backing {
+        MemoryBackend::Anon => (DiscardKind::PrivateAnon, None, None),
+        MemoryBackend::Memfd => {
+            // One file per discard thread.
+            let n = workers.map_or(1, DiscardWorkers::parts);
+            let stripes = striped_memfd(n, total)?;
+            (DiscardKind::StripedPunch, None, Some(stripes))
+        }
+        MemoryBackend::Hugetlb => {
+            let needed = total.div_ceil(HUGE_PAGE_SIZE);
+            let free = free_huge_pages();
+            if free < needed || !total.is_multiple_of(HUGE_PAGE_SIZE) {
+                return Err(MemoryError::NoHugePages {
+                    size_mib: total >> 20,
+                    free,
+                    needed,
+                });
+            }
+            let f = memfd(
+                "blimp-guest-ram",
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            )
+            .map_err(MemoryError::Memfd)?;
+            (DiscardKind::HugePunch, Some(f), None)
+        }
+        MemoryBackend::File(path) => (DiscardKind::PunchHole, Some(open_file(path)?), None),
+    })
+}
+
+/// memfd RAM of `total` bytes over `n` files.
+fn striped_memfd(n: usize, total: u64) -> Result<Stripes, MemoryError> {
+    let files = (0..n)
+        .map(|i| memfd(&format!("blimp-guest-ram{i}"), libc::MFD_CLOEXEC))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(MemoryError::Memfd)?;
+    Stripes::new(files, total).map_err(|source| MemoryError::Truncate {
+        size: total,
+        source,
+    })
+}
+
+/// `fallocate(PUNCH_HOLE|KEEP_SIZE)` of each `(offset, len)` of `pieces` in
+/// `fd`, in pieces of at most [`MAX_PUNCH`]: the calls made, and the first
+/// error (which ends the punching).
+fn punch_pieces(fd: std::os::fd::RawFd, pieces: &[(u64, u64)]) -> (u64, std::io::Result<()>) {
+    let mut calls = 0;
+    for &(offset, len) in pieces {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_PUNCH);
+            calls += 1;
+            // SAFETY: fallocate on a backing file descriptor this process
+            // keeps open for as long as the RAM lives (the discard waits
+            // for this call); it touches no memory of this process.
+            let rc = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (offset + done) as libc::off_t,
+                    n as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return (calls, Err(std::io::Error::last_os_error()));
+            }
+            done += n;
+        }
+    }
+    (calls, Ok(()))
 }
 
 fn open_file(path: &Path) -> Result<File, MemoryError> {
@@ -538,6 +657,7 @@ impl RamDiscard for GuestRam {
                 }
                 Ok(out)
             }
+            DiscardKind::StripedPunch => self.discard_striped(region, range),
             DiscardKind::HugePunch => self.discard_huge(region, range),
         }
     }
@@ -697,6 +817,60 @@ mod tests {
         touch(&ram, 48 << 20, 1 << 20);
         let out = ram.discard(GpaRange::new(48 << 20, 1 << 20)).unwrap();
         assert_eq!(out.syscalls, 1);
+    }
+
+    /// memfd RAM lies in its files as `ram_stripes` says, in both regions
+    /// of a guest above 4 GiB.
+    #[test]
+    fn memfd_ram_lands_in_its_stripes() {
+        use crate::ram_stripes::STRIPE;
+        let layout = MemoryLayout::new(5 << 30).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::Memfd).unwrap();
+        let stripes = ram.stripes.as_ref().expect("memfd RAM is striped");
+        let parts = ram.workers.as_ref().map_or(1, |w| w.parts());
+        assert_eq!(stripes.count(), parts, "one file per discard thread");
+        for r in &ram.regions {
+            for at in [0, STRIPE - 8, STRIPE, 3 * STRIPE + 4096, r.size - 8] {
+                let gpa = r.gpa + at;
+                let marker = gpa ^ 0x5a5a_5a5a_5a5a_5a5a;
+                ram.memory().write_obj(marker, GuestAddress(gpa)).unwrap();
+                let p = stripes.pieces(r.file_offset + at, 8).next().unwrap();
+                let mut buf = [0u8; 8];
+                stripes.read_at(p.file, &mut buf, p.offset).unwrap();
+                assert_eq!(u64::from_ne_bytes(buf), marker, "gpa {gpa:#x} in {p:?}");
+            }
+        }
+    }
+
+    /// A long memfd discard spanning stripes is punched one file per
+    /// thread: exactly the range's pages leave the files, read zero, and
+    /// the pages either side keep their data.
+    #[test]
+    fn a_long_memfd_discard_is_punched_per_file_and_misses_no_page() {
+        let layout = MemoryLayout::new(640 << 20).unwrap();
+        let ram = GuestRam::new(&layout, &MemoryBackend::Memfd).unwrap();
+        let stripes = ram.stripes.as_ref().unwrap();
+        let range = GpaRange::new((200 << 20) - PAGE_SIZE, (400 << 20) + 3 * PAGE_SIZE);
+        touch(&ram, 192 << 20, 416 << 20);
+        let before: u64 = stripes.allocated().iter().sum();
+        let out = ram.discard(range).unwrap();
+        assert_eq!(out.bytes_released, range.len);
+        // 56 + 256 + 88 MiB pieces (and a page each side), 16 MiB a call.
+        assert!(out.syscalls >= 26, "{out:?}");
+        let after: u64 = stripes.allocated().iter().sum();
+        assert_eq!(before - after, range.len, "exactly the range released");
+        let mut buf = vec![1u8; range.len as usize];
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(range.start))
+            .unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "every page of the range reads zero"
+        );
+        for a in [range.start - PAGE_SIZE, range.start + range.len] {
+            let v: u8 = ram.memory().read_obj(GuestAddress(a)).unwrap();
+            assert_eq!(v, 0xab, "page at {a:#x} outside the range keeps its data");
+        }
     }
 
     /// The `THPeligible:` line of the mapping holding `host` in

@@ -424,10 +424,20 @@ fn vcpu() -> Allowed {
     a
 }
 
-/// A discard worker: `madvise` on the part of a range it is handed (already
-/// in `thread_basics`), channels (futex) and nothing else.
+/// A discard worker: `madvise` on the part of an anonymous range it is
+/// handed (already in `thread_basics`), hole punches in its memfd file,
+/// channels (futex) and nothing else.
 fn discard() -> Allowed {
-    thread_basics()
+    let mut a = thread_basics();
+    a.allow_if(
+        libc::SYS_fallocate,
+        vec![vec![eq(
+            1,
+            (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+        )]],
+        "FALLOC_FL_PUNCH_HOLE|KEEP_SIZE of its part of memfd RAM: never a write or a resize",
+    );
+    a
 }
 
 fn event_loop() -> Allowed {
