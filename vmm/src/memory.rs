@@ -714,6 +714,23 @@ mod tests {
         }
     }
 
+    /// Every page of `range` reads zero; the pages either side keep the
+    /// data [`touch`] wrote.
+    fn assert_discarded_alone(ram: &GuestRam, range: GpaRange) {
+        let mut buf = vec![1u8; range.len as usize];
+        ram.memory()
+            .read_slice(&mut buf, GuestAddress(range.start))
+            .unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "every page of the range reads zero"
+        );
+        for a in [range.start - PAGE_SIZE, range.start + range.len] {
+            let v: u8 = ram.memory().read_obj(GuestAddress(a)).unwrap();
+            assert_eq!(v, 0xab, "page at {a:#x} outside the range keeps its data");
+        }
+    }
+
     #[test]
     fn an_existing_file_backing_is_zeroed_on_request() {
         let path = std::env::temp_dir().join(format!("blimp-ram-zero-{}", std::process::id()));
@@ -801,18 +818,7 @@ mod tests {
             range.len,
             "exactly the range released"
         );
-        let mut buf = vec![1u8; range.len as usize];
-        ram.memory()
-            .read_slice(&mut buf, GuestAddress(range.start))
-            .unwrap();
-        assert!(
-            buf.iter().all(|b| *b == 0),
-            "every page of the range reads zero"
-        );
-        for a in [range.start - PAGE_SIZE, range.start + range.len] {
-            let v: u8 = ram.memory().read_obj(GuestAddress(a)).unwrap();
-            assert_eq!(v, 0xab, "page at {a:#x} outside the range keeps its data");
-        }
+        assert_discarded_alone(&ram, range);
         // Shorter than PARALLEL_MIN: one call, here.
         touch(&ram, 48 << 20, 1 << 20);
         let out = ram.discard(GpaRange::new(48 << 20, 1 << 20)).unwrap();
@@ -859,18 +865,7 @@ mod tests {
         assert!(out.syscalls >= 26, "{out:?}");
         let after: u64 = stripes.allocated().iter().sum();
         assert_eq!(before - after, range.len, "exactly the range released");
-        let mut buf = vec![1u8; range.len as usize];
-        ram.memory()
-            .read_slice(&mut buf, GuestAddress(range.start))
-            .unwrap();
-        assert!(
-            buf.iter().all(|b| *b == 0),
-            "every page of the range reads zero"
-        );
-        for a in [range.start - PAGE_SIZE, range.start + range.len] {
-            let v: u8 = ram.memory().read_obj(GuestAddress(a)).unwrap();
-            assert_eq!(v, 0xab, "page at {a:#x} outside the range keeps its data");
-        }
+        assert_discarded_alone(&ram, range);
     }
 
     /// The `THPeligible:` line of the mapping holding `host` in
