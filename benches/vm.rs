@@ -497,7 +497,7 @@ struct SgRound {
 /// pages in use on the host (RSS does not count them).
 fn guest_held(vm: &Vm, backend: &str) -> u64 {
     if backend == "hugetlb" {
-        common::meminfo("HugePages_Total:").saturating_sub(common::free_huge_pages()) * (2 * MIB)
+        common::huge_pages_in_use_bytes()
     } else {
         vm.rss_bytes()
     }

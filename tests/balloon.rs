@@ -76,10 +76,7 @@ fn inflate_releases_hugetlb_memory() {
         }
     };
     // hugetlb pages are not in VmRSS: count the pool's free pages instead.
-    let in_use = |_: &Vm| {
-        (common::meminfo("HugePages_Total:") - common::meminfo("HugePages_Free:")) * 2 * MIB
-    };
-    inflate_returns_memory("hugetlb", in_use);
+    inflate_returns_memory("hugetlb", |_: &Vm| common::huge_pages_in_use_bytes());
 }
 
 /// The guest inflates and deflates in bursts (several batches per trip to

@@ -336,6 +336,12 @@ pub fn free_huge_pages() -> u64 {
     meminfo("HugePages_Free:")
 }
 
+/// Bytes of this host's 2 MiB huge pages in use (hugetlb guest RAM is not
+/// in any process's RSS).
+pub fn huge_pages_in_use_bytes() -> u64 {
+    meminfo("HugePages_Total:").saturating_sub(free_huge_pages()) * (2 << 20)
+}
+
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
@@ -406,13 +412,8 @@ pub fn allow_shmem_thp() -> Result<PutBack, String> {
             old: None,
         });
     }
-    let s =
-        std::fs::read_to_string(SHMEM_THP).map_err(|e| format!("cannot read {SHMEM_THP}: {e}"))?;
-    let old = s
-        .split_whitespace()
-        .find(|w| w.starts_with('['))
-        .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string())
-        .ok_or_else(|| format!("no setting in force in {SHMEM_THP}: {s:?}"))?;
+    let old = vmm::memory::thp_setting(SHMEM_THP)
+        .ok_or_else(|| format!("cannot read the setting in force in {SHMEM_THP}"))?;
     std::fs::write(SHMEM_THP, "advise").map_err(|e| format!("cannot write {SHMEM_THP}: {e}"))?;
     let guard = PutBack {
         file: SHMEM_THP,

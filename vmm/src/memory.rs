@@ -94,13 +94,15 @@ pub fn thp_honoured(backing: &MemoryBackend) -> Option<(bool, &'static str)> {
         ),
         _ => return None,
     };
+    Some((ok.contains(&thp_setting(file)?.as_str()), file))
+}
+
+/// The setting in force in a THP sysfs `file`: its bracketed word
+/// ("always [madvise] never" → "madvise"); `None` if it cannot be read.
+pub fn thp_setting(file: &str) -> Option<String> {
     let s = std::fs::read_to_string(file).ok()?;
-    // The setting in force is the bracketed word: "always [madvise] never".
     let chosen = s.split_whitespace().find(|w| w.starts_with('['))?;
-    Some((
-        ok.contains(&chosen.trim_matches(|c| c == '[' || c == ']')),
-        file,
-    ))
+    Some(chosen.trim_matches(|c| c == '[' || c == ']').to_string())
 }
 
 /// How one region's host memory is released.
@@ -405,23 +407,8 @@ impl GuestRam {
         let Some(f) = &self.file else {
             return Err(DiscardError::OutOfRange(range));
         };
-        // SAFETY: fallocate on our own backing file descriptor; it touches no
-        // memory of this process.
-        let rc = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                file_offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            return Err(DiscardError::Syscall {
-                range,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        punch_hole(f.as_raw_fd(), file_offset, len)
+            .map_err(|source| DiscardError::Syscall { range, source })
     }
 
     /// A discard of memfd RAM: its pieces, grouped by file, are punched
@@ -564,9 +551,28 @@ fn striped_memfd(n: usize, total: u64) -> Result<Stripes, MemoryError> {
     })
 }
 
-/// `fallocate(PUNCH_HOLE|KEEP_SIZE)` of each `(offset, len)` of `pieces` in
-/// `fd`, in pieces of at most [`MAX_PUNCH`]: the calls made, and the first
-/// error (which ends the punching).
+/// `fallocate(PUNCH_HOLE|KEEP_SIZE)` of `[offset, offset + len)` in `fd`.
+fn punch_hole(fd: std::os::fd::RawFd, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a backing file descriptor this process keeps
+    // open for as long as the RAM lives (a discard waits for its punches);
+    // it touches no memory of this process.
+    let rc = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`punch_hole`] of each `(offset, len)` of `pieces` in `fd`, in pieces
+/// of at most [`MAX_PUNCH`]: the calls made, and the first error (which
+/// ends the punching).
 fn punch_pieces(fd: std::os::fd::RawFd, pieces: &[(u64, u64)]) -> (u64, std::io::Result<()>) {
     let mut calls = 0;
     for &(offset, len) in pieces {
@@ -574,19 +580,8 @@ fn punch_pieces(fd: std::os::fd::RawFd, pieces: &[(u64, u64)]) -> (u64, std::io:
         while done < len {
             let n = (len - done).min(MAX_PUNCH);
             calls += 1;
-            // SAFETY: fallocate on a backing file descriptor this process
-            // keeps open for as long as the RAM lives (the discard waits
-            // for this call); it touches no memory of this process.
-            let rc = unsafe {
-                libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (offset + done) as libc::off_t,
-                    n as libc::off_t,
-                )
-            };
-            if rc != 0 {
-                return (calls, Err(std::io::Error::last_os_error()));
+            if let Err(e) = punch_hole(fd, offset + done, n) {
+                return (calls, Err(e));
             }
             done += n;
         }
@@ -643,19 +638,16 @@ impl RamDiscard for GuestRam {
                 // Long ranges (chunked inflates) are punched in pieces: one
                 // 7 GiB punch of a mapped memfd measured about twice the
                 // time of the same bytes in 1 MiB punches on this host.
+                let Some(f) = &self.file else {
+                    return Err(DiscardError::OutOfRange(range));
+                };
                 let off = region.file_offset + (range.start - region.gpa);
-                let mut out = DiscardOutcome::default();
-                let mut done = 0;
-                while done < range.len {
-                    let n = (range.len - done).min(MAX_PUNCH);
-                    self.punch(off + done, n, range)?;
-                    out += DiscardOutcome {
-                        bytes_released: n,
-                        syscalls: 1,
-                    };
-                    done += n;
-                }
-                Ok(out)
+                let (syscalls, r) = punch_pieces(f.as_raw_fd(), &[(off, range.len)]);
+                r.map_err(|source| DiscardError::Syscall { range, source })?;
+                Ok(DiscardOutcome {
+                    bytes_released: range.len,
+                    syscalls,
+                })
             }
             DiscardKind::StripedPunch => self.discard_striped(region, range),
             DiscardKind::HugePunch => self.discard_huge(region, range),

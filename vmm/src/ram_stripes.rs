@@ -111,6 +111,7 @@ impl Stripes {
     }
 
     /// Bytes of host memory each file holds (its allocated blocks).
+    #[cfg(test)]
     pub fn allocated(&self) -> Vec<u64> {
         use std::os::unix::fs::MetadataExt;
         self.files
@@ -119,8 +120,9 @@ impl Stripes {
             .collect()
     }
 
-    /// Reads `buf.len()` bytes of file `i` at `offset` (for tests and
-    /// checks: guest code reads RAM through its mapping).
+    /// Reads `buf.len()` bytes of file `i` at `offset` (tests: guest code
+    /// reads RAM through its mapping).
+    #[cfg(test)]
     pub fn read_at(&self, i: usize, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         self.files[i].read_exact_at(buf, offset)

@@ -18,7 +18,7 @@
 //! | `blimp-spawner` | `Spawner` | started by `Vmm::run` before the event loop narrows |
 //! | main, in `Vmm::run` | `EventLoop` | after the vCPUs and the spawner started |
 //! | `migration` | `Migration` | first thing in the migration worker |
-//! | `blimp-discardN` | `Discard` | first thing; started with anonymous guest RAM |
+//! | `blimp-discardN` | `Discard` | first thing; started with anon or memfd guest RAM |
 //!
 //! The migration worker needs network syscalls the event loop must not have;
 //! since the event loop cannot hand out more than it holds, migration
@@ -75,7 +75,7 @@ pub enum ThreadKind {
     Migration,
     /// The thread that starts migration workers on behalf of the event loop.
     Spawner,
-    /// A thread sharing long anonymous RAM discards (`discard_workers`).
+    /// A thread sharing long anon or memfd RAM discards (`discard_workers`).
     Discard,
 }
 
