@@ -95,8 +95,14 @@ fn parse_seccomp(s: &str) -> Result<vmm::seccomp::Mode, String> {
 }
 
 /// Compile the filters and confine the main thread, before blimp reads
-/// anything a peer or a file controls.
-fn confine_main(arg: SeccompArg) -> Result<(), String> {
+/// anything a peer or a file controls. With memfd RAM, first fork the
+/// punch helper processes (`vmm::punch`), one per discard thread, while
+/// blimp is still one small thread.
+fn confine_main(arg: SeccompArg, backing: &MemoryBackend) -> Result<(), String> {
+    let parts = vmm::discard_workers::host_parts();
+    if matches!(backing, MemoryBackend::Memfd) && parts > 1 {
+        vmm::punch::start(parts, arg.mode);
+    }
     vmm::seccomp::init(arg.mode).map_err(|e| e.to_string())?;
     vmm::seccomp::enter(vmm::seccomp::ThreadKind::Main).map_err(|e| e.to_string())
 }
@@ -406,7 +412,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    if let Err(msg) = confine_main(args.seccomp) {
+    if let Err(msg) = confine_main(args.seccomp, &args.memory_backend) {
         eprintln!("blimp: error: seccomp: {msg}");
         return ExitCode::from(EXIT_RUNTIME);
     }
@@ -465,7 +471,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
-            if let Err(msg) = confine_main(args.host.seccomp) {
+            if let Err(msg) = confine_main(args.host.seccomp, &args.host.memory_backend) {
                 eprintln!("blimp: error: seccomp: {msg}");
                 return ExitCode::from(EXIT_RUNTIME);
             }

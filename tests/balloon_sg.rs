@@ -16,6 +16,16 @@ const MIB: u64 = 1 << 20;
 /// Generous: several guests share a loaded 2-core host in CI.
 const T: Duration = Duration::from_secs(180);
 
+/// A 1 GiB chunked-balloon guest on memfd RAM.
+const MEMFD_SG_1G: [&str; 6] = [
+    "--memory",
+    "1G",
+    "--memory-backend",
+    "memfd",
+    "--balloon",
+    "sg=on",
+];
+
 fn m(api: &mut ApiClient, key: &str) -> u64 {
     common::metric(&common::metrics(api), key) as u64
 }
@@ -335,14 +345,7 @@ fn striped_memfd_ram_keeps_its_data_through_inflate_and_migration() {
     let (mut vm, mut api, _) = common::boot_with_api(
         "sg-memfd-src",
         "balloon;fill 768 5;free 256;verify;echo MIGRATE NOW",
-        &[
-            "--memory",
-            "1G",
-            "--memory-backend",
-            "memfd",
-            "--balloon",
-            "sg=on",
-        ],
+        &MEMFD_SG_1G,
     );
     vm.expect_line("verify ok", T);
     vm.expect_line("MIGRATE NOW", T);
@@ -362,4 +365,96 @@ fn striped_memfd_ram_keeps_its_data_through_inflate_and_migration() {
     dst.verify("verify ok", T);
     dst.exit_with(0, T);
     let _ = std::fs::remove_file(&path);
+}
+
+/// The pids of `pid`'s child processes named `comm`.
+fn children_named(pid: u32, comm: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let children = std::fs::read_to_string(task.unwrap().path().join("children"));
+        for c in children.unwrap_or_default().split_whitespace() {
+            let c: i32 = c.parse().unwrap();
+            let name = std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+            if name.trim() == comm {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// A process's state letter (`S`, `Z`, ...), `None` once it is gone.
+fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(") ")?.1.chars().next()
+}
+
+/// Long memfd punches go to the punch helper processes (vmm/src/punch.rs):
+/// one per discard thread, forked at startup, confined, holding no file
+/// between requests. A helper killed midway costs nothing (blimp punches
+/// itself, logs it, and the memory still comes back), and the helpers end
+/// with blimp, even when it is killed.
+#[test]
+fn memfd_punch_helpers_serve_long_discards_and_end_with_blimp() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts = cpus.min(4);
+    let (mut vm, mut api, _) = common::boot_with_api(
+        "sg-punch-helpers",
+        "balloon;fill 512 3;touch 4096;echo TOUCHED",
+        &MEMFD_SG_1G,
+    );
+    vm.expect_line("TOUCHED", T);
+    let helpers = children_named(vm.pid(), "blimp-punch");
+    // One per discard thread; none on one CPU (nothing runs in parallel).
+    let want = if parts > 1 { parts } else { 0 };
+    assert_eq!(helpers.len(), want, "{helpers:?} on {cpus} CPUs");
+    for &h in &helpers {
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{h}/fd"))
+            .unwrap()
+            .collect();
+        assert_eq!(fds.len(), 1, "helper {h} holds its socket only: {fds:?}");
+        let status = std::fs::read_to_string(format!("/proc/{h}/status")).unwrap();
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "helper {h} runs under a seccomp filter"
+        );
+    }
+    let inflate = |vm: &mut Vm, api: &mut ApiClient| {
+        let before = vm.rss_bytes();
+        resize_balloon(api, 384, T);
+        std::thread::sleep(Duration::from_millis(200));
+        let dropped = before.saturating_sub(vm.rss_bytes());
+        assert!(
+            dropped >= 384 * MIB * 95 / 100,
+            "host memory dropped by only {} MiB",
+            dropped / MIB
+        );
+        resize_balloon(api, 0, T);
+        vm.send("touch 4096");
+        vm.expect_line("touch done", T);
+    };
+    inflate(&mut vm, &mut api);
+    let dropped = |vm: &Vm| vm.log_lines().iter().any(|l| l.contains("punch helper"));
+    assert!(!dropped(&vm), "no helper was dropped yet");
+    if let Some(&h) = helpers.first() {
+        // SAFETY: kill(2) on a process of this test's child.
+        assert_eq!(unsafe { libc::kill(h, libc::SIGKILL) }, 0);
+        inflate(&mut vm, &mut api);
+        assert!(dropped(&vm), "blimp says it punches itself now");
+    }
+    vm.verify("verify ok", T);
+    vm.signal(libc::SIGKILL);
+    vm.wait(T);
+    // Reparented and ended (a zombie only until its new parent reaps it).
+    let t0 = std::time::Instant::now();
+    while helpers[1.min(helpers.len())..]
+        .iter()
+        .any(|&h| !matches!(proc_state(h), None | Some('Z')))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "helpers outlived blimp"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

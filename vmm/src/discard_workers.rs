@@ -13,7 +13,9 @@
 //! - memfd RAM: punches of one file take its inode lock, and two threads
 //!   punching one file measured slower than one; so memfd RAM is striped
 //!   over one file per thread (`crate::ram_stripes`) and each thread
-//!   punches its own file.
+//!   punches its own file, through its punch helper process where there
+//!   is one (`crate::punch`: then no CPU is interrupted to flush blimp's
+//!   TLB while the pages go).
 
 use std::sync::mpsc;
 
@@ -65,6 +67,13 @@ pub fn run_here(parts: Vec<Part>) -> (u64, std::io::Result<()>) {
     (calls, result)
 }
 
+/// How many threads share a long discard on this host (the caller
+/// included): one per CPU, at most `MAX_PARTS`.
+pub fn host_parts() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.min(MAX_PARTS)
+}
+
 /// The discard workers of one guest RAM.
 pub struct DiscardWorkers {
     queues: Vec<mpsc::Sender<Job>>,
@@ -75,9 +84,8 @@ impl DiscardWorkers {
     /// none on a one-CPU host. A worker that cannot be started is logged and
     /// left out: discards then run on fewer threads, never fail for it.
     pub fn start() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut queues = Vec::new();
-        for i in 1..cpus.min(MAX_PARTS) {
+        for i in 1..host_parts() {
             let (tx, rx) = mpsc::channel::<Job>();
             let spawned = std::thread::Builder::new()
                 .name(format!("blimp-discard{i}"))

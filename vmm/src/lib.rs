@@ -16,6 +16,7 @@ mod machine;
 pub mod memory;
 pub mod migration;
 pub mod policy;
+pub mod punch;
 pub mod pvm;
 pub mod ram_stripes;
 pub mod restore;

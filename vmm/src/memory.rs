@@ -18,12 +18,11 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::config::MemoryBackend;
 use crate::discard_workers::{self, DiscardWorkers, Part};
+use crate::punch::{punch_hole, punch_pieces};
 use crate::ram_stripes::Stripes;
 
 /// Size of a huge page for the hugetlb backing.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
-/// Most bytes one `fallocate(PUNCH_HOLE)` of a shared backing covers.
-const MAX_PUNCH: u64 = 16 << 20;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -427,17 +426,22 @@ impl GuestRam {
         for p in stripes.pieces(offset, range.len) {
             per_file[p.file].push((p.offset, p.len));
         }
+        // A long discard is punched one file per thread, each by a punch
+        // helper process where there is one (see `crate::punch`: blimp's
+        // threads then sleep, and no CPU is interrupted to flush its TLB).
+        let long = range.len >= discard_workers::PARALLEL_MIN;
         let parts: Vec<Part> = per_file
             .into_iter()
             .enumerate()
             .filter(|(_, pieces)| !pieces.is_empty())
             .map(|(i, pieces)| {
                 let fd = stripes.fd(i);
-                Box::new(move || punch_pieces(fd, &pieces)) as Part
+                let helper = if long { crate::punch::helper(i) } else { None };
+                Box::new(move || crate::punch::punch_pieces_by(helper, fd, &pieces)) as Part
             })
             .collect();
         let (syscalls, r) = match &self.workers {
-            Some(w) if range.len >= discard_workers::PARALLEL_MIN => w.run(parts),
+            Some(w) if long => w.run(parts),
             _ => discard_workers::run_here(parts),
         };
         r.map_err(|source| DiscardError::Syscall { range, source })?;
@@ -549,44 +553,6 @@ fn striped_memfd(n: usize, total: u64) -> Result<Stripes, MemoryError> {
         size: total,
         source,
     })
-}
-
-/// `fallocate(PUNCH_HOLE|KEEP_SIZE)` of `[offset, offset + len)` in `fd`.
-fn punch_hole(fd: std::os::fd::RawFd, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on a backing file descriptor this process keeps
-    // open for as long as the RAM lives (a discard waits for its punches);
-    // it touches no memory of this process.
-    let rc = unsafe {
-        libc::fallocate(
-            fd,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// [`punch_hole`] of each `(offset, len)` of `pieces` in `fd`, in pieces
-/// of at most [`MAX_PUNCH`]: the calls made, and the first error (which
-/// ends the punching).
-fn punch_pieces(fd: std::os::fd::RawFd, pieces: &[(u64, u64)]) -> (u64, std::io::Result<()>) {
-    let mut calls = 0;
-    for &(offset, len) in pieces {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(MAX_PUNCH);
-            calls += 1;
-            if let Err(e) = punch_hole(fd, offset + done, n) {
-                return (calls, Err(e));
-            }
-            done += n;
-        }
-    }
-    (calls, Ok(()))
 }
 
 fn open_file(path: &Path) -> Result<File, MemoryError> {

@@ -322,7 +322,33 @@ fn ram_discard() -> Allowed {
         libc::SYS_fallocate,
         "FALLOC_FL_PUNCH_HOLE on memfd/hugetlb/file backings the balloon took",
     )
-    .allow(libc::SYS_mincore, "resident-page counts for /metrics");
+    .allow(libc::SYS_mincore, "resident-page counts for /metrics")
+    .merge(&punch_helper_client());
+    a
+}
+
+/// Handing a long memfd punch to a punch helper process (`crate::punch`).
+fn punch_helper_client() -> Allowed {
+    let mut a = Allowed::default();
+    a.allow(
+        libc::SYS_sendmsg,
+        "a long memfd punch handed to a punch helper process (the file goes with it, SCM_RIGHTS)",
+    )
+    .allow(libc::SYS_recvfrom, "the punch helper's answer");
+    a
+}
+
+/// `fallocate` that punches holes and does nothing else.
+fn punch_only(why: &'static str) -> Allowed {
+    let mut a = Allowed::default();
+    a.allow_if(
+        libc::SYS_fallocate,
+        vec![vec![eq(
+            1,
+            (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+        )]],
+        why,
+    );
     a
 }
 
@@ -429,13 +455,31 @@ fn vcpu() -> Allowed {
 /// channels (futex) and nothing else.
 fn discard() -> Allowed {
     let mut a = thread_basics();
-    a.allow_if(
-        libc::SYS_fallocate,
-        vec![vec![eq(
-            1,
-            (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
-        )]],
+    a.merge(&punch_only(
         "FALLOC_FL_PUNCH_HOLE|KEEP_SIZE of its part of memfd RAM: never a write or a resize",
+    ))
+    .merge(&punch_helper_client());
+    a
+}
+
+/// A punch helper process (`crate::punch`), forked at startup: receive a
+/// request (ranges and one file), punch holes, close the file, answer.
+/// Nothing else: no memory management, no threads, no other file.
+fn punch_helper() -> Allowed {
+    let mut a =
+        punch_only("FALLOC_FL_PUNCH_HOLE|KEEP_SIZE of the ranges: never a write or a resize");
+    a.allow(
+        libc::SYS_recvmsg,
+        "a request: ranges, and the file (SCM_RIGHTS)",
+    )
+    .allow(
+        libc::SYS_close,
+        "the request's file, once punched (or refused)",
+    )
+    .allow(libc::SYS_write, "the answer")
+    .allow(
+        libc::SYS_exit_group,
+        "blimp ended (end of file on the socket)",
     );
     a
 }
@@ -676,5 +720,6 @@ pub fn allowed(kind: ThreadKind) -> Allowed {
         ThreadKind::Migration => migration(),
         ThreadKind::Spawner => spawner(),
         ThreadKind::Discard => discard(),
+        ThreadKind::PunchHelper => punch_helper(),
     }
 }

@@ -19,6 +19,7 @@
 //! | main, in `Vmm::run` | `EventLoop` | after the vCPUs and the spawner started |
 //! | `migration` | `Migration` | first thing in the migration worker |
 //! | `blimp-discardN` | `Discard` | first thing; started with anon or memfd guest RAM |
+//! | `blimp-punch` (a process) | `PunchHelper` | forked first thing by `run`/`restore` with memfd RAM, before `Main` |
 //!
 //! The migration worker needs network syscalls the event loop must not have;
 //! since the event loop cannot hand out more than it holds, migration
@@ -77,10 +78,13 @@ pub enum ThreadKind {
     Spawner,
     /// A thread sharing long anon or memfd RAM discards (`discard_workers`).
     Discard,
+    /// Not a thread: a punch helper process (`crate::punch`), forked at
+    /// startup before [`ThreadKind::Main`]'s filter, confining itself.
+    PunchHelper,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::EventLoop,
         ThreadKind::Vcpu,
@@ -88,6 +92,7 @@ impl ThreadKind {
         ThreadKind::Migration,
         ThreadKind::Spawner,
         ThreadKind::Discard,
+        ThreadKind::PunchHelper,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +104,7 @@ impl ThreadKind {
             ThreadKind::Migration => "migration",
             ThreadKind::Spawner => "spawner",
             ThreadKind::Discard => "discard",
+            ThreadKind::PunchHelper => "punch-helper",
         }
     }
 }
