@@ -396,8 +396,7 @@ fn proc_state(pid: i32) -> Option<char> {
 /// with blimp, even when it is killed.
 #[test]
 fn memfd_punch_helpers_serve_long_discards_and_end_with_blimp() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let parts = cpus.min(4);
+    let parts = vmm::discard_workers::host_parts();
     let (mut vm, mut api, _) = common::boot_with_api(
         "sg-punch-helpers",
         "balloon;fill 512 3;touch 4096;echo TOUCHED",
@@ -407,7 +406,7 @@ fn memfd_punch_helpers_serve_long_discards_and_end_with_blimp() {
     let helpers = children_named(vm.pid(), "blimp-punch");
     // One per discard thread; none on one CPU (nothing runs in parallel).
     let want = if parts > 1 { parts } else { 0 };
-    assert_eq!(helpers.len(), want, "{helpers:?} on {cpus} CPUs");
+    assert_eq!(helpers.len(), want, "{helpers:?} for {parts} discard parts");
     for &h in &helpers {
         let fds: Vec<_> = std::fs::read_dir(format!("/proc/{h}/fd"))
             .unwrap()

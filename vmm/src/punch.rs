@@ -112,8 +112,16 @@ static HELPERS: OnceLock<Vec<Helper>> = OnceLock::new();
 /// many run; one that cannot be started is logged and left out.
 pub fn start(n: usize, mode: seccomp::Mode) -> usize {
     let helpers = HELPERS.get_or_init(|| {
+        // One filter for all of them.
+        let filter = match filter_for(mode) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("memory: punch helpers not started ({e}); blimp punches itself");
+                return Vec::new();
+            }
+        };
         (0..n)
-            .filter_map(|i| match Helper::fork(i, mode) {
+            .filter_map(|i| match Helper::fork_with(i, filter.as_deref()) {
                 Ok(h) => Some(h),
                 Err(e) => {
                     log::warn!("memory: punch helper {i} not started ({e}); blimp punches itself");
@@ -140,10 +148,14 @@ impl Helper {
     /// raw system calls only), but meant for startup, where the child's
     /// copy of this process is smallest.
     pub fn fork(index: usize, mode: seccomp::Mode) -> std::io::Result<Self> {
-        let filter = match mode {
-            seccomp::Mode::Off => None,
-            m => Some(seccomp::compile(ThreadKind::PunchHelper, m).map_err(std::io::Error::other)?),
-        };
+        Self::fork_with(index, filter_for(mode)?.as_deref())
+    }
+
+    /// [`Helper::fork`] with `filter` already compiled (`None`: no filter).
+    fn fork_with(
+        index: usize,
+        filter: Option<&[seccompiler::sock_filter]>,
+    ) -> std::io::Result<Self> {
         let (ours, theirs) = seqpacket_pair()?;
         let theirs_fd = theirs.as_raw_fd();
         // SAFETY: a plain fork (clone with only SIGCHLD: no shared memory,
@@ -164,7 +176,7 @@ impl Helper {
             return Err(std::io::Error::last_os_error());
         }
         if pid == 0 {
-            serve(theirs_fd, filter.as_deref());
+            serve(theirs_fd, filter);
         }
         drop(theirs);
         let sock = UnixDatagram::from(ours);
@@ -263,6 +275,16 @@ fn exchange(sock: &UnixDatagram, fd: RawFd, pieces: &[(u64, u64)]) -> Result<(u6
     match i32::try_from(errno) {
         Ok(e) if e < 4096 && calls <= most_calls => Ok((calls, e)),
         _ => Err(format!("a nonsense answer ({calls} calls, errno {errno})")),
+    }
+}
+
+/// The helpers' filter for `mode` (`None` when seccomp is off).
+fn filter_for(mode: seccomp::Mode) -> std::io::Result<Option<seccompiler::BpfProgram>> {
+    match mode {
+        seccomp::Mode::Off => Ok(None),
+        m => seccomp::compile(ThreadKind::PunchHelper, m)
+            .map(Some)
+            .map_err(std::io::Error::other),
     }
 }
 
