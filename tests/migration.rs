@@ -51,7 +51,8 @@ fn restore(file: &Path, extra: &[&str]) -> Vm {
 
 /// A live migration to `dst` (a `blimp run --incoming URL`) of a source
 /// with `memory` whose guest filled `fill_mib` MiB from `seed`: it completes,
-/// the source ends, and the guest, now on `dst`, verifies every filled page
+/// the source ends, and the guest, now on `dst` (its console on the test's
+/// pipe), verifies every filled page
 /// and exits there with `code`.
 fn hand_over(
     name: &str,
@@ -62,13 +63,14 @@ fn hand_over(
     dst: &mut Vm,
     code: i32,
 ) {
-    let program = format!("fill {fill_mib} {seed};echo MIGRATE NOW;sleep 2;verify;exit {code}");
-    let (mut vm, mut api, _) = start_source(name, &program, memory, &[]);
+    // The guest then waits for commands: they reach it on the destination.
+    let program = format!("fill {fill_mib} {seed};echo MIGRATE NOW");
+    let (mut vm, mut api, _) = start_source(name, &program, memory, &["--no-stdin"]);
     vm.expect_line("MIGRATE NOW", BOOT);
     let st = migrate(&mut api, json!({"destination": url}));
     assert_eq!(st["state"], "Completed", "{st}");
-    dst.expect_line(&format!("verify ok {} pages", fill_mib * 256), BOOT);
-    assert_eq!(dst.wait(BOOT).code(), Some(code));
+    dst.verify(&format!("verify ok {} pages", fill_mib * 256), BOOT);
+    dst.exit_with(code, BOOT);
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 }
 
@@ -77,9 +79,9 @@ fn migrate_to_file_and_restore_continues_the_guest() {
     let file = tmp("basic");
     let (mut vm, mut api, _) = start_source(
         "basic",
-        "fill 256 1;echo MIGRATE NOW;sleep 3;verify;exit 7",
+        "fill 256 1;echo MIGRATE NOW",
         "1G",
-        &[],
+        &["--no-stdin"],
     );
     vm.expect_line("MIGRATE NOW", BOOT);
     let st = migrate_to_file(&mut api, &file);
@@ -99,10 +101,13 @@ fn migrate_to_file_and_restore_continues_the_guest() {
         "the source ends after migrating"
     );
 
-    let mut dst = restore(&file, &["--no-stdin"]);
+    // The guest waits at its prompt, wherever the migration ended: the
+    // restored one takes commands, keeps time and finds its pages.
+    let mut dst = restore(&file, &[]);
+    dst.send("sleep 1");
     dst.expect_line("sleep done", BOOT);
-    dst.expect_line("verify ok 65536 pages", BOOT);
-    assert_eq!(dst.wait(BOOT).code(), Some(7));
+    dst.verify("verify ok 65536 pages", BOOT);
+    dst.exit_with(7, BOOT);
     assert!(
         !dst.transcript.iter().any(|l| l.contains("blimp-testguest")),
         "restored, not rebooted"
@@ -112,7 +117,7 @@ fn migrate_to_file_and_restore_continues_the_guest() {
 
 #[test]
 fn live_migration_over_a_unix_socket() {
-    let (mut dst, url) = common::start_incoming(&tmp("live.sock"), &[]);
+    let (mut dst, url) = common::start_incoming_with_console(&tmp("live.sock"), &[]);
     hand_over("live", "512M", 128, 5, &url, &mut dst, 9);
 }
 
@@ -254,6 +259,6 @@ fn live_migration_over_tcp_hands_the_vm_over() {
         .port();
     let url = format!("tcp://127.0.0.1:{port}");
     // The source retries a refused connection for 3 s while this one starts.
-    let mut dst = Vm::start_cmd("run", &["--incoming", &url, "--no-stdin"]);
+    let mut dst = Vm::start_cmd("run", &["--incoming", &url]);
     hand_over("tcp", "256M", 64, 6, &url, &mut dst, 11);
 }

@@ -485,8 +485,19 @@ pub fn wait_for_path(p: &Path) {
 /// destination waiting for a live migration) and wait until it listens on
 /// `path`; returns it and the URL a source sends to.
 pub fn start_incoming(path: &Path, extra: &[&str]) -> (Vm, String) {
+    incoming(path, &["--no-stdin"], extra)
+}
+
+/// [`start_incoming`] with the console on the test's pipe: the migrated
+/// guest takes its next commands from [`Vm::send`].
+pub fn start_incoming_with_console(path: &Path, extra: &[&str]) -> (Vm, String) {
+    incoming(path, &[], extra)
+}
+
+fn incoming(path: &Path, console: &[&str], extra: &[&str]) -> (Vm, String) {
     let url = format!("unix://{}", path.display());
-    let mut args = vec!["--incoming", &url, "--no-stdin"];
+    let mut args = vec!["--incoming", &url];
+    args.extend_from_slice(console);
     args.extend_from_slice(extra);
     let vm = Vm::start(&args);
     wait_for_path(path);
