@@ -605,6 +605,108 @@ fn sg_round(backend: &str, sg: bool) -> SgRound {
     r
 }
 
+/// The host kernel's own cost of giving `total` bytes of 4 KiB memfd
+/// pages back, without a VM: the bytes spread over one memfd per discard
+/// thread (as blimp stripes its memfd RAM), each mapped shared here and
+/// touched page by page (so every page is in the page cache and in this
+/// process's page tables, as guest RAM is in blimp's), then punched in
+/// 16 MiB calls by one child process per file, all at once, as blimp's
+/// punch helpers do. Returns the milliseconds from the start signal until
+/// the last child is done. What the chunked memfd inflate cannot go below
+/// on this host: the kernel's work, with nothing of blimp or KVM in it.
+fn memfd_punch_floor(total: u64) -> f64 {
+    let n = vmm::discard_workers::host_parts();
+    let per = (total / n as u64) & !(2 * MIB - 1);
+    let mut maps = Vec::new();
+    for i in 0..n {
+        let name = std::ffi::CString::new(format!("blimp-bench-floor-{i}")).unwrap();
+        // SAFETY: memfd_create with a valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a new descriptor nobody else owns.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(per).expect("sizing the floor memfd");
+        // SAFETY: a new shared mapping of the whole file, unmapped below;
+        // nothing else in this process refers to it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                per as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the mapping above, `per` bytes, readable and writable.
+        let mem = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), per as usize) };
+        for page in mem.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        maps.push((file, addr));
+    }
+    let mut go = [0i32; 2];
+    // SAFETY: pipe(2) into a two-element array.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0, "pipe");
+    let mut children = Vec::new();
+    for (file, _) in &maps {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+        // SAFETY: the child only calls read, fallocate and _exit, which
+        // are async-signal-safe (this process has other threads).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let mut b = 0u8;
+            // SAFETY: read of one byte into a local; then punches of a
+            // file this child inherited, and _exit.
+            unsafe {
+                libc::read(go[0], (&raw mut b).cast(), 1);
+                let mut at = 0;
+                while at < per {
+                    let len = (per - at).min(vmm::punch::MAX_PUNCH);
+                    if vmm::punch::punch_hole(fd, at, len).is_err() {
+                        libc::_exit(1);
+                    }
+                    at += len;
+                }
+                libc::_exit(0);
+            }
+        }
+        children.push(pid);
+    }
+    let t = Instant::now();
+    let start = vec![0u8; n];
+    // SAFETY: write of `n` bytes from a local buffer; the pipe holds them.
+    let wrote = unsafe { libc::write(go[1], start.as_ptr().cast(), n) };
+    assert_eq!(wrote, n as isize, "starting the floor children");
+    for pid in children {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "a floor child failed: status {status:#x}"
+        );
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    for (_, addr) in maps {
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(addr, per as usize) };
+    }
+    // SAFETY: the pipe's two ends, opened above and used no more.
+    unsafe {
+        libc::close(go[0]);
+        libc::close(go[1]);
+    }
+    ms
+}
+
 /// The chunked protocol against PFN arrays, same run, per backing.
 fn sg() {
     println!(
@@ -663,6 +765,15 @@ fn sg() {
     for backend in backends {
         let pfn = sg_round(backend, false);
         let chunks = sg_round(backend, true);
+        if backend == "memfd" {
+            let floor = memfd_punch_floor(7168 * MIB);
+            println!(
+                "  memfd   host kernel floor, no VM: 7 GiB of touched, mapped 4 KiB memfd pages punched by {} processes (as blimp's punch helpers do) in {floor:.0} ms: {:.3}x of the PFN-array inflate, {:.3}x of the chunked one",
+                vmm::discard_workers::host_parts(),
+                floor / pfn.inflate_host_ms,
+                floor / chunks.inflate_host_ms
+            );
+        }
         println!(
             "  {backend:7} chunks / PFN arrays: inflate until the host has the memory back {:.3}x (target <= 0.3), as the guest sees it {:.3}x; inflate kicks {:.4}x (target <= 0.01); deflate time {:.3}x, kicks {:.4}x; returned {:.1}% / {:.1}% (target >= 99%)",
             chunks.inflate_host_ms / pfn.inflate_host_ms,
