@@ -317,9 +317,10 @@ fn live_migration_keeps_the_chunked_protocol() {
     sg_survives(true);
 }
 
-/// memfd RAM is striped over one file per discard thread
+/// memfd RAM is striped over two files per discard thread
 /// (vmm/src/ram_stripes.rs): data spread over several stripes survives a
-/// chunked inflate (its long ranges punched one file per thread) and a live
+/// chunked inflate (its long ranges punched by all discard threads, in
+/// turns of idle files) and a live
 /// migration to another memfd-backed blimp, which deflates, refills and
 /// verifies.
 #[test]

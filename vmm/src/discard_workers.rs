@@ -12,9 +12,10 @@
 //!   runs in parallel (it takes `mmap_lock` for reading).
 //! - memfd RAM: punches of one file take its inode lock, and two threads
 //!   punching one file measured slower than one; so memfd RAM is striped
-//!   over one file per thread (`crate::ram_stripes`) and each thread
-//!   punches its own file, through its punch helper process where there
-//!   is one (`crate::punch`: then no CPU is interrupted to flush blimp's
+//!   over two files per thread (`crate::ram_stripes`) and each thread
+//!   takes turns of a file no other thread is punching
+//!   (`crate::punch::Shared`), through its punch helper process where
+//!   there is one (`crate::punch`: then no CPU is interrupted to flush blimp's
 //!   TLB while the pages go).
 
 use std::sync::mpsc;

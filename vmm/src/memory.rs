@@ -111,7 +111,7 @@ enum DiscardKind {
     PrivateAnon,
     /// fallocate(PUNCH_HOLE|KEEP_SIZE) at `file_offset` in the backing file.
     PunchHole,
-    /// The same, on memfd RAM striped over one file per discard thread.
+    /// The same, on memfd RAM striped over two files per discard thread.
     StripedPunch,
     /// Punch whole huge pages only.
     HugePunch,
@@ -411,7 +411,9 @@ impl GuestRam {
     }
 
     /// A discard of memfd RAM: its pieces, grouped by file, are punched
-    /// one file per thread when the range is long, else here.
+    /// by all discard threads when the range is long (each taking turns of
+    /// files no other thread is punching, see `crate::punch::Shared`),
+    /// else here, file after file.
     fn discard_striped(
         &self,
         region: &RegionBacking,
@@ -426,23 +428,35 @@ impl GuestRam {
         for p in stripes.pieces(offset, range.len) {
             per_file[p.file].push((p.offset, p.len));
         }
-        // A long discard is punched one file per thread, each by a punch
-        // helper process where there is one (see `crate::punch`: blimp's
-        // threads then sleep, and no CPU is interrupted to flush its TLB).
+        // A long discard is punched by every discard thread, each through
+        // its punch helper process where there is one (see `crate::punch`:
+        // blimp's threads then sleep, and no CPU is interrupted to flush
+        // its TLB).
         let long = range.len >= discard_workers::PARALLEL_MIN;
-        let parts: Vec<Part> = per_file
-            .into_iter()
-            .enumerate()
-            .filter(|(_, pieces)| !pieces.is_empty())
-            .map(|(i, pieces)| {
-                let fd = stripes.fd(i);
-                let helper = if long { crate::punch::helper(i) } else { None };
-                Box::new(move || crate::punch::punch_pieces_by(helper, fd, &pieces)) as Part
-            })
-            .collect();
         let (syscalls, r) = match &self.workers {
-            Some(w) if long => w.run(parts),
-            _ => discard_workers::run_here(parts),
+            Some(w) if long => {
+                let fds: Vec<_> = (0..stripes.count()).map(|i| stripes.fd(i)).collect();
+                let sched = std::sync::Arc::new(crate::punch::Shared::new(fds, per_file));
+                let parts: Vec<Part> = (0..w.parts())
+                    .map(|i| {
+                        let sched = sched.clone();
+                        Box::new(move || sched.serve(crate::punch::helper(i))) as Part
+                    })
+                    .collect();
+                w.run(parts)
+            }
+            _ => {
+                let parts: Vec<Part> = per_file
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, pieces)| !pieces.is_empty())
+                    .map(|(i, pieces)| {
+                        let fd = stripes.fd(i);
+                        Box::new(move || crate::punch::punch_pieces(fd, &pieces)) as Part
+                    })
+                    .collect();
+                discard_workers::run_here(parts)
+            }
         };
         r.map_err(|source| DiscardError::Syscall { range, source })?;
         Ok(DiscardOutcome {
@@ -507,7 +521,7 @@ impl GuestRam {
 }
 
 /// How `backing` releases memory, and its file(s): a shared file for
-/// hugetlb and `file=PATH`, striped memfds (one per discard thread) for
+/// hugetlb and `file=PATH`, striped memfds (two per discard thread) for
 /// memfd, none for anon.
 fn backing_files(
     backing: &MemoryBackend,
@@ -517,9 +531,8 @@ fn backing_files(
     Ok(match backing {
         MemoryBackend::Anon => (DiscardKind::PrivateAnon, None, None),
         MemoryBackend::Memfd => {
-            // One file per discard thread.
-            let n = workers.map_or(1, DiscardWorkers::parts);
-            let stripes = striped_memfd(n, total)?;
+            let threads = workers.map_or(1, DiscardWorkers::parts);
+            let stripes = striped_memfd(crate::ram_stripes::files_for(threads), total)?;
             (DiscardKind::StripedPunch, None, Some(stripes))
         }
         MemoryBackend::Hugetlb => {
@@ -792,7 +805,11 @@ mod tests {
         let ram = GuestRam::new(&layout, &MemoryBackend::Memfd).unwrap();
         let stripes = ram.stripes.as_ref().expect("memfd RAM is striped");
         let parts = ram.workers.as_ref().map_or(1, |w| w.parts());
-        assert_eq!(stripes.count(), parts, "one file per discard thread");
+        assert_eq!(
+            stripes.count(),
+            crate::ram_stripes::files_for(parts),
+            "two files per discard thread"
+        );
         for r in &ram.regions {
             for at in [0, STRIPE - 8, STRIPE, 3 * STRIPE + 4096, r.size - 8] {
                 let gpa = r.gpa + at;
@@ -806,8 +823,8 @@ mod tests {
         }
     }
 
-    /// A long memfd discard spanning stripes is punched one file per
-    /// thread: exactly the range's pages leave the files, read zero, and
+    /// A long memfd discard spanning stripes is punched by the discard
+    /// threads in turns of idle files: exactly the range's pages leave the files, read zero, and
     /// the pages either side keep their data.
     #[test]
     fn a_long_memfd_discard_is_punched_per_file_and_misses_no_page() {

@@ -97,6 +97,106 @@ pub fn punch_pieces_by(
         .unwrap_or_else(|| punch_pieces(fd, pieces))
 }
 
+/// Most bytes one turn of [`Shared::serve`] punches before it picks a file
+/// again: short enough that the threads end within a few milliseconds of
+/// each other.
+pub const TURN: u64 = 64 << 20;
+
+/// The pieces of one long discard of striped memfd RAM, shared by the
+/// threads that punch them. Two punches of one file wait for each other
+/// (its inode lock), so a thread takes its next turn from a file no other
+/// thread is punching, the one with the most bytes left: the files run out
+/// together, and a thread that is faster than the others (or has a CPU to
+/// itself) simply does more turns.
+pub struct Shared {
+    fds: Vec<RawFd>,
+    state: Mutex<SharedState>,
+    wake: std::sync::Condvar,
+}
+
+struct SharedState {
+    /// Per file: pieces left, in order, and their bytes.
+    left: Vec<(std::collections::VecDeque<(u64, u64)>, u64)>,
+    busy: Vec<bool>,
+}
+
+impl Shared {
+    /// `pieces[i]` lies in `fds[i]`.
+    pub fn new(fds: Vec<RawFd>, pieces: Vec<Vec<(u64, u64)>>) -> Self {
+        let left = pieces
+            .into_iter()
+            .map(|p| {
+                let bytes = p.iter().map(|&(_, n)| n).sum();
+                (p.into_iter().collect(), bytes)
+            })
+            .collect::<Vec<_>>();
+        let busy = vec![false; left.len()];
+        Self {
+            fds,
+            state: Mutex::new(SharedState { left, busy }),
+            wake: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Punch turns (through `helper` when there is one) until nothing is
+    /// left: the calls made and the first error (later turns still run).
+    pub fn serve(&self, helper: Option<&Helper>) -> (u64, std::io::Result<()>) {
+        let (mut calls, mut result) = (0, Ok(()));
+        while let Some((file, turn)) = self.next_turn() {
+            let (c, r) = punch_pieces_by(helper, self.fds[file], &turn);
+            calls += c;
+            if result.is_ok() {
+                result = r;
+            }
+            self.done(file);
+        }
+        (calls, result)
+    }
+
+    /// `file`'s turn is over: another thread may take it.
+    fn done(&self, file: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.busy[file] = false;
+        drop(st);
+        self.wake.notify_all();
+    }
+
+    /// The next turn: up to [`TURN`] bytes from the idle file with the
+    /// most left; waits while every file with bytes left is busy; `None`
+    /// when nothing is left to take.
+    fn next_turn(&self) -> Option<(usize, Vec<(u64, u64)>)> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let idle = (0..st.left.len())
+                .filter(|&i| !st.busy[i] && st.left[i].1 > 0)
+                .max_by_key(|&i| st.left[i].1);
+            if let Some(i) = idle {
+                let mut turn = Vec::new();
+                let mut bytes = 0;
+                while bytes < TURN
+                    && let Some((off, len)) = st.left[i].0.pop_front()
+                {
+                    let n = len.min(TURN - bytes);
+                    if n < len {
+                        st.left[i].0.push_front((off + n, len - n));
+                    }
+                    turn.push((off, n));
+                    bytes += n;
+                }
+                st.left[i].1 -= bytes;
+                st.busy[i] = true;
+                return Some((i, turn));
+            }
+            // Nothing left to take, or only files being punched by others:
+            // end, or wait until one comes free.
+            if st.left.iter().all(|(_, n)| *n == 0) {
+                return None;
+            }
+            st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// One helper process, seen from blimp.
 pub struct Helper {
     index: usize,
@@ -480,6 +580,98 @@ mod tests {
     fn state(pid: libc::pid_t) -> Option<char> {
         let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         s.rsplit_once(") ")?.1.chars().next()
+    }
+
+    /// Turns of a [`Shared`] discard: each at most [`TURN`] bytes, from the
+    /// idle file with the most left, never from a file being punched; all
+    /// of them together are exactly the pieces given, each byte once.
+    #[test]
+    fn shared_turns_take_the_idle_file_with_most_left_and_cover_every_piece_once() {
+        let pieces = vec![
+            vec![(0, 100 * MIB), (300 * MIB, 4096)],
+            vec![(8 * MIB, 30 * MIB)],
+            vec![(0, 150 * MIB)],
+        ];
+        let s = Shared::new(vec![-1, -1, -1], pieces.clone());
+        let (a, ta) = s.next_turn().unwrap();
+        assert_eq!(
+            (a, ta.clone()),
+            (2, vec![(0, TURN)]),
+            "the file with most left"
+        );
+        let (b, tb) = s.next_turn().unwrap();
+        assert_eq!((b, tb.clone()), (0, vec![(0, TURN)]), "file 2 is busy");
+        let mut got: Vec<Vec<(u64, u64)>> = vec![Vec::new(); 3];
+        got[a].extend(ta);
+        got[b].extend(tb);
+        s.done(a);
+        s.done(b);
+        while let Some((f, turn)) = s.next_turn() {
+            assert!(turn.iter().map(|&(_, n)| n).sum::<u64>() <= TURN);
+            got[f].extend(turn);
+            s.done(f);
+        }
+        // Merge adjacent pieces back: the same ranges as given.
+        for (f, want) in pieces.iter().enumerate() {
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for &(off, n) in &got[f] {
+                match merged.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += n,
+                    _ => merged.push((off, n)),
+                }
+            }
+            assert_eq!(&merged, want, "file {f}");
+        }
+    }
+
+    /// A thread whose only work left is a file another thread is punching
+    /// waits for it; once nothing is left to take, a thread ends even
+    /// while another is still punching.
+    #[test]
+    fn shared_waits_for_a_busy_file_and_ends_when_nothing_is_left() {
+        let s = std::sync::Arc::new(Shared::new(vec![-1], vec![vec![(0, 2 * TURN)]]));
+        let (f, _) = s.next_turn().unwrap();
+        let s2 = s.clone();
+        let waiter = std::thread::spawn(move || s2.next_turn());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "the only file is busy: wait");
+        s.done(f);
+        let (g, turn) = waiter.join().unwrap().expect("the second turn");
+        assert_eq!((g, turn), (0, vec![(TURN, TURN)]));
+        assert_eq!(s.next_turn(), None, "nothing left, though file 0 is busy");
+    }
+
+    /// Two threads serving one [`Shared`] discard over four files punch
+    /// every piece (here, without helpers) and count their calls.
+    #[test]
+    fn two_threads_serving_shared_turns_punch_every_piece() {
+        let files: Vec<_> = (0..4).map(|_| filled(80)).collect();
+        let pieces: Vec<Vec<(u64, u64)>> = (0..4u64)
+            .map(|i| vec![(0, 4096), (MIB, (10 + 15 * i) * MIB)])
+            .collect();
+        let s = std::sync::Arc::new(Shared::new(
+            files.iter().map(|f| f.as_raw_fd()).collect(),
+            pieces.clone(),
+        ));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || s.serve(None))
+            })
+            .collect();
+        let mut calls = 0;
+        for t in threads {
+            let (c, r) = t.join().unwrap();
+            r.unwrap();
+            calls += c;
+        }
+        for (f, p) in files.iter().zip(&pieces) {
+            let punched: u64 = p.iter().map(|&(_, n)| n).sum();
+            assert_eq!(allocated(f), 80 * MIB - punched);
+        }
+        // Per file: the 4 KiB piece, and the long one in 16 MiB calls
+        // (cut where a 64 MiB turn ends).
+        assert!((12..=16).contains(&calls), "{calls} calls");
     }
 
     #[test]
