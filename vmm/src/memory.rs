@@ -824,8 +824,8 @@ mod tests {
     }
 
     /// A long memfd discard spanning stripes is punched by the discard
-    /// threads in turns of idle files: exactly the range's pages leave the files, read zero, and
-    /// the pages either side keep their data.
+    /// threads in turns of idle files: exactly the range's pages leave the
+    /// files, read zero, and the pages either side keep their data.
     #[test]
     fn a_long_memfd_discard_is_punched_per_file_and_misses_no_page() {
         let layout = MemoryLayout::new(640 << 20).unwrap();

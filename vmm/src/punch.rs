@@ -115,9 +115,16 @@ pub struct Shared {
 }
 
 struct SharedState {
-    /// Per file: pieces left, in order, and their bytes.
-    left: Vec<(std::collections::VecDeque<(u64, u64)>, u64)>,
+    /// Per file: the pieces left, in order.
+    left: Vec<std::collections::VecDeque<(u64, u64)>>,
     busy: Vec<bool>,
+}
+
+impl SharedState {
+    /// Bytes left in file `i`.
+    fn bytes_left(&self, i: usize) -> u64 {
+        self.left[i].iter().map(|&(_, n)| n).sum()
+    }
 }
 
 impl Shared {
@@ -125,10 +132,8 @@ impl Shared {
     pub fn new(fds: Vec<RawFd>, pieces: Vec<Vec<(u64, u64)>>) -> Self {
         let left = pieces
             .into_iter()
-            .map(|p| {
-                let bytes = p.iter().map(|&(_, n)| n).sum();
-                (p.into_iter().collect(), bytes)
-            })
+            .map(Vec::into_iter)
+            .map(Iterator::collect)
             .collect::<Vec<_>>();
         let busy = vec![false; left.len()];
         Self {
@@ -168,28 +173,27 @@ impl Shared {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let idle = (0..st.left.len())
-                .filter(|&i| !st.busy[i] && st.left[i].1 > 0)
-                .max_by_key(|&i| st.left[i].1);
+                .filter(|&i| !st.busy[i] && !st.left[i].is_empty())
+                .max_by_key(|&i| st.bytes_left(i));
             if let Some(i) = idle {
                 let mut turn = Vec::new();
                 let mut bytes = 0;
                 while bytes < TURN
-                    && let Some((off, len)) = st.left[i].0.pop_front()
+                    && let Some((off, len)) = st.left[i].pop_front()
                 {
                     let n = len.min(TURN - bytes);
                     if n < len {
-                        st.left[i].0.push_front((off + n, len - n));
+                        st.left[i].push_front((off + n, len - n));
                     }
                     turn.push((off, n));
                     bytes += n;
                 }
-                st.left[i].1 -= bytes;
                 st.busy[i] = true;
                 return Some((i, turn));
             }
             // Nothing left to take, or only files being punched by others:
             // end, or wait until one comes free.
-            if st.left.iter().all(|(_, n)| *n == 0) {
+            if st.left.iter().all(std::collections::VecDeque::is_empty) {
                 return None;
             }
             st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
