@@ -47,6 +47,24 @@ pub(crate) struct ActiveQueue {
     pub(crate) kind: QueueKind,
     pub(crate) queue: Queue,
     pub(crate) evt: EventFd,
+    /// Writes of the device's own to `evt` not read back yet: a drain that
+    /// stopped at its budget comes back to the queue through its eventfd
+    /// (after whatever else the event loop has), and these are not the
+    /// guest's kicks.
+    pub(crate) resumes: u64,
+}
+
+impl ActiveQueue {
+    /// The guest's notifications since the last call: the eventfd counts
+    /// the QueueNotify writes since it was last read, and the device's own
+    /// [`resumes`](Self::resumes), which are not kicks (a spurious wake-up
+    /// reads EAGAIN: none).
+    pub(crate) fn take_kicks(&mut self) -> u64 {
+        let n = self.evt.read().unwrap_or(0);
+        let kicks = n.saturating_sub(self.resumes);
+        self.resumes = self.resumes.saturating_sub(n);
+        kicks
+    }
 }
 
 /// State that exists between DRIVER_OK and reset.
@@ -388,7 +406,22 @@ impl Balloon {
     /// and discards after releasing the device lock (see
     /// [`BalloonEvents`](super::event_handler::BalloonEvents)).
     pub fn process_queue(&mut self, idx: usize) {
-        self.serve_queue(idx).run(&*self.discard, &self.metrics);
+        loop {
+            let resumes = self.resumes(idx);
+            self.serve_queue(idx).run(&*self.discard, &self.metrics);
+            if self.resumes(idx) == resumes {
+                break;
+            }
+        }
+    }
+
+    /// Times the device came back to queue `idx` on its own (see
+    /// [`ActiveQueue::resumes`]); 0 when inactive.
+    fn resumes(&self, idx: usize) -> u64 {
+        self.active
+            .as_ref()
+            .and_then(|a| a.queues.get(idx))
+            .map_or(0, |q| q.resumes)
     }
 
     /// [`process_queue`](Self::process_queue) except for the discards that
@@ -475,11 +508,27 @@ impl Balloon {
         if drain.used {
             self.notify_used(idx);
         }
+        if drain.more && drain.broken.is_none() {
+            self.resume_later(idx);
+        }
         if let Some(why) = drain.broken {
             self.mark_broken(&format!("{} queue ({idx}): {why}", kind.name()));
         }
         if matches!(kind, QueueKind::Inflate | QueueKind::Deflate) {
             self.check_deflate_below_target(kind);
+        }
+    }
+
+    /// Come back to queue `idx` after the event loop has served whatever
+    /// else is ready: signal its eventfd as a kick would.
+    fn resume_later(&mut self, idx: usize) {
+        let Some(q) = self.active.as_mut().and_then(|a| a.queues.get_mut(idx)) else {
+            return;
+        };
+        match q.evt.write(1) {
+            Ok(()) => q.resumes += 1,
+            // Only at the counter's limit, with a wake-up already pending.
+            Err(e) => error!("balloon: resuming the {} queue failed: {e}", q.kind.name()),
         }
     }
 
@@ -936,7 +985,12 @@ impl VirtioDevice for Balloon {
                 .into_iter()
                 .zip(queues)
                 .zip(queue_evts)
-                .map(|((kind, queue), evt)| ActiveQueue { kind, queue, evt })
+                .map(|((kind, queue), evt)| ActiveQueue {
+                    kind,
+                    queue,
+                    evt,
+                    resumes: 0,
+                })
                 .collect(),
             registered: false,
         });

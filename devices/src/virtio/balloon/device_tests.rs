@@ -1578,6 +1578,64 @@ mod sg {
         assert_eq!(fx.metric(|m| m.inflate_ranges), 0);
     }
 
+    /// A driver that re-adds the same buffer as soon as it is used, for
+    /// ever, cannot keep a drain (and the event loop behind it) to itself:
+    /// it ends after MAX_CHAINS_PER_DRAIN chains and says there may be more.
+    #[test]
+    fn a_driver_that_never_stops_adding_cannot_keep_the_drain() {
+        use super::super::queue::{MAX_CHAINS_PER_DRAIN, Notify, drain_chains};
+        let fx = fixture();
+        let mut dq = DriverQueue::new(&fx.mem, QUEUE_BASE + 0x40000, 256);
+        let mut q = dq.queue();
+        let mem = fx.mem.clone();
+        let head = dq.add_chain(&mem, &[(BUF_BASE, 4, false)]);
+        let mut served = 0;
+        let drain = drain_chains(&mut q, &fx.mem, None, Notify::WhileBusy, |h, _| {
+            served += 1;
+            // Without a budget this would go on for ever: fail instead.
+            assert!(served <= 10 * MAX_CHAINS_PER_DRAIN, "the drain never ends");
+            dq.publish(&mem, head);
+            Some(h)
+        });
+        assert!(drain.broken.is_none());
+        assert!(drain.more);
+        assert_eq!(served, MAX_CHAINS_PER_DRAIN);
+    }
+
+    /// A drain stopped at its budget comes back to the queue through the
+    /// queue's eventfd, after whatever else the event loop has ready; those
+    /// wake-ups are not counted as the guest's kicks.
+    #[test]
+    fn a_drain_at_its_budget_resumes_through_the_eventfd() {
+        use super::super::queue::MAX_CHAINS_PER_DRAIN;
+        let mut fx = fixture();
+        let n = MAX_CHAINS_PER_DRAIN + 6;
+        for i in 0..n {
+            // One page each, none adjacent.
+            let at = BUF_BASE + 4 * i as u64;
+            let len = write_pfns(&fx.mem, at, &[0x200 + 2 * i as u32]);
+            fx.queues[0].add_chain(&fx.mem, &[(at, len, false)]);
+        }
+        fn evt(fx: &Fx) -> &super::super::device::ActiveQueue {
+            &fx.balloon.active.as_ref().unwrap().queues[0]
+        }
+        evt(&fx).evt.write(1).unwrap(); // the guest's one kick
+        let late = fx.balloon.serve_queue(0);
+        late.run(&*fx.balloon.discard, &fx.balloon.metrics);
+        assert_eq!(usize::from(fx.used(0)), MAX_CHAINS_PER_DRAIN);
+        assert_eq!(evt(&fx).resumes, 1);
+        // The event loop wakes again: one kick, not two.
+        let q = &mut fx.balloon.active.as_mut().unwrap().queues[0];
+        assert_eq!(q.take_kicks(), 1);
+        assert_eq!(q.resumes, 0);
+        let late = fx.balloon.serve_queue(0);
+        late.run(&*fx.balloon.discard, &fx.balloon.metrics);
+        assert_eq!(usize::from(fx.used(0)), n);
+        assert_eq!(evt(&fx).resumes, 0, "nothing left: no wake-up");
+        assert_eq!(fx.balloon.inflated_pages(), n as u64);
+        assert_eq!(fx.discard.discarded().len(), n);
+    }
+
     /// A driver that adds a buffer just inside every poll window cannot
     /// keep the event loop polling: the drain ends within its budget.
     #[test]

@@ -108,17 +108,15 @@ impl Balloon {
                 let idx = (data - DATA_QUEUE_BASE) as usize;
                 let evt = self
                     .active
-                    .as_ref()
-                    .and_then(|a| a.queues.get(idx))
-                    .map(|q| (q.kind, q.evt.read()));
+                    .as_mut()
+                    .and_then(|a| a.queues.get_mut(idx))
+                    .map(|q| (q.kind, q.take_kicks()));
                 let Some((kind, kicks)) = evt else {
                     // An eventfd parked by a reset; the pending control
                     // event unregisters it.
                     return LateDiscards::default();
                 };
-                // The eventfd counts the QueueNotify writes since the last
-                // read (a spurious wake-up reads EAGAIN: none).
-                self.count_kicks(kind, kicks.unwrap_or(0));
+                self.count_kicks(kind, kicks);
                 return self.serve_queue(idx);
             }
             data => error!("balloon: unexpected event data {data}"),

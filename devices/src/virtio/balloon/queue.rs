@@ -88,15 +88,22 @@ pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Desc
 pub(super) struct Drain {
     pub(super) used: bool,
     pub(super) broken: Option<String>,
+    /// The drain stopped at [`MAX_CHAINS_PER_DRAIN`] with chains possibly
+    /// left: the caller must come back to the queue (notifications may
+    /// still be off).
+    pub(super) more: bool,
 }
 
-/// Serve every chain pending on `q`: `serve(head, descs)` handles one and
-/// says which buffer to hand back now (its own head, an older one it held,
-/// or none when it keeps the buffer). Stops at a corrupt ring or a failed
-/// hand-back, reported in [`Drain::broken`]. With `timer`, the time from
-/// popping each chain to handing it back is added to that counter (ns).
-/// `notify` says whether the driver's notifications are suppressed
-/// meanwhile; every drain ends with them on.
+/// Most chains one drain serves before it gives the event loop back. A
+/// driver that hands each buffer back as soon as it is used (or a hostile
+/// one re-adding the same head forever) would otherwise keep the drain,
+/// and the event loop with the API and signals behind it, to itself; and
+/// what an inflate drain leaves to discard grows with every chain (a 64 KiB
+/// PFN array of pages no two adjacent is 16384 ranges, 256 KiB: at most
+/// 16 MiB here). Linux keeps one inflate or deflate buffer in flight, and a
+/// drain of free page hints or reports seldom finds more than this.
+pub(super) const MAX_CHAINS_PER_DRAIN: usize = 64;
+
 /// How a drain treats guest notifications (see [`drain_chains`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Notify {
@@ -140,6 +147,15 @@ fn poll_avail(q: &Queue, mem: &GuestMemory, window: Duration) -> bool {
     }
 }
 
+/// Serve every chain pending on `q`, up to [`MAX_CHAINS_PER_DRAIN`]
+/// ([`Drain::more`] then says so): `serve(head, descs)` handles one and
+/// says which buffer to hand back now (its own head, an older one it held,
+/// or none when it keeps the buffer). Stops at a corrupt ring or a failed
+/// hand-back, reported in [`Drain::broken`]. With `timer`, the time from
+/// popping each chain to handing it back is added to that counter (ns).
+/// `notify` says whether the driver's notifications are suppressed
+/// meanwhile; every drain ends with them on, but one stopped at the
+/// budget, whose caller comes back to the queue.
 pub(super) fn drain_chains(
     q: &mut Queue,
     mem: &GuestMemory,
@@ -154,7 +170,12 @@ pub(super) fn drain_chains(
         drain.broken = Some(format!("suppressing notifications: {e}"));
         return drain;
     }
+    let mut chains = 0usize;
     loop {
+        if chains == MAX_CHAINS_PER_DRAIN {
+            drain.more = true;
+            break;
+        }
         let started = timer.map(|_| Instant::now());
         let (head, descs) = match next_chain(q, mem) {
             Ok(Some(c)) => c,
@@ -188,6 +209,7 @@ pub(super) fn drain_chains(
                 break;
             }
         };
+        chains += 1;
         let Some(done) = serve(head, descs) else {
             continue;
         };
