@@ -92,6 +92,19 @@ pub trait RamDiscard: Send + Sync {
     /// implementation checks again and refuses anything outside RAM.
     fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError>;
 
+    /// Release the host backing of free pages the guest keeps (a free page
+    /// hint or report): it may reuse them at any moment without a word, so
+    /// nothing may be remembered about them for later. A backing that frees
+    /// memory only in larger units (hugetlbfs) releases the units the range
+    /// covers whole and leaves the rest as it is. By default `discard`.
+    fn discard_free(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
+        self.discard(range)
+    }
+
     /// Hint that `range` is about to be used again (after a deflate). Optional.
     fn will_need(&self, _range: GpaRange) {}
+
+    /// The guest has every page back (a device reset): forget whatever was
+    /// kept about pages it gave up before. Optional.
+    fn forget_all(&self) {}
 }

@@ -469,6 +469,7 @@ impl GuestRam {
         &self,
         region: &RegionBacking,
         range: GpaRange,
+        remember_partial: bool,
     ) -> Result<DiscardOutcome, DiscardError> {
         let mut out = DiscardOutcome::default();
         let start_off = region.file_offset + (range.start - region.gpa);
@@ -486,6 +487,8 @@ impl GuestRam {
             let complete = if hi - lo == HUGE_PAGE_SIZE {
                 partial.remove(&h);
                 true
+            } else if !remember_partial {
+                false
             } else {
                 let bits = partial.entry(h).or_insert([0; 8]);
                 let done = mark_small_pages(bits, lo - hs, hi - hs);
@@ -581,8 +584,13 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
         })
 }
 
-impl RamDiscard for GuestRam {
-    fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
+impl GuestRam {
+    /// A discard of `range`; of free pages the guest keeps (see
+    /// `RamDiscard::discard_free`) unless `balloon`: a huge page only
+    /// partly given up is then left as it is, and not remembered, since
+    /// the guest may be using those 4 KiB pages again by the time the rest
+    /// of the huge page comes.
+    fn release(&self, range: GpaRange, balloon: bool) -> Result<DiscardOutcome, DiscardError> {
         if range.len == 0
             || !range.start.is_multiple_of(PAGE_SIZE)
             || !range.len.is_multiple_of(PAGE_SIZE)
@@ -629,8 +637,25 @@ impl RamDiscard for GuestRam {
                 })
             }
             DiscardKind::StripedPunch => self.discard_striped(region, range),
-            DiscardKind::HugePunch => self.discard_huge(region, range),
+            DiscardKind::HugePunch => self.discard_huge(region, range, balloon),
         }
+    }
+}
+
+impl RamDiscard for GuestRam {
+    fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
+        self.release(range, true)
+    }
+
+    fn discard_free(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
+        self.release(range, false)
+    }
+
+    fn forget_all(&self) {
+        self.partial_huge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn will_need(&self, range: GpaRange) {
@@ -926,6 +951,47 @@ mod tests {
             HUGE_PAGE_SIZE - 4096,
             HUGE_PAGE_SIZE
         ));
+    }
+
+    /// Free pages the guest keeps (reported or hinted) never count towards
+    /// a partly given-up huge page, and a reset forgets the balloon's: else
+    /// the huge page would be punched when its last 4 KiB page comes,
+    /// zeroing the pages the guest had taken back meanwhile.
+    #[test]
+    fn a_huge_page_is_punched_only_once_the_balloon_holds_all_of_it() {
+        let path = std::env::temp_dir().join(format!("blimp-huge-test-{}", std::process::id()));
+        let layout = MemoryLayout::new(32 << 20).unwrap();
+        let mut ram = GuestRam::new(&layout, &MemoryBackend::File(path.clone())).unwrap();
+        // hugetlbfs's rules over a plain file: this host may have no huge pages.
+        ram.kind = DiscardKind::HugePunch;
+        let h = HUGE_PAGE_SIZE;
+        let half = |at: u64| GpaRange::new(at, h / 2);
+        let put = |at: u64| ram.memory().write_obj(7u8, GuestAddress(at)).unwrap();
+        let get = |at: u64| ram.memory().read_obj::<u8>(GuestAddress(at)).unwrap();
+        let released = |r: Result<DiscardOutcome, DiscardError>| r.unwrap().bytes_released;
+        // Half of huge page 0 is reported free; the guest uses it again;
+        // the balloon takes the other half: nothing may be punched.
+        assert_eq!(released(ram.discard_free(half(0))), 0);
+        put(0);
+        assert_eq!(released(ram.discard(half(h / 2))), 0);
+        assert_eq!(get(0), 7, "the guest's page survives");
+        // Once the balloon holds the first half too, the huge page goes.
+        assert_eq!(released(ram.discard(half(0))), h);
+        assert_eq!(get(0), 0);
+        // Half of huge page 1 in the balloon, then a device reset: the
+        // guest has it all back, and a later inflate of the other half
+        // leaves the first alone.
+        assert_eq!(released(ram.discard(half(h))), 0);
+        ram.forget_all();
+        put(h);
+        assert_eq!(released(ram.discard(half(h + h / 2))), 0);
+        assert_eq!(get(h), 7, "the guest's page survives the reset");
+        // A whole huge page reported free is released at once.
+        put(2 * h);
+        assert_eq!(released(ram.discard_free(GpaRange::new(2 * h, h))), h);
+        assert_eq!(get(2 * h), 0);
+        drop(ram);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

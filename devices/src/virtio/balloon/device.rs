@@ -1024,6 +1024,7 @@ impl VirtioDevice for Balloon {
         self.held_stats = None;
         self.pending_restore = None;
         self.bitmap.clear();
+        self.discard.forget_all();
         self.config.actual = 0;
         self.config.poison_val = 0;
         self.hint.reset();

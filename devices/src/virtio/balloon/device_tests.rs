@@ -715,6 +715,14 @@ fn reset_clears_device_state() {
     assert_eq!(fx.balloon.inflated_pages(), 0);
     assert_eq!(fx.balloon.actual_pages(), 0);
     assert_eq!(fx.balloon.acked_features(), 0);
+    // The backing forgets what it kept of the inflated pages (hugetlb:
+    // which 4 KiB pages of a huge page the balloon held).
+    assert_eq!(
+        fx.discard
+            .forgets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // Queue processing after reset is a no-op.
     fx.balloon.process_queue(0);
 }
@@ -1052,6 +1060,23 @@ mod free_pages {
         assert_eq!(fx.discard.discarded().len(), 1);
     }
 
+    /// Reported pages stay the guest's, which may use them again at once:
+    /// they go to the backing as free pages (`discard_free`), unlike the
+    /// balloon's own.
+    #[test]
+    fn reported_pages_are_discarded_as_free_pages() {
+        let mut fx = all_fixture(all_cfg());
+        fx.queues[REP].add_chain(&fx.mem, &[(MIB2, MIB2 as u32, true)]);
+        fx.balloon.process_queue(REP);
+        fx.send_pfns(0, &[0x900]);
+        let report = GpaRange::new(MIB2, MIB2);
+        assert_eq!(*fx.discard.free.lock().unwrap(), vec![report]);
+        assert_eq!(
+            fx.discard.discarded(),
+            vec![report, GpaRange::new(0x900 << 12, 1 << 12)]
+        );
+    }
+
     #[test]
     fn report_ranges_outside_ram_are_skipped() {
         let mut fx = all_fixture(all_cfg());
@@ -1264,6 +1289,8 @@ mod free_pages {
         send_cmd(&mut fx, id, false);
         send_hint(&mut fx, MIB4, MIB4);
         assert_eq!(fx.discard.discarded(), vec![GpaRange::new(MIB4, MIB4)]);
+        // As free pages: the guest keeps them (see `discard_free`).
+        assert_eq!(*fx.discard.free.lock().unwrap(), fx.discard.discarded());
         assert_eq!(fx.balloon.metrics().snapshot().reported_discard_bytes, MIB4);
         // Discard, but the guest poisons free pages: keep them.
         let mut fx = all_fixture(cfg);

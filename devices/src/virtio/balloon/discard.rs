@@ -15,10 +15,21 @@ pub(super) fn discard_counted(
     queue: &str,
     idx: usize,
 ) -> bool {
+    counted(metrics, range, queue, idx, || discard.discard(range))
+}
+
+/// `call` (a discard of `range`) counted as [`discard_counted`] says.
+fn counted(
+    metrics: &BalloonMetrics,
+    range: GpaRange,
+    queue: &str,
+    idx: usize,
+    call: impl FnOnce() -> Result<crate::DiscardOutcome, crate::DiscardError>,
+) -> bool {
     BalloonMetrics::inc(&metrics.discard_calls);
     BalloonMetrics::add(&metrics.discard_bytes, range.len);
     let t = std::time::Instant::now();
-    let result = discard.discard(range);
+    let result = call();
     BalloonMetrics::add(&metrics.discard_ns, t.elapsed().as_nanos() as u64);
     match result {
         Ok(o) => {
@@ -45,7 +56,8 @@ pub(crate) fn discard_all(
     }
 }
 
-/// Discard a free range reported or hinted by the guest.
+/// Discard a free range reported or hinted by the guest, which keeps it
+/// (see [`RamDiscard::discard_free`]).
 pub(super) fn discard_free_range(
     discard: &dyn RamDiscard,
     metrics: &BalloonMetrics,
@@ -53,7 +65,7 @@ pub(super) fn discard_free_range(
     queue: &str,
     idx: usize,
 ) {
-    if discard_counted(discard, metrics, range, queue, idx) {
+    if counted(metrics, range, queue, idx, || discard.discard_free(range)) {
         BalloonMetrics::add(&metrics.reported_discard_bytes, range.len);
     }
 }

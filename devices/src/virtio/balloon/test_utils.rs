@@ -131,6 +131,10 @@ pub struct RecordingDiscard {
     pub vring_at_discard: Mutex<Vec<u32>>,
     /// If set, each discard (once recorded) waits for a message on it.
     pub hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// The ranges of `discards` that came through `discard_free`.
+    pub free: Mutex<Vec<GpaRange>>,
+    /// `forget_all` calls.
+    pub forgets: std::sync::atomic::AtomicU32,
 }
 
 impl RecordingDiscard {
@@ -159,8 +163,15 @@ impl RamDiscard for RecordingDiscard {
             syscalls: 1,
         })
     }
+    fn discard_free(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
+        self.free.lock().unwrap().push(range);
+        self.discard(range)
+    }
     fn will_need(&self, range: GpaRange) {
         self.will_need.lock().unwrap().push(range);
+    }
+    fn forget_all(&self) {
+        self.forgets.fetch_add(1, Ordering::Relaxed);
     }
 }
 
