@@ -417,6 +417,13 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(EXIT_RUNTIME);
     }
     if let Some(url) = &args.incoming {
+        if let Ok(api::types::MigrationDestination::File(stream)) =
+            api::types::MigrationDestination::parse(url)
+            && let Err(msg) = backing_is_not_the_stream(&stream, "--incoming", &args.memory_backend)
+        {
+            eprintln!("blimp: error: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
         let host = HostArgs {
             memory_backend: args.memory_backend.clone(),
             memory_thp: args.memory_thp,
@@ -448,6 +455,25 @@ fn run(args: RunArgs) -> ExitCode {
     run_vmm(vmm, api_sock)
 }
 
+/// Restored RAM starts zeroed: a backing file that is the migration file
+/// itself (`flag`) would be emptied before the stream is read, and after a
+/// migration to a file that stream is the only copy of the VM.
+fn backing_is_not_the_stream(
+    stream: &Path,
+    flag: &str,
+    backing: &MemoryBackend,
+) -> Result<(), String> {
+    match backing {
+        MemoryBackend::File(file) if vmm::migration::file_dest::same_file(stream, file) => {
+            Err(format!(
+                "--memory-backend file={} is the migration file itself ({flag}): its RAM would overwrite the stream; back the guest with another file",
+                file.display()
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
@@ -461,14 +487,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => {
-            // Restored RAM starts zeroed: that would empty the stream itself.
-            if let MemoryBackend::File(backing) = &args.host.memory_backend
-                && vmm::migration::file_dest::same_file(&args.from, backing)
+            if let Err(msg) =
+                backing_is_not_the_stream(&args.from, "--from", &args.host.memory_backend)
             {
-                eprintln!(
-                    "blimp: error: --memory-backend file={} is the migration file itself (--from): its RAM would overwrite the stream; back the guest with another file",
-                    backing.display()
-                );
+                eprintln!("blimp: error: {msg}");
                 return ExitCode::from(EXIT_USAGE);
             }
             if let Err(msg) = confine_main(args.host.seccomp, &args.host.memory_backend) {

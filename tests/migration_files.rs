@@ -399,6 +399,26 @@ fn the_vms_own_memory_file_is_never_a_destination() {
     assert!(stderr.contains("is the migration file itself"), "{stderr}");
     assert_eq!(std::fs::metadata(&snap).unwrap().len(), size);
     assert!(std::fs::read(&snap).unwrap().starts_with(MAGIC));
+    // Likewise `run --incoming file://…`, through the hard link too.
+    let link = dir.join("snap-link");
+    std::fs::hard_link(&snap, &link).unwrap();
+    let url = format!("file://{}", snap.display());
+    let link_arg = format!("file={}", link.display());
+    let (code, _, stderr) = common::run_blimp(&[
+        "run",
+        "--incoming",
+        &url,
+        "--memory-backend",
+        &link_arg,
+        "--no-stdin",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("is the migration file itself (--incoming)"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(&snap).unwrap().len(), size);
+    assert!(std::fs::read(&snap).unwrap().starts_with(MAGIC));
     vm.signal(libc::SIGTERM);
     let _ = vm.wait(BOOT);
 }
