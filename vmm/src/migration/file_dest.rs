@@ -135,13 +135,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{path} was replaced, but directory {dir} could not be synced: {source}")]
-    SyncDir {
-        path: PathBuf,
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// Where a target lives: its directory (`.` for a bare name) and the path
@@ -312,7 +305,8 @@ impl AtomicFile {
         &self.temp
     }
 
-    /// Sync the data and rename it over the target; then sync the directory.
+    /// Sync the data and rename it over the target; then sync the directory
+    /// (a failure of that last step is logged, not returned: see below).
     pub fn commit(mut self) -> Result<(), Error> {
         let Some(mut file) = self.file.take() else {
             return Ok(());
@@ -346,13 +340,22 @@ impl AtomicFile {
                 source,
             });
         }
-        File::open(&self.target.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| Error::SyncDir {
-                path: self.target.given.clone(),
-                dir: self.target.dir.clone(),
-                source,
-            })
+        // The file is in place, complete and its data synced: the job has
+        // succeeded, whatever the directory does now. Failing it here would
+        // leave its stream at the path while a migrated guest resumed on
+        // the source (two diverging copies), and the old file is gone
+        // either way. Only the new name's surviving a host crash in the
+        // next seconds is in doubt (a directory this user cannot read, an
+        // I/O error): said, not failed.
+        if let Err(e) = File::open(&self.target.dir).and_then(|d| d.sync_all()) {
+            log::warn!(
+                target: "console",
+                "{} is written and in place, but its directory {} could not be synced ({e}): the new name may not survive a host crash in the next seconds",
+                self.target.given.display(),
+                self.target.dir.display()
+            );
+        }
+        Ok(())
     }
 
     /// Give up: remove the temporary file, leave the target as it was.
