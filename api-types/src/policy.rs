@@ -374,8 +374,24 @@ impl PolicySettings {
         }
     }
 
-    /// Checks against the guest: the error names the value.
+    /// Every key within the bounds [`set`](Self::set) gives it: settings
+    /// that did not come through `set` (a migration stream's, serde's
+    /// plain derive) get them too. The error names the key and the value.
+    fn keys_in_bounds(&self) -> Result<(), String> {
+        let Ok(Value::Object(map)) = serde_json::to_value(self) else {
+            return Err("balloon policy settings do not serialize".into());
+        };
+        let mut scratch = self.clone();
+        for (key, value) in &map {
+            scratch.set(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every key's bounds, then against the guest: the error names
+    /// the value.
     pub fn check(&self, guest_bytes: u64) -> Result<(), String> {
+        self.keys_in_bounds()?;
         let guest_mib = guest_bytes >> 20;
         if self.floor_mib > guest_mib {
             return Err(format!(
@@ -589,6 +605,35 @@ pub struct PolicyStatus {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Settings that did not come through `set` (a migration stream's)
+    /// are held to its bounds by `check`, which names the key.
+    #[test]
+    fn check_holds_every_key_to_the_bounds_of_set() {
+        let ok = PolicySettings::default();
+        ok.check(1 << 30).unwrap();
+        type Spoil = fn(&mut PolicySettings);
+        let cases: [(&str, Spoil); 5] = [
+            ("headroom_mib", |s| s.headroom_mib = u64::MAX),
+            ("pressure_step_mib", |s| {
+                s.pressure_step_mib = MAX_SIZE_MIB + 1
+            }),
+            ("cooldown_ms", |s| s.cooldown_ms = u64::MAX),
+            ("major_faults_per_s", |s| s.major_faults_per_s = f64::NAN),
+            ("psi_path", |s| s.psi_path = String::new()),
+        ];
+        for (key, spoil) in cases {
+            let mut s = ok.clone();
+            spoil(&mut s);
+            let e = s.check(1 << 30).unwrap_err();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // Through serde, as a stream brings them.
+        let mut v = serde_json::to_value(&ok).unwrap();
+        v["host_psi_high"] = json!(1e300);
+        let s: PolicySettings = serde_json::from_value(v).unwrap();
+        assert!(s.check(1 << 30).unwrap_err().contains("host_psi_high"));
+    }
 
     #[test]
     fn defaults_come_from_the_table() {
