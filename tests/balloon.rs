@@ -240,3 +240,67 @@ fn hostile_guest_input_is_refused_and_the_device_keeps_working() {
     vm.verify("verify ok", BOOT);
     vm.exit_with(0, BOOT);
 }
+
+/// `hostile flood`: for 6 s the guest keeps the inflate ring full, each
+/// buffer re-added the moment the device uses it, faster than the device
+/// can serve them. The device serves a bounded number per turn, so the
+/// event loop (GET /vm) and the device lock (GET /balloon) stay available
+/// throughout, and the device works afterwards.
+#[test]
+fn a_guest_flooding_the_inflate_queue_cannot_stall_the_vmm() {
+    let (mut vm, mut api, _) = common::boot_with_api_manual_balloon(
+        "flood",
+        "balloon;hostile flood;echo flood finished",
+        // No statistics requests: their interrupts would let the device
+        // catch up, and the event loop go.
+        &["--memory", "512M", "--balloon", "stats_interval=0"],
+    );
+    vm.expect_line("hostile flood: 6 s of inflate buffers", BOOT);
+    let before = common::metrics(&mut api);
+    let t = std::time::Instant::now();
+    let mut answered = 0;
+    let mut slowest = Duration::ZERO;
+    // Within the flood's 6 s (the line above comes before it starts).
+    while t.elapsed() < Duration::from_secs(4) {
+        for path in ["/vm", "/balloon"] {
+            let asked = std::time::Instant::now();
+            let (status, body) = api.get(path).unwrap();
+            assert_eq!(status, 200, "GET {path}: {body}");
+            // A stalled event loop answers only once the flood is over.
+            let took = asked.elapsed();
+            slowest = slowest.max(took);
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let yields = common::metric(&common::metrics(&mut api), "drain_yields")
+        - common::metric(&before, "drain_yields");
+    eprintln!(
+        "{answered} answers during the flood, the slowest in {slowest:?}; {yields} drains stopped at their budget"
+    );
+    // The device gave the event loop back, again and again...
+    assert!(yields >= 10.0, "{yields} drains stopped at their budget");
+    // ...so each answer takes milliseconds. (An event loop held by the
+    // drain answers when the guest happens to fall behind: on this 2-CPU
+    // host when a thread of the test takes its CPU, after 0.1-1 s.)
+    assert!(
+        slowest < Duration::from_millis(500),
+        "the slowest answer took {slowest:?}"
+    );
+    assert!(answered >= 20, "{answered} answers");
+    let line = vm.expect_line("hostile flood: the device used", Duration::from_secs(30));
+    let used: u64 = line
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // The device kept serving the flood meanwhile.
+    assert!(used > 1000, "{line}");
+    vm.expect_line("flood finished", Duration::from_secs(30));
+    let (_, info) = api.get("/balloon").unwrap();
+    assert_eq!(info["driver_ok"], true, "{info}");
+    resize_balloon(&mut api, 64, Duration::from_secs(30));
+    resize_balloon(&mut api, 0, Duration::from_secs(30));
+    vm.exit_with(0, BOOT);
+}

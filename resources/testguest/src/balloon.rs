@@ -61,6 +61,8 @@ const HOSTILE_WAIT_NS: u64 = 1_000_000_000;
 const HOSTILE_ROUND_WAIT_NS: u64 = 10_000_000_000;
 /// A guest-physical address in the MMIO hole (below the LAPIC/IOAPIC).
 const MMIO_HOLE_ADDR: u64 = 0xd000_0000;
+/// How long `hostile flood` keeps the inflate ring full.
+const HOSTILE_FLOOD_NS: u64 = 6_000_000_000;
 /// Descriptors in `hostile report-too-long`'s report (the spec allows 32).
 const HOSTILE_REPORT_LEN: usize = 40;
 
@@ -1493,6 +1495,7 @@ impl Balloon {
                 return self.hostile_report(mem, case);
             }
             HostileCase::SgRanges => return self.hostile_sg(mem),
+            HostileCase::Flood => return self.hostile_flood(mem),
             _ => {}
         }
         let scratch = self.data + HOSTILE_OFFSET;
@@ -1508,7 +1511,8 @@ impl Balloon {
             | HostileCase::HintWrongDirection
             | HostileCase::ReportOutsideRam
             | HostileCase::ReportTooLong
-            | HostileCase::SgRanges => return Err("handled above"),
+            | HostileCase::SgRanges
+            | HostileCase::Flood => return Err("handled above"),
             HostileCase::PfnOutsideRam => {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
@@ -1632,6 +1636,48 @@ impl Balloon {
         };
         self.kick(q);
         Ok(self.wait_used(q, head, Some(clock::now_ns() + HOSTILE_WAIT_NS)))
+    }
+
+    /// `hostile flood`: for HOSTILE_FLOOD_NS, the inflate ring kept full of
+    /// one-PFN buffers (a frame given up for good), each re-added the
+    /// moment the device uses it, faster than any device serves them: a
+    /// device that serves a queue until it is empty never stops. Used-buffer
+    /// interrupts are off meanwhile (their handler would let the device
+    /// catch up). Prints when it starts and how many buffers the device
+    /// used; then waits (HOSTILE_WAIT_NS) for the last ones.
+    fn hostile_flood(&mut self, mem: &mut Memory) -> Result<bool, &'static str> {
+        let scratch = self.data + HOSTILE_OFFSET;
+        let p = self.sacrificial_pfn(mem);
+        self.write_scratch_u32(0, p);
+        let buf = [Buf::readable(scratch, 4)];
+        self.live.inflate.suppress_interrupts();
+        while self.live.inflate.add(&buf).is_some() {}
+        crate::println!(
+            "hostile flood: {} s of inflate buffers",
+            HOSTILE_FLOOD_NS / 1_000_000_000
+        );
+        self.kick(Queue::Inflate);
+        let end = clock::now_ns() + HOSTILE_FLOOD_NS;
+        let mut used = 0u64;
+        while clock::now_ns() < end {
+            while self.live.inflate.pop_used().is_some() {
+                used += 1;
+                if self.live.inflate.add(&buf).is_some() {
+                    self.kick(Queue::Inflate);
+                }
+            }
+            core::hint::spin_loop();
+        }
+        self.live.inflate.allow_interrupts();
+        crate::println!("hostile flood: the device used {used} buffers");
+        Ok(self.wait_queue(
+            Queue::Inflate,
+            Some(clock::now_ns() + HOSTILE_WAIT_NS),
+            |queue| {
+                while queue.pop_used().is_some() {}
+                queue.in_flight() == 0
+            },
+        ))
     }
 
     /// `hostile sg-ranges` (VIRTIO_BALLOON_F_BLIMP_SG): one inflate chain

@@ -24,6 +24,9 @@ pub enum HostileCase {
     ReportTooLong,
     /// Every bad chunked range (VIRTIO_BALLOON_F_BLIMP_SG negotiated).
     SgRanges,
+    /// The inflate ring kept full for seconds, each buffer re-added as soon
+    /// as it is used (not in `all`: it takes a while).
+    Flood,
     All,
 }
 
@@ -62,6 +65,7 @@ impl HostileCase {
             HostileCase::ReportOutsideRam => "report-outside-ram",
             HostileCase::ReportTooLong => "report-too-long",
             HostileCase::SgRanges => "sg-ranges",
+            HostileCase::Flood => "flood",
             HostileCase::All => "all",
         }
     }
@@ -69,7 +73,7 @@ impl HostileCase {
     pub fn from_name(s: &str) -> Option<Self> {
         Self::EACH
             .into_iter()
-            .chain([HostileCase::All])
+            .chain([HostileCase::Flood, HostileCase::All])
             .find(|c| c.name() == s)
     }
 }

@@ -328,6 +328,13 @@ impl SplitQueue {
         fence(Ordering::SeqCst);
     }
 
+    /// Undoes [`suppress_interrupts`](Self::suppress_interrupts).
+    pub fn allow_interrupts(&mut self) {
+        // SAFETY: avail.flags.
+        unsafe { write_volatile(self.avail_addr() as *mut u16, 0) };
+        fence(Ordering::SeqCst);
+    }
+
     /// Whether the device asked not to be notified (VIRTQ_USED_F_NO_NOTIFY).
     pub fn notify_suppressed(&self) -> bool {
         fence(Ordering::SeqCst);

@@ -526,7 +526,10 @@ impl Balloon {
             return;
         };
         match q.evt.write(1) {
-            Ok(()) => q.resumes += 1,
+            Ok(()) => {
+                q.resumes += 1;
+                BalloonMetrics::inc(&self.metrics.drain_yields);
+            }
             // Only at the counter's limit, with a wake-up already pending.
             Err(e) => error!("balloon: resuming the {} queue failed: {e}", q.kind.name()),
         }

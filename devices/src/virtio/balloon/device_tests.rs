@@ -1651,6 +1651,7 @@ mod sg {
         late.run(&*fx.balloon.discard, &fx.balloon.metrics);
         assert_eq!(usize::from(fx.used(0)), MAX_CHAINS_PER_DRAIN);
         assert_eq!(evt(&fx).resumes, 1);
+        assert_eq!(fx.balloon.metrics().snapshot().drain_yields, 1);
         // The event loop wakes again: one kick, not two.
         let q = &mut fx.balloon.active.as_mut().unwrap().queues[0];
         assert_eq!(q.take_kicks(), 1);

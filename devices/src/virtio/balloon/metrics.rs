@@ -109,6 +109,10 @@ balloon_metrics! {
     deflate_kicks,
     /// Guest notifications of the free page (hinting) queue.
     free_page_kicks,
+    /// Drains of a queue that stopped at their budget (64 buffers) and came
+    /// back to it after the event loop's other work: a driver adding
+    /// buffers as fast as the device serves them.
+    drain_yields,
 }
 
 impl BalloonMetrics {
