@@ -89,7 +89,8 @@ pub fn handle_internal_error(fd: &mut VcpuFd, pvm: bool) -> Result<(), String> {
         Fixup::Skip { len } => (len, None),
         Fixup::SkipAndInject { len, vector } => (len, Some(vector)),
     };
-    regs.rip += len;
+    // Wraps as the CPU does at the top of the address space.
+    regs.rip = regs.rip.wrapping_add(len);
     fd.set_regs(&regs)
         .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
     if let Some(vector) = vector {

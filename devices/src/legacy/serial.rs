@@ -20,6 +20,8 @@ pub const COM1_PORT_COUNT: u16 = 8;
 pub const COM1_IRQ: u32 = 4;
 /// Receive buffer register offset: a read there may make FIFO space.
 const RBR_OFFSET: u8 = 0;
+/// Modem control register offset (its bit 4 is loopback mode).
+const MCR_OFFSET: u8 = 4;
 /// Bound on input held back while the guest is not reading (1 MiB).
 const MAX_PENDING_INPUT: usize = 1 << 20;
 /// vm-superio's receive FIFO size (a 16550A's).
@@ -76,10 +78,20 @@ impl Serial {
             return;
         }
         let n = room.min(self.pending.len());
-        let chunk: Vec<u8> = self.pending.drain(..n).collect();
-        if let Err(e) = self.uart.enqueue_raw_bytes(&chunk) {
-            log::debug!("serial: cannot enqueue input: {e:?}");
-        }
+        let chunk: Vec<u8> = self.pending.iter().take(n).copied().collect();
+        // Only what the UART took leaves the queue: in loopback mode it
+        // takes nothing (the guest's 8250 probe sets it for a moment), and
+        // the rest waits for the next chance (`write` of MCR, a read).
+        let taken = match self.uart.enqueue_raw_bytes(&chunk) {
+            Ok(k) => k,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                // The bytes are in the FIFO; the interrupt did not go.
+                log::debug!("serial: input queued, but its interrupt failed: {e:?}");
+                n
+            }
+        };
+        self.pending.drain(..taken.min(n));
     }
 }
 
@@ -101,6 +113,10 @@ impl BusDevice for Serial {
         };
         if let Err(e) = self.uart.write(off, v) {
             log::debug!("serial: write at offset {off}: {e:?}");
+        }
+        if off == MCR_OFFSET {
+            // Out of loopback mode: input held back meanwhile may go in.
+            self.feed();
         }
     }
 }
@@ -216,22 +232,6 @@ impl Serial {
     }
 }
 
-/// A writer to the VMM's stdout that flushes every write, so interactive
-/// echo shows up at once.
-pub struct StdoutWriter;
-
-impl Write for StdoutWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut out = io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        io::stdout().flush()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +276,23 @@ mod tests {
 
     fn evt() -> EventFd {
         EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    /// Input typed while the guest has the UART in loopback mode (Linux's
+    /// 8250 probe sets it for a moment) waits, and arrives once it is off.
+    #[test]
+    fn input_typed_in_loopback_mode_is_kept() {
+        let mut s = Serial::new(evt(), Box::new(Sink::default()));
+        s.write(u64::from(MCR_OFFSET), &[0x10]);
+        assert!(s.queue_input(b"ab"));
+        let mut b = [0u8];
+        s.read(u64::from(RBR_OFFSET), &mut b);
+        assert_eq!(s.pending.len(), 2, "held back, not dropped");
+        s.write(u64::from(MCR_OFFSET), &[0]);
+        for want in b"ab" {
+            s.read(u64::from(RBR_OFFSET), &mut b);
+            assert_eq!(b[0], *want);
+        }
     }
 
     #[test]
