@@ -198,3 +198,52 @@ fn a_restored_console_shows_its_prompt() {
     assert_exits_restored(&pty, &orig, &mut child, 0, "Ctrl-A x on a restored VM");
     let _ = std::fs::remove_file(&file);
 }
+
+/// A console nobody reads (blimp's stdout a pipe left full) does not keep
+/// the VM from stopping: the vCPU's blocked write is given up when the VMM
+/// kicks it, and SIGTERM ends blimp as it does otherwise.
+#[test]
+fn a_console_nobody_reads_does_not_keep_blimp_from_stopping() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::process::Stdio;
+    let log = std::env::temp_dir().join(format!("blimp-unread-{}.log", std::process::id()));
+    let mut child = blimp_run(&["--memory", "256M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("starting blimp");
+    let mut input = child.stdin.take().unwrap();
+    // Kept open and never read.
+    let out = child.stdout.take().unwrap();
+    // Far more than the pipe holds (64 KiB): `help` prints its list.
+    for _ in 0..1000 {
+        writeln!(input, "help").unwrap();
+    }
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on our end of the pipe into a local int.
+        let rc = unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n
+    };
+    let t = std::time::Instant::now();
+    while queued() < 60 << 10 {
+        assert!(t.elapsed() < BOOT, "the console wrote {} bytes", queued());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The guest is now blocked on its console.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let st = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(st.code().is_some(), "blimp did not exit by itself: {st:?}");
+    drop(out);
+    let said = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    assert!(
+        said.contains("the console's output (stdout) has taken nothing for 1 s"),
+        "{said}"
+    );
+}

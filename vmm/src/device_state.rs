@@ -3,8 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::console::StdoutWriter;
 use devices::legacy::Serial;
-use devices::legacy::serial::{SerialState, StdoutWriter};
+use devices::legacy::serial::SerialState;
 use devices::persist::{Persist, PersistError, from_json_str, to_json};
 use devices::virtio::balloon::Balloon;
 use devices::virtio::balloon::persist::BalloonState;
@@ -187,7 +188,7 @@ pub(crate) fn restore(
         .irq_evt()
         .try_clone()
         .map_err(|e| RestoreError::Devices(format!("serial irqfd: {e}")))?;
-    let serial = Serial::restore(irq, Box::new(StdoutWriter), &saved.serial)
+    let serial = Serial::restore(irq, Box::new(StdoutWriter::default()), &saved.serial)
         .map_err(|e| bad("serial", e))?;
     let balloon = match &saved.balloon {
         None => None,
@@ -229,7 +230,9 @@ mod tests {
 
     fn sample_serial() -> SerialState {
         let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        Serial::new(irq, Box::new(StdoutWriter)).save().unwrap()
+        Serial::new(irq, Box::new(StdoutWriter::default()))
+            .save()
+            .unwrap()
     }
 
     fn doc(mutate: impl FnOnce(&mut Value)) -> Result<SavedDevices, RestoreError> {

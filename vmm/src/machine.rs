@@ -66,7 +66,7 @@ impl Machine {
             })?;
         let serial = Arc::new(Mutex::new(Serial::new(
             serial_irq,
-            Box::new(legacy::serial::StdoutWriter),
+            Box::new(crate::console::StdoutWriter::default()),
         )));
         pio.insert(
             u64::from(legacy::COM1_PORT_BASE),
