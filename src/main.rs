@@ -321,6 +321,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             let (enabled, settings) = api::policy::PolicySettings::parse_cli(p).map_err(Usage)?;
             settings
                 .check(memory)
+                .and_then(|_| vmm::policy::check_psi_path(&settings.psi_path))
                 .map_err(|e| Usage(format!("--balloon-policy: {e}")))?;
             // The policy decides from the guest's statistics: the queue is
             // offered (and polled) even with enabled=off, so that the API
