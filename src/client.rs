@@ -128,10 +128,20 @@ pub struct BalloonSetArgs {
     /// Wait, with a progress bar, until the guest has reached the size
     #[arg(long)]
     pub wait: bool,
-    /// With --wait: give up after this many seconds (exit status 1)
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    /// With --wait: give up after this many seconds (exit status 1); at
+    /// most 86400 (a day)
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(..=MAX_WAIT_S)
+    )]
     pub timeout: u64,
 }
+
+/// The longest `balloon set --wait --timeout`: a day is more than any
+/// balloon needs, and a bound keeps the deadline's arithmetic in range.
+const MAX_WAIT_S: u64 = 86_400;
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
@@ -844,4 +854,52 @@ fn events(args: EventsArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ClientCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<ClientCommand, String> {
+        Cli::try_parse_from(std::iter::once("blimp").chain(args.iter().copied()))
+            .map(|c| c.cmd)
+            .map_err(|e| e.to_string())
+    }
+
+    /// An absurd --timeout was taken and overflowed `Instant + Duration`
+    /// (a panic); it is now refused by the parser, naming the limit.
+    #[test]
+    fn balloon_wait_timeout_is_bounded() {
+        let set = |t: &str| {
+            parse(&[
+                "balloon",
+                "set",
+                "128M",
+                "--wait",
+                "--timeout",
+                t,
+                "--api-sock",
+                "S",
+            ])
+        };
+        for t in ["18446744073709551615", "86401"] {
+            let e = set(t).unwrap_err();
+            assert!(e.contains("--timeout") && e.contains("86400"), "{t}: {e}");
+        }
+        for (t, want) in [("86400", 86_400), ("0", 0)] {
+            match set(t) {
+                Ok(ClientCommand::Balloon {
+                    cmd: BalloonCommand::Set(a),
+                }) => assert_eq!(a.timeout, want),
+                other => panic!("{t}: {other:?}"),
+            }
+        }
+    }
 }
