@@ -181,7 +181,8 @@ struct RunArgs {
     /// sg[=on|off] (off; chunked inflate/deflate ranges, Blimp-experimental
     /// feature bit 23), notify_suppression[=on|off] (on),
     /// floor=SIZE (memory every balloon target must leave the guest;
-    /// default 64M, at most a quarter of guest memory; 0 = none).
+    /// default 64M, at most a quarter of guest memory; 0 = none; never
+    /// more than --memory).
     /// Example: --balloon deflate_on_oom,free_page_hint,stats_interval=1
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<String>,
@@ -300,6 +301,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     if args.balloon.is_some() || args.balloon_target.is_some() {
         let opts =
             balloon_opts::parse_opts(args.balloon.as_deref().unwrap_or("")).map_err(Usage)?;
+        opts.check_floor(memory).map_err(Usage)?;
         let mut b = opts.device;
         cfg.balloon_floor_bytes = opts.floor_bytes;
         if let Some(t) = &args.balloon_target {
@@ -534,6 +536,45 @@ mod tests {
         for (k, _) in crate::balloon_opts::KEYS {
             assert!(readme.contains(&format!("`{k}")), "README lacks `{k}`");
         }
+    }
+
+    /// `--balloon floor=4G --memory 1G` was taken, and every nonzero
+    /// target refused afterwards; it is a usage error naming both.
+    #[test]
+    fn a_balloon_floor_above_memory_is_a_usage_error() {
+        use clap::Parser;
+        let kernel =
+            std::env::temp_dir().join(format!("blimp-floor-kernel-{}", std::process::id()));
+        std::fs::write(&kernel, b"not booted").unwrap();
+        let config = |floor: &str| {
+            let cli = super::Cli::try_parse_from([
+                "blimp",
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "1G",
+                "--balloon",
+                floor,
+            ])
+            .unwrap();
+            match cli.command {
+                super::Command::Run(args) => super::vm_config(&args).map_err(|u| u.0),
+                _ => unreachable!("parsed as run"),
+            }
+        };
+        let refused = config("floor=4G");
+        let taken = config("floor=1G");
+        std::fs::remove_file(&kernel).unwrap();
+        let e = refused.expect_err("floor=4G with --memory 1G was taken");
+        assert!(
+            e.contains("floor=4 GiB") && e.contains("--memory 1 GiB"),
+            "{e}"
+        );
+        assert_eq!(
+            taken.ok().and_then(|c| c.balloon_floor_bytes),
+            Some(1 << 30)
+        );
     }
 
     /// `blimp run --help` and README list every `--balloon-policy` key of
