@@ -13,6 +13,9 @@ use vmm::{MemoryBackend, VmConfig, Vmm};
 const EXIT_USAGE: u8 = 2;
 /// Exit status for runtime errors.
 const EXIT_RUNTIME: u8 = 1;
+/// `blimp migrate`: the source blimp exited before the command read how
+/// the migration ended (most likely Completed; see `blimp migrate --help`).
+const EXIT_SOURCE_GONE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -495,6 +498,8 @@ fn main() -> ExitCode {
                     // error, like a bad argument.
                     ExitCode::from(if client::refused_as_invalid() {
                         EXIT_USAGE
+                    } else if client::source_gone() {
+                        EXIT_SOURCE_GONE
                     } else {
                         EXIT_RUNTIME
                     })
