@@ -121,6 +121,23 @@ pub fn parse_opts(s: &str) -> Result<BalloonOpts, String> {
     Ok(o)
 }
 
+impl BalloonOpts {
+    /// Refuse a `floor=` above the guest's memory: the guest could never
+    /// keep it, so every nonzero balloon target would be refused later,
+    /// one request at a time. A floor equal to the memory is allowed (a
+    /// balloon that may never inflate, e.g. for its statistics).
+    pub fn check_floor(&self, guest_bytes: u64) -> Result<(), String> {
+        match self.floor_bytes {
+            Some(floor) if floor > guest_bytes => Err(format!(
+                "--balloon floor={} is more than the guest's memory (--memory {}): every balloon target would be refused; the floor is what the balloon must leave the guest, at most its memory (floor=0: none)",
+                size::format_bytes(floor),
+                size::format_bytes(guest_bytes)
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +197,23 @@ mod tests {
         );
         let e = parse_opts("floor=-5").unwrap_err();
         assert!(e.contains("floor=-5") && e.contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn a_floor_above_the_guest_memory_is_refused() {
+        let o = parse_opts("floor=4G").unwrap();
+        let e = o.check_floor(1 << 30).unwrap_err();
+        assert!(
+            e.starts_with("--balloon floor=4 GiB is more than the guest's memory (--memory 1 GiB)"),
+            "{e}"
+        );
+        assert_eq!(o.check_floor(4 << 30), Ok(()), "equal: allowed");
+        assert_eq!(
+            parse_opts("").unwrap().check_floor(1 << 20),
+            Ok(()),
+            "default"
+        );
+        assert_eq!(parse_opts("floor=0").unwrap().check_floor(0), Ok(()));
     }
 
     #[test]

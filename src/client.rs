@@ -55,6 +55,14 @@ pub enum ClientCommand {
     ///
     /// Ctrl-C (or SIGTERM) cancels the migration: the guest runs here again.
     /// `blimp migrate --cancel` cancels one started elsewhere.
+    ///
+    /// Exit status: 0 when the migration Completed; 3 when the source blimp
+    /// exited before this command could read how the migration ended (its
+    /// API socket went away between two polls, 200 ms apart, e.g. with a
+    /// --source-exit-delay-ms shorter than that): a source exits by itself
+    /// only after a Completed migration, so the VM most likely runs at the
+    /// destination, but this command did not see it (check there); 1
+    /// otherwise (Failed, Cancelled, or an error).
     Migrate(MigrateArgs),
     /// Write a snapshot of a running VM to a file
     Snapshot(SnapshotArgs),
@@ -128,10 +136,20 @@ pub struct BalloonSetArgs {
     /// Wait, with a progress bar, until the guest has reached the size
     #[arg(long)]
     pub wait: bool,
-    /// With --wait: give up after this many seconds (exit status 1)
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    /// With --wait: give up after this many seconds (exit status 1); at
+    /// most 86400 (a day)
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(..=MAX_WAIT_S)
+    )]
     pub timeout: u64,
 }
+
+/// The longest `balloon set --wait --timeout`: a day is more than any
+/// balloon needs, and a bound keeps the deadline's arithmetic in range.
+const MAX_WAIT_S: u64 = 86_400;
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
@@ -167,7 +185,9 @@ pub struct MigrateArgs {
     /// instead of ending it
     #[arg(long)]
     pub source_stays: bool,
-    /// Time between completion and the source's exit
+    /// Time between completion and the source's exit. Shorter than this
+    /// command's polls (200 ms), the source may exit before this command
+    /// reads Completed: it then exits with status 3 (see above)
     #[arg(long, value_name = "MS", default_value_t = api::types::DEFAULT_SOURCE_EXIT_DELAY_MS)]
     pub source_exit_delay_ms: u64,
     /// Do not use free page hinting to skip free guest memory
@@ -511,6 +531,17 @@ pub fn refused_as_invalid() -> bool {
     REFUSED_AS_INVALID.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The source blimp went away before `blimp migrate` read how its
+/// migration ended.
+static SOURCE_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `blimp migrate` failed because the source blimp exited before
+/// it could read the migration's final state (exit status 3: the outcome
+/// is most likely Completed, but was not seen).
+pub fn source_gone() -> bool {
+    SOURCE_GONE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// [`err`], remembering a 400 for [`refused_as_invalid`].
 fn err_invalid(e: ClientError) -> String {
     if e.status() == Some(400) {
@@ -741,18 +772,20 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
             .progress_chars("=> "),
     );
     let mut cancel_sent = false;
+    let mut follow = Follow::new(&req, &args.conn);
     let status = loop {
-        let m = c.migration().map_err(err)?;
-        bar.set_length(m.total_pages.max(1));
-        bar.set_position(m.total_pages.saturating_sub(m.remaining_pages));
-        bar.set_message(format!(
-            "{:?}, round {}, {} sent",
-            m.state,
-            m.round,
-            format_bytes(m.stream_bytes.max(m.bytes_sent))
-        ));
-        if m.state.is_finished() || m.state == MigrationState::Idle {
-            break m;
+        if let Some(m) = follow.poll(&c)? {
+            bar.set_length(m.total_pages.max(1));
+            bar.set_position(m.total_pages.saturating_sub(m.remaining_pages));
+            bar.set_message(format!(
+                "{:?}, round {}, {} sent",
+                m.state,
+                m.round,
+                format_bytes(m.stream_bytes.max(m.bytes_sent))
+            ));
+            if m.state.is_finished() || m.state == MigrationState::Idle {
+                break m;
+            }
         }
         if !cancel_sent && interrupted() {
             bar.suspend(|| {
@@ -764,11 +797,11 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
                 Ok(()) => {}
                 // It ended meanwhile: the next poll shows how.
                 Err(e) if e.status() == Some(409) => {}
-                Err(e) => return Err(err(e)),
+                Err(e) => return Err(follow.error(e)),
             }
             cancel_sent = true;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(MIGRATE_POLL);
     };
     if status.state == MigrationState::Completed {
         bar.finish();
@@ -787,6 +820,102 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
         }
         MigrationState::Cancelled => Err("migration was cancelled".into()),
         other => Err(format!("migration ended in state {other:?}")),
+    }
+}
+
+/// Polls of `blimp migrate` between which the whole migration, and the
+/// source's exit after it, may happen.
+const MIGRATE_POLL: Duration = Duration::from_millis(200);
+
+/// Whether `e` says the API socket is gone or its blimp closed the
+/// connection (as a blimp that exits does), rather than that it answered.
+fn source_went_away(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connect { .. } | ClientError::Http(_))
+}
+
+/// How long `blimp migrate` asks again while the source answers only 503:
+/// its VMM is busy, or has stopped and the blimp is about to exit (as a
+/// source does after its migration) and remove its socket.
+const MIGRATE_UNAVAILABLE: Duration = Duration::from_secs(30);
+
+/// What `blimp migrate` knows of the source while it follows a migration.
+struct Follow<'a> {
+    req: &'a MigrationRequest,
+    conn: &'a Conn,
+    /// The state the last `GET /migration` showed.
+    last: MigrationState,
+    /// Since when the source has answered only 503.
+    unavailable_since: Option<Instant>,
+}
+
+impl<'a> Follow<'a> {
+    fn new(req: &'a MigrationRequest, conn: &'a Conn) -> Self {
+        Follow {
+            req,
+            conn,
+            last: MigrationState::Setup,
+            unavailable_since: None,
+        }
+    }
+
+    /// One `GET /migration`; `Ok(None)`: ask again at the next poll (a
+    /// 503, for up to [`MIGRATE_UNAVAILABLE`]).
+    fn poll(&mut self, c: &ApiClient) -> Result<Option<MigrationStatus>, String> {
+        match c.migration() {
+            Ok(m) => {
+                self.last = m.state;
+                self.unavailable_since = None;
+                Ok(Some(m))
+            }
+            Err(e)
+                if e.status() == Some(503)
+                    && self
+                        .unavailable_since
+                        .get_or_insert_with(Instant::now)
+                        .elapsed()
+                        < MIGRATE_UNAVAILABLE =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// Why following the migration failed. A source that exits after the
+    /// migration (`source_exits`) may do so between two polls: then say
+    /// what is known (it exits by itself only after Completed) and what is
+    /// not (this command did not see it), and exit with status 3 instead
+    /// of reporting a failure.
+    fn error(&self, e: ClientError) -> String {
+        if !(self.req.source_exits && source_went_away(&e)) {
+            return err(e);
+        }
+        SOURCE_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (likely, check) = match &self.req.destination {
+            MigrationDestination::File(p) => (
+                format!("{} was most likely written in full", p.display()),
+                "`blimp restore --from` refuses it if it is not",
+            ),
+            d => (
+                format!("the VM most likely runs at {d} now"),
+                "e.g. `blimp vm info --api-sock` with its API socket",
+            ),
+        };
+        let how = match &e {
+            ClientError::Connect { reason, .. } => format!("its API socket: {reason}"),
+            other => other.to_string(),
+        };
+        format!(
+            "the source blimp at {} exited before this command read how the migration ended \
+             (last seen: {:?}; {how}). A source blimp exits by itself only after a Completed \
+             migration (here {} ms after it, --source-exit-delay-ms; this command polls every {} \
+             ms), so {likely}, unless the source was killed or crashed: this command cannot tell \
+             which. Check the destination ({check})",
+            self.conn.api_sock.display(),
+            self.last,
+            self.req.source_exit_delay_ms,
+            MIGRATE_POLL.as_millis(),
+        )
     }
 }
 
@@ -844,4 +973,195 @@ fn events(args: EventsArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ClientCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<ClientCommand, String> {
+        Cli::try_parse_from(std::iter::once("blimp").chain(args.iter().copied()))
+            .map(|c| c.cmd)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A one-connection API server standing in for a source blimp: it
+    /// answers the requests on its first connection with `replies`
+    /// (status, JSON body) in turn (or until the client hangs up), then
+    /// closes it and removes its socket, as a source that exits after its
+    /// migration does.
+    fn exiting_source(
+        path: &std::path::Path,
+        replies: Vec<(u16, String)>,
+    ) -> std::thread::JoinHandle<()> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut out = stream;
+            'replies: for (status, body) in replies {
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    // The client hung up (it stopped early): done.
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'replies;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                reader.read_exact(&mut vec![0; len]).unwrap();
+                write!(
+                    out,
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            drop((reader, out, listener));
+            std::fs::remove_file(&path).unwrap();
+        })
+    }
+
+    fn migrate_args(sock: &std::path::Path, to: &str, stays: bool) -> MigrateArgs {
+        let Ok(ClientCommand::Migrate(mut args)) = parse(&[
+            "migrate",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--to",
+            to,
+            "--source-exit-delay-ms",
+            "0",
+            "--json",
+        ]) else {
+            panic!("migrate arguments");
+        };
+        args.source_stays = stays;
+        args
+    }
+
+    fn status(state: MigrationState) -> String {
+        serde_json::to_string(&MigrationStatus {
+            state,
+            ..MigrationStatus::idle()
+        })
+        .unwrap()
+    }
+
+    /// `--source-exit-delay-ms 0`: the source completed and exited between
+    /// two polls. That was reported as a failed migration ("cannot connect
+    /// ... is blimp running"); it is now reported as what it is, with the
+    /// last state seen, and exit status 3.
+    #[test]
+    fn a_source_that_exits_between_polls_is_not_a_failed_migration() {
+        let sock =
+            std::env::temp_dir().join(format!("blimp-client-gone-{}.sock", std::process::id()));
+        let server = exiting_source(
+            &sock,
+            vec![
+                (204, String::new()),
+                (200, status(MigrationState::Switchover)),
+            ],
+        );
+        let e = migrate(migrate_args(&sock, "unix:///tmp/blimp-dst.sock", false)).unwrap_err();
+        server.join().unwrap();
+        assert!(
+            e.starts_with(&format!(
+                "the source blimp at {} exited before this command read how the migration ended (last seen: Switchover; its API socket: no such file)",
+                sock.display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains("the VM most likely runs at unix:///tmp/blimp-dst.sock now")
+                && e.contains("killed or crashed"),
+            "{e}"
+        );
+        assert!(source_gone(), "exit status 3");
+    }
+
+    /// The source's VMM stopped first (the API answers 503 "the VMM is not
+    /// running" until the blimp exits): ask again, then report the exit.
+    #[test]
+    fn a_source_answering_503_then_gone_is_not_a_failed_migration() {
+        let sock =
+            std::env::temp_dir().join(format!("blimp-client-503-{}.sock", std::process::id()));
+        let not_running = r#"{"error":"the VMM is not running"}"#.to_string();
+        let server = exiting_source(
+            &sock,
+            vec![
+                (204, String::new()),
+                (200, status(MigrationState::Active)),
+                (503, not_running.clone()),
+                (503, not_running),
+            ],
+        );
+        let e = migrate(migrate_args(&sock, "file:///tmp/blimp-vm.mig", false)).unwrap_err();
+        server.join().unwrap();
+        assert!(
+            e.contains(
+                "exited before this command read how the migration ended (last seen: Active;"
+            ) && e.contains("/tmp/blimp-vm.mig was most likely written in full"),
+            "{e}"
+        );
+    }
+
+    /// With --source-stays the source never exits by itself: a vanished
+    /// one is an error as before.
+    #[test]
+    fn a_source_that_stays_and_vanishes_is_an_error() {
+        let sock =
+            std::env::temp_dir().join(format!("blimp-client-stays-{}.sock", std::process::id()));
+        let server = exiting_source(
+            &sock,
+            vec![(204, String::new()), (200, status(MigrationState::Active))],
+        );
+        let e = migrate(migrate_args(&sock, "file:///tmp/blimp-vm.mig", true)).unwrap_err();
+        server.join().unwrap();
+        assert!(e.starts_with("cannot connect to"), "{e}");
+    }
+
+    /// An absurd --timeout was taken and overflowed `Instant + Duration`
+    /// (a panic); it is now refused by the parser, naming the limit.
+    #[test]
+    fn balloon_wait_timeout_is_bounded() {
+        let set = |t: &str| {
+            parse(&[
+                "balloon",
+                "set",
+                "128M",
+                "--wait",
+                "--timeout",
+                t,
+                "--api-sock",
+                "S",
+            ])
+        };
+        for t in ["18446744073709551615", "86401"] {
+            let e = set(t).unwrap_err();
+            assert!(e.contains("--timeout") && e.contains("86400"), "{t}: {e}");
+        }
+        for (t, want) in [("86400", 86_400), ("0", 0)] {
+            match set(t) {
+                Ok(ClientCommand::Balloon {
+                    cmd: BalloonCommand::Set(a),
+                }) => assert_eq!(a.timeout, want),
+                other => panic!("{t}: {other:?}"),
+            }
+        }
+    }
 }

@@ -13,6 +13,9 @@ use vmm::{MemoryBackend, VmConfig, Vmm};
 const EXIT_USAGE: u8 = 2;
 /// Exit status for runtime errors.
 const EXIT_RUNTIME: u8 = 1;
+/// `blimp migrate`: the source blimp exited before the command read how
+/// the migration ended (most likely Completed; see `blimp migrate --help`).
+const EXIT_SOURCE_GONE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -181,7 +184,8 @@ struct RunArgs {
     /// sg[=on|off] (off; chunked inflate/deflate ranges, Blimp-experimental
     /// feature bit 23), notify_suppression[=on|off] (on),
     /// floor=SIZE (memory every balloon target must leave the guest;
-    /// default 64M, at most a quarter of guest memory; 0 = none).
+    /// default 64M, at most a quarter of guest memory; 0 = none; never
+    /// more than --memory).
     /// Example: --balloon deflate_on_oom,free_page_hint,stats_interval=1
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<String>,
@@ -300,6 +304,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     if args.balloon.is_some() || args.balloon_target.is_some() {
         let opts =
             balloon_opts::parse_opts(args.balloon.as_deref().unwrap_or("")).map_err(Usage)?;
+        opts.check_floor(memory).map_err(Usage)?;
         let mut b = opts.device;
         cfg.balloon_floor_bytes = opts.floor_bytes;
         if let Some(t) = &args.balloon_target {
@@ -321,6 +326,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             let (enabled, settings) = api::policy::PolicySettings::parse_cli(p).map_err(Usage)?;
             settings
                 .check(memory)
+                .and_then(|_| vmm::policy::check_psi_path(&settings.psi_path))
                 .map_err(|e| Usage(format!("--balloon-policy: {e}")))?;
             // The policy decides from the guest's statistics: the queue is
             // offered (and polled) even with enabled=off, so that the API
@@ -514,6 +520,8 @@ fn main() -> ExitCode {
                     // error, like a bad argument.
                     ExitCode::from(if client::refused_as_invalid() {
                         EXIT_USAGE
+                    } else if client::source_gone() {
+                        EXIT_SOURCE_GONE
                     } else {
                         EXIT_RUNTIME
                     })
@@ -555,6 +563,45 @@ mod tests {
         for (k, _) in crate::balloon_opts::KEYS {
             assert!(readme.contains(&format!("`{k}")), "README lacks `{k}`");
         }
+    }
+
+    /// `--balloon floor=4G --memory 1G` was taken, and every nonzero
+    /// target refused afterwards; it is a usage error naming both.
+    #[test]
+    fn a_balloon_floor_above_memory_is_a_usage_error() {
+        use clap::Parser;
+        let kernel =
+            std::env::temp_dir().join(format!("blimp-floor-kernel-{}", std::process::id()));
+        std::fs::write(&kernel, b"not booted").unwrap();
+        let config = |floor: &str| {
+            let cli = super::Cli::try_parse_from([
+                "blimp",
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "1G",
+                "--balloon",
+                floor,
+            ])
+            .unwrap();
+            match cli.command {
+                super::Command::Run(args) => super::vm_config(&args).map_err(|u| u.0),
+                _ => unreachable!("parsed as run"),
+            }
+        };
+        let refused = config("floor=4G");
+        let taken = config("floor=1G");
+        std::fs::remove_file(&kernel).unwrap();
+        let e = refused.expect_err("floor=4G with --memory 1G was taken");
+        assert!(
+            e.contains("floor=4 GiB") && e.contains("--memory 1 GiB"),
+            "{e}"
+        );
+        assert_eq!(
+            taken.ok().and_then(|c| c.balloon_floor_bytes),
+            Some(1 << 30)
+        );
     }
 
     /// `blimp run --help` and README list every `--balloon-policy` key of

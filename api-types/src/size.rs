@@ -32,6 +32,12 @@ pub enum SizeError {
     },
     #[error("invalid size {0:?}: too large")]
     TooLarge(String),
+    /// A whole JSON number written with a fraction or an exponent
+    /// (`512.0`, `1e3`): JSON sizes are integers.
+    #[error(
+        "invalid size {0:?}: a JSON number of MiB must be an integer (write it without a decimal point or exponent, or give a string with a unit, e.g. \"512M\")"
+    )]
+    NotInteger(String),
 }
 
 /// What a size must be a whole number of.
@@ -158,29 +164,46 @@ pub fn parse_page_bytes(input: &str) -> Result<u64, SizeError> {
 }
 
 /// serde: a size in MiB given as a JSON integer, or as a string in the
-/// syntax of [`parse`] (`"1.5G"`, `"512MB"`). A negative or fractional
-/// number gets the parser's message instead of serde's type error.
+/// syntax of [`parse`] (`"1.5G"`, `"512MB"`); see [`mib_of_json`].
 pub fn deserialize_mib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    use serde::de::Error;
-    match <serde_json::Value as serde::Deserialize>::deserialize(d)? {
-        serde_json::Value::Number(n) => {
-            let input = n.to_string();
-            let f = n.as_f64().unwrap_or(0.0);
-            match n.as_u64() {
-                Some(v) => Ok(v),
-                None if n.as_i64().is_some() || f < 0.0 => Err(SizeError::Negative(input)),
-                None if f.fract() != 0.0 => Err(SizeError::NotWhole {
-                    input,
-                    granule: "MiB (give a string with a unit, e.g. \"1.5G\")",
-                }),
-                None => Err(SizeError::TooLarge(input)),
-            }
-            .map_err(D::Error::custom)
-        }
-        serde_json::Value::String(s) => parse_size(&s).map_err(D::Error::custom),
-        other => Err(D::Error::custom(format!(
+    let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    mib_of_json(&v).map_err(serde::de::Error::custom)
+}
+
+/// A size in MiB from JSON: an integer, or a string in the syntax of
+/// [`parse`]. A negative, fractional or non-integer number (`512.0`,
+/// `1e3`) gets its own message naming it instead of serde's type error;
+/// none is taken.
+pub fn mib_of_json(v: &serde_json::Value) -> Result<u64, String> {
+    match v {
+        serde_json::Value::Number(n) => mib_of_number(n).map_err(|e| e.to_string()),
+        serde_json::Value::String(s) => parse_size(s).map_err(|e| e.to_string()),
+        other => Err(format!(
             "invalid size {other}: expected a number of MiB or a string like \"1.5G\""
-        ))),
+        )),
+    }
+}
+
+/// A JSON number as MiB: only a non-negative integer is one. A float is
+/// refused even when whole (`512.0`): JSON sizes are integers, and a float
+/// beyond 2^53 is not exact.
+fn mib_of_number(n: &serde_json::Number) -> Result<u64, SizeError> {
+    let input = n.to_string();
+    if let Some(v) = n.as_u64() {
+        return Ok(v);
+    }
+    let f = n.as_f64().unwrap_or(0.0);
+    if n.as_i64().is_some() || f < 0.0 {
+        Err(SizeError::Negative(input))
+    } else if f.fract() != 0.0 {
+        Err(SizeError::NotWhole {
+            input,
+            granule: "MiB (give a string with a unit, e.g. \"1.5G\")",
+        })
+    } else if n.is_f64() && f < u64::MAX as f64 {
+        Err(SizeError::NotInteger(input))
+    } else {
+        Err(SizeError::TooLarge(input))
     }
 }
 
@@ -352,6 +375,15 @@ mod tests {
             (r#"{"m": 1.5}"#, "not a whole number of MiB"),
             (r#"{"m": "1K"}"#, "not a whole number of MiB"),
             (r#"{"m": 1e30}"#, "too large"),
+            (
+                r#"{"m": 512.0}"#,
+                "invalid size \"512.0\": a JSON number of MiB must be an integer",
+            ),
+            (
+                r#"{"m": 1e3}"#,
+                "invalid size \"1000.0\": a JSON number of MiB must be an integer",
+            ),
+            (r#"{"m": 0.0}"#, "must be an integer"),
             (r#"{"m": "garbage"}"#, "expected a number"),
             (r#"{"m": true}"#, "expected a number of MiB"),
         ] {

@@ -161,9 +161,13 @@ struct BalloonPatchBody {
     amount_mib: Option<u64>,
 }
 
-/// `target_mib`, when given: a number of MiB or a size string.
+/// `target_mib`, when given: a number of MiB or a size string. The error
+/// names the field (serde_json's message gives only the line and column).
 fn present_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    crate::size::deserialize_mib(d).map(Some)
+    let v = serde_json::Value::deserialize(d)?;
+    crate::size::mib_of_json(&v)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("target_mib: {e}")))
 }
 
 /// A field that, when given, must be a number (`null` is a type error).
@@ -849,6 +853,44 @@ mod tests {
         assert_eq!(back, s);
         let back: BalloonStats = serde_json::from_value(none).unwrap();
         assert_eq!(back, BalloonStats::default());
+    }
+
+    /// `PATCH /balloon {"target_mib": 512.0}` said "too large"; a whole
+    /// float is refused as not an integer, naming the field and the value.
+    #[test]
+    fn target_mib_errors_name_the_field_and_the_value() {
+        let e = |j: &str| {
+            serde_json::from_str::<BalloonPatch>(j)
+                .unwrap_err()
+                .to_string()
+        };
+        for (j, want) in [
+            (
+                r#"{"target_mib": 512.0}"#,
+                "target_mib: invalid size \"512.0\": a JSON number of MiB must be an integer",
+            ),
+            (
+                r#"{"target_mib": 1e3}"#,
+                "target_mib: invalid size \"1000.0\": a JSON number of MiB must be an integer",
+            ),
+            (
+                r#"{"target_mib": 1.5}"#,
+                "target_mib: invalid size \"1.5\": not a whole number of MiB",
+            ),
+            (
+                r#"{"target_mib": 1e30}"#,
+                "target_mib: invalid size \"1e+30\": too large",
+            ),
+            (
+                r#"{"target_mib": -1}"#,
+                "target_mib: invalid size \"-1\": a size cannot be negative",
+            ),
+        ] {
+            let got = e(j);
+            assert!(got.starts_with(want), "{j}: {got}");
+        }
+        let p: BalloonPatch = serde_json::from_str(r#"{"target_mib": 512}"#).unwrap();
+        assert_eq!(p.target_mib, 512);
     }
 
     #[test]

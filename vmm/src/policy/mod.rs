@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 pub use engine::{Decision, GuestSample, Inputs, Policy, PolicyConfig, Reason};
+pub use host::check_psi_path;
 
 const MIB: u64 = 1 << 20;
 /// Reports closer together than this do not each get a decision.
@@ -206,6 +207,11 @@ impl PolicyShared {
         let mut s = self.lock();
         let settings = settings.unwrap_or_else(|| s.settings.clone());
         settings.check(self.guest_bytes)?;
+        // Only a new path: a request that leaves it alone (turning the
+        // policy off, say) is not refused for what became of the old one.
+        if settings.psi_path != s.settings.psi_path {
+            host::check_psi_path(&settings.psi_path)?;
+        }
         let on = enabled.unwrap_or(s.enabled);
         if on {
             let mut b = lock_balloon(balloon);
@@ -544,8 +550,7 @@ impl PolicyEvents {
             Err(e) => {
                 if !std::mem::replace(&mut s.psi_warned, true) {
                     log::warn!(
-                        "balloon policy: host memory pressure unknown ({}: {e}); deciding without it",
-                        s.settings.psi_path
+                        "balloon policy: host memory pressure unknown ({e}); deciding without it"
                     );
                 }
                 None
@@ -834,6 +839,55 @@ mod tests {
             engine_config(&PolicySettings::default(), 1 << 30, 64 * MIB).floor,
             256 * MIB
         );
+    }
+
+    struct NoDiscard;
+
+    impl devices::RamDiscard for NoDiscard {
+        fn discard(
+            &self,
+            range: devices::GpaRange,
+        ) -> Result<devices::DiscardOutcome, devices::DiscardError> {
+            Err(devices::DiscardError::OutOfRange(range))
+        }
+    }
+
+    /// `PATCH /balloon/policy {"psi_path": FIFO}` is refused, naming the
+    /// path, and changes nothing; a regular file is taken.
+    #[test]
+    fn configure_refuses_a_psi_path_that_is_not_a_regular_file() {
+        let balloon = Mutex::new(
+            Balloon::new(
+                Default::default(),
+                vec![devices::GpaRange::new(0, 64 * MIB)],
+                Arc::new(NoDiscard),
+            )
+            .unwrap(),
+        );
+        let p = PolicyShared::new(false, PolicySettings::default(), 2 << 30, 64 * MIB).unwrap();
+        let fifo = std::env::temp_dir().join(format!("blimp-policy-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let with = |path: &str| PolicySettings {
+            psi_path: path.to_string(),
+            ..Default::default()
+        };
+        let r = p.configure(&balloon, None, Some(with(fifo.to_str().unwrap())));
+        std::fs::remove_file(&fifo).unwrap();
+        let e = r.unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "psi_path {} is not a regular file (a FIFO): the policy reads host memory pressure from a regular file such as /proc/pressure/memory or a cgroup's memory.pressure",
+                fifo.display()
+            )
+        );
+        assert_eq!(p.status().config, PolicySettings::default(), "unchanged");
+        p.configure(&balloon, None, Some(with("/proc/meminfo")))
+            .unwrap();
+        assert_eq!(p.status().config.psi_path, "/proc/meminfo");
     }
 
     #[test]
