@@ -47,6 +47,22 @@ fn serial_console_takes_commands_from_stdin() {
     vm.exit_with(5, BOOT);
 }
 
+/// A script of over 4 KiB written at once (a paste, `blimp run < file`)
+/// arrives whole, with no more input after it to wake the VMM.
+#[test]
+fn a_long_script_on_stdin_arrives_whole() {
+    let mut vm = Vm::start(&["--memory", "256M", "--debug-exit"]);
+    vm.expect_line("ready", BOOT);
+    let script: String = (1..=120)
+        .map(|i| format!("echo line {i:03} {}\n", "x".repeat(50)))
+        .collect();
+    assert!(script.len() > 7000);
+    // One write: nothing comes after it.
+    vm.send_raw(script.as_bytes());
+    vm.expect_line(&format!("line 120 {}", "x".repeat(50)), BOOT);
+    vm.exit_with(5, BOOT);
+}
+
 #[test]
 fn sigterm_shuts_down_cleanly() {
     let mut vm = Vm::start(&[

@@ -219,6 +219,13 @@ impl Vm {
     }
 
     /// Send a line to the serial console.
+    /// Write `bytes` to blimp's stdin as they are, in one call.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin is piped");
+        stdin.write_all(bytes).expect("writing to blimp's stdin");
+        stdin.flush().expect("flushing blimp's stdin");
+    }
+
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is piped");
         stdin

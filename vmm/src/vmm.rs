@@ -475,7 +475,12 @@ impl MutEventSubscriber for StdinInput {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 4096];
+        // At least the size of std's stdin buffer (8 KiB), which a read
+        // this large bypasses: a smaller read let std read ahead into its
+        // buffer and hand out only part, and the rest, no longer in the
+        // pipe, woke epoll no more (a paste or a script of over 4 KiB
+        // stopped short until the next key).
+        let mut buf = [0u8; 16 << 10];
         let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
         if n == 0 {
             // EOF (or hang-up with nothing left): stop watching stdin.
