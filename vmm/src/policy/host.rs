@@ -5,29 +5,14 @@
 //! policy reads on the event loop, holding its state's lock); nothing here
 //! panics on what the file holds.
 
-use std::fs::{File, FileType, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::migration::file_dest::FileKind;
 
 /// Most bytes read of either file.
 const MAX_READ: u64 = 8192;
-
-/// What a file that is not a regular one is, for errors.
-fn kind_of(t: FileType) -> &'static str {
-    if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "not a regular file"
-    }
-}
 
 /// Open `path` for reading without blocking: O_NONBLOCK, so that opening a
 /// FIFO with no writer (or a device) returns at once, and anything but a
@@ -46,10 +31,9 @@ fn open_regular(path: &str) -> Result<File, String> {
         .metadata()
         .map_err(|e| format!("cannot stat {path}: {e}"))?
         .file_type();
-    if !t.is_file() {
+    if let Some(kind) = FileKind::of_type(t) {
         return Err(format!(
-            "{path} is not a regular file ({}): not read, a read could block the event loop",
-            kind_of(t)
+            "{path} is not a regular file ({kind}): not read, a read could block the event loop"
         ));
     }
     Ok(f)
@@ -70,10 +54,9 @@ fn read_bounded(path: &str) -> Result<String, String> {
 /// cgroup not created yet): the policy decides without host pressure
 /// until it can read it.
 pub fn check_psi_path(path: &str) -> Result<(), String> {
-    match std::fs::metadata(path) {
-        Ok(m) if !m.file_type().is_file() => Err(format!(
-            "psi_path {path} is not a regular file ({}): the policy reads host memory pressure from a regular file such as /proc/pressure/memory or a cgroup's memory.pressure",
-            kind_of(m.file_type())
+    match std::fs::metadata(path).map(|m| FileKind::of_type(m.file_type())) {
+        Ok(Some(kind)) => Err(format!(
+            "psi_path {path} is not a regular file ({kind}): the policy reads host memory pressure from a regular file such as /proc/pressure/memory or a cgroup's memory.pressure"
         )),
         _ => Ok(()),
     }
