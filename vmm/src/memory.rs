@@ -361,10 +361,7 @@ impl GuestRam {
             f.set_len(size)
                 .map_err(|source| MemoryError::Truncate { size, source })?;
         }
-        self.partial_huge
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.forget_all();
         self.opened_with_data.store(false, Ordering::Release);
         Ok(())
     }
@@ -585,12 +582,16 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
 }
 
 impl GuestRam {
-    /// A discard of `range`; of free pages the guest keeps (see
-    /// `RamDiscard::discard_free`) unless `balloon`: a huge page only
-    /// partly given up is then left as it is, and not remembered, since
-    /// the guest may be using those 4 KiB pages again by the time the rest
-    /// of the huge page comes.
-    fn release(&self, range: GpaRange, balloon: bool) -> Result<DiscardOutcome, DiscardError> {
+    /// A discard of `range`: of the balloon's pages when `remember_partial`,
+    /// else of free pages the guest keeps (see `RamDiscard::discard_free`),
+    /// where a huge page only partly given up is left as it is and not
+    /// remembered, since the guest may be using those 4 KiB pages again by
+    /// the time the rest of the huge page comes.
+    fn release(
+        &self,
+        range: GpaRange,
+        remember_partial: bool,
+    ) -> Result<DiscardOutcome, DiscardError> {
         if range.len == 0
             || !range.start.is_multiple_of(PAGE_SIZE)
             || !range.len.is_multiple_of(PAGE_SIZE)
@@ -637,7 +638,7 @@ impl GuestRam {
                 })
             }
             DiscardKind::StripedPunch => self.discard_striped(region, range),
-            DiscardKind::HugePunch => self.discard_huge(region, range, balloon),
+            DiscardKind::HugePunch => self.discard_huge(region, range, remember_partial),
         }
     }
 }
