@@ -170,6 +170,81 @@ fn restore() {
     }
 }
 
+/// How long a console write waits for stdout to take bytes before the
+/// console counts as unread (see [`StdoutWriter`]).
+const STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The serial console's output: the VMM's stdout, unbuffered (interactive
+/// echo shows at once). The write happens on a vCPU thread holding the
+/// UART's lock, which the event loop also takes (for console input), so it
+/// must not block for ever: when stdout takes nothing for [`STALL`] (a pipe
+/// nobody reads, a terminal stopped with Ctrl-S), the console counts as
+/// unread, a warning says so once, and guest output is dropped, as a UART
+/// with nobody at the other end loses it, until stdout takes bytes again.
+/// A blocked write is also given up when the VMM kicks the vCPU (EINTR).
+#[derive(Default)]
+pub struct StdoutWriter {
+    /// stdout took nothing for STALL and has not since.
+    unread: bool,
+    /// The warning was given (once per process).
+    warned: bool,
+}
+
+impl StdoutWriter {
+    /// Whether fd 1 takes bytes within `wait` (or at once).
+    fn writable(wait: std::time::Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: 1,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll(2) on one pollfd, a local.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        n > 0
+    }
+}
+
+impl std::io::Write for StdoutWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let wait = if self.unread {
+            std::time::Duration::ZERO
+        } else {
+            STALL
+        };
+        if !Self::writable(wait) {
+            if !std::mem::replace(&mut self.warned, true) {
+                log::warn!(
+                    target: "console",
+                    "the console's output (stdout) has taken nothing for {} s: guest output is dropped until it is read again",
+                    STALL.as_secs()
+                );
+            }
+            self.unread = true;
+            // Dropped, as said: not an error of the guest's UART.
+            return Ok(buf.len());
+        }
+        self.unread = false;
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            // SAFETY: write(2) to fd 1 from `rest`, a live slice of
+            // `rest.len()` bytes.
+            let n = unsafe { libc::write(1, rest.as_ptr().cast(), rest.len()) };
+            match usize::try_from(n) {
+                Ok(n) => done += n,
+                Err(_) if done > 0 => break,
+                Err(_) => return Err(std::io::Error::last_os_error()),
+            }
+        }
+        Ok(done)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,79 +275,5 @@ mod tests {
         let mut d = EscapeDecoder::default();
         assert_eq!(feed(&mut d, b"\x01"), (Vec::new(), Escape::None));
         assert_eq!(feed(&mut d, b"\x01"), (b"\x01".to_vec(), Escape::None));
-    }
-}
-
-/// How long a console write waits for stdout to take bytes before the
-/// console counts as unread (see [`StdoutWriter`]).
-const STALL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The serial console's output: the VMM's stdout, unbuffered (interactive
-/// echo shows at once). The write happens on a vCPU thread holding the
-/// UART's lock, which the event loop also takes (for console input), so it
-/// must not block for ever: when stdout takes nothing for [`STALL`] (a pipe
-/// nobody reads, a terminal stopped with Ctrl-S), the console counts as
-/// unread, a warning says so once, and guest output is dropped, as a UART
-/// with nobody at the other end loses it, until stdout takes bytes again.
-/// A blocked write is also given up when the VMM kicks the vCPU (EINTR).
-#[derive(Default)]
-pub struct StdoutWriter {
-    /// stdout took nothing for STALL and has not since.
-    unread: bool,
-    warned: bool,
-}
-
-impl StdoutWriter {
-    /// Whether fd 1 takes bytes within `wait` (or at once).
-    fn writable(wait: std::time::Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: 1,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll(2) on one pollfd, a local.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        n > 0
-    }
-}
-
-impl std::io::Write for StdoutWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let wait = if self.unread {
-            std::time::Duration::ZERO
-        } else {
-            STALL
-        };
-        if !Self::writable(wait) {
-            if !self.unread && !std::mem::replace(&mut self.warned, true) {
-                log::warn!(
-                    target: "console",
-                    "the console's output (stdout) has taken nothing for {} s: guest output is dropped until it is read again",
-                    STALL.as_secs()
-                );
-            }
-            self.unread = true;
-            // Dropped, as said: not an error of the guest's UART.
-            return Ok(buf.len());
-        }
-        self.unread = false;
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &buf[done..];
-            // SAFETY: write(2) to fd 1 from `rest`, a live slice of
-            // `rest.len()` bytes.
-            let n = unsafe { libc::write(1, rest.as_ptr().cast(), rest.len()) };
-            match usize::try_from(n) {
-                Ok(n) => done += n,
-                Err(_) if done > 0 => break,
-                Err(_) => return Err(std::io::Error::last_os_error()),
-            }
-        }
-        Ok(done)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
