@@ -422,3 +422,37 @@ fn the_vms_own_memory_file_is_never_a_destination() {
     vm.signal(libc::SIGTERM);
     let _ = vm.wait(BOOT);
 }
+
+/// A guest in a loop of `rep outsb` (each byte an exit to the VMM; see
+/// `rep-outs` in docs/testguest.md) is snapshotted again and again, so
+/// pauses land in the middle of the instruction: every snapshot succeeds,
+/// and the last one restores a guest that finishes the loop with every
+/// instruction whole. (On VMX and SVM, KVM serves up to 1024 iterations
+/// before it enters the guest again, so a pause there must serve exits
+/// until KVM is done; on this host's PVM each iteration enters the guest.)
+#[test]
+fn snapshots_in_the_middle_of_a_string_io_instruction_restore_whole() {
+    const COUNT: u64 = 30;
+    let dir = TestDir::new("rep-outs");
+    let file = dir.join("vm.snap");
+    let program = format!("echo OUTS START;rep-outs 4096 {COUNT};echo OUTS END");
+    let (mut vm, api, _) =
+        common::boot_with_api_manual_balloon("files-rep-outs", &program, &["--memory", "256M"]);
+    vm.expect_line("OUTS START", BOOT);
+    for taken in 0..10 {
+        let (s, b) = Job::Snapshot.start(&api, &file);
+        assert_eq!(s, 200, "snapshot {taken}: {b}");
+        let st = wait_job(&api);
+        assert_eq!(st["state"], "Completed", "snapshot {taken}: {st}");
+    }
+    let want = format!("rep-outs {COUNT} x 4096 ok");
+    let line = vm.expect_line("rep-outs", Duration::from_secs(300));
+    assert_eq!(line.trim(), want);
+    vm.expect_line("OUTS END", BOOT);
+    vm.exit_with(0, BOOT);
+    // The last snapshot was taken mid-loop: the restored guest finishes it.
+    let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap()]);
+    let line = dst.expect_line("rep-outs", Duration::from_secs(300));
+    assert_eq!(line.trim(), want);
+    dst.exit_with(0, BOOT);
+}

@@ -154,13 +154,22 @@ impl VcpuControl {
     }
 
     /// Called by a vCPU thread between runs: blocks while paused; returns
-    /// false when the thread must end.
-    fn checkpoint(&self, id: usize, fd: &mut VcpuFd) -> bool {
+    /// false when the thread must end. Before it parks for a pause, `flush`
+    /// completes the instruction whose exit was served last (see
+    /// [`complete_pending_exit`]).
+    fn checkpoint(&self, id: usize, fd: &mut VcpuFd, flush: &mut dyn FnMut(&mut VcpuFd)) -> bool {
         let mut s = self.lock();
+        let mut flushed = false;
         loop {
             match s.want {
                 Want::Run => return true,
                 Want::Stop => return false,
+                Want::Pause if !flushed => {
+                    drop(s);
+                    flush(fd);
+                    flushed = true;
+                    s = self.lock();
+                }
                 Want::Pause => {
                     s.paused += 1;
                     self.cv.notify_all();
@@ -328,6 +337,68 @@ impl Vcpus {
     }
 }
 
+/// How many exits completing one instruction before a pause may take (an
+/// MMIO access that crosses a page takes two, a 16-byte one up to four; a
+/// string I/O instruction returns to the guest, and so to the pause, after
+/// at most 1024 iterations). Past it the pause goes ahead, and a state
+/// capture reports the exit still pending.
+const MAX_FLUSH_EXITS: usize = 64;
+
+/// Serve an I/O or MMIO exit on the buses; any other exit is handed back.
+fn serve_io<'a>(exit: VcpuExit<'a>, ctx: &VcpuContext, stats: &VcpuStats) -> Option<VcpuExit<'a>> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            stats.io_exits.fetch_add(1, Ordering::Relaxed);
+            ctx.pio.read(u64::from(port), data);
+        }
+        VcpuExit::IoOut(port, data) => {
+            stats.io_exits.fetch_add(1, Ordering::Relaxed);
+            ctx.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+            ctx.mmio.read(addr, data);
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+            ctx.mmio.write(addr, data);
+        }
+        other => return Some(other),
+    }
+    None
+}
+
+/// Before the thread parks for a pause: finish the instruction whose exit
+/// was served last. KVM completes it on the next KVM_RUN, which with
+/// `immediate_exit` set then returns EINTR without running guest code,
+/// unless completing it takes another exit: the second half of an MMIO
+/// access that crosses a page, the next chunk of a string I/O. Those are
+/// served here like any other, so a paused vCPU never holds half an
+/// instruction and a state captured while paused is whole.
+fn complete_pending_exit(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
+    fd.set_kvm_immediate_exit(1);
+    for _ in 0..MAX_FLUSH_EXITS {
+        match fd.run() {
+            Ok(exit) => {
+                if let Some(other) = serve_io(exit, ctx, stats) {
+                    log::warn!(
+                        "vCPU {id}: exit {other:?} while completing an instruction for a pause"
+                    );
+                    break;
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+            Err(e) => {
+                log::warn!(
+                    "vCPU {id}: KVM_RUN failed while completing an instruction for a pause: {e}"
+                );
+                break;
+            }
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
+}
+
 fn vcpu_loop(
     id: u8,
     mut fd: VcpuFd,
@@ -339,62 +410,51 @@ fn vcpu_loop(
         ctx.exit
             .stop(ExitReason::Error(format!("vCPU {id}: {msg}")))
     };
-    while ctl.checkpoint(usize::from(id), &mut fd) {
-        match fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                stats.io_exits.fetch_add(1, Ordering::Relaxed);
-                ctx.pio.read(u64::from(port), data);
+    let mut flush = |fd: &mut VcpuFd| complete_pending_exit(id, fd, &ctx, &stats);
+    while ctl.checkpoint(usize::from(id), &mut fd, &mut flush) {
+        let exit = match fd.run() {
+            Ok(exit) => serve_io(exit, &ctx, &stats),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                continue;
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                stats.io_exits.fetch_add(1, Ordering::Relaxed);
-                ctx.pio.write(u64::from(port), data);
+            Err(e) => {
+                fail(format!("KVM_RUN failed: {e}"));
+                break;
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                ctx.mmio.read(addr, data);
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                ctx.mmio.write(addr, data);
-            }
-            Ok(VcpuExit::Hlt) => {
+        };
+        match exit {
+            None | Some(VcpuExit::Intr) => {}
+            Some(VcpuExit::Hlt) => {
                 // Only reached without an in-kernel irqchip: the guest stopped for good.
                 log::info!("vCPU {id} halted");
                 ctx.exit.stop(ExitReason::GuestReset);
                 break;
             }
-            Ok(VcpuExit::Shutdown) => {
+            Some(VcpuExit::Shutdown) => {
                 log::info!("vCPU {id}: triple fault or shutdown, resetting");
                 ctx.exit.stop(ExitReason::GuestReset);
                 break;
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
+            Some(VcpuExit::SystemEvent(kind, _)) => {
                 log::info!("vCPU {id}: system event {kind}");
                 ctx.exit.stop(ExitReason::GuestReset);
                 break;
             }
-            Ok(VcpuExit::InternalError) => {
+            Some(VcpuExit::InternalError) => {
                 if let Err(msg) = crate::emulation::handle_internal_error(&mut fd, ctx.pvm) {
                     fail(msg);
                     break;
                 }
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            Some(VcpuExit::FailEntry(reason, cpu)) => {
                 fail(format!(
                     "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on CPU {cpu}"
                 ));
                 break;
             }
-            Ok(VcpuExit::Intr) => {}
-            Ok(other) => {
+            Some(other) => {
                 log::debug!("vCPU {id}: ignoring exit {other:?}");
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                fd.set_kvm_immediate_exit(0);
-            }
-            Err(e) => {
-                fail(format!("KVM_RUN failed: {e}"));
-                break;
             }
         }
     }

@@ -135,6 +135,9 @@ pub enum Command<'a> {
     /// `mmio-rtt N`: time N reads of the first virtio-mmio slot's MagicValue
     /// (each a full exit to the VMM and back).
     MmioRtt { n: u64 },
+    /// `rep-outs BYTES COUNT`: COUNT `rep outsb` of BYTES bytes each to
+    /// the UART's scratch register (one exit per byte).
+    RepOuts { bytes: u64, count: u64 },
 }
 
 /// Why a command line was rejected.
@@ -179,6 +182,7 @@ pub const USAGE: &[&str] = &[
     "hints",
     "poison BYTE",
     "mmio-rtt N",
+    "rep-outs BYTES COUNT",
     "help",
 ];
 
@@ -228,6 +232,10 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
         "verify" => Command::Verify,
         "touch" => Command::Touch { mib: num(argv[0])? },
         "mmio-rtt" => Command::MmioRtt { n: num(argv[0])? },
+        "rep-outs" => Command::RepOuts {
+            bytes: num(argv[0])?,
+            count: num(argv[1])?,
+        },
         "free" => Command::Free { mib: num(argv[0])? },
         "dirty" => Command::Dirty {
             mib: num(argv[0])?,
@@ -344,6 +352,13 @@ mod tests {
         assert_eq!(parse("report"), Ok(Command::Report));
         assert_eq!(parse("hints"), Ok(Command::Hints));
         assert_eq!(parse("mmio-rtt 100"), Ok(Command::MmioRtt { n: 100 }));
+        assert_eq!(
+            parse("rep-outs 4096 7"),
+            Ok(Command::RepOuts {
+                bytes: 4096,
+                count: 7
+            })
+        );
         assert_eq!(parse("poison 0xaa"), Ok(Command::Poison { byte: 0xaa }));
         assert_eq!(parse("help"), Ok(Command::Help));
     }

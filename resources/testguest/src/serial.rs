@@ -87,3 +87,64 @@ macro_rules! println {
         $crate::serial::write_byte(b'\n');
     }};
 }
+
+/// UART scratch register: stores a byte, does nothing else.
+const SCR: u16 = 7;
+
+/// The bytes `rep_outs` writes: byte i is `i * 7 + 3`.
+static REP_OUTS_BYTES: [u8; 4096] = {
+    let mut b = [0u8; 4096];
+    let mut i = 0;
+    while i < b.len() {
+        b[i] = (i as u8).wrapping_mul(7).wrapping_add(3);
+        i += 1;
+    }
+    b
+};
+
+/// Where a `rep outsb` of [`rep_outs`] did not end as it must.
+pub struct RepOutsError {
+    /// Which instruction (from 0).
+    pub at: u64,
+    /// RCX after it (0 expected).
+    pub rcx: u64,
+    /// How far RSI moved (the byte count expected).
+    pub advanced: u64,
+    /// The scratch register afterwards, and the last byte written.
+    pub scratch: u8,
+    pub expected: u8,
+}
+
+/// `rep-outs BYTES COUNT`: COUNT `rep outsb` instructions, each writing
+/// BYTES bytes (at most 4096) to the scratch register. Each byte is an
+/// exit to the VMM, and KVM serves up to 1024 of them before it enters the
+/// guest again, so a pause mostly lands in the middle of an instruction.
+/// Each must end with RCX 0, RSI moved by BYTES and the last byte in the
+/// scratch register.
+pub fn rep_outs(bytes: u64, count: u64) -> Result<(), RepOutsError> {
+    let n = bytes.clamp(1, REP_OUTS_BYTES.len() as u64);
+    let expected = REP_OUTS_BYTES[n as usize - 1];
+    for at in 0..count {
+        outb(COM1 + SCR, !expected);
+        let start = REP_OUTS_BYTES.as_ptr() as u64;
+        let (rcx, rsi): (u64, u64);
+        // SAFETY: reads n <= 4096 bytes of a static; port I/O touches no
+        // Rust-visible memory. The direction flag is clear (ABI).
+        unsafe {
+            core::arch::asm!("rep outsb", inout("rcx") n => rcx, inout("rsi") start => rsi,
+                in("dx") COM1 + SCR, options(nostack, readonly, preserves_flags))
+        };
+        let scratch = inb(COM1 + SCR);
+        let advanced = rsi.wrapping_sub(start);
+        if rcx != 0 || advanced != n || scratch != expected {
+            return Err(RepOutsError {
+                at,
+                rcx,
+                advanced,
+                scratch,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}

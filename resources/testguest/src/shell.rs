@@ -188,6 +188,17 @@ impl Guest {
                     r.trap
                 );
             }
+            Command::RepOuts { bytes, count } => match crate::serial::rep_outs(bytes, count) {
+                Ok(()) => crate::println!("rep-outs {count} x {} ok", bytes.clamp(1, 4096)),
+                Err(e) => crate::println!(
+                    "rep-outs FAIL at {}: rcx {} rsi +{} scratch {:#04x} expected {:#04x}",
+                    e.at,
+                    e.rcx,
+                    e.advanced,
+                    e.scratch,
+                    e.expected
+                ),
+            },
             Command::Touch { mib } => {
                 // Asking for more than is free touches all free memory.
                 let n = workload::touch(&mut self.mem, mib);

@@ -287,6 +287,9 @@ impl VcpuState {
 /// instruction and returns `EINTR` without running guest code. Call on the
 /// vCPU's thread, after its last exit was handled, before
 /// [`capture_vcpu`]: otherwise the saved registers miss the result.
+/// A vCPU thread already does this, serving any further exit, before it
+/// parks for a pause (`vcpu::complete_pending_exit`); here it checks that
+/// nothing is left, and an exit is an error (the capture would be torn).
 pub fn flush_pending_exit(id: u8, fd: &mut VcpuFd) -> Result<(), StateError> {
     fd.set_kvm_immediate_exit(1);
     let result = match fd.run() {
