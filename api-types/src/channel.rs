@@ -61,7 +61,7 @@ pub enum ApiRequest {
     /// `PUT /balloon/hinting/done` → 204; also `PATCH /balloon/hinting/stop`
     /// (Firecracker's stop sends DONE: the guest gets its hinted pages back).
     HintingDone,
-    /// `PUT /migration` → 202/200 with [`crate::types::MigrationStarted`];
+    /// `PUT /migration` → 200 with [`crate::types::MigrationStarted`];
     /// one already running → 409.
     PutMigration(MigrationRequest),
     /// `GET /migration` → [`crate::types::MigrationStatus`].

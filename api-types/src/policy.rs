@@ -264,8 +264,11 @@ impl PolicySettings {
         self.set(key, &Value::String(value.to_string()))
     }
 
-    /// Set one key (either spelling) from a JSON value: a string is read as
-    /// on the command line, a number in the key's JSON unit.
+    /// Set one key (either spelling) from a JSON value. The spelling says
+    /// how a plain number is read: in the JSON spelling's unit
+    /// (`settle_ms: 10`, `settle_ms: "10"`: 10 ms), or as the command line
+    /// reads it (`settle: 10`, `settle: "10"`: 10 s). A string with its
+    /// own unit (`"10s"`, `"256M"`) means that under either spelling.
     pub fn set(&mut self, key: &str, value: &Value) -> Result<(), String> {
         let Some(k) = find(key) else {
             return Err(format!(
@@ -293,11 +296,19 @@ impl PolicySettings {
                 *self.mib_mut(k.json) = mib;
             }
             Kind::Ms => {
+                // `settle_ms` reads a plain number in ms, `settle` (as the
+                // command line) in s.
+                let in_ms = key == k.json;
+                let whole_ms =
+                    "expected whole milliseconds or a duration such as 10s or 500ms (not negative)";
                 let ms = match value {
+                    Value::Number(n) if in_ms => n.as_u64().ok_or_else(|| bad(whole_ms.into()))?,
+                    Value::Number(n) => parse_duration_ms(&n.to_string()).map_err(bad)?,
+                    Value::String(s) if in_ms && s.trim().parse::<f64>().is_ok() => {
+                        parse_duration_ms(&format!("{}ms", s.trim())).map_err(bad)?
+                    }
                     Value::String(s) => parse_duration_ms(s).map_err(bad)?,
-                    v => v.as_u64().ok_or_else(|| {
-                        bad("expected whole milliseconds or a duration such as 10s or 500ms (not negative)".into())
-                    })?,
+                    _ => return Err(bad(whole_ms.into())),
                 };
                 if ms > MAX_DURATION_MS {
                     return Err(bad(format!("too long (at most {MAX_DURATION_MS} ms)")));
@@ -499,6 +510,14 @@ fn enabled_of(v: &Value) -> Result<bool, String> {
 impl<'de> Deserialize<'de> for PolicyPatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<String, Value>::deserialize(d)?;
+        for k in KEYS.iter().filter(|k| k.name != k.json) {
+            if map.contains_key(k.name) && map.contains_key(k.json) {
+                return Err(serde::de::Error::custom(format!(
+                    "balloon policy: '{}' and '{}' are two spellings of one key: give one",
+                    k.name, k.json
+                )));
+            }
+        }
         let mut p = PolicyPatch::default();
         for (k, v) in map {
             if k == "enabled" {
@@ -633,6 +652,55 @@ mod tests {
         v["host_psi_high"] = json!(1e300);
         let s: PolicySettings = serde_json::from_value(v).unwrap();
         assert!(s.check(1 << 30).unwrap_err().contains("host_psi_high"));
+    }
+
+    /// A plain number is read in the unit of the spelling it comes with,
+    /// as a number or as a string; a string with a unit means that unit.
+    #[test]
+    fn the_spelling_decides_the_unit_of_a_plain_number() {
+        let settle = |body: Value| {
+            let p: PolicyPatch = serde_json::from_value(body).unwrap();
+            let mut s = PolicySettings::default();
+            p.apply(&mut s).unwrap();
+            s.settle_ms
+        };
+        assert_eq!(settle(json!({"settle_ms": 10})), 10);
+        assert_eq!(settle(json!({"settle_ms": "10"})), 10);
+        assert_eq!(settle(json!({"settle_ms": "10s"})), 10_000);
+        assert_eq!(settle(json!({"settle": 10})), 10_000);
+        assert_eq!(settle(json!({"settle": "10"})), 10_000);
+        assert_eq!(settle(json!({"settle": 1.5})), 1_500);
+        assert_eq!(settle(json!({"settle": "500ms"})), 500);
+        let e = serde_json::from_value::<PolicyPatch>(json!({"settle_ms": 1.5})).unwrap_err();
+        assert!(e.to_string().contains("whole milliseconds"), "{e}");
+        let e = serde_json::from_value::<PolicyPatch>(json!({"settle": -1})).unwrap_err();
+        assert!(e.to_string().contains("negative"), "{e}");
+        let floor = |body: Value| {
+            let p: PolicyPatch = serde_json::from_value(body).unwrap();
+            let mut s = PolicySettings::default();
+            p.apply(&mut s).unwrap();
+            s.floor_mib
+        };
+        assert_eq!(floor(json!({"floor_mib": 300})), 300);
+        assert_eq!(floor(json!({"floor_mib": "300"})), 300);
+        assert_eq!(floor(json!({"floor": 300})), 300);
+        assert_eq!(floor(json!({"floor": "1G"})), 1024);
+    }
+
+    /// Both spellings of one key in one body are refused, naming both,
+    /// instead of one of them winning by its place in the alphabet.
+    #[test]
+    fn both_spellings_of_one_key_are_refused() {
+        for body in [
+            json!({"settle": "5s", "settle_ms": 1000}),
+            json!({"floor": "1G", "floor_mib": 512}),
+        ] {
+            let e = serde_json::from_value::<PolicyPatch>(body.clone()).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("two spellings of one key"), "{body}: {e}");
+            let e = serde_json::from_value::<PolicyPut>(body.clone()).unwrap_err();
+            assert!(e.to_string().contains("two spellings"), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -179,7 +179,18 @@ impl TryFrom<BalloonPatchBody> for BalloonPatch {
     type Error = String;
     fn try_from(b: BalloonPatchBody) -> Result<Self, String> {
         match (b.target_mib, b.amount_mib) {
-            (Some(target_mib), None) | (None, Some(target_mib)) => Ok(BalloonPatch { target_mib }),
+            (Some(mib), None) | (None, Some(mib)) => {
+                // The range error names the field the client sent.
+                let name = if b.target_mib.is_some() {
+                    "target_mib"
+                } else {
+                    "amount_mib"
+                };
+                let p = BalloonPatch { target_mib: mib };
+                p.validate()
+                    .map_err(|e| e.replacen("target_mib", name, 1))?;
+                Ok(p)
+            }
             (Some(_), Some(_)) => {
                 Err("give target_mib or amount_mib (Firecracker's name for it), not both".into())
             }
@@ -915,6 +926,17 @@ mod tests {
             ..put
         };
         assert!(big.validate().unwrap_err().contains("amount_mib"));
+        // PATCH names the field sent, whichever of the two.
+        for name in ["amount_mib", "target_mib"] {
+            let body = format!(r#"{{"{name}": {}}}"#, MAX_BALLOON_MIB + 1);
+            let e = serde_json::from_str::<BalloonPatch>(&body)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("{name} ")) && e.contains("out of range"),
+                "{e}"
+            );
+        }
         let h: HintingStartCmd = serde_json::from_str("{}").unwrap();
         assert!(h.acknowledge_on_stop);
         assert!(

@@ -86,6 +86,75 @@ fn refs_resolve() {
     }
 }
 
+/// Every key of every mapping in `v` whose value is null, with its path.
+fn null_values(v: &Y, path: &str, out: &mut Vec<String>) {
+    match v {
+        Y::Mapping(m) => {
+            for (k, v) in m {
+                let key = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
+                let here = format!("{path}/{key}");
+                if v.is_null() {
+                    out.push(here);
+                } else {
+                    null_values(v, &here, out);
+                }
+            }
+        }
+        Y::Sequence(s) => {
+            for (i, v) in s.iter().enumerate() {
+                null_values(v, &format!("{path}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every mapping in `v` with a `nullable` key, and its path.
+fn nullables<'a>(v: &'a Y, path: &str, out: &mut Vec<(String, &'a Y)>) {
+    match v {
+        Y::Mapping(m) => {
+            if m.contains_key("nullable") {
+                out.push((path.to_string(), v));
+            }
+            for (k, v) in m {
+                let key = k.as_str().unwrap_or("?");
+                nullables(v, &format!("{path}/{key}"), out);
+            }
+        }
+        Y::Sequence(s) => {
+            for (i, v) in s.iter().enumerate() {
+                nullables(v, &format!("{path}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Plain YAML traps that still parse: a comma or colon inside a flow
+/// mapping's unquoted text makes a key with a null value (a cut-off
+/// description and a stray keyword), and OpenAPI 3.0's `nullable` does
+/// nothing without a `type` beside it (a `$ref` or `allOf` alone stays
+/// non-nullable).
+#[test]
+fn no_null_values_and_no_nullable_without_type() {
+    let spec = spec();
+    let mut nulls = Vec::new();
+    null_values(&spec, "", &mut nulls);
+    assert!(
+        nulls.is_empty(),
+        "keys with no value (quote the text): {nulls:?}"
+    );
+    let mut found = Vec::new();
+    nullables(&spec, "", &mut found);
+    assert!(found.len() > 3);
+    let untyped: Vec<_> = found
+        .iter()
+        .filter(|(_, s)| s["type"].as_str().is_none())
+        .map(|(p, _)| p)
+        .collect();
+    assert!(untyped.is_empty(), "nullable without type: {untyped:?}");
+}
+
 /// Property names of a schema, and its required list.
 fn schema_fields(spec: &Y, name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let s = &spec["components"]["schemas"][name];
@@ -346,4 +415,21 @@ fn sample_decision() -> api::policy::PolicyDecision {
         guest_ram_mib: 1,
         host_available_mib: None,
     }
+}
+
+/// `PolicyRequest` lists exactly the keys `PATCH /balloon/policy` takes:
+/// both spellings of every policy key, and `enabled`.
+#[test]
+fn policy_request_lists_every_key_in_both_spellings() {
+    let spec = spec();
+    let (props, required) = schema_fields(&spec, "PolicyRequest");
+    assert!(required.is_empty());
+    let mut want: BTreeSet<String> = BTreeSet::from(["enabled".to_string()]);
+    for k in api::policy::KEYS {
+        want.insert(k.name.to_string());
+        want.insert(k.json.to_string());
+    }
+    assert_eq!(props, want);
+    let schema = &spec["components"]["schemas"]["PolicyRequest"];
+    assert_eq!(schema["additionalProperties"].as_bool(), Some(false));
 }
