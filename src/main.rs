@@ -361,12 +361,33 @@ fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String>
     api::ApiServer::start_with_config(path, chan, config).map_err(|e| e.to_string())
 }
 
-/// Run a built VM with its API server until it ends.
-fn run_vmm(mut vmm: Vmm, api_sock: Option<PathBuf>) -> ExitCode {
+/// Whether the API socket could be created (see
+/// [`api::check_socket_path`]): checked before a restore so that a
+/// mistyped `--api-sock` is refused before a migration is accepted.
+fn api_sock_usable(api_sock: Option<&Path>) -> Result<(), ExitCode> {
+    match api_sock.map(api::check_socket_path) {
+        Some(Err(e)) => {
+            eprintln!("blimp: error: {e}");
+            Err(ExitCode::from(EXIT_RUNTIME))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Run a built VM with its API server until it ends. `handed_over`: the
+/// VM came from a live migration and exists nowhere else now, so an API
+/// that cannot start does not end it.
+fn run_vmm(mut vmm: Vmm, api_sock: Option<PathBuf>, handed_over: bool) -> ExitCode {
     // The API server runs on its own thread until `_server` is dropped, which
     // also removes the socket.
     let _server = match api_sock.map(|p| start_api(&mut vmm, &p)).transpose() {
         Ok(s) => s,
+        Err(msg) if handed_over => {
+            eprintln!(
+                "blimp: error: {msg}; the VM was handed over by its source and exists only here, so it runs on without an API (SIGTERM or the guest's own shutdown ends it)"
+            );
+            None
+        }
         Err(msg) => {
             eprintln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_RUNTIME);
@@ -400,6 +421,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
         memory_thp: host.memory_thp,
         serial_input: !host.no_stdin,
     };
+    let handed_over = matches!(source, Source::Incoming(_));
     let built = match source {
         Source::File(Ok(input)) => Vmm::restore(cfg, input),
         Source::Incoming(Ok(incoming)) => Vmm::restore_incoming(cfg, incoming),
@@ -409,7 +431,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
         }
     };
     match built {
-        Ok(vmm) => run_vmm(vmm, host.api_sock.clone()),
+        Ok(vmm) => run_vmm(vmm, host.api_sock.clone(), handed_over),
         Err(e) => {
             report(&e);
             ExitCode::from(EXIT_RUNTIME)
@@ -429,6 +451,9 @@ fn run(args: RunArgs) -> ExitCode {
         {
             eprintln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_USAGE);
+        }
+        if let Err(code) = api_sock_usable(args.api_sock.as_deref()) {
+            return code;
         }
         let host = HostArgs {
             memory_backend: args.memory_backend.clone(),
@@ -458,7 +483,7 @@ fn run(args: RunArgs) -> ExitCode {
             });
         }
     };
-    run_vmm(vmm, api_sock)
+    run_vmm(vmm, api_sock, false)
 }
 
 /// Restored RAM starts zeroed: a backing file that is the migration file
@@ -502,6 +527,9 @@ fn main() -> ExitCode {
             if let Err(msg) = confine_main(args.host.seccomp, &args.host.memory_backend) {
                 eprintln!("blimp: error: seccomp: {msg}");
                 return ExitCode::from(EXIT_RUNTIME);
+            }
+            if let Err(code) = api_sock_usable(args.host.api_sock.as_deref()) {
+                return code;
             }
             restore_and_run(
                 Source::File(vmm::restore::open_file(&args.from)),

@@ -262,3 +262,97 @@ fn live_migration_over_tcp_hands_the_vm_over() {
     let mut dst = Vm::start_cmd("run", &["--incoming", &url]);
     hand_over("tcp", "256M", 64, 6, &url, &mut dst, 11);
 }
+
+/// The stderr lines of `vm` so far, joined, for assertions.
+fn log_text(vm: &Vm) -> String {
+    vm.log_lines().join("\n")
+}
+
+/// A destination whose `--api-sock` could not be created (another blimp's
+/// live socket, a missing directory) is refused before it listens for a
+/// migration: after a hand-over it would have been the VM's only home,
+/// and one without an API.
+#[test]
+fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() {
+    let (mut src, api, src_sock) = start_source("dst-api-taken", "echo UP", "128M", &[]);
+    src.expect_line("UP", BOOT);
+    let listen = tmp("dst-api-taken.mig");
+    let url = format!("unix://{}", listen.display());
+    let missing_dir = tmp("no-such-dir").join("api.sock");
+    for (api_sock, why) in [
+        (src_sock.clone(), "in use by another process"),
+        (missing_dir.clone(), "no-such-dir"),
+    ] {
+        let mut dst = Vm::start(&[
+            "--incoming",
+            &url,
+            "--api-sock",
+            api_sock.to_str().unwrap(),
+            "--no-stdin",
+        ]);
+        assert_eq!(dst.wait(BOOT).code(), Some(1), "{}", log_text(&dst));
+        let log = log_text(&dst);
+        assert!(
+            log.contains(api_sock.to_str().unwrap()) && log.contains(why),
+            "{log}"
+        );
+        assert!(!listen.exists(), "it never listened for the migration");
+    }
+    // The source's API is untouched.
+    let (s, info) = api.get("/vm").unwrap();
+    assert_eq!(
+        (s, info["state"].as_str()),
+        (200, Some("Running")),
+        "{info}"
+    );
+    src.exit_with(0, BOOT);
+}
+
+/// `--incoming unix://PATH` never takes over a live socket at PATH (here
+/// another blimp's API socket, a typo away): it is refused, and the other
+/// blimp's API still answers there.
+#[test]
+fn an_incoming_listener_never_takes_over_a_live_socket() {
+    use std::os::unix::fs::MetadataExt;
+    let (mut src, api, src_sock) = start_source("incoming-live", "echo UP", "128M", &[]);
+    src.expect_line("UP", BOOT);
+    let ino = std::fs::metadata(&src_sock).unwrap().ino();
+    let url = format!("unix://{}", src_sock.display());
+    let mut dst = Vm::start(&["--incoming", &url, "--no-stdin"]);
+    assert_eq!(dst.wait(BOOT).code(), Some(2), "{}", log_text(&dst));
+    assert!(
+        log_text(&dst).contains("another process listens"),
+        "{}",
+        log_text(&dst)
+    );
+    assert_eq!(std::fs::metadata(&src_sock).unwrap().ino(), ino);
+    let (s, info) = api.get("/vm").unwrap();
+    assert_eq!(
+        (s, info["state"].as_str()),
+        (200, Some("Running")),
+        "{info}"
+    );
+    src.exit_with(0, BOOT);
+}
+
+/// If the destination's API socket is taken between its start and the
+/// hand-over, the VM it now holds (the only copy: the source has ended)
+/// runs on without an API instead of being dropped.
+#[test]
+fn a_handed_over_vm_runs_on_when_its_api_socket_was_taken_meanwhile() {
+    let listen = tmp("api-taken-late.mig");
+    let dst_sock = sock_path("api-taken-late-dst");
+    let _ = std::fs::remove_file(&dst_sock);
+    let (mut dst, url) =
+        common::start_incoming_with_console(&listen, &["--api-sock", dst_sock.to_str().unwrap()]);
+    // Someone else takes the path after the destination checked it.
+    let squatter = std::os::unix::net::UnixListener::bind(&dst_sock).unwrap();
+    hand_over("api-taken-late", "256M", 16, 7, &url, &mut dst, 0);
+    let log = log_text(&dst);
+    assert!(
+        log.contains("in use by another process") && log.contains("runs on without an API"),
+        "{log}"
+    );
+    drop(squatter);
+    let _ = std::fs::remove_file(&dst_sock);
+}

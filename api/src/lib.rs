@@ -38,7 +38,7 @@ pub use api_types::{channel, events, policy, routes, size, types};
 
 pub use channel::{ApiReceiver, ApiRequest, ApiResponse, Responder, VmmChannel};
 pub use events::{ApiEvent, EventEnvelope, EventHub, EventSink};
-pub use server::{ApiServer, ApiServerHandle, Error, ServerConfig};
+pub use server::{ApiServer, ApiServerHandle, Error, ServerConfig, check_socket_path};
 
 /// Re-exported so the root binary's CLI client can draw progress bars
 /// without a dependency of its own.

@@ -215,11 +215,18 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
     bound
 }
 
-/// Refuse a live socket, remove a stale one.
-async fn clear_stale_socket(path: &Path) -> Result<(), Error> {
+/// What is at an API socket path before the server binds it.
+enum Found {
+    Nothing,
+    /// A socket nobody listens on (left by a blimp that was killed).
+    Stale,
+}
+
+/// Refuse a live socket or anything else that is not a socket.
+async fn probe_socket(path: &Path) -> Result<Found, Error> {
     let md = match std::fs::symlink_metadata(path) {
         Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::Nothing),
         Err(source) => {
             return Err(Error::Check {
                 path: path.to_path_buf(),
@@ -234,13 +241,7 @@ async fn clear_stale_socket(path: &Path) -> Result<(), Error> {
     // EAGAIN rather than hanging us.
     let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
     match probe {
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            log::info!("removing stale API socket {}", path.display());
-            std::fs::remove_file(path).map_err(|source| Error::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(Found::Stale),
         Ok(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied => Err(Error::Check {
             path: path.to_path_buf(),
             source: e,
@@ -248,6 +249,50 @@ async fn clear_stale_socket(path: &Path) -> Result<(), Error> {
         // Connected, would block (backlog full) or timed out: someone is there.
         _ => Err(Error::InUse(path.to_path_buf())),
     }
+}
+
+/// Refuse a live socket, remove a stale one.
+async fn clear_stale_socket(path: &Path) -> Result<(), Error> {
+    match probe_socket(path).await? {
+        Found::Nothing => Ok(()),
+        Found::Stale => {
+            log::info!("removing stale API socket {}", path.display());
+            std::fs::remove_file(path).map_err(|source| Error::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+}
+
+/// Whether a server could start at `path` as far as the path goes: its
+/// directory exists, and nothing but a stale socket is there. Creates and
+/// removes nothing. For a caller about to commit to something it cannot
+/// take back without its API (accepting an incoming migration), so that a
+/// mistyped `--api-sock` is refused before, not after.
+pub fn check_socket_path(path: &Path) -> Result<(), Error> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir_err = |kind: io::ErrorKind, why: &dyn std::fmt::Display| Error::Check {
+        path: path.to_path_buf(),
+        source: io::Error::new(kind, format!("its directory {}: {why}", parent.display())),
+    };
+    match std::fs::metadata(parent) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => return Err(dir_err(io::ErrorKind::NotADirectory, &"not a directory")),
+        Err(e) => return Err(dir_err(e.kind(), &e)),
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|source| Error::Runtime {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    rt.block_on(probe_socket(path)).map(|_| ())
 }
 
 /// Running server. Dropping it (or [`ApiServerHandle::shutdown`]) stops the

@@ -51,18 +51,51 @@ impl Incoming {
     }
 }
 
-/// Remove a socket left by an earlier listener at `path`; anything else
-/// there is refused, never removed.
+/// Remove a socket left by an earlier listener at `path`; a socket
+/// something still listens on (another blimp's API, say) and anything
+/// else there are refused, never removed.
 fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(m) if m.file_type().is_socket() => {
+            if socket_is_live(path) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process listens on this socket; not taking it over",
+                ));
+            }
+            std::fs::remove_file(path)
+        }
         Ok(_) => Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
             "something other than a socket is there; not removing it",
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether something listens on the Unix socket at `path`: a connect that
+/// is not refused within 1 s. The connect runs on a thread of its own, as
+/// one to a live listener with a full backlog blocks.
+fn socket_is_live(path: &Path) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    let probe = std::thread::Builder::new()
+        .name("blimp-probe".into())
+        .spawn(move || {
+            let _ = tx.send(std::os::unix::net::UnixStream::connect(&p));
+        });
+    if probe.is_err() {
+        // Cannot tell: leave it alone.
+        return true;
+    }
+    match rx.recv_timeout(Duration::from_secs(1)) {
+        Ok(Err(e)) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+        ),
+        _ => true,
     }
 }
 
