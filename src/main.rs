@@ -154,7 +154,9 @@ struct RunArgs {
     debug_exit: bool,
     /// How guest RAM is backed: anon (private anonymous memory), memfd
     /// (shared memfd), hugetlb (memfd on 2 MiB huge pages, reserved in
-    /// /proc/sys/vm/nr_hugepages) or file=PATH (shared mapping of a file).
+    /// /proc/sys/vm/nr_hugepages) or file=PATH (shared mapping of a file:
+    /// created if missing, grown to the RAM's size, its first SIZE bytes
+    /// overwritten by guest RAM; never the kernel or initrd).
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
     /// Back guest RAM with transparent huge pages (MADV_HUGEPAGE on its
@@ -261,8 +263,24 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
         return Err(Usage("--kernel is required".into()));
     };
     check_readable("kernel", kernel)?;
+    vmm::boot::check_kernel_header(kernel).map_err(|e| Usage(e.to_string()))?;
     if let Some(initrd) = &args.initrd {
         check_readable("initrd", initrd)?;
+    }
+    if let MemoryBackend::File(file) = &args.memory_backend {
+        for (flag, input) in [
+            ("--kernel", Some(kernel)),
+            ("--initrd", args.initrd.as_ref()),
+        ] {
+            if let Some(input) = input
+                && vmm::migration::file_dest::same_file(input, file)
+            {
+                return Err(Usage(format!(
+                    "--memory-backend file={} is the {flag} file itself: guest RAM would overwrite it; back the guest with another file",
+                    file.display()
+                )));
+            }
+        }
     }
     let memory =
         api::size::parse_page_bytes(&args.memory).map_err(|e| Usage(format!("--memory: {e}")))?;

@@ -129,3 +129,107 @@ fn help_teaches() {
         assert!(out.contains(needle), "run --help lacks {needle}");
     }
 }
+
+/// A file's bytes, to show it was not touched.
+fn contents(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+/// `--memory-backend file=PATH` puts guest RAM in PATH: a run refused for
+/// its kernel leaves PATH as it was, the kernel (or initrd) itself is
+/// never taken as the backing, and a file longer than the RAM is not cut.
+#[test]
+fn a_ram_file_is_not_touched_by_a_refused_run_nor_taken_from_the_kernel() {
+    let dir = std::env::temp_dir().join(format!("blimp-cli-ramfile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let data: Vec<u8> = (0..(80u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let ram = dir.join("disk.img");
+    std::fs::write(&ram, &data).unwrap();
+    let ram_arg = format!("file={}", ram.display());
+    let text = dir.join("kpath");
+    std::fs::write(&text, b"a text file, not a kernel").unwrap();
+    assert_usage(
+        &[
+            "run",
+            "--kernel",
+            text.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--memory-backend",
+            &ram_arg,
+            "--no-stdin",
+        ],
+        "no ELF magic and no bzImage header",
+    );
+    assert!(
+        contents(&ram) == data,
+        "a refused run left the RAM file as it was"
+    );
+
+    // The kernel (and an initrd) as the backing: refused, left whole.
+    let kernel = dir.join("vmlinux");
+    std::fs::copy(testguest(), &kernel).unwrap();
+    let before = contents(&kernel);
+    let k = kernel.to_str().unwrap();
+    let as_backing = format!("file={k}");
+    assert_usage(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--memory",
+            "64M",
+            "--memory-backend",
+            &as_backing,
+            "--no-stdin",
+        ],
+        "is the --kernel file itself",
+    );
+    assert_usage(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--initrd",
+            text.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--memory-backend",
+            &format!("file={}", text.display()),
+            "--no-stdin",
+        ],
+        "is the --initrd file itself",
+    );
+    assert!(contents(&kernel) == before, "the kernel is unchanged");
+
+    // A file longer than the RAM: the guest runs on its first 64 MiB, and
+    // the rest is still there afterwards.
+    let (code, _, err) = run_blimp(&[
+        "run",
+        "--kernel",
+        k,
+        "--memory",
+        "64M",
+        "--memory-backend",
+        &ram_arg,
+        "--no-stdin",
+        "--debug-exit",
+        "--cmdline",
+        "testguest.balloon=0 testguest.run=\"exit 7\"",
+    ]);
+    assert_eq!(code, 7, "{err}");
+    let after = contents(&ram);
+    assert_eq!(
+        after.len(),
+        data.len(),
+        "the RAM file was not cut to 64 MiB"
+    );
+    assert!(
+        after[64 << 20..] == data[64 << 20..],
+        "bytes past the RAM are kept"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -167,6 +167,38 @@ pub fn load(
     Ok(BootInfo { entry, kernel_end })
 }
 
+/// What [`load`] will find in `kernel`, read from its header alone: an
+/// ELF vmlinux or a bzImage (the "HdrS" signature at 0x202). For refusing
+/// a wrong file before anything else is set up (guest RAM in a file,
+/// say); `load` checks everything again.
+pub fn check_kernel_header(kernel: &Path) -> Result<(), BootError> {
+    let load_err = |reason: String| BootError::LoadKernel {
+        path: kernel.to_path_buf(),
+        reason,
+    };
+    let mut f = File::open(kernel).map_err(|source| BootError::OpenKernel {
+        path: kernel.to_path_buf(),
+        source,
+    })?;
+    let mut head = [0u8; 0x206];
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(load_err(format!("cannot read its header: {e}"))),
+        }
+    }
+    if head[..got].starts_with(b"\x7fELF") || (got == head.len() && &head[0x202..] == b"HdrS") {
+        Ok(())
+    } else {
+        Err(load_err(format!(
+            "no ELF magic and no bzImage header signature (HdrS at 0x202) in its first {got} bytes"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

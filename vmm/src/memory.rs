@@ -266,10 +266,16 @@ impl GuestRam {
             _ => false,
         };
         if let Some(f) = &file {
-            f.set_len(total).map_err(|source| MemoryError::Truncate {
-                size: total,
-                source,
-            })?;
+            // Grown to the RAM's size, not cut: a `file=PATH` longer than
+            // the RAM keeps what lies past it (a restore empties it all, see
+            // `ensure_zeroed`).
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < total {
+                f.set_len(total).map_err(|source| MemoryError::Truncate {
+                    size: total,
+                    source,
+                })?;
+            }
         }
 
         let mut regions = Vec::new();
