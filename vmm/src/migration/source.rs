@@ -501,7 +501,14 @@ impl Sender<'_> {
             .map_err(MigrationError::from_write)?;
         let bitmap = Arc::new(AtomicPageBitmap::new(layout));
         dirty::start_dirty_logging(&mut lock(&self.ctx.vm), &self.ctx.ram)?;
-        let hints = self.hints_available();
+        // A paused guest cannot answer a hint request: asking would only
+        // wait out the round's timeout.
+        let hints = self.hints_available() && !self.was_paused;
+        if self.was_paused && self.hints_available() {
+            log::info!(
+                "migration: the VM is paused, so no free page hinting (the guest cannot answer)"
+            );
+        }
         if hints && let Some(source) = &self.source {
             source.set_sink(Some(self.hints.clone()));
         }
