@@ -443,6 +443,10 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
     let built = match source {
         Source::File(Ok(input)) => Vmm::restore(cfg, input),
         Source::Incoming(Ok(incoming)) => Vmm::restore_incoming(cfg, incoming),
+        Source::Incoming(Err(vmm::restore::RestoreError::Interrupted { url, signal })) => {
+            log::info!("signal {signal} while waiting for an incoming migration on {url}: exiting");
+            return ExitCode::from((128 + signal).clamp(0, 255) as u8);
+        }
         Source::File(Err(e)) | Source::Incoming(Err(e)) => {
             report(&e);
             return ExitCode::from(EXIT_USAGE);

@@ -356,3 +356,16 @@ fn a_handed_over_vm_runs_on_when_its_api_socket_was_taken_meanwhile() {
     drop(squatter);
     let _ = std::fs::remove_file(&dst_sock);
 }
+
+/// A destination stopped (SIGTERM, SIGINT) while it waits for a migration
+/// removes its listening socket and exits with 128 + the signal.
+#[test]
+fn a_waiting_destination_stopped_by_a_signal_removes_its_socket() {
+    for (sig, name) in [(libc::SIGTERM, "term"), (libc::SIGINT, "int")] {
+        let listen = tmp(&format!("wait-{name}.mig"));
+        let (mut dst, _) = common::start_incoming(&listen, &[]);
+        dst.signal(sig);
+        assert_eq!(dst.wait(BOOT).code(), Some(128 + sig), "{}", log_text(&dst));
+        assert!(!listen.exists(), "{} was left behind", listen.display());
+    }
+}

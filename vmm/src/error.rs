@@ -94,6 +94,10 @@ pub enum RestoreError {
     },
     #[error("cannot prepare guest memory for the restore: {0}")]
     Memory(#[from] crate::memory::MemoryError),
+    #[error(
+        "signal {signal} while waiting for an incoming migration on {url}: nothing was received"
+    )]
+    Interrupted { url: String, signal: i32 },
 }
 
 /// `e` and its causes, each once (a cause whose text `e` already shows is

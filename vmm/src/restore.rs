@@ -99,6 +99,39 @@ fn socket_is_live(path: &Path) -> bool {
     }
 }
 
+/// Wait for `accept` (on a non-blocking listener) to give a connection,
+/// or for SIGTERM, SIGINT or SIGHUP, so that the caller removes its socket
+/// before it exits. (The accepted connection is blocking: it does not
+/// inherit the listener's O_NONBLOCK.)
+fn accept_until_signal<T>(
+    url: &str,
+    mut accept: impl FnMut() -> std::io::Result<T>,
+) -> Result<T, RestoreError> {
+    let open = |source| RestoreError::Open {
+        what: url.to_string(),
+        source,
+    };
+    let signals = crate::signals::TerminationSignals::new().map_err(open)?;
+    loop {
+        match accept() {
+            Ok(t) => return Ok(t),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(open(e)),
+        }
+        if let Some(signal) = signals.read() {
+            return Err(RestoreError::Interrupted {
+                url: url.to_string(),
+                signal,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Wait for one incoming migration on `url` (unix:///path or tcp://IP:PORT;
 /// file:///path reads a file) and return the connection.
 pub fn accept_incoming(url: &str) -> Result<Incoming, RestoreError> {
@@ -115,14 +148,18 @@ pub fn accept_incoming(url: &str) -> Result<Incoming, RestoreError> {
             clear_stale_socket(&path).map_err(open(url))?;
             let l = UnixListener::bind(&path).map_err(open(url))?;
             log::info!("waiting for an incoming migration on {url}");
-            let accepted = l.accept();
+            let accepted = l
+                .set_nonblocking(true)
+                .map_err(open(url))
+                .and_then(|()| accept_until_signal(url, || l.accept()));
             let _ = std::fs::remove_file(&path);
-            Peer::Unix(accepted.map_err(open(url))?.0)
+            Peer::Unix(accepted?.0)
         }
         MigrationDestination::Tcp(addr) => {
             let l = TcpListener::bind(addr).map_err(open(url))?;
             log::info!("waiting for an incoming migration on {url}");
-            let (s, from) = l.accept().map_err(open(url))?;
+            l.set_nonblocking(true).map_err(open(url))?;
+            let (s, from) = accept_until_signal(url, || l.accept())?;
             log::info!("incoming migration from {from}");
             Peer::Tcp(s)
         }
