@@ -253,6 +253,9 @@ fn a_cancelled_job_leaves_the_old_file_untouched() {
         let (s, st) = api.get("/migration").unwrap();
         assert_eq!(s, 200);
         assert_eq!(st["state"], "Active", "{job:?}: still running: {st}");
+        // The clock runs while the job waits for hints.
+        let elapsed = st["elapsed_ms"].as_u64().unwrap();
+        assert!(elapsed >= 300, "{job:?}: elapsed_ms {elapsed}: {st}");
         let temps = temp_files(&dir.0);
         assert_eq!(
             temps.len(),

@@ -118,6 +118,8 @@ pub struct Migration {
     written: Arc<AtomicU64>,
     mode: Mode,
     thread: Option<JoinHandle<()>>,
+    /// When the job started: `elapsed_ms` counts from here while it runs.
+    started: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,10 +188,12 @@ impl Migration {
         let cancel = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let mode = opts.mode;
+        let started = Instant::now();
         let job = Job {
             status: status.clone(),
             cancel: cancel.clone(),
             written: written.clone(),
+            started,
         };
         // Started through the seccomp spawner: this worker may open network
         // sockets, which the event loop that asks for it may not.
@@ -210,12 +214,18 @@ impl Migration {
             written,
             mode,
             thread,
+            started,
         }
     }
 
     pub fn status(&self) -> MigrationStatus {
         let mut s = lock(&self.status).clone();
         s.stream_bytes = s.stream_bytes.max(self.written.load(Ordering::Relaxed));
+        // The job updates its status at each step; between them (a long
+        // wait for hints or for the destination) the clock still runs.
+        if !s.state.is_finished() {
+            s.elapsed_ms = s.elapsed_ms.max(self.started.elapsed().as_millis() as u64);
+        }
         s
     }
 
@@ -259,10 +269,11 @@ struct Job {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
+    started: Instant,
 }
 
 fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
-    let started = Instant::now();
+    let started = job.started;
     let was_paused = ctx.vcpus.is_paused();
     let hints = Arc::new(RoundHints::new());
     let source: Option<Arc<dyn HintSource>> = ctx.balloon.clone().map(|b| b as Arc<dyn HintSource>);
