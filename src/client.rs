@@ -250,8 +250,21 @@ fn client(conn: &Conn) -> Result<ApiClient, String> {
     ApiClient::new(&conn.api_sock).map_err(err)
 }
 
+/// The message of a failed request; a 400 (the API refused the request as
+/// invalid) is remembered for [`refused_as_invalid`], whichever command
+/// sent it.
 fn err(e: ClientError) -> String {
+    if e.status() == Some(400) {
+        REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     e.to_string()
+}
+
+/// A request this command refuses before sending it (exit status 2, as
+/// the API's 400 for it would be).
+fn usage(msg: String) -> String {
+    REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
+    msg
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
@@ -410,29 +423,31 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
         "off" => patch.enabled = Some(false),
         "set" => {
             if args.settings.is_empty() {
-                return Err(format!(
+                return Err(usage(format!(
                     "balloon policy set: give KEY=VALUE pairs (keys: {})",
                     api::policy::known_keys()
-                ));
+                )));
             }
             let mut check = api::policy::PolicySettings::default();
             for kv in &args.settings {
                 let Some((k, v)) = kv.split_once('=') else {
-                    return Err(format!("balloon policy set: '{kv}' is not KEY=VALUE"));
+                    return Err(usage(format!(
+                        "balloon policy set: '{kv}' is not KEY=VALUE"
+                    )));
                 };
                 if k == "enabled" {
                     patch.enabled = Some(match v {
                         "on" | "true" | "1" | "yes" => true,
                         "off" | "false" | "0" | "no" => false,
                         _ => {
-                            return Err(format!(
+                            return Err(usage(format!(
                                 "balloon policy set enabled={v}: expected on or off"
-                            ));
+                            )));
                         }
                     });
                     continue;
                 }
-                check.set_str(k, v)?;
+                check.set_str(k, v).map_err(usage)?;
                 patch
                     .changes
                     .insert(k.to_string(), serde_json::Value::String(v.to_string()));
@@ -441,7 +456,7 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
         _ => {}
     }
     if args.action != "show" {
-        c.patch_balloon_policy(&patch).map_err(err_invalid)?;
+        c.patch_balloon_policy(&patch).map_err(err)?;
     }
     let st = c.balloon_policy().map_err(err)?;
     if args.conn.json {
@@ -521,12 +536,14 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
 /// How often `--wait` polls.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The API answered the last request 400: the request was invalid.
+/// The request was invalid: the API answered it 400, or this command
+/// refused it before sending.
 static REFUSED_AS_INVALID: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the command failed because the API refused a request as
-/// invalid (400), e.g. a balloon target below the floor: exit status 2.
+/// invalid (400), e.g. a balloon target below the floor, or this command
+/// refused it first (`balloon policy set foo=1`): exit status 2.
 pub fn refused_as_invalid() -> bool {
     REFUSED_AS_INVALID.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -542,17 +559,9 @@ pub fn source_gone() -> bool {
     SOURCE_GONE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// [`err`], remembering a 400 for [`refused_as_invalid`].
-fn err_invalid(e: ClientError) -> String {
-    if e.status() == Some(400) {
-        REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    err(e)
-}
-
 fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
     let c = client(&args.conn)?;
-    c.set_balloon(args.size_mib).map_err(err_invalid)?;
+    c.set_balloon(args.size_mib).map_err(err)?;
     let target_pages = mib_to_pages(args.size_mib);
     if !args.wait {
         if args.conn.json {

@@ -516,8 +516,9 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {
                     eprintln!("blimp: error: {msg}");
-                    // A request the API refused as invalid (400) is a usage
-                    // error, like a bad argument.
+                    // A request the API refused as invalid (400), or the
+                    // client before sending it, is a usage error, like a
+                    // bad argument.
                     ExitCode::from(if client::refused_as_invalid() {
                         EXIT_USAGE
                     } else if client::source_gone() {

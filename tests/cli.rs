@@ -129,3 +129,28 @@ fn help_teaches() {
         assert!(out.contains(needle), "run --help lacks {needle}");
     }
 }
+
+/// A request refused as invalid is a usage error (exit status 2), whether
+/// the API refused it (400) or the client before sending it. `balloon
+/// stats-interval 100000` (400) and `balloon policy set foo=1` exited 1.
+#[test]
+fn invalid_client_requests_are_usage_errors() {
+    let (_vm, _api, sock) = common::boot_with_api(
+        "cli-400",
+        "sleep 60",
+        &["--memory", "128M", "--balloon", "stats_interval=1"],
+    );
+    let s = sock.to_str().unwrap();
+    let api = ["--api-sock", s];
+    for (args, needle) in [
+        (&["balloon", "stats-interval", "100000"][..], "100000"),
+        (&["balloon", "policy", "set", "foo=1"], "foo"),
+        (&["balloon", "policy", "set", "settle=abc"], "abc"),
+        (&["balloon", "policy", "set", "enabled=maybe"], "maybe"),
+        (&["balloon", "policy", "set", "floor"], "KEY=VALUE"),
+        (&["balloon", "hint", "start"], "hint"),
+    ] {
+        let all: Vec<&str> = args.iter().chain(&api).copied().collect();
+        assert_usage(&all, needle);
+    }
+}
