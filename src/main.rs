@@ -30,8 +30,15 @@ blimp run --kernel \"$(resources/build.sh testguest | tail -1)\" --memory 512M -
 )]
 struct Cli {
     /// Log level for messages on stderr: error, warn, info, debug or trace
-    /// (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    /// (RUST_LOG overrides it, and takes per-module filters).
+    #[arg(
+        long,
+        global = true,
+        default_value = "warn",
+        value_name = "LEVEL",
+        value_parser = ["error", "warn", "info", "debug", "trace"],
+        ignore_case = true
+    )]
     log_level: String,
     #[command(subcommand)]
     command: Command,

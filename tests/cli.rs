@@ -154,3 +154,27 @@ fn invalid_client_requests_are_usage_errors() {
         assert_usage(&all, needle);
     }
 }
+
+/// `--log-level verbose` was taken (env_logger ignored it, and with it the
+/// warnings); a level outside the five is a usage error naming them.
+#[test]
+fn log_level_is_one_of_five() {
+    for bad in ["verbose", "blimp=debug", "warning", ""] {
+        let (code, _, err) = run_blimp(&["--log-level", bad, "vm", "info", "--api-sock", "/x"]);
+        assert_eq!(code, 2, "--log-level {bad:?}: {err}");
+        assert!(
+            (bad.is_empty() || err.contains(&format!("'{bad}'")))
+                && err.contains("--log-level")
+                && err.contains("error, warn, info, debug, trace"),
+            "--log-level {bad:?}: {err}"
+        );
+    }
+    for good in ["debug", "ERROR"] {
+        let (code, _, err) = run_blimp(&["vm", "info", "--api-sock", "/x", "--log-level", good]);
+        assert_eq!(
+            code, 1,
+            "--log-level {good}: only the socket is missing: {err}"
+        );
+        assert!(err.contains("cannot connect to /x"), "{err}");
+    }
+}
