@@ -66,8 +66,9 @@ pub enum ClientCommand {
     Migrate(MigrateArgs),
     /// Write a snapshot of a running VM to a file
     Snapshot(SnapshotArgs),
-    /// Print the Prometheus metrics of a running VM
-    Metrics(Conn),
+    /// Print the Prometheus metrics of a running VM (Prometheus text: the
+    /// API has no JSON form of them)
+    Metrics(MetricsArgs),
     /// Follow the events of a running VM (one per line)
     Events(EventsArgs),
 }
@@ -213,6 +214,15 @@ pub struct SnapshotArgs {
     pub path: PathBuf,
 }
 
+/// `blimp metrics`: [`Conn`] without `--json` (`GET /metrics` is
+/// Prometheus text only).
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    /// API socket of the running blimp (its --api-sock)
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct EventsArgs {
     #[command(flatten)]
@@ -237,8 +247,10 @@ pub fn run(cmd: ClientCommand) -> Result<(), String> {
         ClientCommand::Vm { cmd } => vm(cmd),
         ClientCommand::Migrate(args) => migrate(args),
         ClientCommand::Snapshot(args) => snapshot(args),
-        ClientCommand::Metrics(conn) => {
-            let text = client(&conn)?.metrics().map_err(err)?;
+        ClientCommand::Metrics(args) => {
+            let text = ApiClient::new(&args.api_sock)
+                .and_then(|c| c.metrics())
+                .map_err(err)?;
             print!("{text}");
             Ok(())
         }

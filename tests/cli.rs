@@ -178,3 +178,18 @@ fn log_level_is_one_of_five() {
         assert!(err.contains("cannot connect to /x"), "{err}");
     }
 }
+
+/// `blimp metrics --json` printed Prometheus text: the flag was taken and
+/// ignored. /metrics has no JSON form; the flag is refused.
+#[test]
+fn metrics_has_no_json() {
+    let (code, _, err) = run_blimp(&["metrics", "--api-sock", "/x", "--json"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("'--json'"), "{err}");
+    let (code, out, _) = run_blimp(&["metrics", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        !out.contains("--json") && out.contains("no JSON form"),
+        "{out}"
+    );
+}
