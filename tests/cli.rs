@@ -193,3 +193,65 @@ fn metrics_has_no_json() {
         "{out}"
     );
 }
+
+/// `blimp events | head -1`, `blimp balloon stats | head -1`: a client
+/// command whose stdout its reader closed panicked ("failed printing to
+/// stdout: Broken pipe", exit status 101). It ends quietly, status 0.
+#[test]
+fn client_commands_end_quietly_on_a_closed_stdout() {
+    let (_vm, _api, sock) = common::boot_with_api(
+        "cli-epipe",
+        "sleep 60",
+        &[
+            "--memory",
+            "256M",
+            "--balloon",
+            "stats_interval=1,free_page_hint",
+            "--balloon-policy",
+            "enabled=off",
+        ],
+    );
+    let s = sock.to_str().unwrap();
+    let snap = std::env::temp_dir().join(format!("blimp-cli-epipe-{}.snap", std::process::id()));
+    // (command, whether to run it with --json too): a state change once
+    // (its --json form prints nothing).
+    let commands: [(&[&str], bool); 13] = [
+        (&["events", "--count", "2"], true),
+        (&["balloon", "get"], true),
+        (&["balloon", "stats"], true),
+        (&["balloon", "policy"], true),
+        (&["balloon", "stats-interval", "1"], false),
+        (&["balloon", "set", "0"], true),
+        (&["balloon", "hint", "start"], false),
+        (&["balloon", "hint", "status"], true),
+        (&["vm", "info"], true),
+        (&["vm", "pause"], false),
+        (&["vm", "resume"], false),
+        (&["metrics"], false),
+        (&["snapshot", snap.to_str().unwrap()], true),
+    ];
+    for (args, json_too) in commands {
+        for json in [false, true] {
+            if json && !json_too {
+                continue;
+            }
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            let out = std::process::Command::new(common::blimp())
+                .args(args)
+                .args(["--api-sock", s])
+                .args(json.then_some("--json"))
+                .stdout(writer)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && err.is_empty(),
+                "{args:?} json {json}: {:?}: {err}",
+                out.status
+            );
+        }
+    }
+    assert!(snap.exists(), "the snapshot was written");
+    std::fs::remove_file(&snap).unwrap();
+}
