@@ -255,3 +255,33 @@ fn client_commands_end_quietly_on_a_closed_stdout() {
     assert!(snap.exists(), "the snapshot was written");
     std::fs::remove_file(&snap).unwrap();
 }
+
+/// `--api-sock` naming a directory or a regular file was reported as
+/// "connection refused (nobody listens; stale socket file?)"; a server
+/// socket in /proc as a bare "No such file or directory". Each says what
+/// the path is, or what failed.
+#[test]
+fn api_socket_paths_that_cannot_be_sockets() {
+    let file = std::env::temp_dir().join(format!("blimp-cli-regular-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let f = file.to_str().unwrap();
+    for (path, kind) in [("/tmp", "a directory"), (f, "a regular file")] {
+        let (code, _, err) = run_blimp(&["vm", "info", "--api-sock", path]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!("{path}: it is {kind}, not a socket")),
+            "{err}"
+        );
+    }
+    std::fs::remove_file(&file).unwrap();
+    common::require_kvm();
+    let k = testguest().to_str().unwrap();
+    let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", "/proc/x.sock"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("API socket /proc/x.sock: creating /proc/.blimp-api-")
+            && err.contains("private directory")
+            && err.contains("No such file or directory"),
+        "{err}"
+    );
+}

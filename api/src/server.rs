@@ -51,6 +51,15 @@ pub enum Error {
     RemoveStale { path: PathBuf, source: io::Error },
     #[error("cannot bind API socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot create API socket {path}: creating {dir}, the private directory next to it \
+         where the socket is bound before it is renamed into place, failed: {source}"
+    )]
+    PrivateDir {
+        path: PathBuf,
+        dir: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot set mode 0600 on API socket {path}: {source}")]
     Chmod { path: PathBuf, source: io::Error },
     #[error("cannot start the API server for {path}: {source}")]
@@ -194,7 +203,11 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .map_err(bind_err)?;
+        .map_err(|source| Error::PrivateDir {
+            path: path.to_path_buf(),
+            dir: dir.clone(),
+            source,
+        })?;
     let tmp = dir.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&tmp)
         .map_err(bind_err)
