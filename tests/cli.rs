@@ -285,3 +285,36 @@ fn api_socket_paths_that_cannot_be_sockets() {
         "{err}"
     );
 }
+
+/// `--memory 16M` with the test guest (loaded at 16 MiB) was reported as
+/// "neither an ELF vmlinux nor a bzImage: ... Unable to read kernel
+/// image"; it says the kernel does not fit, where it loads, and the RAM
+/// that needs. 17M boots.
+#[test]
+fn a_kernel_beyond_guest_ram_is_named() {
+    let k = testguest().to_str().unwrap();
+    let args = |m| {
+        [
+            "run",
+            "--kernel",
+            k,
+            "--memory",
+            m,
+            "--no-stdin",
+            "--debug-exit",
+            "--cmdline",
+            "testguest.run=\"exit 7\"",
+        ]
+    };
+    let (code, _, err) = run_blimp(&args("16M"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "kernel {k} does not fit in guest RAM: it loads at 0x1000000.."
+        )) && err.contains("needs --memory of at least 17 MiB; --memory is 16 MiB"),
+        "{err}"
+    );
+    common::require_kvm();
+    let (code, _, err) = run_blimp(&args("17M"));
+    assert_eq!(code, 7, "{err}");
+}
