@@ -279,7 +279,7 @@ fn api_socket_paths_that_cannot_be_sockets() {
     let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", "/proc/x.sock"]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("API socket /proc/x.sock: creating /proc/.blimp-api-")
+        err.contains("API socket /proc/x.sock: creating /proc/.b")
             && err.contains("private directory")
             && err.contains("No such file or directory"),
         "{err}"
@@ -317,4 +317,50 @@ fn a_kernel_beyond_guest_ram_is_named() {
     common::require_kvm();
     let (code, _, err) = run_blimp(&args("17M"));
     assert_eq!(code, 7, "{err}");
+}
+
+/// An API socket path of 88-107 bytes, which a socket address holds, was
+/// refused ("path must be shorter than SUN_LEN"): blimp bound it first
+/// as PARENT/.blimp-api-PID-N/s, 20-odd bytes longer. The private name is
+/// now short; a path that fits but whose private bind path does not is
+/// refused with the limit for the user's path.
+#[test]
+fn long_api_socket_paths() {
+    let base = std::env::temp_dir().join(format!("blimp-cli-long-{}", std::process::id()));
+    // A directory whose name pads the socket path to `len` bytes.
+    let path_of = |len: usize, file: &str| {
+        let prefix = base.to_str().unwrap().len() + 1;
+        let dir = base.join("d".repeat(len - prefix - 1 - file.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(file)
+    };
+    let sock = path_of(100, "api.sock");
+    assert_eq!(sock.to_str().unwrap().len(), 100);
+    let s = sock.to_str().unwrap();
+    let mut vm = common::Vm::start(&[
+        "--api-sock",
+        s,
+        "--debug-exit",
+        "--cmdline",
+        "testguest.run=\"sleep 30\"",
+    ]);
+    common::wait_for_socket(&sock);
+    let (code, out, err) = run_blimp(&["vm", "info", "--api-sock", s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state:   Running"), "{out}");
+    drop(vm.child.kill());
+    vm.wait(std::time::Duration::from_secs(10));
+    // 107 bytes fit a socket address, but not with the private directory.
+    let sock = path_of(107, "s");
+    let k = testguest().to_str().unwrap();
+    let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is 107 bytes: blimp binds it first as")
+            && err.contains(
+                "a unix socket path may be 107 bytes: here the API socket path may be at most"
+            ),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&base).unwrap();
 }
