@@ -279,7 +279,7 @@ fn api_socket_paths_that_cannot_be_sockets() {
     let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", "/proc/x.sock"]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("API socket /proc/x.sock: creating /proc/.b")
+        err.contains("API socket /proc/x.sock: cannot create /proc/.b")
             && err.contains("private directory")
             && err.contains("No such file or directory"),
         "{err}"

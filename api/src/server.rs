@@ -52,8 +52,8 @@ pub enum Error {
     #[error("cannot bind API socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
     #[error(
-        "cannot create API socket {path}: creating {dir}, the private directory next to it \
-         where the socket is bound before it is renamed into place, failed: {source}"
+        "cannot bind API socket {path}: cannot create {dir}, the private directory next to it \
+         where the socket is bound before it is renamed into place: {source}"
     )]
     PrivateDir {
         path: PathBuf,
