@@ -18,6 +18,42 @@ use api::types::{
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
+/// `println!` for the client commands' stdout, in a function returning
+/// `Result<_, String>`: a stdout closed by its reader (`blimp events |
+/// head -1`) ends the command quietly (see [`stdout_closed`]) instead of
+/// panicking as `println!` does.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_out(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// Write to stdout (flushed). A reader that went away (EPIPE) is
+/// remembered for [`stdout_closed`] and ends the command with an empty
+/// message, which [`run`] turns into success; another write error is an
+/// error.
+fn write_out(args: std::fmt::Arguments) -> Result<(), String> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(String::new())
+        }
+        Err(e) => Err(format!("cannot write to stdout: {e}")),
+    }
+}
+
+/// stdout's reader went away (EPIPE).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether stdout was closed by its reader (`| head -1` had read enough):
+/// not an error.
+fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Where the API is and how to print.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
@@ -66,8 +102,9 @@ pub enum ClientCommand {
     Migrate(MigrateArgs),
     /// Write a snapshot of a running VM to a file
     Snapshot(SnapshotArgs),
-    /// Print the Prometheus metrics of a running VM
-    Metrics(Conn),
+    /// Print the Prometheus metrics of a running VM (Prometheus text: the
+    /// API has no JSON form of them)
+    Metrics(MetricsArgs),
     /// Follow the events of a running VM (one per line)
     Events(EventsArgs),
 }
@@ -213,6 +250,15 @@ pub struct SnapshotArgs {
     pub path: PathBuf,
 }
 
+/// `blimp metrics`: [`Conn`] without `--json` (`GET /metrics` is
+/// Prometheus text only).
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    /// API socket of the running blimp (its --api-sock)
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct EventsArgs {
     #[command(flatten)]
@@ -231,15 +277,26 @@ fn parse_destination_arg(s: &str) -> Result<MigrationDestination, String> {
 }
 
 /// Run a client command. `Err` carries the message to print; exit with 1.
+/// A stdout closed by its reader ends the command with `Ok`.
 pub fn run(cmd: ClientCommand) -> Result<(), String> {
+    match run_command(cmd) {
+        // Only [`write_out`] fails with an empty message.
+        Err(msg) if msg.is_empty() && stdout_closed() => Ok(()),
+        r => r,
+    }
+}
+
+fn run_command(cmd: ClientCommand) -> Result<(), String> {
     match cmd {
         ClientCommand::Balloon { cmd } => balloon(cmd),
         ClientCommand::Vm { cmd } => vm(cmd),
         ClientCommand::Migrate(args) => migrate(args),
         ClientCommand::Snapshot(args) => snapshot(args),
-        ClientCommand::Metrics(conn) => {
-            let text = client(&conn)?.metrics().map_err(err)?;
-            print!("{text}");
+        ClientCommand::Metrics(args) => {
+            let text = ApiClient::new(&args.api_sock)
+                .and_then(|c| c.metrics())
+                .map_err(err)?;
+            write_out(format_args!("{text}"))?;
             Ok(())
         }
         ClientCommand::Events(args) => events(args),
@@ -250,24 +307,36 @@ fn client(conn: &Conn) -> Result<ApiClient, String> {
     ApiClient::new(&conn.api_sock).map_err(err)
 }
 
+/// The message of a failed request; a 400 (the API refused the request as
+/// invalid) is remembered for [`refused_as_invalid`], whichever command
+/// sent it.
 fn err(e: ClientError) -> String {
+    if e.status() == Some(400) {
+        REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     e.to_string()
+}
+
+/// A request this command refuses before sending it (exit status 2, as
+/// the API's 400 for it would be).
+fn usage(msg: String) -> String {
+    REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
+    msg
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
     let s = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
-    println!("{s}");
+    out!("{s}");
     Ok(())
 }
 
 /// `v` as JSON with `--json`, else as `human` prints it.
-fn show<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) -> Result<(), String> {
-    if json {
-        print_json(v)
-    } else {
-        human(v);
-        Ok(())
-    }
+fn show<T: serde::Serialize>(
+    json: bool,
+    v: &T,
+    human: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<(), String> {
+    if json { print_json(v) } else { human(v) }
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -279,23 +348,24 @@ fn mib_pages(mib: u64, pages: u64) -> String {
 }
 
 /// The "target:" and "actual:" lines (with `prefix` before each label).
-fn print_target_actual(prefix: &str, target: (u64, u64), actual: (u64, u64)) {
+fn print_target_actual(prefix: &str, target: (u64, u64), actual: (u64, u64)) -> Result<(), String> {
     for (label, (mib, pages)) in [("target", target), ("actual", actual)] {
-        println!(
+        out!(
             "{:<20} {}",
             format!("{prefix}{label}:"),
             mib_pages(mib, pages)
         );
     }
+    Ok(())
 }
 
-fn print_balloon(b: &BalloonInfo) {
+fn print_balloon(b: &BalloonInfo) -> Result<(), String> {
     print_target_actual(
         "",
         (b.target_mib, b.target_pages),
         (b.actual_mib, b.actual_pages),
-    );
-    println!(
+    )?;
+    out!(
         "guest driver:        {}",
         if b.driver_ok {
             "ready (DRIVER_OK)"
@@ -303,27 +373,28 @@ fn print_balloon(b: &BalloonInfo) {
             "not started (DRIVER_OK not set): the guest follows no target"
         }
     );
-    println!("deflate on OOM:      {}", yes_no(b.deflate_on_oom));
-    println!("must tell host:      {}", yes_no(b.must_tell_host));
-    println!("free page hinting:   {}", yes_no(b.free_page_hint));
-    println!("free page reporting: {}", yes_no(b.free_page_reporting));
-    println!("page poison:         {}", yes_no(b.page_poison));
+    out!("deflate on OOM:      {}", yes_no(b.deflate_on_oom));
+    out!("must tell host:      {}", yes_no(b.must_tell_host));
+    out!("free page hinting:   {}", yes_no(b.free_page_hint));
+    out!("free page reporting: {}", yes_no(b.free_page_reporting));
+    out!("page poison:         {}", yes_no(b.page_poison));
     if b.stats_polling_interval_s == 0 {
-        println!("statistics polling:  off");
+        out!("statistics polling:  off");
     } else {
-        println!(
+        out!(
             "statistics polling:  every {} s",
             b.stats_polling_interval_s
         );
     }
+    Ok(())
 }
 
-fn print_stats(s: &BalloonStats) {
+fn print_stats(s: &BalloonStats) -> Result<(), String> {
     print_target_actual(
         "balloon ",
         (s.target_mib, s.target_pages),
         (s.actual_mib, s.actual_pages),
-    );
+    )?;
     let v = |name| s.guest.as_ref().and_then(|g| g.by_name(name));
     // (label, statistic, whether the value is a byte count), in print order.
     const SHOWN: [(&str, &str, bool); 16] = [
@@ -351,7 +422,7 @@ fn print_stats(s: &BalloonStats) {
             } else {
                 v.to_string()
             };
-            println!("{:<20} {value}", format!("{label}:"));
+            out!("{:<20} {value}", format!("{label}:"));
         }
     }
     match &s.guest {
@@ -359,20 +430,21 @@ fn print_stats(s: &BalloonStats) {
             let ago = SystemTime::now()
                 .duration_since(g.updated)
                 .map_or(0, |d| d.as_secs());
-            println!("last update:         {ago} s ago");
+            out!("last update:         {ago} s ago");
         }
-        None => println!("last update:         never (statistics not reported yet)"),
+        None => out!("last update:         never (statistics not reported yet)"),
     }
-    println!("hinting rounds:      {}", s.hint_rounds);
-    println!(
+    out!("hinting rounds:      {}", s.hint_rounds);
+    out!(
         "hinted:              {}",
         format_bytes(s.hinted_pages.saturating_mul(PAGE_SIZE))
     );
-    println!(
+    out!(
         "reported:            {}",
         format_bytes(s.reported_pages.saturating_mul(PAGE_SIZE))
     );
-    println!("discarded:           {}", format_bytes(s.discarded_bytes));
+    out!("discarded:           {}", format_bytes(s.discarded_bytes));
+    Ok(())
 }
 
 fn balloon(cmd: BalloonCommand) -> Result<(), String> {
@@ -390,9 +462,9 @@ fn balloon(cmd: BalloonCommand) -> Result<(), String> {
             client(&conn)?.set_stats_interval(seconds).map_err(err)?;
             if !conn.json {
                 if seconds == 0 {
-                    println!("statistics polling turned off");
+                    out!("statistics polling turned off");
                 } else {
-                    println!("statistics polled every {seconds} s");
+                    out!("statistics polled every {seconds} s");
                 }
             }
             Ok(())
@@ -410,29 +482,31 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
         "off" => patch.enabled = Some(false),
         "set" => {
             if args.settings.is_empty() {
-                return Err(format!(
+                return Err(usage(format!(
                     "balloon policy set: give KEY=VALUE pairs (keys: {})",
                     api::policy::known_keys()
-                ));
+                )));
             }
             let mut check = api::policy::PolicySettings::default();
             for kv in &args.settings {
                 let Some((k, v)) = kv.split_once('=') else {
-                    return Err(format!("balloon policy set: '{kv}' is not KEY=VALUE"));
+                    return Err(usage(format!(
+                        "balloon policy set: '{kv}' is not KEY=VALUE"
+                    )));
                 };
                 if k == "enabled" {
                     patch.enabled = Some(match v {
                         "on" | "true" | "1" | "yes" => true,
                         "off" | "false" | "0" | "no" => false,
                         _ => {
-                            return Err(format!(
+                            return Err(usage(format!(
                                 "balloon policy set enabled={v}: expected on or off"
-                            ));
+                            )));
                         }
                     });
                     continue;
                 }
-                check.set_str(k, v)?;
+                check.set_str(k, v).map_err(usage)?;
                 patch
                     .changes
                     .insert(k.to_string(), serde_json::Value::String(v.to_string()));
@@ -441,7 +515,7 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
         _ => {}
     }
     if args.action != "show" {
-        c.patch_balloon_policy(&patch).map_err(err_invalid)?;
+        c.patch_balloon_policy(&patch).map_err(err)?;
     }
     let st = c.balloon_policy().map_err(err)?;
     if args.conn.json {
@@ -452,24 +526,29 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
         (true, false) => "on",
         (true, true) => "on, paused",
     };
-    println!("policy:        {state}");
+    out!("policy:        {state}");
     if let Some(r) = &st.paused_reason {
-        println!("paused:        {r}");
+        out!("paused:        {r}");
     }
     let cfg = serde_json::to_value(&st.config).map_err(|e| e.to_string())?;
     if let serde_json::Value::Object(m) = cfg {
         for (k, v) in m {
-            println!("  {k:<20} {v}");
+            out!("  {k:<20} {v}");
         }
     }
-    println!(
+    out!(
         "decisions:     {} ({} target changes)",
-        st.decisions, st.target_changes
+        st.decisions,
+        st.target_changes
     );
     if let Some(d) = &st.last_decision {
-        println!(
+        out!(
             "last decision: {} {} -> {} MiB, {}: {}",
-            d.action, d.old_target_mib, d.new_target_mib, d.reason, d.detail
+            d.action,
+            d.old_target_mib,
+            d.new_target_mib,
+            d.reason,
+            d.detail
         );
     }
     Ok(())
@@ -480,7 +559,8 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
         HintCommand::Start(conn) => {
             let r = client(&conn)?.hinting_start().map_err(err)?;
             show(conn.json, &r, |r| {
-                println!("free page hinting started (command id {})", r.cmd_id)
+                out!("free page hinting started (command id {})", r.cmd_id);
+                Ok(())
             })
         }
         HintCommand::Status(conn) => {
@@ -488,13 +568,13 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
             if conn.json {
                 return print_json(&s);
             }
-            println!("state:        {:?}", s.state);
-            println!("host cmd id:  {}", s.host_cmd_id);
+            out!("state:        {:?}", s.state);
+            out!("host cmd id:  {}", s.host_cmd_id);
             match s.guest_cmd_id {
-                Some(g) => println!("guest cmd id: {g}"),
-                None => println!("guest cmd id: (no answer yet)"),
+                Some(g) => out!("guest cmd id: {g}"),
+                None => out!("guest cmd id: (no answer yet)"),
             }
-            println!(
+            out!(
                 "hinted:       {} ({} pages)",
                 format_bytes(s.hinted_pages.saturating_mul(PAGE_SIZE)),
                 s.hinted_pages
@@ -504,14 +584,14 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
         HintCommand::Stop(conn) => {
             client(&conn)?.hinting_stop().map_err(err)?;
             if !conn.json {
-                println!("free page hinting stopped");
+                out!("free page hinting stopped");
             }
             Ok(())
         }
         HintCommand::Done(conn) => {
             client(&conn)?.hinting_done().map_err(err)?;
             if !conn.json {
-                println!("hinted pages released to the guest");
+                out!("hinted pages released to the guest");
             }
             Ok(())
         }
@@ -521,12 +601,14 @@ fn hint(cmd: HintCommand) -> Result<(), String> {
 /// How often `--wait` polls.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The API answered the last request 400: the request was invalid.
+/// The request was invalid: the API answered it 400, or this command
+/// refused it before sending.
 static REFUSED_AS_INVALID: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the command failed because the API refused a request as
-/// invalid (400), e.g. a balloon target below the floor: exit status 2.
+/// invalid (400), e.g. a balloon target below the floor, or this command
+/// refused it first (`balloon policy set foo=1`): exit status 2.
 pub fn refused_as_invalid() -> bool {
     REFUSED_AS_INVALID.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -542,23 +624,15 @@ pub fn source_gone() -> bool {
     SOURCE_GONE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// [`err`], remembering a 400 for [`refused_as_invalid`].
-fn err_invalid(e: ClientError) -> String {
-    if e.status() == Some(400) {
-        REFUSED_AS_INVALID.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    err(e)
-}
-
 fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
     let c = client(&args.conn)?;
-    c.set_balloon(args.size_mib).map_err(err_invalid)?;
+    c.set_balloon(args.size_mib).map_err(err)?;
     let target_pages = mib_to_pages(args.size_mib);
     if !args.wait {
         if args.conn.json {
             return print_json(&c.balloon().map_err(err)?);
         }
-        println!("balloon target set to {}", format_mib(args.size_mib));
+        out!("balloon target set to {}", format_mib(args.size_mib));
         return Ok(());
     }
     let first = c.balloon().map_err(err)?;
@@ -618,7 +692,7 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
     if args.conn.json {
         print_json(&b)
     } else {
-        println!("balloon is at {}", format_mib(args.size_mib));
+        out!("balloon is at {}", format_mib(args.size_mib));
         Ok(())
     }
 }
@@ -650,12 +724,13 @@ fn fmt_uptime(s: u64) -> String {
     }
 }
 
-fn print_vm(v: &VmInfo) {
-    println!("state:   {}", v.state);
-    println!("memory:  {}", format_mib(v.memory_mib));
-    println!("vcpus:   {}", v.vcpus);
-    println!("uptime:  {}", fmt_uptime(v.uptime_s));
-    println!("balloon: {}", yes_no(v.balloon));
+fn print_vm(v: &VmInfo) -> Result<(), String> {
+    out!("state:   {}", v.state);
+    out!("memory:  {}", format_mib(v.memory_mib));
+    out!("vcpus:   {}", v.vcpus);
+    out!("uptime:  {}", fmt_uptime(v.uptime_s));
+    out!("balloon: {}", yes_no(v.balloon));
+    Ok(())
 }
 
 fn vm(cmd: VmCommand) -> Result<(), String> {
@@ -667,7 +742,7 @@ fn vm(cmd: VmCommand) -> Result<(), String> {
         VmCommand::Shutdown(conn) => {
             client(&conn)?.shutdown_vm().map_err(err)?;
             if !conn.json {
-                println!("VM shutting down");
+                out!("VM shutting down");
             }
             return Ok(());
         }
@@ -676,12 +751,12 @@ fn vm(cmd: VmCommand) -> Result<(), String> {
     };
     client(&conn)?.set_vm_state(state).map_err(err)?;
     if !conn.json {
-        println!("{done}");
+        out!("{done}");
     }
     Ok(())
 }
 
-fn print_migration(m: &MigrationStatus) {
+fn print_migration(m: &MigrationStatus) -> Result<(), String> {
     let mut line = format!(
         "{:?} after {:.1} s, {} rounds: {} pages sent ({}), {} hinted free, {} zero",
         m.state,
@@ -695,7 +770,8 @@ fn print_migration(m: &MigrationStatus) {
     if let Some(d) = m.downtime_ms {
         line.push_str(&format!(", downtime {d} ms"));
     }
-    println!("{line}");
+    out!("{line}");
+    Ok(())
 }
 
 /// Set once by the binary: says whether the user interrupted (Ctrl-C).
@@ -727,13 +803,15 @@ fn cancel_migration(args: &MigrateArgs) -> Result<(), String> {
     let c = client(&args.conn)?;
     c.cancel_migration().map_err(err)?;
     let status = wait_job_end(&c)?;
-    show(args.conn.json, &status, print_migration)?;
-    match status.state {
+    // How it ended decides the exit status, even when stdout is closed.
+    let shown = show(args.conn.json, &status, print_migration);
+    let outcome = match status.state {
         MigrationState::Cancelled => Ok(()),
         other => Err(format!(
             "the migration ended {other:?} before the cancel took effect"
         )),
-    }
+    };
+    outcome.and(shown)
 }
 
 fn migrate(args: MigrateArgs) -> Result<(), String> {
@@ -757,7 +835,7 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
     c.start_migration(&req).map_err(err)?;
     if args.no_wait {
         if !args.conn.json {
-            println!("migration to {to} started");
+            out!("migration to {to} started");
         }
         return Ok(());
     }
@@ -808,8 +886,9 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
     } else {
         bar.abandon();
     }
-    show(args.conn.json, &status, print_migration)?;
-    match status.state {
+    // How it ended decides the exit status, even when stdout is closed.
+    let shown = show(args.conn.json, &status, print_migration);
+    let outcome = match status.state {
         MigrationState::Completed => Ok(()),
         MigrationState::Failed => Err(format!(
             "migration failed: {}",
@@ -820,7 +899,8 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
         }
         MigrationState::Cancelled => Err("migration was cancelled".into()),
         other => Err(format!("migration ended in state {other:?}")),
-    }
+    };
+    outcome.and(shown)
 }
 
 /// Polls of `blimp migrate` between which the whole migration, and the
@@ -937,7 +1017,7 @@ fn snapshot(args: SnapshotArgs) -> Result<(), String> {
     if args.conn.json {
         print_json(&status)?;
     } else {
-        println!(
+        out!(
             "snapshot written to {} ({} of page data, {} pages hinted free, {} zero)",
             path.display(),
             format_bytes(status.bytes_sent),
@@ -958,13 +1038,13 @@ fn events(args: EventsArgs) -> Result<(), String> {
                 seen += 1;
                 if args.conn.json {
                     let line = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
-                    println!("{line}");
+                    out!("{line}");
                 } else {
                     let mut fields = serde_json::to_value(&ev.event).unwrap_or(Value::Null);
                     if let Some(o) = fields.as_object_mut() {
                         o.remove("type");
                     }
-                    println!("{:>6} {} {}", ev.seq, ev.event.kind(), fields);
+                    out!("{:>6} {} {}", ev.seq, ev.event.kind(), fields);
                 }
             }
             Ok(None) => return Ok(()),

@@ -30,8 +30,15 @@ blimp run --kernel \"$(resources/build.sh testguest | tail -1)\" --memory 512M -
 )]
 struct Cli {
     /// Log level for messages on stderr: error, warn, info, debug or trace
-    /// (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    /// (RUST_LOG overrides it, and takes per-module filters).
+    #[arg(
+        long,
+        global = true,
+        default_value = "warn",
+        value_name = "LEVEL",
+        value_parser = ["error", "warn", "info", "debug", "trace"],
+        ignore_case = true
+    )]
     log_level: String,
     #[command(subcommand)]
     command: Command,
@@ -263,7 +270,6 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
         return Err(Usage("--kernel is required".into()));
     };
     check_readable("kernel", kernel)?;
-    vmm::boot::check_kernel_header(kernel).map_err(|e| Usage(e.to_string()))?;
     if let Some(initrd) = &args.initrd {
         check_readable("initrd", initrd)?;
     }
@@ -359,6 +365,9 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
         ));
     }
     cfg.api_socket = args.api_sock.clone();
+    // Last, so that the options' own errors come first; before anything
+    // is set up (guest RAM in a file).
+    vmm::boot::check_kernel_header(kernel).map_err(|e| Usage(e.to_string()))?;
     Ok(cfg)
 }
 
@@ -566,8 +575,9 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {
                     eprintln!("blimp: error: {msg}");
-                    // A request the API refused as invalid (400) is a usage
-                    // error, like a bad argument.
+                    // A request the API refused as invalid (400), or the
+                    // client before sending it, is a usage error, like a
+                    // bad argument.
                     ExitCode::from(if client::refused_as_invalid() {
                         EXIT_USAGE
                     } else if client::source_gone() {

@@ -233,3 +233,238 @@ fn a_ram_file_is_not_touched_by_a_refused_run_nor_taken_from_the_kernel() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A request refused as invalid is a usage error (exit status 2), whether
+/// the API refused it (400) or the client before sending it. `balloon
+/// stats-interval 100000` (400) and `balloon policy set foo=1` exited 1.
+#[test]
+fn invalid_client_requests_are_usage_errors() {
+    let (_vm, _api, sock) = common::boot_with_api(
+        "cli-400",
+        "sleep 60",
+        &["--memory", "128M", "--balloon", "stats_interval=1"],
+    );
+    let s = sock.to_str().unwrap();
+    let api = ["--api-sock", s];
+    for (args, needle) in [
+        (&["balloon", "stats-interval", "100000"][..], "100000"),
+        (&["balloon", "policy", "set", "foo=1"], "foo"),
+        (&["balloon", "policy", "set", "settle=abc"], "abc"),
+        (&["balloon", "policy", "set", "enabled=maybe"], "maybe"),
+        (&["balloon", "policy", "set", "floor"], "KEY=VALUE"),
+        (&["balloon", "hint", "start"], "hint"),
+    ] {
+        let all: Vec<&str> = args.iter().chain(&api).copied().collect();
+        assert_usage(&all, needle);
+    }
+}
+
+/// `--log-level verbose` was taken (env_logger ignored it, and with it the
+/// warnings); a level outside the five is a usage error naming them.
+#[test]
+fn log_level_is_one_of_five() {
+    for bad in ["verbose", "blimp=debug", "warning", ""] {
+        let (code, _, err) = run_blimp(&["--log-level", bad, "vm", "info", "--api-sock", "/x"]);
+        assert_eq!(code, 2, "--log-level {bad:?}: {err}");
+        assert!(
+            (bad.is_empty() || err.contains(&format!("'{bad}'")))
+                && err.contains("--log-level")
+                && err.contains("error, warn, info, debug, trace"),
+            "--log-level {bad:?}: {err}"
+        );
+    }
+    for good in ["debug", "ERROR"] {
+        let (code, _, err) = run_blimp(&["vm", "info", "--api-sock", "/x", "--log-level", good]);
+        assert_eq!(
+            code, 1,
+            "--log-level {good}: only the socket is missing: {err}"
+        );
+        assert!(err.contains("cannot connect to /x"), "{err}");
+    }
+}
+
+/// `blimp metrics --json` printed Prometheus text: the flag was taken and
+/// ignored. /metrics has no JSON form; the flag is refused.
+#[test]
+fn metrics_has_no_json() {
+    let (code, _, err) = run_blimp(&["metrics", "--api-sock", "/x", "--json"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("'--json'"), "{err}");
+    let (code, out, _) = run_blimp(&["metrics", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        !out.contains("--json") && out.contains("no JSON form"),
+        "{out}"
+    );
+}
+
+/// `blimp events | head -1`, `blimp balloon stats | head -1`: a client
+/// command whose stdout its reader closed panicked ("failed printing to
+/// stdout: Broken pipe", exit status 101). It ends quietly, status 0.
+#[test]
+fn client_commands_end_quietly_on_a_closed_stdout() {
+    let (_vm, _api, sock) = common::boot_with_api(
+        "cli-epipe",
+        "sleep 60",
+        &[
+            "--memory",
+            "256M",
+            "--balloon",
+            "stats_interval=1,free_page_hint",
+            "--balloon-policy",
+            "enabled=off",
+        ],
+    );
+    let s = sock.to_str().unwrap();
+    let snap = std::env::temp_dir().join(format!("blimp-cli-epipe-{}.snap", std::process::id()));
+    // (command, whether to run it with --json too): a state change once
+    // (its --json form prints nothing).
+    let commands: [(&[&str], bool); 13] = [
+        (&["events", "--count", "2"], true),
+        (&["balloon", "get"], true),
+        (&["balloon", "stats"], true),
+        (&["balloon", "policy"], true),
+        (&["balloon", "stats-interval", "1"], false),
+        (&["balloon", "set", "0"], true),
+        (&["balloon", "hint", "start"], false),
+        (&["balloon", "hint", "status"], true),
+        (&["vm", "info"], true),
+        (&["vm", "pause"], false),
+        (&["vm", "resume"], false),
+        (&["metrics"], false),
+        (&["snapshot", snap.to_str().unwrap()], true),
+    ];
+    for (args, json_too) in commands {
+        for json in [false, true] {
+            if json && !json_too {
+                continue;
+            }
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            let out = std::process::Command::new(common::blimp())
+                .args(args)
+                .args(["--api-sock", s])
+                .args(json.then_some("--json"))
+                .stdout(writer)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && err.is_empty(),
+                "{args:?} json {json}: {:?}: {err}",
+                out.status
+            );
+        }
+    }
+    assert!(snap.exists(), "the snapshot was written");
+    std::fs::remove_file(&snap).unwrap();
+}
+
+/// `--api-sock` naming a directory or a regular file was reported as
+/// "connection refused (nobody listens; stale socket file?)"; a server
+/// socket in /proc as a bare "No such file or directory". Each says what
+/// the path is, or what failed.
+#[test]
+fn api_socket_paths_that_cannot_be_sockets() {
+    let file = std::env::temp_dir().join(format!("blimp-cli-regular-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let f = file.to_str().unwrap();
+    for (path, kind) in [("/tmp", "a directory"), (f, "a regular file")] {
+        let (code, _, err) = run_blimp(&["vm", "info", "--api-sock", path]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!("{path}: it is {kind}, not a socket")),
+            "{err}"
+        );
+    }
+    std::fs::remove_file(&file).unwrap();
+    common::require_kvm();
+    let k = testguest().to_str().unwrap();
+    let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", "/proc/x.sock"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("API socket /proc/x.sock: cannot create /proc/.b")
+            && err.contains("private directory")
+            && err.contains("No such file or directory"),
+        "{err}"
+    );
+}
+
+/// `--memory 16M` with the test guest (loaded at 16 MiB) was reported as
+/// "neither an ELF vmlinux nor a bzImage: ... Unable to read kernel
+/// image"; it says the kernel does not fit, where it loads, and the RAM
+/// that needs. 17M boots.
+#[test]
+fn a_kernel_beyond_guest_ram_is_named() {
+    let k = testguest().to_str().unwrap();
+    let args = |m| {
+        [
+            "run",
+            "--kernel",
+            k,
+            "--memory",
+            m,
+            "--no-stdin",
+            "--debug-exit",
+            "--cmdline",
+            "testguest.run=\"exit 7\"",
+        ]
+    };
+    let (code, _, err) = run_blimp(&args("16M"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "kernel {k} does not fit in guest RAM: it loads at 0x1000000.."
+        )) && err.contains("needs --memory of at least 17 MiB; --memory is 16 MiB"),
+        "{err}"
+    );
+    common::require_kvm();
+    let (code, _, err) = run_blimp(&args("17M"));
+    assert_eq!(code, 7, "{err}");
+}
+
+/// An API socket path of 88-107 bytes, which a socket address holds, was
+/// refused ("path must be shorter than SUN_LEN"): blimp bound it first
+/// as PARENT/.blimp-api-PID-N/s, 20-odd bytes longer. The private name is
+/// now short; a path that fits but whose private bind path does not is
+/// refused with the limit for the user's path.
+#[test]
+fn long_api_socket_paths() {
+    let base = std::env::temp_dir().join(format!("blimp-cli-long-{}", std::process::id()));
+    // A directory whose name pads the socket path to `len` bytes.
+    let path_of = |len: usize, file: &str| {
+        let prefix = base.to_str().unwrap().len() + 1;
+        let dir = base.join("d".repeat(len - prefix - 1 - file.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(file)
+    };
+    let sock = path_of(100, "api.sock");
+    assert_eq!(sock.to_str().unwrap().len(), 100);
+    let s = sock.to_str().unwrap();
+    let mut vm = common::Vm::start(&[
+        "--api-sock",
+        s,
+        "--debug-exit",
+        "--cmdline",
+        "testguest.run=\"sleep 30\"",
+    ]);
+    common::wait_for_socket(&sock);
+    let (code, out, err) = run_blimp(&["vm", "info", "--api-sock", s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state:   Running"), "{out}");
+    drop(vm.child.kill());
+    vm.wait(std::time::Duration::from_secs(10));
+    // 107 bytes fit a socket address, but not with the private directory.
+    let sock = path_of(107, "s");
+    let k = testguest().to_str().unwrap();
+    let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is 107 bytes: blimp binds it first as")
+            && err.contains(
+                "a unix socket path may be 107 bytes: here the API socket path may be at most"
+            ),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}

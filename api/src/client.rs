@@ -62,7 +62,28 @@ impl ClientError {
     }
 }
 
+/// What `path` is when it exists and is not a socket: a connect to it
+/// fails as one to a dead socket would (ECONNREFUSED).
+fn not_a_socket(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    let kinds = [
+        (t.is_dir(), "a directory"),
+        (t.is_file(), "a regular file"),
+        (t.is_fifo(), "a FIFO"),
+        (t.is_char_device(), "a character device"),
+        (t.is_block_device(), "a block device"),
+    ];
+    kinds.into_iter().find(|(is, _)| *is).map(|(_, kind)| kind)
+}
+
 fn connect_error(path: &Path, e: io::Error) -> ClientError {
+    if let Some(kind) = not_a_socket(path) {
+        return ClientError::Connect {
+            path: path.display().to_string(),
+            reason: format!("it is {kind}, not a socket"),
+        };
+    }
     let reason = match e.kind() {
         io::ErrorKind::NotFound => "no such file".to_string(),
         io::ErrorKind::ConnectionRefused => {

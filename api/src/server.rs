@@ -51,6 +51,33 @@ pub enum Error {
     RemoveStale { path: PathBuf, source: io::Error },
     #[error("cannot bind API socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot bind API socket {path}: cannot create {dir}, the private directory next to it \
+         where the socket is bound before it is renamed into place: {source}"
+    )]
+    PrivateDir {
+        path: PathBuf,
+        dir: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "API socket path {path} is {len} bytes, longer than a unix socket path may be \
+         ({SUN_PATH_MAX} bytes)"
+    )]
+    PathTooLong { path: PathBuf, len: usize },
+    #[error(
+        "API socket path {path} is {len} bytes: blimp binds it first as {tmp} (in a private \
+         directory next to it, then renames it into place, so that it is mode 0600 from the \
+         start), {extra} bytes longer, and a unix socket path may be {SUN_PATH_MAX} bytes: \
+         here the API socket path may be at most {max} bytes"
+    )]
+    PrivatePathTooLong {
+        path: PathBuf,
+        len: usize,
+        tmp: PathBuf,
+        extra: usize,
+        max: usize,
+    },
     #[error("cannot set mode 0600 on API socket {path}: {source}")]
     Chmod { path: PathBuf, source: io::Error },
     #[error("cannot start the API server for {path}: {source}")]
@@ -190,11 +217,17 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
         _ => Path::new("."),
     };
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = parent.join(format!(".blimp-api-{}-{n}", std::process::id()));
+    // As short as it can be unique: it makes the path bound longer.
+    let dir = parent.join(format!(".b{:x}.{n:x}", std::process::id()));
+    check_path_len(path, &dir.join("s"))?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .map_err(bind_err)?;
+        .map_err(|source| Error::PrivateDir {
+            path: path.to_path_buf(),
+            dir: dir.clone(),
+            source,
+        })?;
     let tmp = dir.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&tmp)
         .map_err(bind_err)
@@ -213,6 +246,33 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
     }
     let _ = std::fs::remove_dir(&dir);
     bound
+}
+
+/// The longest unix socket path, without its NUL (`sun_path` is 108 bytes).
+const SUN_PATH_MAX: usize = 107;
+
+/// `path`, and `tmp` where it is bound first, fit in a socket address;
+/// else say which limit the user's path has.
+fn check_path_len(path: &Path, tmp: &Path) -> Result<(), Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let (len, tmp_len) = (path.as_os_str().len(), tmp.as_os_str().as_bytes().len());
+    if len > SUN_PATH_MAX {
+        return Err(Error::PathTooLong {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
+    if tmp_len > SUN_PATH_MAX {
+        let extra = tmp_len - len;
+        return Err(Error::PrivatePathTooLong {
+            path: path.to_path_buf(),
+            len,
+            tmp: tmp.to_path_buf(),
+            extra,
+            max: SUN_PATH_MAX - extra,
+        });
+    }
+    Ok(())
 }
 
 /// What is at an API socket path before the server binds it.

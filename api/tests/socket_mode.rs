@@ -86,7 +86,7 @@ fn socket_is_0600_from_the_start_with_umask_000() {
             .filter(|e| {
                 e.file_name()
                     .to_string_lossy()
-                    .starts_with(&format!(".blimp-api-{}-", std::process::id()))
+                    .starts_with(&format!(".b{:x}.", std::process::id()))
             })
             .count();
         assert_eq!(leftovers, 0, "start {i}: private bind directory left");

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use api_types::size::format_bytes;
 use arch::MemoryLayout;
 use arch::layout::{
     CMDLINE_ADDR, CMDLINE_MAX_SIZE, GDT_ADDR, HIMEM_START, IDT_ADDR, ZERO_PAGE_ADDR,
@@ -25,6 +26,18 @@ pub enum BootError {
     },
     #[error("kernel {path} is neither an ELF vmlinux nor a bzImage: {reason}")]
     LoadKernel { path: PathBuf, reason: String },
+    #[error(
+        "kernel {path} does not fit in guest RAM: it loads at {start:#x}..{end:#x}, which needs \
+         --memory of at least {}; --memory is {}",
+        format_bytes(end.next_multiple_of(1 << 20)),
+        format_bytes(*memory)
+    )]
+    KernelTooBig {
+        path: PathBuf,
+        start: u64,
+        end: u64,
+        memory: u64,
+    },
     #[error("cannot read initrd {path}: {source}")]
     ReadInitrd {
         path: PathBuf,
@@ -86,6 +99,59 @@ pub fn validate_cmdline(cmdline: &str) -> Result<(), BootError> {
     Ok(())
 }
 
+/// The guest-physical range `[start, end)` the loader will write the
+/// kernel to, from its headers: an ELF64's PT_LOAD segments (at their
+/// physical addresses), a bzImage's protected-mode part (at its
+/// `code32_start`). `None` when the headers do not say (the loader then
+/// reports what is wrong).
+fn load_range(f: &mut File, magic: &[u8; 4]) -> Option<(u64, u64)> {
+    let mut read_at = |offset: u64, len: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0; len];
+        f.seek(SeekFrom::Start(offset)).ok()?;
+        f.read_exact(&mut buf).ok()?;
+        Some(buf)
+    };
+    let u16_at =
+        |b: &[u8], at: usize| Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let u64_at =
+        |b: &[u8], at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
+    if magic != b"\x7fELF" {
+        // Only a bzImage's setup header says where it goes.
+        if read_at(0x202, 4)? != b"HdrS" {
+            return None;
+        }
+        let setup_sects = match read_at(0x1f1, 1)?[0] {
+            0 => 4,
+            n => u64::from(n),
+        };
+        let code32_start = u64::from(u32::from_le_bytes(read_at(0x214, 4)?.try_into().ok()?));
+        let len = f.metadata().ok()?.len();
+        let size = len.checked_sub((setup_sects + 1) * 512)?;
+        return Some((code32_start, code32_start.checked_add(size)?));
+    }
+    // ELF64, little-endian (what the loader takes).
+    let eh = read_at(0, 64)?;
+    if eh[4] != 2 || eh[5] != 1 {
+        return None;
+    }
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 0x20)?, u16_at(&eh, 0x36)?, u16_at(&eh, 0x38)?);
+    if phentsize < 56 {
+        return None;
+    }
+    let table = read_at(phoff, usize::from(phentsize) * usize::from(phnum))?;
+    let mut range: Option<(u64, u64)> = None;
+    for ph in table.chunks_exact(usize::from(phentsize)) {
+        const PT_LOAD: u32 = 1;
+        if u32::from_le_bytes(ph[..4].try_into().ok()?) != PT_LOAD {
+            continue;
+        }
+        let (paddr, memsz) = (u64_at(ph, 24)?, u64_at(ph, 40)?);
+        let end = paddr.checked_add(memsz)?;
+        range = Some(range.map_or((paddr, end), |(s, e)| (s.min(paddr), e.max(end))));
+    }
+    range.filter(|(s, e)| e > s)
+}
+
 /// Load everything and return the entry point.
 pub fn load(
     mem: &GuestMemory,
@@ -107,6 +173,17 @@ pub fn load(
     };
     f.read_exact(&mut magic)
         .map_err(|e| load_err(format!("cannot read its first 4 bytes: {e}")))?;
+    // Said here: the loaders report a kernel beyond RAM as unreadable.
+    if let Some((start, end)) = load_range(&mut f, &magic)
+        && !layout.contains(start, end - start)
+    {
+        return Err(BootError::KernelTooBig {
+            path: kernel.to_path_buf(),
+            start,
+            end,
+            memory: layout.size(),
+        });
+    }
     f.seek(SeekFrom::Start(0))
         .map_err(|e| load_err(e.to_string()))?;
     let (entry, kernel_end, setup_header) = if &magic == b"\x7fELF" {
@@ -215,5 +292,25 @@ mod tests {
             validate_cmdline(&long),
             Err(BootError::CmdlineTooLong { .. })
         ));
+    }
+
+    /// A bzImage goes at its code32_start, without its setup sectors; a
+    /// file without the setup header's magic has no range (the loader
+    /// says what it is not).
+    #[test]
+    fn bzimage_load_range() {
+        let path = std::env::temp_dir().join(format!("blimp-bzimage-{}", std::process::id()));
+        let mut image = vec![0u8; 8192];
+        image[0x1f1] = 3;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        std::fs::write(&path, &image).unwrap();
+        let range = load_range(&mut File::open(&path).unwrap(), b"MZ\0\0");
+        image[0x202] = b'X';
+        std::fs::write(&path, &image).unwrap();
+        let none = load_range(&mut File::open(&path).unwrap(), b"MZ\0\0");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(range, Some((0x10_0000, 0x10_0000 + 8192 - 4 * 512)));
+        assert_eq!(none, None);
     }
 }
