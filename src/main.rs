@@ -265,10 +265,9 @@ fn check_readable(what: &str, path: &Path) -> Result<(), Usage> {
     Ok(())
 }
 
-fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
-    let Some(kernel) = &args.kernel else {
-        return Err(Usage("--kernel is required".into()));
-    };
+/// The kernel and initrd can be read, and neither is the file guest RAM
+/// would be kept in.
+fn check_inputs(args: &RunArgs, kernel: &Path) -> Result<(), Usage> {
     check_readable("kernel", kernel)?;
     if let Some(initrd) = &args.initrd {
         check_readable("initrd", initrd)?;
@@ -276,7 +275,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
     if let MemoryBackend::File(file) = &args.memory_backend {
         for (flag, input) in [
             ("--kernel", Some(kernel)),
-            ("--initrd", args.initrd.as_ref()),
+            ("--initrd", args.initrd.as_deref()),
         ] {
             if let Some(input) = input
                 && vmm::migration::file_dest::same_file(input, file)
@@ -288,6 +287,14 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
             }
         }
     }
+    Ok(())
+}
+
+fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
+    let Some(kernel) = &args.kernel else {
+        return Err(Usage("--kernel is required".into()));
+    };
+    check_inputs(args, kernel)?;
     let memory =
         api::size::parse_page_bytes(&args.memory).map_err(|e| Usage(format!("--memory: {e}")))?;
     if memory == 0 {
