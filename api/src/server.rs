@@ -203,7 +203,7 @@ impl ApiServer {
 }
 
 /// Bind the socket with mode 0600 from the start: inside a fresh 0700
-/// directory next to `path`, then renamed into place, so no other user can
+/// directory next to `path`, then linked into place, so no other user can
 /// ever connect whatever the umask (changing the umask instead would race
 /// with the process's other threads).
 fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
@@ -238,12 +238,18 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
                     source,
                 },
             )?;
-            std::fs::rename(&tmp, path).map_err(bind_err)?;
+            // A link, not a rename: it never replaces what another blimp,
+            // started at the same moment, put there since our check.
+            std::fs::hard_link(&tmp, path).map_err(|source| {
+                if source.kind() == io::ErrorKind::AlreadyExists {
+                    Error::InUse(path.to_path_buf())
+                } else {
+                    bind_err(source)
+                }
+            })?;
             Ok(l)
         });
-    if bound.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_dir(&dir);
     bound
 }
@@ -1062,4 +1068,39 @@ fn get_events(ctx: &Arc<Ctx>, conn: &ConnState) -> Response<RespBody> {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// Two blimps started at the same moment both find the path free; the
+    /// second to put its socket in place must not replace the first's.
+    #[test]
+    fn binding_never_replaces_a_socket_put_there_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("blimp-bind-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let first = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        match bind_private(&path) {
+            Err(Error::InUse(p)) => assert_eq!(p, path),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from("api.sock")],
+            "no temporary left"
+        );
+        drop(first);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

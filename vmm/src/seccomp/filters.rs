@@ -688,6 +688,10 @@ fn main_thread() -> Allowed {
             &[libc::SYS_chmod, libc::SYS_fchmodat],
             "the API socket's mode (0600)",
         )
+        .allow_each(
+            &[libc::SYS_link, libc::SYS_linkat],
+            "the API socket, linked into place (a rename would replace another blimp's)",
+        )
         .allow(libc::SYS_memfd_create, "memfd and hugetlb guest RAM")
         .allow(libc::SYS_ftruncate, "sizing memfd/file guest RAM")
         .allow(
