@@ -788,6 +788,19 @@ fn interrupted() -> bool {
     INTERRUPTED.get().is_some_and(|f| f())
 }
 
+static READER_GONE: std::sync::OnceLock<fn() -> bool> = std::sync::OnceLock::new();
+
+/// How a command that waits for something to print (`blimp events`) learns
+/// that its reader went away before it has anything to write (the binary
+/// polls stdout: `vmm::console::stdout_reader_gone`).
+pub fn set_reader_gone_check(check: fn() -> bool) {
+    let _ = READER_GONE.set(check);
+}
+
+fn reader_gone() -> bool {
+    READER_GONE.get().is_some_and(|f| f())
+}
+
 /// Wait until the running job ends (or none runs).
 fn wait_job_end(c: &ApiClient) -> Result<MigrationStatus, String> {
     loop {
@@ -1033,7 +1046,12 @@ fn events(args: EventsArgs) -> Result<(), String> {
     let mut stream = c.events().map_err(err)?;
     let mut seen = 0u64;
     while args.count.is_none_or(|n| seen < n) {
-        match stream.next_event(Duration::from_secs(3600)) {
+        // A second at a time: a reader that went away (`| head -1`) ends
+        // the command even while no event comes to be written.
+        if reader_gone() {
+            return Ok(());
+        }
+        match stream.next_event(Duration::from_secs(1)) {
             Ok(Some(ev)) => {
                 seen += 1;
                 if args.conn.json {

@@ -455,7 +455,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
         memory_thp: host.memory_thp,
         serial_input: !host.no_stdin,
     };
-    let handed_over = matches!(source, Source::Incoming(_));
+    let handed_over = matches!(&source, Source::Incoming(Ok(i)) if i.is_live());
     let built = match source {
         Source::File(Ok(input)) => Vmm::restore(cfg, input),
         Source::Incoming(Ok(incoming)) => Vmm::restore_incoming(cfg, incoming),
@@ -578,6 +578,7 @@ fn main() -> ExitCode {
             if matches!(cmd, client::ClientCommand::Migrate(_)) {
                 watch_interrupts();
             }
+            client::set_reader_gone_check(vmm::console::stdout_reader_gone);
             match client::run(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {

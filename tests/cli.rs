@@ -358,6 +358,39 @@ fn client_commands_end_quietly_on_a_closed_stdout() {
     }
     assert!(snap.exists(), "the snapshot was written");
     std::fs::remove_file(&snap).unwrap();
+
+    // `blimp events` on a VM where nothing happens, its reader gone: it
+    // has nothing to write, so no EPIPE tells it; it ends anyway.
+    let quiet = common::sock_path("cli-epipe-quiet");
+    let (_q, _qapi, _) = common::start_with_sock(
+        "cli-epipe-quiet",
+        &[
+            "--memory",
+            "128M",
+            "--no-stdin",
+            "--kernel",
+            common::testguest().to_str().unwrap(),
+        ],
+    );
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = std::process::Command::new(common::blimp())
+        .args(["events", "--api-sock", quiet.to_str().unwrap()])
+        .stdout(writer)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("blimp events kept waiting with its reader gone");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
 }
 
 /// `--api-sock` naming a directory or a regular file was reported as

@@ -279,9 +279,18 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
     let listen = tmp("dst-api-taken.mig");
     let url = format!("unix://{}", listen.display());
     let missing_dir = tmp("no-such-dir").join("api.sock");
+    // A path that fits in a socket address while the private bind path
+    // next to it does not; a directory that takes no private directory.
+    // (DIR is 97 bytes; DIR/a.sock 104; DIR/.bPID.0/s at least 108.)
+    let long_dir = PathBuf::from("/tmp").join("d".repeat(92));
+    std::fs::create_dir_all(&long_dir).unwrap();
+    let long = long_dir.join("a.sock");
+    assert_eq!(long.as_os_str().len(), 104);
     for (api_sock, why) in [
         (src_sock.clone(), "in use by another process"),
         (missing_dir.clone(), "no-such-dir"),
+        (PathBuf::from("/proc/blimp-api.sock"), "private directory"),
+        (long.clone(), "may be at most"),
     ] {
         let mut dst = Vm::start(&[
             "--incoming",
@@ -298,6 +307,7 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
         );
         assert!(!listen.exists(), "it never listened for the migration");
     }
+    let _ = std::fs::remove_dir_all(&long_dir);
     // The source's API is untouched.
     let (s, info) = api.get("/vm").unwrap();
     assert_eq!(
@@ -306,6 +316,24 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
         "{info}"
     );
     src.exit_with(0, BOOT);
+}
+
+/// A destination already waiting on PATH is not disturbed by a second
+/// `--incoming unix://PATH`: the second is refused, and the check it makes
+/// (a connection that sends nothing) is not taken for the source; the
+/// first then receives the migration.
+#[test]
+fn a_second_listener_on_the_same_path_leaves_the_first_waiting() {
+    let listen = tmp("second-listener.mig");
+    let (mut dst, url) = common::start_incoming_with_console(&listen, &[]);
+    let mut second = Vm::start(&["--incoming", &url, "--no-stdin"]);
+    assert_eq!(second.wait(BOOT).code(), Some(2), "{}", log_text(&second));
+    assert!(
+        log_text(&second).contains("another process listens"),
+        "{}",
+        log_text(&second)
+    );
+    hand_over("second-listener", "256M", 16, 9, &url, &mut dst, 0);
 }
 
 /// `--incoming unix://PATH` never takes over a live socket at PATH (here

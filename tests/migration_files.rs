@@ -230,7 +230,7 @@ fn a_failed_job_leaves_the_old_file_untouched() {
 }
 
 /// Cancelling deterministically: while the guest is busy in a command
-/// (`rep-outs`, 4 s of it), its balloon driver cannot answer the job's
+/// (`spin 4`), its balloon driver cannot answer the job's
 /// first free page hint round, which waits up to 10 s, or until
 /// cancelled; only then is anything but the stream header written.
 #[test]
@@ -246,7 +246,7 @@ fn a_cancelled_job_leaves_the_old_file_untouched() {
     );
     vm.expect_line("MIGRATE NOW", BOOT);
     for job in [Job::Migration, Job::Snapshot] {
-        vm.send("rep-outs 4096 40");
+        vm.send("spin 4");
         std::thread::sleep(Duration::from_millis(200));
         job.start_ok(&api, &file);
         std::thread::sleep(Duration::from_millis(300));
@@ -269,7 +269,7 @@ fn a_cancelled_job_leaves_the_old_file_untouched() {
         assert_eq!(st["state"], "Cancelled", "{job:?}: {st}");
         assert_untouched(job, &file, &old, &dir.0);
         assert_running(&api);
-        vm.expect_line("rep-outs 40 x 4096 ok", BOOT);
+        vm.expect_line("spin done", BOOT);
     }
     verify_and_exit(&mut vm, 0);
 }

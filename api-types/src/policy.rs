@@ -305,7 +305,7 @@ impl PolicySettings {
                     Value::Number(n) if in_ms => n.as_u64().ok_or_else(|| bad(whole_ms.into()))?,
                     Value::Number(n) => parse_duration_ms(&n.to_string()).map_err(bad)?,
                     Value::String(s) if in_ms && s.trim().parse::<f64>().is_ok() => {
-                        parse_duration_ms(&format!("{}ms", s.trim())).map_err(bad)?
+                        s.trim().parse::<u64>().map_err(|_| bad(whole_ms.into()))?
                     }
                     Value::String(s) => parse_duration_ms(s).map_err(bad)?,
                     _ => return Err(bad(whole_ms.into())),
@@ -439,7 +439,20 @@ impl PolicySettings {
     pub fn parse_cli(s: &str) -> Result<(bool, PolicySettings), String> {
         let mut settings = PolicySettings::default();
         let mut enabled = true;
+        let mut given: Vec<(&str, &str)> = Vec::new();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if let Some((k, _)) = item.split_once('=')
+                && let Some(key) = find(k.trim())
+            {
+                if let Some((_, first)) = given.iter().find(|(json, _)| *json == key.json) {
+                    return Err(format!(
+                        "--balloon-policy: {} given twice ({first} and {}): give it once",
+                        key.name,
+                        k.trim()
+                    ));
+                }
+                given.push((key.json, k.trim()));
+            }
             match item.split_once('=') {
                 None if item == "on" => enabled = true,
                 None if item == "off" => enabled = false,
@@ -671,8 +684,18 @@ mod tests {
         assert_eq!(settle(json!({"settle": "10"})), 10_000);
         assert_eq!(settle(json!({"settle": 1.5})), 1_500);
         assert_eq!(settle(json!({"settle": "500ms"})), 500);
-        let e = serde_json::from_value::<PolicyPatch>(json!({"settle_ms": 1.5})).unwrap_err();
-        assert!(e.to_string().contains("whole milliseconds"), "{e}");
+        for v in [json!(1.5), json!("1.5"), json!("-3")] {
+            let e = serde_json::from_value::<PolicyPatch>(json!({"settle_ms": v})).unwrap_err();
+            assert!(e.to_string().contains("whole milliseconds"), "{v}: {e}");
+        }
+        // The command line follows the same rule, and takes a key once.
+        let (_, s) = PolicySettings::parse_cli("settle_ms=10,cooldown=10").unwrap();
+        assert_eq!((s.settle_ms, s.cooldown_ms), (10, 10_000));
+        let e = PolicySettings::parse_cli("settle=5s,settle_ms=10").unwrap_err();
+        assert!(
+            e.contains("settle given twice (settle and settle_ms)"),
+            "{e}"
+        );
         let e = serde_json::from_value::<PolicyPatch>(json!({"settle": -1})).unwrap_err();
         assert!(e.to_string().contains("negative"), "{e}");
         let floor = |body: Value| {

@@ -53,7 +53,7 @@ pub enum Error {
     Bind { path: PathBuf, source: io::Error },
     #[error(
         "cannot bind API socket {path}: cannot create {dir}, the private directory next to it \
-         where the socket is bound before it is renamed into place: {source}"
+         where the socket is bound before it is linked into place: {source}"
     )]
     PrivateDir {
         path: PathBuf,
@@ -67,7 +67,7 @@ pub enum Error {
     PathTooLong { path: PathBuf, len: usize },
     #[error(
         "API socket path {path} is {len} bytes: blimp binds it first as {tmp} (in a private \
-         directory next to it, then renames it into place, so that it is mode 0600 from the \
+         directory next to it, then links it into place, so that it is mode 0600 from the \
          start), {extra} bytes longer, and a unix socket path may be {SUN_PATH_MAX} bytes: \
          here the API socket path may be at most {max} bytes"
     )]
@@ -207,7 +207,6 @@ impl ApiServer {
 /// ever connect whatever the umask (changing the umask instead would race
 /// with the process's other threads).
 fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
     let bind_err = |source: io::Error| Error::Bind {
         path: path.to_path_buf(),
         source,
@@ -216,18 +215,7 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // As short as it can be unique: it makes the path bound longer.
-    let dir = parent.join(format!(".b{:x}.{n:x}", std::process::id()));
-    check_path_len(path, &dir.join("s"))?;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| Error::PrivateDir {
-            path: path.to_path_buf(),
-            dir: dir.clone(),
-            source,
-        })?;
+    let dir = private_dir(path, parent, NEXT_DIR.fetch_add(1, Ordering::Relaxed))?;
     let tmp = dir.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&tmp)
         .map_err(bind_err)
@@ -252,6 +240,26 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
     let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_dir(&dir);
     bound
+}
+
+/// Numbers the private directories this process binds in.
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+/// Create private directory number `n` next to `path` (mode 0700), once
+/// the bind path inside it is known to fit in a socket address.
+fn private_dir(path: &Path, parent: &Path, n: u64) -> Result<PathBuf, Error> {
+    // As short as it can be unique: it makes the path bound longer.
+    let dir = parent.join(format!(".b{:x}.{n:x}", std::process::id()));
+    check_path_len(path, &dir.join("s"))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| Error::PrivateDir {
+            path: path.to_path_buf(),
+            dir: dir.clone(),
+            source,
+        })?;
+    Ok(dir)
 }
 
 /// The longest unix socket path, without its NUL (`sun_path` is 108 bytes).
@@ -332,8 +340,9 @@ async fn clear_stale_socket(path: &Path) -> Result<(), Error> {
 }
 
 /// Whether a server could start at `path` as far as the path goes: its
-/// directory exists, and nothing but a stale socket is there. Creates and
-/// removes nothing. For a caller about to commit to something it cannot
+/// directory exists and takes the private directory the socket is bound
+/// in (created and removed again: a dry run), the bind path fits in a
+/// socket address, and nothing but a stale socket is at `path`. For a caller about to commit to something it cannot
 /// take back without its API (accepting an incoming migration), so that a
 /// mistyped `--api-sock` is refused before, not after.
 pub fn check_socket_path(path: &Path) -> Result<(), Error> {
@@ -350,6 +359,8 @@ pub fn check_socket_path(path: &Path) -> Result<(), Error> {
         Ok(_) => return Err(dir_err(io::ErrorKind::NotADirectory, &"not a directory")),
         Err(e) => return Err(dir_err(e.kind(), &e)),
     }
+    let dir = private_dir(path, parent, NEXT_DIR.load(Ordering::Relaxed))?;
+    let _ = std::fs::remove_dir(&dir);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()

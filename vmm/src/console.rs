@@ -205,6 +205,21 @@ impl StdoutWriter {
     }
 }
 
+/// Whether stdout is a pipe or socket whose reader has gone (poll says
+/// POLLERR), so that a command waiting for something to print can end
+/// instead of finding out at its next write. False for anything else (a
+/// file, a terminal, a live pipe).
+pub fn stdout_reader_gone() -> bool {
+    let mut pfd = libc::pollfd {
+        fd: 1,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd, a local; no wait.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 impl std::io::Write for StdoutWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let wait = if self.unread {

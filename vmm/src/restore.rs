@@ -20,6 +20,7 @@ use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
 use crate::migration::link::{self, Peer};
 use crate::migration::state::{self, StateSupport, VmState};
 use crate::migration::stream::{Destination, HANDSHAKE_VERSION, StreamReader};
+use crate::signals::TerminationSignals;
 use crate::vcpu;
 use crate::vmm::Vmm;
 
@@ -48,6 +49,12 @@ impl Incoming {
     /// Where it came in, for messages.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A live migration from a source blimp (not a file): once it is
+    /// restored, the source has handed the VM over and no other copy runs.
+    pub fn is_live(&self) -> bool {
+        self.peer.is_some()
     }
 }
 
@@ -99,36 +106,78 @@ fn socket_is_live(path: &Path) -> bool {
     }
 }
 
-/// Wait for `accept` (on a non-blocking listener) to give a connection,
-/// or for SIGTERM, SIGINT or SIGHUP, so that the caller removes its socket
-/// before it exits. (The accepted connection is blocking: it does not
-/// inherit the listener's O_NONBLOCK.)
-fn accept_until_signal<T>(
+/// SIGTERM, SIGINT or SIGHUP while waiting for a migration.
+fn interrupted(url: &str, signals: &TerminationSignals) -> Result<(), RestoreError> {
+    match signals.read() {
+        Some(signal) => Err(RestoreError::Interrupted {
+            url: url.to_string(),
+            signal,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Wait for a source on the non-blocking listener behind `accept`: the
+/// first connection that sends something, with what it sent first. A
+/// connection that closes before its first byte (another blimp checking
+/// whether the socket is live) is not a source: waiting goes on. A signal
+/// ends the wait, so that the caller removes its socket before it exits.
+fn wait_for_source(
     url: &str,
-    mut accept: impl FnMut() -> std::io::Result<T>,
-) -> Result<T, RestoreError> {
+    signals: &TerminationSignals,
+    mut accept: impl FnMut() -> std::io::Result<Peer>,
+) -> Result<(Peer, Vec<u8>), RestoreError> {
     let open = |source| RestoreError::Open {
         what: url.to_string(),
         source,
     };
-    let signals = crate::signals::TerminationSignals::new().map_err(open)?;
     loop {
-        match accept() {
-            Ok(t) => return Ok(t),
+        let mut peer = match accept() {
+            Ok(peer) => peer,
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) => {}
+                ) =>
+            {
+                interrupted(url, signals)?;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             Err(e) => return Err(open(e)),
+        };
+        // The accepted connection is blocking (it does not inherit the
+        // listener's O_NONBLOCK); its reads time out every POLL.
+        peer.set_timeouts(link::POLL).map_err(open)?;
+        let start = Instant::now();
+        let mut first = vec![0u8; 4096];
+        loop {
+            match peer.read(&mut first) {
+                Ok(0) => {
+                    log::info!(
+                        "a connection on {url} closed before sending anything: not a source, still waiting"
+                    );
+                    break;
+                }
+                Ok(n) => {
+                    first.truncate(n);
+                    return Ok((peer, first));
+                }
+                Err(e) if link::is_poll_timeout(&e) => {
+                    interrupted(url, signals)?;
+                    if start.elapsed() >= INCOMING_IDLE_TIMEOUT {
+                        return Err(open(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "the source connected but sent nothing for {} s",
+                                INCOMING_IDLE_TIMEOUT.as_secs()
+                            ),
+                        )));
+                    }
+                }
+                Err(e) => return Err(open(e)),
+            }
         }
-        if let Some(signal) = signals.read() {
-            return Err(RestoreError::Interrupted {
-                url: url.to_string(),
-                signal,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -143,25 +192,30 @@ pub fn accept_incoming(url: &str) -> Result<Incoming, RestoreError> {
         let what = what.to_string();
         move |source| RestoreError::Open { what, source }
     };
-    let peer = match dest {
+    // Blocked from before the socket exists, so a signal never finds it
+    // there with nobody left to remove it.
+    let signals = TerminationSignals::new().map_err(open(url))?;
+    let (peer, first) = match dest {
         MigrationDestination::Unix(path) => {
             clear_stale_socket(&path).map_err(open(url))?;
             let l = UnixListener::bind(&path).map_err(open(url))?;
             log::info!("waiting for an incoming migration on {url}");
-            let accepted = l
-                .set_nonblocking(true)
-                .map_err(open(url))
-                .and_then(|()| accept_until_signal(url, || l.accept()));
+            let got = l.set_nonblocking(true).map_err(open(url)).and_then(|()| {
+                wait_for_source(url, &signals, || l.accept().map(|(s, _)| Peer::Unix(s)))
+            });
             let _ = std::fs::remove_file(&path);
-            Peer::Unix(accepted?.0)
+            got?
         }
         MigrationDestination::Tcp(addr) => {
             let l = TcpListener::bind(addr).map_err(open(url))?;
             log::info!("waiting for an incoming migration on {url}");
             l.set_nonblocking(true).map_err(open(url))?;
-            let (s, from) = accept_until_signal(url, || l.accept())?;
-            log::info!("incoming migration from {from}");
-            Peer::Tcp(s)
+            wait_for_source(url, &signals, || {
+                l.accept().map(|(s, from)| {
+                    log::info!("incoming migration from {from}");
+                    Peer::Tcp(s)
+                })
+            })?
         }
         MigrationDestination::File(path) => {
             return Ok(Incoming {
@@ -171,15 +225,14 @@ pub fn accept_incoming(url: &str) -> Result<Incoming, RestoreError> {
             });
         }
     };
-    peer.set_timeouts(link::POLL).map_err(open(url))?;
     let reader = peer.try_clone().map_err(open(url))?;
     Ok(Incoming {
         url: url.to_string(),
         peer: Some(peer),
-        input: Box::new(IdleLimit {
+        input: Box::new(std::io::Cursor::new(first).chain(IdleLimit {
             inner: reader,
             limit: INCOMING_IDLE_TIMEOUT,
-        }),
+        })),
     })
 }
 

@@ -337,12 +337,14 @@ impl Vcpus {
     }
 }
 
-/// How many exits completing one instruction before a pause may take (an
-/// MMIO access that crosses a page takes two, a 16-byte one up to four; a
-/// string I/O instruction returns to the guest, and so to the pause, after
-/// at most 1024 iterations). Past it the pause goes ahead, and a state
-/// capture reports the exit still pending.
-const MAX_FLUSH_EXITS: usize = 64;
+/// How many exits completing one instruction before a pause may take: an
+/// MMIO access that crosses a page takes two, a 16-byte one up to four;
+/// a string I/O instruction that KVM emulates returns to the guest, and so
+/// to the pause, after at most 1024 iterations. No guest code runs while
+/// `immediate_exit` is set, so the bound is only a guard against a KVM
+/// that keeps asking; past it the pause goes ahead, and a state capture
+/// reports the exit still pending.
+const MAX_FLUSH_EXITS: usize = 4096;
 
 /// Serve an I/O or MMIO exit on the buses; any other exit is handed back.
 fn serve_io<'a>(exit: VcpuExit<'a>, ctx: &VcpuContext, stats: &VcpuStats) -> Option<VcpuExit<'a>> {

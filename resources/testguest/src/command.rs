@@ -100,6 +100,8 @@ pub enum Command<'a> {
     Dirty { mib: u64, rate: u64 },
     /// `sleep SECS`
     Sleep { ns: u64 },
+    /// `spin SECS`: busy in ring 3, the balloon driver not served.
+    Spin { ns: u64 },
     /// `exit CODE`
     Exit { code: u8 },
     /// `balloon`: start the virtio balloon driver.
@@ -171,6 +173,7 @@ pub const USAGE: &[&str] = &[
     "dirty MIB RATE",
     "ramp MIB RATE [HOLD [CYCLES [SEED [WAIT]]]]",
     "sleep SECS",
+    "spin SECS",
     "exit CODE",
     "balloon",
     "balloon-wait",
@@ -261,6 +264,7 @@ pub fn parse<'a>(line: &'a str) -> Result<Command<'a>, ParseError<'a>> {
             }
         }
         "sleep" => Command::Sleep { ns: secs(argv[0])? },
+        "spin" => Command::Spin { ns: secs(argv[0])? },
         "exit" => Command::Exit {
             code: byte(argv[0], num(argv[0])?)?,
         },
@@ -316,6 +320,7 @@ mod tests {
             Ok(Command::Dirty { mib: 64, rate: 10 })
         );
         assert_eq!(parse("sleep 0.5"), Ok(Command::Sleep { ns: 500_000_000 }));
+        assert_eq!(parse("spin 2"), Ok(Command::Spin { ns: 2_000_000_000 }));
         assert_eq!(
             parse("ramp 1536 200"),
             Ok(Command::Ramp {

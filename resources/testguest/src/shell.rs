@@ -208,6 +208,15 @@ impl Guest {
                 let pages = workload::free(&mut self.mem, mib);
                 crate::println!("free done {} MiB ({pages} pages)", pages / FRAMES_PER_MIB);
             }
+            Command::Spin { ns } => {
+                // Nothing else runs meanwhile: no interrupt handling in
+                // ring 3, no balloon driver, as a guest busy in a program.
+                let deadline = clock::now_ns().saturating_add(ns);
+                while clock::now_ns() < deadline {
+                    core::hint::spin_loop();
+                }
+                crate::println!("spin done");
+            }
             Command::Sleep { ns } => {
                 let deadline = clock::now_ns().saturating_add(ns);
                 loop {
