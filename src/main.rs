@@ -470,6 +470,10 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
     };
     match built {
         Ok(vmm) => run_vmm(vmm, host.api_sock.clone(), handed_over),
+        Err(vmm::Error::Restore(vmm::restore::RestoreError::Interrupted { url, signal })) => {
+            log::info!("signal {signal} while receiving a migration on {url}: refused, exiting");
+            ExitCode::from((128 + signal).clamp(0, 255) as u8)
+        }
         Err(e) => {
             report(&e);
             ExitCode::from(EXIT_RUNTIME)

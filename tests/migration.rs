@@ -397,3 +397,35 @@ fn a_waiting_destination_stopped_by_a_signal_removes_its_socket() {
         assert!(!listen.exists(), "{} was left behind", listen.display());
     }
 }
+
+/// A destination told to stop (SIGTERM) while it receives the stream
+/// refuses the VM instead of taking it over only to stop it: the source
+/// keeps its guest, whole, and says why.
+#[test]
+fn a_destination_stopped_while_receiving_leaves_the_vm_with_its_source() {
+    let listen = tmp("stopped-dst.mig");
+    let (mut dst, url) = common::start_incoming(&listen, &[]);
+    let (mut src, api, _) = start_source("stopped-dst", "fill 400 5;echo MIGRATE NOW", "512M", &[]);
+    src.expect_line("MIGRATE NOW", BOOT);
+    let (s, b) = api.put("/migration", &json!({"destination": url})).unwrap();
+    assert_eq!(s, 200, "{b}");
+    // The destination removes its socket once it accepted the source.
+    let deadline = Instant::now() + BOOT;
+    while listen.exists() {
+        assert!(Instant::now() < deadline, "the destination never accepted");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    dst.signal(libc::SIGTERM);
+    let st = common::wait_migration_end(&api, Duration::from_secs(120));
+    assert_eq!(st["state"], "Failed", "{st}");
+    let err = st["error"].as_str().unwrap_or("");
+    assert!(err.contains("stopped (signal 15)"), "{st}");
+    assert_eq!(
+        dst.wait(BOOT).code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        log_text(&dst)
+    );
+    src.verify(&format!("verify ok {} pages", 400 * 256), BOOT);
+    src.exit_with(0, BOOT);
+}

@@ -330,6 +330,16 @@ impl Vmm {
             }
         };
         let no_handover = |e| Error::from(RestoreError::NoHandover(e));
+        // A stop asked for meanwhile (SIGTERM, Ctrl-C) would end the VM
+        // the moment it runs, after the source let it go: refuse it now.
+        if let Some(signal) = vmm.stop_requested() {
+            let why =
+                format!("the destination was stopped (signal {signal}) before it took the VM over");
+            if let Err(send) = handshake::send(&mut peer, &Message::Nak(why)) {
+                log::warn!("{url}: cannot tell the source why: {send}");
+            }
+            return Err(RestoreError::Interrupted { url, signal }.into());
+        }
         handshake::send(&mut peer, &Message::Ack).map_err(no_handover)?;
         log::info!("{url}: stream verified and VM built; waiting for the source to hand it over");
         let never = || false;
@@ -345,6 +355,10 @@ impl Vmm {
                     got: other.name(),
                 }));
             }
+        }
+        // Stopped since the ACK: no RUN, so the source resumes its guest.
+        if let Some(signal) = vmm.stop_requested() {
+            return Err(RestoreError::Interrupted { url, signal }.into());
         }
         // RUN goes out before any vCPU starts: if it cannot be sent, the
         // source may resume its guest, so this one must not run.

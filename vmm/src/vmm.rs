@@ -68,6 +68,12 @@ pub struct Vmm {
 type OnStart = Box<dyn FnOnce(&Vmm) + Send>;
 
 impl Vmm {
+    /// A SIGTERM, SIGINT or SIGHUP that came before the VM runs (read, so
+    /// taken: the caller is about to give up the VM).
+    pub(crate) fn stop_requested(&self) -> Option<i32> {
+        self.signals.read()
+    }
+
     /// Create the VM, its memory and devices, and load the guest.
     pub fn build(config: VmConfig) -> Result<Self, Error> {
         let layout = MemoryLayout::new(config.memory_bytes)?;
