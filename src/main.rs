@@ -644,7 +644,8 @@ mod tests {
         use clap::Parser;
         let kernel =
             std::env::temp_dir().join(format!("blimp-floor-kernel-{}", std::process::id()));
-        std::fs::write(&kernel, b"not booted").unwrap();
+        // Never booted: only its header is read (an ELF's magic).
+        std::fs::write(&kernel, b"\x7fELF, not booted").unwrap();
         let config = |floor: &str| {
             let cli = super::Cli::try_parse_from([
                 "blimp",
