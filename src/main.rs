@@ -448,6 +448,13 @@ enum Source {
     Incoming(Result<vmm::restore::Incoming, vmm::restore::RestoreError>),
 }
 
+/// A destination stopped by `signal` before it took a VM over (waiting or
+/// receiving): the VM stays with its source; exit 128 + the signal.
+fn stopped_by_signal(url: &str, signal: i32) -> ExitCode {
+    log::info!("signal {signal} before an incoming migration on {url} was taken over: exiting");
+    ExitCode::from((128 + signal).clamp(0, 255) as u8)
+}
+
 /// Restore from a stream (a file or an incoming migration) and run.
 fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
     let cfg = vmm::restore::RestoreConfig {
@@ -460,8 +467,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
         Source::File(Ok(input)) => Vmm::restore(cfg, input),
         Source::Incoming(Ok(incoming)) => Vmm::restore_incoming(cfg, incoming),
         Source::Incoming(Err(vmm::restore::RestoreError::Interrupted { url, signal })) => {
-            log::info!("signal {signal} while waiting for an incoming migration on {url}: exiting");
-            return ExitCode::from((128 + signal).clamp(0, 255) as u8);
+            return stopped_by_signal(&url, signal);
         }
         Source::File(Err(e)) | Source::Incoming(Err(e)) => {
             report(&e);
@@ -471,8 +477,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
     match built {
         Ok(vmm) => run_vmm(vmm, host.api_sock.clone(), handed_over),
         Err(vmm::Error::Restore(vmm::restore::RestoreError::Interrupted { url, signal })) => {
-            log::info!("signal {signal} while receiving a migration on {url}: refused, exiting");
-            ExitCode::from((128 + signal).clamp(0, 255) as u8)
+            stopped_by_signal(&url, signal)
         }
         Err(e) => {
             report(&e);

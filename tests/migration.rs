@@ -263,6 +263,27 @@ fn live_migration_over_tcp_hands_the_vm_over() {
     hand_over("tcp", "256M", 64, 6, &url, &mut dst, 11);
 }
 
+/// `GET /vm` answers, and the VM runs.
+fn assert_running(api: &ApiClient) {
+    let (s, info) = api.get("/vm").unwrap();
+    assert_eq!(
+        (s, info["state"].as_str()),
+        (200, Some("Running")),
+        "{info}"
+    );
+}
+
+/// `vm`, a `run --incoming unix://PATH` whose PATH something listens on,
+/// exits 2 saying so.
+fn refused_as_live(vm: &mut Vm) {
+    assert_eq!(vm.wait(BOOT).code(), Some(2), "{}", log_text(vm));
+    assert!(
+        log_text(vm).contains("another process listens"),
+        "{}",
+        log_text(vm)
+    );
+}
+
 /// The stderr lines of `vm` so far, joined, for assertions.
 fn log_text(vm: &Vm) -> String {
     vm.log_lines().join("\n")
@@ -309,12 +330,7 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
     }
     let _ = std::fs::remove_dir_all(&long_dir);
     // The source's API is untouched.
-    let (s, info) = api.get("/vm").unwrap();
-    assert_eq!(
-        (s, info["state"].as_str()),
-        (200, Some("Running")),
-        "{info}"
-    );
+    assert_running(&api);
     src.exit_with(0, BOOT);
 }
 
@@ -327,12 +343,7 @@ fn a_second_listener_on_the_same_path_leaves_the_first_waiting() {
     let listen = tmp("second-listener.mig");
     let (mut dst, url) = common::start_incoming_with_console(&listen, &[]);
     let mut second = Vm::start(&["--incoming", &url, "--no-stdin"]);
-    assert_eq!(second.wait(BOOT).code(), Some(2), "{}", log_text(&second));
-    assert!(
-        log_text(&second).contains("another process listens"),
-        "{}",
-        log_text(&second)
-    );
+    refused_as_live(&mut second);
     hand_over("second-listener", "256M", 16, 9, &url, &mut dst, 0);
 }
 
@@ -347,19 +358,9 @@ fn an_incoming_listener_never_takes_over_a_live_socket() {
     let ino = std::fs::metadata(&src_sock).unwrap().ino();
     let url = format!("unix://{}", src_sock.display());
     let mut dst = Vm::start(&["--incoming", &url, "--no-stdin"]);
-    assert_eq!(dst.wait(BOOT).code(), Some(2), "{}", log_text(&dst));
-    assert!(
-        log_text(&dst).contains("another process listens"),
-        "{}",
-        log_text(&dst)
-    );
+    refused_as_live(&mut dst);
     assert_eq!(std::fs::metadata(&src_sock).unwrap().ino(), ino);
-    let (s, info) = api.get("/vm").unwrap();
-    assert_eq!(
-        (s, info["state"].as_str()),
-        (200, Some("Running")),
-        "{info}"
-    );
+    assert_running(&api);
     src.exit_with(0, BOOT);
 }
 

@@ -147,14 +147,7 @@ impl ApiServer {
         vmm: VmmChannel,
         config: ServerConfig,
     ) -> Result<ApiServerHandle, Error> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|source| Error::Runtime {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let rt = runtime(path)?;
         rt.block_on(clear_stale_socket(path))?;
         let listener = bind_private(path)?;
         let ident = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
@@ -202,6 +195,26 @@ impl ApiServer {
     }
 }
 
+/// The current-thread runtime the server (or a check of its path) runs on.
+fn runtime(path: &Path) -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|source| Error::Runtime {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Bind the socket with mode 0600 from the start: inside a fresh 0700
 /// directory next to `path`, then linked into place, so no other user can
 /// ever connect whatever the umask (changing the umask instead would race
@@ -211,10 +224,7 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> 
         path: path.to_path_buf(),
         source,
     };
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = parent_dir(path);
     let dir = private_dir(path, parent, NEXT_DIR.fetch_add(1, Ordering::Relaxed))?;
     let tmp = dir.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&tmp)
@@ -346,10 +356,7 @@ async fn clear_stale_socket(path: &Path) -> Result<(), Error> {
 /// take back without its API (accepting an incoming migration), so that a
 /// mistyped `--api-sock` is refused before, not after.
 pub fn check_socket_path(path: &Path) -> Result<(), Error> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = parent_dir(path);
     let dir_err = |kind: io::ErrorKind, why: &dyn std::fmt::Display| Error::Check {
         path: path.to_path_buf(),
         source: io::Error::new(kind, format!("its directory {}: {why}", parent.display())),
@@ -361,14 +368,7 @@ pub fn check_socket_path(path: &Path) -> Result<(), Error> {
     }
     let dir = private_dir(path, parent, NEXT_DIR.load(Ordering::Relaxed))?;
     let _ = std::fs::remove_dir(&dir);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|source| Error::Runtime {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let rt = runtime(path)?;
     rt.block_on(probe_socket(path)).map(|_| ())
 }
 
