@@ -346,16 +346,46 @@ impl Vcpus {
 /// reports the exit still pending.
 const MAX_FLUSH_EXITS: usize = 4096;
 
-/// Serve an I/O or MMIO exit on the buses; any other exit is handed back.
-fn serve_io<'a>(exit: VcpuExit<'a>, ctx: &VcpuContext, stats: &VcpuStats) -> Option<VcpuExit<'a>> {
+/// What serving one exit left to do.
+enum Served<'a> {
+    /// Nothing: it was an MMIO access, served on the MMIO bus.
+    Done,
+    /// Port I/O, for [`serve_pio`] once the exit no longer borrows the vCPU.
+    Pio(PendingPio),
+    /// Not an access: for the caller.
+    Other(VcpuExit<'a>),
+}
+
+/// A port-I/O exit: its port, direction and the data buffer KVM gave with
+/// it, which lies in the vCPU's `kvm_run` mapping.
+struct PendingPio {
+    port: u16,
+    write: bool,
+    data: *mut u8,
+    len: usize,
+}
+
+/// Serve an MMIO exit on the bus; port I/O is handed to [`serve_pio`], any
+/// other exit back to the caller.
+fn serve_io<'a>(exit: VcpuExit<'a>, ctx: &VcpuContext, stats: &VcpuStats) -> Served<'a> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             stats.io_exits.fetch_add(1, Ordering::Relaxed);
-            ctx.pio.read(u64::from(port), data);
+            return Served::Pio(PendingPio {
+                port,
+                write: false,
+                data: data.as_mut_ptr(),
+                len: data.len(),
+            });
         }
         VcpuExit::IoOut(port, data) => {
             stats.io_exits.fetch_add(1, Ordering::Relaxed);
-            ctx.pio.write(u64::from(port), data);
+            return Served::Pio(PendingPio {
+                port,
+                write: true,
+                data: data.as_ptr().cast_mut(),
+                len: data.len(),
+            });
         }
         VcpuExit::MmioRead(addr, data) => {
             stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
@@ -365,9 +395,45 @@ fn serve_io<'a>(exit: VcpuExit<'a>, ctx: &VcpuContext, stats: &VcpuStats) -> Opt
             stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
             ctx.mmio.write(addr, data);
         }
-        other => return Some(other),
+        other => return Served::Other(other),
     }
-    None
+    Served::Done
+}
+
+/// Serve a port-I/O exit on the bus, one access per iteration. KVM hands
+/// a string instruction (`rep insb`, `rep outsw`, ...) over as `count`
+/// accesses of `size` bytes in one buffer: on VMX/SVM up to a page of them
+/// in one exit (PVM here exits once per iteration). Each is its own access
+/// to the same port, as the instruction makes them, so a 4 KiB `rep outsb`
+/// to the UART sends 4096 characters, not the first one.
+fn serve_pio(fd: &mut VcpuFd, pio: PendingPio, pio_bus: &Bus) {
+    // SAFETY: the last KVM_RUN returned KVM_EXIT_IO (that is where `pio`
+    // came from) and none ran since, so `io` is the union member KVM filled.
+    let size = unsafe { fd.get_kvm_run().__bindgen_anon_1.io.size };
+    // SAFETY: `data`/`len` is the buffer kvm-ioctls sliced for this exit
+    // out of the vCPU's `kvm_run` mapping (at `io.data_offset`, a page past
+    // the `kvm_run` struct that `get_kvm_run` borrowed above, so the two do
+    // not overlap). The mapping lives as long as `fd`, which this thread
+    // holds, and no KVM_RUN has run since, so it still holds this exit.
+    let data = unsafe { std::slice::from_raw_parts_mut(pio.data, pio.len) };
+    for access in pio_accesses(data, size) {
+        if pio.write {
+            pio_bus.write(u64::from(pio.port), access);
+        } else {
+            pio_bus.read(u64::from(pio.port), access);
+        }
+    }
+}
+
+/// The accesses of a port-I/O exit's buffer: `size`-byte pieces (1, 2 or
+/// 4 bytes; anything else KVM never sends, and is served as one access).
+fn pio_accesses(data: &mut [u8], size: u8) -> std::slice::ChunksMut<'_, u8> {
+    let whole = data.len().max(1);
+    let size = match usize::from(size) {
+        s @ (1 | 2 | 4) if data.len().is_multiple_of(s) => s,
+        _ => whole,
+    };
+    data.chunks_mut(size)
 }
 
 /// Before the thread parks for a pause: finish the instruction whose exit
@@ -382,12 +448,16 @@ fn complete_pending_exit(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext, stats: &Vcp
     for _ in 0..MAX_FLUSH_EXITS {
         match fd.run() {
             Ok(exit) => {
-                if let Some(other) = serve_io(exit, ctx, stats) {
-                    log::warn!(
-                        "vCPU {id}: exit {other:?} while completing an instruction for a pause"
-                    );
-                    break;
-                }
+                let other = match serve_io(exit, ctx, stats) {
+                    Served::Done => continue,
+                    Served::Pio(pio) => {
+                        serve_pio(fd, pio, &ctx.pio);
+                        continue;
+                    }
+                    Served::Other(other) => other,
+                };
+                log::warn!("vCPU {id}: exit {other:?} while completing an instruction for a pause");
+                break;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
             Err(e) => {
@@ -415,7 +485,14 @@ fn vcpu_loop(
     let mut flush = |fd: &mut VcpuFd| complete_pending_exit(id, fd, &ctx, &stats);
     while ctl.checkpoint(usize::from(id), &mut fd, &mut flush) {
         let exit = match fd.run() {
-            Ok(exit) => serve_io(exit, &ctx, &stats),
+            Ok(exit) => match serve_io(exit, &ctx, &stats) {
+                Served::Done => None,
+                Served::Pio(pio) => {
+                    serve_pio(&mut fd, pio, &ctx.pio);
+                    None
+                }
+                Served::Other(other) => Some(other),
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
                 continue;
@@ -459,5 +536,39 @@ fn vcpu_loop(
                 log::debug!("vCPU {id}: ignoring exit {other:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pio_accesses;
+
+    fn shapes(len: usize, size: u8) -> Vec<usize> {
+        let mut data = vec![0u8; len];
+        pio_accesses(&mut data, size).map(|a| a.len()).collect()
+    }
+
+    #[test]
+    fn a_string_io_exit_is_served_one_access_per_iteration() {
+        // `rep outsb` of 4096 bytes in one exit: 4096 one-byte accesses.
+        assert_eq!(shapes(4096, 1), vec![1; 4096]);
+        // `rep insw` of 3 words, `rep outsd` of 2 dwords.
+        assert_eq!(shapes(6, 2), vec![2; 3]);
+        assert_eq!(shapes(8, 4), vec![4; 2]);
+        // A plain `in al`/`out dx, eax`: one access of its size.
+        assert_eq!(shapes(1, 1), vec![1]);
+        assert_eq!(shapes(4, 4), vec![4]);
+    }
+
+    #[test]
+    fn a_port_io_exit_of_an_odd_shape_is_served_whole() {
+        // Sizes KVM never sends, or a buffer that is not whole accesses:
+        // one access of the whole buffer, never a panic or a lost byte.
+        assert_eq!(shapes(8, 8), vec![8]);
+        assert_eq!(shapes(8, 0), vec![8]);
+        assert_eq!(shapes(5, 2), vec![5]);
+        assert_eq!(shapes(3, 3), vec![3]);
+        assert!(shapes(0, 1).is_empty());
+        assert!(shapes(0, 0).is_empty());
     }
 }
