@@ -1495,7 +1495,8 @@ impl Balloon {
                 return self.hostile_report(mem, case);
             }
             HostileCase::SgRanges => return self.hostile_sg(mem),
-            HostileCase::Flood => return self.hostile_flood(mem),
+            HostileCase::Flood => return self.hostile_flood(mem, false),
+            HostileCase::FloodScattered => return self.hostile_flood(mem, true),
             _ => {}
         }
         let scratch = self.data + HOSTILE_OFFSET;
@@ -1512,7 +1513,8 @@ impl Balloon {
             | HostileCase::ReportOutsideRam
             | HostileCase::ReportTooLong
             | HostileCase::SgRanges
-            | HostileCase::Flood => return Err("handled above"),
+            | HostileCase::Flood
+            | HostileCase::FloodScattered => return Err("handled above"),
             HostileCase::PfnOutsideRam => {
                 // Just past the end of RAM, and far beyond anything.
                 self.write_scratch_u32(0, mem.nframes() as u32);
@@ -1645,15 +1647,31 @@ impl Balloon {
     /// interrupts are off meanwhile (their handler would let the device
     /// catch up). Prints when it starts and how many buffers the device
     /// used; then waits (HOSTILE_WAIT_NS) for the last ones.
-    fn hostile_flood(&mut self, mem: &mut Memory) -> Result<bool, &'static str> {
+    ///
+    /// `scattered`: each buffer is instead a 64 KiB PFN array (16 pages of
+    /// 1024 PFNs) of 16384 frames given up for good, no two adjacent, so
+    /// that each PFN is a run of its own for the device to give back.
+    fn hostile_flood(&mut self, mem: &mut Memory, scattered: bool) -> Result<bool, &'static str> {
+        let case = if scattered {
+            HostileCase::FloodScattered
+        } else {
+            HostileCase::Flood
+        };
         let scratch = self.data + HOSTILE_OFFSET;
-        let p = self.sacrificial_pfn(mem);
-        self.write_scratch_u32(0, p);
-        let buf = [Buf::readable(scratch, 4)];
+        let mut arrays = [Buf::readable(scratch, 4); SCATTERED_ARRAY_PAGES];
+        let buf = if scattered {
+            scattered_pfn_arrays(mem, &mut arrays)?;
+            &arrays[..]
+        } else {
+            let p = self.sacrificial_pfn(mem);
+            self.write_scratch_u32(0, p);
+            &arrays[..1]
+        };
         self.live.inflate.suppress_interrupts();
-        while self.live.inflate.add(&buf).is_some() {}
+        while self.live.inflate.add(buf).is_some() {}
         crate::println!(
-            "hostile flood: {} s of inflate buffers",
+            "hostile {}: {} s of inflate buffers",
+            case.name(),
             HOSTILE_FLOOD_NS / 1_000_000_000
         );
         self.kick(Queue::Inflate);
@@ -1662,14 +1680,14 @@ impl Balloon {
         while clock::now_ns() < end {
             while self.live.inflate.pop_used().is_some() {
                 used += 1;
-                if self.live.inflate.add(&buf).is_some() {
+                if self.live.inflate.add(buf).is_some() {
                     self.kick(Queue::Inflate);
                 }
             }
             core::hint::spin_loop();
         }
         self.live.inflate.allow_interrupts();
-        crate::println!("hostile flood: the device used {used} buffers");
+        crate::println!("hostile {}: the device used {used} buffers", case.name());
         Ok(self.wait_queue(
             Queue::Inflate,
             Some(clock::now_ns() + HOSTILE_WAIT_NS),
@@ -1959,7 +1977,9 @@ impl Balloon {
 
 /// Entry `i` of the PFN array at `array`.
 fn write_pfn(array: u64, i: u64, pfn: u32) {
-    // SAFETY: `array` is one of the driver's burst arrays, i < 256.
+    // SAFETY: `array` is a page the driver owns, identity mapped (one of
+    // its burst arrays, i < 256, or a frame taken for a hostile flood,
+    // i < 1024): the 4 bytes at 4 * i lie inside it.
     unsafe { core::ptr::write_volatile((array + 4 * i) as *mut u32, pfn.to_le()) }
 }
 
@@ -1990,4 +2010,30 @@ enum Queue {
     Stats,
     FreePage,
     Reporting,
+}
+
+/// Pages of one `hostile flood-scattered` PFN array (1024 PFNs each).
+const SCATTERED_ARRAY_PAGES: usize = 16;
+
+/// Fills `arrays` with the descriptors of one 64 KiB PFN array: 16 frames
+/// of 1024 PFNs each, 16384 frames in all, every other one of a stretch
+/// of 32768 taken from the allocator for good (none is ever used again:
+/// the device may give them back to the host).
+fn scattered_pfn_arrays(
+    mem: &mut Memory,
+    arrays: &mut [Buf; SCATTERED_ARRAY_PAGES],
+) -> Result<(), &'static str> {
+    for slot in arrays.iter_mut() {
+        let array = mem.frames.alloc().ok_or("out of memory")? * PAGE_SIZE;
+        let mut i = 0u64;
+        while i < 1024 {
+            let pfn = mem.frames.alloc().ok_or("out of memory")?;
+            if pfn % 2 == 0 {
+                write_pfn(array, i, pfn as u32);
+                i += 1;
+            }
+        }
+        *slot = Buf::readable(array, 4096);
+    }
+    Ok(())
 }

@@ -27,6 +27,9 @@ pub enum HostileCase {
     /// The inflate ring kept full for seconds, each buffer re-added as soon
     /// as it is used (not in `all`: it takes a while).
     Flood,
+    /// As `Flood`, with 64 KiB PFN arrays of 16384 pages no two adjacent
+    /// (each a host call to give back) instead of one PFN.
+    FloodScattered,
     All,
 }
 
@@ -66,6 +69,7 @@ impl HostileCase {
             HostileCase::ReportTooLong => "report-too-long",
             HostileCase::SgRanges => "sg-ranges",
             HostileCase::Flood => "flood",
+            HostileCase::FloodScattered => "flood-scattered",
             HostileCase::All => "all",
         }
     }
@@ -73,7 +77,11 @@ impl HostileCase {
     pub fn from_name(s: &str) -> Option<Self> {
         Self::EACH
             .into_iter()
-            .chain([HostileCase::Flood, HostileCase::All])
+            .chain([
+                HostileCase::Flood,
+                HostileCase::FloodScattered,
+                HostileCase::All,
+            ])
             .find(|c| c.name() == s)
     }
 }

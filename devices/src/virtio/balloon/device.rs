@@ -7,6 +7,7 @@
 //! methods (`set_target_pages`, ...). All hold the device mutex, so the
 //! device itself is single-threaded.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -23,7 +24,7 @@ use super::hinting::{HintSink, HintState, HintingStatus};
 use super::metrics::BalloonMetrics;
 use super::pfn_runs::{BATCH_BYTES, InflatedBitmap, PfnBatch, PfnRun, RamLayout};
 pub use super::queue::MAX_CHAIN_DESCS;
-use super::queue::{Descs, Drain, Notify, drain_chains};
+use super::queue::{Descs, Drain, MAX_DISCARDS_PER_TURN, Notify, drain_chains};
 use super::ranges::check_range;
 use super::stats::{GuestStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
 use super::*;
@@ -85,6 +86,7 @@ pub(super) fn drain_active(
     idx: usize,
     timer: Option<&AtomicU64>,
     notify: Notify,
+    full: Option<&dyn Fn() -> bool>,
     mut serve: impl FnMut(&GuestMemory, u16, Descs) -> Option<u16>,
 ) -> Drain {
     let Some(a) = active else {
@@ -92,7 +94,9 @@ pub(super) fn drain_active(
     };
     let mem = &a.mem;
     let q = &mut a.queues[idx].queue;
-    drain_chains(q, mem, timer, notify, |head, descs| serve(mem, head, descs))
+    drain_chains(q, mem, timer, notify, full, |head, descs| {
+        serve(mem, head, descs)
+    })
 }
 
 /// Inflated ranges that [`Balloon::serve_queue`] leaves to discard: with
@@ -633,11 +637,16 @@ impl Balloon {
             metrics,
             inflated,
         };
+        // How many discards this turn has queued, for `full`: a drain that
+        // has queued MAX_DISCARDS_PER_TURN gives the event loop back.
+        let queued = Cell::new(work.inflated.len());
+        let full = || queued.get() >= MAX_DISCARDS_PER_TURN;
         drain_active(
             &mut self.active,
             idx,
             Some(&metrics.pfn_buffer_ns),
             notify,
+            Some(&full),
             |mem, head, descs| {
                 BalloonMetrics::inc(if inflate {
                     &metrics.inflate_requests
@@ -649,6 +658,7 @@ impl Balloon {
                 } else {
                     work.apply_pfn_buffer(mem, head, &descs, batch);
                 }
+                queued.set(work.inflated.len());
                 Some(head)
             },
         )
@@ -659,56 +669,63 @@ impl Balloon {
         let notify = self.notify_mode(QueueKind::Stats);
         let metrics = &*self.metrics;
         let mut buf = [0u8; MAX_STATS_BYTES];
-        drain_active(&mut self.active, idx, None, notify, |mem, head, descs| {
-            let mut len = 0usize;
-            let mut bad = false;
-            for d in descs.iter() {
-                if d.is_write_only() {
-                    bad = true;
-                    continue;
+        drain_active(
+            &mut self.active,
+            idx,
+            None,
+            notify,
+            None,
+            |mem, head, descs| {
+                let mut len = 0usize;
+                let mut bad = false;
+                for d in descs.iter() {
+                    if d.is_write_only() {
+                        bad = true;
+                        continue;
+                    }
+                    let want = (d.len() as usize).min(MAX_STATS_BYTES - len);
+                    if want < d.len() as usize {
+                        bad = true;
+                    }
+                    if want == 0 {
+                        continue;
+                    }
+                    if let Err(e) = mem.read_slice(&mut buf[len..len + want], d.addr()) {
+                        warn_limited!(
+                            "balloon: stats queue ({idx}): reading {:#x}+{want}: {e}",
+                            d.addr().0
+                        );
+                        bad = true;
+                        break;
+                    }
+                    len += want;
                 }
-                let want = (d.len() as usize).min(MAX_STATS_BYTES - len);
-                if want < d.len() as usize {
-                    bad = true;
-                }
-                if want == 0 {
-                    continue;
-                }
-                if let Err(e) = mem.read_slice(&mut buf[len..len + want], d.addr()) {
+                if bad || descs.too_many {
+                    BalloonMetrics::inc(&metrics.invalid_buffers);
                     warn_limited!(
-                        "balloon: stats queue ({idx}): reading {:#x}+{want}: {e}",
-                        d.addr().0
+                        "balloon: stats queue ({idx}): buffer {head} has writable, oversized or unreadable parts; ignored them"
                     );
-                    bad = true;
-                    break;
                 }
-                len += want;
-            }
-            if bad || descs.too_many {
-                BalloonMetrics::inc(&metrics.invalid_buffers);
-                warn_limited!(
-                    "balloon: stats queue ({idx}): buffer {head} has writable, oversized or unreadable parts; ignored them"
-                );
-            }
-            let mut values = [None; NUM_STAT_TAGS];
-            let out = parse_stats(&buf[..len], &mut values);
-            if out.unknown_tags > 0 || out.truncated_bytes > 0 {
-                debug!(
-                    "balloon: stats queue ({idx}): {} unknown tags, {} trailing bytes ignored",
-                    out.unknown_tags, out.truncated_bytes
-                );
-            }
-            if out.entries > 0 {
-                self.latest_stats = Some(GuestStats {
-                    values,
-                    updated: SystemTime::now(),
-                });
-                BalloonMetrics::inc(&metrics.stats_updates);
-            }
-            // A driver that follows the spec has one buffer outstanding; if
-            // it sends another, hand the old one back.
-            self.held_stats.replace(head)
-        })
+                let mut values = [None; NUM_STAT_TAGS];
+                let out = parse_stats(&buf[..len], &mut values);
+                if out.unknown_tags > 0 || out.truncated_bytes > 0 {
+                    debug!(
+                        "balloon: stats queue ({idx}): {} unknown tags, {} trailing bytes ignored",
+                        out.unknown_tags, out.truncated_bytes
+                    );
+                }
+                if out.entries > 0 {
+                    self.latest_stats = Some(GuestStats {
+                        values,
+                        updated: SystemTime::now(),
+                    });
+                    BalloonMetrics::inc(&metrics.stats_updates);
+                }
+                // A driver that follows the spec has one buffer outstanding; if
+                // it sends another, hand the old one back.
+                self.held_stats.replace(head)
+            },
+        )
     }
 
     /// The stats timer fired: hand the held buffer back so the guest
@@ -877,9 +894,15 @@ impl BalloonWork<'_> {
     /// inflated run goes to the discard list, a deflated one is announced
     /// to the backing (`will_need`) per backing run.
     fn apply_run(&mut self, run: PfnRun) {
-        self.bitmap.update(run.bit, run.npages, self.inflate);
+        let changed = self.bitmap.update(run.bit, run.npages, self.inflate);
         if self.inflate {
             BalloonMetrics::add(&self.metrics.inflate_pages, run.npages);
+            if changed == 0 {
+                // Every page is in the balloon already, and was discarded
+                // when it went in: nothing to give back again (a driver
+                // re-sending pages would otherwise cost a call each).
+                return;
+            }
             let inflated = &mut *self.inflated;
             self.layout.backing_runs(run, |r| inflated.push(r.range()));
         } else {

@@ -1617,7 +1617,7 @@ mod sg {
         let mem = fx.mem.clone();
         let head = dq.add_chain(&mem, &[(BUF_BASE, 4, false)]);
         let mut served = 0;
-        let drain = drain_chains(&mut q, &fx.mem, None, Notify::WhileBusy, |h, _| {
+        let drain = drain_chains(&mut q, &fx.mem, None, Notify::WhileBusy, None, |h, _| {
             served += 1;
             // Without a budget this would go on for ever: fail instead.
             assert!(served <= 10 * MAX_CHAINS_PER_DRAIN, "the drain never ends");
@@ -1664,6 +1664,65 @@ mod sg {
         assert_eq!(fx.discard.discarded().len(), n);
     }
 
+    /// PFN arrays of scattered pages cost a discard call per page: a
+    /// drain gives the event loop back once it has queued
+    /// MAX_DISCARDS_PER_TURN of them (finishing the chain it is on), and
+    /// serves the rest on the next turn. 64 such arrays held the API for
+    /// seconds before.
+    #[test]
+    fn scattered_pages_give_the_event_loop_back_after_a_turn_of_discards() {
+        use super::super::queue::MAX_DISCARDS_PER_TURN;
+        let mut fx = fixture();
+        // Every other page of guest RAM, 1024 per array: 4096 in 4 arrays
+        // (MAX_DISCARDS_PER_TURN), then one more array of the same pages.
+        let low = (0..LOW_END / 4096).step_by(2);
+        let high = (HIGH / 4096..(HIGH + 16 * MIB) / 4096).step_by(2);
+        let pages: Vec<u32> = low.chain(high).map(|p| p as u32).collect();
+        assert_eq!(pages.len(), MAX_DISCARDS_PER_TURN);
+        let arrays: Vec<&[u32]> = pages.chunks(1024).chain([&pages[..1024]]).collect();
+        for (i, array) in arrays.iter().enumerate() {
+            let at = BUF_BASE + 4096 * i as u64;
+            let len = write_pfns(&fx.mem, at, array);
+            fx.queues[0].add_chain(&fx.mem, &[(at, len, false)]);
+        }
+        fn q(fx: &mut Fx) -> &mut super::super::device::ActiveQueue {
+            &mut fx.balloon.active.as_mut().unwrap().queues[0]
+        }
+        q(&mut fx).evt.write(1).unwrap();
+        let late = fx.balloon.serve_queue(0);
+        late.run(&*fx.balloon.discard, &fx.balloon.metrics);
+        assert_eq!(fx.used(0), 4, "the drain stops after a turn's discards");
+        assert_eq!(fx.discard.discarded().len(), MAX_DISCARDS_PER_TURN);
+        assert_eq!(q(&mut fx).resumes, 1, "and comes back to the queue");
+        assert_eq!(q(&mut fx).take_kicks(), 1);
+        let late = fx.balloon.serve_queue(0);
+        late.run(&*fx.balloon.discard, &fx.balloon.metrics);
+        assert_eq!(fx.used(0), 5);
+        assert_eq!(fx.balloon.inflated_pages(), MAX_DISCARDS_PER_TURN as u64);
+        // The last array's pages were in the balloon already: no call.
+        assert_eq!(fx.discard.discarded().len(), MAX_DISCARDS_PER_TURN);
+    }
+
+    /// Pages sent again while in the balloon are not discarded again (they
+    /// were when they went in): a driver repeating the same PFNs costs no
+    /// host calls. Out and back in, they are.
+    #[test]
+    fn pages_already_in_the_balloon_are_not_discarded_again() {
+        let mut fx = fixture();
+        fx.send_pfns(0, &[0x200, 0x202]);
+        fx.send_pfns(0, &[0x200, 0x202]);
+        fx.send_pfns(0, &[0x202]);
+        assert_eq!(fx.balloon.inflated_pages(), 2);
+        assert_eq!(fx.discard.discarded().len(), 2);
+        // One run of which one page is new: the run is discarded.
+        fx.send_pfns(0, &[0x202, 0x203]);
+        assert_eq!(fx.discard.discarded().len(), 3);
+        fx.send_pfns(1, &[0x200]);
+        fx.send_pfns(0, &[0x200]);
+        assert_eq!(fx.discard.discarded().len(), 4);
+        assert_eq!(fx.balloon.inflated_pages(), 3);
+    }
+
     /// A driver that adds a buffer just inside every poll window cannot
     /// keep the event loop polling: the drain ends within its budget.
     #[test]
@@ -1708,6 +1767,7 @@ mod sg {
             &fx.mem,
             None,
             Notify::Poll(Duration::from_secs(1)),
+            None,
             |head, _| {
                 served += 1;
                 Some(head)

@@ -105,74 +105,81 @@ impl Balloon {
         let metrics = &*self.metrics;
         let ack_on_stop = self.hint_ack_on_stop;
         let mut auto_done = false;
-        let drain = drain_active(&mut self.active, idx, None, notify, |mem, head, descs| {
-            let readable = descs.iter().filter(|d| !d.is_write_only()).count();
-            let writable = descs.n - readable;
-            if descs.too_many || (readable > 0 && writable > 0) {
-                BalloonMetrics::inc(&metrics.invalid_buffers);
-                BalloonMetrics::inc(&metrics.hints_ignored);
-                warn_limited!(
-                    "balloon: free_page queue ({idx}): buffer {head} mixes directions or is too long"
-                );
-            } else if readable > 0 {
-                // A command: exactly one le32.
-                let d = descs.d[0];
-                let mut id = [0u8; 4];
-                if readable != 1 || d.len() != 4 || mem.read_slice(&mut id, d.addr()).is_err() {
+        let drain = drain_active(
+            &mut self.active,
+            idx,
+            None,
+            notify,
+            None,
+            |mem, head, descs| {
+                let readable = descs.iter().filter(|d| !d.is_write_only()).count();
+                let writable = descs.n - readable;
+                if descs.too_many || (readable > 0 && writable > 0) {
                     BalloonMetrics::inc(&metrics.invalid_buffers);
+                    BalloonMetrics::inc(&metrics.hints_ignored);
                     warn_limited!(
-                        "balloon: free_page queue ({idx}): command buffer {head} of {} bytes at {:#x} is not one le32",
-                        d.len(),
-                        d.addr().0
+                        "balloon: free_page queue ({idx}): buffer {head} mixes directions or is too long"
                     );
-                } else {
-                    match self.hint.on_guest_cmd(u32::from_le_bytes(id)) {
-                        GuestCmd::Ack(id) => info!("balloon: guest started hinting round {id}"),
-                        GuestCmd::Stop => {
-                            let status = self.hint.status();
-                            info!(
-                                "balloon: guest stopped hinting ({} pages hinted)",
-                                status.hinted_pages
-                            );
-                            if status.state == HintingState::Stopped
-                                && let Some(sink) = &self.hint_sink
-                            {
-                                sink.round_stopped(status.guest_cmd_id.unwrap_or(0));
-                            }
-                            auto_done |= ack_on_stop && status.state == HintingState::Stopped;
-                        }
-                        GuestCmd::Stale(id) => {
-                            BalloonMetrics::inc(&metrics.hints_ignored);
-                            debug!("balloon: free_page queue ({idx}): stale command id {id}");
-                        }
-                    }
-                }
-            } else if let Some(cmd_id) = self.hint.accepting() {
-                for d in descs.iter() {
-                    let range = GpaRange::new(d.addr().0, u64::from(d.len()));
-                    let Some(run) = self.layout.run_of_range(range) else {
-                        BalloonMetrics::inc(&metrics.hints_ignored);
+                } else if readable > 0 {
+                    // A command: exactly one le32.
+                    let d = descs.d[0];
+                    let mut id = [0u8; 4];
+                    if readable != 1 || d.len() != 4 || mem.read_slice(&mut id, d.addr()).is_err() {
+                        BalloonMetrics::inc(&metrics.invalid_buffers);
                         warn_limited!(
-                            "balloon: free_page queue ({idx}): hint {range} is not aligned guest RAM"
+                            "balloon: free_page queue ({idx}): command buffer {head} of {} bytes at {:#x} is not one le32",
+                            d.len(),
+                            d.addr().0
                         );
-                        continue;
-                    };
-                    self.hint.add_hinted(run.npages);
-                    BalloonMetrics::add(&metrics.hinted_pages, run.npages);
-                    if let Some(sink) = &self.hint_sink {
-                        sink.hinted(cmd_id, range);
-                    } else if self.cfg.hint_discard && !poison {
-                        discard_free_range(&*self.discard, metrics, range, "free_page", idx);
+                    } else {
+                        match self.hint.on_guest_cmd(u32::from_le_bytes(id)) {
+                            GuestCmd::Ack(id) => info!("balloon: guest started hinting round {id}"),
+                            GuestCmd::Stop => {
+                                let status = self.hint.status();
+                                info!(
+                                    "balloon: guest stopped hinting ({} pages hinted)",
+                                    status.hinted_pages
+                                );
+                                if status.state == HintingState::Stopped
+                                    && let Some(sink) = &self.hint_sink
+                                {
+                                    sink.round_stopped(status.guest_cmd_id.unwrap_or(0));
+                                }
+                                auto_done |= ack_on_stop && status.state == HintingState::Stopped;
+                            }
+                            GuestCmd::Stale(id) => {
+                                BalloonMetrics::inc(&metrics.hints_ignored);
+                                debug!("balloon: free_page queue ({idx}): stale command id {id}");
+                            }
+                        }
                     }
+                } else if let Some(cmd_id) = self.hint.accepting() {
+                    for d in descs.iter() {
+                        let range = GpaRange::new(d.addr().0, u64::from(d.len()));
+                        let Some(run) = self.layout.run_of_range(range) else {
+                            BalloonMetrics::inc(&metrics.hints_ignored);
+                            warn_limited!(
+                                "balloon: free_page queue ({idx}): hint {range} is not aligned guest RAM"
+                            );
+                            continue;
+                        };
+                        self.hint.add_hinted(run.npages);
+                        BalloonMetrics::add(&metrics.hinted_pages, run.npages);
+                        if let Some(sink) = &self.hint_sink {
+                            sink.hinted(cmd_id, range);
+                        } else if self.cfg.hint_discard && !poison {
+                            discard_free_range(&*self.discard, metrics, range, "free_page", idx);
+                        }
+                    }
+                } else {
+                    BalloonMetrics::inc(&metrics.hints_ignored);
+                    debug!(
+                        "balloon: free_page queue ({idx}): hint buffer {head} outside a running round ignored"
+                    );
                 }
-            } else {
-                BalloonMetrics::inc(&metrics.hints_ignored);
-                debug!(
-                    "balloon: free_page queue ({idx}): hint buffer {head} outside a running round ignored"
-                );
-            }
-            Some(head)
-        });
+                Some(head)
+            },
+        );
         if auto_done {
             self.hint_ack_on_stop = false;
             self.hint.done();

@@ -100,9 +100,18 @@ pub(super) struct Drain {
 /// and the event loop with the API and signals behind it, to itself; and
 /// what an inflate drain leaves to discard grows with every chain (a 64 KiB
 /// PFN array of pages no two adjacent is 16384 ranges, 256 KiB: at most
-/// 16 MiB here). Linux keeps one inflate or deflate buffer in flight, and a
-/// drain of free page hints or reports seldom finds more than this.
+/// 16 MiB here; [`MAX_DISCARDS_PER_TURN`] bounds the time they take).
+/// Linux keeps one inflate or deflate buffer in flight, and a drain of
+/// free page hints or reports seldom finds more than this.
 pub(super) const MAX_CHAINS_PER_DRAIN: usize = 64;
+
+/// Most discard calls the inflate queue leaves for one turn of the event
+/// loop before it gives the loop back (it finishes the chain it is on, so
+/// one 64 KiB PFN array of scattered pages, 16384 calls, still goes whole).
+/// Each is a syscall of about a microsecond or more: 64 such arrays in one
+/// drain held the API and signals for seconds, at no cost to the guest.
+/// Linux's 256-PFN buffers of mostly adjacent pages come nowhere near it.
+pub(crate) const MAX_DISCARDS_PER_TURN: usize = 4096;
 
 /// How a drain treats guest notifications (see [`drain_chains`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,8 +156,9 @@ fn poll_avail(q: &Queue, mem: &GuestMemory, window: Duration) -> bool {
     }
 }
 
-/// Serve every chain pending on `q`, up to [`MAX_CHAINS_PER_DRAIN`]
-/// ([`Drain::more`] then says so): `serve(head, descs)` handles one and
+/// Serve every chain pending on `q`, up to [`MAX_CHAINS_PER_DRAIN`] or
+/// until `full()` says the work this drain left is enough for one turn of
+/// the event loop ([`Drain::more`] then says so): `serve(head, descs)` handles one and
 /// says which buffer to hand back now (its own head, an older one it held,
 /// or none when it keeps the buffer). Stops at a corrupt ring or a failed
 /// hand-back, reported in [`Drain::broken`]. With `timer`, the time from
@@ -161,6 +171,7 @@ pub(super) fn drain_chains(
     mem: &GuestMemory,
     timer: Option<&AtomicU64>,
     notify: Notify,
+    full: Option<&dyn Fn() -> bool>,
     mut serve: impl FnMut(u16, Descs) -> Option<u16>,
 ) -> Drain {
     let mut drain = Drain::default();
@@ -172,7 +183,7 @@ pub(super) fn drain_chains(
     }
     let mut chains = 0usize;
     loop {
-        if chains == MAX_CHAINS_PER_DRAIN {
+        if chains == MAX_CHAINS_PER_DRAIN || full.is_some_and(|full| full()) {
             drain.more = true;
             break;
         }

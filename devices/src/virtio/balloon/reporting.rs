@@ -28,43 +28,50 @@ impl Balloon {
         let poison = self.poison_active();
         let notify = self.notify_mode(QueueKind::Reporting);
         let metrics = &*self.metrics;
-        drain_active(&mut self.active, idx, None, notify, |_, head, descs| {
-            if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
-                BalloonMetrics::inc(&metrics.invalid_buffers);
-                warn_limited!(
-                    "balloon: reporting queue ({idx}): report {head} has more than {MAX_REPORT_ENTRIES} entries, ignored"
-                );
-            } else if descs.iter().any(|d| !d.is_write_only()) {
-                BalloonMetrics::inc(&metrics.invalid_buffers);
-                warn_limited!(
-                    "balloon: reporting queue ({idx}): report {head} has device-readable entries, ignored"
-                );
-            } else {
-                let mut bad = 0usize;
-                for d in descs.iter() {
-                    let range = GpaRange::new(d.addr().0, u64::from(d.len()));
-                    let Some(run) = self.layout.run_of_range(range) else {
-                        bad += 1;
-                        warn_limited!(
-                            "balloon: reporting queue ({idx}): range {range} is not aligned guest RAM, skipped"
+        drain_active(
+            &mut self.active,
+            idx,
+            None,
+            notify,
+            None,
+            |_, head, descs| {
+                if descs.too_many || descs.n > MAX_REPORT_ENTRIES {
+                    BalloonMetrics::inc(&metrics.invalid_buffers);
+                    warn_limited!(
+                        "balloon: reporting queue ({idx}): report {head} has more than {MAX_REPORT_ENTRIES} entries, ignored"
+                    );
+                } else if descs.iter().any(|d| !d.is_write_only()) {
+                    BalloonMetrics::inc(&metrics.invalid_buffers);
+                    warn_limited!(
+                        "balloon: reporting queue ({idx}): report {head} has device-readable entries, ignored"
+                    );
+                } else {
+                    let mut bad = 0usize;
+                    for d in descs.iter() {
+                        let range = GpaRange::new(d.addr().0, u64::from(d.len()));
+                        let Some(run) = self.layout.run_of_range(range) else {
+                            bad += 1;
+                            warn_limited!(
+                                "balloon: reporting queue ({idx}): range {range} is not aligned guest RAM, skipped"
+                            );
+                            continue;
+                        };
+                        BalloonMetrics::add(&metrics.reported_pages, run.npages);
+                        if !poison {
+                            discard_free_range(&*self.discard, metrics, range, "reporting", idx);
+                        }
+                    }
+                    if bad > 0 {
+                        BalloonMetrics::inc(&metrics.invalid_buffers);
+                    }
+                    if poison {
+                        debug!(
+                            "balloon: reporting queue ({idx}): poison value set, report {head} not discarded"
                         );
-                        continue;
-                    };
-                    BalloonMetrics::add(&metrics.reported_pages, run.npages);
-                    if !poison {
-                        discard_free_range(&*self.discard, metrics, range, "reporting", idx);
                     }
                 }
-                if bad > 0 {
-                    BalloonMetrics::inc(&metrics.invalid_buffers);
-                }
-                if poison {
-                    debug!(
-                        "balloon: reporting queue ({idx}): poison value set, report {head} not discarded"
-                    );
-                }
-            }
-            Some(head)
-        })
+                Some(head)
+            },
+        )
     }
 }
