@@ -69,7 +69,11 @@ struct RestoreArgs {
 /// How a restored or incoming VM is hosted here.
 #[derive(Args)]
 struct HostArgs {
-    /// How guest RAM is backed here (anon, memfd, hugetlb, file=PATH).
+    /// How guest RAM is backed here (anon, memfd, hugetlb, file=PATH). A
+    /// restore onto file=PATH builds the RAM in a new file beside PATH and
+    /// puts it in PATH's place only once the VM is restored (or, incoming,
+    /// handed over): a refused restore leaves PATH as it was. A PATH that
+    /// a running VM uses is refused.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
     /// Back guest RAM with transparent huge pages where this host allows
@@ -163,7 +167,9 @@ struct RunArgs {
     /// (shared memfd), hugetlb (memfd on 2 MiB huge pages, reserved in
     /// /proc/sys/vm/nr_hugepages) or file=PATH (shared mapping of a file:
     /// created if missing, grown to the RAM's size, its first SIZE bytes
-    /// overwritten by guest RAM; never the kernel or initrd).
+    /// overwritten by guest RAM; never the kernel or initrd; locked while
+    /// the VM runs, so a second blimp cannot use it too; with --incoming,
+    /// replaced only once the VM is handed over).
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
     /// Back guest RAM with transparent huge pages (MADV_HUGEPAGE on its
@@ -499,6 +505,10 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_USAGE);
         }
+        if let Err(msg) = backing_not_in_use(&args.memory_backend) {
+            eprintln!("blimp: error: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
         if let Err(code) = api_sock_usable(args.api_sock.as_deref()) {
             return code;
         }
@@ -552,6 +562,19 @@ fn backing_is_not_the_stream(
     }
 }
 
+/// A `file=PATH` that a running VM uses as its RAM (it holds the file's
+/// lock) is refused before anything is read or listened for: the restore
+/// would replace it. (A restore puts its RAM in PATH's place only once it
+/// succeeded; see `vmm::restore`.)
+fn backing_not_in_use(backing: &MemoryBackend) -> Result<(), String> {
+    match backing {
+        MemoryBackend::File(path) => vmm::memory::hold_backing_file(path)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
@@ -567,6 +590,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => {
             if let Err(msg) =
                 backing_is_not_the_stream(&args.from, "--from", &args.host.memory_backend)
+                    .and_then(|()| backing_not_in_use(&args.host.memory_backend))
             {
                 eprintln!("blimp: error: {msg}");
                 return ExitCode::from(EXIT_USAGE);

@@ -388,6 +388,7 @@ fn restore_onto_an_existing_backing_file_does_not_keep_its_bytes() {
     dst.verify("verify ok 16384 pages", BOOT);
     dst.exit_with(7, BOOT);
     assert_no_old_pages(&backing.0);
+    assert!(restore_leftovers(&backing.0).is_empty());
 }
 
 #[test]
@@ -412,4 +413,94 @@ fn run_incoming_onto_an_existing_backing_file_does_not_keep_its_bytes() {
     dst.exit_with(7, BOOT);
     assert_eq!(vm.wait(BOOT).code(), Some(0));
     assert_no_old_pages(&backing.0);
+    assert!(restore_leftovers(&backing.0).is_empty());
+}
+
+/// A user file with `len` bytes of a pattern no guest page holds.
+fn user_file(name: &str, len: usize) -> (TempFile, Vec<u8>) {
+    let f = TempFile(tmp(name));
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&f.0, &bytes).unwrap();
+    (f, bytes)
+}
+
+/// Files `.NAME.blimp-restore.*` beside `path` (a restore's RAM in the
+/// making).
+fn restore_leftovers(path: &Path) -> Vec<PathBuf> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let prefix = format!(".{name}.blimp-restore.");
+    std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// A restore refused once guest RAM was built (its state section is not
+/// a VM's) leaves `--memory-backend file=PATH` exactly as it was, and no
+/// new file beside it: the RAM is built in a file of its own that takes
+/// PATH's place only once the restore succeeded. It used to empty PATH
+/// first (a user's file cut to 256 MiB of zeros and partial RAM).
+#[test]
+fn a_refused_restore_leaves_the_backing_file_as_it_was() {
+    require_kvm();
+    let stream = TempFile(tmp("refused-stream"));
+    craft(&stream.0, "{\"not a vm\":[", "0", 16, "]}");
+    let (backing, bytes) = user_file("refused-ram", 3 << 20);
+    let arg = format!("file={}", backing.0.display());
+    let (code, _, stderr) = common::run_blimp(&[
+        "restore",
+        "--from",
+        stream.0.to_str().unwrap(),
+        "--memory-backend",
+        &arg,
+        "--no-stdin",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(std::fs::read(&backing.0).unwrap() == bytes, "PATH changed");
+    assert!(restore_leftovers(&backing.0).is_empty());
+}
+
+/// `file=PATH` is locked while its VM runs: a second blimp that would map
+/// the same file as its RAM (a run, a restore, the destination of a
+/// migration on this host) is refused before it writes anything, and the
+/// running guest's memory stays whole. A destination given the source's
+/// own file used to empty it while the source ran: the VM was lost.
+#[test]
+fn a_backing_file_in_use_is_refused_to_a_second_blimp() {
+    require_kvm();
+    let ram = TempFile(tmp("in-use-ram"));
+    let arg = format!("file={}", ram.0.display());
+    let (mut vm, _api, _) = common::boot_with_api(
+        "rc-in-use",
+        "fill 32 5;echo FILLED",
+        &["--memory", "256M", "--memory-backend", &arg],
+    );
+    vm.expect_line("FILLED", BOOT);
+    let stream = TempFile(tmp("in-use-stream"));
+    craft(&stream.0, "{\"not a vm\":[", "0", 16, "]}");
+    let sock = tmp("in-use.sock");
+    let url = format!("unix://{}", sock.display());
+    let kernel = common::testguest().to_str().unwrap();
+    let attempts: [&[&str]; 3] = [
+        &["run", "--kernel", kernel, "--memory", "256M"],
+        &["restore", "--from", stream.0.to_str().unwrap()],
+        &["run", "--incoming", &url],
+    ];
+    for args in attempts {
+        let all = [args, &["--memory-backend", &arg, "--no-stdin"]].concat();
+        // One that runs instead of being refused fails here, not hangs.
+        let (code, stderr, _) = run_measured(&all, Duration::from_secs(20));
+        assert_eq!(code, 2, "{all:?}: {stderr}");
+        assert!(
+            stderr.contains("is guest RAM of another running process"),
+            "{all:?}: {stderr}"
+        );
+        assert!(!sock.exists(), "the destination listened");
+        assert!(restore_leftovers(&ram.0).is_empty());
+    }
+    assert_eq!(std::fs::metadata(&ram.0).unwrap().len(), GUEST);
+    vm.verify("verify ok 8192 pages", BOOT);
+    vm.exit_with(0, BOOT);
 }

@@ -53,7 +53,11 @@ impl Error {
             self,
             Error::Layout(_)
                 | Error::Boot(_)
-                | Error::Memory(MemoryError::NoHugePages { .. } | MemoryError::File { .. })
+                | Error::Memory(
+                    MemoryError::NoHugePages { .. }
+                        | MemoryError::File { .. }
+                        | MemoryError::FileInUse { .. }
+                )
                 | Error::Vm(VmError::TooManyVcpus { .. })
         )
     }

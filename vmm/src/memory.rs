@@ -43,6 +43,17 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "memory file {path} is guest RAM of another running process (it holds the file's lock): back this guest with another file"
+    )]
+    FileInUse { path: PathBuf },
+    #[error("cannot put the restored guest RAM ({temp}) in place of {path}: {source}")]
+    Replace {
+        temp: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot size guest memory backing to {size} bytes: {source}")]
     Truncate {
         size: u64,
@@ -575,7 +586,7 @@ fn striped_memfd(n: usize, total: u64) -> Result<Stripes, MemoryError> {
 }
 
 fn open_file(path: &Path) -> Result<File, MemoryError> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -584,7 +595,51 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
         .map_err(|source| MemoryError::File {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+    lock_file(&f, path)?;
+    Ok(f)
+}
+
+/// Take `path`'s exclusive lock (flock), held while `f` stays open: every
+/// `file=PATH` backing holds it, so a second blimp (a run, a restore, a
+/// migration's destination on this host) cannot map the same file as its
+/// guest's RAM and write its guest over a running one.
+fn lock_file(f: &File, path: &Path) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function's caller owns; it touches
+    // no memory.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let source = std::io::Error::last_os_error();
+    Err(if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        MemoryError::FileInUse {
+            path: path.to_path_buf(),
+        }
+    } else {
+        MemoryError::File {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Lock an existing `file=PATH` backing without using it (see
+/// [`lock_file`]): refused when a running VM uses it. `None` when there is
+/// no such file yet. Held as long as the returned file stays open.
+pub fn hold_backing_file(path: &Path) -> Result<Option<File>, MemoryError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(MemoryError::File {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    lock_file(&f, path)?;
+    Ok(Some(f))
 }
 
 impl GuestRam {

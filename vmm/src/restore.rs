@@ -303,10 +303,76 @@ enum End {
     Handshake,
 }
 
+/// A restore onto `--memory-backend file=PATH` builds guest RAM in a new
+/// file beside PATH (`.NAME.blimp-restore.PID`) and renames it over PATH
+/// only once the VM is restored (from a file) or taken over (a live
+/// migration): a refused or failed restore leaves PATH as it was, and the
+/// new file is removed. PATH stays locked meanwhile (a running VM on it
+/// refuses the restore; no blimp starts on it while it runs).
+struct PendingBacking {
+    path: PathBuf,
+    temp: PathBuf,
+    _held: Option<std::fs::File>,
+    committed: bool,
+}
+
+impl PendingBacking {
+    fn new(backend: &MemoryBackend) -> Result<Option<Self>, Error> {
+        let MemoryBackend::File(path) = backend else {
+            return Ok(None);
+        };
+        let held = crate::memory::hold_backing_file(path)?;
+        let name = path
+            .file_name()
+            .unwrap_or(path.as_os_str())
+            .to_string_lossy();
+        let temp = path.with_file_name(format!(".{name}.blimp-restore.{}", std::process::id()));
+        // A file of this name was left by a process of this PID that is
+        // gone (this one made none yet).
+        let _ = std::fs::remove_file(&temp);
+        Ok(Some(Self {
+            path: path.clone(),
+            temp,
+            _held: held,
+            committed: false,
+        }))
+    }
+
+    /// What the restored VM's RAM is built in.
+    fn backend(&self) -> MemoryBackend {
+        MemoryBackend::File(self.temp.clone())
+    }
+
+    /// Put the restored RAM in PATH's place.
+    fn commit(mut self) -> Result<(), Error> {
+        std::fs::rename(&self.temp, &self.path).map_err(|source| {
+            crate::memory::MemoryError::Replace {
+                temp: self.temp.clone(),
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingBacking {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
 impl Vmm {
     /// Build a VM from a migration file. Nothing runs until [`Vmm::run`].
     pub fn restore(cfg: RestoreConfig, input: Box<dyn Read + Send>) -> Result<Vmm, Error> {
-        Self::restore_stream(cfg, input, End::Eof)
+        let (vmm, backing) = Self::restore_stream(cfg, input, End::Eof)?;
+        if let Some(backing) = backing {
+            backing.commit()?;
+        }
+        Ok(vmm)
     }
 
     /// Build a VM from an incoming migration and take it over: verify the
@@ -317,9 +383,9 @@ impl Vmm {
     pub fn restore_incoming(cfg: RestoreConfig, incoming: Incoming) -> Result<Vmm, Error> {
         let Incoming { url, peer, input } = incoming;
         let Some(mut peer) = peer else {
-            return Self::restore_stream(cfg, input, End::Eof);
+            return Self::restore(cfg, input);
         };
-        let vmm = match Self::restore_stream(cfg, input, End::Handshake) {
+        let (vmm, backing) = match Self::restore_stream(cfg, input, End::Handshake) {
             Ok(v) => v,
             Err(e) => {
                 // Best effort: the source resumes its guest either way.
@@ -360,6 +426,11 @@ impl Vmm {
         if let Some(signal) = vmm.stop_requested() {
             return Err(RestoreError::Interrupted { url, signal }.into());
         }
+        // The restored RAM takes the backing file's name now, before RUN:
+        // if it cannot, the source keeps the VM.
+        if let Some(backing) = backing {
+            backing.commit()?;
+        }
         // RUN goes out before any vCPU starts: if it cannot be sent, the
         // source may resume its guest, so this one must not run.
         handshake::send(&mut peer, &Message::Run).map_err(no_handover)?;
@@ -371,7 +442,7 @@ impl Vmm {
         cfg: RestoreConfig,
         input: Box<dyn Read + Send>,
         end: End,
-    ) -> Result<Vmm, Error> {
+    ) -> Result<(Vmm, Option<PendingBacking>), Error> {
         let mut reader = StreamReader::new(BufReader::with_capacity(4 << 20, input));
         let header = reader.read_header().map_err(RestoreError::from)?;
         if end == End::Handshake && header.version < HANDSHAKE_VERSION {
@@ -387,7 +458,11 @@ impl Vmm {
             .memory_layout(crate::memory::host_ram_bytes())
             .map_err(RestoreError::from)?;
         let size = layout.size();
-        let mut m = Machine::new(&layout, 1, &cfg.memory_backend, cfg.memory_thp)?;
+        let backing = PendingBacking::new(&cfg.memory_backend)?;
+        let built_in = backing
+            .as_ref()
+            .map_or_else(|| cfg.memory_backend.clone(), PendingBacking::backend);
+        let mut m = Machine::new(&layout, 1, &built_in, cfg.memory_thp)?;
         // The stream writes only the pages it carries: the rest must read
         // zero, also over an existing backing file.
         m.ram.ensure_zeroed().map_err(RestoreError::from)?;
@@ -454,6 +529,6 @@ impl Vmm {
         }
         vmm.tell_balloon_done_on_start();
         vmm.reprint_prompt_on_start();
-        Ok(vmm)
+        Ok((vmm, backing))
     }
 }

@@ -692,6 +692,10 @@ fn main_thread() -> Allowed {
             &[libc::SYS_link, libc::SYS_linkat],
             "the API socket, linked into place (a rename would replace another blimp's)",
         )
+        .allow(
+            libc::SYS_flock,
+            "file=PATH guest RAM: its exclusive lock, so no second process maps it",
+        )
         .allow(libc::SYS_memfd_create, "memfd and hugetlb guest RAM")
         .allow(libc::SYS_ftruncate, "sizing memfd/file guest RAM")
         .allow(
