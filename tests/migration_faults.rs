@@ -649,3 +649,56 @@ fn a_destination_refuses_a_source_without_the_handshake() {
         "{log}"
     );
 }
+
+/// A destination stopped (SIGTERM) while a source stalls in the middle of
+/// its stream, or after the destination's ACK while it waits for the GO
+/// that never comes, exits at once with 128+15 and tells the source it
+/// was stopped (NAK), so the source keeps its VM. It used to wait out the
+/// 60 s idle limit (or for ever, against a source sending a byte every
+/// 20 s), and exit 1 saying the source was silent.
+#[test]
+fn a_destination_stopped_while_the_source_stalls_exits_at_once() {
+    // A real stream: a snapshot of a test guest, replayed by hand.
+    let (mut vm, api) = source("stall-stop");
+    let snap = tmp("stall-stop.snap");
+    let st = common::migrate(
+        &api,
+        &json!({ "destination": format!("file://{}", snap.display()) }),
+        Duration::from_secs(120),
+    );
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let stream = std::fs::read(&snap).unwrap();
+    let _ = std::fs::remove_file(&snap);
+    let waiter = Waiter {
+        cancelled: &|| false,
+        timeout: Duration::from_secs(60),
+    };
+    for after_ack in [false, true] {
+        let sock = tmp(&format!("stall-stop-{after_ack}.sock"));
+        let (mut dst, _) = common::start_incoming(&sock, &[]);
+        let mut s = UnixStream::connect(&sock).unwrap();
+        if after_ack {
+            s.write_all(&stream).unwrap();
+            let ack = waiter.recv(&mut s, "ACK").unwrap();
+            assert_eq!(ack, Message::Ack);
+        } else {
+            s.write_all(&stream[..4096]).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let stopped = Instant::now();
+        dst.signal(libc::SIGTERM);
+        let status = dst.wait(Duration::from_secs(30));
+        let took = stopped.elapsed();
+        assert_eq!(status.code(), Some(143), "after ACK: {after_ack}");
+        assert!(
+            took < Duration::from_secs(5),
+            "exited {took:?} after SIGTERM"
+        );
+        match waiter.recv(&mut s, "NAK") {
+            Ok(Message::Nak(why)) => assert!(why.contains("signal 15"), "{why}"),
+            other => panic!("after ACK: {after_ack}: {other:?}"),
+        }
+        assert!(!sock.exists(), "the destination left its socket");
+    }
+}

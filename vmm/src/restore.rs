@@ -7,6 +7,8 @@ use std::io::{BufReader, Read};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use api_types::types::MigrationDestination;
@@ -43,6 +45,8 @@ pub struct Incoming {
     url: String,
     peer: Option<Peer>,
     input: Box<dyn Read + Send>,
+    /// The signal that stopped the stream's reads (0: none).
+    stopped: Arc<AtomicI32>,
 }
 
 impl Incoming {
@@ -222,33 +226,64 @@ pub fn accept_incoming(url: &str) -> Result<Incoming, RestoreError> {
                 url: url.to_string(),
                 peer: None,
                 input: open_file(&path)?,
+                stopped: Arc::default(),
             });
         }
     };
     let reader = peer.try_clone().map_err(open(url))?;
+    let stopped = Arc::new(AtomicI32::new(0));
     Ok(Incoming {
         url: url.to_string(),
         peer: Some(peer),
         input: Box::new(std::io::Cursor::new(first).chain(IdleLimit {
             inner: reader,
             limit: INCOMING_IDLE_TIMEOUT,
+            signals,
+            checked: Instant::now(),
+            stopped: stopped.clone(),
         })),
+        stopped,
     })
 }
 
 /// Reads from a socket whose reads time out every [`link::POLL`]; fails
-/// with a clear error once nothing came for `limit`.
+/// with a clear error once nothing came for `limit`, or once a terminating
+/// signal came (looked for every [`link::POLL`], also while bytes flow),
+/// which it records in `stopped`.
 struct IdleLimit<R> {
     inner: R,
     limit: Duration,
+    signals: TerminationSignals,
+    checked: Instant,
+    stopped: Arc<AtomicI32>,
+}
+
+impl<R> IdleLimit<R> {
+    fn check_signals(&mut self) -> std::io::Result<()> {
+        self.checked = Instant::now();
+        match self.signals.read() {
+            Some(signal) => {
+                self.stopped.store(signal, Ordering::Release);
+                // Not ErrorKind::Interrupted: `read_exact` would try again.
+                Err(std::io::Error::other(format!(
+                    "the destination was stopped (signal {signal})"
+                )))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 impl<R: Read> Read for IdleLimit<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let start = Instant::now();
+        if self.checked.elapsed() >= link::POLL {
+            self.check_signals()?;
+        }
         loop {
             match self.inner.read(buf) {
                 Err(e) if link::is_poll_timeout(&e) => {
+                    self.check_signals()?;
                     if start.elapsed() >= self.limit {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
@@ -381,12 +416,34 @@ impl Vmm {
     /// runs here (RUN). The caller runs it at once. A refused stream, or a
     /// source that never hands over, returns an error: the VM must not run.
     pub fn restore_incoming(cfg: RestoreConfig, incoming: Incoming) -> Result<Vmm, Error> {
-        let Incoming { url, peer, input } = incoming;
+        let Incoming {
+            url,
+            peer,
+            input,
+            stopped,
+        } = incoming;
         let Some(mut peer) = peer else {
             return Self::restore(cfg, input);
         };
+        // A stop asked for (SIGTERM, Ctrl-C) would end the VM the moment
+        // it runs, after the source let it go: the VM is refused instead,
+        // and the source keeps it.
+        let refuse = |peer: &mut Peer, signal: i32| {
+            let why =
+                format!("the destination was stopped (signal {signal}) before it took the VM over");
+            if let Err(send) = handshake::send(peer, &Message::Nak(why)) {
+                log::warn!("{url}: cannot tell the source why: {send}");
+            }
+            Error::from(RestoreError::Interrupted {
+                url: url.clone(),
+                signal,
+            })
+        };
         let (vmm, backing) = match Self::restore_stream(cfg, input, End::Handshake) {
             Ok(v) => v,
+            Err(_) if stopped.load(Ordering::Acquire) != 0 => {
+                return Err(refuse(&mut peer, stopped.load(Ordering::Acquire)));
+            }
             Err(e) => {
                 // Best effort: the source resumes its guest either way.
                 if let Err(send) = handshake::send(&mut peer, &Message::Nak(error_chain(&e))) {
@@ -396,26 +453,28 @@ impl Vmm {
             }
         };
         let no_handover = |e| Error::from(RestoreError::NoHandover(e));
-        // A stop asked for meanwhile (SIGTERM, Ctrl-C) would end the VM
-        // the moment it runs, after the source let it go: refuse it now.
         if let Some(signal) = vmm.stop_requested() {
-            let why =
-                format!("the destination was stopped (signal {signal}) before it took the VM over");
-            if let Err(send) = handshake::send(&mut peer, &Message::Nak(why)) {
-                log::warn!("{url}: cannot tell the source why: {send}");
-            }
-            return Err(RestoreError::Interrupted { url, signal }.into());
+            return Err(refuse(&mut peer, signal));
         }
         handshake::send(&mut peer, &Message::Ack).map_err(no_handover)?;
         log::info!("{url}: stream verified and VM built; waiting for the source to hand it over");
-        let never = || false;
+        // Stopped while waiting for GO: NAK (no RUN), so the source resumes.
+        let signal = std::cell::Cell::new(None);
+        let asked_to_stop = || {
+            signal.set(signal.get().or_else(|| vmm.stop_requested()));
+            signal.get().is_some()
+        };
         let go = Waiter {
-            cancelled: &never,
+            cancelled: &asked_to_stop,
             timeout: INCOMING_IDLE_TIMEOUT,
         };
-        match go.recv(&mut peer, "GO").map_err(no_handover)? {
-            Message::Go => {}
-            other => {
+        match go.recv(&mut peer, "GO") {
+            Ok(Message::Go) => {}
+            Err(HandshakeError::Cancelled { .. }) if signal.get().is_some() => {
+                return Err(refuse(&mut peer, signal.get().unwrap_or(0)));
+            }
+            Err(e) => return Err(no_handover(e)),
+            Ok(other) => {
                 return Err(no_handover(HandshakeError::Unexpected {
                     expected: "GO",
                     got: other.name(),
@@ -423,8 +482,8 @@ impl Vmm {
             }
         }
         // Stopped since the ACK: no RUN, so the source resumes its guest.
-        if let Some(signal) = vmm.stop_requested() {
-            return Err(RestoreError::Interrupted { url, signal }.into());
+        if let Some(signal) = signal.get().or_else(|| vmm.stop_requested()) {
+            return Err(refuse(&mut peer, signal));
         }
         // The restored RAM takes the backing file's name now, before RUN:
         // if it cannot, the source keeps the VM.
