@@ -247,3 +247,26 @@ fn a_console_nobody_reads_does_not_keep_blimp_from_stopping() {
         "{said}"
     );
 }
+
+/// Closing the terminal blimp runs on (the window closes, the ssh session
+/// drops) is a clean SIGHUP shutdown: exit 128 + 1, API socket removed. The
+/// terminal settings cannot be put back on a hung-up terminal (EIO), and
+/// saying so on that terminal failed too and panicked (exit 101).
+#[test]
+fn a_hung_up_terminal_is_a_clean_sighup_exit() {
+    let sock = sock_path("console-hangup");
+    let _ = std::fs::remove_file(&sock);
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut child = pty.spawn(
+        blimp_run(&["--memory", "256M", "--api-sock", sock.to_str().unwrap()])
+            .env_remove("RUST_BACKTRACE"),
+    );
+    pty.wait_for(0, "testguest> ", BOOT);
+    wait_for_socket(&sock);
+    assert_raw(&pty, &orig);
+    pty.hang_up();
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(128 + libc::SIGHUP), "{st:?}");
+    assert!(!sock.exists(), "the API socket was left behind");
+}

@@ -162,10 +162,13 @@ fn restore() {
     if let Some(t) = saved {
         // SAFETY: tcsetattr reads `t`, which lives for the call.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) } != 0 {
-            eprintln!(
-                "blimp: cannot restore the terminal: {} (run `stty sane`)",
-                std::io::Error::last_os_error()
-            );
+            let e = std::io::Error::last_os_error();
+            // EIO/ENOTTY: the terminal was hung up (its window closed, the
+            // ssh session dropped): there is nothing left to restore, and
+            // nobody to tell.
+            if !matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOTTY)) {
+                errln!("blimp: cannot restore the terminal: {e} (run `stty sane`)");
+            }
         }
     }
 }

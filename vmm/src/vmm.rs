@@ -284,7 +284,7 @@ impl Vmm {
             }));
             self.events.add_subscriber(stdin_sub);
             if terminal {
-                eprintln!("{}", console::HINT);
+                errln!("{}", console::HINT);
                 RawTerminal::enter()
             } else {
                 None

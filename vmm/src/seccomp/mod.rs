@@ -261,7 +261,7 @@ pub fn install(kind: ThreadKind, mode: Mode) -> Result<(), Error> {
 pub fn enter_or_exit(kind: ThreadKind) {
     if let Err(e) = enter(kind) {
         log::error!("seccomp: {e}: {:?}", std::error::Error::source(&e));
-        eprintln!("blimp: error: {e}");
+        errln!("blimp: error: {e}");
         std::process::exit(1);
     }
 }
