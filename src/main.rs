@@ -48,7 +48,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest resets, writes to the debug-exit
-    /// port, or blimp receives SIGTERM/SIGINT.
+    /// port, or blimp receives a terminating signal (SIGTERM, SIGINT,
+    /// SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM: exit 128 + the signal).
     Run(RunArgs),
     /// Restore a VM from a migration file (written by `PUT /migration` with a
     /// file:// destination, `blimp migrate --to file://...` or `PUT /snapshot`)
@@ -609,7 +610,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `blimp migrate` turns Ctrl-C/SIGTERM/SIGHUP into a cancel of the
+/// `blimp migrate` turns Ctrl-C and the other terminating signals
+/// (vmm::signals::SIGNALS) into a cancel of the
 /// migration instead of dying with it running.
 fn watch_interrupts() {
     match vmm::signals::TerminationSignals::new() {

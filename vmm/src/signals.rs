@@ -1,9 +1,23 @@
-//! SIGTERM/SIGINT (and SIGHUP) as events: blocked in every thread and read
+//! The terminating signals as events: blocked in every thread and read
 //! from a signalfd by the event loop, so the VM shuts down cleanly.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// Every signal whose default action ends the process and that someone
+/// sends on purpose (kill, a closed terminal, Ctrl-C, Ctrl-\, a timer):
+/// each is a clean shutdown with exit status 128 + the signal. SIGQUIT too
+/// (no core dump: the terminal and the API socket come first). Not the
+/// ones the kernel raises for a fault of blimp itself (SIGSEGV, SIGBUS,
+/// SIGSYS, ...), nor SIGPROF/SIGVTALRM (profilers), nor SIGKILL/SIGSTOP.
+pub const SIGNALS: [libc::c_int; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
 
 fn sigset() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise the set we own; a zeroed

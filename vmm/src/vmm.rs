@@ -68,7 +68,7 @@ pub struct Vmm {
 type OnStart = Box<dyn FnOnce(&Vmm) + Send>;
 
 impl Vmm {
-    /// A SIGTERM, SIGINT or SIGHUP that came before the VM runs (read, so
+    /// A terminating signal that came before the VM runs (read, so
     /// taken: the caller is about to give up the VM).
     pub(crate) fn stop_requested(&self) -> Option<i32> {
         self.signals.read()

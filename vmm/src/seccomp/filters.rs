@@ -700,7 +700,7 @@ fn main_thread() -> Allowed {
         )
         .allow(libc::SYS_epoll_create1, "the event loop, the API runtime")
         .allow(libc::SYS_timerfd_create, "the balloon statistics timer")
-        .allow(libc::SYS_signalfd4, "SIGTERM/SIGINT/SIGHUP as events")
+        .allow(libc::SYS_signalfd4, "the terminating signals as events")
         .allow(libc::SYS_rt_sigaction, "the vCPU kick signal handler")
         .allow(libc::SYS_access, "probing files")
         .allow(libc::SYS_readlink, "std::env::current_exe")
