@@ -114,6 +114,14 @@ impl Pty {
         t
     }
 
+    /// Sets the terminal's settings (as a job-control shell puts its own
+    /// back when its foreground job stops).
+    pub fn set_termios(&self, t: &libc::termios) {
+        // SAFETY: tcsetattr reads `t`, which lives for the call.
+        let rc = unsafe { libc::tcsetattr(self.slave.as_raw_fd(), libc::TCSANOW, t) };
+        assert_eq!(rc, 0, "tcsetattr: {}", std::io::Error::last_os_error());
+    }
+
     /// Types `bytes` on the terminal.
     pub fn type_bytes(&self, bytes: &[u8]) {
         (&self.master).write_all(bytes).expect("writing to the pty");

@@ -133,10 +133,7 @@ impl RawTerminal {
                 previous(info);
             }));
         });
-        let mut raw = t;
-        // Keystrokes go to the guest as typed: no line editing, no local
-        // echo (the guest echoes), Ctrl-C/Ctrl-Z are bytes for the guest.
-        raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
+        let raw = raw_of(t);
         // SAFETY: tcsetattr reads `raw`, which lives for the call.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             log::warn!(
@@ -148,6 +145,73 @@ impl RawTerminal {
         }
         Some(RawTerminal(()))
     }
+}
+
+/// The flags raw mode clears: keystrokes go to the guest as typed (no line
+/// editing), no local echo (the guest echoes), Ctrl-C/Ctrl-Z/Ctrl-\ are
+/// bytes for the guest, not signals.
+const COOKED: libc::tcflag_t = libc::ICANON | libc::ECHO | libc::ISIG;
+
+/// `t` in raw mode (the rest of the settings kept).
+fn raw_of(mut t: libc::termios) -> libc::termios {
+    t.c_lflag &= !COOKED;
+    t
+}
+
+/// Whether an error says the terminal is gone (hung up) or not one.
+fn terminal_gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOTTY))
+}
+
+/// blimp continued (SIGCONT) after a stop (SIGTSTP or SIGSTOP from another
+/// terminal). A job-control shell puts its own terminal settings back when
+/// its foreground job stops, so the console was no longer raw after `fg`:
+/// typed lines were echoed twice, and a Ctrl-C meant for the guest stopped
+/// the VM. Take the terminal's settings now as the ones to restore at exit
+/// and put it in raw mode again (as vim, less and QEMU do). Nothing when
+/// blimp does not own a raw terminal, when it is not the foreground job
+/// (continued with `bg`: changing the terminal would stop it again with
+/// SIGTTOU; the next `fg` continues it again), when the terminal is still
+/// raw (a SIGCONT without a stop) or when it was hung up.
+pub fn continued() {
+    let mut saved = SAVED.lock().unwrap_or_else(|p| p.into_inner());
+    if saved.is_none() {
+        return;
+    }
+    // SAFETY: plain syscalls on fd 0 and this process; no memory involved.
+    let (fg, own) = unsafe { (libc::tcgetpgrp(libc::STDIN_FILENO), libc::getpgrp()) };
+    if fg != own
+        && !(fg < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTTY))
+    {
+        log::debug!(
+            "console: continued, but not as the terminal's foreground job: not raw again yet"
+        );
+        return;
+    }
+    // SAFETY: an all-zero termios is a valid value to be overwritten.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes into `t`, which lives for the call.
+    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !terminal_gone(&e) {
+            log::warn!("console: continued: cannot read the terminal's settings: {e}");
+        }
+        return;
+    }
+    if t.c_lflag & COOKED == 0 {
+        return;
+    }
+    let raw = raw_of(t);
+    // SAFETY: tcsetattr reads `raw`, which lives for the call.
+    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !terminal_gone(&e) {
+            log::warn!("console: continued: cannot put the terminal in raw mode again: {e}");
+        }
+        return;
+    }
+    *saved = Some(t);
+    log::info!("console: continued: the terminal is raw again");
 }
 
 impl Drop for RawTerminal {
@@ -166,7 +230,7 @@ fn restore() {
             // EIO/ENOTTY: the terminal was hung up (its window closed, the
             // ssh session dropped): there is nothing left to restore, and
             // nobody to tell.
-            if !matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOTTY)) {
+            if !terminal_gone(&e) {
                 errln!("blimp: cannot restore the terminal: {e} (run `stty sane`)");
             }
         }

@@ -498,8 +498,14 @@ fn event_loop() -> Allowed {
                 libc::TCSETS,
                 libc::TCSETSW,
                 libc::FIONBIO,
+                libc::TIOCGPGRP,
             ]),
-            "interrupt lines; dirty-log sync for hinting; the console's terminal mode",
+            "interrupt lines; dirty-log sync for hinting; the console's terminal mode \
+             (raw again after SIGCONT, if blimp is the terminal's foreground job)",
+        )
+        .allow(
+            libc::SYS_getpgrp,
+            "is blimp the terminal's foreground job (raw again after SIGCONT)",
         )
         .merge(&file_metadata())
         .allow(libc::SYS_lseek, "reading the console")
