@@ -314,3 +314,33 @@ fn the_terminal_is_raw_again_after_a_stop_and_fg() {
     pty.type_bytes(b"\x01x");
     assert_exits_restored(&pty, &orig, &mut child, 0, "Ctrl-A x after a stop and fg");
 }
+
+/// Guest console output that stdout cannot take (a full disk, a pipe
+/// without reader) is dropped with one warning naming the error, and the
+/// VM runs on; it was dropped without a word.
+#[test]
+fn a_failing_stdout_is_reported_once() {
+    let log = std::env::temp_dir().join(format!("blimp-full-stdout-{}.log", std::process::id()));
+    let st = blimp_run(&[
+        "--memory",
+        "256M",
+        "--no-stdin",
+        "--debug-exit",
+        "--cmdline",
+        "testguest.run=\"help;help;exit 4\"",
+    ])
+    .stdout(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    )
+    .stderr(std::fs::File::create(&log).unwrap())
+    .status()
+    .expect("running blimp");
+    let said = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    assert_eq!(st.code(), Some(4), "{st:?}\n{said}");
+    let warning = "the console's output (stdout): No space left on device";
+    assert_eq!(said.matches(warning).count(), 1, "{said}");
+}

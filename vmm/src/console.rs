@@ -255,6 +255,8 @@ pub struct StdoutWriter {
     unread: bool,
     /// The warning was given (once per process).
     warned: bool,
+    /// A write error was reported (once per process).
+    failed: bool,
 }
 
 impl StdoutWriter {
@@ -269,6 +271,25 @@ impl StdoutWriter {
         // SAFETY: poll(2) on one pollfd, a local.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         n > 0
+    }
+
+    /// A write to stdout failed (a full disk: ENOSPC; a reader gone: EPIPE;
+    /// a hung-up terminal: EIO): the guest's output is lost, as a UART's
+    /// with nobody at the other end. Said once, through the `console` log
+    /// target (shown at any log level); not for a write given up because
+    /// the VMM kicked the vCPU (EINTR) or a stdout that would block.
+    fn failed_write(&mut self, e: std::io::Error) -> std::io::Error {
+        let transient = matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+        );
+        if !transient && !std::mem::replace(&mut self.failed, true) {
+            log::warn!(
+                target: "console",
+                "the console's output (stdout): {e}: guest output is dropped"
+            );
+        }
+        e
     }
 }
 
@@ -316,7 +337,7 @@ impl std::io::Write for StdoutWriter {
             match usize::try_from(n) {
                 Ok(n) => done += n,
                 Err(_) if done > 0 => break,
-                Err(_) => return Err(std::io::Error::last_os_error()),
+                Err(_) => return Err(self.failed_write(std::io::Error::last_os_error())),
             }
         }
         Ok(done)
