@@ -28,6 +28,18 @@ macro_rules! out {
     };
 }
 
+/// `eprintln!` that never panics (for blimp's error messages, here and in
+/// main.rs): a message for a stderr that cannot take it (a hung-up
+/// terminal: EIO; a full disk: ENOSPC; a closed pipe: EPIPE) is lost,
+/// instead of turning an exit with its documented status into a panic
+/// (exit 101).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Write to stdout (flushed). A reader that went away (EPIPE) is
 /// remembered for [`stdout_closed`] and ends the command with an empty
 /// message, which [`run`] turns into success; another write error is an
@@ -880,7 +892,7 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
         }
         if !cancel_sent && interrupted() {
             bar.suspend(|| {
-                eprintln!(
+                errln!(
                     "blimp: interrupted: cancelling the migration (the guest keeps running here)"
                 )
             });

@@ -1,6 +1,7 @@
 //! `blimp`: a small KVM hypervisor whose memory balloon is a first-class citizen.
 
 mod balloon_opts;
+#[macro_use]
 mod client;
 
 use std::path::{Path, PathBuf};
@@ -47,7 +48,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest resets, writes to the debug-exit
-    /// port, or blimp receives SIGTERM/SIGINT.
+    /// port, or blimp receives a terminating signal (SIGTERM, SIGINT,
+    /// SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM: exit 128 + the signal).
     Run(RunArgs),
     /// Restore a VM from a migration file (written by `PUT /migration` with a
     /// file:// destination, `blimp migrate --to file://...` or `PUT /snapshot`)
@@ -386,7 +388,7 @@ fn vm_config(args: &RunArgs) -> Result<VmConfig, Usage> {
 
 /// Print an error with its chain of causes.
 fn report(e: &dyn std::error::Error) {
-    eprintln!("blimp: error: {}", vmm::error_chain(e));
+    errln!("blimp: error: {}", vmm::error_chain(e));
 }
 
 fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String> {
@@ -407,7 +409,7 @@ fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String>
 fn api_sock_usable(api_sock: Option<&Path>) -> Result<(), ExitCode> {
     match api_sock.map(api::check_socket_path) {
         Some(Err(e)) => {
-            eprintln!("blimp: error: {e}");
+            errln!("blimp: error: {e}");
             Err(ExitCode::from(EXIT_RUNTIME))
         }
         _ => Ok(()),
@@ -423,13 +425,13 @@ fn run_vmm(mut vmm: Vmm, api_sock: Option<PathBuf>, handed_over: bool) -> ExitCo
     let _server = match api_sock.map(|p| start_api(&mut vmm, &p)).transpose() {
         Ok(s) => s,
         Err(msg) if handed_over => {
-            eprintln!(
+            errln!(
                 "blimp: error: {msg}; the VM was handed over by its source and exists only here, so it runs on without an API (SIGTERM or the guest's own shutdown ends it)"
             );
             None
         }
         Err(msg) => {
-            eprintln!("blimp: error: {msg}");
+            errln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
@@ -437,7 +439,7 @@ fn run_vmm(mut vmm: Vmm, api_sock: Option<PathBuf>, handed_over: bool) -> ExitCo
         Ok(reason) => {
             log::info!("VM ended: {reason}");
             if let vmm::ExitReason::Error(msg) = &reason {
-                eprintln!("blimp: error: {msg}");
+                errln!("blimp: error: {msg}");
             }
             ExitCode::from(reason.exit_code().clamp(0, 255) as u8)
         }
@@ -494,7 +496,7 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     if let Err(msg) = confine_main(args.seccomp, &args.memory_backend) {
-        eprintln!("blimp: error: seccomp: {msg}");
+        errln!("blimp: error: seccomp: {msg}");
         return ExitCode::from(EXIT_RUNTIME);
     }
     if let Some(url) = &args.incoming {
@@ -502,7 +504,7 @@ fn run(args: RunArgs) -> ExitCode {
             api::types::MigrationDestination::parse(url)
             && let Err(msg) = backing_is_not_the_stream(&stream, "--incoming", &args.memory_backend)
         {
-            eprintln!("blimp: error: {msg}");
+            errln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_USAGE);
         }
         if let Err(msg) = backing_not_in_use(&args.memory_backend) {
@@ -524,7 +526,7 @@ fn run(args: RunArgs) -> ExitCode {
     let cfg = match vm_config(&args) {
         Ok(c) => c,
         Err(Usage(msg)) => {
-            eprintln!("blimp: error: {msg}");
+            errln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -592,11 +594,11 @@ fn main() -> ExitCode {
                 backing_is_not_the_stream(&args.from, "--from", &args.host.memory_backend)
                     .and_then(|()| backing_not_in_use(&args.host.memory_backend))
             {
-                eprintln!("blimp: error: {msg}");
+                errln!("blimp: error: {msg}");
                 return ExitCode::from(EXIT_USAGE);
             }
             if let Err(msg) = confine_main(args.host.seccomp, &args.host.memory_backend) {
-                eprintln!("blimp: error: seccomp: {msg}");
+                errln!("blimp: error: seccomp: {msg}");
                 return ExitCode::from(EXIT_RUNTIME);
             }
             if let Err(code) = api_sock_usable(args.host.api_sock.as_deref()) {
@@ -615,7 +617,7 @@ fn main() -> ExitCode {
             match client::run(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {
-                    eprintln!("blimp: error: {msg}");
+                    errln!("blimp: error: {msg}");
                     // A request the API refused as invalid (400), or the
                     // client before sending it, is a usage error, like a
                     // bad argument.
@@ -632,7 +634,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `blimp migrate` turns Ctrl-C/SIGTERM/SIGHUP into a cancel of the
+/// `blimp migrate` turns Ctrl-C and the other terminating signals
+/// (vmm::signals::SIGNALS) into a cancel of the
 /// migration instead of dying with it running.
 fn watch_interrupts() {
     match vmm::signals::TerminationSignals::new() {

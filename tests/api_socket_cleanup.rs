@@ -101,3 +101,46 @@ fn double_sigterm_during_restore_never_leaves_the_socket() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&files).unwrap();
 }
+
+/// Every terminating signal someone sends on purpose is a clean shutdown:
+/// exit 128 + the signal, the API socket removed. SIGQUIT, SIGUSR1,
+/// SIGUSR2 and SIGALRM used to kill blimp with their default action,
+/// leaving the socket (and a raw terminal, and a snapshot's temp file).
+#[test]
+fn every_terminating_signal_is_a_clean_exit() {
+    common::require_kvm();
+    let dir = tmp_dir("sock-cleanup-signals");
+    let signals = [
+        (libc::SIGHUP, "hup"),
+        (libc::SIGQUIT, "quit"),
+        (libc::SIGUSR1, "usr1"),
+        (libc::SIGUSR2, "usr2"),
+        (libc::SIGALRM, "alrm"),
+    ];
+    // All at once: one boot's wait for the lot.
+    let mut vms: Vec<_> = signals
+        .iter()
+        .map(|&(sig, name)| {
+            let sock = dir.join(format!("{name}.sock"));
+            let vm = common::Vm::start(&[
+                "--memory",
+                "256M",
+                "--no-stdin",
+                "--api-sock",
+                sock.to_str().unwrap(),
+            ]);
+            (sig, name, sock, vm)
+        })
+        .collect();
+    for (sig, _, sock, vm) in &vms {
+        common::wait_for_socket(sock);
+        vm.signal(*sig);
+    }
+    for (sig, name, sock, vm) in &mut vms {
+        let status = vm.wait(BOOT);
+        assert_eq!(status.code(), Some(128 + *sig), "SIG{name}: {status:?}");
+        assert!(!sock.exists(), "SIG{name} left the API socket");
+    }
+    assert!(entries(&dir).is_empty(), "left behind: {:?}", entries(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -501,3 +501,55 @@ fn long_api_socket_paths() {
     );
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// blimp's exit status with stderr `err` (and RUST_BACKTRACE unset, so that
+/// a panic shows as 101, not as the SIGSYS of docs/seccomp.md).
+fn status_with_stderr(args: &[&str], err: std::process::Stdio) -> std::process::ExitStatus {
+    std::process::Command::new(common::blimp())
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .status()
+        .expect("running blimp")
+}
+
+/// An error message that stderr cannot take (a full disk, a closed pipe,
+/// a hung-up terminal) is lost; blimp still exits with the error's status
+/// (it panicked in eprintln!: 101).
+#[test]
+fn an_unwritable_stderr_keeps_the_exit_status() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let st = status_with_stderr(&["run", "--kernel", "/nonexistent"], full().into());
+    assert_eq!(st.code(), Some(2), "usage error, stderr /dev/full: {st:?}");
+    let st = status_with_stderr(
+        &["vm", "info", "--api-sock", "/nonexistent/blimp.sock"],
+        full().into(),
+    );
+    assert_eq!(st.code(), Some(1), "client error, stderr /dev/full: {st:?}");
+    // A pipe whose reader is gone: EPIPE (SIGPIPE is ignored by Rust).
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two fresh fds into `fds`, a local array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds are ours from pipe(2); each OwnedFd closes its one.
+    let (r, w) = unsafe {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    drop(r);
+    let st = status_with_stderr(
+        &["vm", "info", "--api-sock", "/nonexistent/blimp.sock"],
+        w.into(),
+    );
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "client error, stderr a closed pipe: {st:?}"
+    );
+}

@@ -247,3 +247,100 @@ fn a_console_nobody_reads_does_not_keep_blimp_from_stopping() {
         "{said}"
     );
 }
+
+/// Closing the terminal blimp runs on (the window closes, the ssh session
+/// drops) is a clean SIGHUP shutdown: exit 128 + 1, API socket removed. The
+/// terminal settings cannot be put back on a hung-up terminal (EIO), and
+/// saying so on that terminal failed too and panicked (exit 101).
+#[test]
+fn a_hung_up_terminal_is_a_clean_sighup_exit() {
+    let sock = sock_path("console-hangup");
+    let _ = std::fs::remove_file(&sock);
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut child = pty.spawn(
+        blimp_run(&["--memory", "256M", "--api-sock", sock.to_str().unwrap()])
+            .env_remove("RUST_BACKTRACE"),
+    );
+    pty.wait_for(0, "testguest> ", BOOT);
+    wait_for_socket(&sock);
+    assert_raw(&pty, &orig);
+    pty.hang_up();
+    let st = wait_exit(&mut child, BOOT);
+    assert_eq!(st.code(), Some(128 + libc::SIGHUP), "{st:?}");
+    assert!(!sock.exists(), "the API socket was left behind");
+}
+
+/// Stopped from another terminal (SIGSTOP; SIGTSTP alike) while its shell
+/// puts its own terminal settings back, then continued (`fg`: SIGCONT),
+/// blimp makes the terminal raw again, so that Ctrl-C and the escape key
+/// reach it and the guest; it stayed cooked, and a Ctrl-C typed for the
+/// guest stopped the VM. At exit the settings found at SIGCONT come back.
+#[test]
+fn the_terminal_is_raw_again_after_a_stop_and_fg() {
+    let pty = Pty::new();
+    let orig = pty.termios();
+    let mut child = pty.spawn(&mut blimp_run(&["--memory", "256M"]));
+    let at = pty.wait_for(0, "testguest> ", BOOT);
+    assert_raw(&pty, &orig);
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) of our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stat = format!("/proc/{pid}/stat");
+    let stopped = || {
+        let s = std::fs::read_to_string(&stat).unwrap();
+        s.rsplit(") ").next().is_some_and(|r| r.starts_with('T'))
+    };
+    let t = std::time::Instant::now();
+    while !stopped() {
+        assert!(t.elapsed() < BOOT, "blimp did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pty.set_termios(&orig);
+    // SAFETY: kill(2) of our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let t = std::time::Instant::now();
+    while pty.termios().c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the terminal is not raw again after SIGCONT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_raw(&pty, &orig);
+    // Ctrl-C is a byte for the guest, not SIGINT for blimp.
+    pty.type_bytes(b"\x03echo after-fg\r");
+    pty.wait_for(at, "\nafter-fg", BOOT);
+    pty.type_bytes(b"\x01x");
+    assert_exits_restored(&pty, &orig, &mut child, 0, "Ctrl-A x after a stop and fg");
+}
+
+/// Guest console output that stdout cannot take (a full disk, a pipe
+/// without reader) is dropped with one warning naming the error, and the
+/// VM runs on; it was dropped without a word.
+#[test]
+fn a_failing_stdout_is_reported_once() {
+    let log = std::env::temp_dir().join(format!("blimp-full-stdout-{}.log", std::process::id()));
+    let st = blimp_run(&[
+        "--memory",
+        "256M",
+        "--no-stdin",
+        "--debug-exit",
+        "--cmdline",
+        "testguest.run=\"help;help;exit 4\"",
+    ])
+    .stdout(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    )
+    .stderr(std::fs::File::create(&log).unwrap())
+    .status()
+    .expect("running blimp");
+    let said = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    assert_eq!(st.code(), Some(4), "{st:?}\n{said}");
+    let warning = "the console's output (stdout): No space left on device";
+    assert_eq!(said.matches(warning).count(), 1, "{said}");
+}

@@ -154,7 +154,8 @@ impl ApiResponse {
     }
 }
 
-/// Answers one request. Dropping it unanswered makes the client get 503.
+/// Answers one request. Dropping it unanswered (the VMM stops with it
+/// queued) makes the client get 503 "the VM is shutting down".
 pub struct Responder {
     deliver: Box<dyn FnOnce(ApiResponse) + Send>,
 }

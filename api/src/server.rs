@@ -942,6 +942,10 @@ fn with_fault_message(mut resp: ApiResponse) -> ApiResponse {
     resp
 }
 
+/// The 503 for a request the VMM took but never answered: it ended its
+/// event loop (and with it the VM) with the request still queued.
+const VM_SHUTTING_DOWN: &str = "the VM is shutting down: the VMM stopped before answering";
+
 /// Hand a request to the VMM and wait (without blocking the runtime).
 async fn call_vmm(ctx: &Ctx, req: ApiRequest, timeout: Duration) -> ApiResponse {
     // Requests the VMM answers on this thread (balloon size and target)
@@ -962,7 +966,9 @@ async fn call_vmm(ctx: &Ctx, req: ApiRequest, timeout: Duration) -> ApiResponse 
     }
     match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(_)) => ApiResponse::unavailable("the VMM dropped the request without answering"),
+        // The VMM drops what it has not answered when its event loop ends:
+        // the VM is stopping (a guest exit, a signal, PUT /vm/shutdown).
+        Ok(Err(_)) => ApiResponse::unavailable(VM_SHUTTING_DOWN),
         Err(_) => {
             ctx.stats.vmm_timeouts.fetch_add(1, Ordering::Relaxed);
             ApiResponse::unavailable(format!(

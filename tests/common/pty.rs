@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,9 @@ pub struct Pty {
     master: File,
     slave: OwnedFd,
     screen: Arc<Mutex<Vec<u8>>>,
+    /// Tells the reader thread to let go of its copy of the master.
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Pty {
@@ -31,26 +35,56 @@ impl Pty {
         let rc =
             unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        for fd in [m, s] {
+            // SAFETY: fcntl(2) on the fds openpty just made. Not inherited
+            // by the processes spawned on the pty: a child holding the
+            // master would keep the terminal from being hung up.
+            let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            assert_eq!(rc, 0, "FD_CLOEXEC: {}", std::io::Error::last_os_error());
+        }
         // SAFETY: openpty succeeded: m and s are fresh fds owned by nobody else.
         let (master, slave) = unsafe { (File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
         let screen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
         let mut reader = master.try_clone().expect("dup pty master");
-        let sink = screen.clone();
-        std::thread::spawn(move || {
+        let (sink, stopped) = (screen.clone(), stop.clone());
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            // Ends with EIO once no process holds the slave open.
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
+            while !stopped.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: reader.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll(2) on one pollfd, a local.
+                if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                    continue;
                 }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                // Ends with EIO once no process holds the slave open.
+                match reader.read(&mut buf) {
+                    Ok(n) if n > 0 => sink.lock().unwrap().extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
             }
         });
         Pty {
             master,
             slave,
             screen,
+            stop,
+            reader: Some(reader),
         }
+    }
+
+    /// Closes the master, as a terminal window that is closed or an ssh
+    /// session that drops: the kernel hangs the terminal up (SIGHUP to its
+    /// session's foreground job; reads and writes on the slave fail).
+    pub fn hang_up(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            r.join().expect("the pty reader");
+        }
+        drop(self.master);
     }
 
     /// Spawns `cmd` with the slave as stdin, stdout and stderr, in a new
@@ -78,6 +112,14 @@ impl Pty {
         let rc = unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) };
         assert_eq!(rc, 0, "tcgetattr: {}", std::io::Error::last_os_error());
         t
+    }
+
+    /// Sets the terminal's settings (as a job-control shell puts its own
+    /// back when its foreground job stops).
+    pub fn set_termios(&self, t: &libc::termios) {
+        // SAFETY: tcsetattr reads `t`, which lives for the call.
+        let rc = unsafe { libc::tcsetattr(self.slave.as_raw_fd(), libc::TCSANOW, t) };
+        assert_eq!(rc, 0, "tcsetattr: {}", std::io::Error::last_os_error());
     }
 
     /// Types `bytes` on the terminal.

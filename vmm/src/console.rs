@@ -133,10 +133,7 @@ impl RawTerminal {
                 previous(info);
             }));
         });
-        let mut raw = t;
-        // Keystrokes go to the guest as typed: no line editing, no local
-        // echo (the guest echoes), Ctrl-C/Ctrl-Z are bytes for the guest.
-        raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
+        let raw = raw_of(t);
         // SAFETY: tcsetattr reads `raw`, which lives for the call.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             log::warn!(
@@ -148,6 +145,73 @@ impl RawTerminal {
         }
         Some(RawTerminal(()))
     }
+}
+
+/// The flags raw mode clears: keystrokes go to the guest as typed (no line
+/// editing), no local echo (the guest echoes), Ctrl-C/Ctrl-Z/Ctrl-\ are
+/// bytes for the guest, not signals.
+const COOKED: libc::tcflag_t = libc::ICANON | libc::ECHO | libc::ISIG;
+
+/// `t` in raw mode (the rest of the settings kept).
+fn raw_of(mut t: libc::termios) -> libc::termios {
+    t.c_lflag &= !COOKED;
+    t
+}
+
+/// Whether an error says the terminal is gone (hung up) or not one.
+fn terminal_gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOTTY))
+}
+
+/// blimp continued (SIGCONT) after a stop (SIGTSTP or SIGSTOP from another
+/// terminal). A job-control shell puts its own terminal settings back when
+/// its foreground job stops, so the console was no longer raw after `fg`:
+/// typed lines were echoed twice, and a Ctrl-C meant for the guest stopped
+/// the VM. Take the terminal's settings now as the ones to restore at exit
+/// and put it in raw mode again (as vim, less and QEMU do). Nothing when
+/// blimp does not own a raw terminal, when it is not the foreground job
+/// (continued with `bg`: changing the terminal would stop it again with
+/// SIGTTOU; the next `fg` continues it again), when the terminal is still
+/// raw (a SIGCONT without a stop) or when it was hung up.
+pub fn continued() {
+    let mut saved = SAVED.lock().unwrap_or_else(|p| p.into_inner());
+    if saved.is_none() {
+        return;
+    }
+    // SAFETY: plain syscalls on fd 0 and this process; no memory involved.
+    let (fg, own) = unsafe { (libc::tcgetpgrp(libc::STDIN_FILENO), libc::getpgrp()) };
+    if fg != own
+        && !(fg < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTTY))
+    {
+        log::debug!(
+            "console: continued, but not as the terminal's foreground job: not raw again yet"
+        );
+        return;
+    }
+    // SAFETY: an all-zero termios is a valid value to be overwritten.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes into `t`, which lives for the call.
+    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !terminal_gone(&e) {
+            log::warn!("console: continued: cannot read the terminal's settings: {e}");
+        }
+        return;
+    }
+    if t.c_lflag & COOKED == 0 {
+        return;
+    }
+    let raw = raw_of(t);
+    // SAFETY: tcsetattr reads `raw`, which lives for the call.
+    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !terminal_gone(&e) {
+            log::warn!("console: continued: cannot put the terminal in raw mode again: {e}");
+        }
+        return;
+    }
+    *saved = Some(t);
+    log::info!("console: continued: the terminal is raw again");
 }
 
 impl Drop for RawTerminal {
@@ -162,10 +226,13 @@ fn restore() {
     if let Some(t) = saved {
         // SAFETY: tcsetattr reads `t`, which lives for the call.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) } != 0 {
-            eprintln!(
-                "blimp: cannot restore the terminal: {} (run `stty sane`)",
-                std::io::Error::last_os_error()
-            );
+            let e = std::io::Error::last_os_error();
+            // EIO/ENOTTY: the terminal was hung up (its window closed, the
+            // ssh session dropped): there is nothing left to restore, and
+            // nobody to tell.
+            if !terminal_gone(&e) {
+                errln!("blimp: cannot restore the terminal: {e} (run `stty sane`)");
+            }
         }
     }
 }
@@ -188,6 +255,8 @@ pub struct StdoutWriter {
     unread: bool,
     /// The warning was given (once per process).
     warned: bool,
+    /// A write error was reported (once per process).
+    failed: bool,
 }
 
 impl StdoutWriter {
@@ -202,6 +271,25 @@ impl StdoutWriter {
         // SAFETY: poll(2) on one pollfd, a local.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         n > 0
+    }
+
+    /// A write to stdout failed (a full disk: ENOSPC; a reader gone: EPIPE;
+    /// a hung-up terminal: EIO): the guest's output is lost, as a UART's
+    /// with nobody at the other end. Said once, through the `console` log
+    /// target (shown at any log level); not for a write given up because
+    /// the VMM kicked the vCPU (EINTR) or a stdout that would block.
+    fn failed_write(&mut self, e: std::io::Error) -> std::io::Error {
+        let transient = matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+        );
+        if !transient && !std::mem::replace(&mut self.failed, true) {
+            log::warn!(
+                target: "console",
+                "the console's output (stdout): {e}: guest output is dropped"
+            );
+        }
+        e
     }
 }
 
@@ -249,7 +337,7 @@ impl std::io::Write for StdoutWriter {
             match usize::try_from(n) {
                 Ok(n) => done += n,
                 Err(_) if done > 0 => break,
-                Err(_) => return Err(std::io::Error::last_os_error()),
+                Err(_) => return Err(self.failed_write(std::io::Error::last_os_error())),
             }
         }
         Ok(done)

@@ -1,6 +1,16 @@
 //! Blimp's VM and vCPU lifecycle, guest memory, event loop, dirty tracking
 //! and migration.
 
+/// `eprintln!` that never panics: a message for a stderr that cannot take
+/// it (a hung-up terminal: EIO; a full disk: ENOSPC; a closed pipe: EPIPE)
+/// is lost, instead of turning an orderly exit into a panic (exit 101).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod api_handler;
 pub mod boot;
 pub mod bus;

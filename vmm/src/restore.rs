@@ -110,7 +110,8 @@ fn socket_is_live(path: &Path) -> bool {
     }
 }
 
-/// SIGTERM, SIGINT or SIGHUP while waiting for a migration.
+/// A terminating signal (SIGTERM, SIGINT, SIGHUP, ...) while waiting for a
+/// migration.
 fn interrupted(url: &str, signals: &TerminationSignals) -> Result<(), RestoreError> {
     match signals.read() {
         Some(signal) => Err(RestoreError::Interrupted {

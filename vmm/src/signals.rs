@@ -1,9 +1,34 @@
-//! SIGTERM/SIGINT (and SIGHUP) as events: blocked in every thread and read
+//! The terminating signals as events: blocked in every thread and read
 //! from a signalfd by the event loop, so the VM shuts down cleanly.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// Every signal whose default action ends the process and that someone
+/// sends on purpose (kill, a closed terminal, Ctrl-C, Ctrl-\, a timer):
+/// each is a clean shutdown with exit status 128 + the signal. SIGQUIT too
+/// (no core dump: the terminal and the API socket come first). Not the
+/// ones the kernel raises for a fault of blimp itself (SIGSEGV, SIGBUS,
+/// SIGSYS, ...), nor SIGPROF/SIGVTALRM (profilers), nor SIGKILL/SIGSTOP.
+pub const SIGNALS: [libc::c_int; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
+
+/// What the signalfd reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// One of [`SIGNALS`]: shut down.
+    Terminate(i32),
+    /// SIGCONT: blimp was stopped (SIGTSTP, SIGSTOP) and continues (`fg`).
+    /// Blocking it does not keep it from continuing the process; read here,
+    /// it tells the console to take its terminal back.
+    Continued,
+}
 
 fn sigset() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise the set we own; a zeroed
@@ -14,6 +39,7 @@ fn sigset() -> libc::sigset_t {
         for s in SIGNALS {
             libc::sigaddset(&mut set, s);
         }
+        libc::sigaddset(&mut set, libc::SIGCONT);
         set
     }
 }
@@ -45,8 +71,19 @@ impl TerminationSignals {
         Ok(Self { fd })
     }
 
-    /// Read one pending signal number, if any.
+    /// Read one pending terminating signal number, if any (a SIGCONT read
+    /// meanwhile is passed over: see [`read_event`](Self::read_event)).
     pub fn read(&self) -> Option<i32> {
+        loop {
+            match self.read_event()? {
+                SignalEvent::Terminate(sig) => return Some(sig),
+                SignalEvent::Continued => {}
+            }
+        }
+    }
+
+    /// Read one pending signal, if any.
+    pub fn read_event(&self) -> Option<SignalEvent> {
         let mut info: libc::signalfd_siginfo = unsafe_zeroed_siginfo();
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: we read at most `size` bytes into `info`, which is that large.
@@ -57,7 +94,13 @@ impl TerminationSignals {
                 size,
             )
         };
-        (n == size as isize).then_some(info.ssi_signo as i32)
+        if n != size as isize {
+            return None;
+        }
+        Some(match info.ssi_signo as i32 {
+            libc::SIGCONT => SignalEvent::Continued,
+            sig => SignalEvent::Terminate(sig),
+        })
     }
 }
 

@@ -26,7 +26,7 @@ use crate::migration::source::{DeviceCapture, SourceContext};
 use crate::migration::state::StateSupport;
 use crate::policy::{PolicyEvents, PolicyShared};
 use crate::pvm::KvmBackend;
-use crate::signals::TerminationSignals;
+use crate::signals::{SignalEvent, TerminationSignals};
 use crate::vcpu::{self, VcpuContext, Vcpus};
 use crate::vm::Vm;
 use api_types::ApiEvent;
@@ -68,7 +68,7 @@ pub struct Vmm {
 type OnStart = Box<dyn FnOnce(&Vmm) + Send>;
 
 impl Vmm {
-    /// A SIGTERM, SIGINT or SIGHUP that came before the VM runs (read, so
+    /// A terminating signal that came before the VM runs (read, so
     /// taken: the caller is about to give up the VM).
     pub(crate) fn stop_requested(&self) -> Option<i32> {
         self.signals.read()
@@ -284,7 +284,7 @@ impl Vmm {
             }));
             self.events.add_subscriber(stdin_sub);
             if terminal {
-                eprintln!("{}", console::HINT);
+                errln!("{}", console::HINT);
                 RawTerminal::enter()
             } else {
                 None
@@ -437,7 +437,8 @@ impl Machine {
     }
 }
 
-/// The exit eventfd and the termination signals.
+/// The exit eventfd and the signals (the terminating ones, and SIGCONT
+/// for the console).
 struct ControlEvents {
     exit: Arc<VmExit>,
     signals: Arc<TerminationSignals>,
@@ -456,9 +457,14 @@ impl MutEventSubscriber for ControlEvents {
         if events.fd() == self.exit.eventfd().as_raw_fd() {
             let _ = self.exit.eventfd().read();
         } else if events.fd() == self.signals.as_raw_fd() {
-            while let Some(sig) = self.signals.read() {
-                log::info!("received signal {sig}, shutting down");
-                self.exit.stop(ExitReason::Signal(sig));
+            while let Some(ev) = self.signals.read_event() {
+                match ev {
+                    SignalEvent::Continued => console::continued(),
+                    SignalEvent::Terminate(sig) => {
+                        log::info!("received signal {sig}, shutting down");
+                        self.exit.stop(ExitReason::Signal(sig));
+                    }
+                }
             }
         }
     }

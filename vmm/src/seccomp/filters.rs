@@ -498,8 +498,14 @@ fn event_loop() -> Allowed {
                 libc::TCSETS,
                 libc::TCSETSW,
                 libc::FIONBIO,
+                libc::TIOCGPGRP,
             ]),
-            "interrupt lines; dirty-log sync for hinting; the console's terminal mode",
+            "interrupt lines; dirty-log sync for hinting; the console's terminal mode \
+             (raw again after SIGCONT, if blimp is the terminal's foreground job)",
+        )
+        .allow(
+            libc::SYS_getpgrp,
+            "is blimp the terminal's foreground job (raw again after SIGCONT)",
         )
         .merge(&file_metadata())
         .allow(libc::SYS_lseek, "reading the console")
@@ -704,7 +710,7 @@ fn main_thread() -> Allowed {
         )
         .allow(libc::SYS_epoll_create1, "the event loop, the API runtime")
         .allow(libc::SYS_timerfd_create, "the balloon statistics timer")
-        .allow(libc::SYS_signalfd4, "SIGTERM/SIGINT/SIGHUP as events")
+        .allow(libc::SYS_signalfd4, "the terminating signals as events")
         .allow(libc::SYS_rt_sigaction, "the vCPU kick signal handler")
         .allow(libc::SYS_access, "probing files")
         .allow(libc::SYS_readlink, "std::env::current_exe")

@@ -212,8 +212,14 @@ fn with_clone3_enosys(prog: BpfProgram) -> BpfProgram {
 /// Choose the mode for this process and compile every filter. Call once, on
 /// the main thread, before [`enter`]. Without it (library users, unit tests)
 /// [`enter`] does nothing.
+///
+/// With [`Mode::Kill`] it also replaces std's panic hook by
+/// [`confined_panic_hook`].
 pub fn init(mode: Mode) -> Result<(), Error> {
     let mut programs = HashMap::new();
+    if mode == Mode::Kill {
+        std::panic::set_hook(Box::new(confined_panic_hook));
+    }
     if mode != Mode::Off {
         for kind in ThreadKind::ALL {
             programs.insert(kind, compile(kind, mode)?);
@@ -222,6 +228,35 @@ pub fn init(mode: Mode) -> Result<(), Error> {
     FILTERS
         .set(Filters { mode, programs })
         .map_err(|f| Error::AlreadySet(f.mode))
+}
+
+/// The panic hook under `--seccomp kill`: the thread, the location and
+/// the message, as std's default hook prints them, but never a backtrace.
+/// std's hook calls `getcwd` when RUST_BACKTRACE is set, and symbolizing a
+/// backtrace opens and maps the binary: no thread's list allows those, so a
+/// panic became a SIGSYS kill (no unwinding, no cleanup, API socket left).
+/// This hook only formats and writes to stderr (a failed write is ignored).
+pub fn confined_panic_hook(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let msg = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("Box<dyn Any>");
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed>");
+    let at = info
+        .location()
+        .map(|l| format!(" at {l}"))
+        .unwrap_or_default();
+    let wanted = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    let note = if wanted {
+        "\nnote: no backtrace under --seccomp kill (printing one needs syscalls no \
+         thread may make); run with --seccomp log for one"
+    } else {
+        ""
+    };
+    errln!("\nthread '{name}' panicked{at}:\n{msg}{note}");
 }
 
 /// The mode chosen by [`init`]; `Off` before it.
@@ -261,7 +296,7 @@ pub fn install(kind: ThreadKind, mode: Mode) -> Result<(), Error> {
 pub fn enter_or_exit(kind: ThreadKind) {
     if let Err(e) = enter(kind) {
         log::error!("seccomp: {e}: {:?}", std::error::Error::source(&e));
-        eprintln!("blimp: error: {e}");
+        errln!("blimp: error: {e}");
         std::process::exit(1);
     }
 }
