@@ -481,3 +481,77 @@ fn snapshots_in_the_middle_of_a_string_io_instruction_restore_whole() {
     assert_eq!(line.trim(), want);
     dst.exit_with(0, BOOT);
 }
+
+/// The kernel and initrd the VM was booted from are never a destination,
+/// under another name either (a hard link, a path through a symlinked
+/// directory): the stream renamed over one would replace it. The API
+/// answers 400 naming the path and the option, and `blimp snapshot` says
+/// the same; both files stay byte-identical.
+#[test]
+fn the_vms_own_kernel_and_initrd_are_never_destinations() {
+    let dir = TestDir::new("own-kernel");
+    let kernel = dir.join("kernel");
+    std::fs::copy(common::testguest(), &kernel).unwrap();
+    let initrd = dir.join("initrd");
+    std::fs::write(&initrd, old_contents()).unwrap();
+    let (kernel_was, initrd_was) = (std::fs::read(&kernel).unwrap(), old_contents());
+    let (mut vm, api, sock) = common::boot_with_api(
+        "own-kernel",
+        PROGRAM,
+        &[
+            "--memory",
+            "256M",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let kernel_link = dir.join("kernel-link");
+    std::fs::hard_link(&kernel, &kernel_link).unwrap();
+    let initrd_link = dir.join("initrd-link");
+    std::fs::hard_link(&initrd, &initrd_link).unwrap();
+    let dir_link = dir.join("dir-link");
+    std::os::unix::fs::symlink(&dir.0, &dir_link).unwrap();
+    let cases = [
+        (kernel.clone(), "--kernel"),
+        (kernel_link, "--kernel"),
+        (dir_link.join("kernel"), "--kernel"),
+        (initrd.clone(), "--initrd"),
+        (initrd_link, "--initrd"),
+        (dir_link.join("initrd"), "--initrd"),
+    ];
+    for job in [Job::Migration, Job::Snapshot] {
+        for (path, flag) in &cases {
+            let (s, b) = job.start(&api, path);
+            assert_eq!(s, 400, "{job:?} to {}: {b}", path.display());
+            let err = b["error"].as_str().unwrap_or("");
+            assert!(
+                err.contains(&path.display().to_string())
+                    && err.contains("booted from")
+                    && err.contains(flag),
+                "{job:?} to {}: {err}",
+                path.display()
+            );
+        }
+    }
+    let (code, _, stderr) = common::run_blimp(&[
+        "snapshot",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        kernel.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("booted from (--kernel"), "{stderr}");
+    let (_, st) = api.get("/migration").unwrap();
+    assert_eq!(st["state"], "Idle", "no job started: {st}");
+    assert_eq!(std::fs::read(&kernel).unwrap(), kernel_was, "kernel");
+    assert_eq!(std::fs::read(&initrd).unwrap(), initrd_was, "initrd");
+    assert!(temp_files(&dir.0).is_empty(), "{:?}", temp_files(&dir.0));
+    assert_running(&api);
+    // A snapshot elsewhere in the same directory still works.
+    Job::Snapshot.run_to_completion(&api, &dir.join("vm.snap"));
+    assert_eq!(std::fs::read(&kernel).unwrap(), kernel_was, "kernel");
+    verify_and_exit(&mut vm, 0);
+}

@@ -51,6 +51,31 @@ impl ApiContext {
     }
 }
 
+/// A file destination that is one of the files this VM runs from: renaming
+/// the stream over it would replace the running guest's RAM, or the kernel
+/// or initrd it was booted from. Compared by device and inode, so another
+/// name (a hard link, a path through a symlinked directory) is caught too.
+fn refuse_own_file(ctx: &SourceContext, p: &std::path::Path) -> Result<(), ApiResponse> {
+    if let crate::config::MemoryBackend::File(backing) = ctx.ram.backing()
+        && file_dest::same_file(p, backing)
+    {
+        return Err(ApiResponse::bad_request(format!(
+            "{} is this VM's memory backing file (--memory-backend file=...): write the stream elsewhere",
+            p.display()
+        )));
+    }
+    for (flag, file) in &ctx.boot_files {
+        if file_dest::same_file(p, file) {
+            return Err(ApiResponse::bad_request(format!(
+                "{} is the file this VM was booted from ({flag} {}): the stream would replace it; write it elsewhere",
+                p.display(),
+                file.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The event-loop subscriber that drains API requests.
 pub struct ApiHandler {
     wake: EventFd,
@@ -547,15 +572,7 @@ impl ApiHandler {
         // way); the job checks again, and writes through a temporary file.
         if let MigrationDestination::File(p) = &opts.destination {
             file_dest::check(p).map_err(|e| ApiResponse::bad_request(e.to_string()))?;
-            // Renaming over it would take the name of the running guest's RAM.
-            if let crate::config::MemoryBackend::File(backing) = ctx.ram.backing()
-                && file_dest::same_file(p, backing)
-            {
-                return Err(ApiResponse::bad_request(format!(
-                    "{} is this VM's memory backing file (--memory-backend file=...): write the stream elsewhere",
-                    p.display()
-                )));
-            }
+            refuse_own_file(&ctx, p)?;
         }
         let destination = opts.destination.to_string();
         // Balloon requests come through here from now on (see DirectBalloon).

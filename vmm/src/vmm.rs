@@ -143,6 +143,19 @@ impl Vmm {
         Ok(chan)
     }
 
+    /// The kernel and initrd this VM was booted from (none for a restored
+    /// VM, whose kernel came in the stream).
+    fn boot_files(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        let kernel = Some(&self.config.kernel).filter(|k| !k.as_os_str().is_empty());
+        [
+            ("--kernel", kernel),
+            ("--initrd", self.config.initrd.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, p)| p.map(|p| (flag, p.clone())))
+        .collect()
+    }
+
     /// How migration captures device state (serial, virtio transports, balloon).
     fn device_capture(&self) -> DeviceCapture {
         let debug_exit = self.debug_exit;
@@ -321,6 +334,7 @@ impl Vmm {
                         events: Some(hub.clone()),
                         capture_devices: self.device_capture(),
                         support: self.state_support.clone(),
+                        boot_files: self.boot_files(),
                     }),
                     vcpus: vcpus.clone(),
                     balloon: self.balloon.clone(),

@@ -65,6 +65,9 @@ pub struct SourceContext {
     pub events: Option<EventHub>,
     pub capture_devices: DeviceCapture,
     pub support: Arc<StateSupport>,
+    /// The files the guest was booted from, with their option (`--kernel`,
+    /// `--initrd`): a file destination must never replace one of them.
+    pub boot_files: Vec<(&'static str, std::path::PathBuf)>,
 }
 
 /// Live migration, or a snapshot (pause + one full round, the VM resumes).
