@@ -587,6 +587,12 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
+    if matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+        // A descriptor per API connection, vCPU, device and stripe: take
+        // what the host allows, before the seccomp filter is in place.
+        let limit = vmm::limits::raise_open_files();
+        log::debug!("open files: up to {limit}");
+    }
     match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => {

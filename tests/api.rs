@@ -289,3 +289,86 @@ fn a_thousand_malformed_requests_do_not_disturb_the_guest() {
     vm.send("exit 0");
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 }
+
+/// blimp started under a low open-files limit (`ulimit -n 40`, soft and
+/// hard: nothing to raise it to) with 30 idle connections open: a new
+/// client runs blimp out of descriptors at accept, and the API closes the
+/// longest idle connection to make room, so the client is answered within
+/// a second or two. It used to retry every 50 ms, warning each time,
+/// until the idle connections timed out (9.5 s, ~200 warnings).
+#[test]
+fn out_of_descriptors_the_api_makes_room_for_a_new_client() {
+    common::require_kvm();
+    let sock = std::env::temp_dir().join(format!("blimp-fdlimit-{}.sock", std::process::id()));
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 40 && exec \"$0\" \"$@\"")
+        .arg(common::blimp())
+        .args(["run", "--kernel"])
+        .arg(common::testguest())
+        .args(["--memory", "256M", "--no-stdin", "--api-sock"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_socket(&sock);
+    let idle: Vec<UnixStream> = (0..30)
+        .filter_map(|_| UnixStream::connect(&sock).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let (status, body) = ApiClient::new(&sock).unwrap().get("/vm").unwrap();
+    let took = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    drop(idle);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("GET /vm answered in {took:?}; blimp's stderr:\n{stderr}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    let warnings = stderr.matches("API accept failed").count();
+    assert!(warnings <= 2, "{warnings} accept warnings");
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+}
+
+/// blimp raises its soft open-files limit to the hard one at start.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    common::require_kvm();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 64 && ulimit -Hn 4096 && exec \"$0\" \"$@\"")
+        .arg(common::blimp())
+        .args(["run", "--kernel"])
+        .arg(common::testguest())
+        .args(["--memory", "256M", "--no-stdin"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or("")
+            .to_string();
+        if line.split_whitespace().nth(3) == Some("4096") || Instant::now() > deadline {
+            break line;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{line}"
+    );
+}

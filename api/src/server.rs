@@ -522,27 +522,7 @@ impl Ctx {
         if t.map.len() >= max * 2 {
             return Admission::Drop;
         }
-        let mut reject = false;
-        if t.live() >= max {
-            let victim = t
-                .map
-                .iter()
-                .filter(|(_, c)| !c.closing && c.state.evictable())
-                .min_by_key(|(_, c)| c.state.last_active_ms.load(Ordering::Relaxed))
-                .map(|(id, _)| *id);
-            match victim {
-                Some(id) => {
-                    if let Some(c) = t.map.get_mut(&id) {
-                        c.closing = true;
-                        c.state.close.notify_one();
-                    }
-                    self.stats
-                        .connections_evicted
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                None => reject = true,
-            }
-        }
+        let reject = t.live() >= max && !self.evict_oldest(&mut t);
         let id = t.next_id;
         t.next_id += 1;
         let state = Arc::new(ConnState::default());
@@ -561,20 +541,61 @@ impl Ctx {
         }
     }
 
+    /// Close the connection idle the longest (or stalled in its body) to
+    /// make room; false when every connection is busy.
+    fn evict_oldest(&self, t: &mut ConnTable) -> bool {
+        let victim = t
+            .map
+            .iter()
+            .filter(|(_, c)| !c.closing && c.state.evictable())
+            .min_by_key(|(_, c)| c.state.last_active_ms.load(Ordering::Relaxed))
+            .map(|(id, _)| *id);
+        let Some(c) = victim.and_then(|id| t.map.get_mut(&id)) else {
+            return false;
+        };
+        c.closing = true;
+        c.state.close.notify_one();
+        self.stats
+            .connections_evicted
+            .fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Out of file descriptors (EMFILE/ENFILE) at accept: the connection
+    /// waiting the longest makes room, as one over the cap would.
+    fn make_room(&self) -> bool {
+        self.conns
+            .lock()
+            .is_ok_and(|mut t| self.evict_oldest(&mut t))
+    }
+
     fn live_connections(&self) -> usize {
         self.conns.lock().map(|t| t.live()).unwrap_or(0)
     }
 }
 
 async fn accept_loop(listener: UnixListener, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let mut failures = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             res = listener.accept() => match res {
                 Ok((stream, _)) => spawn_connection(&ctx, stream, shutdown.clone()),
                 Err(e) => {
-                    log::warn!("API accept failed: {e}");
-                    // EMFILE and friends: back off instead of spinning.
+                    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    let evicted = out_of_fds && ctx.make_room();
+                    // The first, then every 100th: a client hammering a
+                    // full process cannot flood the log.
+                    if failures.is_multiple_of(100) {
+                        log::warn!(
+                            "API accept failed: {e} ({} so far){}",
+                            failures + 1,
+                            if evicted { "; the longest idle connection is closed to make room" } else { "" }
+                        );
+                    }
+                    failures += 1;
+                    // Back off instead of spinning (an evicted connection
+                    // closes on its own task meanwhile).
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

@@ -22,6 +22,7 @@ pub mod discard_workers;
 pub mod emulation;
 mod error;
 pub mod exit;
+pub mod limits;
 mod machine;
 pub mod memory;
 pub mod migration;
