@@ -531,6 +531,14 @@ impl MmioTransport {
                     .map_err(|e| bad(format!("driver area {:#x}: {e}", regs.driver)))?;
                 q.try_set_used_ring_address(GuestAddress(regs.device))
                     .map_err(|e| bad(format!("device area {:#x}: {e}", regs.device)))?;
+                if regs.driver == 0 {
+                    // virtio-queue takes an available ring at 0 for one
+                    // never set and would refuse the first buffer: say so
+                    // now, not as a "bad available ring" at the first kick.
+                    return Err(bad(
+                        "driver area (available ring) at guest address 0, which this device does not serve".into(),
+                    ));
+                }
                 q.set_ready(true);
                 if !q.is_valid(&self.mem) {
                     return Err(bad(format!(
@@ -933,6 +941,24 @@ mod tests {
         assert_ne!(s & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
         assert!(f.dev.lock().unwrap().active.is_none());
         assert_ne!(f.irq.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+    }
+
+    /// An available ring at guest address 0 fails activation with its
+    /// reason, rather than breaking the device at the first kick.
+    #[test]
+    fn an_available_ring_at_address_zero_fails_activation() {
+        let mut f = fixture();
+        negotiate(&mut f.t, V1);
+        setup_queue(&mut f.t, 1, 256, 0x2_0000);
+        w32(&mut f.t, REG_QUEUE_SEL, 0);
+        w32(&mut f.t, REG_QUEUE_NUM, 256);
+        w32(&mut f.t, REG_QUEUE_DESC_LOW, 0x1_0000);
+        w32(&mut f.t, REG_QUEUE_DRIVER_LOW, 0);
+        w32(&mut f.t, REG_QUEUE_DEVICE_LOW, 0x1_2000);
+        w32(&mut f.t, REG_QUEUE_READY, 1);
+        w32(&mut f.t, REG_STATUS, ACK | DRV | FOK | DOK);
+        assert_ne!(r32(&mut f.t, REG_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(f.dev.lock().unwrap().active.is_none());
     }
 
     #[test]
