@@ -159,7 +159,8 @@ impl Balloon {
                         let Some(run) = self.layout.run_of_range(range) else {
                             BalloonMetrics::inc(&metrics.hints_ignored);
                             warn_limited!(
-                                "balloon: free_page queue ({idx}): hint {range} is not aligned guest RAM"
+                                "balloon: free_page queue ({idx}): hint skipped: {}",
+                                super::ranges::not_a_run(range)
                             );
                             continue;
                         };

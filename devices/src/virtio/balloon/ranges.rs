@@ -37,6 +37,20 @@ pub enum RangeError {
     NotInflated { range: GpaRange, pfn: u64 },
 }
 
+/// Why [`RamLayout::run_of_range`] finds no run for `range`, for the
+/// queues that check ranges that way (free page reports and hints).
+pub fn not_a_run(range: GpaRange) -> RangeError {
+    if range.len == 0 {
+        RangeError::Empty(range)
+    } else if !range.start.is_multiple_of(PAGE_SIZE) || !range.len.is_multiple_of(PAGE_SIZE) {
+        RangeError::Unaligned(range)
+    } else if range.end().is_none() {
+        RangeError::Overflow(range)
+    } else {
+        RangeError::NotRam(range)
+    }
+}
+
 /// Check one range of an inflate (`inflate`) or deflate buffer; on
 /// success, the run of guest page frames it covers (inside one span of
 /// RAM; it may still cross backing boundaries, see
@@ -108,6 +122,28 @@ mod tests {
         inflate: bool,
     ) -> Result<PfnRun, RangeError> {
         check_range(GpaRange::new(start, len), true, inflate, l, b)
+    }
+
+    /// A report or hint range with no run is logged with its real reason,
+    /// not "not aligned guest RAM" for an aligned range outside RAM.
+    #[test]
+    fn a_range_without_a_run_says_why() {
+        let l = layout();
+        let r = |start, len| GpaRange::new(start, len);
+        for (range, why) in [
+            (r(0x1000, 0), "is empty"),
+            (r(0x1800, 0x1000), "is not 4 KiB aligned"),
+            (r(u64::MAX - 0xfff, 0x2000), "wraps around"),
+            (r(1 << 40, 0x1000), "is not inside one stretch of guest RAM"),
+            (
+                r(3 * GIB + 0x1000, 0x1000),
+                "is not inside one stretch of guest RAM",
+            ),
+        ] {
+            assert!(l.run_of_range(range).is_none(), "{range}");
+            let msg = not_a_run(range).to_string();
+            assert!(msg.contains(why), "{range}: {msg}");
+        }
     }
 
     #[test]

@@ -52,7 +52,8 @@ impl Balloon {
                         let Some(run) = self.layout.run_of_range(range) else {
                             bad += 1;
                             warn_limited!(
-                                "balloon: reporting queue ({idx}): range {range} is not aligned guest RAM, skipped"
+                                "balloon: reporting queue ({idx}): {}, skipped",
+                                super::ranges::not_a_run(range)
                             );
                             continue;
                         };
