@@ -154,7 +154,8 @@ impl HintState {
     }
 
     pub fn add_hinted(&mut self, pages: u64) {
-        self.hinted_pages += pages;
+        // Saturating: a restored state may start it anywhere.
+        self.hinted_pages = self.hinted_pages.saturating_add(pages);
     }
 
     /// The id to show in the config space.
