@@ -226,6 +226,12 @@ fn a_failed_job_leaves_the_old_file_untouched() {
         assert_eq!(st["state"], "Failed", "{job:?}: {st}");
         let err = st["error"].as_str().unwrap_or("");
         assert!(err.contains("No space left"), "{job:?}: {err}");
+        // The byte it failed at is the status's count of bytes written.
+        let at = format!("at byte {}:", st["stream_bytes"]);
+        assert!(
+            err.contains(&at),
+            "{job:?}: '{err}' should say '{at}': {st}"
+        );
         assert_untouched(job, &file, &old, dir);
         assert_running(&api);
     }
