@@ -576,8 +576,9 @@ fn names(dir: &Path) -> Vec<String> {
 /// the guest's pages, leaves no file behind (the stream goes to an unnamed
 /// O_TMPFILE file until it is complete; it used to leave a
 /// `.NAME.blimp-tmp.PID.N` of up to the guest's size, forever), and an
-/// older snapshot at the path stays byte-identical. Both snapshots run
-/// under the default seccomp filter (kill).
+/// older snapshot at the path stays byte-identical. A `.vm.snap.blimp-tmp`
+/// file of a process that is gone is removed by the next job. Both
+/// snapshots run under the default seccomp filter (kill).
 #[test]
 fn a_snapshot_killed_with_sigkill_leaves_nothing_behind() {
     let dir = TestDir::new("sigkill");
@@ -588,6 +589,15 @@ fn a_snapshot_killed_with_sigkill_leaves_nothing_behind() {
         &["--memory", "1G"],
     );
     vm.expect_line("MIGRATE NOW", Duration::from_secs(120));
+    // What an older blimp killed while writing left: removed by the next
+    // job writing vm.snap, since that process is gone; a live process's
+    // (pid 1) is kept.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let stale = dir.join(&format!(".vm.snap.blimp-tmp.{}.0", gone.id()));
+    std::fs::write(&stale, old_contents()).unwrap();
+    let live = dir.join(".vm.snap.blimp-tmp.1.0");
+    std::fs::write(&live, old_contents()).unwrap();
     // The older snapshot: a real one (to a new name: linked into place).
     Job::Snapshot.start_ok(&api, &file);
     assert_eq!(wait_job(&api)["state"], "Completed");
@@ -597,6 +607,12 @@ fn a_snapshot_killed_with_sigkill_leaves_nothing_behind() {
         "{} bytes",
         old.len()
     );
+    assert!(
+        !stale.exists(),
+        "a dead process's temporary file is removed"
+    );
+    assert_eq!(std::fs::read(&live).unwrap(), old_contents());
+    std::fs::remove_file(&live).unwrap();
     assert_eq!(names(&dir.0), vec!["vm.snap".to_string()]);
     Job::Snapshot.start_ok(&api, &file);
     // Kill it once some of the pages are written, well before the end.

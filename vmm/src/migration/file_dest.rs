@@ -20,6 +20,9 @@
 //! or `/proc` is not mounted, the file is written under the temporary name
 //! from the start (`O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`, mode 0600); a
 //! failure or cancel removes it, but a SIGKILL while writing leaves it.
+//! Such leftovers go with the next `create` for the same target (see
+//! `Target::remove_stale_temps`): every writer locks its file (`flock`),
+//! and only unlocked ones of processes that are gone are removed.
 //!
 //! The result always has mode 0600 (less the umask) and belongs to the VMM's
 //! user: the mode and owner of a file it replaces are not carried over. A
@@ -225,17 +228,93 @@ impl Target {
         }
     }
 
-    fn temp_path(&self, n: u64) -> PathBuf {
+    /// `.NAME.blimp-tmp.`: what every temporary name of this target starts
+    /// with.
+    fn temp_prefix(&self) -> Vec<u8> {
         let name = self.name.as_bytes();
         let short = &name[..name.len().min(MAX_NAME_IN_TEMP)];
         let mut t = b".".to_vec();
         t.extend_from_slice(short);
-        t.extend_from_slice(format!(".blimp-tmp.{}.{n}", std::process::id()).as_bytes());
+        t.extend_from_slice(b".blimp-tmp.");
+        t
+    }
+
+    fn temp_path(&self, n: u64) -> PathBuf {
+        let mut t = self.temp_prefix();
+        t.extend_from_slice(format!("{}.{n}", std::process::id()).as_bytes());
         self.dir.join(OsString::from_vec(t))
+    }
+
+    /// The PID in `name` if it is exactly one of this target's temporary
+    /// names, `.NAME.blimp-tmp.PID.N` (PID and N decimal digits).
+    fn temp_pid(&self, name: &[u8]) -> Option<u32> {
+        let rest = name.strip_prefix(self.temp_prefix().as_slice())?;
+        let (pid, n) = std::str::from_utf8(rest).ok()?.split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(pid) || !digits(n) {
+            return None;
+        }
+        pid.parse().ok()
+    }
+
+    /// Remove the temporary files of this target that a blimp killed while
+    /// writing left behind (an older version, or a filesystem without
+    /// `O_TMPFILE`). Conservative: only names of exactly this target's
+    /// pattern, only regular files, only when their PID is no process here
+    /// (`/proc/PID` missing; nothing is removed without `/proc`), and only
+    /// when nobody holds a lock on the file (every writer holds one, which
+    /// also covers a live writer in another PID namespace).
+    fn remove_stale_temps(&self) {
+        if std::fs::symlink_metadata("/proc/self").is_err() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = self.temp_pid(name.as_bytes()) else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            if remove_if_unlocked(&path) {
+                log::info!(
+                    "removed {}: a temporary file left by blimp process {pid}, which is gone",
+                    path.display()
+                );
+            }
+        }
     }
 }
 
-/// Checks, without writing anything, that `path` could be written by
+/// Remove `path` if it is a regular file nobody holds a lock on, and still
+/// the file that was checked when it goes.
+fn remove_if_unlocked(path: &Path) -> bool {
+    // lstat first: never open a device node, FIFO or symlink found there.
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        return false;
+    }
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if !meta.file_type().is_file() || file.try_lock().is_err() {
+        return false;
+    }
+    let same = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
+    same && std::fs::remove_file(path).is_ok()
+}
+
 /// Whether `a` and `b` both exist and are the same file (device and inode),
 /// whatever the names or links that lead there.
 pub fn same_file(a: &Path, b: &Path) -> bool {
@@ -245,6 +324,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Checks, without writing anything, that `path` could be written by
 /// [`AtomicFile::create`]: its directory exists and the path itself is
 /// missing or a regular file (not a symlink, directory, device, FIFO or
 /// socket). For an early, clear refusal; `create` checks again.
@@ -281,6 +361,17 @@ fn tmpfile_unsupported(e: &io::Error) -> bool {
 /// For messages: an unnamed temporary file in `dir`.
 fn unnamed_in(dir: &Path) -> PathBuf {
     dir.join("(unnamed O_TMPFILE file)")
+}
+
+/// Lock the file being written for as long as it is open, so that no other
+/// blimp takes it for a stale one (see `Target::remove_stale_temps`). A
+/// filesystem without locks leaves it unlocked: only a blimp in another PID
+/// namespace, to which this process looks gone, could then remove it, and
+/// the job would fail at commit with the old file kept.
+fn lock_ours(file: &File) {
+    if let Err(e) = file.try_lock() {
+        log::debug!("cannot lock the file being written: {e:?}");
+    }
 }
 
 /// The name that reaches the open file `file` through /proc, for linkat.
@@ -323,11 +414,13 @@ impl AtomicFile {
         let target = Target::new(path)?;
         target.check_dir()?;
         target.check()?;
+        target.remove_stale_temps();
         let opened = OpenOptions::new()
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-            .open(&target.dir);
+            .open(&target.dir)
+            .inspect(lock_ours);
         match opened {
             // Naming it at commit goes through /proc/self/fd: without /proc
             // (a chroot), the named temporary file it is.
@@ -364,7 +457,8 @@ impl AtomicFile {
                 .create_new(true)
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&temp);
+                .open(&temp)
+                .inspect(lock_ours);
             match opened {
                 Ok(file) => {
                     let meta = file.metadata().map_err(|source| Error::Stat {
@@ -930,6 +1024,102 @@ mod tests {
             }
             assert_eq!(d.names().len(), 6, "{way:?}: {:?}", d.names());
         }
+    }
+
+    /// The PID of a process that has exited (and been reaped).
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        pid
+    }
+
+    #[test]
+    fn temporary_names_are_recognised_exactly() {
+        let t = Target::new(Path::new("/d/vm.snap")).unwrap();
+        assert_eq!(t.temp_pid(b".vm.snap.blimp-tmp.123.0"), Some(123));
+        assert_eq!(t.temp_pid(b".vm.snap.blimp-tmp.7.42"), Some(7));
+        for other in [
+            &b".vm.snap.blimp-tmp.123"[..],
+            b".vm.snap.blimp-tmp.123.",
+            b".vm.snap.blimp-tmp..0",
+            b".vm.snap.blimp-tmp.12a.0",
+            b".vm.snap.blimp-tmp.123.0.1",
+            b".vm.snap.blimp-tmp.123.0~",
+            b".vm.snap2.blimp-tmp.123.0",
+            b".other.blimp-tmp.123.0",
+            b"vm.snap.blimp-tmp.123.0",
+            b"vm.snap",
+        ] {
+            assert_eq!(
+                t.temp_pid(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        let n = t.temp_path(5);
+        assert_eq!(
+            t.temp_pid(n.file_name().unwrap().as_bytes()),
+            Some(std::process::id())
+        );
+    }
+
+    /// A temporary file a killed blimp left is removed when the next file
+    /// is written to the same target; nothing else is: not another
+    /// target's, not one of a live process, not one somebody locks, not a
+    /// symlink or directory of that name.
+    #[test]
+    fn stale_temporary_files_of_dead_processes_are_removed() {
+        let d = TempDir::new("stale");
+        let p = d.join("snap");
+        std::fs::write(&p, b"old").unwrap();
+        let dead = dead_pid();
+        let stale = d.join(&format!(".snap.blimp-tmp.{dead}.0"));
+        std::fs::write(&stale, b"half a stream").unwrap();
+        let kept = [
+            ".snap.blimp-tmp.1.0".to_string(),
+            format!(".snap.blimp-tmp.{}.999", std::process::id()),
+            format!(".other.blimp-tmp.{dead}.0"),
+            format!(".snap.blimp-tmp.{dead}.x"),
+            format!("snap.blimp-tmp.{dead}.0"),
+        ];
+        for k in &kept {
+            std::fs::write(d.join(k), b"keep").unwrap();
+        }
+        let locked = d.join(&format!(".snap.blimp-tmp.{dead}.1"));
+        std::fs::write(&locked, b"being written").unwrap();
+        let lock = File::open(&locked).unwrap();
+        lock.try_lock().unwrap();
+        let link = d.join(&format!(".snap.blimp-tmp.{dead}.2"));
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let dir = d.join(&format!(".snap.blimp-tmp.{dead}.3"));
+        std::fs::create_dir(&dir).unwrap();
+        for way in WAYS {
+            std::fs::write(&stale, b"half a stream").unwrap();
+            let f = match way {
+                Way::Unnamed => write_way(way, &p, b"new"),
+                // The fallback cleans up as well (`create` decides which).
+                Way::Named => {
+                    Target::new(&p).unwrap().remove_stale_temps();
+                    write_way(way, &p, b"new")
+                }
+            };
+            assert!(!stale.exists(), "{way:?}: the dead process's file is gone");
+            f.commit().unwrap();
+            for k in &kept {
+                assert_eq!(std::fs::read(d.join(k)).unwrap(), b"keep", "{way:?}: {k}");
+            }
+            assert_eq!(std::fs::read(&locked).unwrap(), b"being written");
+            assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+            assert!(dir.is_dir());
+            assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        }
+        // Unlocked, it is stale like the other.
+        drop(lock);
+        drop(write_all(&p, b"x"));
+        assert!(!locked.exists());
     }
 
     #[test]

@@ -592,6 +592,14 @@ fn migration() -> Allowed {
             &[libc::SYS_link, libc::SYS_linkat],
             "naming the complete O_TMPFILE file (linkat of /proc/self/fd/N)",
         )
+        .allow(
+            libc::SYS_getdents64,
+            "listing the target's directory for stale temporary files",
+        )
+        .allow(
+            libc::SYS_flock,
+            "locking the file being written; a stale temporary file is one nobody locks",
+        )
         .allow_each(
             &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2],
             "renaming the complete file over the target",
