@@ -61,6 +61,8 @@ enum Then {
     AckThenClose,
     /// (After the trailer) ACK, read GO, then say nothing.
     AckThenSilent,
+    /// (After the trailer) ACK, read GO, then refuse with a reason after all.
+    AckThenNak(&'static str),
     /// (After the trailer) ACK, read GO, send RUN: a destination that
     /// takes the VM over.
     TakeOver,
@@ -189,7 +191,7 @@ fn serve(
                 .map_err(|e| e.to_string())?;
             Ok("sent garbage".into())
         }
-        Then::AckThenClose | Then::AckThenSilent | Then::TakeOver => {
+        Then::AckThenClose | Then::AckThenSilent | Then::AckThenNak(_) | Then::TakeOver => {
             s.write_all(&Message::Ack.encode())
                 .map_err(|e| e.to_string())?;
             let never = || false;
@@ -203,6 +205,11 @@ fn serve(
             }
             match then {
                 Then::AckThenClose => Ok("closed after GO".into()),
+                Then::AckThenNak(reason) => {
+                    s.write_all(&Message::Nak(reason.into()).encode())
+                        .map_err(|e| e.to_string())?;
+                    Ok("refused after GO".into())
+                }
                 Then::AckThenSilent => {
                     let _ = release.recv_timeout(Duration::from_secs(120));
                     Ok("silent after GO".into())
@@ -300,14 +307,12 @@ fn base_request(url: &str) -> Value {
 fn a_destination_that_fails_anywhere_leaves_the_source_running() {
     let (mut vm, mut api) = source("faults");
     // (where, what, what the source's error must say)
+    // A socket closed without a NAK: it may not be a blimp --incoming at all.
+    const CLOSED: &str = "closed the connection before the handshake, without a word (no NAK): is it a `blimp run --incoming`";
     let cases: Vec<(At, Then, &str)> = vec![
-        (At::Accept, Then::Close, "writing the migration stream"),
-        (At::Header, Then::Close, "writing the migration stream"),
-        (
-            At::Round1(4 << 20),
-            Then::Close,
-            "writing the migration stream",
-        ),
+        (At::Accept, Then::Close, CLOSED),
+        (At::Header, Then::Close, CLOSED),
+        (At::Round1(4 << 20), Then::Close, CLOSED),
         (
             At::Round1(4 << 20),
             Then::Stall,
@@ -341,6 +346,12 @@ fn a_destination_that_fails_anywhere_leaves_the_source_running() {
             Then::AckThenClose,
             "closed the connection before its RUN",
         ),
+        // It does not run the VM: the source resumes it (docs/migration.md).
+        (
+            At::Trailer,
+            Then::AckThenNak("changed its mind (test)"),
+            "the destination refused the VM: changed its mind (test)",
+        ),
     ];
     for (i, (at, then, why)) in cases.into_iter().enumerate() {
         let case = format!("case {i} ({at:?}, {then:?})");
@@ -356,6 +367,11 @@ fn a_destination_that_fails_anywhere_leaves_the_source_running() {
             why.split('|').any(|w| err.contains(w)),
             "{case}: error '{err}' should say '{why}'"
         );
+        // A failed write names the byte it failed at in the status's count.
+        if err.contains("writing the migration stream") {
+            let at = format!("at byte {}:", st["stream_bytes"]);
+            assert!(err.contains(&at), "{case}: error '{err}' should say '{at}'");
+        }
         if matches!(then, Then::AckThenClose) {
             assert!(err.contains("the guest runs here again"), "{case}: {err}");
         }

@@ -21,6 +21,9 @@ const BOOT: Duration = Duration::from_secs(30);
 /// 32 MiB filled: a stream of a bit more than 32 MiB.
 const PROGRAM: &str = "fill 32 2;echo MIGRATE NOW";
 const MAGIC: &[u8] = b"BLIMPMIG";
+/// What the guest killed in the middle of a snapshot fills: enough that
+/// writing the snapshot takes a while.
+const KILL_FILL_MIB: u64 = 640;
 
 /// A fresh directory for one test, removed on drop.
 struct TestDir(PathBuf);
@@ -223,6 +226,12 @@ fn a_failed_job_leaves_the_old_file_untouched() {
         assert_eq!(st["state"], "Failed", "{job:?}: {st}");
         let err = st["error"].as_str().unwrap_or("");
         assert!(err.contains("No space left"), "{job:?}: {err}");
+        // The byte it failed at is the status's count of bytes written.
+        let at = format!("at byte {}:", st["stream_bytes"]);
+        assert!(
+            err.contains(&at),
+            "{job:?}: '{err}' should say '{at}': {st}"
+        );
         assert_untouched(job, &file, &old, dir);
         assert_running(&api);
     }
@@ -256,12 +265,9 @@ fn a_cancelled_job_leaves_the_old_file_untouched() {
         // The clock runs while the job waits for hints.
         let elapsed = st["elapsed_ms"].as_u64().unwrap();
         assert!(elapsed >= 300, "{job:?}: elapsed_ms {elapsed}: {st}");
+        // Written to an unnamed file (O_TMPFILE): nothing shows.
         let temps = temp_files(&dir.0);
-        assert_eq!(
-            temps.len(),
-            1,
-            "{job:?}: written to a temporary file: {temps:?}"
-        );
+        assert!(temps.is_empty(), "{job:?}: {temps:?}");
         assert_eq!(std::fs::read(&file).unwrap(), old, "{job:?}");
         let (s, b) = api.delete("/migration").unwrap();
         assert_eq!(s, 204, "{job:?}: {b}");
@@ -554,4 +560,91 @@ fn the_vms_own_kernel_and_initrd_are_never_destinations() {
     Job::Snapshot.run_to_completion(&api, &dir.join("vm.snap"));
     assert_eq!(std::fs::read(&kernel).unwrap(), kernel_was, "kernel");
     verify_and_exit(&mut vm, 0);
+}
+
+/// Names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// blimp killed with SIGKILL in the middle of a snapshot, while it writes
+/// the guest's pages, leaves no file behind (the stream goes to an unnamed
+/// O_TMPFILE file until it is complete; it used to leave a
+/// `.NAME.blimp-tmp.PID.N` of up to the guest's size, forever), and an
+/// older snapshot at the path stays byte-identical. A `.vm.snap.blimp-tmp`
+/// file of a process that is gone is removed by the next job. Both
+/// snapshots run under the default seccomp filter (kill).
+#[test]
+fn a_snapshot_killed_with_sigkill_leaves_nothing_behind() {
+    let dir = TestDir::new("sigkill");
+    let file = dir.join("vm.snap");
+    let (mut vm, api, _) = common::boot_with_api(
+        "files-sigkill",
+        &format!("fill {KILL_FILL_MIB} 4;echo MIGRATE NOW"),
+        &["--memory", "1G"],
+    );
+    vm.expect_line("MIGRATE NOW", Duration::from_secs(120));
+    // What an older blimp killed while writing left: removed by the next
+    // job writing vm.snap, since that process is gone; a live process's
+    // (pid 1) is kept.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let stale = dir.join(&format!(".vm.snap.blimp-tmp.{}.0", gone.id()));
+    std::fs::write(&stale, old_contents()).unwrap();
+    let live = dir.join(".vm.snap.blimp-tmp.1.0");
+    std::fs::write(&live, old_contents()).unwrap();
+    // The older snapshot: a real one (to a new name: linked into place).
+    Job::Snapshot.start_ok(&api, &file);
+    assert_eq!(wait_job(&api)["state"], "Completed");
+    let old = std::fs::read(&file).unwrap();
+    assert!(
+        old.len() as u64 > KILL_FILL_MIB << 20,
+        "{} bytes",
+        old.len()
+    );
+    assert!(
+        !stale.exists(),
+        "a dead process's temporary file is removed"
+    );
+    assert_eq!(std::fs::read(&live).unwrap(), old_contents());
+    std::fs::remove_file(&live).unwrap();
+    assert_eq!(names(&dir.0), vec!["vm.snap".to_string()]);
+    Job::Snapshot.start_ok(&api, &file);
+    // Kill it once some of the pages are written, well before the end.
+    let t = std::time::Instant::now();
+    let st = loop {
+        let (s, st) = api.get("/migration").unwrap();
+        assert_eq!(s, 200, "{st}");
+        let state = st["state"].as_str().unwrap_or("");
+        assert!(
+            ["Setup", "Active", "Completing"].contains(&state),
+            "to be killed before it ends: {st}"
+        );
+        if st["stream_bytes"].as_u64().unwrap_or(0) >= 8 << 20 {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{st}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    vm.signal(libc::SIGKILL);
+    let status = vm.wait(BOOT);
+    eprintln!("killed at {st}: {status:?}");
+    assert!(
+        (st["stream_bytes"].as_u64().unwrap()) < old.len() as u64 / 2,
+        "{st}"
+    );
+    assert_eq!(
+        names(&dir.0),
+        vec!["vm.snap".to_string()],
+        "only the old snapshot is left"
+    );
+    assert!(
+        std::fs::read(&file).unwrap() == old,
+        "the old snapshot is byte-identical"
+    );
 }

@@ -1,15 +1,28 @@
 //! Writing a migration stream or snapshot to a file without ever damaging
-//! what was there before.
+//! what was there before, and without leaving a half-written file behind.
 //!
 //! [`AtomicFile::create`] refuses a target that exists and is not a regular
 //! file (checked with `lstat`, so a symlink is refused, not followed) and
-//! writes into a new temporary file in the same directory
-//! (`.NAME.blimp-tmp.PID.N`, `O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`, mode
-//! 0600). [`AtomicFile::commit`] fsyncs it, renames it over the target
+//! writes into a new, unnamed file in the same directory (`O_TMPFILE`, mode
+//! 0600): until it is complete no name leads to it, so a process killed
+//! with SIGKILL (or a host crash) while writing leaves nothing behind; the
+//! kernel frees it with its last descriptor. [`AtomicFile::commit`] fsyncs
+//! it and names it: with linkat(2) (through `/proc/self/fd/N`) at the
+//! target itself when nothing is there, else at a temporary name
+//! (`.NAME.blimp-tmp.PID.N`) that is at once renamed over the target
 //! (rename(2) replaces a regular file atomically: a reader sees the old or
-//! the new file, never a mix) and fsyncs the directory. Dropping it, or
-//! [`AtomicFile::abort`], removes the temporary file and nothing else: the
-//! target is byte-identical to what it was before.
+//! the new file, never a mix); then it fsyncs the directory. Only a kill
+//! in the microseconds between that linkat and the rename leaves a
+//! (complete) temporary file. Dropping it, or [`AtomicFile::abort`],
+//! leaves the target byte-identical to what it was before and no file.
+//!
+//! Where the filesystem has no `O_TMPFILE` (EOPNOTSUPP, EISDIR, EINVAL),
+//! or `/proc` is not mounted, the file is written under the temporary name
+//! from the start (`O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`, mode 0600); a
+//! failure or cancel removes it, but a SIGKILL while writing leaves it.
+//! Such leftovers go with the next `create` for the same target (see
+//! `Target::remove_stale_temps`): every writer locks its file (`flock`),
+//! and only unlocked ones of processes that are gone are removed.
 //!
 //! The result always has mode 0600 (less the umask) and belongs to the VMM's
 //! user: the mode and owner of a file it replaces are not carried over. A
@@ -128,6 +141,13 @@ pub enum Error {
     },
     #[error("temporary file {temp} was replaced by someone else; {path} left unchanged")]
     TempReplaced { path: PathBuf, temp: PathBuf },
+    #[error("cannot give the complete {path} the name {temp}: {source}")]
+    Link {
+        path: PathBuf,
+        temp: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot rename {temp} over {path}: {source}")]
     Rename {
         path: PathBuf,
@@ -208,17 +228,93 @@ impl Target {
         }
     }
 
-    fn temp_path(&self, n: u64) -> PathBuf {
+    /// `.NAME.blimp-tmp.`: what every temporary name of this target starts
+    /// with.
+    fn temp_prefix(&self) -> Vec<u8> {
         let name = self.name.as_bytes();
         let short = &name[..name.len().min(MAX_NAME_IN_TEMP)];
         let mut t = b".".to_vec();
         t.extend_from_slice(short);
-        t.extend_from_slice(format!(".blimp-tmp.{}.{n}", std::process::id()).as_bytes());
+        t.extend_from_slice(b".blimp-tmp.");
+        t
+    }
+
+    fn temp_path(&self, n: u64) -> PathBuf {
+        let mut t = self.temp_prefix();
+        t.extend_from_slice(format!("{}.{n}", std::process::id()).as_bytes());
         self.dir.join(OsString::from_vec(t))
+    }
+
+    /// The PID in `name` if it is exactly one of this target's temporary
+    /// names, `.NAME.blimp-tmp.PID.N` (PID and N decimal digits).
+    fn temp_pid(&self, name: &[u8]) -> Option<u32> {
+        let rest = name.strip_prefix(self.temp_prefix().as_slice())?;
+        let (pid, n) = std::str::from_utf8(rest).ok()?.split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(pid) || !digits(n) {
+            return None;
+        }
+        pid.parse().ok()
+    }
+
+    /// Remove the temporary files of this target that a blimp killed while
+    /// writing left behind (an older version, or a filesystem without
+    /// `O_TMPFILE`). Conservative: only names of exactly this target's
+    /// pattern, only regular files, only when their PID is no process here
+    /// (`/proc/PID` missing; nothing is removed without `/proc`), and only
+    /// when nobody holds a lock on the file (every writer holds one, which
+    /// also covers a live writer in another PID namespace).
+    fn remove_stale_temps(&self) {
+        if std::fs::symlink_metadata("/proc/self").is_err() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = self.temp_pid(name.as_bytes()) else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            if remove_if_unlocked(&path) {
+                log::info!(
+                    "removed {}: a temporary file left by blimp process {pid}, which is gone",
+                    path.display()
+                );
+            }
+        }
     }
 }
 
-/// Checks, without writing anything, that `path` could be written by
+/// Remove `path` if it is a regular file nobody holds a lock on, and still
+/// the file that was checked when it goes.
+fn remove_if_unlocked(path: &Path) -> bool {
+    // lstat first: never open a device node, FIFO or symlink found there.
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        return false;
+    }
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if !meta.file_type().is_file() || file.try_lock().is_err() {
+        return false;
+    }
+    let same = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
+    same && std::fs::remove_file(path).is_ok()
+}
+
 /// Whether `a` and `b` both exist and are the same file (device and inode),
 /// whatever the names or links that lead there.
 pub fn same_file(a: &Path, b: &Path) -> bool {
@@ -228,6 +324,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Checks, without writing anything, that `path` could be written by
 /// [`AtomicFile::create`]: its directory exists and the path itself is
 /// missing or a regular file (not a symlink, directory, device, FIFO or
 /// socket). For an early, clear refusal; `create` checks again.
@@ -238,24 +335,120 @@ pub fn check(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// A file being written to a temporary name, to replace its target on
+/// A file being written where nobody sees it, to replace its target on
 /// [`AtomicFile::commit`].
 pub struct AtomicFile {
     target: Target,
-    temp: PathBuf,
+    /// The temporary file's name: from the start for a named temporary
+    /// file; for an unnamed one (`O_TMPFILE`) only once it is complete and
+    /// linked there on its way to the target.
+    temp: Option<PathBuf>,
     /// `None` once committed or removed.
     file: Option<File>,
     /// Device and inode of the temporary file, to touch only it.
     id: (u64, u64),
 }
 
+/// An `O_TMPFILE` open that failed because the filesystem (or the kernel)
+/// has no unnamed files: the named temporary file is used instead.
+fn tmpfile_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+    )
+}
+
+/// For messages: an unnamed temporary file in `dir`.
+fn unnamed_in(dir: &Path) -> PathBuf {
+    dir.join("(unnamed O_TMPFILE file)")
+}
+
+/// Lock the file being written for as long as it is open, so that no other
+/// blimp takes it for a stale one (see `Target::remove_stale_temps`). A
+/// filesystem without locks leaves it unlocked: only a blimp in another PID
+/// namespace, to which this process looks gone, could then remove it, and
+/// the job would fail at commit with the old file kept.
+fn lock_ours(file: &File) {
+    if let Err(e) = file.try_lock() {
+        log::debug!("cannot lock the file being written: {e:?}");
+    }
+}
+
+/// The name that reaches the open file `file` through /proc, for linkat.
+fn proc_fd_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Give the unnamed (`O_TMPFILE`) `file` the name `to`; fails with
+/// `AlreadyExists` if `to` exists (it is never replaced or followed).
+fn link_unnamed(file: &File, to: &Path) -> io::Result<()> {
+    let from = std::ffi::CString::new(proc_fd_path(file).into_os_string().into_vec())
+        .map_err(io::Error::other)?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: linkat(2) with two valid NUL-terminated paths that outlive the
+    // call; AT_SYMLINK_FOLLOW makes it link the file /proc's magic link
+    // points to (the open file), not the link itself.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl AtomicFile {
     /// Start writing `path`: refuses a non-regular target (see the module
-    /// documentation) and creates the temporary file next to it.
+    /// documentation) and creates an unnamed temporary file in its
+    /// directory (`O_TMPFILE`), or a named one next to it where the
+    /// filesystem has no unnamed files.
     pub fn create(path: &Path) -> Result<AtomicFile, Error> {
         let target = Target::new(path)?;
         target.check_dir()?;
         target.check()?;
+        target.remove_stale_temps();
+        let opened = OpenOptions::new()
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(&target.dir)
+            .inspect(lock_ours);
+        match opened {
+            // Naming it at commit goes through /proc/self/fd: without /proc
+            // (a chroot), the named temporary file it is.
+            Ok(file) if std::fs::symlink_metadata(proc_fd_path(&file)).is_ok() => {
+                let meta = file.metadata().map_err(|source| Error::Stat {
+                    path: target.dir.clone(),
+                    source,
+                })?;
+                Ok(AtomicFile {
+                    target,
+                    temp: None,
+                    file: Some(file),
+                    id: (meta.dev(), meta.ino()),
+                })
+            }
+            Ok(_) => Self::create_named(target),
+            Err(e) if tmpfile_unsupported(&e) => Self::create_named(target),
+            Err(source) => Err(Error::CreateTemp {
+                path: target.given.clone(),
+                temp: unnamed_in(&target.dir),
+                source,
+            }),
+        }
+    }
+
+    /// [`AtomicFile::create`] with a named temporary file
+    /// (`.NAME.blimp-tmp.PID.N`): what a filesystem without `O_TMPFILE` gets.
+    fn create_named(target: Target) -> Result<AtomicFile, Error> {
         let mut attempt = 0;
         loop {
             let temp = target.temp_path(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
@@ -264,7 +457,8 @@ impl AtomicFile {
                 .create_new(true)
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&temp);
+                .open(&temp)
+                .inspect(lock_ours);
             match opened {
                 Ok(file) => {
                     let meta = file.metadata().map_err(|source| Error::Stat {
@@ -281,7 +475,7 @@ impl AtomicFile {
                     };
                     return Ok(AtomicFile {
                         target,
-                        temp,
+                        temp: Some(temp),
                         file: Some(file),
                         id: (meta.dev(), meta.ino()),
                     });
@@ -300,12 +494,12 @@ impl AtomicFile {
         }
     }
 
-    /// The temporary file being written.
-    pub fn temp_path(&self) -> &Path {
-        &self.temp
+    /// The temporary file's name, `None` while it is an unnamed one.
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.temp.as_deref()
     }
 
-    /// Sync the data and rename it over the target; then sync the directory
+    /// Sync the data and put it at the target; then sync the directory
     /// (a failure of that last step is logged, not returned: see below).
     pub fn commit(mut self) -> Result<(), Error> {
         let Some(mut file) = self.file.take() else {
@@ -316,15 +510,21 @@ impl AtomicFile {
             self.remove_temp();
             return Err(Error::Sync {
                 path: self.target.given.clone(),
-                temp: self.temp.clone(),
+                temp: self.temp_display(),
                 source,
             });
         }
+        if self.temp.is_none() && self.link_unnamed(&file)? {
+            drop(file);
+            self.sync_dir();
+            return Ok(());
+        }
         drop(file);
+        let temp = self.temp.clone().unwrap_or_default();
         if !self.temp_is_ours() {
             return Err(Error::TempReplaced {
                 path: self.target.given.clone(),
-                temp: self.temp.clone(),
+                temp,
             });
         }
         // The target may have changed since `create`: refuse it now too.
@@ -332,21 +532,59 @@ impl AtomicFile {
             self.remove_temp();
             return Err(e);
         }
-        if let Err(source) = std::fs::rename(&self.temp, &self.target.path) {
+        if let Err(source) = std::fs::rename(&temp, &self.target.path) {
             self.remove_temp();
             return Err(Error::Rename {
                 path: self.target.given.clone(),
-                temp: self.temp.clone(),
+                temp,
                 source,
             });
         }
-        // The file is in place, complete and its data synced: the job has
-        // succeeded, whatever the directory does now. Failing it here would
-        // leave its stream at the path while a migrated guest resumed on
-        // the source (two diverging copies), and the old file is gone
-        // either way. Only the new name's surviving a host crash in the
-        // next seconds is in doubt (a directory this user cannot read, an
-        // I/O error): said, not failed.
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// Name the complete unnamed file: at the target itself when nothing is
+    /// there (`Ok(true)`: done, atomically, nothing else ever named);
+    /// else at a fresh temporary name (`Ok(false)`), to be renamed over the
+    /// target. linkat never replaces nor follows what is at the new name.
+    fn link_unnamed(&mut self, file: &File) -> Result<bool, Error> {
+        let link_err = |s: &Self, temp: &Path, source: io::Error| Error::Link {
+            path: s.target.given.clone(),
+            temp: temp.to_path_buf(),
+            source,
+        };
+        match link_unnamed(file, &self.target.path) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(link_err(self, &self.target.path, e)),
+        }
+        let mut attempt = 0;
+        loop {
+            let temp = self
+                .target
+                .temp_path(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
+            match link_unnamed(file, &temp) {
+                Ok(()) => {
+                    self.temp = Some(temp);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < TEMP_ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(link_err(self, &temp, e)),
+            }
+        }
+    }
+
+    /// The file is in place, complete and its data synced: the job has
+    /// succeeded, whatever the directory does now. Failing it here would
+    /// leave its stream at the path while a migrated guest resumed on the
+    /// source (two diverging copies), and the old file is gone either way.
+    /// Only the new name's surviving a host crash in the next seconds is
+    /// in doubt (a directory this user cannot read, an I/O error): said,
+    /// not failed.
+    fn sync_dir(&self) {
         if let Err(e) = File::open(&self.target.dir).and_then(|d| d.sync_all()) {
             log::warn!(
                 target: "console",
@@ -355,7 +593,13 @@ impl AtomicFile {
                 self.target.dir.display()
             );
         }
-        Ok(())
+    }
+
+    /// For messages: the temporary file's name, or where the unnamed one is.
+    fn temp_display(&self) -> PathBuf {
+        self.temp
+            .clone()
+            .unwrap_or_else(|| unnamed_in(&self.target.dir))
     }
 
     /// Give up: remove the temporary file, leave the target as it was.
@@ -366,20 +610,27 @@ impl AtomicFile {
 
     /// The temporary name still holds the file we created.
     fn temp_is_ours(&self) -> bool {
-        std::fs::symlink_metadata(&self.temp)
-            .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == self.id)
+        self.temp.as_ref().is_some_and(|t| {
+            std::fs::symlink_metadata(t)
+                .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == self.id)
+        })
     }
 
+    /// Remove the named temporary file, if any (an unnamed one goes with its
+    /// last descriptor).
     fn remove_temp(&self) {
+        let Some(temp) = &self.temp else {
+            return;
+        };
         if !self.temp_is_ours() {
             log::warn!(
                 "{}: not removed, it is no longer the temporary file Blimp created",
-                self.temp.display()
+                temp.display()
             );
             return;
         }
-        if let Err(e) = std::fs::remove_file(&self.temp) {
-            log::warn!("cannot remove {}: {e}", self.temp.display());
+        if let Err(e) = std::fs::remove_file(temp) {
+            log::warn!("cannot remove {}: {e}", temp.display());
         }
     }
 }
@@ -479,62 +730,118 @@ mod tests {
         );
     }
 
-    fn write_all(path: &Path, data: &[u8]) -> AtomicFile {
-        let mut f = AtomicFile::create(path).unwrap();
+    /// How a file is written: unnamed (`O_TMPFILE`, what the system temp
+    /// directory's filesystem gives here) or named from the start (the
+    /// fallback where there is no `O_TMPFILE`).
+    #[derive(Clone, Copy, Debug)]
+    enum Way {
+        Unnamed,
+        Named,
+    }
+
+    const WAYS: [Way; 2] = [Way::Unnamed, Way::Named];
+
+    fn create(way: Way, path: &Path) -> AtomicFile {
+        match way {
+            Way::Unnamed => {
+                let f = AtomicFile::create(path).unwrap();
+                assert!(
+                    f.temp_path().is_none(),
+                    "{}: this test needs a filesystem with O_TMPFILE",
+                    path.display()
+                );
+                f
+            }
+            Way::Named => AtomicFile::create_named(Target::new(path).unwrap()).unwrap(),
+        }
+    }
+
+    fn write_way(way: Way, path: &Path, data: &[u8]) -> AtomicFile {
+        let mut f = create(way, path);
         f.write_all(data).unwrap();
         f
     }
 
+    fn write_all(path: &Path, data: &[u8]) -> AtomicFile {
+        write_way(Way::Unnamed, path, data)
+    }
+
     #[test]
     fn a_new_file_appears_only_on_commit_with_mode_0600() {
-        let d = TempDir::new("new");
+        for way in WAYS {
+            let d = TempDir::new("new");
+            let p = d.join("snap");
+            let f = write_way(way, &p, b"hello");
+            assert!(!p.exists(), "{way:?}: nothing at the target before commit");
+            match f.temp_path() {
+                None => assert!(d.names().is_empty(), "{way:?}: {:?}", d.names()),
+                Some(temp) => {
+                    let tname = temp.file_name().unwrap().to_string_lossy().into_owned();
+                    assert!(
+                        tname.starts_with(".snap.blimp-tmp.")
+                            && tname.contains(&std::process::id().to_string()),
+                        "{tname}"
+                    );
+                    assert_eq!(d.names(), vec![tname]);
+                }
+            }
+            f.commit().unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"hello", "{way:?}");
+            let mode = std::fs::metadata(&p).unwrap().mode() & 0o777;
+            assert_eq!(mode & !0o600, 0, "{way:?}: mode {mode:o}");
+            assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+        }
+    }
+
+    /// While an unnamed file is written, the directory shows nothing new:
+    /// a process killed then leaves no file (the kernel frees it).
+    #[test]
+    fn an_unnamed_file_is_invisible_until_commit() {
+        let d = TempDir::new("unnamed");
         let p = d.join("snap");
-        let f = write_all(&p, b"hello");
-        assert!(!p.exists(), "nothing at the target before commit");
-        let temp = f.temp_path().to_path_buf();
-        let tname = temp.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(
-            tname.starts_with(".snap.blimp-tmp.")
-                && tname.contains(&std::process::id().to_string()),
-            "{tname}"
-        );
-        assert_eq!(d.names(), vec![tname]);
-        f.commit().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
-        let mode = std::fs::metadata(&p).unwrap().mode() & 0o777;
-        assert_eq!(mode & !0o600, 0, "mode {mode:o}");
+        std::fs::write(&p, b"old").unwrap();
+        let mut f = write_all(&p, &[7u8; 1 << 20]);
+        f.write_all(&[8u8; 1 << 20]).unwrap();
         assert_eq!(d.names(), vec!["snap".to_string()]);
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        f.commit().unwrap();
+        assert_eq!(d.names(), vec!["snap".to_string()]);
+        assert_eq!(std::fs::read(&p).unwrap().len(), 2 << 20);
     }
 
     #[test]
     fn a_regular_file_is_replaced_only_on_commit() {
-        let d = TempDir::new("replace");
-        let p = d.join("snap");
-        std::fs::write(&p, b"old contents").unwrap();
-        let f = write_all(&p, b"new");
-        assert_eq!(std::fs::read(&p).unwrap(), b"old contents");
-        f.commit().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"new");
-        assert_eq!(d.names(), vec!["snap".to_string()]);
+        for way in WAYS {
+            let d = TempDir::new("replace");
+            let p = d.join("snap");
+            std::fs::write(&p, b"old contents").unwrap();
+            let f = write_way(way, &p, b"new");
+            assert_eq!(std::fs::read(&p).unwrap(), b"old contents", "{way:?}");
+            f.commit().unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"new", "{way:?}");
+            assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+        }
     }
 
     #[test]
     fn abort_and_drop_leave_the_old_file_and_no_temporary() {
-        let d = TempDir::new("abort");
-        let p = d.join("snap");
-        let old: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-        std::fs::write(&p, &old).unwrap();
-        write_all(&p, b"half a stream").abort();
-        assert_eq!(std::fs::read(&p).unwrap(), old);
-        assert_eq!(d.names(), vec!["snap".to_string()]);
-        drop(write_all(&p, b"half a stream"));
-        assert_eq!(std::fs::read(&p).unwrap(), old);
-        assert_eq!(d.names(), vec!["snap".to_string()]);
-        // A missing target stays missing.
-        let q = d.join("never");
-        drop(write_all(&q, b"x"));
-        assert!(!q.exists());
-        assert_eq!(d.names(), vec!["snap".to_string()]);
+        for way in WAYS {
+            let d = TempDir::new("abort");
+            let p = d.join("snap");
+            let old: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+            std::fs::write(&p, &old).unwrap();
+            write_way(way, &p, b"half a stream").abort();
+            assert_eq!(std::fs::read(&p).unwrap(), old, "{way:?}");
+            assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+            drop(write_way(way, &p, b"half a stream"));
+            assert_eq!(std::fs::read(&p).unwrap(), old, "{way:?}");
+            assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+            // A missing target stays missing.
+            let q = d.join("never");
+            drop(write_way(way, &q, b"x"));
+            assert!(!q.exists(), "{way:?}");
+            assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+        }
     }
 
     #[test]
@@ -641,9 +948,9 @@ mod tests {
             ("dir", |p, _| std::fs::create_dir(p).unwrap()),
             ("device", |p, _| mknod_null(p)),
         ];
-        for (what, make) in cases {
+        for ((what, make), way) in cases.into_iter().flat_map(|c| WAYS.map(|w| (c, w))) {
             std::fs::write(&p, b"old").unwrap();
-            let f = write_all(&p, b"new");
+            let f = write_way(way, &p, b"new");
             std::fs::remove_file(&p).unwrap();
             make(&p, &real);
             let before = std::fs::symlink_metadata(&p).unwrap();
@@ -676,8 +983,8 @@ mod tests {
         let d = TempDir::new("tempswap");
         let p = d.join("snap");
         std::fs::write(&p, b"old").unwrap();
-        let f = write_all(&p, b"new");
-        let temp = f.temp_path().to_path_buf();
+        let f = write_way(Way::Named, &p, b"new");
+        let temp = f.temp_path().unwrap().to_path_buf();
         std::fs::remove_file(&temp).unwrap();
         std::fs::write(&temp, b"someone else's").unwrap();
         let e = f.commit().unwrap_err();
@@ -685,8 +992,8 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert_eq!(std::fs::read(&temp).unwrap(), b"someone else's");
         // Same on drop.
-        let f = write_all(&p, b"new");
-        let temp2 = f.temp_path().to_path_buf();
+        let f = write_way(Way::Named, &p, b"new");
+        let temp2 = f.temp_path().unwrap().to_path_buf();
         std::fs::remove_file(&temp2).unwrap();
         std::fs::write(&temp2, b"theirs").unwrap();
         drop(f);
@@ -696,21 +1003,123 @@ mod tests {
 
     #[test]
     fn a_taken_temporary_name_is_skipped_and_left_alone() {
-        let d = TempDir::new("taken");
+        for way in WAYS {
+            let d = TempDir::new("taken");
+            let p = d.join("snap");
+            // An existing target: the unnamed file, too, goes through a
+            // temporary name.
+            std::fs::write(&p, b"old").unwrap();
+            let t = Target::new(&p).unwrap();
+            // Squat the next names the counter hands out (other tests may take
+            // some of them meanwhile; then fewer are skipped).
+            let next = TEMP_COUNTER.load(Ordering::Relaxed);
+            let squatted: Vec<PathBuf> = (next..next + 5).map(|n| t.temp_path(n)).collect();
+            for s in &squatted {
+                std::fs::write(s, b"squatter").unwrap();
+            }
+            write_way(way, &p, b"data").commit().unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"data", "{way:?}");
+            for s in &squatted {
+                assert_eq!(std::fs::read(s).unwrap(), b"squatter", "{way:?}");
+            }
+            assert_eq!(d.names().len(), 6, "{way:?}: {:?}", d.names());
+        }
+    }
+
+    /// The PID of a process that has exited (and been reaped).
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        pid
+    }
+
+    #[test]
+    fn temporary_names_are_recognised_exactly() {
+        let t = Target::new(Path::new("/d/vm.snap")).unwrap();
+        assert_eq!(t.temp_pid(b".vm.snap.blimp-tmp.123.0"), Some(123));
+        assert_eq!(t.temp_pid(b".vm.snap.blimp-tmp.7.42"), Some(7));
+        for other in [
+            &b".vm.snap.blimp-tmp.123"[..],
+            b".vm.snap.blimp-tmp.123.",
+            b".vm.snap.blimp-tmp..0",
+            b".vm.snap.blimp-tmp.12a.0",
+            b".vm.snap.blimp-tmp.123.0.1",
+            b".vm.snap.blimp-tmp.123.0~",
+            b".vm.snap2.blimp-tmp.123.0",
+            b".other.blimp-tmp.123.0",
+            b"vm.snap.blimp-tmp.123.0",
+            b"vm.snap",
+        ] {
+            assert_eq!(
+                t.temp_pid(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        let n = t.temp_path(5);
+        assert_eq!(
+            t.temp_pid(n.file_name().unwrap().as_bytes()),
+            Some(std::process::id())
+        );
+    }
+
+    /// A temporary file a killed blimp left is removed when the next file
+    /// is written to the same target; nothing else is: not another
+    /// target's, not one of a live process, not one somebody locks, not a
+    /// symlink or directory of that name.
+    #[test]
+    fn stale_temporary_files_of_dead_processes_are_removed() {
+        let d = TempDir::new("stale");
         let p = d.join("snap");
-        let t = Target::new(&p).unwrap();
-        // Squat the next names the counter hands out (other tests may take
-        // some of them meanwhile; then fewer are skipped).
-        let next = TEMP_COUNTER.load(Ordering::Relaxed);
-        let squatted: Vec<PathBuf> = (next..next + 5).map(|n| t.temp_path(n)).collect();
-        for s in &squatted {
-            std::fs::write(s, b"squatter").unwrap();
+        std::fs::write(&p, b"old").unwrap();
+        let dead = dead_pid();
+        let stale = d.join(&format!(".snap.blimp-tmp.{dead}.0"));
+        std::fs::write(&stale, b"half a stream").unwrap();
+        let kept = [
+            ".snap.blimp-tmp.1.0".to_string(),
+            format!(".snap.blimp-tmp.{}.999", std::process::id()),
+            format!(".other.blimp-tmp.{dead}.0"),
+            format!(".snap.blimp-tmp.{dead}.x"),
+            format!("snap.blimp-tmp.{dead}.0"),
+        ];
+        for k in &kept {
+            std::fs::write(d.join(k), b"keep").unwrap();
         }
-        write_all(&p, b"data").commit().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"data");
-        for s in &squatted {
-            assert_eq!(std::fs::read(s).unwrap(), b"squatter");
+        let locked = d.join(&format!(".snap.blimp-tmp.{dead}.1"));
+        std::fs::write(&locked, b"being written").unwrap();
+        let lock = File::open(&locked).unwrap();
+        lock.try_lock().unwrap();
+        let link = d.join(&format!(".snap.blimp-tmp.{dead}.2"));
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let dir = d.join(&format!(".snap.blimp-tmp.{dead}.3"));
+        std::fs::create_dir(&dir).unwrap();
+        for way in WAYS {
+            std::fs::write(&stale, b"half a stream").unwrap();
+            let f = match way {
+                Way::Unnamed => write_way(way, &p, b"new"),
+                // The fallback cleans up as well (`create` decides which).
+                Way::Named => {
+                    Target::new(&p).unwrap().remove_stale_temps();
+                    write_way(way, &p, b"new")
+                }
+            };
+            assert!(!stale.exists(), "{way:?}: the dead process's file is gone");
+            f.commit().unwrap();
+            for k in &kept {
+                assert_eq!(std::fs::read(d.join(k)).unwrap(), b"keep", "{way:?}: {k}");
+            }
+            assert_eq!(std::fs::read(&locked).unwrap(), b"being written");
+            assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+            assert!(dir.is_dir());
+            assert_eq!(std::fs::read(&p).unwrap(), b"new");
         }
+        // Unlocked, it is stale like the other.
+        drop(lock);
+        drop(write_all(&p, b"x"));
+        assert!(!locked.exists());
     }
 
     #[test]

@@ -154,6 +154,14 @@ pub enum MigrationError {
     Cancelled,
     #[error("the destination refused the VM: {0}")]
     Refused(String),
+    #[error(
+        "writing the migration stream at byte {offset}: {source}: the destination closed the connection before the handshake, without a word (no NAK): is it a `blimp run --incoming`, and is it still running?"
+    )]
+    Closed {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("switchover: {0}; the guest runs here again")]
     Switchover(#[source] HandshakeError),
     #[error(
@@ -487,10 +495,29 @@ impl Sender<'_> {
         let result = self.send();
         match result {
             Err(MigrationError::Write(e)) => {
-                Err(self.refusal().unwrap_or(MigrationError::Write(e)))
+                Err(self.refusal().unwrap_or_else(|| self.write_failed(e)))
             }
             other => other,
         }
+    }
+
+    /// A write that failed, said in the destination's terms: at the byte the
+    /// destination had taken (`stream_bytes` in the status; the stream
+    /// writer counts what it handed to its buffer, up to 4 MiB more), and
+    /// for a socket that was closed without a word, what that may mean.
+    fn write_failed(&self, e: super::stream::WriteError) -> MigrationError {
+        let super::stream::WriteError::Io { source, .. } = e else {
+            return MigrationError::Write(e);
+        };
+        let offset = self.written.load(Ordering::Relaxed);
+        let closed = matches!(
+            source.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        );
+        if self.peer.is_some() && closed {
+            return MigrationError::Closed { offset, source };
+        }
+        MigrationError::Write(super::stream::WriteError::Io { offset, source })
     }
 
     /// After a failed write: a destination that refused the stream early

@@ -590,6 +590,22 @@ fn migration() -> Allowed {
         .allow(libc::SYS_fsync, "committing the file and its directory")
         .allow(libc::SYS_fdatasync, "committing the file")
         .allow(libc::SYS_ftruncate, "files")
+        .allow(
+            libc::SYS_openat,
+            "file:// destinations: an unnamed O_TMPFILE file in the target's directory",
+        )
+        .allow_each(
+            &[libc::SYS_link, libc::SYS_linkat],
+            "naming the complete O_TMPFILE file (linkat of /proc/self/fd/N)",
+        )
+        .allow(
+            libc::SYS_getdents64,
+            "listing the target's directory for stale temporary files",
+        )
+        .allow(
+            libc::SYS_flock,
+            "locking the file being written; a stale temporary file is one nobody locks",
+        )
         .allow_each(
             &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2],
             "renaming the complete file over the target",
