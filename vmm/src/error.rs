@@ -48,19 +48,33 @@ impl Error {
     /// True when the error comes from what the user asked for (a file that is
     /// not a kernel, an initrd that does not fit, a backing that cannot be
     /// had) rather than from the host failing at run time.
+    /// An input file the host could not open for want of descriptors or
+    /// memory, or an I/O error, is the host's failure, not a usage error.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Error::Layout(_)
-                | Error::Boot(_)
-                | Error::Memory(
-                    MemoryError::NoHugePages { .. }
-                        | MemoryError::File { .. }
-                        | MemoryError::FileInUse { .. }
-                )
-                | Error::Vm(VmError::TooManyVcpus { .. })
-        )
+        use crate::boot::BootError;
+        match self {
+            Error::Boot(
+                BootError::OpenKernel { source, .. } | BootError::ReadInitrd { source, .. },
+            )
+            | Error::Memory(MemoryError::File { source, .. }) => !host_short(source),
+            _ => matches!(
+                self,
+                Error::Layout(_)
+                    | Error::Boot(_)
+                    | Error::Memory(MemoryError::NoHugePages { .. } | MemoryError::FileInUse { .. })
+                    | Error::Vm(VmError::TooManyVcpus { .. })
+            ),
+        }
     }
+}
+
+/// The host ran short (descriptors, memory) or failed (I/O): not the
+/// user's input at fault.
+fn host_short(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EIO)
+    )
 }
 
 pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -118,4 +132,35 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::BootError;
+
+    #[test]
+    fn a_kernel_the_host_could_not_open_is_not_a_usage_error() {
+        let open = |errno| {
+            Error::Boot(BootError::OpenKernel {
+                path: "vmlinux".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        // The user's input: a missing or unreadable kernel (exit 2).
+        assert!(open(libc::ENOENT).is_usage());
+        assert!(open(libc::EACCES).is_usage());
+        // The host's shortage: out of descriptors or memory (exit 1).
+        assert!(!open(libc::EMFILE).is_usage());
+        assert!(!open(libc::ENFILE).is_usage());
+        assert!(!open(libc::ENOMEM).is_usage());
+        let file = |errno| {
+            Error::Memory(MemoryError::File {
+                path: "ram".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        assert!(file(libc::EACCES).is_usage());
+        assert!(!file(libc::EMFILE).is_usage());
+    }
 }
