@@ -61,7 +61,9 @@ impl Error {
                 self,
                 Error::Layout(_)
                     | Error::Boot(_)
-                    | Error::Memory(MemoryError::NoHugePages { .. } | MemoryError::FileInUse { .. })
+                    | Error::Memory(
+                        MemoryError::NoHugePages { .. } | MemoryError::FileInUse { .. }
+                    )
                     | Error::Vm(VmError::TooManyVcpus { .. })
             ),
         }
