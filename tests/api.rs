@@ -290,6 +290,23 @@ fn a_thousand_malformed_requests_do_not_disturb_the_guest() {
     assert_eq!(vm.wait(BOOT).code(), Some(0));
 }
 
+/// `blimp run` of a 256 MiB test guest (no stdin, stderr piped) after
+/// the shell commands `limits` (`ulimit ...`), plus `extra` arguments.
+fn run_under_limits(limits: &str, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limits} && exec \"$0\" \"$@\""))
+        .arg(common::blimp())
+        .args(["run", "--kernel"])
+        .arg(common::testguest())
+        .args(["--memory", "256M", "--no-stdin"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// blimp started under a low open-files limit (`ulimit -n 40`, soft and
 /// hard: nothing to raise it to) with 30 idle connections open: a new
 /// client runs blimp out of descriptors at accept, and the API closes the
@@ -300,18 +317,7 @@ fn a_thousand_malformed_requests_do_not_disturb_the_guest() {
 fn out_of_descriptors_the_api_makes_room_for_a_new_client() {
     common::require_kvm();
     let sock = std::env::temp_dir().join(format!("blimp-fdlimit-{}.sock", std::process::id()));
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 40 && exec \"$0\" \"$@\"")
-        .arg(common::blimp())
-        .args(["run", "--kernel"])
-        .arg(common::testguest())
-        .args(["--memory", "256M", "--no-stdin", "--api-sock"])
-        .arg(&sock)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = run_under_limits("ulimit -n 40", &["--api-sock", sock.to_str().unwrap()]);
     common::wait_for_socket(&sock);
     let idle: Vec<UnixStream> = (0..30)
         .filter_map(|_| UnixStream::connect(&sock).ok())
@@ -337,17 +343,7 @@ fn out_of_descriptors_the_api_makes_room_for_a_new_client() {
 #[test]
 fn the_open_files_limit_is_raised_to_the_hard_limit() {
     common::require_kvm();
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -Sn 64 && ulimit -Hn 4096 && exec \"$0\" \"$@\"")
-        .arg(common::blimp())
-        .args(["run", "--kernel"])
-        .arg(common::testguest())
-        .args(["--memory", "256M", "--no-stdin"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = run_under_limits("ulimit -Sn 64 && ulimit -Hn 4096", &[]);
     let limits = format!("/proc/{}/limits", child.id());
     let deadline = Instant::now() + Duration::from_secs(10);
     let line = loop {
