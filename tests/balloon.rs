@@ -241,6 +241,41 @@ fn hostile_guest_input_is_refused_and_the_device_keeps_working() {
     vm.exit_with(0, BOOT);
 }
 
+/// `hostile indirect`: an inflate buffer whose descriptor refers to an
+/// indirect table, a feature (VIRTIO_RING_F_INDIRECT_DESC) the balloon
+/// never offers. The device counts a queue error and marks itself
+/// NEEDS_RESET instead of following the table (the PFN in it is neither
+/// inflated nor discarded); the driver restarted with `balloon` inflates
+/// and deflates again.
+#[test]
+fn an_indirect_descriptor_table_is_a_malformed_queue() {
+    let (mut vm, mut api, _) = common::boot_with_api_manual_balloon(
+        "hostile-indirect",
+        "balloon;echo READY",
+        &["--memory", "512M", "--balloon", "stats_interval=0"],
+    );
+    vm.expect_line("READY", BOOT);
+    let m = |api: &mut ApiClient, key: &str| common::metric(&common::metrics(api), key) as u64;
+    assert_eq!(m(&mut api, "queue_errors"), 0);
+    vm.send("hostile indirect");
+    vm.expect_line("hostile indirect sent", BOOT);
+    assert_eq!(m(&mut api, "queue_errors"), 1, "the device needs a reset");
+    assert_eq!(
+        m(&mut api, "inflate_pages"),
+        0,
+        "the indirect table was followed"
+    );
+    // The driver starts over on the reset device.
+    vm.send("balloon");
+    resize_balloon(&mut api, 32, BOOT);
+    assert_eq!(m(&mut api, "inflate_pages"), 32 * MIB / 4096);
+    resize_balloon(&mut api, 0, BOOT);
+    assert_eq!(m(&mut api, "queue_errors"), 1);
+    vm.send("fill 128 9");
+    vm.verify("verify ok", BOOT);
+    vm.exit_with(0, BOOT);
+}
+
 /// `hostile flood`: for 6 s the guest keeps the inflate ring full, each
 /// buffer re-added the moment the device uses it, faster than the device
 /// can serve them. The device serves a bounded number per turn, so the

@@ -11,7 +11,8 @@
 use testguest::balloon_proto::*;
 use testguest::frames::PAGE_SIZE;
 use testguest::virtq::{
-    Buf, Layout, MAX_QUEUE_SIZE, RawDesc, SplitQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    Buf, Layout, MAX_QUEUE_SIZE, RawDesc, SplitQueue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
 };
 
 use crate::apic;
@@ -1573,6 +1574,29 @@ impl Balloon {
                 let p = self.sacrificial_pfn(mem);
                 self.write_scratch_u32(0, p);
                 self.live.inflate.add(&[Buf::writable(scratch, 4)])
+            }
+            HostileCase::Indirect => {
+                // One PFN, described by a one-entry indirect table (at
+                // scratch + 64) that the ring's descriptor refers to.
+                let p = self.sacrificial_pfn(mem);
+                self.write_scratch_u32(0, p);
+                let table = [scratch, 4];
+                for (i, w) in table.iter().enumerate() {
+                    // SAFETY: scratch area of the data page (16 bytes at
+                    // +64: addr, then len and flags/next as one u64).
+                    unsafe {
+                        core::ptr::write_volatile(
+                            (scratch + 64 + 8 * i as u64) as *mut u64,
+                            w.to_le(),
+                        )
+                    };
+                }
+                self.live.inflate.add_raw(&[RawDesc {
+                    addr: scratch + 64,
+                    len: 16,
+                    flags: VIRTQ_DESC_F_INDIRECT,
+                    next: 0,
+                }])
             }
             HostileCase::StatsTruncated => {
                 if self.live.stats.is_none() {

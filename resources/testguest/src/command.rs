@@ -16,6 +16,9 @@ pub enum HostileCase {
     ZeroLen,
     OddLen,
     WritableInflate,
+    /// An inflate buffer through an indirect descriptor table, a feature
+    /// (VIRTIO_RING_F_INDIRECT_DESC) no balloon device offers.
+    Indirect,
     StatsTruncated,
     HintStaleId,
     HintOutsideRam,
@@ -35,7 +38,7 @@ pub enum HostileCase {
 
 impl HostileCase {
     /// Every single case, in the order `hostile all` sends them.
-    pub const EACH: [HostileCase; 14] = [
+    pub const EACH: [HostileCase; 15] = [
         HostileCase::PfnOutsideRam,
         HostileCase::PfnInMmioHole,
         HostileCase::DescLoop,
@@ -43,6 +46,7 @@ impl HostileCase {
         HostileCase::ZeroLen,
         HostileCase::OddLen,
         HostileCase::WritableInflate,
+        HostileCase::Indirect,
         HostileCase::StatsTruncated,
         HostileCase::HintStaleId,
         HostileCase::HintOutsideRam,
@@ -61,6 +65,7 @@ impl HostileCase {
             HostileCase::ZeroLen => "zero-len",
             HostileCase::OddLen => "odd-len",
             HostileCase::WritableInflate => "writable-inflate",
+            HostileCase::Indirect => "indirect",
             HostileCase::StatsTruncated => "stats-truncated",
             HostileCase::HintStaleId => "hint-stale-id",
             HostileCase::HintOutsideRam => "hint-outside-ram",

@@ -17,6 +17,9 @@ pub const MAX_QUEUE_SIZE: u16 = 256;
 /// `struct virtq_desc` flags.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// The descriptor refers to a table of descriptors (only with
+/// VIRTIO_RING_F_INDIRECT_DESC; `hostile indirect` sends it without).
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 /// `struct virtq_avail` flags: the driver does not want interrupts.
 pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// `struct virtq_used` flags: the device does not want notifications.

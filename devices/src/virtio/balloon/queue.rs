@@ -5,8 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::metrics::BalloonMetrics;
 use crate::GuestMemory;
@@ -38,6 +40,10 @@ pub(super) enum Malformed {
     /// The chain ended on a descriptor that still had NEXT set: a loop, a
     /// chain longer than the queue, or a next index out of range.
     Truncated { descriptors: usize },
+    /// Descriptor `index` of the ring's table refers to an indirect table,
+    /// which the device never offers (VIRTIO_RING_F_INDIRECT_DESC): the
+    /// spec forbids the flag without the feature.
+    Indirect { index: u16 },
 }
 
 /// Copy a chain's descriptors out, detecting structural corruption.
@@ -53,9 +59,42 @@ pub(super) fn next_chain(q: &mut Queue, mem: &GuestMemory) -> Result<Option<(u16
         return Ok(None);
     };
     let head = chain.head_index();
+    if let Some(index) = indirect_in_chain(q, mem, head) {
+        let m = Malformed::Indirect { index };
+        return Err(format!("malformed chain at head {head}: {m:?}"));
+    }
     collect_chain(chain)
         .map(|d| Some((head, d)))
         .map_err(|m| format!("malformed chain at head {head}: {m:?}"))
+}
+
+/// The index of the first descriptor of the chain at `head` (in the ring's
+/// own table) with VIRTQ_DESC_F_INDIRECT set, if any. virtio-queue's chain
+/// iterator follows indirect tables whatever was negotiated, and the
+/// balloon never offers VIRTIO_RING_F_INDIRECT_DESC, so the table is read
+/// here first: at most `q.size()` descriptors of 16 bytes, each read
+/// bounds-checked. A descriptor that cannot be read, or a next index out of
+/// range, ends the walk: [`collect_chain`] reports those. (The guest can
+/// rewrite the table between this walk and the iterator's; it then gets
+/// no more than a followed indirect table, whose walk virtio-queue bounds.)
+fn indirect_in_chain(q: &Queue, mem: &GuestMemory, head: u16) -> Option<u16> {
+    let table = q.desc_table();
+    let mut index = head;
+    for _ in 0..q.size() {
+        let at = table.checked_add(16 * u64::from(index))?;
+        let flags: u16 = mem.read_obj(GuestAddress(at.checked_add(12)?)).ok()?;
+        if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
+            return Some(index);
+        }
+        if flags & VRING_DESC_F_NEXT as u16 == 0 {
+            return None;
+        }
+        index = mem.read_obj(GuestAddress(at.checked_add(14)?)).ok()?;
+        if index >= q.size() {
+            return None;
+        }
+    }
+    None
 }
 
 pub(super) fn collect_chain(chain: DescriptorChain<&GuestMemory>) -> Result<Descs, Malformed> {
