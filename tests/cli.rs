@@ -303,7 +303,7 @@ fn metrics_has_no_json() {
 /// stdout: Broken pipe", exit status 101). It ends quietly, status 0.
 #[test]
 fn client_commands_end_quietly_on_a_closed_stdout() {
-    let (_vm, _api, sock) = common::boot_with_api(
+    let (mut vm, _api, sock) = common::boot_with_api(
         "cli-epipe",
         "sleep 60",
         &[
@@ -315,6 +315,9 @@ fn client_commands_end_quietly_on_a_closed_stdout() {
             "enabled=off",
         ],
     );
+    // `balloon hint start` needs the driver's features: wait for them (the
+    // commands before it can all end at their first write, in milliseconds).
+    vm.expect_line("balloon started", std::time::Duration::from_secs(30));
     let s = sock.to_str().unwrap();
     let snap = std::env::temp_dir().join(format!("blimp-cli-epipe-{}.snap", std::process::id()));
     // (command, whether to run it with --json too): a state change once
