@@ -72,10 +72,10 @@ struct RestoreArgs {
 #[derive(Args)]
 struct HostArgs {
     /// How guest RAM is backed here (anon, memfd, hugetlb, file=PATH). A
-    /// restore onto file=PATH builds the RAM in a new file beside PATH and
-    /// puts it in PATH's place only once the VM is restored (or, incoming,
-    /// handed over): a refused restore leaves PATH as it was. A PATH that
-    /// a running VM uses is refused.
+    /// restore onto file=PATH builds the RAM in a new, unnamed file in
+    /// PATH's directory and puts it in PATH's place only once the VM is
+    /// restored (or, incoming, handed over): a refused or killed restore
+    /// leaves PATH as it was. A PATH that a running VM uses is refused.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backend)]
     memory_backend: MemoryBackend,
     /// Back guest RAM with transparent huge pages where this host allows

@@ -368,6 +368,9 @@ fn migrate(api: &mut api::client::ApiClient, destination: String) -> Value {
 /// reach it on the destination, however long the migration took.
 const PROGRAM: &str = "fill 64 1;echo MIGRATE NOW";
 
+/// Also: the restored VM's backing is PATH itself, so a snapshot onto
+/// PATH is refused (it used to be accepted after a restore, which built the
+/// RAM under another name: the stream replaced the running guest's RAM file).
 #[test]
 fn restore_onto_an_existing_backing_file_does_not_keep_its_bytes() {
     require_kvm();
@@ -381,14 +384,80 @@ fn restore_onto_an_existing_backing_file_does_not_keep_its_bytes() {
 
     let backing = dirty_backing("zero-ram");
     let arg = format!("file={}", backing.0.display());
+    let sock = common::sock_path("rc-zero-dst");
     let mut dst = Vm::start_cmd(
         "restore",
-        &["--from", file.0.to_str().unwrap(), "--memory-backend", &arg],
+        &[
+            "--from",
+            file.0.to_str().unwrap(),
+            "--memory-backend",
+            &arg,
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+    );
+    dst.verify("verify ok 16384 pages", BOOT);
+    common::wait_for_socket(&sock);
+    let dapi = api::client::ApiClient::new(&sock).unwrap();
+    let (status, body) = dapi
+        .put("/snapshot", &json!({ "path": backing.0.to_str().unwrap() }))
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("this VM's memory backing file")),
+        "{body}"
     );
     dst.verify("verify ok 16384 pages", BOOT);
     dst.exit_with(7, BOOT);
     assert_no_old_pages(&backing.0);
     assert!(restore_leftovers(&backing.0).is_empty());
+}
+
+/// A destination onto `file=PATH` killed with SIGKILL once it built the
+/// guest's RAM (it acknowledged the whole stream) leaves PATH byte-identical
+/// and no file beside it: the RAM is built in an unnamed file. It used to
+/// leave `.NAME.blimp-restore.PID`, the guest's size, for good.
+#[test]
+fn a_restore_killed_with_sigkill_leaves_nothing_beside_the_backing_file() {
+    require_kvm();
+    let file = TempFile(tmp("kill-src"));
+    let (mut vm, mut api, _) =
+        common::boot_with_api("rc-kill", PROGRAM, &["--memory", "256M", "--no-stdin"]);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, format!("file://{}", file.0.display()));
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let stream = std::fs::read(&file.0).unwrap();
+
+    let dir = TempDir::new("kill-dir");
+    let ram = dir.0.join("ram");
+    std::fs::write(&ram, b"the user's file").unwrap();
+    let arg = format!("file={}", ram.display());
+    let sock = tmp("kill.sock");
+    let (mut dst, _) = common::start_incoming(&sock, &["--memory-backend", &arg]);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(&stream).unwrap();
+    let waiter = vmm::migration::handshake::Waiter {
+        cancelled: &|| false,
+        timeout: Duration::from_secs(60),
+    };
+    let ack = waiter.recv(&mut s, "ACK").unwrap();
+    assert_eq!(ack, vmm::migration::handshake::Message::Ack);
+    dst.signal(libc::SIGKILL);
+    let status = dst.wait(BOOT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let _ = std::fs::remove_file(&sock);
+    assert_eq!(std::fs::read(&ram).unwrap(), b"the user's file");
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("ram")], "left beside PATH");
 }
 
 #[test]
@@ -424,17 +493,41 @@ fn user_file(name: &str, len: usize) -> (TempFile, Vec<u8>) {
     (f, bytes)
 }
 
-/// Files `.NAME.blimp-restore.*` beside `path` (a restore's RAM in the
-/// making).
+/// Files `.NAME.blimp-tmp.*` (or `.NAME.blimp-restore.*`, the name older
+/// versions used) beside `path`: a restore's RAM in the making.
 fn restore_leftovers(path: &Path) -> Vec<PathBuf> {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let prefix = format!(".{name}.blimp-restore.");
+    let prefixes = [
+        format!(".{name}.blimp-tmp."),
+        format!(".{name}.blimp-restore."),
+    ];
     std::fs::read_dir(path.parent().unwrap())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            prefixes.iter().any(|p| n.starts_with(p))
+        })
         .map(|e| e.path())
         .collect()
+}
+
+/// A directory removed (with what is in it) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let d = tmp(name);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A restore refused once guest RAM was built (its state section is not

@@ -112,6 +112,8 @@ pub enum RestoreError {
         path: PathBuf,
         kind: crate::migration::file_dest::FileKind,
     },
+    #[error("guest RAM file: {0}")]
+    RamFile(#[source] crate::migration::file_dest::Error),
     #[error("cannot prepare guest memory for the restore: {0}")]
     Memory(#[from] crate::memory::MemoryError),
     #[error(

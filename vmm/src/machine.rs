@@ -40,19 +40,22 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
-    /// KVM VM, guest RAM, serial console and i8042.
+    /// KVM VM, guest RAM, serial console and i8042. `ram_file`: for a
+    /// `file=PATH` backing, the file to map in PATH's stead (see
+    /// [`GuestRam::with_file`]).
     pub(crate) fn new(
         layout: &MemoryLayout,
         vcpus: u8,
         backing: &crate::config::MemoryBackend,
         thp: bool,
+        ram_file: Option<std::fs::File>,
     ) -> Result<Self, Error> {
         let started = Instant::now();
         // Block terminating signals before any thread exists, so all inherit the mask.
         let signals = Arc::new(TerminationSignals::new().map_err(io("creating the signalfd"))?);
         let backend = KvmBackend::detect();
         let mut vm = Vm::new(usize::from(vcpus))?;
-        let ram = Arc::new(GuestRam::with_thp(layout, backing, thp)?);
+        let ram = Arc::new(GuestRam::with_file(layout, backing, thp, ram_file)?);
         vm.register_memory(&ram, false)?;
         let exit = Arc::new(VmExit::new().map_err(io("creating the exit eventfd"))?);
         let mut pio = Bus::new("pio");

@@ -47,13 +47,6 @@ pub enum MemoryError {
         "memory file {path} is guest RAM of another running process (it holds the file's lock): back this guest with another file"
     )]
     FileInUse { path: PathBuf },
-    #[error("cannot put the restored guest RAM ({temp}) in place of {path}: {source}")]
-    Replace {
-        temp: PathBuf,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot size guest memory backing to {size} bytes: {source}")]
     Truncate {
         size: u64,
@@ -226,6 +219,19 @@ impl GuestRam {
         backing: &MemoryBackend,
         thp: bool,
     ) -> Result<Self, MemoryError> {
+        Self::with_file(layout, backing, thp, None)
+    }
+
+    /// [`GuestRam::with_thp`]; for `file=PATH`, `opened` (when given) is
+    /// the file mapped instead of PATH, which it is to become (a restore
+    /// builds its RAM in a file that replaces PATH once it succeeded):
+    /// opened for reading and writing, locked here as PATH would be.
+    pub fn with_file(
+        layout: &MemoryLayout,
+        backing: &MemoryBackend,
+        thp: bool,
+        opened: Option<File>,
+    ) -> Result<Self, MemoryError> {
         if thp {
             if *backing == MemoryBackend::Hugetlb {
                 return Err(MemoryError::ThpOnHugetlb);
@@ -240,7 +246,7 @@ impl GuestRam {
                 ),
             }
         }
-        let ram = Self::map(layout, backing)?;
+        let ram = Self::map(layout, backing, opened)?;
         if thp {
             for r in &ram.regions {
                 // SAFETY: [host, +size) is this region's mapping, owned by
@@ -259,11 +265,15 @@ impl GuestRam {
         Ok(ram)
     }
 
-    fn map(layout: &MemoryLayout, backing: &MemoryBackend) -> Result<Self, MemoryError> {
+    fn map(
+        layout: &MemoryLayout,
+        backing: &MemoryBackend,
+        opened: Option<File>,
+    ) -> Result<Self, MemoryError> {
         let total = layout.size();
         let workers = matches!(backing, MemoryBackend::Anon | MemoryBackend::Memfd)
             .then(DiscardWorkers::start);
-        let (kind, file, stripes) = backing_files(backing, total, workers.as_ref())?;
+        let (kind, file, stripes) = backing_files(backing, total, workers.as_ref(), opened)?;
         let opened_with_data = match (&file, backing) {
             (Some(f), MemoryBackend::File(path)) => {
                 f.metadata()
@@ -538,12 +548,13 @@ impl GuestRam {
 }
 
 /// How `backing` releases memory, and its file(s): a shared file for
-/// hugetlb and `file=PATH`, striped memfds (two per discard thread) for
-/// memfd, none for anon.
+/// hugetlb and `file=PATH` (`opened` in PATH's stead when given), striped
+/// memfds (two per discard thread) for memfd, none for anon.
 fn backing_files(
     backing: &MemoryBackend,
     total: u64,
     workers: Option<&DiscardWorkers>,
+    opened: Option<File>,
 ) -> Result<(DiscardKind, Option<File>, Option<Stripes>), MemoryError> {
     Ok(match backing {
         MemoryBackend::Anon => (DiscardKind::PrivateAnon, None, None),
@@ -569,7 +580,16 @@ fn backing_files(
             .map_err(MemoryError::Memfd)?;
             (DiscardKind::HugePunch, Some(f), None)
         }
-        MemoryBackend::File(path) => (DiscardKind::PunchHole, Some(open_file(path)?), None),
+        MemoryBackend::File(path) => {
+            let f = match opened {
+                Some(f) => {
+                    lock_file(&f, path)?;
+                    f
+                }
+                None => open_file(path)?,
+            };
+            (DiscardKind::PunchHole, Some(f), None)
+        }
     })
 }
 

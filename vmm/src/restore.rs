@@ -339,17 +339,19 @@ enum End {
     Handshake,
 }
 
-/// A restore onto `--memory-backend file=PATH` builds guest RAM in a new
-/// file beside PATH (`.NAME.blimp-restore.PID`) and renames it over PATH
-/// only once the VM is restored (from a file) or taken over (a live
-/// migration): a refused or failed restore leaves PATH as it was, and the
-/// new file is removed. PATH stays locked meanwhile (a running VM on it
-/// refuses the restore; no blimp starts on it while it runs).
+/// A restore onto `--memory-backend file=PATH` builds guest RAM in a new,
+/// unnamed file in PATH's directory (`O_TMPFILE`, see
+/// [`crate::migration::file_dest`]) and puts it in PATH's place only once
+/// the VM is restored (from a file) or taken over (a live migration): a
+/// refused or failed restore, or a `kill -9` meanwhile, leaves PATH as it
+/// was and no file behind. PATH stays locked meanwhile (a running VM on it
+/// refuses the restore; no blimp starts on it while it runs), and the VM's
+/// backing is PATH from the start (what a snapshot onto PATH is checked
+/// against). The RAM is not fsynced on the way: a host crash ends the VM
+/// anyway, and syncing gigabytes would stretch the migration's downtime.
 struct PendingBacking {
-    path: PathBuf,
-    temp: PathBuf,
+    file: crate::migration::file_dest::AtomicFile,
     _held: Option<std::fs::File>,
-    committed: bool,
 }
 
 impl PendingBacking {
@@ -358,46 +360,40 @@ impl PendingBacking {
             return Ok(None);
         };
         let held = crate::memory::hold_backing_file(path)?;
-        let name = path
-            .file_name()
-            .unwrap_or(path.as_os_str())
-            .to_string_lossy();
-        let temp = path.with_file_name(format!(".{name}.blimp-restore.{}", std::process::id()));
-        // A file of this name was left by a process of this PID that is
-        // gone (this one made none yet).
-        let _ = std::fs::remove_file(&temp);
-        Ok(Some(Self {
-            path: path.clone(),
-            temp,
-            _held: held,
-            committed: false,
-        }))
+        // As `blimp run` maps the file a symlink leads to, a restore
+        // replaces that file, not the link (a dangling link is refused).
+        let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        let target = match is_link {
+            true => std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
+            false => path.clone(),
+        };
+        let file = crate::migration::file_dest::AtomicFile::create_rw(&target)
+            .map_err(RestoreError::RamFile)?;
+        Ok(Some(Self { file, _held: held }))
     }
 
-    /// What the restored VM's RAM is built in.
-    fn backend(&self) -> MemoryBackend {
-        MemoryBackend::File(self.temp.clone())
+    /// The file the restored VM's RAM is built in (a duplicate descriptor,
+    /// which the RAM keeps open, and locked, after the commit).
+    fn ram_file(&self) -> Result<std::fs::File, Error> {
+        let dup = self
+            .file
+            .file()
+            .map(std::fs::File::try_clone)
+            .unwrap_or_else(|| Err(std::io::Error::other("already committed")));
+        dup.map_err(|source| {
+            RestoreError::Open {
+                what: "the restored guest RAM's file (a duplicate descriptor)".into(),
+                source,
+            }
+            .into()
+        })
     }
 
     /// Put the restored RAM in PATH's place.
-    fn commit(mut self) -> Result<(), Error> {
-        std::fs::rename(&self.temp, &self.path).map_err(|source| {
-            crate::memory::MemoryError::Replace {
-                temp: self.temp.clone(),
-                path: self.path.clone(),
-                source,
-            }
-        })?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for PendingBacking {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.temp);
-        }
+    fn commit(self) -> Result<(), Error> {
+        self.file
+            .commit_unsynced()
+            .map_err(|e| RestoreError::RamFile(e).into())
     }
 }
 
@@ -519,10 +515,8 @@ impl Vmm {
             .map_err(RestoreError::from)?;
         let size = layout.size();
         let backing = PendingBacking::new(&cfg.memory_backend)?;
-        let built_in = backing
-            .as_ref()
-            .map_or_else(|| cfg.memory_backend.clone(), PendingBacking::backend);
-        let mut m = Machine::new(&layout, 1, &built_in, cfg.memory_thp)?;
+        let ram_file = backing.as_ref().map(PendingBacking::ram_file).transpose()?;
+        let mut m = Machine::new(&layout, 1, &cfg.memory_backend, cfg.memory_thp, ram_file)?;
         // The stream writes only the pages it carries: the rest must read
         // zero, also over an existing backing file.
         m.ram.ensure_zeroed().map_err(RestoreError::from)?;

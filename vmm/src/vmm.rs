@@ -82,6 +82,7 @@ impl Vmm {
             config.vcpus,
             &config.memory_backend,
             config.memory_thp,
+            None,
         )?;
         if config.debug_exit {
             m.add_debug_exit()?;

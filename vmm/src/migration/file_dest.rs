@@ -24,6 +24,10 @@
 //! `Target::remove_stale_temps`): every writer locks its file (`flock`),
 //! and only unlocked ones of processes that are gone are removed.
 //!
+//! A restore onto `--memory-backend file=PATH` builds the guest's RAM the
+//! same way ([`AtomicFile::create_rw`], mapped while it is written, and
+//! [`AtomicFile::commit_unsynced`]).
+//!
 //! The result always has mode 0600 (less the umask) and belongs to the VMM's
 //! user: the mode and owner of a file it replaces are not carried over. A
 //! snapshot holds guest memory; widening access is left to an explicit chmod.
@@ -411,11 +415,23 @@ impl AtomicFile {
     /// directory (`O_TMPFILE`), or a named one next to it where the
     /// filesystem has no unnamed files.
     pub fn create(path: &Path) -> Result<AtomicFile, Error> {
+        Self::create_with(path, false)
+    }
+
+    /// [`AtomicFile::create`], opened for reading too: for a file that is
+    /// mapped shared while it is written (a restore's guest RAM, see
+    /// [`AtomicFile::file`]).
+    pub fn create_rw(path: &Path) -> Result<AtomicFile, Error> {
+        Self::create_with(path, true)
+    }
+
+    fn create_with(path: &Path, read: bool) -> Result<AtomicFile, Error> {
         let target = Target::new(path)?;
         target.check_dir()?;
         target.check()?;
         target.remove_stale_temps();
         let opened = OpenOptions::new()
+            .read(read)
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
@@ -436,8 +452,8 @@ impl AtomicFile {
                     id: (meta.dev(), meta.ino()),
                 })
             }
-            Ok(_) => Self::create_named(target),
-            Err(e) if tmpfile_unsupported(&e) => Self::create_named(target),
+            Ok(_) => Self::create_named(target, read),
+            Err(e) if tmpfile_unsupported(&e) => Self::create_named(target, read),
             Err(source) => Err(Error::CreateTemp {
                 path: target.given.clone(),
                 temp: unnamed_in(&target.dir),
@@ -448,11 +464,12 @@ impl AtomicFile {
 
     /// [`AtomicFile::create`] with a named temporary file
     /// (`.NAME.blimp-tmp.PID.N`): what a filesystem without `O_TMPFILE` gets.
-    fn create_named(target: Target) -> Result<AtomicFile, Error> {
+    fn create_named(target: Target, read: bool) -> Result<AtomicFile, Error> {
         let mut attempt = 0;
         loop {
             let temp = target.temp_path(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
             let opened = OpenOptions::new()
+                .read(read)
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
@@ -499,14 +516,31 @@ impl AtomicFile {
         self.temp.as_deref()
     }
 
+    /// The file being written, until it is committed: to map it or to
+    /// hand a duplicate (`try_clone`) to whoever keeps it open after.
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     /// Sync the data and put it at the target; then sync the directory
     /// (a failure of that last step is logged, not returned: see below).
-    pub fn commit(mut self) -> Result<(), Error> {
+    pub fn commit(self) -> Result<(), Error> {
+        self.commit_with(true)
+    }
+
+    /// [`AtomicFile::commit`] without syncing the data first: for a file
+    /// whose contents are the running guest's RAM, which a host crash ends
+    /// anyway; syncing gigabytes would only stretch a migration's downtime.
+    pub fn commit_unsynced(self) -> Result<(), Error> {
+        self.commit_with(false)
+    }
+
+    fn commit_with(mut self, sync_data: bool) -> Result<(), Error> {
         let Some(mut file) = self.file.take() else {
             return Ok(());
         };
         let sync = |file: &mut File| file.flush().and_then(|()| file.sync_all());
-        if let Err(source) = sync(&mut file) {
+        if sync_data && let Err(source) = sync(&mut file) {
             self.remove_temp();
             return Err(Error::Sync {
                 path: self.target.given.clone(),
@@ -752,7 +786,7 @@ mod tests {
                 );
                 f
             }
-            Way::Named => AtomicFile::create_named(Target::new(path).unwrap()).unwrap(),
+            Way::Named => AtomicFile::create_named(Target::new(path).unwrap(), false).unwrap(),
         }
     }
 
@@ -790,6 +824,36 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().mode() & 0o777;
             assert_eq!(mode & !0o600, 0, "{way:?}: mode {mode:o}");
             assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+        }
+    }
+
+    /// `create_rw` (a restore's guest RAM): the file being written reads
+    /// back through the same descriptor, either way it is made, and
+    /// `commit_unsynced` puts it in the target's place, over an old file
+    /// too, with nothing else left in the directory.
+    #[test]
+    fn a_read_write_file_reads_back_and_commits_unsynced() {
+        use std::os::unix::fs::FileExt;
+        for way in WAYS {
+            let d = TempDir::new("rw");
+            let p = d.join("ram");
+            std::fs::write(&p, b"old bytes").unwrap();
+            let f = match way {
+                Way::Unnamed => AtomicFile::create_rw(&p).unwrap(),
+                Way::Named => AtomicFile::create_named(Target::new(&p).unwrap(), true).unwrap(),
+            };
+            let file = f.file().unwrap().try_clone().unwrap();
+            file.write_all_at(b"guest ram", 0).unwrap();
+            let mut back = [0u8; 9];
+            file.read_exact_at(&mut back, 0).unwrap();
+            assert_eq!(&back, b"guest ram", "{way:?}");
+            assert_eq!(std::fs::read(&p).unwrap(), b"old bytes", "{way:?}");
+            f.commit_unsynced().unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"guest ram", "{way:?}");
+            assert_eq!(d.names(), vec!["ram".to_string()], "{way:?}");
+            // The duplicate descriptor still reaches the file now at `p`.
+            file.write_all_at(b"G", 0).unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"Guest ram", "{way:?}");
         }
     }
 
