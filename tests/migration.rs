@@ -301,12 +301,14 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
     let url = format!("unix://{}", listen.display());
     let missing_dir = tmp("no-such-dir").join("api.sock");
     // A path that fits in a socket address while the private bind path
-    // next to it does not; a directory that takes no private directory.
-    // (DIR is 97 bytes; DIR/a.sock 104; DIR/.bPID.0/s at least 108.)
-    let long_dir = PathBuf::from("/tmp").join("d".repeat(92));
+    // next to it does not, whatever blimp's PID; a directory that takes
+    // no private directory. (DIR is 100 bytes; DIR/a.sock 107, the most a
+    // socket path may be; DIR/.bPID.0/s at least 108 with the PID in hex,
+    // one digit or more. With DIR 97 bytes, a PID under 0x1000 fitted.)
+    let long_dir = PathBuf::from("/tmp").join("d".repeat(95));
     std::fs::create_dir_all(&long_dir).unwrap();
     let long = long_dir.join("a.sock");
-    assert_eq!(long.as_os_str().len(), 104);
+    assert_eq!(long.as_os_str().len(), 107);
     for (api_sock, why) in [
         (src_sock.clone(), "in use by another process"),
         (missing_dir.clone(), "no-such-dir"),
