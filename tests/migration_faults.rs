@@ -73,6 +73,8 @@ enum Then {
 struct FakeDest {
     path: PathBuf,
     release: Option<mpsc::Sender<()>>,
+    /// Told when the destination has read GO.
+    go: mpsc::Receiver<()>,
     thread: Option<std::thread::JoinHandle<Result<String, String>>>,
 }
 
@@ -82,15 +84,24 @@ impl FakeDest {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind the fake destination");
         let (tx, rx) = mpsc::channel();
+        let (go_tx, go) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             let (s, _) = listener.accept().map_err(|e| e.to_string())?;
-            serve(s, at, then, rx)
+            serve(s, at, then, rx, go_tx)
         });
         FakeDest {
             path,
             release: Some(tx),
+            go,
             thread: Some(thread),
         }
+    }
+
+    /// Wait until the destination has read GO.
+    fn wait_go(&self, timeout: Duration) {
+        self.go
+            .recv_timeout(timeout)
+            .expect("the fake destination never got GO");
     }
 
     fn url(&self) -> String {
@@ -124,6 +135,7 @@ fn serve(
     at: At,
     then: Then,
     release: mpsc::Receiver<()>,
+    go_seen: mpsc::Sender<()>,
 ) -> Result<String, String> {
     let stop = |s: UnixStream, what: String| -> Result<String, String> {
         if then == Then::Stall {
@@ -203,6 +215,7 @@ fn serve(
             if go != Message::Go {
                 return Err(format!("expected GO, got {go:?}"));
             }
+            let _ = go_seen.send(());
             match then {
                 Then::AckThenClose => Ok("closed after GO".into()),
                 Then::AckThenNak(reason) => {
@@ -388,6 +401,15 @@ fn a_destination_that_takes_over_then_goes_silent_leaves_the_source_paused() {
     let (mut vm, mut api) = source("silent");
     let dest = FakeDest::start("silent", At::Trailer, Then::AckThenSilent);
     put_migration(&mut api, base_request(&dest.url()));
+    // Too late to cancel: the VM was handed over. It used to answer 204
+    // (and the migration ended Failed, not Cancelled).
+    dest.wait_go(Duration::from_secs(60));
+    let (s, b) = api.delete("/migration").unwrap();
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        b["error"].as_str().unwrap_or("").contains("too late"),
+        "{b}"
+    );
     assert_failed_saying(
         &mut api,
         Duration::from_secs(60),
@@ -519,9 +541,31 @@ fn cancel_against_a_destination_that_stopped_reading_takes_effect_within_a_secon
     let st = wait_stream_blocked(&mut api);
     assert_eq!(st["state"], "Completing", "{st}");
     assert_eq!(vm_state(&mut api), "Paused", "the final round runs paused");
-    // Requests that would race the final round are refused.
+    // Requests that would race the final round are refused; a change of
+    // the balloon's target too (it would not reach the destination: it
+    // used to be answered 204 and lost).
     let (s, b) = api.patch("/vm", &json!({"state": "Running"})).unwrap();
     assert_eq!(s, 409, "{b}");
+    // The API is not held up by the stalled final round: GET /balloon
+    // (through the event loop during a job) used to wait for the balloon
+    // lock the final round held for its whole copy, and every request
+    // behind it got 503 after 5 s.
+    for path in ["/balloon", "/vm", "/balloon/statistics"] {
+        let t = Instant::now();
+        let (s, b) = api.get(path).unwrap();
+        assert_eq!(s, 200, "GET {path}: {b}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "GET {path} took {:?}",
+            t.elapsed()
+        );
+    }
+    let (s, b) = api.patch("/balloon", &json!({"target_mib": 8})).unwrap();
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        b["error"].as_str().unwrap_or("").contains("being captured"),
+        "{b}"
+    );
     let took = cancel_and_time(&mut api);
     eprintln!("cancel in the final round took {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");

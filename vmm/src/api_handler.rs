@@ -289,6 +289,7 @@ fn balloon_error(e: balloon::Error) -> ApiResponse {
         balloon::Error::HintingNotNegotiated(_) => {
             ApiResponse::feature_not_negotiated("free_page_hint")
         }
+        balloon::Error::Frozen => ApiResponse::conflict(balloon::Error::Frozen.to_string()),
         other => ApiResponse::bad_request(other.to_string()),
     }
 }
@@ -400,6 +401,25 @@ impl ApiHandler {
                 | ApiRequest::HintingStop
                 | ApiRequest::HintingDone
         );
+        // Changes the final round would not carry (the device refuses the
+        // target and stats interval itself, atomically with its capture).
+        let changes_balloon = matches!(
+            req,
+            ApiRequest::PatchBalloon(_)
+                | ApiRequest::PutBalloon(_)
+                | ApiRequest::PatchBalloonStats(_)
+                | ApiRequest::PutBalloonPolicy(_)
+                | ApiRequest::PatchBalloonPolicy(_)
+        );
+        if changes_balloon
+            && self
+                .ctx
+                .balloon
+                .as_ref()
+                .is_some_and(|b| lock(b).is_frozen())
+        {
+            return Some(ApiResponse::conflict(balloon::Error::Frozen.to_string()));
+        }
         if races_migration && self.job_running() {
             let state = self.job.as_ref().map(|j| j.status().state);
             return Some(ApiResponse::conflict(format!(
@@ -496,8 +516,13 @@ impl ApiHandler {
             )),
             ApiRequest::CancelMigration => match &self.job {
                 Some(j) if j.is_running() => {
-                    j.cancel();
-                    Ok(ApiResponse::no_content())
+                    if j.cancel() {
+                        Ok(ApiResponse::no_content())
+                    } else {
+                        Err(ApiResponse::conflict(
+                            "too late to cancel: the destination has the whole VM and it is being handed over (or the file put in place); GET /migration says how it ends",
+                        ))
+                    }
                 }
                 _ => Err(ApiResponse::no_migration()),
             },
@@ -571,8 +596,8 @@ impl ApiHandler {
         // directory; a symlink, directory, device, FIFO or socket in the
         // way); the job checks again, and writes through a temporary file.
         if let MigrationDestination::File(p) = &opts.destination {
-            file_dest::check(p).map_err(|e| ApiResponse::bad_request(e.to_string()))?;
             refuse_own_file(&ctx, p)?;
+            file_dest::check(p).map_err(|e| ApiResponse::bad_request(e.to_string()))?;
         }
         let destination = opts.destination.to_string();
         // Balloon requests come through here from now on (see DirectBalloon).

@@ -117,6 +117,9 @@ impl MigrationOptions {
 pub struct Migration {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
+    /// Set (under `status`'s lock) once the job passed the point where a
+    /// cancel could still take effect (see [`Migration::cancel`]).
+    handed_over: Arc<AtomicBool>,
     /// Bytes written to the destination so far (live progress).
     written: Arc<AtomicU64>,
     mode: Mode,
@@ -197,12 +200,14 @@ impl Migration {
         st.remaining_pages = st.total_pages;
         let status = Arc::new(Mutex::new(st));
         let cancel = Arc::new(AtomicBool::new(false));
+        let handed_over = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let mode = opts.mode;
         let started = Instant::now();
         let job = Job {
             status: status.clone(),
             cancel: cancel.clone(),
+            handed_over: handed_over.clone(),
             written: written.clone(),
             started,
         };
@@ -222,6 +227,7 @@ impl Migration {
         Migration {
             status,
             cancel,
+            handed_over,
             written,
             mode,
             thread,
@@ -251,10 +257,18 @@ impl Migration {
     }
 
     /// Ask the migration to stop; the guest runs here again. Noticed within
-    /// [`link::POLL`]; too late once the source gave the VM up (after the
-    /// destination's ACK).
-    pub fn cancel(&self) {
+    /// [`link::POLL`]. Refused (false) once it is too late: the
+    /// destination acknowledged the stream and the VM is being handed over,
+    /// or a file destination is being put in place. Decided under the
+    /// status lock, as the job decides to go on, so the answer is the
+    /// outcome.
+    pub fn cancel(&self) -> bool {
+        let _status = lock(&self.status);
+        if self.handed_over.load(Ordering::SeqCst) {
+            return false;
+        }
         self.cancel.store(true, Ordering::SeqCst);
+        true
     }
 
     /// Wait for the thread to end.
@@ -279,6 +293,7 @@ impl Drop for Migration {
 struct Job {
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
+    handed_over: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
     started: Instant,
 }
@@ -293,6 +308,7 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
         opts: &opts,
         status: &job.status,
         cancel: &job.cancel,
+        handed_over: &job.handed_over,
         written: &job.written,
         hints,
         source: source.clone(),
@@ -301,6 +317,9 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
         peer: None,
     };
     let result = sender.run();
+    // The balloon serves the guest again, whatever happened (a migrated
+    // VM's guest never runs here again; its device may as well).
+    thaw(&ctx);
     // A destination still waiting for GO learns the migration is over.
     if result.is_err()
         && let Some(p) = &sender.peer
@@ -363,6 +382,27 @@ fn run(ctx: SourceContext, opts: MigrationOptions, job: Job) {
     }
 }
 
+/// See [`Sender::past_cancelling`].
+fn past_cancelling(
+    status: &Mutex<MigrationStatus>,
+    cancel: &AtomicBool,
+    handed_over: &AtomicBool,
+) -> Result<(), MigrationError> {
+    let _status = lock(status);
+    if cancel.load(Ordering::SeqCst) {
+        return Err(MigrationError::Cancelled);
+    }
+    handed_over.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Undo the final round's [`Balloon::freeze`](devices::virtio::balloon::Balloon::freeze).
+fn thaw(ctx: &SourceContext) {
+    if let Some(b) = &ctx.balloon {
+        lock(b).thaw();
+    }
+}
+
 /// The VM lives on at `dest`: say so, and end this blimp after `exit_after`
 /// (or keep it, in the terminal Migrated state, until it is shut down).
 fn hand_over(ctx: &SourceContext, dest: &str, exit_after: Option<Duration>) {
@@ -396,6 +436,7 @@ struct Sender<'a> {
     opts: &'a MigrationOptions,
     status: &'a Mutex<MigrationStatus>,
     cancel: &'a Arc<AtomicBool>,
+    handed_over: &'a Arc<AtomicBool>,
     written: &'a Arc<AtomicU64>,
     hints: Arc<RoundHints>,
     /// Who hints free pages (the balloon), if anyone.
@@ -415,6 +456,12 @@ impl Sender<'_> {
             return Err(MigrationError::Cancelled);
         }
         Ok(())
+    }
+
+    /// From here on a cancel is refused (see [`Migration::cancel`]); one
+    /// that came first ends the job now.
+    fn past_cancelling(&self) -> Result<(), MigrationError> {
+        past_cancelling(self.status, self.cancel, self.handed_over)
     }
 
     fn hints_available(&self) -> bool {
@@ -564,8 +611,10 @@ impl Sender<'_> {
                 // A snapshot's guest need not wait for the fsync; a
                 // migrated one stays paused until the file is in place.
                 if self.opts.mode == Mode::Snapshot && !self.was_paused {
+                    thaw(self.ctx);
                     self.ctx.vcpus.resume();
                 }
+                self.past_cancelling()?;
                 Ok(f.commit()?)
             }
             Sink::Peer(_) => self.switchover(),
@@ -661,7 +710,13 @@ impl Sender<'_> {
         let ram = &self.ctx.ram;
         let pause_start = Instant::now();
         self.ctx.vcpus.pause();
-        let balloon_guard = self.ctx.balloon.as_ref().map(|b| lock(b));
+        // The balloon writes nothing to guest memory from here until the
+        // job ends (`run` thaws it), so the copy and the captured device
+        // agree; its lock is held only to freeze and to capture, so the
+        // event loop and the API go on meanwhile.
+        if let Some(b) = &self.ctx.balloon {
+            lock(b).freeze();
+        }
         dirty::sync(&lock(&self.ctx.vm), ram, bitmap)?;
         w.send_bitmap(ram.memory(), round, bitmap)
             .map_err(MigrationError::from_write)?;
@@ -680,9 +735,10 @@ impl Sender<'_> {
             vcpus.push(st);
         }
         let vm_state = state::capture_vm(lock(&self.ctx.vm).fd())?;
-        let devices = (self.ctx.capture_devices)(balloon_guard.as_deref())
-            .map_err(MigrationError::Devices)?;
-        drop(balloon_guard);
+        let devices = {
+            let balloon = self.ctx.balloon.as_ref().map(|b| lock(b));
+            (self.ctx.capture_devices)(balloon.as_deref()).map_err(MigrationError::Devices)?
+        };
         let blob = VmState::new(ram.layout(), vcpus, vm_state, devices).to_bytes()?;
         w.state(&blob).map_err(MigrationError::from_write)?;
         let (out, stats) = w.finish().map_err(MigrationError::from_write)?;
@@ -717,6 +773,7 @@ impl Sender<'_> {
     fn switchover(&mut self) -> Result<(), MigrationError> {
         self.update(|s| s.state = MigrationState::Switchover);
         let pause_start = Instant::now();
+        let (status, cancel_flag, handed_over) = (self.status, self.cancel, self.handed_over);
         let Some(peer) = &mut self.peer else {
             return Ok(());
         };
@@ -739,7 +796,8 @@ impl Sender<'_> {
             Err(e) => return Err(MigrationError::Switchover(e)),
         }
         // From here on the VM is the destination's unless it says it did
-        // not start: a cancel is too late.
+        // not start: a cancel is too late (and one that came first wins).
+        past_cancelling(status, cancel_flag, handed_over)?;
         log::info!("migration: the destination acknowledged; handing the VM over");
         handshake::send(peer, &Message::Go).map_err(MigrationError::Switchover)?;
         let never = || false;

@@ -155,6 +155,11 @@ pub struct Balloon {
     /// A deflate down to it follows a lowered target (the guest read it
     /// before a later raise); only a deflate below it is unsolicited.
     pub(super) deflate_floor: u32,
+    /// Set by [`Balloon::freeze`] until [`Balloon::thaw`]: the device
+    /// writes nothing to guest memory meanwhile.
+    pub(super) frozen: bool,
+    /// Queues (bit per index) notified while frozen, served on thaw.
+    pub(super) frozen_kicks: u32,
 
     // Event-loop plumbing (see event_handler.rs).
     pub(crate) ctl_evt: EventFd,
@@ -246,6 +251,8 @@ impl Balloon {
             hint_sink: None,
             hint_ack_on_stop: false,
             deflate_floor: cfg.initial_target_pages,
+            frozen: false,
+            frozen_kicks: 0,
             ctl_evt: EventFd::new(EFD_NONBLOCK).map_err(io("control eventfd"))?,
             stats_timer: TimerFd::new().map_err(errno("stats timerfd"))?,
             timer_dirty: false,
@@ -262,6 +269,9 @@ impl Balloon {
     /// Ask the guest to hold `pages` 4 KiB pages in the balloon; raises a
     /// configuration-change interrupt if the device is active.
     pub fn set_target_pages(&mut self, pages: u32) -> Result<(), Error> {
+        if self.frozen {
+            return Err(Error::Frozen);
+        }
         if u64::from(pages) > self.layout.total_pages() {
             return Err(Error::TargetTooLarge {
                 target: pages,
@@ -315,9 +325,59 @@ impl Balloon {
         if self.avail_features & bit(VIRTIO_BALLOON_F_STATS_VQ) == 0 {
             return Err(Error::StatsDisabled(secs));
         }
+        if self.frozen {
+            return Err(Error::Frozen);
+        }
         self.stats_interval_s = secs;
         self.request_timer_sync();
         Ok(())
+    }
+
+    /// Stop serving the guest until [`thaw`](Self::thaw), for a migration's
+    /// or snapshot's final round (vCPUs paused): it syncs the dirty log,
+    /// copies memory and then captures this device, and what the device
+    /// would write meanwhile (used rings, discards) would be missing from
+    /// the copy or disagree with the captured state. Holding the device
+    /// lock for that long instead would stall the event loop, and the API
+    /// behind it, for the whole copy. Waits for deferred discards. Queue
+    /// notifications meanwhile are remembered and served on thaw (or, in
+    /// a migrated VM, by the destination: the captured rings hold their
+    /// buffers), a stats timer tick is skipped, and the host-side changes
+    /// that would not reach the destination (target, stats interval) are
+    /// refused ([`Error::Frozen`]).
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+        self.wait_for_discards();
+    }
+
+    /// Serve the guest again after [`freeze`](Self::freeze): queues
+    /// notified meanwhile are signalled again. Harmless when not frozen.
+    pub fn thaw(&mut self) {
+        if !std::mem::take(&mut self.frozen) {
+            return;
+        }
+        let kicked = std::mem::take(&mut self.frozen_kicks);
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        for (idx, q) in a.queues.iter_mut().enumerate() {
+            if kicked & (1 << idx) == 0 {
+                continue;
+            }
+            // The device's own write, as `resume_later`'s: not a kick.
+            match q.evt.write(1) {
+                Ok(()) => q.resumes += 1,
+                Err(e) => error!(
+                    "balloon: signalling the {} queue on thaw failed: {e}",
+                    q.kind.name()
+                ),
+            }
+        }
+    }
+
+    /// Whether the device is frozen (see [`freeze`](Self::freeze)).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// The device's counters.

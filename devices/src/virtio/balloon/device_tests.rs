@@ -832,6 +832,49 @@ mod event_loop {
         ));
     }
 
+    /// Frozen (a migration's final round): a kick is not served (nothing
+    /// discarded, no used-ring write), the target and the stats interval
+    /// are refused; thawed, the kick is served without another from the
+    /// guest, and the guest's kick count is not inflated by it.
+    #[test]
+    fn a_frozen_device_serves_nothing_until_thawed() {
+        let mut w = world(BalloonConfig {
+            stats_polling_interval_s: 1,
+            ..BalloonConfig::default()
+        });
+        let mut qs = linux_probe(&mut w.transport, &w.mem, QUEUE_BASE, u64::MAX);
+        w.mgr.run_with_timeout(10).unwrap();
+        w.balloon.lock().unwrap().freeze();
+        assert!(matches!(
+            w.balloon.lock().unwrap().set_target_pages(16),
+            Err(Error::Frozen)
+        ));
+        assert!(matches!(
+            w.balloon.lock().unwrap().set_stats_polling_interval(2),
+            Err(Error::Frozen)
+        ));
+        let len = write_pfns(&w.mem, BUF_BASE, &(0x10..0x20).collect::<Vec<_>>());
+        qs[0].add_chain(&w.mem, &[(BUF_BASE, len, false)]);
+        w.transport.queue_evts()[0].write(1).unwrap();
+        for _ in 0..5 {
+            w.mgr.run_with_timeout(20).unwrap();
+        }
+        assert!(w.discard.discarded().is_empty(), "served while frozen");
+        assert_eq!(qs[0].used_idx(&w.mem), 0, "used ring written while frozen");
+        w.balloon.lock().unwrap().thaw();
+        let d = w.discard.clone();
+        assert!(run_until(
+            &mut w.mgr,
+            || !d.discarded().is_empty(),
+            Duration::from_secs(2)
+        ));
+        assert_eq!(qs[0].used_idx(&w.mem), 1);
+        let b = w.balloon.lock().unwrap();
+        assert_eq!(b.metrics().snapshot().inflate_kicks, 1);
+        drop(b);
+        w.balloon.lock().unwrap().set_target_pages(16).unwrap();
+    }
+
     /// The event loop returns the inflate buffer and raises the interrupt,
     /// then discards with the device lock released: the guest's `actual`
     /// write (and the API) are not held up by the discard. A reset, after

@@ -102,7 +102,11 @@ impl Balloon {
                     error!("balloon: reading the stats timer failed: {e}");
                     return LateDiscards::default();
                 }
-                self.request_stats();
+                // Frozen: the next tick asks (handing the buffer back
+                // writes the used ring).
+                if !self.frozen {
+                    self.request_stats();
+                }
             }
             data if data >= DATA_QUEUE_BASE => {
                 let idx = (data - DATA_QUEUE_BASE) as usize;
@@ -117,6 +121,10 @@ impl Balloon {
                     return LateDiscards::default();
                 };
                 self.count_kicks(kind, kicks);
+                if self.frozen {
+                    self.frozen_kicks |= 1 << idx;
+                    return LateDiscards::default();
+                }
                 return self.serve_queue(idx);
             }
             data => error!("balloon: unexpected event data {data}"),

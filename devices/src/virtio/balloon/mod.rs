@@ -179,6 +179,10 @@ pub enum Error {
     HintingDisabled,
     #[error("the driver did not negotiate free page hinting (acked features {0:#x})")]
     HintingNotNegotiated(u64),
+    #[error(
+        "the VM's state is being captured (the final round of a migration or snapshot): a change now would not reach the destination; retry once the job has ended, or on the destination"
+    )]
+    Frozen,
     #[error("creating the device's {what}: {source}")]
     Io {
         what: &'static str,
