@@ -500,12 +500,16 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
                 )));
             }
             let mut check = api::policy::PolicySettings::default();
+            let mut given = api::policy::GivenKeys::default();
             for kv in &args.settings {
                 let Some((k, v)) = kv.split_once('=') else {
                     return Err(usage(format!(
                         "balloon policy set: '{kv}' is not KEY=VALUE"
                     )));
                 };
+                given
+                    .note(k)
+                    .map_err(|e| usage(format!("balloon policy set: {e}")))?;
                 if k == "enabled" {
                     patch.enabled = Some(match v {
                         "on" | "true" | "1" | "yes" => true,

@@ -252,6 +252,14 @@ fn invalid_client_requests_are_usage_errors() {
         (&["balloon", "policy", "set", "settle=abc"], "abc"),
         (&["balloon", "policy", "set", "enabled=maybe"], "maybe"),
         (&["balloon", "policy", "set", "floor"], "KEY=VALUE"),
+        (
+            &["balloon", "policy", "set", "floor=32M", "floor=48M"],
+            "floor given twice (floor and floor)",
+        ),
+        (
+            &["balloon", "policy", "set", "enabled=on", "enabled=off"],
+            "enabled given twice",
+        ),
         (&["balloon", "hint", "start"], "hint"),
     ] {
         let all: Vec<&str> = args.iter().chain(&api).copied().collect();
