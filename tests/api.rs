@@ -205,6 +205,14 @@ fn every_error_class_has_its_status_and_message() {
     }
     assert_eq!(floor(), before, "a refused policy body changed the floor");
 
+    // The state's message offers only what PATCH /vm takes.
+    let (s, b) = api.patch("/vm", &json!({"state": "running"})).unwrap();
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        err(&b).contains("expected `Running` or `Paused`") && !err(&b).contains("Migrated"),
+        "{b}"
+    );
+
     // A VM without a balloon answers balloon requests with 400.
     drop(api);
     vm.signal(libc::SIGTERM);
