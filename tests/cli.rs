@@ -404,6 +404,41 @@ fn client_commands_end_quietly_on_a_closed_stdout() {
     assert!(status.success(), "{status:?}");
 }
 
+/// `blimp events` ended with "API request failed: error reading a body
+/// from connection" and status 1 when the VM shut down normally: after a
+/// ShuttingDown event, the stream ending (cut short as the VMM exits) is
+/// its normal end, status 0.
+#[test]
+fn events_end_quietly_when_the_vm_shuts_down() {
+    let (mut vm, api, sock) = common::boot_with_api(
+        "cli-events-end",
+        "sleep 120",
+        &["--memory", "128M", "--balloon", "stats_interval=1"],
+    );
+    let mut child = std::process::Command::new(common::blimp())
+        .args(["events", "--api-sock", sock.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // An event (statistics come every second) shows the reader subscribed.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first = lines.next().expect("an event").unwrap();
+    assert!(!first.is_empty());
+    let (s, b) = api.put("/vm/shutdown", &serde_json::json!({})).unwrap();
+    assert_eq!(s, 204, "{b}");
+    assert_eq!(vm.wait(std::time::Duration::from_secs(30)).code(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        rest.iter().any(|l| l.contains("ShuttingDown")),
+        "no ShuttingDown event: {rest:?}"
+    );
+    assert!(status.success() && err.is_empty(), "{status:?}: {err}");
+}
+
 /// `--api-sock` naming a directory or a regular file was reported as
 /// "connection refused (nobody listens; stale socket file?)"; a server
 /// socket in /proc as a bare "No such file or directory". Each says what
