@@ -469,6 +469,82 @@ fn api_socket_paths_that_cannot_be_sockets() {
     );
 }
 
+/// Arguments that cannot work together or cannot name a socket are usage
+/// errors (2), as README's exit statuses say: `--memory-thp` with the
+/// hugetlb backing, and an `--api-sock` too long for a socket address or
+/// naming something that is not a socket exited 1, as runtime errors.
+/// `blimp restore` and `run --incoming` take them alike.
+#[test]
+fn host_option_errors_are_usage_errors() {
+    let k = testguest().to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut all = vec!["run", "--kernel", k, "--no-stdin", "--memory", "64M"];
+        all.extend_from_slice(extra);
+        all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let file = std::env::temp_dir().join(format!("blimp-cli-apisock-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let f = file.to_str().unwrap().to_string();
+    // 108 bytes: no socket address holds it; 107: the private bind path
+    // next to it (DIR/.bPID.0/s) does not fit, whatever the PID.
+    let too_long = format!("/tmp/{}", "x".repeat(103));
+    let long_dir = std::path::PathBuf::from("/tmp").join("e".repeat(100));
+    std::fs::create_dir_all(&long_dir).unwrap();
+    let bind_too_long = long_dir.join("s").to_str().unwrap().to_string();
+    assert_eq!((too_long.len(), bind_too_long.len()), (108, 107));
+    let missing_dir = format!("/tmp/blimp-cli-no-such-dir-{}/a.sock", std::process::id());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            run(&["--memory-backend", "hugetlb", "--memory-thp"]),
+            "--memory-thp does not apply to the hugetlb backing",
+        ),
+        (
+            run(&["--api-sock", &too_long]),
+            "longer than a unix socket path",
+        ),
+        (run(&["--api-sock", &bind_too_long]), "may be at most"),
+        (run(&["--api-sock", &f]), "exists and is not a socket"),
+        (run(&["--api-sock", &missing_dir]), "blimp-cli-no-such-dir"),
+        (
+            ["restore", "--from", "/nonexistent", "--api-sock", &f]
+                .map(String::from)
+                .to_vec(),
+            "exists and is not a socket",
+        ),
+        (
+            [
+                "restore",
+                "--from",
+                "/nonexistent",
+                "--memory-backend",
+                "hugetlb",
+                "--memory-thp",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "--memory-thp does not apply",
+        ),
+        (
+            [
+                "run",
+                "--incoming",
+                "unix:///tmp/blimp-cli-never.sock",
+                "--api-sock",
+                &too_long,
+            ]
+            .map(String::from)
+            .to_vec(),
+            "longer than a unix socket path",
+        ),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_usage(&args, needle);
+    }
+    std::fs::remove_file(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&long_dir);
+}
+
 /// `--memory 16M` with the test guest (loaded at 16 MiB) was reported as
 /// "neither an ELF vmlinux nor a bzImage: ... Unable to read kernel
 /// image"; it says the kernel does not fit, where it loads, and the RAM
@@ -533,11 +609,12 @@ fn long_api_socket_paths() {
     assert!(out.contains("state:   Running"), "{out}");
     drop(vm.child.kill());
     vm.wait(std::time::Duration::from_secs(10));
-    // 107 bytes fit a socket address, but not with the private directory.
+    // 107 bytes fit a socket address, but not with the private directory:
+    // a path that cannot be a socket, a usage error.
     let sock = path_of(107, "s");
     let k = testguest().to_str().unwrap();
     let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", sock.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("is 107 bytes: blimp binds it first as")
             && err.contains(

@@ -302,16 +302,23 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
     let missing_dir = tmp("no-such-dir").join("api.sock");
     // A path that fits in a socket address while the private bind path
     // next to it does not; a directory that takes no private directory.
-    // (DIR is 97 bytes; DIR/a.sock 104; DIR/.bPID.0/s at least 108.)
-    let long_dir = PathBuf::from("/tmp").join("d".repeat(92));
+    // (DIR is 105 bytes; DIR/s 107; DIR/.bPID.0/s at least 113. With
+    // DIR/a.sock at 104 bytes, a PID under 0x1000 made the bind path fit.)
+    let long_dir = PathBuf::from("/tmp").join("d".repeat(100));
     std::fs::create_dir_all(&long_dir).unwrap();
-    let long = long_dir.join("a.sock");
-    assert_eq!(long.as_os_str().len(), 104);
-    for (api_sock, why) in [
-        (src_sock.clone(), "in use by another process"),
-        (missing_dir.clone(), "no-such-dir"),
-        (PathBuf::from("/proc/blimp-api.sock"), "private directory"),
-        (long.clone(), "may be at most"),
+    let long = long_dir.join("s");
+    assert_eq!(long.as_os_str().len(), 107);
+    // A path that cannot be a socket is a usage error (2); one another
+    // process has, or a directory that refuses the bind, a runtime one (1).
+    for (api_sock, why, status) in [
+        (src_sock.clone(), "in use by another process", 1),
+        (missing_dir.clone(), "no-such-dir", 2),
+        (
+            PathBuf::from("/proc/blimp-api.sock"),
+            "private directory",
+            1,
+        ),
+        (long.clone(), "may be at most", 2),
     ] {
         let mut dst = Vm::start(&[
             "--incoming",
@@ -320,7 +327,7 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
             api_sock.to_str().unwrap(),
             "--no-stdin",
         ]);
-        assert_eq!(dst.wait(BOOT).code(), Some(1), "{}", log_text(&dst));
+        assert_eq!(dst.wait(BOOT).code(), Some(status), "{}", log_text(&dst));
         let log = log_text(&dst);
         assert!(
             log.contains(api_sock.to_str().unwrap()) && log.contains(why),
