@@ -500,12 +500,16 @@ fn policy(args: PolicyArgs) -> Result<(), String> {
                 )));
             }
             let mut check = api::policy::PolicySettings::default();
+            let mut given = api::policy::GivenKeys::default();
             for kv in &args.settings {
                 let Some((k, v)) = kv.split_once('=') else {
                     return Err(usage(format!(
                         "balloon policy set: '{kv}' is not KEY=VALUE"
                     )));
                 };
+                given
+                    .note(k)
+                    .map_err(|e| usage(format!("balloon policy set: {e}")))?;
                 if k == "enabled" {
                     patch.enabled = Some(match v {
                         "on" | "true" | "1" | "yes" => true,
@@ -1057,6 +1061,9 @@ fn events(args: EventsArgs) -> Result<(), String> {
     let c = client(&args.conn)?.with_timeout(Duration::from_secs(5));
     let mut stream = c.events().map_err(err)?;
     let mut seen = 0u64;
+    // After a ShuttingDown event the VMM exits, and the stream ends with
+    // it, cut short (no last chunk): that is the stream's normal end.
+    let mut shutting_down = false;
     while args.count.is_none_or(|n| seen < n) {
         // A second at a time: a reader that went away (`| head -1`) ends
         // the command even while no event comes to be written.
@@ -1066,6 +1073,7 @@ fn events(args: EventsArgs) -> Result<(), String> {
         match stream.next_event(Duration::from_secs(1)) {
             Ok(Some(ev)) => {
                 seen += 1;
+                shutting_down |= matches!(ev.event, api::events::ApiEvent::ShuttingDown { .. });
                 if args.conn.json {
                     let line = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
                     out!("{line}");
@@ -1079,6 +1087,7 @@ fn events(args: EventsArgs) -> Result<(), String> {
             }
             Ok(None) => return Ok(()),
             Err(ClientError::Timeout { .. }) => continue,
+            Err(_) if shutting_down => return Ok(()),
             Err(e) => return Err(err(e)),
         }
     }

@@ -403,14 +403,30 @@ fn start_api(vmm: &mut Vmm, path: &Path) -> Result<api::ApiServerHandle, String>
     api::ApiServer::start_with_config(path, chan, config).map_err(|e| e.to_string())
 }
 
-/// Whether the API socket could be created (see
-/// [`api::check_socket_path`]): checked before a restore so that a
-/// mistyped `--api-sock` is refused before a migration is accepted.
-fn api_sock_usable(api_sock: Option<&Path>) -> Result<(), ExitCode> {
+/// The options `run`, `restore` and `run --incoming` share, checked
+/// before anything is set up (RAM, a listening socket, a migration
+/// accepted): `--memory-thp` with the hugetlb backing is a usage error,
+/// and so is an `--api-sock` path that cannot be a socket (too long, not
+/// a socket, no such directory; [`api::Error::is_usage`]); a socket
+/// another process has, or a directory that refuses the bind, is a
+/// runtime error (see [`api::check_socket_path`]).
+fn check_host_options(
+    backend: &MemoryBackend,
+    thp: bool,
+    api_sock: Option<&Path>,
+) -> Result<(), ExitCode> {
+    if thp && *backend == MemoryBackend::Hugetlb {
+        errln!("blimp: error: {}", vmm::memory::MemoryError::ThpOnHugetlb);
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
     match api_sock.map(api::check_socket_path) {
         Some(Err(e)) => {
             errln!("blimp: error: {e}");
-            Err(ExitCode::from(EXIT_RUNTIME))
+            Err(ExitCode::from(if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME
+            }))
         }
         _ => Ok(()),
     }
@@ -511,7 +527,11 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("blimp: error: {msg}");
             return ExitCode::from(EXIT_USAGE);
         }
-        if let Err(code) = api_sock_usable(args.api_sock.as_deref()) {
+        if let Err(code) = check_host_options(
+            &args.memory_backend,
+            args.memory_thp,
+            args.api_sock.as_deref(),
+        ) {
             return code;
         }
         let host = HostArgs {
@@ -531,6 +551,10 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let api_sock = cfg.api_socket.clone();
+    if let Err(code) = check_host_options(&cfg.memory_backend, cfg.memory_thp, api_sock.as_deref())
+    {
+        return code;
+    }
     let vmm = match Vmm::build(cfg) {
         Ok(v) => v,
         Err(e) => {
@@ -607,7 +631,11 @@ fn main() -> ExitCode {
                 errln!("blimp: error: seccomp: {msg}");
                 return ExitCode::from(EXIT_RUNTIME);
             }
-            if let Err(code) = api_sock_usable(args.host.api_sock.as_deref()) {
+            if let Err(code) = check_host_options(
+                &args.host.memory_backend,
+                args.host.memory_thp,
+                args.host.api_sock.as_deref(),
+            ) {
                 return code;
             }
             restore_and_run(

@@ -181,6 +181,38 @@ fn every_error_class_has_its_status_and_message() {
     );
     assert_eq!(status_of(&r), 400, "bad JSON: {r}");
 
+    // A policy key given twice is refused, naming it; serde_json's maps
+    // kept the last one (204, floor 300 MiB). Nothing is applied.
+    let floor = || api.get("/balloon/policy").unwrap().1["config"]["floor_mib"].clone();
+    let before = floor();
+    assert!(before.is_u64(), "{before}");
+    for (method, body, key) in [
+        ("PATCH", r#"{"floor":"256M","floor":"300M"}"#, "floor"),
+        ("PUT", r#"{"floor":"256M","floor":"300M"}"#, "floor"),
+        ("PATCH", r#"{"settle_ms":100,"settle_ms":200}"#, "settle_ms"),
+        ("PATCH", r#"{"enabled":true,"enabled":false}"#, "enabled"),
+    ] {
+        let req = format!(
+            "{method} /balloon/policy HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = raw(&sock, req.as_bytes());
+        assert_eq!(status_of(&r), 400, "{method} {body}: {r}");
+        assert!(
+            r.contains(&format!("'{key}' given twice")),
+            "{method} {body}: {r}"
+        );
+    }
+    assert_eq!(floor(), before, "a refused policy body changed the floor");
+
+    // The state's message offers only what PATCH /vm takes.
+    let (s, b) = api.patch("/vm", &json!({"state": "running"})).unwrap();
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        err(&b).contains("expected `Running` or `Paused`") && !err(&b).contains("Migrated"),
+        "{b}"
+    );
+
     // A VM without a balloon answers balloon requests with 400.
     drop(api);
     vm.signal(libc::SIGTERM);

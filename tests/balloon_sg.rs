@@ -178,7 +178,7 @@ fn thp_on_hugetlb_is_refused() {
         "hugetlb",
         "--memory-thp",
     ]);
-    assert_ne!(code, 0);
+    assert_eq!(code, 2, "a usage error: {err}");
     assert!(
         err.contains("--memory-thp does not apply to the hugetlb backing"),
         "{err}"

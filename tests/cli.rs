@@ -252,6 +252,14 @@ fn invalid_client_requests_are_usage_errors() {
         (&["balloon", "policy", "set", "settle=abc"], "abc"),
         (&["balloon", "policy", "set", "enabled=maybe"], "maybe"),
         (&["balloon", "policy", "set", "floor"], "KEY=VALUE"),
+        (
+            &["balloon", "policy", "set", "floor=32M", "floor=48M"],
+            "floor given twice (floor and floor)",
+        ),
+        (
+            &["balloon", "policy", "set", "enabled=on", "enabled=off"],
+            "enabled given twice",
+        ),
         (&["balloon", "hint", "start"], "hint"),
     ] {
         let all: Vec<&str> = args.iter().chain(&api).copied().collect();
@@ -396,6 +404,41 @@ fn client_commands_end_quietly_on_a_closed_stdout() {
     assert!(status.success(), "{status:?}");
 }
 
+/// `blimp events` ended with "API request failed: error reading a body
+/// from connection" and status 1 when the VM shut down normally: after a
+/// ShuttingDown event, the stream ending (cut short as the VMM exits) is
+/// its normal end, status 0.
+#[test]
+fn events_end_quietly_when_the_vm_shuts_down() {
+    let (mut vm, api, sock) = common::boot_with_api(
+        "cli-events-end",
+        "sleep 120",
+        &["--memory", "128M", "--balloon", "stats_interval=1"],
+    );
+    let mut child = std::process::Command::new(common::blimp())
+        .args(["events", "--api-sock", sock.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // An event (statistics come every second) shows the reader subscribed.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first = lines.next().expect("an event").unwrap();
+    assert!(!first.is_empty());
+    let (s, b) = api.put("/vm/shutdown", &serde_json::json!({})).unwrap();
+    assert_eq!(s, 204, "{b}");
+    assert_eq!(vm.wait(std::time::Duration::from_secs(30)).code(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        rest.iter().any(|l| l.contains("ShuttingDown")),
+        "no ShuttingDown event: {rest:?}"
+    );
+    assert!(status.success() && err.is_empty(), "{status:?}: {err}");
+}
+
 /// `--api-sock` naming a directory or a regular file was reported as
 /// "connection refused (nobody listens; stale socket file?)"; a server
 /// socket in /proc as a bare "No such file or directory". Each says what
@@ -424,6 +467,82 @@ fn api_socket_paths_that_cannot_be_sockets() {
             && err.contains("No such file or directory"),
         "{err}"
     );
+}
+
+/// Arguments that cannot work together or cannot name a socket are usage
+/// errors (2), as README's exit statuses say: `--memory-thp` with the
+/// hugetlb backing, and an `--api-sock` too long for a socket address or
+/// naming something that is not a socket exited 1, as runtime errors.
+/// `blimp restore` and `run --incoming` take them alike.
+#[test]
+fn host_option_errors_are_usage_errors() {
+    let k = testguest().to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut all = vec!["run", "--kernel", k, "--no-stdin", "--memory", "64M"];
+        all.extend_from_slice(extra);
+        all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let file = std::env::temp_dir().join(format!("blimp-cli-apisock-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let f = file.to_str().unwrap().to_string();
+    // 108 bytes: no socket address holds it; 107: the private bind path
+    // next to it (DIR/.bPID.0/s) does not fit, whatever the PID.
+    let too_long = format!("/tmp/{}", "x".repeat(103));
+    let long_dir = std::path::PathBuf::from("/tmp").join("e".repeat(100));
+    std::fs::create_dir_all(&long_dir).unwrap();
+    let bind_too_long = long_dir.join("s").to_str().unwrap().to_string();
+    assert_eq!((too_long.len(), bind_too_long.len()), (108, 107));
+    let missing_dir = format!("/tmp/blimp-cli-no-such-dir-{}/a.sock", std::process::id());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            run(&["--memory-backend", "hugetlb", "--memory-thp"]),
+            "--memory-thp does not apply to the hugetlb backing",
+        ),
+        (
+            run(&["--api-sock", &too_long]),
+            "longer than a unix socket path",
+        ),
+        (run(&["--api-sock", &bind_too_long]), "may be at most"),
+        (run(&["--api-sock", &f]), "exists and is not a socket"),
+        (run(&["--api-sock", &missing_dir]), "blimp-cli-no-such-dir"),
+        (
+            ["restore", "--from", "/nonexistent", "--api-sock", &f]
+                .map(String::from)
+                .to_vec(),
+            "exists and is not a socket",
+        ),
+        (
+            [
+                "restore",
+                "--from",
+                "/nonexistent",
+                "--memory-backend",
+                "hugetlb",
+                "--memory-thp",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "--memory-thp does not apply",
+        ),
+        (
+            [
+                "run",
+                "--incoming",
+                "unix:///tmp/blimp-cli-never.sock",
+                "--api-sock",
+                &too_long,
+            ]
+            .map(String::from)
+            .to_vec(),
+            "longer than a unix socket path",
+        ),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_usage(&args, needle);
+    }
+    std::fs::remove_file(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&long_dir);
 }
 
 /// `--memory 16M` with the test guest (loaded at 16 MiB) was reported as
@@ -490,11 +609,12 @@ fn long_api_socket_paths() {
     assert!(out.contains("state:   Running"), "{out}");
     drop(vm.child.kill());
     vm.wait(std::time::Duration::from_secs(10));
-    // 107 bytes fit a socket address, but not with the private directory.
+    // 107 bytes fit a socket address, but not with the private directory:
+    // a path that cannot be a socket, a usage error.
     let sock = path_of(107, "s");
     let k = testguest().to_str().unwrap();
     let (code, _, err) = run_blimp(&["run", "--kernel", k, "--api-sock", sock.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("is 107 bytes: blimp binds it first as")
             && err.contains(

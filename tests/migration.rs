@@ -301,19 +301,24 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
     let url = format!("unix://{}", listen.display());
     let missing_dir = tmp("no-such-dir").join("api.sock");
     // A path that fits in a socket address while the private bind path
-    // next to it does not, whatever blimp's PID; a directory that takes
-    // no private directory. (DIR is 100 bytes; DIR/a.sock 107, the most a
-    // socket path may be; DIR/.bPID.0/s at least 108 with the PID in hex,
-    // one digit or more. With DIR 97 bytes, a PID under 0x1000 fitted.)
-    let long_dir = PathBuf::from("/tmp").join("d".repeat(95));
+    // next to it does not; a directory that takes no private directory.
+    // (DIR is 105 bytes; DIR/s 107; DIR/.bPID.0/s at least 113. With
+    // DIR/a.sock at 104 bytes, a PID under 0x1000 made the bind path fit.)
+    let long_dir = PathBuf::from("/tmp").join("d".repeat(100));
     std::fs::create_dir_all(&long_dir).unwrap();
-    let long = long_dir.join("a.sock");
+    let long = long_dir.join("s");
     assert_eq!(long.as_os_str().len(), 107);
-    for (api_sock, why) in [
-        (src_sock.clone(), "in use by another process"),
-        (missing_dir.clone(), "no-such-dir"),
-        (PathBuf::from("/proc/blimp-api.sock"), "private directory"),
-        (long.clone(), "may be at most"),
+    // A path that cannot be a socket is a usage error (2); one another
+    // process has, or a directory that refuses the bind, a runtime one (1).
+    for (api_sock, why, status) in [
+        (src_sock.clone(), "in use by another process", 1),
+        (missing_dir.clone(), "no-such-dir", 2),
+        (
+            PathBuf::from("/proc/blimp-api.sock"),
+            "private directory",
+            1,
+        ),
+        (long.clone(), "may be at most", 2),
     ] {
         let mut dst = Vm::start(&[
             "--incoming",
@@ -322,7 +327,7 @@ fn a_destination_whose_api_socket_cannot_be_made_is_refused_before_it_listens() 
             api_sock.to_str().unwrap(),
             "--no-stdin",
         ]);
-        assert_eq!(dst.wait(BOOT).code(), Some(1), "{}", log_text(&dst));
+        assert_eq!(dst.wait(BOOT).code(), Some(status), "{}", log_text(&dst));
         let log = log_text(&dst);
         assert!(
             log.contains(api_sock.to_str().unwrap()) && log.contains(why),

@@ -222,6 +222,30 @@ fn find(key: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == key || k.json == key)
 }
 
+/// The keys of a list of `KEY=VALUE`s seen so far, each as (JSON name,
+/// spelling given), to refuse a key given twice in either spelling.
+#[derive(Default)]
+pub struct GivenKeys<'a>(Vec<(&'static str, &'a str)>);
+
+impl<'a> GivenKeys<'a> {
+    /// Note `key` (either spelling, or `enabled`); an error naming it if it
+    /// was given before. Unknown keys are left to the value's parser.
+    pub fn note(&mut self, key: &'a str) -> Result<(), String> {
+        let (json, name) = match find(key) {
+            Some(k) => (k.json, k.name),
+            None if key == "enabled" => ("enabled", "enabled"),
+            None => return Ok(()),
+        };
+        if let Some((_, first)) = self.0.iter().find(|(j, _)| *j == json) {
+            return Err(format!(
+                "{name} given twice ({first} and {key}): give it once"
+            ));
+        }
+        self.0.push((json, key));
+        Ok(())
+    }
+}
+
 /// A duration: `10` or `10s` (seconds, decimals allowed: `1.5s`), `500ms`,
 /// `10m`, `1h`.
 pub fn parse_duration_ms(v: &str) -> Result<u64, String> {
@@ -439,19 +463,12 @@ impl PolicySettings {
     pub fn parse_cli(s: &str) -> Result<(bool, PolicySettings), String> {
         let mut settings = PolicySettings::default();
         let mut enabled = true;
-        let mut given: Vec<(&str, &str)> = Vec::new();
+        let mut given = GivenKeys::default();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            if let Some((k, _)) = item.split_once('=')
-                && let Some(key) = find(k.trim())
-            {
-                if let Some((_, first)) = given.iter().find(|(json, _)| *json == key.json) {
-                    return Err(format!(
-                        "--balloon-policy: {} given twice ({first} and {}): give it once",
-                        key.name,
-                        k.trim()
-                    ));
-                }
-                given.push((key.json, k.trim()));
+            if let Some((k, _)) = item.split_once('=') {
+                given
+                    .note(k.trim())
+                    .map_err(|e| format!("--balloon-policy: {e}"))?;
             }
             match item.split_once('=') {
                 None if item == "on" => enabled = true,
@@ -520,9 +537,42 @@ fn enabled_of(v: &Value) -> Result<bool, String> {
         .ok_or_else(|| format!("enabled={}: expected true or false", show(v)))
 }
 
+/// A JSON object's members, a key given twice refused (serde_json's own
+/// maps keep the last one, so `{"floor":"256M","floor":"300M"}` would
+/// quietly mean 300M).
+struct OnceMap(BTreeMap<String, Value>);
+
+impl<'de> Deserialize<'de> for OnceMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OnceMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of balloon policy keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<OnceMap, A::Error> {
+                let mut map = BTreeMap::new();
+                while let Some((k, v)) = access.next_entry::<String, Value>()? {
+                    if map.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "balloon policy: '{k}' given twice: give it once"
+                        )));
+                    }
+                    map.insert(k, v);
+                }
+                Ok(OnceMap(map))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 impl<'de> Deserialize<'de> for PolicyPatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<String, Value>::deserialize(d)?;
+        let OnceMap(map) = OnceMap::deserialize(d)?;
         for k in KEYS.iter().filter(|k| k.name != k.json) {
             if map.contains_key(k.name) && map.contains_key(k.json) {
                 return Err(serde::de::Error::custom(format!(
@@ -724,6 +774,30 @@ mod tests {
             let e = serde_json::from_value::<PolicyPut>(body.clone()).unwrap_err();
             assert!(e.to_string().contains("two spellings"), "{body}: {e}");
         }
+    }
+
+    /// A key given twice in one body is refused, naming it, instead of
+    /// the last one winning (serde_json's maps keep the last).
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        for (body, key) in [
+            (r#"{"floor":"256M","floor":"300M"}"#, "floor"),
+            (r#"{"settle_ms":100,"settle_ms":200}"#, "settle_ms"),
+            (r#"{"enabled":true,"enabled":false}"#, "enabled"),
+        ] {
+            let e = serde_json::from_str::<PolicyPatch>(body).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("'{key}' given twice")),
+                "{body}: {e}"
+            );
+            let e = serde_json::from_str::<PolicyPut>(body).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("'{key}' given twice")),
+                "{body}: {e}"
+            );
+        }
+        let p: PolicyPatch = serde_json::from_str(r#"{"floor":"256M","settle_ms":100}"#).unwrap();
+        assert_eq!(p.changes.len(), 2);
     }
 
     #[test]

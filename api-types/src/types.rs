@@ -94,17 +94,31 @@ pub struct VmInfo {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmStatePatch {
+    #[serde(deserialize_with = "requested_state")]
     pub state: VmState,
 }
+
+/// `PATCH /vm`'s `state`: an unknown one is refused naming only the two it
+/// takes (`VmState`'s own error offered `Migrated` as well).
+fn requested_state<'de, D: serde::Deserializer<'de>>(d: D) -> Result<VmState, D::Error> {
+    use serde::de::Error;
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "Running" => Ok(VmState::Running),
+        "Paused" => Ok(VmState::Paused),
+        "Migrated" => Err(D::Error::custom(MIGRATED_NOT_REQUESTED)),
+        other => Err(D::Error::unknown_variant(other, &["Running", "Paused"])),
+    }
+}
+
+const MIGRATED_NOT_REQUESTED: &str =
+    "state Migrated cannot be requested (a completed migration sets it): use Running or Paused";
 
 impl Validate for VmStatePatch {
     fn validate(&self) -> Result<(), String> {
         match self.state {
             VmState::Running | VmState::Paused => Ok(()),
-            VmState::Migrated => Err(
-                "state Migrated cannot be requested (a completed migration sets it): use Running or Paused"
-                    .into(),
-            ),
+            VmState::Migrated => Err(MIGRATED_NOT_REQUESTED.into()),
         }
     }
 }

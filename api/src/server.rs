@@ -84,6 +84,25 @@ pub enum Error {
     Runtime { path: PathBuf, source: io::Error },
 }
 
+impl Error {
+    /// The path given cannot be an API socket, whatever else runs on the
+    /// host: too long, something other than a socket, its directory
+    /// missing or not a directory. A usage error (exit 2), where a socket
+    /// in use or a directory that refuses the bind is a runtime one.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::NotASocket(_) | Error::PathTooLong { .. } | Error::PrivatePathTooLong { .. } => {
+                true
+            }
+            Error::Check { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Limits and timeouts; [`ServerConfig::default`] is what `start` uses.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

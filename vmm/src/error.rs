@@ -62,7 +62,9 @@ impl Error {
                 Error::Layout(_)
                     | Error::Boot(_)
                     | Error::Memory(
-                        MemoryError::NoHugePages { .. } | MemoryError::FileInUse { .. }
+                        MemoryError::NoHugePages { .. }
+                            | MemoryError::FileInUse { .. }
+                            | MemoryError::ThpOnHugetlb
                     )
                     | Error::Vm(VmError::TooManyVcpus { .. })
             ),
