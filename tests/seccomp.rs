@@ -130,6 +130,10 @@ enum Probe {
     FallocatePunch,
     /// `fallocate` that would allocate blocks (mode 0), on a bad fd.
     FallocateAllocate,
+    /// `rt_sigaction(SIGBUS)`, reading the action only.
+    SigactionBus,
+    /// `rt_sigaction(SIGUSR1)`, reading the action only.
+    SigactionUsr1,
 }
 
 impl Probe {
@@ -145,6 +149,8 @@ impl Probe {
             Probe::Thread => "thread",
             Probe::FallocatePunch => "fallocate-punch",
             Probe::FallocateAllocate => "fallocate-allocate",
+            Probe::SigactionBus => "sigaction-bus",
+            Probe::SigactionUsr1 => "sigaction-usr1",
         }
     }
 
@@ -160,6 +166,8 @@ impl Probe {
             Probe::Thread,
             Probe::FallocatePunch,
             Probe::FallocateAllocate,
+            Probe::SigactionBus,
+            Probe::SigactionUsr1,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -226,6 +234,22 @@ impl Probe {
                     }
                 }
                 Probe::Thread => std::thread::spawn(|| 7).join().unwrap_or(-1),
+                Probe::SigactionBus | Probe::SigactionUsr1 => {
+                    let sig = match self {
+                        Probe::SigactionBus => libc::SIGBUS,
+                        _ => libc::SIGUSR1,
+                    };
+                    // The kernel's struct sigaction: handler, flags,
+                    // restorer, mask (8 bytes with sigsetsize 8).
+                    let mut old = [0u64; 4];
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        std::ptr::null::<u8>(),
+                        old.as_mut_ptr(),
+                        8usize,
+                    )
+                }
                 Probe::FallocatePunch | Probe::FallocateAllocate => {
                     let mode = match self {
                         Probe::FallocatePunch => {
@@ -372,6 +396,26 @@ fn clone3_is_enosys_and_clone_only_makes_threads() {
 
 /// A discard thread may punch holes (its part of memfd RAM) and nothing
 /// else with `fallocate`: allocating blocks ends the process.
+/// std's SIGBUS/SIGSEGV handler puts the default action back with
+/// rt_sigaction before the fault repeats: every thread kind allows that
+/// for those two signals (a bus error on a migration thread, file=PATH RAM
+/// cut short, died by SIGSYS naming rt_sigaction instead), and no other.
+#[test]
+fn every_thread_may_reset_the_fault_handlers_and_nothing_else() {
+    let _serial = probes_serialised();
+    for kind in [
+        ThreadKind::EventLoop,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::Migration,
+        ThreadKind::Spawner,
+        ThreadKind::Discard,
+    ] {
+        assert_survives(kind, Probe::SigactionBus, "PROBE-SURVIVED rc=0");
+        assert_killed(kind, Probe::SigactionUsr1);
+    }
+}
+
 #[test]
 fn discard_threads_may_only_punch_holes() {
     let _serial = probes_serialised();

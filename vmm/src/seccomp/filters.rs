@@ -196,6 +196,16 @@ fn thread_basics() -> Allowed {
             "stderr logging, eventfd wakeups, serial output",
         )
         .allow(libc::SYS_writev, "stderr logging through std")
+        .allow_if(
+            libc::SYS_rt_sigaction,
+            vec![
+                vec![eq(0, libc::SIGBUS as u64)],
+                vec![eq(0, libc::SIGSEGV as u64)],
+            ],
+            "std's SIGBUS/SIGSEGV handler puts the default action back before the fault \
+             repeats: without it a bus error (file=PATH RAM cut short under the VM) died as \
+             a seccomp kill (SIGSYS), hiding the real fault",
+        )
         .allow(libc::SYS_close, "dropping descriptors")
         .allow(libc::SYS_brk, "malloc on the main arena")
         .allow_if(
@@ -509,6 +519,11 @@ fn event_loop() -> Allowed {
         )
         .merge(&file_metadata())
         .allow(libc::SYS_lseek, "reading the console")
+        .allow(
+            libc::SYS_flock,
+            "PUT /snapshot, file:// migrations: a target another process holds a lock on \
+             (a running VM's file=PATH RAM) is refused",
+        )
         .allow_if(
             libc::SYS_openat,
             vec![vec![masked(
