@@ -503,6 +503,12 @@ fn restore_and_run(source: Source, host: &HostArgs) -> ExitCode {
         Err(vmm::Error::Restore(vmm::restore::RestoreError::Interrupted { url, signal })) => {
             stopped_by_signal(&url, signal)
         }
+        // The same as the check before the restore started, lost to a
+        // blimp that took the file meanwhile.
+        Err(e @ vmm::Error::Memory(vmm::memory::MemoryError::FileInUse { .. })) => {
+            report(&e);
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(e) => {
             report(&e);
             ExitCode::from(EXIT_RUNTIME)
@@ -593,12 +599,22 @@ fn backing_is_not_the_stream(
 /// would replace it. (A restore puts its RAM in PATH's place only once it
 /// succeeded; see `vmm::restore`.)
 fn backing_not_in_use(backing: &MemoryBackend) -> Result<(), String> {
-    match backing {
-        MemoryBackend::File(path) => vmm::memory::hold_backing_file(path)
-            .map(drop)
-            .map_err(|e| e.to_string()),
-        _ => Ok(()),
+    let MemoryBackend::File(path) = backing else {
+        return Ok(());
+    };
+    // A restore replaces PATH: a device node, FIFO or directory there
+    // (file=/dev/null) is refused before anything is read.
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.file_type().is_file()
+    {
+        return Err(format!(
+            "--memory-backend file={}: not a regular file (a device node, FIFO, socket or directory cannot back guest RAM)",
+            path.display()
+        ));
     }
+    vmm::memory::hold_backing_file(path)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -555,6 +555,144 @@ fn a_refused_restore_leaves_the_backing_file_as_it_was() {
     assert!(restore_leftovers(&backing.0).is_empty());
 }
 
+/// Two restores started together onto the same `file=PATH` that does not
+/// exist yet: one runs, the other is refused (exit 2). Both used to run,
+/// the second renaming its RAM over the first's: one VM then ran on a
+/// deleted file and PATH's lock guarded nothing. A refused or failed
+/// restore leaves no empty file behind at a PATH that did not exist.
+#[test]
+fn two_restores_onto_one_new_backing_file_run_one_vm() {
+    require_kvm();
+    let stream = TempFile(tmp("two-src"));
+    let (mut vm, mut api, _) =
+        common::boot_with_api("rc-two", PROGRAM, &["--memory", "256M", "--no-stdin"]);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, format!("file://{}", stream.0.display()));
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+
+    let dir = TempDir::new("two-dir");
+    let ram = dir.0.join("ram");
+    let arg = format!("file={}", ram.display());
+    let spawn = || {
+        Command::new(common::blimp())
+            .args(["restore", "--from", stream.0.to_str().unwrap()])
+            .args(["--memory-backend", &arg, "--no-stdin"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut both = [spawn(), spawn()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        if let Some(i) = (0..2).find(|&i| both[i].try_wait().unwrap().is_some()) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "both restores run on {arg}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let runs = 1 - refused;
+    let out = both[refused].wait_with_output_ref();
+    assert_eq!(out.0, Some(2), "{}", out.1);
+    assert!(
+        out.1.contains("is guest RAM of another running process"),
+        "{}",
+        out.1
+    );
+    // The other one runs on PATH itself.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        both[runs].try_wait().unwrap().is_none(),
+        "the other restore ended too"
+    );
+    let pid = both[runs].id();
+    // It maps the file now at PATH (by inode: a restore's RAM file was
+    // made unnamed, so its mapping's name says "(deleted)" either way).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&ram).unwrap());
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(&ino.to_string())),
+        "the running VM does not map the file at {} (inode {ino}):\n{maps}",
+        ram.display()
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = both[runs].wait();
+    assert_eq!(std::fs::metadata(&ram).unwrap().len(), GUEST);
+    assert!(restore_leftovers(&ram).is_empty());
+
+    // A refused restore onto a new PATH leaves nothing there.
+    let new = dir.0.join("new");
+    let bad = TempFile(tmp("two-bad-stream"));
+    craft(&bad.0, "{\"not a vm\":[", "0", 16, "]}");
+    let (code, stderr, _) = run_measured(
+        &[
+            "restore",
+            "--from",
+            bad.0.to_str().unwrap(),
+            "--memory-backend",
+            &format!("file={}", new.display()),
+            "--no-stdin",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!new.exists(), "a refused restore left {}", new.display());
+}
+
+/// A device node is no RAM backing: `blimp run` booted on `file=/dev/null`
+/// and a restore renamed its RAM over /dev/null (the device was gone, a
+/// regular file in its place). Both exit 2 now and the node stays. (A
+/// private node with /dev/null's numbers: a regression replaces only it.)
+#[test]
+fn a_device_node_is_no_ram_backing() {
+    require_kvm();
+    let dir = TempDir::new("devnode");
+    let node = dir.0.join("null");
+    let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+    // SAFETY: mknod(2) with a valid NUL-terminated path.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    let stream = TempFile(tmp("devnode-stream"));
+    craft(&stream.0, "{\"not a vm\":[", "0", 16, "]}");
+    let arg = format!("file={}", node.display());
+    let kernel = common::testguest().to_str().unwrap();
+    let attempts: [&[&str]; 2] = [
+        &["run", "--kernel", kernel, "--memory", "128M"],
+        &["restore", "--from", stream.0.to_str().unwrap()],
+    ];
+    for args in attempts {
+        let all = [args, &["--memory-backend", &arg, "--no-stdin"]].concat();
+        let (code, stderr, _) = run_measured(&all, Duration::from_secs(20));
+        assert_eq!(code, 2, "{all:?}: {stderr}");
+        assert!(stderr.contains("not a regular file"), "{all:?}: {stderr}");
+        let kind = std::fs::symlink_metadata(&node).unwrap().file_type();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_char_device(&kind),
+            "{all:?} replaced the device node"
+        );
+    }
+}
+
+/// Output of a child whose stderr is piped: (exit code, stderr).
+trait WaitOutput {
+    fn wait_with_output_ref(&mut self) -> (Option<i32>, String);
+}
+
+impl WaitOutput for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> (Option<i32>, String) {
+        let status = self.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.code(), err)
+    }
+}
+
 /// `file=PATH` is locked while its VM runs: a second blimp that would map
 /// the same file as its RAM (a run, a restore, the destination of a
 /// migration on this host) is refused before it writes anything, and the
@@ -593,6 +731,29 @@ fn a_backing_file_in_use_is_refused_to_a_second_blimp() {
         assert!(!sock.exists(), "the destination listened");
         assert!(restore_leftovers(&ram.0).is_empty());
     }
+    // Nor is it a snapshot's (or file:// migration's) destination of
+    // another VM: the stream renamed over it left the running VM's RAM on
+    // a deleted file (and its lock guarding nothing). It was answered 200.
+    let (mut other, other_api, _) =
+        common::boot_with_api("rc-in-use-other", "echo UP", &["--memory", "128M"]);
+    other.expect_line("UP", BOOT);
+    for (route, body) in [
+        ("/snapshot", json!({ "path": ram.0.to_str().unwrap() })),
+        (
+            "/migration",
+            json!({ "destination": format!("file://{}", ram.0.display()) }),
+        ),
+    ] {
+        let (s, b) = other_api.put(route, &body).unwrap();
+        assert_eq!(s, 400, "PUT {route}: {b}");
+        assert!(
+            b["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("another process holds its lock")),
+            "PUT {route}: {b}"
+        );
+    }
+    other.exit_with(0, BOOT);
     assert_eq!(std::fs::metadata(&ram.0).unwrap().len(), GUEST);
     vm.verify("verify ok 8192 pages", BOOT);
     vm.exit_with(0, BOOT);

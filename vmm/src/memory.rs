@@ -616,6 +616,23 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
             path: path.to_path_buf(),
             source,
         })?;
+    // A device node (/dev/null, /dev/zero, a disk) is no RAM backing.
+    let kind = f
+        .metadata()
+        .map(|m| m.file_type())
+        .map_err(|source| MemoryError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !kind.is_file() {
+        return Err(MemoryError::File {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a device node, FIFO, socket or directory cannot back guest RAM)",
+            ),
+        });
+    }
     lock_file(&f, path)?;
     Ok(f)
 }
@@ -660,6 +677,62 @@ pub fn hold_backing_file(path: &Path) -> Result<Option<File>, MemoryError> {
     };
     lock_file(&f, path)?;
     Ok(Some(f))
+}
+
+/// A `file=PATH` backing claimed for a restore (see [`claim_backing_file`]).
+pub struct ClaimedFile {
+    /// Holds PATH's lock while it stays open.
+    pub file: File,
+    /// Device and inode of the empty file created at PATH when nothing
+    /// was there (to be removed if the restore does not replace it).
+    pub created: Option<(u64, u64)>,
+}
+
+/// Lock `path` for a restore that will replace it: the existing file's
+/// lock (refused when a running VM holds it), or, when nothing is there, a
+/// new empty file (`O_EXCL`, mode 0600) made only to hold the lock, so that
+/// two restores onto one new PATH cannot both go ahead and the second
+/// rename the first one's RAM away. A dangling symlink is refused.
+pub fn claim_backing_file(path: &Path) -> Result<ClaimedFile, MemoryError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file_err = |source| MemoryError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Created here, or found by another's O_EXCL: a file removed in
+    // between (a failed restore's placeholder) is tried again, a few times.
+    for _ in 0..3 {
+        let created = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path);
+        match created {
+            Ok(f) => {
+                lock_file(&f, path)?;
+                let meta = f.metadata().map_err(file_err)?;
+                return Ok(ClaimedFile {
+                    file: f,
+                    created: Some((meta.dev(), meta.ino())),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if let Some(f) = hold_backing_file(path)? {
+                    return Ok(ClaimedFile {
+                        file: f,
+                        created: None,
+                    });
+                }
+            }
+            Err(source) => return Err(file_err(source)),
+        }
+    }
+    Err(file_err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "it names nothing that can be opened (a symbolic link to nothing?)",
+    )))
 }
 
 impl GuestRam {

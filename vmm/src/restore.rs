@@ -350,8 +350,10 @@ enum End {
 /// against). The RAM is not fsynced on the way: a host crash ends the VM
 /// anyway, and syncing gigabytes would stretch the migration's downtime.
 struct PendingBacking {
-    file: crate::migration::file_dest::AtomicFile,
-    _held: Option<std::fs::File>,
+    path: PathBuf,
+    file: Option<crate::migration::file_dest::AtomicFile>,
+    claim: crate::memory::ClaimedFile,
+    committed: bool,
 }
 
 impl PendingBacking {
@@ -359,17 +361,25 @@ impl PendingBacking {
         let MemoryBackend::File(path) = backend else {
             return Ok(None);
         };
-        let held = crate::memory::hold_backing_file(path)?;
+        let claim = crate::memory::claim_backing_file(path)?;
         // As `blimp run` maps the file a symlink leads to, a restore
-        // replaces that file, not the link (a dangling link is refused).
+        // replaces that file, not the link.
         let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
         let target = match is_link {
             true => std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
             false => path.clone(),
         };
-        let file = crate::migration::file_dest::AtomicFile::create_rw(&target)
-            .map_err(RestoreError::RamFile)?;
-        Ok(Some(Self { file, _held: held }))
+        let mut pending = Self {
+            path: path.clone(),
+            file: None,
+            claim,
+            committed: false,
+        };
+        pending.file = Some(
+            crate::migration::file_dest::AtomicFile::create_rw(&target)
+                .map_err(RestoreError::RamFile)?,
+        );
+        Ok(Some(pending))
     }
 
     /// The file the restored VM's RAM is built in (a duplicate descriptor,
@@ -377,7 +387,8 @@ impl PendingBacking {
     fn ram_file(&self) -> Result<std::fs::File, Error> {
         let dup = self
             .file
-            .file()
+            .as_ref()
+            .and_then(|f| f.file())
             .map(std::fs::File::try_clone)
             .unwrap_or_else(|| Err(std::io::Error::other("already committed")));
         dup.map_err(|source| {
@@ -390,10 +401,31 @@ impl PendingBacking {
     }
 
     /// Put the restored RAM in PATH's place.
-    fn commit(self) -> Result<(), Error> {
-        self.file
-            .commit_unsynced()
-            .map_err(|e| RestoreError::RamFile(e).into())
+    fn commit(mut self) -> Result<(), Error> {
+        if let Some(f) = self.file.take() {
+            f.commit_unsynced().map_err(RestoreError::RamFile)?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingBacking {
+    /// A restore that did not replace PATH removes the empty file it made
+    /// there to hold the lock (if it is still that file, and still empty).
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(id) = self.claim.created else {
+            return;
+        };
+        if self.committed {
+            return;
+        }
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == id && m.len() == 0);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -119,6 +119,10 @@ pub enum Error {
     NoFileName { path: PathBuf },
     #[error("refusing to write {path}: it is {kind}, not a regular file")]
     NotRegular { path: PathBuf, kind: FileKind },
+    #[error(
+        "refusing to replace {path}: another process holds its lock (it is the guest RAM of a running VM, --memory-backend file=..., or otherwise in use)"
+    )]
+    InUse { path: PathBuf },
     #[error("cannot inspect {path}: {source}")]
     Stat {
         path: PathBuf,
@@ -211,6 +215,30 @@ impl Target {
                 path: self.given.clone(),
                 source,
             }),
+        }
+    }
+
+    /// Refuse an existing target that another process holds a lock on:
+    /// every `--memory-backend file=PATH` VM holds its file's (see
+    /// `memory::lock_file`), and renaming a stream over it would leave
+    /// that VM's RAM on a deleted file and its lock guarding nothing.
+    /// A target that cannot be opened to probe is left to the rename.
+    fn check_unlocked(&self) -> Result<(), Error> {
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&self.path)
+        else {
+            return Ok(());
+        };
+        if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+            return Ok(());
+        }
+        match file.try_lock_shared() {
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse {
+                path: self.given.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -336,7 +364,7 @@ pub fn check(path: &Path) -> Result<(), Error> {
     let t = Target::new(path)?;
     t.check_dir()?;
     t.check()?;
-    Ok(())
+    t.check_unlocked()
 }
 
 /// A file being written where nobody sees it, to replace its target on
@@ -351,6 +379,10 @@ pub struct AtomicFile {
     file: Option<File>,
     /// Device and inode of the temporary file, to touch only it.
     id: (u64, u64),
+    /// Refuse a target another process holds a lock on (see
+    /// `Target::check_unlocked`); not for a restore's RAM, whose caller
+    /// holds the target's lock itself.
+    probe_locks: bool,
 }
 
 /// An `O_TMPFILE` open that failed because the filesystem (or the kernel)
@@ -429,6 +461,9 @@ impl AtomicFile {
         let target = Target::new(path)?;
         target.check_dir()?;
         target.check()?;
+        if !read {
+            target.check_unlocked()?;
+        }
         target.remove_stale_temps();
         let opened = OpenOptions::new()
             .read(read)
@@ -450,6 +485,7 @@ impl AtomicFile {
                     temp: None,
                     file: Some(file),
                     id: (meta.dev(), meta.ino()),
+                    probe_locks: !read,
                 })
             }
             Ok(_) => Self::create_named(target, read),
@@ -495,6 +531,7 @@ impl AtomicFile {
                         temp: Some(temp),
                         file: Some(file),
                         id: (meta.dev(), meta.ino()),
+                        probe_locks: !read,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < TEMP_ATTEMPTS => {
@@ -562,7 +599,11 @@ impl AtomicFile {
             });
         }
         // The target may have changed since `create`: refuse it now too.
-        if let Err(e) = self.target.check() {
+        let probe = |t: &Target| match self.probe_locks {
+            true => t.check_unlocked(),
+            false => Ok(()),
+        };
+        if let Err(e) = self.target.check().and_then(|_| probe(&self.target)) {
             self.remove_temp();
             return Err(e);
         }
