@@ -182,7 +182,9 @@ pub struct BalloonSetArgs {
     /// floor=SIZE of blimp run, default 64 MiB): else exit status 2
     #[arg(value_name = "SIZE", value_parser = parse_size_arg, allow_hyphen_values = true)]
     pub size_mib: u64,
-    /// Wait, with a progress bar, until the guest has reached the size
+    /// Wait, with a progress bar, until the guest has reached the size. A VM
+    /// migrated away meanwhile ends the wait (exit status 1) with where it
+    /// went: the target travels with it
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up after this many seconds (exit status 1); at
@@ -666,6 +668,7 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
     );
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let mut b = first;
+    let mut moving_to = None;
     loop {
         let moved = start.abs_diff(b.actual_pages).min(distance);
         bar.set_position(moved);
@@ -703,7 +706,13 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
             ));
         }
         std::thread::sleep(POLL);
-        b = c.balloon().map_err(err)?;
+        b = match next_balloon(&c, &mut moving_to) {
+            Ok(b) => b,
+            Err(e) => {
+                bar.abandon();
+                return Err(e);
+            }
+        };
     }
     if args.conn.json {
         print_json(&b)
@@ -711,6 +720,41 @@ fn balloon_set(args: BalloonSetArgs) -> Result<(), String> {
         out!("balloon is at {}", format_mib(args.size_mib));
         Ok(())
     }
+}
+
+/// The balloon's next state for `balloon set --wait`, unless the VM left:
+/// migrated (it answers GET requests, with figures that no longer move),
+/// or its blimp gone after a migration seen in progress (`moving_to`, the
+/// destination, kept from poll to poll). The target travelled with it.
+fn next_balloon(c: &ApiClient, moving_to: &mut Option<String>) -> Result<BalloonInfo, String> {
+    let gone = |dest: &str, how: &str| {
+        format!(
+            "the VM was migrated to {dest} while waiting{how}: its balloon target went with it; \
+             follow it there (`blimp balloon get --api-sock` the destination's socket)"
+        )
+    };
+    match c.migration() {
+        Ok(m) if !m.state.is_finished() && m.state != MigrationState::Idle => {
+            *moving_to = m.destination;
+        }
+        Ok(m)
+            if m.state == MigrationState::Completed
+                && c.vm_info().is_ok_and(|v| v.state == VmState::Migrated) =>
+        {
+            return Err(gone(m.destination.as_deref().unwrap_or("?"), ""));
+        }
+        Ok(_) => *moving_to = None,
+        Err(e) => {
+            return Err(match moving_to {
+                Some(dest) => gone(dest, &format!(" (and its blimp exited: {e})")),
+                None => err(e),
+            });
+        }
+    }
+    c.balloon().map_err(|e| match moving_to {
+        Some(dest) => gone(dest, &format!(" (and its blimp exited: {e})")),
+        None => err(e),
+    })
 }
 
 /// Why `--wait` gave up when the guest never started its driver: the

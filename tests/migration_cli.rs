@@ -148,3 +148,49 @@ fn blimp_migrate_cancel_stops_a_running_migration() {
     drop(accepted.join());
     let _ = std::fs::remove_file(&dest);
 }
+
+/// `blimp balloon set --wait` while the VM is migrated away: it used to
+/// fail with "cannot connect" once the source exited, or wait out its whole
+/// `--timeout` on a source that stays (figures that never move), while the
+/// destination followed the target. It now says where the VM went.
+#[test]
+fn balloon_set_wait_says_where_the_vm_went() {
+    // The guest's driver is never started: the balloon does not move.
+    let (mut vm, api, sock) = common::boot_with_api_manual_balloon(
+        "mcli-setwait",
+        "echo READY",
+        &["--memory", "256M", "--balloon", "stats_interval=0"],
+    );
+    vm.expect_line("READY", BOOT);
+    let waiting = Command::new(common::blimp())
+        .args(["balloon", "set", "64M", "--wait", "--timeout", "120"])
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let file = tmp("setwait.snap");
+    let dest = format!("file://{}", file.display());
+    let (s, b) = api
+        .put(
+            "/migration",
+            &json!({"destination": dest, "source_exits": false}),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    let t = Instant::now();
+    let out = waiting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("migrated to {dest}")), "{stderr}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    let (s, b) = api.put("/vm/shutdown", &json!({})).unwrap();
+    assert_eq!(s, 204, "{b}");
+    let _ = vm.wait(BOOT);
+    let _ = std::fs::remove_file(&file);
+}
