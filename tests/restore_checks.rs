@@ -677,6 +677,63 @@ fn a_device_node_is_no_ram_backing() {
     }
 }
 
+/// A restore onto `file=PATH` on a filesystem without room for the guest's
+/// pages (an 8 MiB tmpfs, 64 MiB of pattern in the stream) is refused with
+/// the reason (exit 1) and leaves the filesystem empty. It died of SIGBUS
+/// (exit 135), writing a page through the mapping that the filesystem
+/// could not provide. Needs root (mount), as the suite does for /dev/kvm.
+#[test]
+fn a_restore_onto_a_full_filesystem_says_so() {
+    require_kvm();
+    let stream = TempFile(tmp("full-src"));
+    let (mut vm, mut api, _) =
+        common::boot_with_api("rc-full", PROGRAM, &["--memory", "256M", "--no-stdin"]);
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, format!("file://{}", stream.0.display()));
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+
+    let dir = TempDir::new("full-fs");
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8m",
+            "blimp-test",
+            dir.0.to_str().unwrap(),
+        ])
+        .status()
+        .expect("running mount");
+    assert!(
+        mounted.success(),
+        "this test mounts an 8 MiB tmpfs (it needs root, as the suite does): {mounted}"
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&dir.0);
+    let ram = dir.0.join("ram");
+    let (code, stderr, _) = run_measured(
+        &[
+            "restore",
+            "--from",
+            stream.0.to_str().unwrap(),
+            "--memory-backend",
+            &format!("file={}", ram.display()),
+            "--no-stdin",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+    assert!(left.is_empty(), "left on the filesystem: {left:?}");
+}
+
 /// Output of a child whose stderr is piped: (exit code, stderr).
 trait WaitOutput {
     fn wait_with_output_ref(&mut self) -> (Option<i32>, String);

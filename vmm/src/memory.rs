@@ -797,6 +797,35 @@ impl GuestRam {
     }
 }
 
+impl GuestRam {
+    /// Allocate the backing file's blocks under `range` (a `file=PATH`
+    /// backing; the others have nothing to allocate ahead), for a restore
+    /// about to write those pages: a filesystem without room says ENOSPC
+    /// here, where the write through the mapping would be a SIGBUS.
+    pub fn reserve(&self, range: GpaRange) -> std::io::Result<()> {
+        if self.kind != DiscardKind::PunchHole {
+            return Ok(());
+        }
+        let Some(f) = &self.file else {
+            return Ok(());
+        };
+        let region = self
+            .region_of(range)
+            .ok_or_else(|| std::io::Error::other(format!("{range} is not in guest RAM")))?;
+        let off = region.file_offset + (range.start - region.gpa);
+        let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(range.len)) else {
+            return Err(std::io::Error::other("offset out of range"));
+        };
+        // SAFETY: fallocate(2) on a descriptor this RAM owns, mode 0 (it
+        // only allocates blocks, never changes bytes); no memory is passed.
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, off, len) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
 impl RamDiscard for GuestRam {
     fn discard(&self, range: GpaRange) -> Result<DiscardOutcome, DiscardError> {
         self.release(range, true)

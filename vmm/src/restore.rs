@@ -552,6 +552,10 @@ impl Vmm {
         // The stream writes only the pages it carries: the rest must read
         // zero, also over an existing backing file.
         m.ram.ensure_zeroed().map_err(RestoreError::from)?;
+        let ram = m.ram.clone();
+        reader.reserve_with(Box::new(move |gpa, len| {
+            ram.reserve(devices::GpaRange::new(gpa, len))
+        }));
         let restored = reader
             .restore(m.ram.memory(), &layout, Destination::Fresh)
             .map_err(RestoreError::from)?;

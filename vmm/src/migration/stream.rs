@@ -815,7 +815,13 @@ pub struct StreamReader<R: Read> {
     buf: Vec<u8>,
     /// Records read, the trailer included, once it verified.
     records: u64,
+    /// Called with (guest address, length) before a page record is written
+    /// (see [`StreamReader::reserve_with`]).
+    reserve: Option<Reserve>,
 }
+
+/// See [`StreamReader::reserve_with`].
+pub type Reserve = Box<dyn Fn(u64, u64) -> std::io::Result<()> + Send>;
 
 impl<R: Read> StreamReader<R> {
     pub fn new(input: R) -> Self {
@@ -825,7 +831,16 @@ impl<R: Read> StreamReader<R> {
             header: None,
             buf: Vec::new(),
             records: 0,
+            reserve: None,
         }
+    }
+
+    /// Have `reserve(gpa, len)` make room for each page record before it is
+    /// written to guest memory: a file-backed RAM on a full filesystem
+    /// answers ENOSPC there, where a write through the mapping would be a
+    /// SIGBUS. Its error refuses the stream at that record.
+    pub fn reserve_with(&mut self, reserve: Reserve) {
+        self.reserve = Some(reserve);
     }
 
     /// After [`StreamReader::restore`]: refuse anything after the trailer
@@ -1027,7 +1042,7 @@ impl<R: Read> StreamReader<R> {
                     state: blob,
                 });
             }
-            walk.apply(mem, &h, state_buf, &mut self.buf)
+            walk.apply(mem, &h, state_buf, &mut self.buf, self.reserve.as_deref())
                 .map_err(fail)?;
             walk.stats.records += 1;
         }
@@ -1194,10 +1209,18 @@ impl RecordWalk {
         h: &RecordHeader,
         state_buf: Option<Vec<u8>>,
         buf: &mut Vec<u8>,
+        reserve: Option<&(dyn Fn(u64, u64) -> std::io::Result<()> + Send)>,
     ) -> Result<(), StreamErrorKind> {
         let len = h.payload_len as usize;
         match h.tag {
             TAG_DATA => {
+                if let Some(reserve) = reserve {
+                    reserve(h.gpa, len as u64).map_err(|e| StreamErrorKind::GuestWrite {
+                        gpa: h.gpa,
+                        len,
+                        reason: format!("no room in guest RAM's backing file: {e}"),
+                    })?;
+                }
                 mem.write_slice(&buf[..len], GuestAddress(h.gpa))
                     .map_err(|e| StreamErrorKind::GuestWrite {
                         gpa: h.gpa,
