@@ -584,7 +584,8 @@ fn two_restores_onto_one_new_backing_file_run_one_vm() {
             .spawn()
             .unwrap()
     };
-    let mut both = [spawn(), spawn()];
+    let mut both = Reaped([spawn(), spawn()]);
+    let both = &mut both.0;
     let deadline = Instant::now() + Duration::from_secs(30);
     let refused = loop {
         if let Some(i) = (0..2).find(|&i| both[i].try_wait().unwrap().is_some()) {
@@ -732,6 +733,19 @@ fn a_restore_onto_a_full_filesystem_says_so() {
     assert!(stderr.contains("No space left on device"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
     assert!(left.is_empty(), "left on the filesystem: {left:?}");
+}
+
+/// Children killed (and reaped) when dropped, also when a test fails
+/// while they run: a restored VM waits at its prompt for ever.
+struct Reaped<const N: usize>([std::process::Child; N]);
+
+impl<const N: usize> Drop for Reaped<N> {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Output of a child whose stderr is piped: (exit code, stderr).
