@@ -368,19 +368,29 @@ fn migrate(api: &mut api::client::ApiClient, destination: String) -> Value {
 /// reach it on the destination, however long the migration took.
 const PROGRAM: &str = "fill 64 1;echo MIGRATE NOW";
 
+/// A real stream: a 256 MiB test guest running [`PROGRAM`] (VM `rc-NAME`)
+/// migrated to the file `NAME-src`, its source exited.
+fn migrated_to_file(name: &str) -> TempFile {
+    let file = TempFile(tmp(&format!("{name}-src")));
+    let (mut vm, mut api, _) = common::boot_with_api(
+        &format!("rc-{name}"),
+        PROGRAM,
+        &["--memory", "256M", "--no-stdin"],
+    );
+    vm.expect_line("MIGRATE NOW", BOOT);
+    let st = migrate(&mut api, format!("file://{}", file.0.display()));
+    assert_eq!(st["state"], "Completed", "{st}");
+    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    file
+}
+
 /// Also: the restored VM's backing is PATH itself, so a snapshot onto
 /// PATH is refused (it used to be accepted after a restore, which built the
 /// RAM under another name: the stream replaced the running guest's RAM file).
 #[test]
 fn restore_onto_an_existing_backing_file_does_not_keep_its_bytes() {
     require_kvm();
-    let file = TempFile(tmp("zero-src"));
-    let (mut vm, mut api, _) =
-        common::boot_with_api("rc-zero", PROGRAM, &["--memory", "256M", "--no-stdin"]);
-    vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(&mut api, format!("file://{}", file.0.display()));
-    assert_eq!(st["state"], "Completed", "{st}");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let file = migrated_to_file("zero");
 
     let backing = dirty_backing("zero-ram");
     let arg = format!("file={}", backing.0.display());
@@ -422,13 +432,7 @@ fn restore_onto_an_existing_backing_file_does_not_keep_its_bytes() {
 #[test]
 fn a_restore_killed_with_sigkill_leaves_nothing_beside_the_backing_file() {
     require_kvm();
-    let file = TempFile(tmp("kill-src"));
-    let (mut vm, mut api, _) =
-        common::boot_with_api("rc-kill", PROGRAM, &["--memory", "256M", "--no-stdin"]);
-    vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(&mut api, format!("file://{}", file.0.display()));
-    assert_eq!(st["state"], "Completed", "{st}");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let file = migrated_to_file("kill");
     let stream = std::fs::read(&file.0).unwrap();
 
     let dir = TempDir::new("kill-dir");
@@ -563,13 +567,7 @@ fn a_refused_restore_leaves_the_backing_file_as_it_was() {
 #[test]
 fn two_restores_onto_one_new_backing_file_run_one_vm() {
     require_kvm();
-    let stream = TempFile(tmp("two-src"));
-    let (mut vm, mut api, _) =
-        common::boot_with_api("rc-two", PROGRAM, &["--memory", "256M", "--no-stdin"]);
-    vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(&mut api, format!("file://{}", stream.0.display()));
-    assert_eq!(st["state"], "Completed", "{st}");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let stream = migrated_to_file("two");
 
     let dir = TempDir::new("two-dir");
     let ram = dir.0.join("ram");
@@ -595,7 +593,7 @@ fn two_restores_onto_one_new_backing_file_run_one_vm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let runs = 1 - refused;
-    let out = both[refused].wait_with_output_ref();
+    let out = exit_and_stderr(&mut both[refused]);
     assert_eq!(out.0, Some(2), "{}", out.1);
     assert!(
         out.1.contains("is guest RAM of another running process"),
@@ -686,13 +684,7 @@ fn a_device_node_is_no_ram_backing() {
 #[test]
 fn a_restore_onto_a_full_filesystem_says_so() {
     require_kvm();
-    let stream = TempFile(tmp("full-src"));
-    let (mut vm, mut api, _) =
-        common::boot_with_api("rc-full", PROGRAM, &["--memory", "256M", "--no-stdin"]);
-    vm.expect_line("MIGRATE NOW", BOOT);
-    let st = migrate(&mut api, format!("file://{}", stream.0.display()));
-    assert_eq!(st["state"], "Completed", "{st}");
-    assert_eq!(vm.wait(BOOT).code(), Some(0));
+    let stream = migrated_to_file("full");
 
     let dir = TempDir::new("full-fs");
     let mounted = Command::new("mount")
@@ -748,20 +740,14 @@ impl<const N: usize> Drop for Reaped<N> {
     }
 }
 
-/// Output of a child whose stderr is piped: (exit code, stderr).
-trait WaitOutput {
-    fn wait_with_output_ref(&mut self) -> (Option<i32>, String);
-}
-
-impl WaitOutput for std::process::Child {
-    fn wait_with_output_ref(&mut self) -> (Option<i32>, String) {
-        let status = self.wait().unwrap();
-        let mut err = String::new();
-        if let Some(mut e) = self.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        (status.code(), err)
+/// The exit code and stderr (piped) of a child that ended.
+fn exit_and_stderr(c: &mut std::process::Child) -> (Option<i32>, String) {
+    let status = c.wait().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = c.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
     }
+    (status.code(), err)
 }
 
 /// `file=PATH` is locked while its VM runs: a second blimp that would map

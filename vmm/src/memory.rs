@@ -625,16 +625,21 @@ fn open_file(path: &Path) -> Result<File, MemoryError> {
             source,
         })?;
     if !kind.is_file() {
-        return Err(MemoryError::File {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file (a device node, FIFO, socket or directory cannot back guest RAM)",
-            ),
-        });
+        return Err(not_regular(path));
     }
     lock_file(&f, path)?;
     Ok(f)
+}
+
+/// A `file=PATH` that is a device node, FIFO, socket or directory.
+fn not_regular(path: &Path) -> MemoryError {
+    MemoryError::File {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a device node, FIFO, socket or directory cannot back guest RAM)",
+        ),
+    }
 }
 
 /// Take `path`'s exclusive lock (flock), held while `f` stays open: every
@@ -662,9 +667,14 @@ fn lock_file(f: &File, path: &Path) -> Result<(), MemoryError> {
 }
 
 /// Lock an existing `file=PATH` backing without using it (see
-/// [`lock_file`]): refused when a running VM uses it. `None` when there is
-/// no such file yet. Held as long as the returned file stays open.
+/// [`lock_file`]): refused when a running VM uses it, or when it is no
+/// regular file (looked at before it is opened: opening a FIFO would
+/// block). `None` when there is no such file yet. Held as long as the
+/// returned file stays open.
 pub fn hold_backing_file(path: &Path) -> Result<Option<File>, MemoryError> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
+        return Err(not_regular(path));
+    }
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -224,16 +224,9 @@ impl Target {
     /// that VM's RAM on a deleted file and its lock guarding nothing.
     /// A target that cannot be opened to probe is left to the rename.
     fn check_unlocked(&self) -> Result<(), Error> {
-        let Ok(file) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&self.path)
-        else {
+        let Some((file, _)) = open_regular(&self.path) else {
             return Ok(());
         };
-        if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
-            return Ok(());
-        }
         match file.try_lock_shared() {
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse {
                 path: self.given.clone(),
@@ -325,26 +318,31 @@ impl Target {
 /// Remove `path` if it is a regular file nobody holds a lock on, and still
 /// the file that was checked when it goes.
 fn remove_if_unlocked(path: &Path) -> bool {
-    // lstat first: never open a device node, FIFO or symlink found there.
-    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
-        return false;
-    }
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    else {
+    let Some((file, meta)) = open_regular(path) else {
         return false;
     };
-    let Ok(meta) = file.metadata() else {
-        return false;
-    };
-    if !meta.file_type().is_file() || file.try_lock().is_err() {
+    if file.try_lock().is_err() {
         return false;
     }
     let same = std::fs::symlink_metadata(path)
         .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
     same && std::fs::remove_file(path).is_ok()
+}
+
+/// `path` opened for reading (to take or probe its lock) if it is a regular
+/// file, with its metadata: `lstat` first, so that a device node, FIFO or
+/// symlink found there is never opened, and the open file checked again.
+fn open_regular(path: &Path) -> Option<(File, Metadata)> {
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        return None;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    meta.file_type().is_file().then_some((file, meta))
 }
 
 /// Whether `a` and `b` both exist and are the same file (device and inode),

@@ -1042,7 +1042,7 @@ impl<R: Read> StreamReader<R> {
                     state: blob,
                 });
             }
-            walk.apply(mem, &h, state_buf, &mut self.buf, self.reserve.as_deref())
+            walk.apply(mem, &h, state_buf, &mut self.buf, self.reserve.as_ref())
                 .map_err(fail)?;
             walk.stats.records += 1;
         }
@@ -1209,7 +1209,7 @@ impl RecordWalk {
         h: &RecordHeader,
         state_buf: Option<Vec<u8>>,
         buf: &mut Vec<u8>,
-        reserve: Option<&(dyn Fn(u64, u64) -> std::io::Result<()> + Send)>,
+        reserve: Option<&Reserve>,
     ) -> Result<(), StreamErrorKind> {
         let len = h.payload_len as usize;
         match h.tag {
