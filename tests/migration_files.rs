@@ -47,14 +47,15 @@ impl Drop for TestDir {
     }
 }
 
-/// A 2 MiB tmpfs mounted for one test (tests run as root), unmounted on drop.
+/// A small tmpfs (`size` as mount takes it) mounted for one test (tests
+/// run as root), unmounted on drop.
 struct SmallTmpfs(TestDir);
 
 impl SmallTmpfs {
-    fn mount(name: &str) -> SmallTmpfs {
+    fn mount(name: &str, size: &str) -> SmallTmpfs {
         let dir = TestDir::new(name);
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(&dir.0)
             .output()
             .expect("running mount");
@@ -214,7 +215,7 @@ fn a_migration_to_file_replaces_an_existing_file() {
 
 #[test]
 fn a_failed_job_leaves_the_old_file_untouched() {
-    let fs = SmallTmpfs::mount("enospc");
+    let fs = SmallTmpfs::mount("enospc", "2m");
     let dir = &fs.0.0;
     let file = dir.join("vm.snap");
     let old = old_contents();
@@ -647,4 +648,87 @@ fn a_snapshot_killed_with_sigkill_leaves_nothing_behind() {
         std::fs::read(&file).unwrap() == old,
         "the old snapshot is byte-identical"
     );
+}
+
+/// A snapshot of a VM whose `file=PATH` RAM is on a full tmpfs: the job
+/// reads only the pages the file holds (the rest are holes, sent as zero
+/// pages), so it completes and the VM runs on. It read every page through
+/// the mapping, which made tmpfs allocate the holes: with no room left
+/// that was a SIGBUS, and the VM (with its RAM) was gone.
+#[test]
+fn a_snapshot_of_a_vm_on_a_full_tmpfs_keeps_the_vm() {
+    let fs = SmallTmpfs::mount("full-ram", "48m");
+    let ram = fs.0.join("ram");
+    let backing = format!("file={}", ram.display());
+    let (mut vm, api) = boot("files-full-ram", &["--memory-backend", &backing]);
+    let held = std::fs::metadata(&ram).unwrap().blocks() * 512;
+    // Whatever room is left is taken.
+    let filler = fs.0.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let mib = vec![1u8; 1 << 20];
+    while std::io::Write::write_all(&mut f, &mib).is_ok() {}
+    drop(f);
+    let dir = TestDir::new("full-ram-snap");
+    let file = dir.join("vm.snap");
+    Job::Snapshot.run_to_completion(&api, &file);
+    assert_running(&api);
+    assert_eq!(
+        std::fs::metadata(&ram).unwrap().blocks() * 512,
+        held,
+        "the snapshot allocated none of the RAM file's holes"
+    );
+    verify_and_exit(&mut vm, 0);
+    let mut dst = Vm::start_cmd("restore", &["--from", file.to_str().unwrap()]);
+    verify_and_exit(&mut dst, 3);
+}
+
+/// A snapshot of a memfd-backed guest does not make the host allocate the
+/// RAM the guest never touched (nor what a balloon took): blimp's shared
+/// memory (RssShmem) stays near what the guest used. It grew to all of the
+/// guest's 256 MiB, read page by page through the mapping.
+#[test]
+fn a_snapshot_of_a_memfd_guest_allocates_nothing_more() {
+    let (mut vm, api) = boot("files-memfd", &["--memory-backend", "memfd"]);
+    let shmem = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssShmem:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            << 10
+    };
+    let before = shmem(vm.pid());
+    let dir = TestDir::new("memfd-snap");
+    Job::Snapshot.run_to_completion(&api, &dir.join("vm.snap"));
+    let after = shmem(vm.pid());
+    assert!(
+        after < before + (16 << 20),
+        "shared memory {} MiB before the snapshot, {} MiB after",
+        before >> 20,
+        after >> 20
+    );
+    verify_and_exit(&mut vm, 0);
+}
+
+/// The same for hugetlb RAM: the huge pages the guest never touched stay
+/// in the host's pool through a snapshot (reading them allocated them all,
+/// and with none left in the pool the read was a SIGBUS that ended the VM).
+#[test]
+fn a_snapshot_of_a_hugetlb_guest_allocates_no_huge_page() {
+    // 256 MiB of guest RAM = 128 huge pages, plus slack.
+    let _huge = common::reserve_huge_pages(140)
+        .unwrap_or_else(|why| panic!("this test needs 140 free 2 MiB huge pages: {why}"));
+    let (mut vm, api) = boot("files-hugetlb", &["--memory-backend", "hugetlb"]);
+    let before = common::huge_pages_in_use_bytes();
+    let dir = TestDir::new("hugetlb-snap");
+    Job::Snapshot.run_to_completion(&api, &dir.join("vm.snap"));
+    let after = common::huge_pages_in_use_bytes();
+    assert_eq!(
+        after >> 20,
+        before >> 20,
+        "huge pages in use (MiB) before and after the snapshot"
+    );
+    verify_and_exit(&mut vm, 0);
 }

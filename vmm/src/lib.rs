@@ -29,6 +29,7 @@ pub mod migration;
 pub mod policy;
 pub mod punch;
 pub mod pvm;
+mod ram_holes;
 pub mod ram_stripes;
 pub mod restore;
 pub mod sched;

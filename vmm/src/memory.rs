@@ -19,6 +19,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 use crate::config::MemoryBackend;
 use crate::discard_workers::{self, DiscardWorkers, Part};
 use crate::punch::{punch_hole, punch_pieces};
+use crate::ram_holes;
 use crate::ram_stripes::Stripes;
 
 /// Size of a huge page for the hugetlb backing.
@@ -833,6 +834,60 @@ impl GuestRam {
         } else {
             Err(std::io::Error::last_os_error())
         }
+    }
+}
+
+impl GuestRam {
+    /// Calls `part(gpa, len)` for each piece of `[gpa, gpa + len)` (inside
+    /// one RAM region, else all of it) that may hold data, in order,
+    /// page-aligned; the rest reads as zero. Anon RAM: all of it (a read
+    /// of a page it never had maps the zero page). A shared backing (memfd,
+    /// hugetlb, `file=PATH`): only what its files hold, as a read through
+    /// the mapping would allocate the rest (see `crate::ram_holes`).
+    pub fn data_parts(&self, gpa: u64, len: u64, part: &mut dyn FnMut(u64, u64)) {
+        let Some(region) = self.region_of(GpaRange::new(gpa, len)) else {
+            part(gpa, len);
+            return;
+        };
+        let within = gpa - region.gpa;
+        let ram_off = region.file_offset + within;
+        match (self.kind, &self.file, &self.stripes) {
+            (DiscardKind::PunchHole, Some(f), _) => {
+                ram_holes::file_data(f.as_raw_fd(), ram_off, len, &mut |o, l| {
+                    part(gpa + (o - ram_off), l);
+                });
+            }
+            (DiscardKind::StripedPunch, _, Some(st)) => {
+                for p in st.pieces(ram_off, len) {
+                    let at = gpa + (p.ram_offset - ram_off);
+                    ram_holes::file_data(st.fd(p.file), p.offset, p.len, &mut |o, l| {
+                        part(at + (o - p.offset), l);
+                    });
+                }
+            }
+            (DiscardKind::HugePunch, _, _) if gpa.is_multiple_of(PAGE_SIZE) => {
+                let host = region.host.wrapping_add(within as usize);
+                ram_holes::resident(host, len, &mut |o, l| part(gpa + o, l));
+            }
+            _ => part(gpa, len),
+        }
+    }
+}
+
+#[cfg(test)]
+impl GuestRam {
+    /// Bytes of host memory the backing's files hold (their allocated
+    /// blocks); 0 for anon RAM.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let file = self
+            .file
+            .as_ref()
+            .map_or(0, |f| f.metadata().map_or(0, |m| m.blocks() * 512));
+        file + self
+            .stripes
+            .as_ref()
+            .map_or(0, |s| s.allocated().iter().sum())
     }
 }
 

@@ -657,7 +657,7 @@ impl Sender<'_> {
             let t = Instant::now();
             let bytes_before = w.stats().page_bytes;
             let sent = w
-                .send_bitmap(ram.memory(), round, bitmap)
+                .send_bitmap(&**ram, round, bitmap)
                 .map_err(MigrationError::from_write)?;
             w.flush().map_err(MigrationError::from_write)?;
             self.end_hint_round();
@@ -718,7 +718,7 @@ impl Sender<'_> {
             lock(b).freeze();
         }
         dirty::sync(&lock(&self.ctx.vm), ram, bitmap)?;
-        w.send_bitmap(ram.memory(), round, bitmap)
+        w.send_bitmap(&**ram, round, bitmap)
             .map_err(MigrationError::from_write)?;
         let mut vcpus = Vec::new();
         for id in 0..self.ctx.vcpus.count() {

@@ -32,6 +32,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::dirty::{AtomicPageBitmap, GpaRun};
 use super::limits::max_state_bytes;
 use super::zero::is_zero_page;
+use crate::memory::GuestRam;
 
 pub const MAGIC: [u8; 8] = *b"BLIMPMIG";
 /// The format version this build writes. Version 2 has the records of
@@ -50,6 +51,35 @@ const KNOWN_FLAGS: u32 = FLAG_LIVE;
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_RECORD_PAGES: u64 = MAX_RECORD_BYTES as u64 / PAGE_SIZE;
 pub use super::limits::{MAX_REGIONS, MAX_STATE_BYTES};
+
+/// Guest RAM as [`StreamWriter`] reads it: its memory, and where it may
+/// hold data (what lies elsewhere reads as zero and is recorded as zero
+/// pages without being read, see [`crate::memory::GuestRam::data_parts`]).
+pub trait RamPages {
+    fn memory(&self) -> &GuestMemory;
+    /// Calls `part(gpa, len)` for each piece of `[gpa, gpa + len)` that may
+    /// hold data, in order.
+    fn data_parts(&self, gpa: u64, len: u64, part: &mut dyn FnMut(u64, u64));
+}
+
+/// Plain guest memory: all of it may hold data.
+impl RamPages for GuestMemory {
+    fn memory(&self) -> &GuestMemory {
+        self
+    }
+    fn data_parts(&self, gpa: u64, len: u64, part: &mut dyn FnMut(u64, u64)) {
+        part(gpa, len);
+    }
+}
+
+impl RamPages for GuestRam {
+    fn memory(&self) -> &GuestMemory {
+        GuestRam::memory(self)
+    }
+    fn data_parts(&self, gpa: u64, len: u64, part: &mut dyn FnMut(u64, u64)) {
+        GuestRam::data_parts(self, gpa, len, part);
+    }
+}
 const RECORD_HEADER_LEN: usize = 36;
 const TRAILER_LEN: u32 = 24;
 const IO_BUFFER: usize = 1 << 20;
@@ -456,7 +486,7 @@ impl<W: Write> StreamWriter<W> {
     /// markers, the others with their bytes, contiguous pages batched.
     pub fn send_ram(
         &mut self,
-        mem: &GuestMemory,
+        ram: &impl RamPages,
         round: u32,
         run: GpaRun,
     ) -> Result<(), WriteError> {
@@ -468,48 +498,84 @@ impl<W: Write> StreamWriter<W> {
         if scratch.len() < MAX_RECORD_BYTES {
             scratch = vec![0; MAX_RECORD_BYTES];
         }
-        let result = self.send_chunks(mem, round, run, &mut scratch);
+        let result = self.send_chunks(ram, round, run, &mut scratch);
         self.scratch = scratch;
         result
     }
 
     fn send_chunks(
         &mut self,
-        mem: &GuestMemory,
+        ram: &impl RamPages,
         round: u32,
         run: GpaRun,
         buf: &mut [u8],
     ) -> Result<(), WriteError> {
+        let mut parts = Vec::new();
         let mut done = 0;
         while done < run.pages {
             let n = (run.pages - done).min(MAX_RECORD_PAGES);
             let gpa = run.gpa + done * PAGE_SIZE;
-            let len = (n * PAGE_SIZE) as usize;
-            mem.read_slice(&mut buf[..len], GuestAddress(gpa))
-                .map_err(|e| WriteError::GuestRead {
-                    gpa,
-                    len,
-                    reason: e.to_string(),
-                })?;
-            // Emit runs of same-kind pages.
-            let mut start = 0usize;
-            while start < n as usize {
-                let page = |i: usize| &buf[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-                let zero = is_zero_page(page(start));
-                let mut end = start + 1;
-                while end < n as usize && is_zero_page(page(end)) == zero {
-                    end += 1;
+            let end = gpa + n * PAGE_SIZE;
+            // What the backing holds is read; its holes are zero pages,
+            // recorded without a read (which would allocate them).
+            parts.clear();
+            ram.data_parts(gpa, n * PAGE_SIZE, &mut |at, len| parts.push((at, len)));
+            let mut at = gpa;
+            for &(start, len) in &parts {
+                let stop = start
+                    .saturating_add(len)
+                    .next_multiple_of(PAGE_SIZE)
+                    .min(end);
+                let start = (start & !(PAGE_SIZE - 1)).clamp(at, end);
+                if start > at {
+                    self.zero_pages(round, at, (start - at) / PAGE_SIZE)?;
                 }
-                let at = gpa + start as u64 * PAGE_SIZE;
-                if zero {
-                    self.zero_pages(round, at, (end - start) as u64)?;
-                } else {
-                    let bytes = &buf[start * PAGE_SIZE as usize..end * PAGE_SIZE as usize];
-                    self.data_pages(round, at, bytes)?;
+                if stop > start {
+                    self.send_read(ram.memory(), round, start, (stop - start) / PAGE_SIZE, buf)?;
+                    at = stop;
                 }
-                start = end;
+            }
+            if end > at {
+                self.zero_pages(round, at, (end - at) / PAGE_SIZE)?;
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Read `n` pages (at most a record's) at `gpa` and record them: runs
+    /// of zero pages as markers, the others with their bytes.
+    fn send_read(
+        &mut self,
+        mem: &GuestMemory,
+        round: u32,
+        gpa: u64,
+        n: u64,
+        buf: &mut [u8],
+    ) -> Result<(), WriteError> {
+        let len = (n * PAGE_SIZE) as usize;
+        mem.read_slice(&mut buf[..len], GuestAddress(gpa))
+            .map_err(|e| WriteError::GuestRead {
+                gpa,
+                len,
+                reason: e.to_string(),
+            })?;
+        let mut start = 0usize;
+        while start < n as usize {
+            let page = |i: usize| &buf[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+            let zero = is_zero_page(page(start));
+            let mut end = start + 1;
+            while end < n as usize && is_zero_page(page(end)) == zero {
+                end += 1;
+            }
+            let at = gpa + start as u64 * PAGE_SIZE;
+            if zero {
+                self.zero_pages(round, at, (end - start) as u64)?;
+            } else {
+                let bytes = &buf[start * PAGE_SIZE as usize..end * PAGE_SIZE as usize];
+                self.data_pages(round, at, bytes)?;
+            }
+            start = end;
         }
         Ok(())
     }
@@ -519,13 +585,13 @@ impl<W: Write> StreamWriter<W> {
     /// may clear pages in it concurrently. Returns the number of pages sent.
     pub fn send_bitmap(
         &mut self,
-        mem: &GuestMemory,
+        ram: &impl RamPages,
         round: u32,
         pages: &AtomicPageBitmap,
     ) -> Result<u64, WriteError> {
         let mut sent = 0;
         for run in pages.take_runs(MAX_RECORD_PAGES) {
-            self.send_ram(mem, round, run)?;
+            self.send_ram(ram, round, run)?;
             sent += run.pages;
         }
         Ok(sent)
@@ -1991,6 +2057,67 @@ mod tests {
             }
             other => panic!("{other}"),
         }
+    }
+
+    /// A shared backing's holes are sent as zero pages without a read,
+    /// which would allocate them: a snapshot of a ballooned memfd guest
+    /// made the host give it all its memory again; on a full tmpfs under
+    /// `file=PATH` the read was a SIGBUS and the VM was lost.
+    #[test]
+    fn holes_of_shared_ram_are_sent_as_zero_without_allocating_them() {
+        use crate::config::MemoryBackend;
+        use devices::RamDiscard;
+        let path = std::env::temp_dir().join(format!("blimp-holes-{}", std::process::id()));
+        let shm =
+            std::path::Path::new("/dev/shm").join(format!("blimp-holes-{}", std::process::id()));
+        for backing in [
+            MemoryBackend::Memfd,
+            MemoryBackend::File(path.clone()),
+            MemoryBackend::File(shm.clone()),
+        ] {
+            let l = layout(64 * MIB);
+            let ram = GuestRam::new(&l, &backing).unwrap();
+            let src = ram.memory();
+            // Data across a stripe boundary, a zero page that is allocated,
+            // and a page discarded again (a hole once more).
+            fill(src, 0x1ff_e000, 4, 3);
+            src.write_slice(&[0u8; 4096], GuestAddress(0x30_0000))
+                .unwrap();
+            fill(src, 0x3f0_0000, 2, 7);
+            ram.discard(devices::GpaRange::new(0x3f0_1000, 0x1000))
+                .unwrap();
+            let before = ram.allocated_bytes();
+            assert_eq!(before, 6 * PAGE_SIZE, "{backing:?}: what the test wrote");
+            let bm = AtomicPageBitmap::new(&l);
+            bm.set_all();
+            let mut w = StreamWriter::new(Vec::new());
+            w.header(&layout_ranges(&l), 0).unwrap();
+            assert_eq!(w.send_bitmap(&ram, 1, &bm).unwrap(), 64 * MIB / PAGE_SIZE);
+            assert_eq!(
+                ram.allocated_bytes(),
+                before,
+                "{backing:?}: nothing allocated by the send"
+            );
+            assert_eq!(w.stats().data_pages, 5, "{backing:?}");
+            assert_eq!(
+                w.stats().zero_pages,
+                64 * MIB / PAGE_SIZE - 5,
+                "{backing:?}"
+            );
+            w.state(b"").unwrap();
+            let (out, _) = w.finish().unwrap();
+            let (mem, _) = restore(&out, &l, Destination::Fresh).unwrap();
+            for (gpa, len) in [(0x1ff_e000, 0x4000), (0x3f0_0000, 0x2000), (0, 0x1000)] {
+                assert_eq!(
+                    read(&mem, gpa, len),
+                    read(src, gpa, len),
+                    "{backing:?} at {gpa:#x}"
+                );
+            }
+            drop(ram);
+        }
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&shm);
     }
 
     #[test]
