@@ -762,3 +762,41 @@ fn a_destination_stopped_while_the_source_stalls_exits_at_once() {
         assert!(!sock.exists(), "the destination left its socket");
     }
 }
+
+/// Two sources connect to one destination at once: the destination takes
+/// the one that sends first and tells the other it is taken (a NAK), so
+/// that source keeps its VM and its error says why. The other connection
+/// was dropped without a word, and its source blamed the destination
+/// ("closed the connection before the handshake ... is it a `blimp run
+/// --incoming`?"). Here the first is a hand-made connection that sends
+/// garbage once the real source waits behind it.
+#[test]
+fn a_second_source_at_once_is_told_the_destination_is_taken() {
+    let sock = tmp("busy.sock");
+    let (mut dst, url) = common::start_incoming(&sock, &[]);
+    let mut first = UnixStream::connect(&sock).unwrap();
+    let (mut vm, mut api) = source("busy");
+    put_migration(&mut api, json!({ "destination": url }));
+    // The source's connection waits in the listener's queue, its stream
+    // in the socket's buffer, until the destination picks a source.
+    let t = Instant::now();
+    loop {
+        let (_, st) = api.get("/migration").unwrap();
+        if st["stream_bytes"].as_u64().unwrap_or(0) > 0 || st["state"] == "Failed" {
+            break;
+        }
+        assert!(t.elapsed() < BOOT, "the source never started: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.write_all(b"not a migration stream").unwrap();
+    assert_failed_saying(
+        &mut api,
+        BOOT,
+        &["refused", "already receiving a VM from another source"],
+    );
+    assert_source_runs_and_verifies(&mut vm, &mut api, "second source");
+    // The destination goes on with the first connection (and refuses its
+    // garbage).
+    assert_eq!(dst.wait(BOOT).code(), Some(1));
+    vm.exit_with(0, BOOT);
+}

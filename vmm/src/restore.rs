@@ -166,6 +166,7 @@ fn wait_for_source(
                 }
                 Ok(n) => {
                     first.truncate(n);
+                    refuse_others(url, &mut accept);
                     return Ok((peer, first));
                 }
                 Err(e) if link::is_poll_timeout(&e) => {
@@ -183,6 +184,22 @@ fn wait_for_source(
                 Err(e) => return Err(open(e)),
             }
         }
+    }
+}
+
+/// Why a destination refuses every connection but its source's.
+pub const BUSY: &str = "this destination is already receiving a VM from another source";
+
+/// Tell each connection already waiting on the listener behind `accept`
+/// (another source that came at the same time) that this destination is
+/// taken ([`BUSY`], as a NAK: its source keeps its VM and says so), instead
+/// of dropping it with the listener without a word, which that source
+/// could only report as a destination that closed the connection.
+fn refuse_others(url: &str, accept: &mut impl FnMut() -> std::io::Result<Peer>) {
+    while let Ok(mut other) = accept() {
+        log::warn!("another source connected to {url}: refused ({BUSY})");
+        let _ = other.set_timeouts(link::POLL);
+        let _ = handshake::send(&mut other, &Message::Nak(BUSY.to_string()));
     }
 }
 
