@@ -717,6 +717,25 @@ mod tests {
         assert!(s.check(1 << 30).unwrap_err().contains("host_psi_high"));
     }
 
+    /// The cross-key checks of `check`: a step of 0 could never inflate,
+    /// and statistics older than one interval would all be stale.
+    #[test]
+    fn check_refuses_a_zero_step_and_a_stale_after_shorter_than_the_interval() {
+        let ok = PolicySettings::default();
+        let mut s = ok.clone();
+        s.max_step_mib = 0;
+        let e = s.check(1 << 30).unwrap_err();
+        assert!(e.contains("max_step=0"), "{e}");
+        let mut s = ok.clone();
+        s.interval_ms = 2000;
+        s.stale_after_ms = 1000;
+        let e = s.check(1 << 30).unwrap_err();
+        assert!(e.contains("stale_after=1000 ms"), "{e}");
+        // Equal is allowed.
+        s.stale_after_ms = 2000;
+        s.check(1 << 30).unwrap();
+    }
+
     /// A plain number is read in the unit of the spelling it comes with,
     /// as a number or as a string; a string with a unit means that unit.
     #[test]
