@@ -588,6 +588,13 @@ fn a_migrated_source_refuses_every_change_and_exits_when_told() {
     assert_eq!(st["state"], "Completed", "{st}");
     assert_eq!(dest.finish(), "took over");
     assert_eq!(vm_state(&mut api), "Migrated");
+    // The guest no longer runs here (it runs at the destination): its
+    // console does not answer.
+    vm.send("echo STILL-RUNNING-HERE");
+    assert!(
+        !vm.says_within("STILL-RUNNING-HERE", Duration::from_secs(2)),
+        "the migrated source runs its guest on"
+    );
     let changes: Vec<(&str, &str, Value)> = vec![
         ("PATCH", "/vm", json!({"state": "Running"})),
         ("PATCH", "/vm", json!({"state": "Paused"})),

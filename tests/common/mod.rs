@@ -267,9 +267,36 @@ impl Vm {
     /// `verify` on the test guest's console (it checks every page it
     /// filled); waits for a line containing `want` (`verify ok`, or with
     /// the page count) and returns it.
+    /// A `verify FAIL` line (pages lost or damaged) fails at once.
     pub fn verify(&mut self, want: &str, timeout: Duration) -> String {
         self.send("verify");
-        self.expect_line(want, timeout)
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line =
+                self.expect_line("verify", deadline.saturating_duration_since(Instant::now()));
+            assert!(
+                !line.contains("verify FAIL"),
+                "the guest's memory is damaged: {line}; output:\n{}",
+                self.transcript.join("\n")
+            );
+            if line.contains(want) {
+                return line;
+            }
+        }
+    }
+
+    /// Whether a console line containing `needle` comes within `within`
+    /// (for what must not happen: a guest that must not be running).
+    pub fn says_within(&mut self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next_line(left) {
+                Some(line) if line.contains(needle) => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+        false
     }
 
     /// Ask the test guest to exit with `code` (`exit CODE` on its console,
