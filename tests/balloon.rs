@@ -68,13 +68,9 @@ fn inflate_releases_memfd_memory() {
 #[test]
 fn inflate_releases_hugetlb_memory() {
     // 2 GiB of guest RAM = 1024 huge pages, plus slack.
-    let _huge = match common::reserve_huge_pages(1040) {
-        Ok(guard) => guard,
-        Err(why) => {
-            eprintln!("SKIPPED inflate_releases_hugetlb_memory: cannot reserve huge pages: {why}");
-            return;
-        }
-    };
+    let _huge = common::reserve_huge_pages(1040).unwrap_or_else(|why| {
+        panic!("this test needs 1040 free 2 MiB huge pages (it reserves them as root): {why}")
+    });
     // hugetlb pages are not in VmRSS: count the pool's free pages instead.
     inflate_returns_memory("hugetlb", |_: &Vm| common::huge_pages_in_use_bytes());
 }

@@ -9,12 +9,12 @@ mod common;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use api::client::ApiClient;
-use common::Vm;
+use common::{SmallTmpfs, TestDir, Vm};
 use serde_json::{Value, json};
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -24,55 +24,6 @@ const MAGIC: &[u8] = b"BLIMPMIG";
 /// What the guest killed in the middle of a snapshot fills: enough that
 /// writing the snapshot takes a while.
 const KILL_FILL_MIB: u64 = 640;
-
-/// A fresh directory for one test, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let p = std::env::temp_dir().join(format!("blimp-files-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir(&p).unwrap();
-        TestDir(p)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A small tmpfs (`size` as mount takes it) mounted for one test (tests
-/// run as root), unmounted on drop.
-struct SmallTmpfs(TestDir);
-
-impl SmallTmpfs {
-    fn mount(name: &str, size: &str) -> SmallTmpfs {
-        let dir = TestDir::new(name);
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir.0)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs to fill it and needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallTmpfs(dir)
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0.0).status();
-    }
-}
 
 /// Recognisable contents for the file a job must not damage.
 fn old_contents() -> Vec<u8> {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Vm, require_kvm};
+use common::{SmallTmpfs, TestDir, Vm, require_kvm};
 use serde_json::{Value, json};
 use vmm::migration::stream::{StreamWriter, layout_ranges};
 
@@ -435,7 +435,7 @@ fn a_restore_killed_with_sigkill_leaves_nothing_beside_the_backing_file() {
     let file = migrated_to_file("kill");
     let stream = std::fs::read(&file.0).unwrap();
 
-    let dir = TempDir::new("kill-dir");
+    let dir = TestDir::new("kill-dir");
     let ram = dir.0.join("ram");
     std::fs::write(&ram, b"the user's file").unwrap();
     let arg = format!("file={}", ram.display());
@@ -517,23 +517,6 @@ fn restore_leftovers(path: &Path) -> Vec<PathBuf> {
 }
 
 /// A directory removed (with what is in it) when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = tmp(name);
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A restore refused once guest RAM was built (its state section is not
 /// a VM's) leaves `--memory-backend file=PATH` exactly as it was, and no
 /// new file beside it: the RAM is built in a file of its own that takes
@@ -569,7 +552,7 @@ fn two_restores_onto_one_new_backing_file_run_one_vm() {
     require_kvm();
     let stream = migrated_to_file("two");
 
-    let dir = TempDir::new("two-dir");
+    let dir = TestDir::new("two-dir");
     let ram = dir.0.join("ram");
     let arg = format!("file={}", ram.display());
     let spawn = || {
@@ -649,7 +632,7 @@ fn two_restores_onto_one_new_backing_file_run_one_vm() {
 #[test]
 fn a_device_node_is_no_ram_backing() {
     require_kvm();
-    let dir = TempDir::new("devnode");
+    let dir = TestDir::new("devnode");
     let node = dir.0.join("null");
     let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
     // SAFETY: mknod(2) with a valid NUL-terminated path.
@@ -686,29 +669,8 @@ fn a_restore_onto_a_full_filesystem_says_so() {
     require_kvm();
     let stream = migrated_to_file("full");
 
-    let dir = TempDir::new("full-fs");
-    let mounted = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=8m",
-            "blimp-test",
-            dir.0.to_str().unwrap(),
-        ])
-        .status()
-        .expect("running mount");
-    assert!(
-        mounted.success(),
-        "this test mounts an 8 MiB tmpfs (it needs root, as the suite does): {mounted}"
-    );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&dir.0);
+    let fs = SmallTmpfs::mount("full-fs", "8m");
+    let dir = &fs.0;
     let ram = dir.0.join("ram");
     let (code, stderr, _) = run_measured(
         &[

@@ -839,3 +839,52 @@ pub fn metric(ms: &std::collections::HashMap<String, f64>, suffix: &str) -> f64 
         .map(|(_, v)| *v)
         .unwrap_or(0.0)
 }
+
+/// A fresh directory for one test, removed on drop.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let p = std::env::temp_dir().join(format!("blimp-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).unwrap();
+        TestDir(p)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A small tmpfs (`size` as mount takes it) mounted for one test (tests
+/// run as root), unmounted on drop.
+pub struct SmallTmpfs(pub TestDir);
+
+impl SmallTmpfs {
+    pub fn mount(name: &str, size: &str) -> SmallTmpfs {
+        let dir = TestDir::new(name);
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir.0)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill it and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallTmpfs(dir)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0.0).status();
+    }
+}

@@ -154,6 +154,39 @@ impl HintSink for RoundHints {
 mod tests {
     use super::*;
 
+    /// Hints of the current round clear exactly their pages from its
+    /// bitmap; hints of another round, or with no round current, clear
+    /// nothing (those pages may have been written since).
+    #[test]
+    fn only_the_current_rounds_hints_clear_pages() {
+        let layout = arch::MemoryLayout::new(16 << 20).unwrap();
+        let bitmap = Arc::new(AtomicPageBitmap::new(&layout));
+        bitmap.set_all();
+        let all = bitmap.count();
+        let hints = RoundHints::new();
+        hints.hinted(5, GpaRange::new(0, 0x4000));
+        assert_eq!(bitmap.count(), all, "no round yet");
+        hints.begin(5, bitmap.clone());
+        hints.hinted(4, GpaRange::new(0, 0x4000));
+        assert_eq!(bitmap.count(), all, "an old round's hint");
+        hints.hinted(5, GpaRange::new(0x10_0000, 0x4000));
+        assert_eq!(bitmap.count(), all - 4);
+        assert_eq!(hints.hinted_pages(), 4);
+        let left: Vec<_> = bitmap
+            .take_runs(1 << 20)
+            .map(|r| (r.gpa, r.pages))
+            .collect();
+        assert_eq!(
+            left,
+            vec![(0, 0x100), (0x10_4000, (16 << 20) / 4096 - 0x104)]
+        );
+        bitmap.set_all();
+        hints.end();
+        hints.hinted(5, GpaRange::new(0, 0x4000));
+        assert_eq!(bitmap.count(), all, "after the round ended");
+        assert_eq!(hints.hinted_pages(), 4);
+    }
+
     #[test]
     fn a_stopped_round_wakes_the_waiter() {
         let hints = Arc::new(RoundHints::new());

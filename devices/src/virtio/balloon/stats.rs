@@ -212,9 +212,29 @@ mod tests {
 
     #[test]
     fn names_match_linux_order() {
-        assert_eq!(stat_tag("swap_in"), Some(0));
-        assert_eq!(stat_tag("hugetlb_failures"), Some(9));
-        assert_eq!(stat_tag("oom_kill"), Some(10));
+        // Linux include/uapi/linux/virtio_balloon.h, VIRTIO_BALLOON_S_*.
+        let linux = [
+            ("swap_in", 0),             // SWAP_IN
+            ("swap_out", 1),            // SWAP_OUT
+            ("major_faults", 2),        // MAJFLT
+            ("minor_faults", 3),        // MINFLT
+            ("free_memory", 4),         // MEMFREE
+            ("total_memory", 5),        // MEMTOT
+            ("available_memory", 6),    // AVAIL
+            ("disk_caches", 7),         // CACHES
+            ("hugetlb_allocations", 8), // HTLB_PGALLOC
+            ("hugetlb_failures", 9),    // HTLB_PGFAIL
+            ("oom_kill", 10),           // OOM_KILL
+            ("alloc_stall", 11),        // ALLOC_STALL
+            ("async_scan", 12),         // ASYNC_SCAN
+            ("direct_scan", 13),        // DIRECT_SCAN
+            ("async_reclaim", 14),      // ASYNC_RECLAIM
+            ("direct_reclaim", 15),     // DIRECT_RECLAIM
+        ];
+        assert_eq!(linux.len(), NUM_STAT_TAGS);
+        for (name, tag) in linux {
+            assert_eq!(stat_tag(name), Some(tag), "{name}");
+        }
         assert_eq!(stat_tag("nope"), None);
     }
 }
