@@ -27,6 +27,9 @@ pub use super::queue::MAX_CHAIN_DESCS;
 use super::queue::{Descs, Drain, MAX_DISCARDS_PER_TURN, Notify, drain_chains};
 use super::ranges::check_range;
 use super::stats::{GuestStats, MAX_STATS_BYTES, NUM_STAT_TAGS, parse_stats};
+
+/// The driver asks for no used-buffer interrupts (avail ring flags).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 use super::*;
 use crate::virtio::{
     ActivateError, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
@@ -600,7 +603,13 @@ impl Balloon {
     }
 
     /// Raise a used-buffer interrupt for queue `idx` unless the driver
-    /// suppressed it.
+    /// suppressed it: VRING_AVAIL_F_NO_INTERRUPT in its avail ring's flags
+    /// (virtio 1.2 2.7.7.2: the device SHOULD NOT notify then; EVENT_IDX is
+    /// not offered). Linux sets it on a queue without a callback (the free
+    /// page hint queue: one buffer per 4 MiB block of a hint round), and
+    /// reads such a queue's used ring without an interrupt. virtio-queue's
+    /// `needs_notification` (after its fence, which orders the used ring's
+    /// writes before this read) does not look at the flag.
     fn notify_used(&mut self, idx: usize) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -608,7 +617,16 @@ impl Balloon {
         let Some(q) = a.queues.get_mut(idx) else {
             return;
         };
-        let needed = q.queue.needs_notification(&a.mem).unwrap_or(true);
+        let mut needed = q.queue.needs_notification(&a.mem).unwrap_or(true);
+        let flags: u16 = a
+            .mem
+            .read_obj(GuestAddress(q.queue.avail_ring()))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        if flags & VRING_AVAIL_F_NO_INTERRUPT != 0 {
+            needed = false;
+            BalloonMetrics::inc(&self.metrics.vring_interrupts_suppressed);
+        }
         if needed {
             BalloonMetrics::inc(&self.metrics.vring_interrupts);
             if let Err(e) = a.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {

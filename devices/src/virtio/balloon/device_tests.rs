@@ -535,6 +535,33 @@ fn several_buffers_in_one_kick_one_interrupt() {
     assert_eq!(fx.discard.discarded().len(), 4);
 }
 
+/// A driver that set VRING_AVAIL_F_NO_INTERRUPT on a queue (Linux, on
+/// its free page hint queue) gets no used-buffer interrupt for it; the
+/// buffers are used all the same, and clearing the flag brings them back.
+#[test]
+fn no_interrupt_flag_suppresses_used_buffer_interrupts() {
+    let mut fx = fixture();
+    let avail = fx.queues[0].avail;
+    fx.mem.write_obj(1u16.to_le(), GuestAddress(avail)).unwrap();
+    for i in 0..2u64 {
+        let len = write_pfns(&fx.mem, BUF_BASE + i * 0x1000, &[0x100 + i as u32]);
+        fx.queues[0].add_chain(&fx.mem, &[(BUF_BASE + i * 0x1000, len, false)]);
+        fx.balloon.process_queue(0);
+    }
+    assert_eq!(fx.used(0), 2);
+    assert_eq!(fx.irq.vring(), 0, "the driver asked for no interrupt");
+    assert_eq!(
+        fx.balloon.metrics().snapshot().vring_interrupts_suppressed,
+        2
+    );
+    fx.mem.write_obj(0u16, GuestAddress(avail)).unwrap();
+    let len = write_pfns(&fx.mem, BUF_BASE + 0x2000, &[0x102]);
+    fx.queues[0].add_chain(&fx.mem, &[(BUF_BASE + 0x2000, len, false)]);
+    fx.balloon.process_queue(0);
+    assert_eq!(fx.used(0), 3);
+    assert_eq!(fx.irq.vring(), 1);
+}
+
 // ----- stats ---------------------------------------------------------------------------
 
 fn send_stats(fx: &mut Fx, addr: u64, bytes: &[u8]) {

@@ -85,6 +85,9 @@ balloon_metrics! {
     queue_errors,
     /// Used-buffer interrupts raised.
     vring_interrupts,
+    /// Used-buffer interrupts not raised because the driver set
+    /// VRING_AVAIL_F_NO_INTERRUPT (Linux: the free page hint queue).
+    vring_interrupts_suppressed,
     /// Configuration-change interrupts raised.
     config_interrupts,
     /// Free page hinting rounds started by the host.
