@@ -188,12 +188,16 @@ impl Write for Sink {
 /// A writer that stops at once when the migration is cancelled and fails
 /// when the destination accepts nothing for `stall` (socket writes wait at
 /// most [`POLL`] each, so both are noticed quickly), and counts the bytes
-/// written for progress reports.
+/// written for progress reports. Once a write failed, every later write
+/// and flush fails at once the same way: the buffered writers above it
+/// flush when they are dropped, which waited out a second `stall` (twice
+/// `write_timeout_ms`, with the guest paused in the final round).
 pub struct Guarded<W> {
     inner: W,
     cancel: Arc<AtomicBool>,
     stall: Duration,
     written: Arc<AtomicU64>,
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<W: Write> Guarded<W> {
@@ -208,16 +212,50 @@ impl<W: Write> Guarded<W> {
             cancel,
             stall,
             written,
+            failed: None,
         }
     }
 
     pub fn into_inner(self) -> W {
         self.inner
     }
+
+    /// The error a failed write ended with, again.
+    fn failed_before(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|(kind, msg)| io::Error::new(*kind, msg.clone()))
+    }
 }
 
 impl<W: Write> Write for Guarded<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(e) = self.failed_before() {
+            return Err(e);
+        }
+        let r = self.write_once(buf);
+        if let Err(e) = &r
+            && !is_cancelled(e)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(io::Error::other(CancelledIo));
+        }
+        if let Some(e) = self.failed_before() {
+            return Err(e);
+        }
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Guarded<W> {
+    fn write_once(&mut self, buf: &[u8]) -> io::Result<usize> {
         let start = Instant::now();
         loop {
             if self.cancel.load(Ordering::SeqCst) {
@@ -242,13 +280,6 @@ impl<W: Write> Write for Guarded<W> {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.cancel.load(Ordering::SeqCst) {
-            return Err(io::Error::other(CancelledIo));
-        }
-        self.inner.flush()
     }
 }
 
@@ -317,6 +348,33 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert!(e.to_string().contains("accepted no data for 300 ms"), "{e}");
         assert!(w.written.load(Ordering::Relaxed) > 0);
+    }
+
+    /// After the stall error, the writers above give up at once: a
+    /// `BufWriter` dropped with bytes in it flushed them through another
+    /// whole stall (a failed migration took twice `write_timeout_ms`).
+    #[test]
+    fn after_a_stall_the_buffered_writer_above_is_dropped_at_once() {
+        let (w, _reader, _) = stalled_pair();
+        let mut buffered = io::BufWriter::with_capacity(1 << 16, w);
+        let chunk = vec![0u8; 1 << 20];
+        let t = Instant::now();
+        let e = loop {
+            if let Err(e) = buffered.write_all(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        buffered.write_all(&[1; 100]).unwrap(); // buffered, not written
+        let failed_at = t.elapsed();
+        let e = buffered.flush().unwrap_err();
+        assert!(e.to_string().contains("accepted no data for 300 ms"), "{e}");
+        drop(buffered);
+        assert!(
+            t.elapsed() < failed_at + Duration::from_millis(100),
+            "failed after {failed_at:?}, dropped after {:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
