@@ -126,6 +126,10 @@ pub struct ServerConfig {
     pub close_grace: Duration,
     /// Interval of SSE keep-alive comments.
     pub event_keepalive: Duration,
+    /// An event stream whose client takes nothing (not even a keep-alive)
+    /// for this long is ended and its connection closed: it held one of
+    /// the `max_event_readers` slots for as long as its socket stayed open.
+    pub event_stall: Duration,
     /// Run first on the server thread, before it accepts a connection (the
     /// VMM installs the thread's seccomp filter here).
     pub thread_init: Option<fn()>,
@@ -142,6 +146,7 @@ impl Default for ServerConfig {
             max_event_readers: 16,
             close_grace: Duration::from_secs(1),
             event_keepalive: Duration::from_secs(15),
+            event_stall: Duration::from_secs(30),
             thread_init: None,
         }
     }
@@ -769,7 +774,11 @@ fn vmm_response(resp: ApiResponse) -> Response<RespBody> {
     json_response(status, &body)
 }
 
-async fn handle(ctx: &Arc<Ctx>, conn: &ConnState, req: Request<Incoming>) -> Response<RespBody> {
+async fn handle(
+    ctx: &Arc<Ctx>,
+    conn: &Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -919,7 +928,7 @@ fn parse_empty(body: &[u8]) -> Result<(), String> {
 
 async fn dispatch(
     ctx: &Arc<Ctx>,
-    conn: &ConnState,
+    conn: &Arc<ConnState>,
     ep: Endpoint,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
@@ -1067,7 +1076,7 @@ impl Body for ChannelBody {
     }
 }
 
-fn get_events(ctx: &Arc<Ctx>, conn: &ConnState) -> Response<RespBody> {
+fn get_events(ctx: &Arc<Ctx>, conn: &Arc<ConnState>) -> Response<RespBody> {
     let hub = ctx.vmm.events();
     if hub.subscribers() >= ctx.cfg.max_event_readers {
         return error_response(
@@ -1082,7 +1091,9 @@ fn get_events(ctx: &Arc<Ctx>, conn: &ConnState) -> Response<RespBody> {
     let mut events = ctx.events.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let keepalive = ctx.cfg.event_keepalive;
+    let stall = ctx.cfg.event_stall;
     let ctx2 = ctx.clone();
+    let conn = conn.clone();
     tokio::spawn(async move {
         if tx
             .send(Bytes::from_static(b": blimp event stream\n\n"))
@@ -1112,8 +1123,17 @@ fn get_events(ctx: &Arc<Ctx>, conn: &ConnState) -> Response<RespBody> {
             };
             // Waits while the client reads slowly; meanwhile the broadcast
             // ring keeps only the newest events, so the publisher never waits.
-            if tx.send(frame).await.is_err() {
-                break;
+            match tokio::time::timeout(stall, tx.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    log::warn!(
+                        "API: an event stream's client took nothing for {} s: closed",
+                        stall.as_secs()
+                    );
+                    conn.close.notify_one();
+                    break;
+                }
             }
         }
     });

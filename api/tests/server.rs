@@ -823,6 +823,69 @@ fn event_readers_are_limited() {
     }
 }
 
+/// A client that opened an event stream and stopped reading loses it once
+/// it took nothing for `event_stall`: its slot is free for another reader.
+/// It held the slot for as long as its socket stayed open.
+#[test]
+fn a_stalled_event_reader_gives_its_slot_back() {
+    let vmm = FakeVmm::with_config(ServerConfig {
+        max_event_readers: 1,
+        event_keepalive: Duration::from_millis(100),
+        event_stall: Duration::from_millis(500),
+        ..Default::default()
+    });
+    // A reader that never reads, with a small receive buffer, and events
+    // enough to fill it and the server's side.
+    let s = UnixStream::connect(&vmm.sock).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on our own socket with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const small).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    (&s).write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let t0 = Instant::now();
+    while vmm.hub.subscribers() == 0 && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = vmm.client();
+    match c.events() {
+        Err(e) => assert_eq!(e.status(), Some(503), "{e}"),
+        Ok(_) => panic!("a second reader admitted while the first holds the slot"),
+    }
+    let t0 = Instant::now();
+    loop {
+        for i in 0..2000u64 {
+            vmm.hub.publish(ApiEvent::BalloonChanged {
+                target_mib: i,
+                actual_mib: i,
+                target_pages: i,
+                actual_pages: i,
+            });
+        }
+        if vmm.hub.subscribers() == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < T, "the stalled reader kept its slot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Now another reader gets the slot and its events.
+    let c2 = vmm.client();
+    let mut events = c2.events().expect("a new reader admitted");
+    vmm.hub.publish(ApiEvent::VmStateChanged {
+        state: VmState::Paused,
+    });
+    assert!(events.next_event(T).unwrap().is_some());
+    drop(s);
+}
+
 #[test]
 fn keep_alive_many_requests_one_connection() {
     let vmm = FakeVmm::start();
