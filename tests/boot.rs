@@ -63,6 +63,31 @@ fn a_long_script_on_stdin_arrives_whole() {
     vm.exit_with(5, BOOT);
 }
 
+/// Console input far faster than the guest reads it (20 MiB piped in a
+/// few writes, while the guest sleeps) is dropped with a rate-limited
+/// warning, not one per 16 KiB read (1965 lines for 20 MB before).
+#[test]
+fn a_console_flood_is_dropped_with_few_warnings() {
+    let mut vm = Vm::start(&["--memory", "256M", "--debug-exit"]);
+    vm.expect_line("ready", BOOT);
+    vm.send("sleep 5");
+    let chunk = vec![b'a'; 1 << 20];
+    for _ in 0..20 {
+        vm.send_raw(&chunk);
+    }
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait(BOOT).code(), Some(128 + libc::SIGTERM));
+    let warnings = vm
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("serial input backlog full"))
+        .count();
+    assert!(
+        (1..=20).contains(&warnings),
+        "{warnings} backlog warnings for 20 MiB of input"
+    );
+}
+
 #[test]
 fn sigterm_shuts_down_cleanly() {
     let mut vm = Vm::start(&[

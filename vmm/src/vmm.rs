@@ -531,7 +531,12 @@ impl MutEventSubscriber for StdinInput {
         }
         let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         if !serial.queue_input(input) {
-            log::warn!("serial input backlog full, dropped input");
+            // Rate-limited: input piped faster than the guest reads it
+            // would warn once per 16 KiB read.
+            devices::warn_limited!(
+                "serial input backlog full (the guest reads its console slower than stdin comes): dropped {} bytes",
+                input.len()
+            );
         }
     }
 }
