@@ -121,6 +121,35 @@ fn live_migration_over_a_unix_socket() {
     hand_over("live", "512M", 128, 5, &url, &mut dst, 9);
 }
 
+/// Connections that are not a source neither hold nor end a destination:
+/// one that sends nothing (it held the destination for 60 s, then the
+/// destination exited and the real source failed) and one that sends
+/// something else (a port scanner's probe: the destination exited at once)
+/// are told why and waiting goes on; the real source that comes after them
+/// migrates, and the silent one then hears that the destination is taken.
+#[test]
+fn stray_connections_neither_hold_nor_end_a_destination() {
+    use vmm::migration::handshake::{Message, Waiter};
+    let sock = tmp("stray.sock");
+    let (mut dst, url) = common::start_incoming_with_console(&sock, &[]);
+    let mut silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut probe = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut probe, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let waiter = Waiter {
+        cancelled: &|| false,
+        timeout: BOOT,
+    };
+    match waiter.recv(&mut probe, "NAK") {
+        Ok(Message::Nak(why)) => assert!(why.contains("not a Blimp migration stream"), "{why}"),
+        other => panic!("the probe: {other:?}"),
+    }
+    hand_over("stray", "256M", 32, 4, &url, &mut dst, 7);
+    match waiter.recv(&mut silent, "NAK") {
+        Ok(Message::Nak(why)) => assert!(why.contains("already receiving a VM"), "{why}"),
+        other => panic!("the silent connection: {other:?}"),
+    }
+}
+
 #[test]
 fn damaged_streams_are_refused_with_a_clear_error() {
     let file = tmp("damage");

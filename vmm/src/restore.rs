@@ -21,7 +21,7 @@ use crate::migration::file_dest::FileKind;
 use crate::migration::handshake::{self, HandshakeError, Message, Waiter};
 use crate::migration::link::{self, Peer};
 use crate::migration::state::{self, StateSupport, VmState};
-use crate::migration::stream::{Destination, HANDSHAKE_VERSION, StreamReader};
+use crate::migration::stream::{Destination, HANDSHAKE_VERSION, MAGIC, StreamReader};
 use crate::signals::TerminationSignals;
 use crate::vcpu;
 use crate::vmm::Vmm;
@@ -122,11 +122,71 @@ fn interrupted(url: &str, signals: &TerminationSignals) -> Result<(), RestoreErr
     }
 }
 
+/// Connections waited on at once before the oldest is refused.
+const MAX_CANDIDATES: usize = 8;
+
+/// A connection that may be the source: what it sent so far (less than
+/// the stream's magic) and since when it is here.
+struct Candidate {
+    peer: Peer,
+    since: Instant,
+    got: Vec<u8>,
+}
+
+/// What one look at a candidate found.
+enum Look {
+    /// Nothing yet.
+    Wait,
+    /// It sent the stream's magic: the source.
+    Source,
+    /// Not a source: closed, or refused with this reason (a NAK).
+    Drop(Option<String>),
+}
+
+impl Candidate {
+    fn look(&mut self) -> Look {
+        let mut buf = [0u8; 4096];
+        match self.peer.read(&mut buf) {
+            Ok(0) => Look::Drop(None),
+            Ok(n) => {
+                self.got.extend_from_slice(&buf[..n]);
+                let m = self.got.len().min(MAGIC.len());
+                if self.got[..m] != MAGIC[..m] {
+                    Look::Drop(Some(
+                        "not a Blimp migration stream (bad magic): refused; still waiting for a source"
+                            .to_string(),
+                    ))
+                } else if m == MAGIC.len() {
+                    Look::Source
+                } else {
+                    Look::Wait
+                }
+            }
+            Err(e) if link::is_poll_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {
+                if self.since.elapsed() >= INCOMING_IDLE_TIMEOUT {
+                    Look::Drop(Some(format!(
+                        "connected but sent no migration stream for {} s: refused",
+                        INCOMING_IDLE_TIMEOUT.as_secs()
+                    )))
+                } else {
+                    Look::Wait
+                }
+            }
+            Err(_) => Look::Drop(None),
+        }
+    }
+}
+
 /// Wait for a source on the non-blocking listener behind `accept`: the
-/// first connection that sends something, with what it sent first. A
-/// connection that closes before its first byte (another blimp checking
-/// whether the socket is live) is not a source: waiting goes on. A signal
-/// ends the wait, so that the caller removes its socket before it exits.
+/// first connection that sends the stream's magic, with what it sent. Up
+/// to [`MAX_CANDIDATES`] connections are watched at once, so a peer that
+/// is no source cannot hold the destination: one that closes before it
+/// sent anything (another blimp checking whether the socket is live), that
+/// sends something else (a port scanner's probe) or that sends nothing for
+/// 60 s is dropped (told why, as a NAK) and waiting goes on. The others
+/// still waiting when the source is found are told the destination is
+/// taken ([`BUSY`]). A signal ends the wait, so that the caller removes
+/// its socket before it exits.
 fn wait_for_source(
     url: &str,
     signals: &TerminationSignals,
@@ -136,55 +196,74 @@ fn wait_for_source(
         what: url.to_string(),
         source,
     };
+    let mut waiting: Vec<Candidate> = Vec::new();
     loop {
-        let mut peer = match accept() {
-            Ok(peer) => peer,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                interrupted(url, signals)?;
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-            Err(e) => return Err(open(e)),
-        };
-        // The accepted connection is blocking (it does not inherit the
-        // listener's O_NONBLOCK); its reads time out every POLL.
-        peer.set_timeouts(link::POLL).map_err(open)?;
-        let start = Instant::now();
-        let mut first = vec![0u8; 4096];
+        interrupted(url, signals)?;
         loop {
-            match peer.read(&mut first) {
-                Ok(0) => {
-                    log::info!(
-                        "a connection on {url} closed before sending anything: not a source, still waiting"
-                    );
+            let peer = match accept() {
+                Ok(peer) => peer,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
                     break;
                 }
-                Ok(n) => {
-                    first.truncate(n);
-                    refuse_others(url, &mut accept);
-                    return Ok((peer, first));
-                }
-                Err(e) if link::is_poll_timeout(&e) => {
-                    interrupted(url, signals)?;
-                    if start.elapsed() >= INCOMING_IDLE_TIMEOUT {
-                        return Err(open(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!(
-                                "the source connected but sent nothing for {} s",
-                                INCOMING_IDLE_TIMEOUT.as_secs()
-                            ),
-                        )));
+                Err(e) => return Err(open(e)),
+            };
+            peer.set_nonblocking(true).map_err(open)?;
+            if waiting.len() == MAX_CANDIDATES {
+                let oldest = waiting.remove(0);
+                refuse(
+                    url,
+                    oldest.peer,
+                    "too many connections waiting: the oldest is refused",
+                );
+            }
+            waiting.push(Candidate {
+                peer,
+                since: Instant::now(),
+                got: Vec::new(),
+            });
+        }
+        let mut i = 0;
+        while i < waiting.len() {
+            match waiting[i].look() {
+                Look::Wait => i += 1,
+                Look::Drop(why) => {
+                    let c = waiting.swap_remove(i);
+                    match why {
+                        Some(why) => refuse(url, c.peer, &why),
+                        None => log::info!(
+                            "a connection on {url} closed before sending a migration stream: not a source, still waiting"
+                        ),
                     }
                 }
-                Err(e) => return Err(open(e)),
+                Look::Source => {
+                    let c = waiting.swap_remove(i);
+                    for other in waiting {
+                        refuse(url, other.peer, BUSY);
+                    }
+                    refuse_others(url, &mut accept);
+                    // Blocking again, its reads timing out every POLL.
+                    c.peer.set_nonblocking(false).map_err(open)?;
+                    c.peer.set_timeouts(link::POLL).map_err(open)?;
+                    return Ok((c.peer, c.got));
+                }
             }
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Tell a connection that is not (or not this destination's) source why,
+/// as a NAK (best effort), and close it.
+fn refuse(url: &str, mut peer: Peer, why: &str) {
+    log::warn!("a connection on {url}: {why}");
+    let _ = peer.set_nonblocking(false);
+    let _ = peer.set_timeouts(link::POLL);
+    let _ = handshake::send(&mut peer, &Message::Nak(why.to_string()));
 }
 
 /// Why a destination refuses every connection but its source's.
@@ -196,10 +275,8 @@ pub const BUSY: &str = "this destination is already receiving a VM from another 
 /// of dropping it with the listener without a word, which that source
 /// could only report as a destination that closed the connection.
 fn refuse_others(url: &str, accept: &mut impl FnMut() -> std::io::Result<Peer>) {
-    while let Ok(mut other) = accept() {
-        log::warn!("another source connected to {url}: refused ({BUSY})");
-        let _ = other.set_timeouts(link::POLL);
-        let _ = handshake::send(&mut other, &Message::Nak(BUSY.to_string()));
+    while let Ok(other) = accept() {
+        refuse(url, other, BUSY);
     }
 }
 

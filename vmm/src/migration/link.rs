@@ -75,6 +75,13 @@ impl Peer {
         }
     }
 
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Peer::Unix(s) => s.set_nonblocking(on),
+            Peer::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Shut both directions down: the peer reads end of stream, and any
     /// call blocked on this socket in another thread returns.
     pub fn shutdown(&self) {
