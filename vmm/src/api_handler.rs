@@ -20,7 +20,7 @@ use crate::exit::{ExitReason, VmExit};
 use crate::migration::convergence::DEFAULT_MAX_ROUNDS;
 use crate::migration::file_dest;
 use crate::migration::source::{Migration, MigrationOptions, Mode, SourceContext};
-use crate::policy::{ApplyTarget, PolicyShared};
+use crate::policy::{ApplyTarget, ConfigureError, PolicyShared};
 use crate::vcpu::Vcpus;
 
 const PAGES_PER_MIB: u64 = 256;
@@ -294,6 +294,13 @@ fn balloon_error(e: balloon::Error) -> ApiResponse {
     }
 }
 
+fn policy_error(e: ConfigureError) -> ApiResponse {
+    match e {
+        ConfigureError::Invalid(m) => ApiResponse::bad_request(m),
+        ConfigureError::Frozen(m) => ApiResponse::conflict(m),
+    }
+}
+
 impl ApiHandler {
     pub fn new(wake: EventFd, rx: ApiReceiver, ctx: ApiContext) -> Self {
         let events = rx.event_hub();
@@ -539,15 +546,16 @@ impl ApiHandler {
             ApiRequest::PutBalloonPolicy(put) => self.policy().and_then(|(b, p)| {
                 p.configure(b, Some(put.enabled), Some(put.settings))
                     .map(|_| ApiResponse::no_content())
-                    .map_err(ApiResponse::bad_request)
+                    .map_err(policy_error)
             }),
             ApiRequest::PatchBalloonPolicy(patch) => self.policy().and_then(|(b, p)| {
                 let mut settings = p.status().config;
                 patch
                     .apply(&mut settings)
+                    .map_err(ConfigureError::Invalid)
                     .and_then(|_| p.configure(b, patch.enabled, Some(settings)))
                     .map(|_| ApiResponse::no_content())
-                    .map_err(ApiResponse::bad_request)
+                    .map_err(policy_error)
             }),
             ApiRequest::HintingStart => self.balloon().map(|b| match lock(b).start_hinting() {
                 Ok(cmd_id) => ApiResponse::ok(&HintingStarted { cmd_id }),

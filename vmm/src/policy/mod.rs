@@ -89,6 +89,29 @@ struct State {
     timer_dirty: bool,
 }
 
+/// Why [`PolicyShared::configure`] refused a change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigureError {
+    /// The request itself is wrong (an API 400).
+    Invalid(String),
+    /// A migration's or snapshot's capture is under way (an API 409).
+    Frozen(String),
+}
+
+impl From<String> for ConfigureError {
+    fn from(msg: String) -> Self {
+        ConfigureError::Invalid(msg)
+    }
+}
+
+impl std::fmt::Display for ConfigureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigureError::Invalid(m) | ConfigureError::Frozen(m) => f.write_str(m),
+        }
+    }
+}
+
 /// The policy's state, shared by the event loop's subscriber, the API
 /// handler and migration.
 pub struct PolicyShared {
@@ -198,12 +221,17 @@ impl PolicyShared {
     /// Turn the policy on or off and/or replace its settings; checks
     /// everything before changing anything. `balloon` is the device, to
     /// see that the guest can give statistics and to turn them on.
+    ///
+    /// Refused with [`ConfigureError::Frozen`] while the balloon is frozen
+    /// for a migration's or snapshot's capture: the balloon's lock is held
+    /// from that check to the end, so a change either comes before the
+    /// freeze (and is captured) or is refused.
     pub fn configure(
         &self,
         balloon: &Mutex<Balloon>,
         enabled: Option<bool>,
         settings: Option<PolicySettings>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ConfigureError> {
         let mut s = self.lock();
         let settings = settings.unwrap_or_else(|| s.settings.clone());
         settings.check(self.guest_bytes)?;
@@ -213,11 +241,16 @@ impl PolicyShared {
             host::check_psi_path(&settings.psi_path)?;
         }
         let on = enabled.unwrap_or(s.enabled);
+        let mut b = lock_balloon(balloon);
+        if b.is_frozen() {
+            return Err(ConfigureError::Frozen(
+                devices::virtio::balloon::Error::Frozen.to_string(),
+            ));
+        }
         if on {
-            let mut b = lock_balloon(balloon);
             stats_capable(&b)?;
             if let Err(e) = b.set_stats_polling_interval(settings.stats_interval_s()) {
-                return Err(format!("cannot turn balloon statistics on: {e}"));
+                return Err(format!("cannot turn balloon statistics on: {e}").into());
             }
         }
         if settings != s.settings {
@@ -243,6 +276,7 @@ impl PolicyShared {
         s.enabled = on;
         s.timer_dirty = true;
         self.save(&s);
+        drop(b);
         drop(s);
         self.kick();
         Ok(())
@@ -852,6 +886,43 @@ mod tests {
         }
     }
 
+    /// While the balloon is frozen for a capture, every policy change is
+    /// refused as such (the API's 409), on or off, and changes nothing: a
+    /// change that raced the freeze was a 400 ("cannot turn balloon
+    /// statistics on"), or taken and left out of the capture.
+    #[test]
+    fn configure_refuses_changes_while_the_balloon_is_frozen() {
+        let balloon = Mutex::new(
+            Balloon::new(
+                Default::default(),
+                vec![devices::GpaRange::new(0, 64 * MIB)],
+                Arc::new(NoDiscard),
+            )
+            .unwrap(),
+        );
+        let p = shared();
+        lock_balloon(&balloon).freeze();
+        for enabled in [Some(true), Some(false), None] {
+            let e = p
+                .configure(&balloon, enabled, Some(PolicySettings::default()))
+                .unwrap_err();
+            assert!(matches!(e, ConfigureError::Frozen(_)), "{enabled:?}: {e:?}");
+        }
+        let settings = PolicySettings {
+            max_step_mib: 64,
+            ..Default::default()
+        };
+        assert!(matches!(
+            p.configure(&balloon, None, Some(settings.clone())),
+            Err(ConfigureError::Frozen(_))
+        ));
+        assert_eq!(p.status().config, PolicySettings::default(), "unchanged");
+        lock_balloon(&balloon).thaw();
+        p.configure(&balloon, Some(false), Some(settings.clone()))
+            .unwrap();
+        assert_eq!(p.status().config, settings);
+    }
+
     /// `PATCH /balloon/policy {"psi_path": FIFO}` is refused, naming the
     /// path, and changes nothing; a regular file is taken.
     #[test]
@@ -876,7 +947,7 @@ mod tests {
         };
         let r = p.configure(&balloon, None, Some(with(fifo.to_str().unwrap())));
         std::fs::remove_file(&fifo).unwrap();
-        let e = r.unwrap_err();
+        let e = r.unwrap_err().to_string();
         assert_eq!(
             e,
             format!(
