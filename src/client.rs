@@ -259,7 +259,7 @@ pub struct MigrateArgs {
 pub struct SnapshotArgs {
     #[command(flatten)]
     pub conn: Conn,
-    /// File to write (relative paths are made absolute here)
+    /// File to write (relative paths are made absolute here); an existing one is replaced only if it is empty or an older snapshot or stream
     #[arg(value_name = "PATH")]
     pub path: PathBuf,
 }

@@ -27,7 +27,8 @@ const KILL_FILL_MIB: u64 = 640;
 
 /// Recognisable contents for the file a job must not damage.
 fn old_contents() -> Vec<u8> {
-    let mut v = b"AN OLDER, VALID SNAPSHOT\n".to_vec();
+    // A stream's magic: only a stream (or an empty file) is replaced.
+    let mut v = b"BLIMPMIG AN OLDER SNAPSHOT\n".to_vec();
     v.extend((0..64 * 1024u32).map(|i| (i.wrapping_mul(7) >> 3) as u8));
     v
 }
@@ -682,4 +683,30 @@ fn a_snapshot_of_a_hugetlb_guest_allocates_no_huge_page() {
         "huge pages in use (MiB) before and after the snapshot"
     );
     verify_and_exit(&mut vm, 0);
+}
+
+/// A snapshot or `file://` migration never replaces a file that is not a
+/// stream (a wrong path, or an API client naming a user's file): 400,
+/// the file byte-identical. It was replaced by the stream.
+#[test]
+fn a_file_that_is_not_a_stream_is_never_replaced() {
+    let dir = TestDir::new("not-a-stream");
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, b"a user's notes\n").unwrap();
+    let (mut vm, api) = boot("files-not-a-stream", &[]);
+    for job in [Job::Migration, Job::Snapshot] {
+        let (s, b) = job.start(&api, &file);
+        assert_eq!(s, 400, "{job:?}: {b}");
+        assert!(
+            b["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not a Blimp snapshot or migration stream"),
+            "{job:?}: {b}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"a user's notes\n");
+    }
+    assert_running(&api);
+    assert_eq!(names(&dir.0), vec!["notes.txt".to_string()]);
+    vm.exit_with(0, BOOT);
 }

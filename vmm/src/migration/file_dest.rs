@@ -2,7 +2,9 @@
 //! what was there before, and without leaving a half-written file behind.
 //!
 //! [`AtomicFile::create`] refuses a target that exists and is not a regular
-//! file (checked with `lstat`, so a symlink is refused, not followed) and
+//! file (checked with `lstat`, so a symlink is refused, not followed), or
+//! is a non-empty file that is not a stream (no `BLIMPMIG` at its start: a
+//! user's file a wrong path named), and
 //! writes into a new, unnamed file in the same directory (`O_TMPFILE`, mode
 //! 0600): until it is complete no name leads to it, so a process killed
 //! with SIGKILL (or a host crash) while writing leaves nothing behind; the
@@ -48,6 +50,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::stream::MAGIC;
 
 /// Longest part of the target's name kept in the temporary file's name, so
 /// that the temporary name stays under NAME_MAX (255).
@@ -123,6 +127,10 @@ pub enum Error {
         "refusing to replace {path}: another process holds its lock (it is the guest RAM of a running VM, --memory-backend file=..., or otherwise in use)"
     )]
     InUse { path: PathBuf },
+    #[error(
+        "refusing to replace {path}: it is not a Blimp snapshot or migration stream (it does not start with BLIMPMIG), and a snapshot would destroy it; remove it first or choose another path"
+    )]
+    NotAStream { path: PathBuf },
     #[error("cannot inspect {path}: {source}")]
     Stat {
         path: PathBuf,
@@ -233,6 +241,35 @@ impl Target {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Refuse an existing target that is not empty and not a stream: a
+    /// stream replaces an older stream (or an empty file), never a file
+    /// of another kind that a wrong path (a typo, or an API client's
+    /// request) named. A target that cannot be opened to look is left to
+    /// the rename.
+    fn check_replaceable(&self) -> Result<(), Error> {
+        let Some((mut file, meta)) = open_regular(&self.path) else {
+            return Ok(());
+        };
+        if meta.len() == 0 {
+            return Ok(());
+        }
+        let mut head = [0u8; MAGIC.len()];
+        match io::Read::read_exact(&mut file, &mut head) {
+            Ok(()) if head == MAGIC => Ok(()),
+            _ => Err(Error::NotAStream {
+                path: self.given.clone(),
+            }),
+        }
+    }
+
+    /// Every check of a stream's target: [`Target::check`], not locked by
+    /// another process, nothing but a stream to replace.
+    fn check_stream_target(&self) -> Result<(), Error> {
+        self.check()?;
+        self.check_unlocked()?;
+        self.check_replaceable()
     }
 
     fn check_dir(&self) -> Result<(), Error> {
@@ -361,8 +398,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 pub fn check(path: &Path) -> Result<(), Error> {
     let t = Target::new(path)?;
     t.check_dir()?;
-    t.check()?;
-    t.check_unlocked()
+    t.check_stream_target()
 }
 
 /// A file being written where nobody sees it, to replace its target on
@@ -377,10 +413,11 @@ pub struct AtomicFile {
     file: Option<File>,
     /// Device and inode of the temporary file, to touch only it.
     id: (u64, u64),
-    /// Refuse a target another process holds a lock on (see
-    /// `Target::check_unlocked`); not for a restore's RAM, whose caller
-    /// holds the target's lock itself.
-    probe_locks: bool,
+    /// A stream's target: refused when another process holds its lock
+    /// or it is something other than a stream (see
+    /// `Target::check_stream_target`); not for a restore's RAM, whose
+    /// caller holds the target's lock itself and replaces a RAM file.
+    stream_target: bool,
 }
 
 /// An `O_TMPFILE` open that failed because the filesystem (or the kernel)
@@ -458,9 +495,10 @@ impl AtomicFile {
     fn create_with(path: &Path, read: bool) -> Result<AtomicFile, Error> {
         let target = Target::new(path)?;
         target.check_dir()?;
-        target.check()?;
-        if !read {
-            target.check_unlocked()?;
+        if read {
+            target.check()?;
+        } else {
+            target.check_stream_target()?;
         }
         target.remove_stale_temps();
         let opened = OpenOptions::new()
@@ -483,7 +521,7 @@ impl AtomicFile {
                     temp: None,
                     file: Some(file),
                     id: (meta.dev(), meta.ino()),
-                    probe_locks: !read,
+                    stream_target: !read,
                 })
             }
             Ok(_) => Self::create_named(target, read),
@@ -529,7 +567,7 @@ impl AtomicFile {
                         temp: Some(temp),
                         file: Some(file),
                         id: (meta.dev(), meta.ino()),
-                        probe_locks: !read,
+                        stream_target: !read,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < TEMP_ATTEMPTS => {
@@ -597,11 +635,11 @@ impl AtomicFile {
             });
         }
         // The target may have changed since `create`: refuse it now too.
-        let probe = |t: &Target| match self.probe_locks {
-            true => t.check_unlocked(),
-            false => Ok(()),
+        let recheck = |t: &Target| match self.stream_target {
+            true => t.check_stream_target(),
+            false => t.check().map(|_| ()),
         };
-        if let Err(e) = self.target.check().and_then(|_| probe(&self.target)) {
+        if let Err(e) = recheck(&self.target) {
             self.remove_temp();
             return Err(e);
         }
@@ -735,6 +773,9 @@ impl Drop for AtomicFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An older stream at a target (only a stream is ever replaced).
+    const OLD: &[u8] = b"BLIMPMIG: an older stream";
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -876,7 +917,7 @@ mod tests {
         for way in WAYS {
             let d = TempDir::new("rw");
             let p = d.join("ram");
-            std::fs::write(&p, b"old bytes").unwrap();
+            std::fs::write(&p, OLD).unwrap();
             let f = match way {
                 Way::Unnamed => AtomicFile::create_rw(&p).unwrap(),
                 Way::Named => AtomicFile::create_named(Target::new(&p).unwrap(), true).unwrap(),
@@ -886,7 +927,7 @@ mod tests {
             let mut back = [0u8; 9];
             file.read_exact_at(&mut back, 0).unwrap();
             assert_eq!(&back, b"guest ram", "{way:?}");
-            assert_eq!(std::fs::read(&p).unwrap(), b"old bytes", "{way:?}");
+            assert_eq!(std::fs::read(&p).unwrap(), OLD, "{way:?}");
             f.commit_unsynced().unwrap();
             assert_eq!(std::fs::read(&p).unwrap(), b"guest ram", "{way:?}");
             assert_eq!(d.names(), vec!["ram".to_string()], "{way:?}");
@@ -902,11 +943,11 @@ mod tests {
     fn an_unnamed_file_is_invisible_until_commit() {
         let d = TempDir::new("unnamed");
         let p = d.join("snap");
-        std::fs::write(&p, b"old").unwrap();
+        std::fs::write(&p, OLD).unwrap();
         let mut f = write_all(&p, &[7u8; 1 << 20]);
         f.write_all(&[8u8; 1 << 20]).unwrap();
         assert_eq!(d.names(), vec!["snap".to_string()]);
-        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read(&p).unwrap(), OLD);
         f.commit().unwrap();
         assert_eq!(d.names(), vec!["snap".to_string()]);
         assert_eq!(std::fs::read(&p).unwrap().len(), 2 << 20);
@@ -917,12 +958,38 @@ mod tests {
         for way in WAYS {
             let d = TempDir::new("replace");
             let p = d.join("snap");
-            std::fs::write(&p, b"old contents").unwrap();
+            std::fs::write(&p, OLD).unwrap();
             let f = write_way(way, &p, b"new");
-            assert_eq!(std::fs::read(&p).unwrap(), b"old contents", "{way:?}");
+            assert_eq!(std::fs::read(&p).unwrap(), OLD, "{way:?}");
             f.commit().unwrap();
             assert_eq!(std::fs::read(&p).unwrap(), b"new", "{way:?}");
             assert_eq!(d.names(), vec!["snap".to_string()], "{way:?}");
+        }
+    }
+
+    /// Only a stream (or an empty file) is replaced: any other file at the
+    /// target is refused by the early check, at create and at commit, and
+    /// left as it was.
+    #[test]
+    fn a_file_that_is_not_a_stream_is_never_replaced() {
+        for way in WAYS {
+            let d = TempDir::new("not-a-stream");
+            let p = d.join("notes.txt");
+            std::fs::write(&p, b"a user's notes").unwrap();
+            let refused = |e: Error| assert!(matches!(e, Error::NotAStream { .. }), "{e}");
+            refused(check(&p).unwrap_err());
+            refused(AtomicFile::create(&p).err().unwrap());
+            // Turned into one while the stream was written: kept too.
+            std::fs::write(&p, OLD).unwrap();
+            let f = write_way(way, &p, b"new stream");
+            std::fs::write(&p, b"a user's notes").unwrap();
+            refused(f.commit().unwrap_err());
+            assert_eq!(std::fs::read(&p).unwrap(), b"a user's notes", "{way:?}");
+            assert_eq!(d.names(), vec!["notes.txt".to_string()], "{way:?}");
+            // An empty file is taken.
+            std::fs::write(&p, b"").unwrap();
+            write_way(way, &p, b"new stream").commit().unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"new stream", "{way:?}");
         }
     }
 
@@ -931,7 +998,11 @@ mod tests {
         for way in WAYS {
             let d = TempDir::new("abort");
             let p = d.join("snap");
-            let old: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+            let old: Vec<u8> = MAGIC
+                .iter()
+                .copied()
+                .chain((0..10_000u32).map(|i| i as u8))
+                .collect();
             std::fs::write(&p, &old).unwrap();
             write_way(way, &p, b"half a stream").abort();
             assert_eq!(std::fs::read(&p).unwrap(), old, "{way:?}");
@@ -1052,7 +1123,7 @@ mod tests {
             ("device", |p, _| mknod_null(p)),
         ];
         for ((what, make), way) in cases.into_iter().flat_map(|c| WAYS.map(|w| (c, w))) {
-            std::fs::write(&p, b"old").unwrap();
+            std::fs::write(&p, OLD).unwrap();
             let f = write_way(way, &p, b"new");
             std::fs::remove_file(&p).unwrap();
             make(&p, &real);
@@ -1085,14 +1156,14 @@ mod tests {
     fn a_replaced_temporary_file_is_neither_renamed_nor_removed() {
         let d = TempDir::new("tempswap");
         let p = d.join("snap");
-        std::fs::write(&p, b"old").unwrap();
+        std::fs::write(&p, OLD).unwrap();
         let f = write_way(Way::Named, &p, b"new");
         let temp = f.temp_path().unwrap().to_path_buf();
         std::fs::remove_file(&temp).unwrap();
         std::fs::write(&temp, b"someone else's").unwrap();
         let e = f.commit().unwrap_err();
         assert!(matches!(e, Error::TempReplaced { .. }), "{e}");
-        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read(&p).unwrap(), OLD);
         assert_eq!(std::fs::read(&temp).unwrap(), b"someone else's");
         // Same on drop.
         let f = write_way(Way::Named, &p, b"new");
@@ -1101,7 +1172,7 @@ mod tests {
         std::fs::write(&temp2, b"theirs").unwrap();
         drop(f);
         assert_eq!(std::fs::read(&temp2).unwrap(), b"theirs");
-        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read(&p).unwrap(), OLD);
     }
 
     #[test]
@@ -1111,7 +1182,7 @@ mod tests {
             let p = d.join("snap");
             // An existing target: the unnamed file, too, goes through a
             // temporary name.
-            std::fs::write(&p, b"old").unwrap();
+            std::fs::write(&p, OLD).unwrap();
             let t = Target::new(&p).unwrap();
             // Squat the next names the counter hands out (other tests may take
             // some of them meanwhile; then fewer are skipped).
@@ -1177,7 +1248,7 @@ mod tests {
     fn stale_temporary_files_of_dead_processes_are_removed() {
         let d = TempDir::new("stale");
         let p = d.join("snap");
-        std::fs::write(&p, b"old").unwrap();
+        std::fs::write(&p, OLD).unwrap();
         let dead = dead_pid();
         let stale = d.join(&format!(".snap.blimp-tmp.{dead}.0"));
         std::fs::write(&stale, b"half a stream").unwrap();
@@ -1200,6 +1271,7 @@ mod tests {
         let dir = d.join(&format!(".snap.blimp-tmp.{dead}.3"));
         std::fs::create_dir(&dir).unwrap();
         for way in WAYS {
+            std::fs::write(&p, OLD).unwrap();
             std::fs::write(&stale, b"half a stream").unwrap();
             let f = match way {
                 Way::Unnamed => write_way(way, &p, b"new"),
@@ -1221,6 +1293,7 @@ mod tests {
         }
         // Unlocked, it is stale like the other.
         drop(lock);
+        std::fs::write(&p, OLD).unwrap();
         drop(write_all(&p, b"x"));
         assert!(!locked.exists());
     }
