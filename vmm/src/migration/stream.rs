@@ -52,6 +52,17 @@ pub const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_RECORD_PAGES: u64 = MAX_RECORD_BYTES as u64 / PAGE_SIZE;
 pub use super::limits::{MAX_REGIONS, MAX_STATE_BYTES};
 
+const RECORD_HEADER_LEN: usize = 36;
+const TRAILER_LEN: u32 = 24;
+const IO_BUFFER: usize = 1 << 20;
+
+const TAG_ZERO: u32 = u32::from_le_bytes(*b"ZERO");
+const TAG_DATA: u32 = u32::from_le_bytes(*b"DATA");
+const TAG_STATE: u32 = u32::from_le_bytes(*b"STAT");
+const TAG_TRAILER: u32 = u32::from_le_bytes(*b"TEND");
+
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
 /// Guest RAM as [`StreamWriter`] reads it: its memory, and where it may
 /// hold data (what lies elsewhere reads as zero and is recorded as zero
 /// pages without being read, see [`crate::memory::GuestRam::data_parts`]).
@@ -80,16 +91,6 @@ impl RamPages for GuestRam {
         GuestRam::data_parts(self, gpa, len, part);
     }
 }
-const RECORD_HEADER_LEN: usize = 36;
-const TRAILER_LEN: u32 = 24;
-const IO_BUFFER: usize = 1 << 20;
-
-const TAG_ZERO: u32 = u32::from_le_bytes(*b"ZERO");
-const TAG_DATA: u32 = u32::from_le_bytes(*b"DATA");
-const TAG_STATE: u32 = u32::from_le_bytes(*b"STAT");
-const TAG_TRAILER: u32 = u32::from_le_bytes(*b"TEND");
-
-static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
 /// One RAM region of a guest memory layout, as the stream and the VM state
 /// record it.
