@@ -615,7 +615,10 @@ fn sg_round(backend: &str, sg: bool) -> SgRound {
 /// punch helpers do. Returns the milliseconds from the start signal until
 /// the last child is done. What the chunked memfd inflate cannot go below
 /// on this host: the kernel's work, with nothing of blimp or KVM in it.
-fn memfd_punch_floor(total: u64) -> f64 {
+/// With `unmapped`, the pages are dropped from this process's page tables
+/// (`MADV_DONTNEED`, untimed) before the start: the kernel's cost of
+/// freeing the pages alone, below what any VMM with guest RAM mapped pays.
+fn memfd_punch_floor(total: u64, unmapped: bool) -> f64 {
     let n = vmm::discard_workers::host_parts();
     let per = (total / n as u64) & !(2 * MIB - 1);
     let mut maps = Vec::new();
@@ -649,6 +652,13 @@ fn memfd_punch_floor(total: u64) -> f64 {
         let mem = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), per as usize) };
         for page in mem.chunks_mut(4096) {
             page[0] = 1;
+        }
+        if unmapped {
+            // SAFETY: the mapping above; MADV_DONTNEED on a shared file
+            // mapping only drops its page-table entries (the file keeps
+            // the pages).
+            let rc = unsafe { libc::madvise(addr, per as usize, libc::MADV_DONTNEED) };
+            assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
         }
         maps.push((file, addr));
     }
@@ -759,13 +769,16 @@ fn sg() {
         let pfn = sg_round(backend, false);
         let chunks = sg_round(backend, true);
         if backend == "memfd" {
-            let floor = memfd_punch_floor(7168 * MIB);
-            println!(
-                "  memfd   host kernel floor, no VM: 7 GiB of touched, mapped 4 KiB memfd pages punched by {} processes (as blimp's punch helpers do) in {floor:.0} ms: {:.3}x of the PFN-array inflate, {:.3}x of the chunked one",
-                vmm::discard_workers::host_parts(),
-                floor / pfn.inflate_host_ms,
-                floor / chunks.inflate_host_ms
-            );
+            for unmapped in [false, true] {
+                let floor = memfd_punch_floor(7168 * MIB, unmapped);
+                println!(
+                    "  memfd   host kernel floor, no VM: 7 GiB of touched, {} 4 KiB memfd pages punched by {} processes (as blimp's punch helpers do) in {floor:.0} ms: {:.3}x of the PFN-array inflate, {:.3}x of the chunked one",
+                    if unmapped { "then unmapped" } else { "mapped" },
+                    vmm::discard_workers::host_parts(),
+                    floor / pfn.inflate_host_ms,
+                    floor / chunks.inflate_host_ms
+                );
+            }
         }
         println!(
             "  {backend:7} chunks / PFN arrays: inflate until the host has the memory back {:.3}x (target <= 0.3), as the guest sees it {:.3}x; inflate kicks {:.4}x (target <= 0.01); deflate time {:.3}x, kicks {:.4}x; returned {:.1}% / {:.1}% (target >= 99%)",
