@@ -122,7 +122,8 @@ fn interrupted(url: &str, signals: &TerminationSignals) -> Result<(), RestoreErr
     }
 }
 
-/// Connections waited on at once before the oldest is refused.
+/// Connections waited on at once; past that, the one that has sent the
+/// least for the longest is refused. Also the most accepted in one burst.
 const MAX_CANDIDATES: usize = 8;
 
 /// A connection that may be the source: what it sent so far (less than
@@ -165,7 +166,7 @@ impl Candidate {
             Err(e) if link::is_poll_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {
                 if self.since.elapsed() >= INCOMING_IDLE_TIMEOUT {
                     Look::Drop(Some(format!(
-                        "connected but sent no migration stream for {} s: refused",
+                        "connected but did not send the start of a migration stream (BLIMPMIG) within {} s: refused",
                         INCOMING_IDLE_TIMEOUT.as_secs()
                     )))
                 } else {
@@ -199,7 +200,21 @@ fn wait_for_source(
     let mut waiting: Vec<Candidate> = Vec::new();
     loop {
         interrupted(url, signals)?;
-        loop {
+        if let Some(i) = look_all(url, &mut waiting) {
+            let c = waiting.swap_remove(i);
+            for other in waiting {
+                refuse(url, other.peer, BUSY);
+            }
+            refuse_others(url, &mut accept);
+            // Blocking again, its reads timing out every POLL.
+            c.peer.set_nonblocking(false).map_err(open)?;
+            c.peer.set_timeouts(link::POLL).map_err(open)?;
+            return Ok((c.peer, c.got));
+        }
+        // A bounded burst: under a connect flood the candidates are still
+        // looked at and signals still heard between bursts.
+        let mut accepted = 0;
+        while accepted < MAX_CANDIDATES {
             let peer = match accept() {
                 Ok(peer) => peer,
                 Err(e)
@@ -212,14 +227,16 @@ fn wait_for_source(
                 }
                 Err(e) => return Err(open(e)),
             };
+            accepted += 1;
             peer.set_nonblocking(true).map_err(open)?;
             if waiting.len() == MAX_CANDIDATES {
-                let oldest = waiting.remove(0);
-                refuse(
-                    url,
-                    oldest.peer,
-                    "too many connections waiting: the oldest is refused",
-                );
+                // The one that has sent the least for longest goes: never
+                // one that has begun the magic while a silent one waits.
+                let oldest = (0..waiting.len())
+                    .min_by_key(|&i| (waiting[i].got.len(), waiting[i].since))
+                    .unwrap_or(0);
+                let c = waiting.remove(oldest);
+                refuse(url, c.peer, "too many connections waiting: refused");
             }
             waiting.push(Candidate {
                 peer,
@@ -227,40 +244,39 @@ fn wait_for_source(
                 got: Vec::new(),
             });
         }
-        let mut i = 0;
-        while i < waiting.len() {
-            match waiting[i].look() {
-                Look::Wait => i += 1,
-                Look::Drop(why) => {
-                    let c = waiting.swap_remove(i);
-                    match why {
-                        Some(why) => refuse(url, c.peer, &why),
-                        None => log::info!(
-                            "a connection on {url} closed before sending a migration stream: not a source, still waiting"
-                        ),
-                    }
-                }
-                Look::Source => {
-                    let c = waiting.swap_remove(i);
-                    for other in waiting {
-                        refuse(url, other.peer, BUSY);
-                    }
-                    refuse_others(url, &mut accept);
-                    // Blocking again, its reads timing out every POLL.
-                    c.peer.set_nonblocking(false).map_err(open)?;
-                    c.peer.set_timeouts(link::POLL).map_err(open)?;
-                    return Ok((c.peer, c.got));
+        if accepted == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Look at every candidate once: drops those that are no source (told
+/// why) and returns the index of the first that sent the magic.
+fn look_all(url: &str, waiting: &mut Vec<Candidate>) -> Option<usize> {
+    let mut i = 0;
+    while i < waiting.len() {
+        match waiting[i].look() {
+            Look::Wait => i += 1,
+            Look::Source => return Some(i),
+            Look::Drop(why) => {
+                let c = waiting.swap_remove(i);
+                match why {
+                    Some(why) => refuse(url, c.peer, &why),
+                    None => log::debug!(
+                        "a connection on {url} closed before sending a migration stream: not a source, still waiting"
+                    ),
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
+    None
 }
 
 /// Tell a connection that is not (or not this destination's) source why,
 /// as a NAK (best effort), and close it.
 fn refuse(url: &str, mut peer: Peer, why: &str) {
-    log::warn!("a connection on {url}: {why}");
+    // Rate-limited: a connect flood would write one line per connection.
+    devices::warn_limited!("a connection on {url}: {why}");
     let _ = peer.set_nonblocking(false);
     let _ = peer.set_timeouts(link::POLL);
     let _ = handshake::send(&mut peer, &Message::Nak(why.to_string()));
@@ -275,8 +291,12 @@ pub const BUSY: &str = "this destination is already receiving a VM from another 
 /// of dropping it with the listener without a word, which that source
 /// could only report as a destination that closed the connection.
 fn refuse_others(url: &str, accept: &mut impl FnMut() -> std::io::Result<Peer>) {
-    while let Ok(other) = accept() {
-        refuse(url, other, BUSY);
+    // Those queued now (a listen backlog's worth), not a flood for ever.
+    for _ in 0..128 {
+        match accept() {
+            Ok(other) => refuse(url, other, BUSY),
+            Err(_) => break,
+        }
     }
 }
 
@@ -714,5 +734,48 @@ impl Vmm {
         vmm.tell_balloon_done_on_start();
         vmm.reprint_prompt_on_start();
         Ok((vmm, backing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// Under a connect flood (accept never runs dry) the connection that
+    /// sent the magic is still found among the silent ones, at once: the
+    /// wait accepted until the flood stopped, looking at nobody (nor at
+    /// signals), and refused the oldest each time, the source among them.
+    #[test]
+    fn a_connect_flood_does_not_hide_the_source() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let signals = TerminationSignals::new().unwrap();
+            let mut silent = Vec::new();
+            let mut n = 0u64;
+            let r = wait_for_source("unix:///flood", &signals, || {
+                n += 1;
+                if n > 20_000 {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                let (mut client, server) = UnixStream::pair()?;
+                if n == 3 {
+                    client.write_all(b"BLIMPMIG and the rest")?;
+                }
+                silent.push(client);
+                Ok(Peer::Unix(server))
+            });
+            let _ = tx.send(r.map(|(_, got)| (got, n)).map_err(|e| e.to_string()));
+        });
+        let (got, n) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the wait ended")
+            .unwrap();
+        assert_eq!(got, b"BLIMPMIG and the rest");
+        assert!(
+            n < 500,
+            "{n} connections accepted before the source was seen"
+        );
     }
 }
