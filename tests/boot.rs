@@ -86,6 +86,13 @@ fn a_console_flood_is_dropped_with_few_warnings() {
         (1..=20).contains(&warnings),
         "{warnings} backlog warnings for 20 MiB of input"
     );
+    // Each says how much was dropped so far in all.
+    let last = vm
+        .log_lines()
+        .into_iter()
+        .rfind(|l| l.contains("serial input backlog full"))
+        .unwrap();
+    assert!(last.contains("since start)"), "{last}");
 }
 
 #[test]

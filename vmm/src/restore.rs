@@ -163,7 +163,7 @@ impl Candidate {
                     Look::Wait
                 }
             }
-            Err(e) if link::is_poll_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {
+            Err(e) if link::is_poll_timeout(&e) => {
                 if self.since.elapsed() >= INCOMING_IDLE_TIMEOUT {
                     Look::Drop(Some(format!(
                         "connected but did not send the start of a migration stream (BLIMPMIG) within {} s: refused",

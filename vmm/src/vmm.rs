@@ -532,9 +532,12 @@ impl MutEventSubscriber for StdinInput {
         let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         if !serial.queue_input(input) {
             // Rate-limited: input piped faster than the guest reads it
-            // would warn once per 16 KiB read.
+            // would warn once per 16 KiB read; each line says the total.
+            static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let total = DROPPED.fetch_add(input.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                + input.len() as u64;
             devices::warn_limited!(
-                "serial input backlog full (the guest reads its console slower than stdin comes): dropped {} bytes",
+                "serial input backlog full (the guest reads its console slower than stdin comes): dropped {} bytes ({total} since start)",
                 input.len()
             );
         }
