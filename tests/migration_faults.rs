@@ -768,3 +768,21 @@ fn a_destination_stopped_while_the_source_stalls_exits_at_once() {
         assert!(!sock.exists(), "the destination left its socket");
     }
 }
+
+/// A destination that is not there (never started, or already taken by
+/// another source, whose socket is gone): the error says what that may
+/// mean, and the source keeps its VM. It said a bare "No such file or
+/// directory".
+#[test]
+fn a_missing_destination_is_named_as_such() {
+    let (mut vm, mut api) = source("nowhere");
+    let url = format!("unix://{}", tmp("nowhere.sock").display());
+    put_migration(&mut api, json!({ "destination": url }));
+    assert_failed_saying(
+        &mut api,
+        Duration::from_secs(30),
+        &["cannot open destination", "nothing listens there"],
+    );
+    assert_source_runs_and_verifies(&mut vm, &mut api, "missing destination");
+    vm.exit_with(0, BOOT);
+}

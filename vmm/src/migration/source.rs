@@ -135,7 +135,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("cannot open destination {dest}: {source}")]
+    #[error("cannot open destination {dest}: {source}{}", no_listener(source))]
     Destination {
         dest: String,
         #[source]
@@ -171,6 +171,17 @@ pub enum MigrationError {
         "switchover: {0}, after this source gave the VM up: the destination may or may not run it, so the guest stays paused here; resume it (PATCH /vm Running) only if the destination does not run it"
     )]
     Unconfirmed(#[source] HandshakeError),
+}
+
+/// What a refused or missing socket may mean, for
+/// [`MigrationError::Destination`].
+fn no_listener(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            " (nothing listens there: is a `blimp run --incoming` waiting on it, and not already receiving another VM?)"
+        }
+        _ => "",
+    }
 }
 
 impl MigrationError {
