@@ -886,20 +886,25 @@ mod tests {
         }
     }
 
-    /// While the balloon is frozen for a capture, every policy change is
-    /// refused as such (the API's 409), on or off, and changes nothing: a
-    /// change that raced the freeze was a 400 ("cannot turn balloon
-    /// statistics on"), or taken and left out of the capture.
-    #[test]
-    fn configure_refuses_changes_while_the_balloon_is_frozen() {
-        let balloon = Mutex::new(
+    /// A 64 MiB guest's balloon that discards nothing.
+    fn test_balloon() -> Mutex<Balloon> {
+        Mutex::new(
             Balloon::new(
                 Default::default(),
                 vec![devices::GpaRange::new(0, 64 * MIB)],
                 Arc::new(NoDiscard),
             )
             .unwrap(),
-        );
+        )
+    }
+
+    /// While the balloon is frozen for a capture, every policy change is
+    /// refused as such (the API's 409), on or off, and changes nothing: a
+    /// change that raced the freeze was a 400 ("cannot turn balloon
+    /// statistics on"), or taken and left out of the capture.
+    #[test]
+    fn configure_refuses_changes_while_the_balloon_is_frozen() {
+        let balloon = test_balloon();
         let p = shared();
         lock_balloon(&balloon).freeze();
         for enabled in [Some(true), Some(false), None] {
@@ -927,14 +932,7 @@ mod tests {
     /// path, and changes nothing; a regular file is taken.
     #[test]
     fn configure_refuses_a_psi_path_that_is_not_a_regular_file() {
-        let balloon = Mutex::new(
-            Balloon::new(
-                Default::default(),
-                vec![devices::GpaRange::new(0, 64 * MIB)],
-                Arc::new(NoDiscard),
-            )
-            .unwrap(),
-        );
+        let balloon = test_balloon();
         let p = PolicyShared::new(false, PolicySettings::default(), 2 << 30, 64 * MIB).unwrap();
         let fifo = std::env::temp_dir().join(format!("blimp-policy-fifo-{}", std::process::id()));
         let _ = std::fs::remove_file(&fifo);
